@@ -1,0 +1,115 @@
+"""The checkpoint format: one dict, written atomically, read back with one-line errors.
+
+Layout: ``model`` (state dict), ``config`` (everything ``model.build_model`` needs) and, for
+resuming, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``best_metric``, ``history``,
+``rng`` and ``args``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with a one-line reason."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash mid-write never
+    replaces a good checkpoint with half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
+    """JSON written atomically: a crash never leaves half a submission or history."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=indent, separators=None if indent else (",", ":"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); "
+                              "use last.pth/best.pth from a finished epoch.") from err
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config').")
+    return state
+
+
+def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
+    """Rebuild the trained model from a checkpoint's config; ``overrides`` may change the
+    runtime settings (input size, detection limits) but not the architecture."""
+    state = load_checkpoint(path)
+    config = {**DEFAULT_CONFIG, **state["config"]}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in ARCH_KEYS and value != config[key]:
+            raise CheckpointError(f"{path}: --{key} {value} contradicts the checkpoint ({key}={config[key]}); "
+                                  f"drop the flag, the checkpoint already knows.")
+        config[key] = value
+    model = build_model(config, load_weights=False)
+    load_weights(model, state["model"], path, config)
+    apply_runtime_settings(model, config)
+    return model, config, state
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, config: dict) -> None:
+    """Strict load whose error says which architecture the checkpoint holds."""
+    has_attn = any(k.startswith("backbone.neck.") for k in weights)
+    wants_attn = any(k.startswith("backbone.neck.") for k in model.state_dict())
+    if has_attn != wants_attn:
+        trained = "with" if has_attn else "without"
+        raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
+                              f"{'with' if wants_attn else 'without'} it.")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"{path}: weights do not fit a {config['backbone']} model with "
+                              f"num_classes={config['num_classes']} ({first}).") from err
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

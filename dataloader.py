@@ -1,0 +1,315 @@
+"""Reading the HW3 dataset tree into torchvision detection samples.
+
+Layout: ``train/<sample>/image.tif`` + ``class1.tif``..``class4.tif`` (label images),
+``test_release/*.tif`` and ``test_image_name_to_ids.json``. Every label TIFF is decoded
+once per run, when the dataset is built, so that bad input fails before training starts
+and later epochs only pay for the image decode and the augmentation.
+"""
+from __future__ import annotations
+
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import tifffile
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from tqdm import tqdm
+
+NUM_CLASSES = 4
+CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
+IMAGE_FILE = "image.tif"
+
+
+class DatasetError(ValueError):
+    """Bad input: the message names the file, what is wrong and how to fix it."""
+
+
+@dataclass
+class Instances:
+    """The instances of one image, stored compactly: each mask only inside its box.
+
+    Full-image masks of 800 cells at 1000x1000 would take 800 MB per image; the crops
+    take a few hundred kilobytes and are pasted into full masks only when needed.
+    """
+
+    labels: np.ndarray  # int64 [N], 1..NUM_CLASSES
+    boxes: np.ndarray  # int64 [N, 4], x1, y1, x2, y2 with exclusive max
+    crops: list[np.ndarray]  # bool [y2 - y1, x2 - x1] per instance
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def areas(self) -> np.ndarray:
+        return np.array([c.sum() for c in self.crops], dtype=np.float32)
+
+    def masks(self) -> np.ndarray:
+        """Full-image uint8 masks [N, H, W]."""
+        out = np.zeros((len(self), self.height, self.width), dtype=np.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(self.boxes):
+            out[i, y1:y2, x1:x2] = self.crops[i]
+        return out
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode any HW3 image (grey, RGB, RGBA, 8/16-bit, float) to float32 [H, W, 3] in [0, 1]."""
+    array = _read_tiff(path)
+    array = _to_hwc(array, path)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 2:  # grey + alpha
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    elif array.shape[2] > 3:  # RGBA: alpha carries no stain information
+        array = array[:, :, :3]
+    return _scale_by_dtype(array, path)
+
+
+def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Decode a label image (any integer or integer-valued float dtype) to int64 [H, W]."""
+    label = _read_tiff(path)
+    if label.ndim == 3 and 1 in (label.shape[0], label.shape[-1]):
+        label = np.squeeze(label)
+    if label.ndim != 2:
+        raise DatasetError(f"{path}: a label image must be 2-D (H, W), got shape {label.shape}.")
+    if label.shape != tuple(shape):
+        raise DatasetError(
+            f"{path}: label image is {label.shape[0]}x{label.shape[1]} but its image.tif is "
+            f"{shape[0]}x{shape[1]}; every class file must have the size of its image."
+        )
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.isfinite(label).all() or not np.array_equal(label, np.round(label)):
+            raise DatasetError(
+                f"{path}: label image has non-integer values; it must hold 0 for background "
+                "and one integer id per instance (was it resized with interpolation?)."
+            )
+    elif not np.issubdtype(label.dtype, np.integer) and label.dtype != bool:
+        raise DatasetError(f"{path}: unsupported label dtype {label.dtype}.")
+    if label.min() < 0:
+        raise DatasetError(f"{path}: label image has negative values; ids must be >= 0.")
+    return label.astype(np.int64, copy=False)
+
+
+def decode_instances(sample_dir: Path, shape: tuple[int, int]) -> Instances:
+    """All instances of one sample, across its class files (missing class files are fine)."""
+    labels, boxes, crops = [], [], []
+    for class_id, name in CLASS_FILES.items():
+        path = sample_dir / name
+        if not path.exists():
+            continue
+        for box, crop in _instances_of(read_label_image(path, shape)):
+            labels.append(class_id)
+            boxes.append(box)
+            crops.append(crop)
+    return Instances(
+        labels=np.asarray(labels, dtype=np.int64),
+        boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+        crops=crops,
+        height=shape[0],
+        width=shape[1],
+    )
+
+
+def list_samples(train_dir: Path) -> list[Path]:
+    """Sample folders sorted by name, so the split never depends on file-system order."""
+    train_dir = Path(train_dir)
+    if not train_dir.is_dir():
+        raise DatasetError(f"{train_dir}: training folder not found; pass --train_dir <dataset>/train.")
+    samples = sorted(p for p in train_dir.iterdir() if p.is_dir())
+    if not samples:
+        raise DatasetError(f"{train_dir}: no sample folders; expected {train_dir}/<sample>/image.tif.")
+    for sample in samples:
+        if not (sample / IMAGE_FILE).exists():
+            raise DatasetError(f"{sample}: missing {IMAGE_FILE}; every sample folder needs one.")
+    return samples
+
+
+def split_samples(names: Sequence[str], val_split: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded train/val split of sample names; the order of ``names`` does not matter."""
+    names = sorted(names)
+    if not 0.0 <= val_split < 1.0:
+        raise ValueError(f"--val_split must be in [0, 1), got {val_split}.")
+    shuffled = names[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val = int(round(len(names) * val_split))
+    if val_split > 0 and len(names) > 1:
+        n_val = min(max(n_val, 1), len(names) - 1)
+    val = set(shuffled[:n_val])
+    return [n for n in names if n not in val], [n for n in names if n in val]
+
+
+class HW3TrainDataset(Dataset):
+    """Training/validation samples with labels decoded once, at construction.
+
+    ``image_ids`` are stable across runs (the sample's position in the sorted sample list,
+    plus one), so validation ground truth and predictions always refer to the same ids.
+    """
+
+    def __init__(
+        self,
+        sample_dirs: Sequence[Path],
+        image_ids: Sequence[int],
+        transforms: Callable | None = None,
+        decode_workers: int = 2,
+        desc: str = "decode labels",
+    ) -> None:
+        self.sample_dirs = [Path(p) for p in sample_dirs]
+        self.image_ids = list(image_ids)
+        self.transforms = transforms
+        with ThreadPoolExecutor(max(1, decode_workers)) as pool:
+            jobs = pool.map(_decode_sample, self.sample_dirs)
+            self.instances: list[Instances] = list(
+                tqdm(jobs, total=len(self.sample_dirs), desc=desc, leave=False, disable=None)
+            )
+        self.empty = [p.name for p, inst in zip(self.sample_dirs, self.instances) if len(inst) == 0]
+
+    def __len__(self) -> int:
+        return len(self.sample_dirs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image, target = self.load(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return plain_sample(image, target)
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """The sample as torchvision tv_tensors, before any augmentation."""
+        inst = self.instances[index]
+        image = read_image(self.sample_dirs[index] / IMAGE_FILE)
+        size = (inst.height, inst.width)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(inst.boxes).float(), format="XYXY", canvas_size=size
+            ),
+            "masks": tv_tensors.Mask(torch.from_numpy(inst.masks())),
+            "labels": torch.from_numpy(inst.labels),
+            "area": torch.from_numpy(inst.areas),
+            "iscrowd": torch.zeros(len(inst), dtype=torch.int64),
+            "image_id": self.image_ids[index],
+        }
+        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()), target
+
+
+class HW3TestDataset(Dataset):
+    """Test images with their ids from ``test_image_name_to_ids.json``."""
+
+    def __init__(self, test_dir: Path, id_map_json: Path) -> None:
+        self.test_dir = Path(test_dir)
+        self.entries = read_id_map(id_map_json, self.test_dir)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        entry = self.entries[index]
+        path = self.test_dir / entry["file_name"]
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
+        return image, {"image_id": int(entry["id"]), "file_name": entry["file_name"]}
+
+
+def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
+    """The id map, checked against the test folder in both directions."""
+    id_map_json, test_dir = Path(id_map_json), Path(test_dir)
+    if not id_map_json.exists():
+        raise DatasetError(f"{id_map_json}: id map not found; pass --id_map_json <dataset>/test_image_name_to_ids.json.")
+    if not test_dir.is_dir():
+        raise DatasetError(f"{test_dir}: test folder not found; pass --test_dir <dataset>/test_release.")
+    try:
+        entries = json.loads(id_map_json.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{id_map_json}: not valid JSON ({err}).") from err
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and "file_name" in e and "id" in e for e in entries
+    ):
+        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects.")
+    named = {e["file_name"] for e in entries}
+    files = {p.name for p in test_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff")}
+    without_id = sorted(files - named)
+    without_file = sorted(named - files)
+    if without_id:
+        raise DatasetError(f"{test_dir}: {len(without_id)} test file(s) have no id in {id_map_json.name}: {_few(without_id)}.")
+    if without_file:
+        raise DatasetError(f"{id_map_json}: {len(without_file)} id(s) name files missing from {test_dir}: {_few(without_file)}.")
+    return sorted(entries, key=lambda e: e["id"])
+
+
+def plain_sample(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    """Strip tv_tensor wrappers so the model sees plain tensors."""
+    plain = {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+    return image.as_subclass(torch.Tensor), plain
+
+
+def collate_fn(batch: list) -> tuple:
+    """Detection batches are lists: images differ in size and instance count."""
+    return tuple(zip(*batch))
+
+
+def write_split(path: Path, train: list[str], val: list[str], seed: int, val_split: float) -> None:
+    Path(path).write_text(json.dumps({"seed": seed, "val_split": val_split, "train": train, "val": val}, indent=1))
+
+
+def _decode_sample(sample_dir: Path) -> Instances:
+    shape = read_image(sample_dir / IMAGE_FILE).shape[:2]
+    return decode_instances(sample_dir, shape)
+
+
+def _instances_of(label: np.ndarray):
+    """(box, crop) per instance id; ids need not be contiguous, 0 is background."""
+    ids, inverse = np.unique(label, return_inverse=True)
+    inverse = inverse.reshape(label.shape).astype(np.int32)
+    if ids[0] != 0:
+        inverse += 1
+    for k, sl in enumerate(ndimage.find_objects(inverse), start=1):
+        if sl is None:
+            continue
+        crop = inverse[sl] == k
+        yield (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), crop
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DatasetError(f"{path}: file not found.")
+    try:
+        return tifffile.imread(path)
+    except Exception as err:  # tifffile raises many types for corrupt files
+        hint = " Install imagecodecs (pip install imagecodecs) to read compressed TIFFs." if "imagecodecs" in str(err) else ""
+        raise DatasetError(
+            f"{path}: cannot decode TIFF ({type(err).__name__}: {err}); the file may be truncated or "
+            f"not a TIFF. Re-export it or remove the sample.{hint}"
+        ) from err
+
+
+def _to_hwc(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim == 3:
+        if array.shape[2] <= 4:
+            return array
+        if array.shape[0] <= 4:  # channels-first TIFF
+            return np.moveaxis(array, 0, 2)
+    raise DatasetError(f"{path}: expected a grey, RGB or RGBA image, got shape {array.shape}.")
+
+
+def _scale_by_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        return (array.astype(np.float32) / np.iinfo(array.dtype).max).clip(0, 1)
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.nan_to_num(array.astype(np.float32))
+        peak = float(array.max()) if array.size else 0.0
+        scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
+        return (array / scale).clip(0, 1)
+    raise DatasetError(f"{path}: unsupported image dtype {array.dtype}.")
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")

@@ -1,0 +1,370 @@
+"""The training loop shared by both train scripts.
+
+One epoch = train (AMP, clipping, per-step warm-up/cosine), validation loss (train-mode
+forward with BatchNorm and dropout frozen), COCO AP in eval mode, then ``last.pth``,
+``best.pth`` on improvement and one ``history.json`` row.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from augment import add_augment_args, build_train_transforms
+from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
+                        set_rng_state, write_json)
+from coco import build_coco_gt, evaluate, outputs_to_coco
+from dataloader import HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
+from model import ARCH_KEYS, add_model_args, build_model, config_from_args
+
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
+MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
+
+
+def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
+    """All training flags; the backbone-specific defaults come from the calling script."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data and outputs")
+    data.add_argument("--train_dir", default="dataset/train", help="folder of <sample>/image.tif + classN.tif")
+    data.add_argument("--test_dir", default=None, help="test folder, predicted after training when given")
+    data.add_argument("--id_map_json", default=None, help="test_image_name_to_ids.json (with --test_dir)")
+    data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
+    data.add_argument("--val_split", type=float, default=0.2, help="share of samples held out for validation")
+    data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
+    data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--demo", action="store_true",
+                      help="write a small synthetic dataset into --output_dir and run train + predict on it")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=40)
+    optim.add_argument("--batch_size", type=int, default=2)
+    optim.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate")
+    optim.add_argument("--weight_decay", type=float, default=1e-4)
+    optim.add_argument("--warmup_epochs", type=float, default=5, help="linear warm-up from 0, per step")
+    optim.add_argument("--use_cosine", action="store_true",
+                       help="cosine decay to --eta_min after warm-up (default: ReduceLROnPlateau on --select_metric)")
+    optim.add_argument("--eta_min", type=float, default=5e-6)
+    optim.add_argument("--clip_grad", type=float, default=10.0, help="max gradient norm (0 disables)")
+    optim.add_argument("--use_amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    optim.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    run = parser.add_argument_group("checkpoints and selection")
+    run.add_argument("--select_metric", choices=SELECT_METRICS, default="segm_AP50",
+                     help="validation metric that picks best.pth (the competition scores segm AP50)")
+    run.add_argument("--eval_max_dets", type=int, default=100,
+                     help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
+    run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
+    run.add_argument("--checkpoint", default=None, help="weights to fine-tune from (a fresh run otherwise)")
+    run.add_argument("--early_stop", action="store_true", help="stop after --patience epochs without improvement")
+    run.add_argument("--patience", type=int, default=10)
+    add_model_args(parser, backbone=backbone)
+    add_augment_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[str, Any]:
+    """Entry point of the train scripts; returns the final history row and output paths."""
+    args = build_parser(backbone, description).parse_args(argv)
+    if args.demo:
+        from synthetic import apply_demo_settings
+
+        apply_demo_settings(args, sys.argv[1:] if argv is None else argv)
+    summary = train(args, backbone)
+    if args.test_dir:
+        from inference import predict_folder
+
+        summary["submission"] = str(predict_folder(
+            Path(args.output_dir) / "best.pth", args.test_dir, args.id_map_json,
+            Path(args.output_dir) / "test-results.json", batch_size=args.batch_size, device=args.device,
+            use_amp=args.use_amp))
+    print("outputs:")
+    for key, value in summary.items():
+        if key.endswith(("pth", "json", "dir", "submission")):
+            print(f"  {key:>14}: {value}")
+    return summary
+
+
+def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    config = _run_config(args, backbone, resume)
+    train_set, val_set = _datasets(args, out)
+    model = build_model(config, load_weights=resume is None and args.checkpoint is None).to(device)
+    if args.checkpoint and not resume:
+        load_weights(model, load_checkpoint(args.checkpoint)["model"], Path(args.checkpoint), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    schedule = LRSchedule(optimizer, args, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda")
+    state = {"epoch": 0, "best_metric": -1.0, "best_epoch": 0, "history": []}
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        state = {k: resume[k] for k in state}
+        set_rng_state(resume["rng"])
+        print(f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
+    loaders = _loaders(args, train_set, val_set, device)
+    coco_gt = build_coco_gt([val_set.instances[i] for i in range(len(val_set))], val_set.image_ids) if len(val_set) else None
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        loaders["train"].generator.manual_seed(args.seed + epoch)  # same order whether resumed or not
+        row = run_epoch(model, loaders, optimizer, schedule, scaler, device, args, epoch, coco_gt)
+        state["history"].append(row)
+        state["epoch"] = epoch
+        metric = row.get(args.select_metric, -row["val_loss"] if "val_loss" in row else -row["train_loss"])
+        improved = metric > state["best_metric"]
+        if improved:
+            state["best_metric"], state["best_epoch"] = metric, epoch
+        schedule.epoch_end(metric)
+        ckpt = {"model": model.state_dict(), "config": config, "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "args": vars(args), **state}
+        save_checkpoint(out / "last.pth", ckpt)
+        if improved:
+            save_checkpoint(out / "best.pth", ckpt)
+        write_history(out / "history.json", state["history"])
+        print(_epoch_line(row, args.select_metric, improved))
+        if args.early_stop and epoch - state["best_epoch"] >= args.patience:
+            print(f"early stop: no improvement of {args.select_metric} for {args.patience} epochs")
+            break
+    return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
+            "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
+            "split.json": out / "split.json", "output_dir": out}
+
+
+def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], optimizer: torch.optim.Optimizer,
+              schedule: "LRSchedule", scaler: torch.amp.GradScaler, device: torch.device,
+              args: argparse.Namespace, epoch: int, coco_gt: Any) -> dict[str, Any]:
+    start = time.time()
+    row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    row.update(train_one_epoch(model, loaders["train"], optimizer, schedule, scaler, device, args, epoch))
+    if "val" in loaders:
+        row.update(validation_loss(model, loaders["val"], device, args.use_amp))
+        results = predict(model, loaders["val"], device, args.use_amp, desc="val predict")
+        row.update(evaluate(coco_gt, results, max_dets=args.eval_max_dets))
+    row["seconds"] = round(time.time() - start, 2)
+    return row
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    schedule: "LRSchedule", scaler: torch.amp.GradScaler, device: torch.device,
+                    args: argparse.Namespace, epoch: int) -> dict[str, float]:
+    model.train()
+    sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
+    steps = bad_in_row = skipped = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
+    for images, targets in bar:
+        schedule.step()
+        images, targets = _to_device(images, targets, device)
+        with _autocast(device, args.use_amp):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            skipped += 1
+            bad_in_row += 1
+            ids = [t["image_id"] for t in targets]
+            print(f"non-finite loss skipped (epoch {epoch}, images {ids}): "
+                  f"{ {k: float(v) for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            if bad_in_row >= MAX_BAD_STEPS:
+                raise RuntimeError(f"{bad_in_row} non-finite losses in a row: lower --lr, disable --use_amp "
+                                   "or check the images named above.")
+            continue
+        bad_in_row = 0
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        for key, value in losses.items():
+            sums[key] += value.item()
+        sums["loss"] += loss.item()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    row = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+    row["skipped_steps"] = skipped
+    return row
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, use_amp: bool) -> dict[str, float]:
+    """Losses on validation images: torchvision only returns losses in train mode, so
+    BatchNorm and dropout are switched to eval to leave statistics untouched."""
+    sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
+    batches = 0
+    with losses_mode(model):
+        for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None):
+            images, targets = _to_device(images, targets, device)
+            with _autocast(device, use_amp):
+                losses = model(images, targets)
+            for key, value in losses.items():
+                sums[key] += float(value)
+            sums["loss"] += float(sum(losses.values()))
+            batches += 1
+    return {f"val_{k}": v / max(batches, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
+            desc: str = "predict") -> list[dict]:
+    """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``."""
+    model.eval()
+    results: list[dict] = []
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = [img.to(device, non_blocking=True) for img in images]
+        with _autocast(device, use_amp):
+            outputs = model(images)
+        for output, target in zip(outputs, targets):
+            results.extend(outputs_to_coco(output, target["image_id"]))
+    return results
+
+
+class losses_mode:
+    """Train-mode forward (so torchvision returns losses) with BatchNorm and dropout in eval."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.was_training = model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.MultiheadAttention)):
+                module.eval()
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.train(self.was_training)
+
+
+class LRSchedule:
+    """Per-step linear warm-up from 0, then cosine to ``eta_min`` or ReduceLROnPlateau."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> None:
+        self.optimizer = optimizer
+        self.base_lr = args.lr
+        self.eta_min = args.eta_min
+        self.cosine = args.use_cosine
+        self.warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+        self.total_steps = args.epochs * steps_per_epoch
+        self.steps = 0
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=3)
+
+    def step(self) -> None:
+        """Set the learning rate of the step about to run."""
+        self.steps += 1
+        if self.steps <= self.warmup_steps or self.cosine:
+            lr = warmup_cosine(self.steps, self.warmup_steps, self.total_steps, self.base_lr,
+                               self.eta_min if self.cosine else self.base_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def epoch_end(self, metric: float) -> None:
+        if not self.cosine and self.steps > self.warmup_steps:
+            self.plateau.step(metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.plateau.load_state_dict(state["plateau"])
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float, eta_min: float) -> float:
+    """lr of 1-based ``step``: linear from 0 to ``base_lr`` over warm-up, then cosine to ``eta_min``."""
+    if step <= warmup_steps:
+        return base_lr * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress))
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.json, strict JSON (NaN for a class absent from validation becomes null)."""
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+             for row in history]
+    write_json(path, clean, indent=1)
+
+
+def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) -> dict[str, Any]:
+    config = config_from_args(args, backbone)
+    if resume is None:
+        return config
+    saved = resume["config"]
+    differing = [k for k in ARCH_KEYS if k in saved and saved[k] != config[k]]
+    if differing:
+        raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
+                              f"({', '.join(f'{k}: {saved[k]} vs {config[k]}' for k in differing)}); "
+                              "resume with the original flags or start a new --output_dir.")
+    return {**config, **saved}
+
+
+def _datasets(args: argparse.Namespace, out: Path) -> tuple[HW3TrainDataset, HW3TrainDataset]:
+    samples = list_samples(Path(args.train_dir))
+    ids = {p.name: i + 1 for i, p in enumerate(samples)}
+    by_name = {p.name: p for p in samples}
+    train_names, val_names = split_samples(list(by_name), args.val_split, args.seed)
+    write_split(out / "split.json", train_names, val_names, args.seed, args.val_split)
+    train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
+                                build_train_transforms(args), desc="decode train labels")
+    val_set = HW3TrainDataset([by_name[n] for n in val_names], [ids[n] for n in val_names], desc="decode val labels")
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if ds.empty:
+            print(f"note: {len(ds.empty)} {name} sample(s) have no instances (kept as background): {ds.empty[:5]}")
+    if sum(len(i) for i in train_set.instances) == 0:
+        raise ValueError(f"{args.train_dir}: no instances in any training sample; check the class*.tif files.")
+    print(f"data: {len(train_set)} train / {len(val_set)} val samples, "
+          f"{sum(len(i) for i in train_set.instances)} train instances")
+    return train_set, val_set
+
+
+def _loaders(args: argparse.Namespace, train_set: HW3TrainDataset, val_set: HW3TrainDataset,
+             device: torch.device) -> dict[str, DataLoader]:
+    common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
+              "persistent_workers": args.num_workers > 0}
+    generator = torch.Generator().manual_seed(args.seed)
+    loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=generator, **common)}
+    if len(val_set):
+        loaders["val"] = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **common)
+    return loaders
+
+
+def _to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _epoch_line(row: dict[str, Any], select: str, improved: bool) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
+    if "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f}")
+    for key in ("segm_AP", "segm_AP50", "bbox_AP50"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    parts.append(f"{row['seconds']:.0f}s")
+    return " | ".join(parts) + (f"  * best {select}" if improved else "")

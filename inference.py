@@ -1,0 +1,72 @@
+"""Checkpoint + test folder -> test-results.json (COCO results with RLE masks).
+
+The model is rebuilt from the checkpoint's config, so no architecture flag is needed:
+    python inference.py --checkpoint outputs/resnet101/best.pth
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from checkpoint import load_model, write_json
+from dataloader import HW3TestDataset, collate_fn
+from engine import predict
+from model import DEFAULT_CONFIG, backbone_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
+    parser.add_argument("--test_dir", default="dataset/test_release", help="folder of test *.tif")
+    parser.add_argument("--id_map_json", default="dataset/test_image_name_to_ids.json",
+                        help="list of {file_name, id, height, width}")
+    parser.add_argument("--output", default=None, help="submission path (default: next to the checkpoint)")
+    parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
+    parser.add_argument("--use_amp", action="store_true", help="fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--score_thresh", type=float, default=0.0,
+                        help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
+    parser.add_argument("--backbone", type=backbone_name, default=None, help="only checked against the checkpoint")
+    parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
+    parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
+    parser.add_argument("--max_size", type=int, default=None, help="override the checkpoint's input size")
+    parser.add_argument("--detections_per_img", type=int, default=None,
+                        help=f"override the checkpoint's limit (default there: {DEFAULT_CONFIG['detections_per_img']})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
+                 "min_size": args.min_size, "max_size": args.max_size, "detections_per_img": args.detections_per_img}
+    output = Path(args.output) if args.output else Path(args.checkpoint).parent / "test-results.json"
+    return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
+                          device=args.device, use_amp=args.use_amp, overrides=overrides,
+                          score_thresh=args.score_thresh, num_workers=args.num_workers)
+
+
+def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: str | Path, output: Path,
+                   batch_size: int = 1, device: str | None = None, use_amp: bool = False,
+                   overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
+                   num_workers: int = 0) -> Path:
+    """Predict every test image and write the submission; returns its path."""
+    dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config, _ = load_model(Path(checkpoint), overrides)
+    model.to(torch_device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        num_workers=num_workers, pin_memory=torch_device.type == "cuda")
+    results = predict(model, loader, torch_device, use_amp, desc="inference")
+    results = [r for r in results if r["score"] >= score_thresh]
+    write_json(Path(output), results)
+    print(f"{len(results)} detections on {len(dataset)} images -> {output}")
+    return Path(output)
+
+
+if __name__ == "__main__":
+    main()

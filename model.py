@@ -1,0 +1,282 @@
+"""The one model builder every script uses: backbone + FPN + Mask R-CNN settings + attention.
+
+``config`` is a plain dict saved in every checkpoint, so inference and visualisation rebuild
+exactly the trained architecture without repeating flags.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, efficientnet_v2_m, resnet101
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+BACKBONES = ("resnet101", "effnet_v2_m")
+BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
+                    "effnet_v2_m": "effnet_v2_m", "efficientnet_v2_m": "effnet_v2_m"}
+
+# Defaults chosen from the real HW3 statistics (README, "Defaults and why").
+DEFAULT_CONFIG: dict[str, Any] = {
+    "backbone": "resnet101",
+    "num_classes": 5,
+    "weights": "imagenet",
+    "trainable_layers": 3,
+    "use_attn": False,
+    "attn": {},
+    "min_size": 1024,
+    "max_size": 2048,
+    "max_upscale": 1.0,
+    "anchor_sizes": [8, 16, 32, 64, 128],
+    "aspect_ratios": [0.5, 1.0, 2.0],
+    "rpn_pre_nms_top_n_train": 4000,
+    "rpn_post_nms_top_n_train": 2000,
+    "rpn_pre_nms_top_n_test": 4000,
+    "rpn_post_nms_top_n_test": 2000,
+    "rpn_batch_size_per_image": 256,
+    "box_batch_size_per_image": 512,
+    "box_score_thresh": 0.0,
+    "box_nms_thresh": 0.5,
+    "detections_per_img": 1000,
+}
+
+# Keys that change the architecture: a checkpoint's values for these always win.
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios")
+
+# Stages of EfficientNetV2-M's `features` that end at strides 4, 8, 16 and 32.
+_EFFNET_RETURN = {"2": "0", "3": "1", "5": "2", "7": "3"}
+_EFFNET_CHANNELS = [48, 80, 176, 512]
+_EFFNET_FROZEN = ("0", "1", "2")  # stem and the first two stages
+
+
+def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None) -> None:
+    """Model flags; every default lives in DEFAULT_CONFIG."""
+    d = DEFAULT_CONFIG
+    group = parser.add_argument_group("model")
+    if backbone is None:
+        group.add_argument("--backbone", type=backbone_name, default=None,
+                           help="resnet or effnet (inference/visualisation: must match the checkpoint if given)")
+    group.add_argument("--num_classes", type=int, default=d["num_classes"], help="classes including background")
+    group.add_argument("--weights", default=d["weights"],
+                       help="backbone init: 'imagenet' (torchvision download), 'none' (random, trainable "
+                            "GroupNorm) or a path to a local ImageNet state dict of the backbone")
+    group.add_argument("--use_attn", action="store_true", help="add the FPNTransformer neck and the mask-head attention")
+    group.add_argument("--min_size", type=int, default=d["min_size"],
+                       help="shorter side is scaled down to this (never up beyond --max_upscale)")
+    group.add_argument("--max_size", type=int, default=d["max_size"], help="longer side is scaled down to at most this")
+    group.add_argument("--max_upscale", type=float, default=d["max_upscale"],
+                       help="largest factor a small image is scaled up by (1 = native resolution)")
+    group.add_argument("--anchor_sizes", type=int, nargs=5, default=d["anchor_sizes"],
+                       help="anchor side per pyramid level P2..P6, in input pixels")
+    group.add_argument("--rpn_pre_nms_top_n_train", type=int, default=d["rpn_pre_nms_top_n_train"])
+    group.add_argument("--rpn_post_nms_top_n_train", type=int, default=d["rpn_post_nms_top_n_train"])
+    group.add_argument("--rpn_pre_nms_top_n_test", type=int, default=d["rpn_pre_nms_top_n_test"])
+    group.add_argument("--rpn_post_nms_top_n_test", type=int, default=d["rpn_post_nms_top_n_test"])
+    group.add_argument("--box_batch_size_per_image", type=int, default=d["box_batch_size_per_image"],
+                       help="RoIs sampled per image for the box and mask heads")
+    group.add_argument("--box_score_thresh", type=float, default=d["box_score_thresh"],
+                       help="detections below this score are dropped inside the model (AP likes 0)")
+    group.add_argument("--box_nms_thresh", type=float, default=d["box_nms_thresh"])
+    group.add_argument("--detections_per_img", type=int, default=d["detections_per_img"],
+                       help="most detections kept per image (real images hold up to 772 cells)")
+
+
+def backbone_name(name: str) -> str:
+    """Canonical backbone name from a short alias (argparse type)."""
+    if name not in BACKBONE_ALIASES:
+        raise argparse.ArgumentTypeError(f"unknown backbone {name!r}; choose resnet or effnet")
+    return BACKBONE_ALIASES[name]
+
+
+def config_from_args(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
+    """The model config from parsed flags (train scripts)."""
+    config = dict(DEFAULT_CONFIG)
+    for key in config:
+        if hasattr(args, key) and getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config["backbone"] = backbone
+    config["trainable_layers"] = 3 if backbone == "resnet101" else len(_EFFNET_FROZEN)
+    config["anchor_sizes"] = list(config["anchor_sizes"])
+    return config
+
+
+def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
+    """Mask R-CNN from ``config``; ``load_weights=False`` skips the backbone's pretrained
+    weights (a checkpoint will overwrite them anyway) but keeps its pretrained layout."""
+    config = {**DEFAULT_CONFIG, **config}
+    if config["backbone"] not in BACKBONES:
+        raise ValueError(f"unknown backbone {config['backbone']!r}; choose one of {BACKBONES}")
+    if config["backbone"] == "resnet101":
+        backbone = _resnet_fpn(config["weights"], config["trainable_layers"], load_weights)
+    else:
+        backbone = _effnet_fpn(config["weights"], load_weights)
+    if config["use_attn"]:
+        from attention_modules import BackboneWithAttention, FPNTransformer
+
+        backbone = BackboneWithAttention(backbone, FPNTransformer(**_attn_kwargs(config, "neck")))
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in config["anchor_sizes"]),
+        aspect_ratios=(tuple(config["aspect_ratios"]),) * len(config["anchor_sizes"]),
+    )
+    model = MaskRCNN(
+        backbone,
+        num_classes=config["num_classes"],
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=config["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=config["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
+        rpn_post_nms_top_n_test=config["rpn_post_nms_top_n_test"],
+        rpn_batch_size_per_image=config["rpn_batch_size_per_image"],
+        box_batch_size_per_image=config["box_batch_size_per_image"],
+        box_score_thresh=config["box_score_thresh"],
+        box_nms_thresh=config["box_nms_thresh"],
+        box_detections_per_img=config["detections_per_img"],
+    )
+    model.transform = CellTransform(config["min_size"], config["max_size"], config["max_upscale"])
+    if config["use_attn"]:
+        from attention_modules import SpatialChannelTransformer
+
+        head = model.roi_heads.mask_head
+        model.roi_heads.mask_head = nn.Sequential(SpatialChannelTransformer(**_attn_kwargs(config, "mask")), head)
+    return model
+
+
+def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
+    """Settings that change no weights (input size, detection limits) can differ at inference."""
+    model.transform = CellTransform(config["min_size"], config["max_size"], config["max_upscale"])
+    model.roi_heads.score_thresh = config["box_score_thresh"]
+    model.roi_heads.nms_thresh = config["box_nms_thresh"]
+    model.roi_heads.detections_per_img = config["detections_per_img"]
+    model.rpn._pre_nms_top_n["testing"] = config["rpn_pre_nms_top_n_test"]
+    model.rpn._post_nms_top_n["testing"] = config["rpn_post_nms_top_n_test"]
+
+
+class CellTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, but small images are not blown up (cells keep their size,
+    so the anchors fit) and images at native scale skip the mask resize (no float copies
+    of every ground-truth mask)."""
+
+    def __init__(self, min_size: int, max_size: int, max_upscale: float = 1.0) -> None:
+        super().__init__(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        self.max_upscale = max_upscale
+
+    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        height, width = image.shape[-2:]
+        scale = min(self.min_size[-1] / min(height, width), self.max_size / max(height, width), self.max_upscale)
+        if abs(scale - 1.0) < 1e-6:
+            return image, target
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                              recompute_scale_factor=True, align_corners=False)[0]
+        if target is None:
+            return image, target
+        target = dict(target)
+        target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+        if "masks" in target:
+            target["masks"] = resize_masks(target["masks"], image.shape[-2:])
+        return image, target
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
+    """Nearest resize of uint8 masks in chunks, so no float copy of all masks exists at once."""
+    out = torch.empty((masks.shape[0], *size), dtype=masks.dtype, device=masks.device)
+    for start in range(0, masks.shape[0], chunk):
+        part = masks[start:start + chunk, None].float()
+        out[start:start + chunk] = F.interpolate(part, size=tuple(size))[:, 0].to(masks.dtype)
+    return out
+
+
+def _resnet_fpn(weights: str, trainable_layers: int, load_weights: bool) -> BackboneWithFPN:
+    pretrained = weights != "none"
+    # From scratch: zero-init the last norm of each block so 33 random residual blocks start as identity.
+    body = resnet101(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else _group_norm,
+                     zero_init_residual=not pretrained)
+    if pretrained and load_weights:
+        _load_backbone_weights(body, weights, ResNet101_Weights.IMAGENET1K_V2)
+    layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: trainable_layers if pretrained else 5]
+    for name, param in body.named_parameters():
+        param.requires_grad_(any(name.startswith(layer) for layer in layers) or not pretrained)
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[256, 512, 1024, 2048],
+        out_channels=256,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def _effnet_fpn(weights: str, load_weights: bool) -> BackboneWithFPN:
+    pretrained = weights != "none"
+    net = efficientnet_v2_m(weights=None)
+    if pretrained and load_weights:
+        _load_backbone_weights(net, weights, EfficientNet_V2_M_Weights.IMAGENET1K_V1)
+    features = net.features
+    # Pretrained: frozen statistics (batches of 2 would wreck them); random: GroupNorm that learns.
+    _replace_batchnorm(features, _frozen_from if pretrained else lambda bn: _group_norm(bn.num_features))
+    if pretrained:
+        for name in _EFFNET_FROZEN:
+            features[int(name)].requires_grad_(False)
+    return BackboneWithFPN(
+        features,
+        return_layers=_EFFNET_RETURN,
+        in_channels_list=_EFFNET_CHANNELS,
+        out_channels=256,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def _load_backbone_weights(net: nn.Module, weights: str, enum: Any) -> None:
+    """torchvision's ImageNet weights for 'imagenet', or a local state dict for a path."""
+    if weights == "imagenet":
+        try:
+            state = enum.get_state_dict(progress=True, check_hash=True)
+        except Exception as err:  # offline clusters: URLError, OSError, RuntimeError...
+            raise RuntimeError(
+                f"could not download ImageNet weights {enum} ({type(err).__name__}: {err}). Offline? "
+                f"Download {enum.url} on a machine with internet and pass --weights /path/to/that.pth, "
+                "or train from scratch with --weights none."
+            ) from err
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {weights}: no such file; use 'imagenet', 'none' or a state-dict path.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    missing, _ = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise RuntimeError(f"--weights {weights}: not a {type(net).__name__} ImageNet state dict "
+                           f"({len(missing)} missing keys, e.g. {missing[:3]}).")
+
+
+def _attn_kwargs(config: dict[str, Any], part: str) -> dict[str, Any]:
+    return dict(config.get("attn", {}).get(part, {}))
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def _frozen_from(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen.weight.copy_(bn.weight.detach())
+    frozen.bias.copy_(bn.bias.detach())
+    frozen.running_mean.copy_(bn.running_mean)
+    frozen.running_var.copy_(bn.running_var)
+    return frozen
+
+
+def _replace_batchnorm(module: nn.Module, make: Any) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, make(child))
+        else:
+            _replace_batchnorm(child, make)
