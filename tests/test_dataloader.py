@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import shared
+from dataloader import (DatasetError, HW3TestDataset, HW3TrainDataset, decode_instances, list_samples,
+                        read_id_map, read_image, split_samples)
+from synthetic import write_rgba_lzw
+
+
+def _sample(root: Path, image: np.ndarray, labels: dict[int, np.ndarray], **kw) -> Path:
+    sample = root / "s"
+    sample.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(sample / "image.tif", image, **kw)
+    for c, lab in labels.items():
+        tifffile.imwrite(sample / f"class{c}.tif", lab)
+    return sample
+
+
+def test_rgba_lzw_image_drops_alpha_and_scales(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    write_rgba_lzw(tmp_path / "a.tif", rgb)
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        assert tif.pages[0].compression == 5  # LZW
+    out = read_image(tmp_path / "a.tif")
+    assert out.shape == (20, 30, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, rgb / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,peak", [(np.uint8, 255), (np.uint16, 65535)])
+def test_grey_and_16bit_scale_by_dtype(tmp_path: Path, dtype: type, peak: int) -> None:
+    grey = np.zeros((8, 9), dtype=dtype)
+    grey[2, 3] = peak // 2
+    grey[4, 4] = peak
+    tifffile.imwrite(tmp_path / "g.tif", grey)
+    out = read_image(tmp_path / "g.tif")
+    assert out.shape == (8, 9, 3)
+    assert out[4, 4].tolist() == [1.0, 1.0, 1.0]
+    assert abs(out[2, 3, 0] - (peak // 2) / peak) < 1e-6
+
+
+def test_float64_labels_noncontiguous_ids_and_one_pixel_instances(tmp_path: Path) -> None:
+    label = np.zeros((10, 12), dtype=np.float64)
+    label[2:5, 3:7] = 17.0     # 3x4 block
+    label[8, 0:12] = 1000.0    # one pixel high, full width
+    label[0, 11] = 3.0         # a single pixel
+    sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {2: label})
+    inst = decode_instances(sample, (10, 12))
+    assert inst.labels.tolist() == [2, 2, 2]
+    boxes = {tuple(b) for b in inst.boxes.tolist()}
+    assert boxes == {(11, 0, 12, 1), (3, 2, 7, 5), (0, 8, 12, 9)}  # exclusive max
+    assert sorted(inst.areas.tolist()) == [1.0, 12.0, 12.0]
+    masks = inst.masks()
+    assert masks.shape == (3, 10, 12) and masks.dtype == np.uint8
+    assert (masks.sum(0) == (label > 0)).all()
+
+
+def test_dataset_target_contract(tiny_dataset: dict) -> None:
+    samples = list_samples(tiny_dataset["train_dir"])
+    ds = HW3TrainDataset(samples[:2], [1, 2])
+    image, target = ds[1]
+    assert image.shape[0] == 3 and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    n = len(target["labels"])
+    assert n > 0 and target["boxes"].shape == (n, 4) and target["boxes"].dtype == torch.float32
+    assert target["masks"].shape == (n, *image.shape[1:]) and target["masks"].dtype == torch.uint8
+    assert target["image_id"] == 2
+    w = target["boxes"][:, 2] - target["boxes"][:, 0]
+    h = target["boxes"][:, 3] - target["boxes"][:, 1]
+    assert (w > 0).all() and (h > 0).all()
+    assert torch.equal(target["area"], target["masks"].flatten(1).sum(1).float())
+    assert set(target["labels"].tolist()) <= {1, 2, 3, 4}
+
+
+def test_labels_decoded_once(tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = HW3TrainDataset(list_samples(tiny_dataset["train_dir"])[:2], [1, 2])
+    import dataloader
+
+    def fail(*a, **k):
+        raise AssertionError("label TIFF decoded again")
+
+    monkeypatch.setattr(dataloader, "read_label_image", fail)
+    for _ in range(2):
+        ds[0], ds[1]
+
+
+def test_split_is_seeded_and_order_free() -> None:
+    names = [f"n{i}" for i in range(10)]
+    train, val = split_samples(names, 0.2, seed=3)
+    assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
+    assert split_samples(list(reversed(names)), 0.2, seed=3) == (train, val)
+    assert split_samples(names, 0.2, seed=4) != (train, val)
+
+
+def test_missing_image(tmp_path: Path) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"a: missing image.tif"):
+        list_samples(tmp_path / "train")
+
+
+def test_truncated_tiff_named(tmp_path: Path) -> None:
+    write_rgba_lzw(tmp_path / "x.tif", np.zeros((64, 64, 3), np.uint8))
+    data = (tmp_path / "x.tif").read_bytes()
+    (tmp_path / "x.tif").write_bytes(data[: len(data) // 3])
+    with pytest.raises(DatasetError, match="x.tif: cannot decode TIFF"):
+        read_image(tmp_path / "x.tif")
+
+
+def test_label_size_mismatch_named(tmp_path: Path) -> None:
+    sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {1: np.ones((10, 11))})
+    with pytest.raises(DatasetError, match=r"class1.tif: label image is 10x11 but its image.tif is 10x12"):
+        HW3TrainDataset([sample], [1])
+
+
+def test_non_integer_labels_named(tmp_path: Path) -> None:
+    sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {3: np.full((10, 12), 0.5)})
+    with pytest.raises(DatasetError, match=r"class3.tif: label image has non-integer values"):
+        HW3TrainDataset([sample], [1])
+
+
+def test_empty_sample_reported_not_crash(tmp_path: Path) -> None:
+    sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {})
+    ds = HW3TrainDataset([sample], [1])
+    assert ds.empty == ["s"]
+    _, target = ds[0]
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 10, 12)
+
+
+def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
+    entries = json.loads(Path(tiny_dataset["id_map_json"]).read_text())
+    assert len(HW3TestDataset(tiny_dataset["test_dir"], tiny_dataset["id_map_json"])) == len(entries)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(entries[1:]))
+    with pytest.raises(DatasetError, match="have no id"):
+        read_id_map(short, tiny_dataset["test_dir"])
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(entries + [{"file_name": "ghost.tif", "id": 99}]))
+    with pytest.raises(DatasetError, match="ghost.tif"):
+        read_id_map(extra, tiny_dataset["test_dir"])
+
+
+def test_real_hw3_sample() -> None:
+    train = shared("hw3_official_sample", "train")
+    ds = HW3TrainDataset(list_samples(train), [1])
+    image, target = ds[0]
+    assert image.shape == (3, 397, 482)
+    counts = np.bincount(target["labels"].numpy(), minlength=5)
+    assert counts[1] == 2 and counts[2] == 159
+
+
+def test_real_id_map_parses() -> None:
+    path = shared("hw3_official_sample", "test_image_name_to_ids.json")
+    entries = json.loads(path.read_text())
+    assert len(entries) == 101 and all({"file_name", "id", "height", "width"} <= set(e) for e in entries)

@@ -1,0 +1,80 @@
+"""Train -> resume -> predict -> score on tiny generated data, for both backbones."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+import inference
+import train_effnet_v2
+import train_resnet
+from checkpoint import CheckpointError, load_checkpoint
+
+SMALL = ["--min_size", "96", "--max_size", "128", "--detections_per_img", "20", "--batch_size", "2",
+         "--num_workers", "0", "--weights", "none", "--warmup_epochs", "1", "--rpn_pre_nms_top_n_train", "300",
+         "--rpn_post_nms_top_n_train", "200", "--rpn_pre_nms_top_n_test", "300", "--rpn_post_nms_top_n_test", "100",
+         "--box_batch_size_per_image", "64", "--use_cosine"]
+
+
+def _train(script, data: dict, out: Path, *extra: str) -> dict:
+    return script.main(["--train_dir", str(data["train_dir"]), "--output_dir", str(out), *SMALL, *extra])
+
+
+@pytest.mark.parametrize("script", [train_resnet, train_effnet_v2], ids=["resnet", "effnet"])
+def test_train_resume_predict(script, tiny_dataset: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(script, tiny_dataset, out, "--epochs", "1")
+    for name in ("best.pth", "last.pth", "history.json", "split.json"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]
+    row = history[0]
+    for key in ("train_loss_classifier", "train_loss_box_reg", "train_loss_mask", "train_loss_objectness",
+                "train_loss_rpn_box_reg", "train_loss", "val_loss", "segm_AP50", "segm_AP", "bbox_AP75", "lr"):
+        assert key in row and row[key] is not None, key
+    first = load_checkpoint(out / "last.pth")
+    assert first["epoch"] == 1 and first["config"]["backbone"] in ("resnet101", "effnet_v2_m")
+    steps = first["scheduler"]["steps"]
+
+    _train(script, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"))
+    resumed = load_checkpoint(out / "last.pth")
+    assert resumed["epoch"] == 2 and resumed["scheduler"]["steps"] == 2 * steps
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+    assert json.dumps(resumed["history"][0], sort_keys=True) == json.dumps(first["history"][0], sort_keys=True)
+    opt_steps = {int(s["step"]) for s in resumed["optimizer"]["state"].values()}
+    assert opt_steps == {2 * steps}
+
+    submission = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
+                                 "--id_map_json", str(tiny_dataset["id_map_json"]), "--output",
+                                 str(tmp_path / "sub.json"), "--num_workers", "0", "--batch_size", "2"])
+    results = json.loads(Path(submission).read_text())
+    entries = json.loads(Path(tiny_dataset["id_map_json"]).read_text())
+    gt = COCO()
+    gt.dataset = {"images": [{"id": e["id"], "height": e["height"], "width": e["width"]} for e in entries],
+                  "annotations": [], "categories": [{"id": c} for c in range(1, 5)]}
+    gt.createIndex()
+    if results:
+        dt = gt.loadRes(str(submission))
+        assert set(dt.getImgIds()) <= {e["id"] for e in entries}
+        assert all(r["segmentation"]["size"] == [e["height"], e["width"]]
+                   for r in results for e in entries if e["id"] == r["image_id"])
+
+
+def test_resume_with_other_settings_is_refused(tiny_dataset: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--val_split", "0")
+    with pytest.raises(CheckpointError, match="other settings"):
+        _train(train_effnet_v2, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"))
+    with pytest.raises(CheckpointError, match="contradicts"):
+        inference.main(["--checkpoint", str(out / "last.pth"), "--backbone", "effnet",
+                        "--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"])])
+
+
+def test_bf16_amp_train_step_on_cpu(tiny_dataset: dict, tmp_path: Path) -> None:
+    out = tmp_path / "amp"
+    _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--use_amp", "--val_split", "0")
+    row = json.loads((out / "history.json").read_text())[0]
+    assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from engine import LRSchedule, losses_mode, warmup_cosine
+from model import build_model
+
+TINY = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
+
+
+def test_warmup_is_linear_from_zero_then_cosine_to_eta_min() -> None:
+    lrs = [warmup_cosine(s, 10, 110, 1e-3, 1e-5) for s in range(1, 111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-5)
+    assert lrs[59] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # step 60: half-way through the decay
+
+
+def _schedule(cosine: bool) -> tuple[LRSchedule, torch.optim.Optimizer]:
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    args = argparse.Namespace(lr=1e-3, eta_min=1e-5, use_cosine=cosine, warmup_epochs=1, epochs=4)
+    return LRSchedule(opt, args, steps_per_epoch=5), opt
+
+
+def test_schedule_state_round_trip_and_plateau() -> None:
+    sched, opt = _schedule(cosine=True)
+    for _ in range(7):
+        sched.step()
+    lr = opt.param_groups[0]["lr"]
+    again, opt2 = _schedule(cosine=True)
+    again.load_state_dict(sched.state_dict())
+    again.step()
+    sched.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) and lr > 0
+    plateau, popt = _schedule(cosine=False)
+    for _ in range(6):
+        plateau.step()
+    assert popt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    for _ in range(5):
+        plateau.epoch_end(0.1)
+    assert popt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_losses_mode_leaves_batchnorm_stats_alone() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    before = net[1].running_mean.clone()
+    with losses_mode(net):
+        assert net.training and not net[1].training and not net[2].training
+        net(torch.randn(2, 3, 5, 5) + 3)
+    assert torch.equal(net[1].running_mean, before)
+    assert not net.training
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
+    model = build_model(TINY)
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "config": TINY})
+    loaded, config, _ = load_model(path)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="contradicts the checkpoint"):
+        load_model(path, {"backbone": "effnet_v2_m"})
+    truncated = tmp_path / "t.pth"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(truncated)
+    other = tmp_path / "o.pth"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(other)
+
+
+def test_interrupted_save_keeps_the_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, {"model": {}, "config": {"epoch": 1}})
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {}, "config": {"epoch": 2}})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["config"] == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_parser_has_the_contract_flags() -> None:
+    parser = engine.build_parser("resnet101", "x")
+    args = parser.parse_args([])
+    for flag in ("train_dir", "output_dir", "epochs", "batch_size", "lr", "weight_decay", "val_split",
+                 "num_workers", "seed", "patience", "early_stop", "num_classes", "checkpoint", "use_attn",
+                 "use_amp", "use_cosine", "eta_min", "warmup_epochs", "weights", "device", "resume",
+                 "select_metric", "min_size", "max_size", "detections_per_img", "demo"):
+        assert hasattr(args, flag), flag
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.warmup_epochs, args.eta_min) == \
+        (2e-4, 1e-4, 2, 40, 5, 5e-6)
+    assert args.select_metric == "segm_AP50"
