@@ -166,6 +166,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     model.train()
     sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
     steps = bad_in_row = skipped = 0
+    start = time.time()
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
     for images, targets in bar:
         schedule.step()
@@ -199,6 +200,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         bar.set_postfix(loss=f"{loss.item():.3f}")
     row = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
     row["skipped_steps"] = skipped
+    row["step_seconds"] = round((time.time() - start) / max(steps + skipped, 1), 3)
     return row
 
 
@@ -366,5 +368,5 @@ def _epoch_line(row: dict[str, Any], select: str, improved: bool) -> str:
     for key in ("segm_AP", "segm_AP50", "bbox_AP50"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
-    parts.append(f"{row['seconds']:.0f}s")
+    parts.append(f"{row['seconds']:.0f}s ({row['step_seconds']:.2f}s/step)")
     return " | ".join(parts) + (f"  * best {select}" if improved else "")

@@ -6,6 +6,7 @@ The model is rebuilt from the checkpoint's config, so no architecture flag is ne
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,10 +62,13 @@ def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: st
     model.to(torch_device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")
+    start = time.time()
     results = predict(model, loader, torch_device, use_amp, desc="inference")
     results = [r for r in results if r["score"] >= score_thresh]
     write_json(Path(output), results)
-    print(f"{len(results)} detections on {len(dataset)} images -> {output}")
+    seconds = time.time() - start
+    print(f"{len(results)} detections on {len(dataset)} images in {seconds:.1f}s "
+          f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
 
 

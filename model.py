@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, efficientnet_v2_m, resnet101
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import MaskRCNN, roi_heads
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 BACKBONES = ("resnet101", "effnet_v2_m")
@@ -192,6 +192,42 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) ->
         part = masks[start:start + chunk, None].float()
         out[start:start + chunk] = F.interpolate(part, size=tuple(size))[:, 0].to(masks.dtype)
     return out
+
+
+def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor,
+                           size: int) -> torch.Tensor:
+    """Mask targets of the positive RoIs, equal to torchvision's, without its float copy of
+    every ground-truth mask at full image size (gigabytes with 800 cells per image).
+
+    Each matched instance is cropped to the union of its RoIs plus a 2-pixel margin, clipped
+    to the image, so roi_align's bilinear samples and border clamping see the same pixels.
+    """
+    out = boxes.new_zeros((len(boxes), size, size))
+    height, width = gt_masks.shape[-2:]
+    for j in matched_idxs.unique().tolist():
+        sel = (matched_idxs == j).nonzero().flatten()
+        rois = boxes[sel]
+        x0 = max(int(rois[:, 0].min().floor()) - 2, 0)
+        y0 = max(int(rois[:, 1].min().floor()) - 2, 0)
+        x1 = min(int(rois[:, 2].max().ceil()) + 2, width)
+        y1 = min(int(rois[:, 3].max().ceil()) + 2, height)
+        crop = gt_masks[j, y0:y1, x0:x1][None, None].to(boxes.dtype)
+        shifted = rois - rois.new_tensor([x0, y0, x0, y0])
+        indexed = torch.cat([shifted.new_zeros(len(sel), 1), shifted], dim=1)
+        out[sel] = roi_align(crop, indexed, (size, size), 1.0)[:, 0]
+    return out
+
+
+STOCK_PROJECT_MASKS = roi_heads.project_masks_on_boxes
+
+
+def use_lean_mask_targets(enabled: bool = True) -> None:
+    """Swap torchvision's mask-target function (module-level, called by its maskrcnn_loss);
+    on by default, off only for side-by-side benchmarks."""
+    roi_heads.project_masks_on_boxes = project_masks_on_boxes if enabled else STOCK_PROJECT_MASKS
+
+
+use_lean_mask_targets(True)
 
 
 def _resnet_fpn(weights: str, trainable_layers: int, load_weights: bool) -> BackboneWithFPN:
