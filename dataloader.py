@@ -180,6 +180,10 @@ class HW3TrainDataset(Dataset):
             image, target = self.transforms(image, target)
         return plain_sample(image, target)
 
+    def name_of(self, image_id: int) -> str:
+        """The sample folder behind an image id, for error messages."""
+        return self.sample_dirs[self.image_ids.index(image_id)].name
+
     def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """The sample as torchvision tv_tensors, before any augmentation."""
         inst = self.instances[index]

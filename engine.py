@@ -11,24 +11,28 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from augment import add_augment_args, build_train_transforms
 from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state, write_json)
 from coco import build_coco_gt, evaluate, outputs_to_coco
-from dataloader import HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
+from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
+from distributed import (DistInfo, ResumableSampler, StopRequest, any_rank, broadcast, cleanup, gather_lists,
+                         init_distributed, sum_across)
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
+EXIT_INTERRUPTED = 3  # exit status of a run stopped by SIGTERM/Ctrl-C after saving last.pth
 
 
 def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
@@ -66,6 +70,11 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", default=None, help="weights to fine-tune from (a fresh run otherwise)")
     run.add_argument("--early_stop", action="store_true", help="stop after --patience epochs without improvement")
     run.add_argument("--patience", type=int, default=10)
+    dist_group = parser.add_argument_group("distributed (launch with torchrun)")
+    dist_group.add_argument("--sync_bn", action="store_true",
+                            help="SyncBatchNorm across GPUs for layers that train BatchNorm")
+    dist_group.add_argument("--find_unused_parameters", action="store_true",
+                            help="DDP option; only needed if some parameters get no gradient")
     add_model_args(parser, backbone=backbone)
     add_augment_args(parser)
     return parser
@@ -79,6 +88,8 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
 
         apply_demo_settings(args, sys.argv[1:] if argv is None else argv)
     summary = train(args, backbone)
+    if summary.get("interrupted"):
+        raise SystemExit(EXIT_INTERRUPTED)
     if args.test_dir:
         from inference import predict_folder
 
@@ -94,52 +105,77 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
 
 
 def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Single-process or torchrun-distributed training; only rank 0 writes files."""
+    info, device = init_distributed(args.device)
+    try:
+        with StopRequest() as stop:
+            return _train(args, backbone, info, device, stop)
+    finally:
+        cleanup()
+
+
+def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torch.device,
+           stop: StopRequest) -> dict[str, Any]:
+    out = _output_dir(args.output_dir) if info.is_main else Path(args.output_dir)
     torch.manual_seed(args.seed)
     resume = load_checkpoint(args.resume) if args.resume else None
     config = _run_config(args, backbone, resume)
-    train_set, val_set = _datasets(args, out)
+    train_set, val_set = _datasets(args, out, info)
     model = build_model(config, load_weights=resume is None and args.checkpoint is None).to(device)
     if args.checkpoint and not resume:
         load_weights(model, load_checkpoint(args.checkpoint)["model"], Path(args.checkpoint), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    schedule = LRSchedule(optimizer, args, steps_per_epoch)
+    sampler = ResumableSampler(train_set, info, shuffle=True, seed=args.seed)
+    schedule = LRSchedule(optimizer, args, steps_per_epoch=math.ceil(len(sampler) / args.batch_size))
     scaler = torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda")
-    state = {"epoch": 0, "best_metric": -1.0, "best_epoch": 0, "history": []}
+    state = {"epoch": 0, "best_metric": -1.0, "best_epoch": 0, "history": [], "partial": None}
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
-        state = {k: resume[k] for k in state}
+        state = {k: resume.get(k) for k in state}
         set_rng_state(resume["rng"])
-        print(f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
-    loaders = _loaders(args, train_set, val_set, device)
-    coco_gt = build_coco_gt([val_set.instances[i] for i in range(len(val_set))], val_set.image_ids) if len(val_set) else None
+        _log(info, f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
+    net = _wrap_distributed(model, args, info, device)
+    loaders = _loaders(args, train_set, val_set, sampler, info, device)
+    coco_gt = build_coco_gt(val_set.instances, val_set.image_ids) if info.is_main and len(val_set) else None
+
+    def snapshot() -> dict[str, Any]:
+        return {"model": model.state_dict(), "config": config, "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "args": vars(args), **state}
+
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        loaders["train"].generator.manual_seed(args.seed + epoch)  # same order whether resumed or not
-        row = run_epoch(model, loaders, optimizer, schedule, scaler, device, args, epoch, coco_gt)
+        partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
+        sampler.set_epoch(epoch)  # same order whether resumed or not
+        sampler.skip = partial["batches"] * args.batch_size if partial else 0
+        meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
+        row = run_epoch(net, loaders, optimizer, schedule, scaler, device, args, epoch, coco_gt, meter, stop, info)
+        if row is None:  # stopped by a signal: keep the steps done so far
+            state["partial"] = {"epoch": epoch, "batches": meter.batches, "meter": asdict(meter)}
+            if info.is_main:
+                save_checkpoint(out / "last.pth", snapshot())
+            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {out / 'last.pth'}")
+            return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
+        state["partial"] = None
         state["history"].append(row)
         state["epoch"] = epoch
-        metric = row.get(args.select_metric, -row["val_loss"] if "val_loss" in row else -row["train_loss"])
+        metric = row.get(args.select_metric, -row.get("val_loss", row["train_loss"]))
         improved = metric > state["best_metric"]
         if improved:
             state["best_metric"], state["best_epoch"] = metric, epoch
         schedule.epoch_end(metric)
-        ckpt = {"model": model.state_dict(), "config": config, "optimizer": optimizer.state_dict(),
-                "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "args": vars(args), **state}
-        save_checkpoint(out / "last.pth", ckpt)
-        if improved:
-            save_checkpoint(out / "best.pth", ckpt)
-        write_history(out / "history.json", state["history"])
-        print(_epoch_line(row, args.select_metric, improved))
+        if info.is_main:
+            ckpt = snapshot()
+            save_checkpoint(out / "last.pth", ckpt)
+            if improved:
+                save_checkpoint(out / "best.pth", ckpt)
+            write_history(out / "history.json", state["history"])
+        _log(info, _epoch_line(row, args.select_metric, improved))
         if args.early_stop and epoch - state["best_epoch"] >= args.patience:
-            print(f"early stop: no improvement of {args.select_metric} for {args.patience} epochs")
+            _log(info, f"early stop: no improvement of {args.select_metric} for {args.patience} epochs")
             break
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
             "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
@@ -148,78 +184,109 @@ def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
 
 def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], optimizer: torch.optim.Optimizer,
               schedule: "LRSchedule", scaler: torch.amp.GradScaler, device: torch.device,
-              args: argparse.Namespace, epoch: int, coco_gt: Any) -> dict[str, Any]:
+              args: argparse.Namespace, epoch: int, coco_gt: Any, meter: "EpochMeter", stop: StopRequest,
+              info: DistInfo) -> dict[str, Any] | None:
+    """One epoch's history row, or None when a stop was requested (``meter`` then holds the
+    steps done)."""
     start = time.time()
+    train_one_epoch(model, loaders["train"], optimizer, schedule, scaler, device, args, epoch, meter, stop, info)
+    if any_rank(stop.requested, info, device):
+        return None
     row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-    row.update(train_one_epoch(model, loaders["train"], optimizer, schedule, scaler, device, args, epoch))
+    row.update(meter.summary(info, device))
     if "val" in loaders:
-        row.update(validation_loss(model, loaders["val"], device, args.use_amp))
-        results = predict(model, loaders["val"], device, args.use_amp, desc="val predict")
-        row.update(evaluate(coco_gt, results, max_dets=args.eval_max_dets))
+        row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
+        results = gather_lists(predict(model, loaders["val"], device, args.use_amp, desc="val predict"), info)
+        metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets) if info.is_main else None
+        row.update(broadcast(metrics, info))
     row["seconds"] = round(time.time() - start, 2)
     return row
 
 
+@dataclass
+class EpochMeter:
+    """Running sums of one epoch; saved in an interrupted checkpoint so a resumed epoch
+    reports the same averages as an uninterrupted one."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS + ("loss",), 0.0))
+    batches: int = 0
+    steps: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def summary(self, info: DistInfo, device: torch.device) -> dict[str, float]:
+        totals = sum_across({**self.sums, "_steps": self.steps, "_skipped": self.skipped}, info, device)
+        steps = max(totals.pop("_steps"), 1)
+        row = {f"train_{k}": v / steps for k, v in totals.items() if k != "_skipped"}
+        row["skipped_steps"] = int(totals["_skipped"])
+        row["step_seconds"] = round(self.seconds / max(self.batches, 1), 3)
+        return row
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     schedule: "LRSchedule", scaler: torch.amp.GradScaler, device: torch.device,
-                    args: argparse.Namespace, epoch: int) -> dict[str, float]:
+                    args: argparse.Namespace, epoch: int, meter: EpochMeter, stop: StopRequest,
+                    info: DistInfo) -> None:
     model.train()
-    sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
-    steps = bad_in_row = skipped = 0
-    start = time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
+    bad_in_row = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None if info.is_main else True)
     for images, targets in bar:
+        if any_rank(stop.requested, info, device):
+            return
+        start = time.time()
         schedule.step()
         images, targets = _to_device(images, targets, device)
-        with _autocast(device, args.use_amp):
-            losses = model(images, targets)
+        losses = _forward_losses(model, images, targets, device, args.use_amp, loader.dataset)
         loss = sum(losses.values())
+        meter.batches += 1
         if not torch.isfinite(loss):
-            skipped += 1
+            meter.skipped += 1
             bad_in_row += 1
             ids = [t["image_id"] for t in targets]
-            print(f"non-finite loss skipped (epoch {epoch}, images {ids}): "
-                  f"{ {k: float(v) for k, v in losses.items()} }")
-            optimizer.zero_grad(set_to_none=True)
+            print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
+                  f"{ {k: round(v.item(), 4) for k, v in losses.items()} }")
             if bad_in_row >= MAX_BAD_STEPS:
-                raise RuntimeError(f"{bad_in_row} non-finite losses in a row: lower --lr, disable --use_amp "
+                raise RuntimeError(f"{bad_in_row} non-finite losses in a row: lower --lr, drop --use_amp "
                                    "or check the images named above.")
-            continue
-        bad_in_row = 0
+            # Every rank still joins the backward so DDP's gradient all-reduce stays in step.
+            loss = sum(l.nan_to_num(0.0, 0.0, 0.0) * 0 for l in losses.values())
+        else:
+            bad_in_row = 0
+            meter.steps += 1
+            for key, value in losses.items():
+                meter.sums[key] += value.item()
+            meter.sums["loss"] += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        steps += 1
-        for key, value in losses.items():
-            sums[key] += value.item()
-        sums["loss"] += loss.item()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    row = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
-    row["skipped_steps"] = skipped
-    row["step_seconds"] = round((time.time() - start) / max(steps + skipped, 1), 3)
-    return row
+        if bad_in_row == 0:
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        meter.seconds += time.time() - start
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, use_amp: bool) -> dict[str, float]:
+def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, use_amp: bool,
+                    info: DistInfo = DistInfo()) -> dict[str, float]:
     """Losses on validation images: torchvision only returns losses in train mode, so
     BatchNorm and dropout are switched to eval to leave statistics untouched."""
     sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
     batches = 0
     with losses_mode(model):
-        for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None):
+        for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None if info.is_main else True):
             images, targets = _to_device(images, targets, device)
             with _autocast(device, use_amp):
                 losses = model(images, targets)
             for key, value in losses.items():
-                sums[key] += float(value)
-            sums["loss"] += float(sum(losses.values()))
+                sums[key] += value.item()
+            sums["loss"] += sum(losses.values()).item()
             batches += 1
-    return {f"val_{k}": v / max(batches, 1) for k, v in sums.items()}
+    totals = sum_across({**sums, "_batches": batches}, info, device)
+    batches = max(totals.pop("_batches"), 1)
+    return {f"val_{k}": v / batches for k, v in totals.items()}
 
 
 @torch.no_grad()
@@ -318,34 +385,77 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
     return {**config, **saved}
 
 
-def _datasets(args: argparse.Namespace, out: Path) -> tuple[HW3TrainDataset, HW3TrainDataset]:
+def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3TrainDataset, HW3TrainDataset]:
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     by_name = {p.name: p for p in samples}
     train_names, val_names = split_samples(list(by_name), args.val_split, args.seed)
-    write_split(out / "split.json", train_names, val_names, args.seed, args.val_split)
+    if info.is_main:
+        write_split(out / "split.json", train_names, val_names, args.seed, args.val_split)
     train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                 build_train_transforms(args), desc="decode train labels")
     val_set = HW3TrainDataset([by_name[n] for n in val_names], [ids[n] for n in val_names], desc="decode val labels")
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.empty:
-            print(f"note: {len(ds.empty)} {name} sample(s) have no instances (kept as background): {ds.empty[:5]}")
+            _log(info, f"note: {len(ds.empty)} {name} sample(s) have no instances (kept as background): {ds.empty[:5]}")
     if sum(len(i) for i in train_set.instances) == 0:
-        raise ValueError(f"{args.train_dir}: no instances in any training sample; check the class*.tif files.")
-    print(f"data: {len(train_set)} train / {len(val_set)} val samples, "
-          f"{sum(len(i) for i in train_set.instances)} train instances")
+        raise DatasetError(f"{args.train_dir}: no instances in any training sample; check the class*.tif files.")
+    _log(info, f"data: {len(train_set)} train / {len(val_set)} val samples, "
+               f"{sum(len(i) for i in train_set.instances)} train instances")
     return train_set, val_set
 
 
 def _loaders(args: argparse.Namespace, train_set: HW3TrainDataset, val_set: HW3TrainDataset,
-             device: torch.device) -> dict[str, DataLoader]:
+             sampler: ResumableSampler, info: DistInfo, device: torch.device) -> dict[str, DataLoader]:
     common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
               "persistent_workers": args.num_workers > 0}
-    generator = torch.Generator().manual_seed(args.seed)
-    loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=generator, **common)}
+    loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **common)}
     if len(val_set):
-        loaders["val"] = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **common)
+        shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))  # no duplicates in the metric
+        loaders["val"] = DataLoader(shard, batch_size=args.batch_size, shuffle=False, **common)
     return loaders
+
+
+def _wrap_distributed(model: nn.Module, args: argparse.Namespace, info: DistInfo, device: torch.device) -> nn.Module:
+    if not info.enabled:
+        return model
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=args.find_unused_parameters)
+
+
+def _forward_losses(model: nn.Module, images: list, targets: list, device: torch.device, use_amp: bool,
+                    dataset: HW3TrainDataset) -> dict[str, torch.Tensor]:
+    """Training forward; out-of-memory names the images and what to change."""
+    try:
+        with _autocast(device, use_amp):
+            return model(images, targets)
+    except torch.OutOfMemoryError as err:
+        names = [dataset.name_of(t["image_id"]) for t in targets]
+        sizes = [f"{img.shape[-2]}x{img.shape[-1]}" for img in images]
+        counts = [len(t["labels"]) for t in targets]
+        raise RuntimeError(f"out of memory on {names} (sizes {sizes}, instances {counts}); try a smaller "
+                           "--max_size, --batch_size 1, fewer --rpn_post_nms_top_n_train or "
+                           "--box_batch_size_per_image, or --use_amp.") from err
+
+
+def _output_dir(path: str) -> Path:
+    """The output folder, created and checked for writing before any work is done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"--output_dir {out}: not writable ({err.strerror}); choose another folder.") from err
+    return out
+
+
+def _log(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        print(message, flush=True)
 
 
 def _to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:

@@ -1,0 +1,124 @@
+"""torch.distributed from the environment torchrun sets, and the few collectives the loop needs.
+
+Without torchrun (no WORLD_SIZE) everything here is a no-op, so the single-process path and
+the distributed path are the same code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(), torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info, torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Sum each value over all ranks (losses and counts, averaged by the caller)."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def gather_lists(items: list, info: DistInfo) -> list:
+    """Concatenate every rank's list on all ranks (validation predictions)."""
+    if not info.enabled:
+        return items
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def broadcast(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's value on every rank, so all ranks take the same decisions (early stop)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    if not info.enabled:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) that can skip the batches an interrupted
+    epoch already trained, without loading them."""
+
+    def __init__(self, dataset: Any, info: DistInfo, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.skip, 0)
+
+
+class StopRequest:
+    """SIGTERM (a preempted job) or Ctrl-C asks the loop to stop after the current step and
+    save; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after the current step...", flush=True)

@@ -1,0 +1,113 @@
+"""Preemption, non-finite losses and bad inputs to the training run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+import train_resnet
+from checkpoint import load_checkpoint
+from conftest import ROOT
+from synthetic import make_dataset
+
+SMALL = ["--min_size", "64", "--max_size", "96", "--detections_per_img", "10", "--num_workers", "0",
+         "--weights", "none", "--warmup_epochs", "1", "--rpn_pre_nms_top_n_train", "200",
+         "--rpn_post_nms_top_n_train", "100", "--rpn_pre_nms_top_n_test", "200", "--rpn_post_nms_top_n_test", "50",
+         "--box_batch_size_per_image", "32", "--use_cosine"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_dataset(tmp_path_factory.mktemp("faults"), n_train=8, n_test=1, size=(72, 80), cells=(3, 6), seed=1)
+
+
+def _args(data: dict, out: Path, *extra: str) -> list[str]:
+    return ["--train_dir", str(data["train_dir"]), "--output_dir", str(out), "--batch_size", "1", *SMALL, *extra]
+
+
+def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train_resnet.py"), *_args(data, out, "--epochs", "2", "--val_split", "0.25")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the signal handler is installed before "data:" is printed
+        lines.append(line)
+        if line.startswith("data:"):
+            break
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(lines) + rest
+    assert proc.returncode == engine.EXIT_INTERRUPTED, log
+    assert "SIGTERM" in log and "--resume" in log
+    stopped = load_checkpoint(out / "last.pth")
+    steps_per_epoch = 6
+    done = (stopped["epoch"]) * steps_per_epoch + (stopped["partial"] or {"batches": 0})["batches"]
+    assert stopped["scheduler"]["steps"] == done
+    assert not list(out.glob(".*.tmp"))
+
+    summary = train_resnet.main(_args(data, out, "--epochs", "2", "--val_split", "0.25", "--resume", str(out / "last.pth")))
+    final = load_checkpoint(out / "last.pth")
+    assert summary["best_epoch"] >= 1 and final["epoch"] == 2 and final["partial"] is None
+    assert final["scheduler"]["steps"] == 2 * steps_per_epoch
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {2 * steps_per_epoch}
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
+def test_non_finite_loss_is_skipped_and_counted(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine._forward_losses
+    calls = {"n": 0}
+
+    def one_nan(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            losses["loss_mask"] = losses["loss_mask"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(engine, "_forward_losses", one_nan)
+    out = tmp_path / "nan"
+    train_resnet.main(_args(data, out, "--epochs", "1", "--val_split", "0"))
+    row = json.loads((out / "history.json").read_text())[0]
+    assert row["skipped_steps"] == 1 and row["train_loss"] is not None
+    params = load_checkpoint(out / "last.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+
+
+def test_many_non_finite_losses_stop_the_run(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine._forward_losses
+    monkeypatch.setattr(engine, "MAX_BAD_STEPS", 2)
+    monkeypatch.setattr(engine, "_forward_losses",
+                        lambda *a, **k: {k2: v * float("inf") for k2, v in real(*a, **k).items()})
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        train_resnet.main(_args(data, tmp_path / "inf", "--epochs", "1", "--val_split", "0"))
+
+
+def test_unwritable_output_dir(data: dict, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        target = blocker / "out"  # a folder inside a file can never be created, even by root
+    else:
+        target = tmp_path / "ro" / "out"
+        (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="not writable"):
+        train_resnet.main(_args(data, target, "--epochs", "1"))
+
+
+def test_checkpoint_from_another_model_is_refused(data: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "other.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "config": {"backbone": "resnet101"}}, bad)
+    from checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        train_resnet.main(_args(data, tmp_path / "ft", "--epochs", "1", "--checkpoint", str(bad)))
