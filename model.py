@@ -257,6 +257,8 @@ def _effnet_fpn(weights: str, load_weights: bool) -> BackboneWithFPN:
     features = net.features
     # Pretrained: frozen statistics (batches of 2 would wreck them); random: GroupNorm that learns.
     _replace_batchnorm(features, _frozen_from if pretrained else lambda bn: _group_norm(bn.num_features))
+    if not pretrained:
+        _zero_init_residuals(features)
     if pretrained:
         for name in _EFFNET_FROZEN:
             features[int(name)].requires_grad_(False)
@@ -291,6 +293,14 @@ def _load_backbone_weights(net: nn.Module, weights: str, enum: Any) -> None:
     if missing:
         raise RuntimeError(f"--weights {weights}: not a {type(net).__name__} ImageNet state dict "
                            f"({len(missing)} missing keys, e.g. {missing[:3]}).")
+
+
+def _zero_init_residuals(features: nn.Module) -> None:
+    """Start every residual MBConv block as identity, as zero_init_residual does for ResNet:
+    without it, dozens of random blocks add up to huge activations and losses."""
+    for block in features.modules():
+        if getattr(block, "use_res_connect", False):
+            nn.init.zeros_(block.block[-1][1].weight)
 
 
 def _attn_kwargs(config: dict[str, Any], part: str) -> dict[str, Any]:
