@@ -11,9 +11,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
 
@@ -50,31 +52,83 @@ def build_coco_gt(instances: Sequence[Instances], image_ids: Sequence[int]) -> C
     return coco
 
 
-def outputs_to_coco(output: dict, image_id: int, mask_thresh: float = 0.5, chunk: int = 64) -> list[dict]:
-    """One image's model output (already at original size) as COCO results with RLE masks.
+def outputs_to_coco(output: dict, image_id: int, mask_thresh: float = 0.5) -> list[dict]:
+    """One image's model output as COCO results with RLE masks.
 
-    Masks are binarised and encoded in chunks so 1000 full-size masks never sit in memory
-    as one array.
+    Outputs of a model whose transform has ``paste_masks = False`` (28x28 probabilities and
+    ``image_size``) are pasted per box and encoded from the crop; fully pasted masks
+    [K, 1, H, W] are encoded as they are. Both give the same RLE.
     """
-    boxes = output["boxes"].detach().float().cpu().numpy()
-    scores = output["scores"].detach().float().cpu().numpy()
-    labels = output["labels"].detach().cpu().numpy()
-    masks = output["masks"]
+    boxes = output["boxes"].detach().float().cpu()
+    scores = output["scores"].detach().float().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    if "image_size" in output:
+        height, width = output["image_size"]
+        rles = [rle_from_crop(crop, x0, y0, height, width)
+                for x0, y0, crop in mask_crops(output["masks"], boxes, (height, width), mask_thresh)]
+    else:
+        rles = encode_full_masks(output["masks"][:, 0], mask_thresh)
     results = []
-    for start in range(0, len(scores), chunk):
-        binary = (masks[start:start + chunk, 0] > mask_thresh).to(torch.uint8).cpu().numpy()
-        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-        for offset, rle in enumerate(rles):
-            i = start + offset
-            x1, y1, x2, y2 = (float(v) for v in boxes[i])
-            results.append({
-                "image_id": int(image_id),
-                "category_id": int(labels[i]),
-                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                "score": round(float(scores[i]), 5),
-                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-            })
+    for (x1, y1, x2, y2), score, label, rle in zip(boxes.tolist(), scores, labels, rles):
+        results.append({
+            "image_id": int(image_id),
+            "category_id": int(label),
+            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            "score": round(score, 5),
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        })
     return results
+
+
+def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
+               mask_thresh: float = 0.5) -> list[tuple[int, int, np.ndarray]]:
+    """Binary masks (x0, y0, crop) exactly as torchvision's paste_masks_in_image would place
+    them, but each only inside its (clipped) box."""
+    height, width = image_size
+    if len(masks) == 0:
+        return []
+    padded, scale = roi_heads.expand_masks(masks.detach().float().cpu(), padding=1)
+    expanded = roi_heads.expand_boxes(boxes.float().cpu(), scale).to(torch.int64).tolist()
+    crops = []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, expanded):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        x0, x1 = max(bx0, 0), min(bx1 + 1, width)
+        y0, y1 = max(by0, 0), min(by1 + 1, height)
+        crop = resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] > mask_thresh
+        crops.append((x0, y0, crop.numpy()))
+    return crops
+
+
+def rle_from_crop(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """Compressed COCO RLE of a full-image mask that is zero outside ``crop`` at (x0, y0):
+    runs are computed on the crop only, so the cost does not grow with the image."""
+    h, w = crop.shape
+    columns = np.zeros((w, h + 2), dtype=np.int8)  # column-major, as COCO RLE counts
+    columns[:, 1:-1] = crop.T
+    edges = np.diff(columns, axis=1)
+    start_col, start_row = np.nonzero(edges == 1)
+    end_col, end_row = np.nonzero(edges == -1)
+    starts = (x0 + start_col) * height + y0 + start_row
+    ends = (x0 + end_col) * height + y0 + end_row
+    if len(starts) > 1:  # a run that ends at the bottom row continues at the top of the next column
+        joined = starts[1:] == ends[:-1]
+        starts = starts[np.concatenate([[True], ~joined])]
+        ends = ends[np.concatenate([~joined, [True]])]
+    bounds = np.concatenate([[0], np.stack([starts, ends], axis=1).ravel(), [height * width]])
+    counts = np.diff(bounds)
+    if len(counts) > 1 and counts[-1] == 0:
+        counts = counts[:-1]
+    return mask_util.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+
+
+def encode_full_masks(masks: torch.Tensor, mask_thresh: float = 0.5, chunk: int = 64) -> list[dict]:
+    """RLE of full-image mask probabilities [K, H, W], in chunks to bound memory."""
+    rles: list[dict] = []
+    for start in range(0, len(masks), chunk):
+        binary = (masks[start:start + chunk] > mask_thresh).to(torch.uint8).cpu().numpy()
+        rles.extend(mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0))))
+    return rles
 
 
 def evaluate(coco_gt: COCO, results: list[dict], max_dets: int = 100,

@@ -292,15 +292,24 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
             desc: str = "predict") -> list[dict]:
-    """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``."""
+    """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
+
+    Masks are pasted per box and encoded from the crop (coco.mask_crops), never as a
+    [detections, H, W] tensor: with 1000 detections per image that tensor is gigabytes.
+    """
     model.eval()
+    transform = getattr(model, "module", model).transform
+    transform.paste_masks = False
     results: list[dict] = []
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = [img.to(device, non_blocking=True) for img in images]
-        with _autocast(device, use_amp):
-            outputs = model(images)
-        for output, target in zip(outputs, targets):
-            results.extend(outputs_to_coco(output, target["image_id"]))
+    try:
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+            images = [img.to(device, non_blocking=True) for img in images]
+            with _autocast(device, use_amp):
+                outputs = model(images)
+            for output, target in zip(outputs, targets):
+                results.extend(outputs_to_coco(output, target["image_id"]))
+    finally:
+        transform.paste_masks = True
     return results
 
 

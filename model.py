@@ -168,6 +168,17 @@ class CellTransform(GeneralizedRCNNTransform):
     def __init__(self, min_size: int, max_size: int, max_upscale: float = 1.0) -> None:
         super().__init__(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         self.max_upscale = max_upscale
+        # False: eval outputs keep the 28x28 mask probabilities plus "image_size", and
+        # coco.mask_crops pastes each one only inside its box (no [K, 1, H, W] float tensor).
+        self.paste_masks = True
+
+    def postprocess(self, result: list[dict], image_shapes: list, original_image_sizes: list) -> list[dict]:
+        if self.training or self.paste_masks:
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+            pred["image_size"] = (int(o_im_s[0]), int(o_im_s[1]))
+        return result
 
     def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         height, width = image.shape[-2:]

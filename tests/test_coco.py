@@ -57,3 +57,41 @@ def test_results_are_a_valid_submission(tmp_path) -> None:
 def test_gt_areas_are_mask_pixels() -> None:
     gt = build_coco_gt([_instances()], [7])
     assert sorted(a["area"] for a in gt.dataset["annotations"]) == [8.0, 20.0]
+
+
+def test_rle_from_crop_equals_full_mask_encoding() -> None:
+    from pycocotools import mask as mask_util
+
+    from coco import rle_from_crop
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # crops touching every border, empty and full crops included
+        height, width = (int(v) for v in rng.integers(3, 30, 2))
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        crop = rng.random((h, w)) < rng.choice([0.0, 0.3, 0.9, 1.0])
+        full = np.zeros((height, width), np.uint8, order="F")
+        full[y0:y0 + h, x0:x0 + w] = crop
+        expected = mask_util.encode(full)
+        got = rle_from_crop(crop, x0, y0, height, width)
+        assert got["counts"] == expected["counts"] and list(got["size"]) == [height, width]
+
+
+def test_crop_pasting_equals_torchvision_pasting() -> None:
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from coco import encode_full_masks, mask_crops, rle_from_crop
+
+    torch.manual_seed(0)
+    height, width = 50, 70
+    masks = torch.rand(40, 1, 28, 28)
+    boxes = torch.rand(40, 4) * torch.tensor([width, height, width, height])
+    boxes[:, 2:] = boxes[:, :2] + torch.rand(40, 2) * 30
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    expected = encode_full_masks(paste_masks_in_image(masks, boxes, (height, width))[:, 0])
+    got = [rle_from_crop(c, x, y, height, width) for x, y, c in mask_crops(masks, boxes, (height, width))]
+    assert [g["counts"] for g in got] == [e["counts"] for e in expected]
+    lean = outputs_to_coco({"boxes": boxes, "scores": torch.rand(40), "labels": torch.ones(40, dtype=torch.int64),
+                            "masks": masks, "image_size": (height, width)}, 1)
+    assert [r["segmentation"]["counts"] for r in lean] == [e["counts"].decode() for e in expected]
