@@ -56,16 +56,18 @@ def outputs_to_coco(output: dict, image_id: int, mask_thresh: float = 0.5) -> li
     """One image's model output as COCO results with RLE masks.
 
     Outputs of a model whose transform has ``paste_masks = False`` (28x28 probabilities and
-    ``image_size``) are pasted per box and encoded from the crop; fully pasted masks
-    [K, 1, H, W] are encoded as they are. Both give the same RLE.
+    ``image_size``) are pasted per box and encoded from the crop; tiled predictions bring
+    their ``crops`` already pasted; fully pasted masks [K, 1, H, W] are encoded as they are.
+    All give the same RLE.
     """
     boxes = output["boxes"].detach().float().cpu()
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
     if "image_size" in output:
         height, width = output["image_size"]
-        rles = [rle_from_crop(crop, x0, y0, height, width)
-                for x0, y0, crop in mask_crops(output["masks"], boxes, (height, width), mask_thresh)]
+        crops = output["crops"] if "crops" in output else mask_crops(output["masks"], boxes, (height, width),
+                                                                       mask_thresh)
+        rles = [rle_from_crop(crop, x0, y0, height, width) for x0, y0, crop in crops]
     else:
         rles = encode_full_masks(output["masks"][:, 0], mask_thresh)
     results = []

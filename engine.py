@@ -28,6 +28,7 @@ from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, 
 from distributed import (DistInfo, ResumableSampler, StopRequest, any_rank, broadcast, cleanup, gather_lists,
                          init_distributed, sum_across)
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args
+from tiling import predict_tiled
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
@@ -66,6 +67,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                      help="validation metric that picks best.pth (the competition scores segm AP50)")
     run.add_argument("--eval_max_dets", type=int, default=100,
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
+    run.add_argument("--tile", type=int, default=0,
+                     help="validate images larger than this tile by tile at native resolution (0: whole images)")
+    run.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
     run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
     run.add_argument("--checkpoint", default=None, help="weights to fine-tune from (a fresh run otherwise)")
     run.add_argument("--early_stop", action="store_true", help="stop after --patience epochs without improvement")
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         summary["submission"] = str(predict_folder(
             Path(args.output_dir) / "best.pth", args.test_dir, args.id_map_json,
             Path(args.output_dir) / "test-results.json", batch_size=args.batch_size, device=args.device,
-            use_amp=args.use_amp))
+            use_amp=args.use_amp, tile=args.tile, tile_overlap=args.tile_overlap))
     print("outputs:")
     for key, value in summary.items():
         if key.endswith(("pth", "json", "dir", "submission")):
@@ -196,7 +200,8 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], optimizer: torch
     row.update(meter.summary(info, device))
     if "val" in loaders:
         row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
-        results = gather_lists(predict(model, loaders["val"], device, args.use_amp, desc="val predict"), info)
+        results = gather_lists(predict(model, loaders["val"], device, args.use_amp, desc="val predict",
+                                       tile=args.tile, tile_overlap=args.tile_overlap), info)
         metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets) if info.is_main else None
         row.update(broadcast(metrics, info))
     row["seconds"] = round(time.time() - start, 2)
@@ -291,11 +296,12 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
-            desc: str = "predict") -> list[dict]:
+            desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25) -> list[dict]:
     """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
 
     Masks are pasted per box and encoded from the crop (coco.mask_crops), never as a
     [detections, H, W] tensor: with 1000 detections per image that tensor is gigabytes.
+    ``tile`` > 0 predicts images larger than a tile tile by tile at native resolution.
     """
     model.eval()
     transform = getattr(model, "module", model).transform
@@ -305,7 +311,10 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: b
         for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
             images = [img.to(device, non_blocking=True) for img in images]
             with _autocast(device, use_amp):
-                outputs = model(images)
+                if tile > 0:
+                    outputs = [predict_tiled(model, image, tile, tile_overlap) for image in images]
+                else:
+                    outputs = model(images)
             for output, target in zip(outputs, targets):
                 results.extend(outputs_to_coco(output, target["image_id"]))
     finally:
