@@ -24,6 +24,8 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--saturation", type=float, default=0.2, help="colour jitter saturation")
     group.add_argument("--cutout_p", type=float, default=0.5, help="probability of one CutOut square")
     group.add_argument("--cutout_size", type=int, default=50, help="CutOut square side in pixels")
+    group.add_argument("--crop", type=int, default=0,
+                       help="train on random SIZE x SIZE windows at native resolution (0: whole images)")
     group.add_argument("--no_augment", action="store_true", help="train without any augmentation")
 
 
@@ -40,6 +42,24 @@ def build_train_transforms(args: argparse.Namespace) -> v2.Compose | None:
             CutOut(size=args.cutout_size, p=args.cutout_p),
         ]
     )
+
+
+def build_crop_window(args: argparse.Namespace) -> "RandomWindow | None":
+    """The random training window of ``--crop``, or None for whole images."""
+    return RandomWindow(args.crop) if args.crop > 0 else None
+
+
+class RandomWindow:
+    """A uniformly placed ``size`` x ``size`` window (the whole side when the image is smaller);
+    the dataset renders only the instances inside it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, height: int, width: int) -> tuple[int, int, int, int]:
+        y0 = int(torch.randint(0, max(height - self.size, 0) + 1, ()))
+        x0 = int(torch.randint(0, max(width - self.size, 0) + 1, ()))
+        return y0, x0, min(y0 + self.size, height), min(x0 + self.size, width)
 
 
 class CutOut:

@@ -52,6 +52,25 @@ class Instances:
     def areas(self) -> np.ndarray:
         return np.array([c.sum() for c in self.crops], dtype=np.float32)
 
+    def in_window(self, y0: int, x0: int, y1: int, x1: int) -> "Instances":
+        """The instances seen through a window, in window coordinates: cut masks get tight
+        boxes, instances left with no pixel are dropped."""
+        labels, boxes, crops = [], [], []
+        for label, (bx0, by0, bx1, by1), crop in zip(self.labels, self.boxes, self.crops):
+            cx0, cy0, cx1, cy1 = max(bx0, x0), max(by0, y0), min(bx1, x1), min(by1, y1)
+            if cx1 <= cx0 or cy1 <= cy0:
+                continue
+            part = crop[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]
+            rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
+            if len(rows) == 0:
+                continue
+            part = part[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            labels.append(label)
+            boxes.append((cx0 + cols[0] - x0, cy0 + rows[0] - y0, cx0 + cols[-1] + 1 - x0, cy0 + rows[-1] + 1 - y0))
+            crops.append(part)
+        return Instances(np.asarray(labels, dtype=np.int64), np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+                         crops, y1 - y0, x1 - x0)
+
     def masks(self) -> np.ndarray:
         """Full-image uint8 masks [N, H, W]."""
         out = np.zeros((len(self), self.height, self.width), dtype=np.uint8)
@@ -160,10 +179,12 @@ class HW3TrainDataset(Dataset):
         transforms: Callable | None = None,
         decode_workers: int = 2,
         desc: str = "decode labels",
+        crop_window: Callable[[int, int], tuple[int, int, int, int]] | None = None,
     ) -> None:
         self.sample_dirs = [Path(p) for p in sample_dirs]
         self.image_ids = list(image_ids)
         self.transforms = transforms
+        self.crop_window = crop_window
         with ThreadPoolExecutor(max(1, decode_workers)) as pool:
             jobs = pool.map(_decode_sample, self.sample_dirs)
             self.instances: list[Instances] = list(
@@ -175,7 +196,9 @@ class HW3TrainDataset(Dataset):
         return len(self.sample_dirs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image, target = self.load(index)
+        inst = self.instances[index]
+        window = self.crop_window(inst.height, inst.width) if self.crop_window else None
+        image, target = self.load(index, window)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return plain_sample(image, target)
@@ -184,10 +207,14 @@ class HW3TrainDataset(Dataset):
         """The sample folder behind an image id, for error messages."""
         return self.sample_dirs[self.image_ids.index(image_id)].name
 
-    def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
-        """The sample as torchvision tv_tensors, before any augmentation."""
+    def load(self, index: int, window: tuple[int, int, int, int] | None = None) -> tuple[tv_tensors.Image, dict]:
+        """The sample as torchvision tv_tensors, before any augmentation; with a window
+        (y0, x0, y1, x1) only that part is rendered, so full-image masks are never built."""
         inst = self.instances[index]
         image = read_image(self.sample_dirs[index] / IMAGE_FILE)
+        if window is not None:
+            inst = inst.in_window(*window)
+            image = image[window[0]:window[2], window[1]:window[3]]
         size = (inst.height, inst.width)
         target = {
             "boxes": tv_tensors.BoundingBoxes(

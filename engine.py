@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from augment import add_augment_args, build_train_transforms
+from augment import add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state, write_json)
 from coco import build_coco_gt, evaluate, outputs_to_coco
@@ -411,7 +411,8 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
     if info.is_main:
         write_split(out / "split.json", train_names, val_names, args.seed, args.val_split)
     train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
-                                build_train_transforms(args), desc="decode train labels")
+                                build_train_transforms(args), desc="decode train labels",
+                                crop_window=build_crop_window(args))
     val_set = HW3TrainDataset([by_name[n] for n in val_names], [ids[n] for n in val_names], desc="decode val labels")
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.empty:

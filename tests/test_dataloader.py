@@ -157,3 +157,26 @@ def test_real_id_map_parses() -> None:
     path = shared("hw3_official_sample", "test_image_name_to_ids.json")
     entries = json.loads(path.read_text())
     assert len(entries) == 101 and all({"file_name", "id", "height", "width"} <= set(e) for e in entries)
+
+
+def test_window_renders_only_what_it_sees(tiny_dataset: dict) -> None:
+    from augment import RandomWindow, mask_boxes
+
+    samples = list_samples(tiny_dataset["train_dir"])
+    full = HW3TrainDataset(samples[:1], [1])
+    image, target = full.load(0)
+    window = (10, 20, 60, 90)
+    crop_image, crop_target = full.load(0, window)
+    assert crop_image.shape == (3, 50, 70)
+    assert torch.equal(crop_image, image[:, 10:60, 20:90])
+    expected = target["masks"][:, 10:60, 20:90]
+    expected = expected[expected.flatten(1).bool().any(1)]
+    got = crop_target["masks"]
+    assert got.shape == expected.shape
+    assert {m.numpy().tobytes() for m in got} == {m.numpy().tobytes() for m in expected}
+    boxes, nonempty = mask_boxes(got)
+    assert nonempty.all() and torch.equal(crop_target["boxes"].as_subclass(torch.Tensor), boxes)
+    assert torch.equal(crop_target["area"], got.flatten(1).sum(1).float())
+    cropped = HW3TrainDataset(samples[:1], [1], crop_window=RandomWindow(64))
+    assert cropped[0][0].shape == (3, 64, 64)
+    assert HW3TrainDataset(samples[:1], [1], crop_window=RandomWindow(500))[0][0].shape == image.shape
