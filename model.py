@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, efficientnet_v2_m, resnet101
-from torchvision.models.detection import MaskRCNN, roi_heads
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, roi_heads
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d, roi_align
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
@@ -30,6 +31,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "backbone": "resnet101",
     "num_classes": 5,
     "weights": "imagenet",
+    "init_detector": None,
     "trainable_layers": 3,
     "use_attn": False,
     "attn": {},
@@ -69,6 +71,9 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     group.add_argument("--weights", default=d["weights"],
                        help="backbone init: 'imagenet' (torchvision download), 'none' (random, trainable "
                             "GroupNorm) or a path to a local ImageNet state dict of the backbone")
+    group.add_argument("--init_detector", default=None,
+                       help="initialise FPN, RPN, box and mask heads from torchvision's COCO Mask R-CNN R50-FPN: "
+                            "'coco' (download) or a path to its state dict; class-specific layers start fresh")
     group.add_argument("--use_attn", action="store_true", help="add the FPNTransformer neck and the mask-head attention")
     group.add_argument("--min_size", type=int, default=d["min_size"],
                        help="shorter side is scaled down to this (never up beyond --max_upscale)")
@@ -147,7 +152,32 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
 
         head = model.roi_heads.mask_head
         model.roi_heads.mask_head = nn.Sequential(SpatialChannelTransformer(**_attn_kwargs(config, "mask")), head)
+    if config["init_detector"] and load_weights:
+        init_detector(model, config["init_detector"])
     return model
+
+
+def init_detector(model: MaskRCNN, source: str) -> dict[str, int]:
+    """Copy the class-agnostic detector layers of torchvision's COCO Mask R-CNN R50-FPN into
+    ``model``: FPN, RPN, box head, mask head and the mask deconvolution. Tensors whose shape
+    differs (an EfficientNet's FPN inputs, the class-specific predictors) keep their init."""
+    state = _load_state(source, MaskRCNN_ResNet50_FPN_Weights.COCO_V1)
+    targets = {"backbone.fpn.": _find(model.backbone, FeaturePyramidNetwork), "rpn.": model.rpn,
+               "roi_heads.box_head.": model.roi_heads.box_head,
+               "roi_heads.mask_head.": _find(model.roi_heads.mask_head, MaskRCNNHeads),
+               "roi_heads.mask_predictor.conv5_mask.": model.roi_heads.mask_predictor.conv5_mask}
+    counts = {"loaded": 0, "skipped": 0}
+    for prefix, module in targets.items():
+        own = module.state_dict()
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        fitting = {k: v for k, v in part.items() if k in own and own[k].shape == v.shape}
+        module.load_state_dict(fitting, strict=False)
+        counts["loaded"] += len(fitting)
+        counts["skipped"] += len(part) - len(fitting)
+    if counts["loaded"] == 0:
+        raise RuntimeError(f"--init_detector {source}: no tensor fits; expected a Mask R-CNN R50-FPN state dict.")
+    print(f"init_detector: {counts['loaded']} tensors from {source}, {counts['skipped']} kept fresh (shape differs)")
+    return counts
 
 
 def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
@@ -284,26 +314,14 @@ def _effnet_fpn(weights: str, load_weights: bool) -> BackboneWithFPN:
 
 def _load_backbone_weights(net: nn.Module, weights: str, enum: Any) -> None:
     """torchvision's ImageNet weights for 'imagenet', or a local state dict for a path."""
-    if weights == "imagenet":
-        try:
-            state = enum.get_state_dict(progress=True, check_hash=True)
-        except Exception as err:  # offline clusters: URLError, OSError, RuntimeError...
-            raise RuntimeError(
-                f"could not download ImageNet weights {enum} ({type(err).__name__}: {err}). Offline? "
-                f"Download {enum.url} on a machine with internet and pass --weights /path/to/that.pth, "
-                "or train from scratch with --weights none."
-            ) from err
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"--weights {weights}: no such file; use 'imagenet', 'none' or a state-dict path.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    missing, _ = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing:
+    state = _load_state(weights, enum)
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if wrong or missing:
         raise RuntimeError(f"--weights {weights}: not a {type(net).__name__} ImageNet state dict "
-                           f"({len(missing)} missing keys, e.g. {missing[:3]}).")
+                           f"({len(missing)} missing keys, {len(wrong)} of another shape, e.g. {(wrong + missing)[:3]}).")
+    net.load_state_dict(state, strict=False)
 
 
 def _zero_init_residuals(features: nn.Module) -> None:
@@ -312,6 +330,33 @@ def _zero_init_residuals(features: nn.Module) -> None:
     for block in features.modules():
         if getattr(block, "use_res_connect", False):
             nn.init.zeros_(block.block[-1][1].weight)
+
+
+def _load_state(source: str, enum: Any) -> dict[str, torch.Tensor]:
+    """torchvision's weights for the named source ('imagenet', 'coco'), or a local file; the
+    download error says how to work offline."""
+    if source in ("imagenet", "coco"):
+        try:
+            return enum.get_state_dict(progress=True, check_hash=True)
+        except Exception as err:  # offline clusters: URLError, OSError, RuntimeError...
+            raise RuntimeError(
+                f"could not download {enum} ({type(err).__name__}: {err}). Offline? Download {enum.url} on a "
+                f"machine with internet and pass its path instead of '{source}'."
+            ) from err
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: no such weights file; pass 'imagenet'/'coco', 'none' or a state-dict path.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
+def _find(root: nn.Module, kind: type) -> nn.Module:
+    """The first submodule of a type (the FPN inside an attention wrapper, the stock mask
+    head behind the attention module)."""
+    for module in root.modules():
+        if isinstance(module, kind):
+            return module
+    raise LookupError(f"no {kind.__name__} in {type(root).__name__}")
 
 
 def _attn_kwargs(config: dict[str, Any], part: str) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet101
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.ops import FrozenBatchNorm2d
+
+from model import CellTransform, build_model
+
+TINY = {"weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
+
+
+def _trainable(model: torch.nn.Module, prefix: str) -> bool:
+    return any(p.requires_grad for n, p in model.named_parameters() if n.startswith(prefix))
+
+
+def test_resnet_pretrained_layout_freezes_stem_and_layer1(tmp_path: Path) -> None:
+    path = tmp_path / "r101.pth"
+    torch.save(resnet101().state_dict(), path)
+    model = build_model({"backbone": "resnet101", "weights": str(path)})
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert not _trainable(body, "conv1") and not _trainable(body, "layer1")
+    assert _trainable(body, "layer2") and _trainable(body, "layer4")
+    assert torch.equal(body.layer3[0].conv1.weight, torch.load(path)["layer3.0.conv1.weight"])
+
+
+def test_from_scratch_backbones_learn_their_normalisation() -> None:
+    for backbone in ("resnet101", "effnet_v2_m"):
+        model = build_model({**TINY, "backbone": backbone})
+        norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(m.weight.requires_grad for m in norms)
+        assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in model.backbone.body.modules())
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_effnet_levels_at_strides_4_to_64() -> None:
+    model = build_model({**TINY, "backbone": "effnet_v2_m"}).eval()
+    features = model.backbone(torch.zeros(1, 3, 128, 128))
+    assert {k: tuple(v.shape[-2:]) for k, v in features.items()} == {
+        "0": (32, 32), "1": (16, 16), "2": (8, 8), "3": (4, 4), "pool": (2, 2)}
+    assert all(v.shape[1] == 256 for v in features.values())
+
+
+def test_pretrained_effnet_freezes_early_stages_and_their_statistics(tmp_path: Path) -> None:
+    from torchvision.models import efficientnet_v2_m
+
+    path = tmp_path / "eff.pth"
+    torch.save(efficientnet_v2_m().state_dict(), path)
+    body = build_model({"backbone": "effnet_v2_m", "weights": str(path)}).backbone.body
+    assert not any(p.requires_grad for p in body["0"].parameters())
+    assert not any(p.requires_grad for p in body["2"].parameters())
+    assert any(p.requires_grad for p in body["3"].parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+
+
+def test_bad_weights_file_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        build_model({"backbone": "resnet101", "weights": str(tmp_path / "missing.pth")})
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        build_model({"backbone": "resnet101", "weights": str(wrong)})
+
+
+def test_small_images_are_not_upscaled_and_large_ones_shrink() -> None:
+    transform = CellTransform(min_size=1024, max_size=2048, max_upscale=1.0).eval()
+    small = torch.rand(3, 93, 120)
+    batch, _ = transform([small])
+    assert tuple(batch.image_sizes[0]) == (93, 120)
+    big, _ = transform([torch.rand(3, 1100, 2400)])
+    assert max(big.image_sizes[0]) == 2048
+
+
+def test_init_detector_from_a_local_coco_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    coco = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    path = tmp_path / "coco.pth"
+    torch.save(coco.state_dict(), path)
+    ref = coco.state_dict()
+    model = build_model({**TINY, "backbone": "resnet101", "init_detector": str(path)})
+    own = model.state_dict()
+    for key in ("backbone.fpn.layer_blocks.0.0.weight", "rpn.head.conv.0.0.weight", "roi_heads.box_head.fc6.weight",
+                "roi_heads.mask_head.0.0.weight", "roi_heads.mask_predictor.conv5_mask.weight"):
+        assert torch.equal(own[key], ref[key]), key
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape[0] == 5  # class-specific: fresh
+    assert not torch.equal(own["backbone.body.conv1.weight"], ref["backbone.body.conv1.weight"])
+    effnet = build_model({**TINY, "backbone": "effnet_v2_m", "init_detector": str(path)}).state_dict()
+    assert torch.equal(effnet["backbone.fpn.layer_blocks.1.0.weight"], ref["backbone.fpn.layer_blocks.1.0.weight"])
+    assert effnet["backbone.fpn.inner_blocks.0.0.weight"].shape[1] == 48  # shape differs: kept fresh
