@@ -29,6 +29,7 @@ from distributed import (DistInfo, ResumableSampler, StopRequest, any_rank, broa
                          init_distributed, sum_across)
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args
 from tiling import predict_tiled
+from tta import TTAModel
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
@@ -296,25 +297,28 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
-            desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25) -> list[dict]:
+            desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25,
+            tta_scales: Sequence[float] | None = None) -> list[dict]:
     """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
 
     Masks are pasted per box and encoded from the crop (coco.mask_crops), never as a
     [detections, H, W] tensor: with 1000 detections per image that tensor is gigabytes.
-    ``tile`` > 0 predicts images larger than a tile tile by tile at native resolution.
+    ``tile`` > 0 predicts images larger than a tile tile by tile at native resolution;
+    ``tta_scales`` adds flipped and rescaled views (tta.TTAModel), tile by tile if both are set.
     """
     model.eval()
     transform = getattr(model, "module", model).transform
     transform.paste_masks = False
+    net = TTAModel(model, tta_scales) if tta_scales else model
     results: list[dict] = []
     try:
         for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
             images = [img.to(device, non_blocking=True) for img in images]
             with _autocast(device, use_amp):
                 if tile > 0:
-                    outputs = [predict_tiled(model, image, tile, tile_overlap) for image in images]
+                    outputs = [predict_tiled(net, image, tile, tile_overlap) for image in images]
                 else:
-                    outputs = model(images)
+                    outputs = net(images)
             for output, target in zip(outputs, targets):
                 results.extend(outputs_to_coco(output, target["image_id"]))
     finally:

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="predict images larger than this tile by tile at native resolution (0: whole images)")
     parser.add_argument("--tile_overlap", type=float, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: 4 flips x --tta_scales, mask-NMS merged")
+    parser.add_argument("--tta_scales", type=float, nargs="+", default=[1.0], help="image scales for --tta")
     parser.add_argument("--backbone", type=backbone_name, default=None, help="only checked against the checkpoint")
     parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
     parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
@@ -53,13 +55,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
                           device=args.device, use_amp=args.use_amp, overrides=overrides,
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
-                          tile_overlap=args.tile_overlap)
+                          tile_overlap=args.tile_overlap, tta_scales=args.tta_scales if args.tta else None)
 
 
 def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: str | Path, output: Path,
                    batch_size: int = 1, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
-                   num_workers: int = 0, tile: int = 0, tile_overlap: float = 0.25) -> Path:
+                   num_workers: int = 0, tile: int = 0, tile_overlap: float = 0.25,
+                   tta_scales: Sequence[float] | None = None) -> Path:
     """Predict every test image and write the submission; returns its path."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -68,7 +71,8 @@ def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: st
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     start = time.time()
-    results = predict(model, loader, torch_device, use_amp, desc="inference", tile=tile, tile_overlap=tile_overlap)
+    results = predict(model, loader, torch_device, use_amp, desc="inference", tile=tile, tile_overlap=tile_overlap,
+                      tta_scales=tta_scales)
     results = [r for r in results if r["score"] >= score_thresh]
     write_json(Path(output), results)
     seconds = time.time() - start

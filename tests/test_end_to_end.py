@@ -58,7 +58,7 @@ def test_train_resume_predict(script, tiny_dataset: dict, tmp_path: Path) -> Non
     gt.createIndex()
     tiled = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
                             "--id_map_json", str(tiny_dataset["id_map_json"]), "--output", str(tmp_path / "tiled.json"),
-                            "--num_workers", "0", "--tile", "64", "--tile_overlap", "0.3"])
+                            "--num_workers", "0", "--tile", "64", "--tile_overlap", "0.3", "--tta"])
     for r in json.loads(Path(tiled).read_text()):
         assert r["segmentation"]["size"] == [96, 112] and r["image_id"] in {e["id"] for e in entries}
     if results:
