@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from augment import add_augment_args, build_crop_window, build_train_transforms
@@ -25,9 +25,11 @@ from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_stat
                         set_rng_state, write_json)
 from coco import build_coco_gt, evaluate, outputs_to_coco
 from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
-from distributed import (DistInfo, ResumableSampler, StopRequest, any_rank, broadcast, cleanup, gather_lists,
-                         init_distributed, sum_across)
+from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
+                         sum_across)
+from ema import ModelEMA
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args
+from sampling import class_repeat_factors, train_sampler
 from tiling import predict_tiled
 from tta import TTAModel
 
@@ -49,6 +51,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--val_split", type=float, default=0.2, help="share of samples held out for validation")
     data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--repeat_thresh", type=float, default=0.0,
+                      help="repeat-factor sampling: images with classes in fewer than this share of images "
+                           "repeat up to sqrt(t/f) times per epoch (0 disables)")
     data.add_argument("--demo", action="store_true",
                       help="write a small synthetic dataset into --output_dir and run train + predict on it")
     optim = parser.add_argument_group("optimisation")
@@ -61,6 +66,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                        help="cosine decay to --eta_min after warm-up (default: ReduceLROnPlateau on --select_metric)")
     optim.add_argument("--eta_min", type=float, default=5e-6)
     optim.add_argument("--clip_grad", type=float, default=10.0, help="max gradient norm (0 disables)")
+    optim.add_argument("--ema_decay", type=float, default=0.0,
+                       help="keep an exponential moving average of the weights, scored beside them (0 disables)")
     optim.add_argument("--use_amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     optim.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     run = parser.add_argument_group("checkpoints and selection")
@@ -131,15 +138,18 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         load_weights(model, load_checkpoint(args.checkpoint)["model"], Path(args.checkpoint), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr, weight_decay=args.weight_decay)
-    sampler = ResumableSampler(train_set, info, shuffle=True, seed=args.seed)
+    sampler = train_sampler(train_set, info, args.seed, args.repeat_thresh)
+    if args.repeat_thresh > 0:
+        factors = class_repeat_factors([i.labels for i in train_set.instances], args.repeat_thresh)
+        _log(info, f"repeat-factor sampling: class factors {factors}, {len(sampler)} samples per epoch")
     schedule = LRSchedule(optimizer, args, steps_per_epoch=math.ceil(len(sampler) / args.batch_size))
-    scaler = torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda")
+    opt = Optimisation(optimizer, schedule, torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda"),
+                       ModelEMA(model, args.ema_decay, warmup_steps=schedule.warmup_steps) if args.ema_decay > 0 else None,
+                       args.clip_grad)
     state = {"epoch": 0, "best_metric": -1.0, "best_epoch": 0, "history": [], "partial": None}
     if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
+        model.load_state_dict(resume.get("raw_model") or resume["model"])
+        opt.load_state_dict(resume)
         state = {k: resume.get(k) for k in state}
         set_rng_state(resume["rng"])
         _log(info, f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
@@ -148,8 +158,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     coco_gt = build_coco_gt(val_set.instances, val_set.image_ids) if info.is_main and len(val_set) else None
 
     def snapshot() -> dict[str, Any]:
-        return {"model": model.state_dict(), "config": config, "optimizer": optimizer.state_dict(),
-                "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+        return {"model": model.state_dict(), "config": config, **opt.state_dict(), "rng": rng_state(),
                 "args": vars(args), **state}
 
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
@@ -157,7 +166,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         sampler.set_epoch(epoch)  # same order whether resumed or not
         sampler.skip = partial["batches"] * args.batch_size if partial else 0
         meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
-        row = run_epoch(net, loaders, optimizer, schedule, scaler, device, args, epoch, coco_gt, meter, stop, info)
+        row = run_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info)
         if row is None:  # stopped by a signal: keep the steps done so far
             state["partial"] = {"epoch": epoch, "batches": meter.batches, "meter": asdict(meter)}
             if info.is_main:
@@ -167,16 +176,20 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         state["partial"] = None
         state["history"].append(row)
         state["epoch"] = epoch
-        metric = row.get(args.select_metric, -row.get("val_loss", row["train_loss"]))
+        raw_metric = row.get(args.select_metric, -row.get("val_loss", row["train_loss"]))
+        ema_metric = row.get(f"ema_{args.select_metric}")
+        use_ema = ema_metric is not None and ema_metric > raw_metric
+        metric = ema_metric if use_ema else raw_metric
         improved = metric > state["best_metric"]
         if improved:
             state["best_metric"], state["best_epoch"] = metric, epoch
-        schedule.epoch_end(metric)
+        schedule.epoch_end(raw_metric)  # the plateau schedule follows the weights being trained
         if info.is_main:
             ckpt = snapshot()
             save_checkpoint(out / "last.pth", ckpt)
-            if improved:
-                save_checkpoint(out / "best.pth", ckpt)
+            if improved:  # best.pth holds whichever weights scored higher; inference reads "model"
+                best = {**ckpt, "model": opt.ema.module.state_dict(), "raw_model": ckpt["model"]} if use_ema else ckpt
+                save_checkpoint(out / "best.pth", {**best, "weights": "ema" if use_ema else "raw"})
             write_history(out / "history.json", state["history"])
         _log(info, _epoch_line(row, args.select_metric, improved))
         if args.early_stop and epoch - state["best_epoch"] >= args.patience:
@@ -187,26 +200,34 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
             "split.json": out / "split.json", "output_dir": out}
 
 
-def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], optimizer: torch.optim.Optimizer,
-              schedule: "LRSchedule", scaler: torch.amp.GradScaler, device: torch.device,
+def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisation", device: torch.device,
               args: argparse.Namespace, epoch: int, coco_gt: Any, meter: "EpochMeter", stop: StopRequest,
               info: DistInfo) -> dict[str, Any] | None:
     """One epoch's history row, or None when a stop was requested (``meter`` then holds the
     steps done)."""
     start = time.time()
-    train_one_epoch(model, loaders["train"], optimizer, schedule, scaler, device, args, epoch, meter, stop, info)
+    train_one_epoch(model, loaders["train"], opt, device, args, epoch, meter, stop, info)
     if any_rank(stop.requested, info, device):
         return None
-    row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    row: dict[str, Any] = {"epoch": epoch, "lr": opt.optimizer.param_groups[0]["lr"]}
     row.update(meter.summary(info, device))
     if "val" in loaders:
         row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
-        results = gather_lists(predict(model, loaders["val"], device, args.use_amp, desc="val predict",
-                                       tile=args.tile, tile_overlap=args.tile_overlap), info)
-        metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets) if info.is_main else None
-        row.update(broadcast(metrics, info))
+        row.update(validation_metrics(model, loaders["val"], coco_gt, device, args, info))
+        if opt.ema is not None:  # the average is scored beside the raw weights
+            ema_metrics = validation_metrics(opt.ema.module, loaders["val"], coco_gt, device, args, info)
+            row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
     row["seconds"] = round(time.time() - start, 2)
     return row
+
+
+def validation_metrics(model: nn.Module, loader: DataLoader, coco_gt: Any, device: torch.device,
+                       args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
+    """COCO metrics of the validation split, predicted in shards and scored on rank 0."""
+    results = gather_lists(predict(model, loader, device, args.use_amp, desc="val predict",
+                                   tile=args.tile, tile_overlap=args.tile_overlap), info)
+    metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets) if info.is_main else None
+    return broadcast(metrics, info)
 
 
 @dataclass
@@ -229,8 +250,7 @@ class EpochMeter:
         return row
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    schedule: "LRSchedule", scaler: torch.amp.GradScaler, device: torch.device,
+def train_one_epoch(model: nn.Module, loader: DataLoader, opt: "Optimisation", device: torch.device,
                     args: argparse.Namespace, epoch: int, meter: EpochMeter, stop: StopRequest,
                     info: DistInfo) -> None:
     model.train()
@@ -240,7 +260,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if any_rank(stop.requested, info, device):
             return
         start = time.time()
-        schedule.step()
+        opt.schedule.step()
         images, targets = _to_device(images, targets, device)
         losses = _forward_losses(model, images, targets, device, args.use_amp, loader.dataset)
         loss = sum(losses.values())
@@ -263,14 +283,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                 meter.sums[key] += value.item()
             meter.sums["loss"] += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if bad_in_row == 0:
-            if args.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+        opt.step(model, loss, update=bad_in_row == 0)
         meter.seconds += time.time() - start
 
 
@@ -324,6 +337,44 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: b
     finally:
         transform.paste_masks = True
     return results
+
+
+@dataclass
+class Optimisation:
+    """What one training step changes besides the model: optimizer, schedule, AMP scaler and
+    the weight average; saved and restored together."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: "LRSchedule"
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    clip_grad: float
+
+    def step(self, model: nn.Module, loss: torch.Tensor, update: bool = True) -> None:
+        """Backward always (DDP ranks must all join the gradient all-reduce); the weights
+        move only when ``update``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if not update:
+            return
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
 
 
 class losses_mode:
@@ -429,7 +480,7 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
 
 
 def _loaders(args: argparse.Namespace, train_set: HW3TrainDataset, val_set: HW3TrainDataset,
-             sampler: ResumableSampler, info: DistInfo, device: torch.device) -> dict[str, DataLoader]:
+             sampler: Sampler[int], info: DistInfo, device: torch.device) -> dict[str, DataLoader]:
     common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
               "persistent_workers": args.num_workers > 0}
     loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **common)}
@@ -498,7 +549,7 @@ def _epoch_line(row: dict[str, Any], select: str, improved: bool) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
     if "val_loss" in row:
         parts.append(f"val_loss {row['val_loss']:.4f}")
-    for key in ("segm_AP", "segm_AP50", "bbox_AP50"):
+    for key in ("segm_AP", "segm_AP50", "bbox_AP50", "ema_segm_AP50"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"{row['seconds']:.0f}s ({row['step_seconds']:.2f}s/step)")

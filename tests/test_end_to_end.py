@@ -83,3 +83,16 @@ def test_bf16_amp_train_step_on_cpu(tiny_dataset: dict, tmp_path: Path) -> None:
     _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--use_amp", "--val_split", "0")
     row = json.loads((out / "history.json").read_text())[0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0
+
+
+def test_ema_and_repeat_factor_sampling(tiny_dataset: dict, tmp_path: Path) -> None:
+    out = tmp_path / "ema"
+    _train(train_resnet, tiny_dataset, out, "--epochs", "2", "--ema_decay", "0.9", "--repeat_thresh", "0.9")
+    last = load_checkpoint(out / "last.pth")
+    assert last["ema"]["updates"] == last["scheduler"]["steps"] > 0
+    history = json.loads((out / "history.json").read_text())
+    assert all("ema_segm_AP50" in row for row in history)
+    best = load_checkpoint(out / "best.pth")
+    assert best["weights"] in ("raw", "ema")
+    if best["weights"] == "ema":
+        assert "raw_model" in best
