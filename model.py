@@ -6,6 +6,7 @@ exactly the trained architecture without repeating flags.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,20 @@ def config_from_args(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
     config["backbone"] = backbone
     config["trainable_layers"] = 3 if backbone == "resnet101" else len(_EFFNET_FROZEN)
     config["anchor_sizes"] = list(config["anchor_sizes"])
+    config["attn"] = attention_defaults() if config["use_attn"] else {}
     return config
+
+
+def attention_defaults() -> dict[str, dict[str, Any]]:
+    """The attention modules' hyperparameters, written into the config so a checkpoint
+    records exactly what was built."""
+    from attention_modules import FPNTransformer, SpatialChannelTransformer
+
+    def defaults(cls: type) -> dict[str, Any]:
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    return {"neck": defaults(FPNTransformer), "mask": defaults(SpatialChannelTransformer)}
 
 
 def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:

@@ -23,10 +23,11 @@ def _train(script, data: dict, out: Path, *extra: str) -> dict:
     return script.main(["--train_dir", str(data["train_dir"]), "--output_dir", str(out), *SMALL, *extra])
 
 
+@pytest.mark.parametrize("attn", [[], ["--use_attn"]], ids=["plain", "attn"])
 @pytest.mark.parametrize("script", [train_resnet, train_effnet_v2], ids=["resnet", "effnet"])
-def test_train_resume_predict(script, tiny_dataset: dict, tmp_path: Path) -> None:
+def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _train(script, tiny_dataset, out, "--epochs", "1")
+    _train(script, tiny_dataset, out, "--epochs", "1", *attn)
     for name in ("best.pth", "last.pth", "history.json", "split.json"):
         assert (out / name).exists(), name
     history = json.loads((out / "history.json").read_text())
@@ -39,7 +40,8 @@ def test_train_resume_predict(script, tiny_dataset: dict, tmp_path: Path) -> Non
     assert first["epoch"] == 1 and first["config"]["backbone"] in ("resnet101", "effnet_v2_m")
     steps = first["scheduler"]["steps"]
 
-    _train(script, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"))
+    assert first["config"]["use_attn"] == bool(attn) and bool(first["config"]["attn"]) == bool(attn)
+    _train(script, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"), *attn)
     resumed = load_checkpoint(out / "last.pth")
     assert resumed["epoch"] == 2 and resumed["scheduler"]["steps"] == 2 * steps
     assert [row["epoch"] for row in resumed["history"]] == [1, 2]
@@ -73,9 +75,16 @@ def test_resume_with_other_settings_is_refused(tiny_dataset: dict, tmp_path: Pat
     _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--val_split", "0")
     with pytest.raises(CheckpointError, match="other settings"):
         _train(train_effnet_v2, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"))
+    with pytest.raises(CheckpointError, match="use_attn"):
+        _train(train_resnet, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"), "--use_attn")
+    test_args = ["--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"])]
     with pytest.raises(CheckpointError, match="contradicts"):
-        inference.main(["--checkpoint", str(out / "last.pth"), "--backbone", "effnet",
-                        "--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"])])
+        inference.main(["--checkpoint", str(out / "last.pth"), "--backbone", "effnet", *test_args])
+    with pytest.raises(CheckpointError, match="use_attn"):
+        inference.main(["--checkpoint", str(out / "last.pth"), "--use_attn", *test_args])
+    with pytest.raises(CheckpointError, match="trained without --use_attn but the model is built with it"):
+        _train(train_resnet, tiny_dataset, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--use_attn",
+               "--checkpoint", str(out / "last.pth"))
 
 
 def test_bf16_amp_train_step_on_cpu(tiny_dataset: dict, tmp_path: Path) -> None:
