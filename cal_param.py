@@ -1,0 +1,117 @@
+"""Parameter table of the Mask R-CNN variants: total and trainable, part by part.
+
+Trainable counts are those of a real run: with ``--weights imagenet`` (default) the model is
+built in its pretrained layout (frozen BatchNorm, frozen early stages) without downloading
+anything; ``--weights none`` shows the from-scratch layout, where everything trains.
+    python cal_param.py --backbone resnet --use_attn
+    python cal_param.py --all --json params.json
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Iterable, Sequence
+
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+from checkpoint import write_json
+from model import DEFAULT_CONFIG, backbone_name, build_model
+
+PARTS = ("backbone body", "FPN", "neck attention", "RPN", "box head", "mask head")
+ALL_CONFIGS = (("resnet101", False), ("resnet101", True), ("effnet_v2_m", False), ("effnet_v2_m", True))
+MISSING_ATTN = "n/a (attention_modules.py missing)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", type=backbone_name, default="resnet101", help="resnet or effnet")
+    parser.add_argument("--use_attn", action="store_true", help="with the FPNTransformer neck and mask-head attention")
+    parser.add_argument("--all", action="store_true", help="all four backbone x attention configurations")
+    parser.add_argument("--num_classes", type=int, default=DEFAULT_CONFIG["num_classes"],
+                        help="classes including background")
+    parser.add_argument("--weights", choices=("imagenet", "none"), default="imagenet",
+                        help="layout to count: pretrained (frozen stages) or from scratch (all trainable)")
+    parser.add_argument("--json", default=None, help="also save the table here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    configs = ALL_CONFIGS if args.all else ((args.backbone, args.use_attn),)
+    rows = [count_config(backbone, attn, args.num_classes, args.weights) for backbone, attn in configs]
+    print(f"parameters in millions (--weights {args.weights}, num_classes {args.num_classes})")
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, {"weights": args.weights, "num_classes": args.num_classes, "configs": rows}, indent=1)
+        print(f"saved {args.json}")
+    return rows
+
+
+def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str) -> dict[str, Any]:
+    """One table column; an attention model whose module file is absent gets a status line
+    instead of counts, so the other columns still print."""
+    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn}
+    config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights}
+    try:
+        model = build_model(config, load_weights=False)
+    except ModuleNotFoundError as err:
+        if err.name != "attention_modules":
+            raise
+        return {**row, "status": MISSING_ATTN}
+    return {**row, "status": "ok", **count_parts(model, use_attn)}
+
+
+def count_parts(model: MaskRCNN, use_attn: bool) -> dict[str, Any]:
+    """Counts per part; the parts partition the model, and "mask attention" is the share of
+    the mask head that sits at its entrance."""
+    fpn_backbone = next(m for m in model.backbone.modules() if isinstance(m, BackboneWithFPN))
+    modules = {
+        "backbone body": [fpn_backbone.body],
+        "FPN": [fpn_backbone.fpn],
+        "RPN": [model.rpn],
+        "box head": [model.roi_heads.box_head, model.roi_heads.box_predictor],
+        "mask head": [model.roi_heads.mask_head, model.roi_heads.mask_predictor],
+    }
+    parts = {name: count(_params(mods).values()) for name, mods in modules.items()}
+    inner = _params([fpn_backbone])
+    parts["neck attention"] = count(p for p in model.backbone.parameters() if id(p) not in inner)
+    parts = {name: parts[name] for name in PARTS}
+    counted = _params([model.backbone, *(m for mods in modules.values() for m in mods)])
+    rest = count(p for p in model.parameters() if id(p) not in counted)
+    if rest["total"]:
+        parts["other"] = rest
+    mask_attn = count(model.roi_heads.mask_head[0].parameters() if use_attn else [])
+    return {"parts": parts, "mask attention": mask_attn, "total": count(model.parameters())}
+
+
+def count(params: Iterable[nn.Parameter]) -> dict[str, int]:
+    params = list(params)
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Configurations as lines (total, then trainable), parts as columns."""
+    parts = list(dict.fromkeys(p for r in rows if r["status"] == "ok" for p in r["parts"])) or list(PARTS)
+    columns = parts + ["(mask attention)", "total"]
+    widths = [max(len(c) + 2, 10) for c in columns]
+    lines = [f"{'configuration':<19}{'count':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+    for row in rows:
+        name = f"{row['backbone']}{' +attn' if row['use_attn'] else ''}"
+        if row["status"] != "ok":
+            lines.append(f"{name:<19}{row['status']}")
+            continue
+        counts = [row["parts"].get(p, {"total": 0, "trainable": 0}) for p in parts]
+        counts += [row["mask attention"], row["total"]]
+        for kind, label in (("total", name), ("trainable", "")):
+            values = "".join(f"{c[kind] / 1e6:>{w}.3f}" for c, w in zip(counts, widths))
+            lines.append(f"{label:<19}{kind:<10}{values}")
+    return "\n".join(lines)
+
+
+def _params(modules: list[nn.Module]) -> dict[int, nn.Parameter]:
+    return {id(p): p for m in modules for p in m.parameters()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Training curves from ``history.json``, saved as PNG next to it.
+
+Training writes one history row per epoch (engine.write_history); this turns a run into
+``loss_curve.png``, ``map_curve.png`` and ``lr_curve.png`` without re-running anything:
+    python plot_curve.py --output_dir outputs/resnet101
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from engine import LOSS_KEYS  # noqa: E402
+
+HISTORY_FILE = "history.json"
+LOSS_PANELS = ("loss",) + LOSS_KEYS
+IOU_TYPES = ("segm", "bbox")
+AP_NAMES = ("AP", "AP50", "AP75")
+BEST_METRIC = "segm_AP50"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="training output folder holding history.json")
+    parser.add_argument("--plot_dir", default=None, help="where the PNGs go (default: --output_dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path | None]:
+    args = build_parser().parse_args(argv)
+    history = load_history(Path(args.output_dir))
+    plot_dir = Path(args.plot_dir or args.output_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "loss": plot_losses(history, plot_dir / "loss_curve.png"),
+        "metrics": plot_metrics(history, plot_dir / "map_curve.png"),
+        "lr": plot_lr(history, plot_dir / "lr_curve.png"),
+    }
+    print(f"{len(history)} epochs in {Path(args.output_dir) / HISTORY_FILE}")
+    best = best_epoch(history)
+    if best:
+        print(f"best {BEST_METRIC} {best[1]:.4f} at epoch {best[0]}")
+    for name, path in paths.items():
+        print(f"  {name:>7}: {path if path else 'skipped (no validation metrics in the history)'}")
+    return paths
+
+
+def load_history(output_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch rows; a missing file says which one and how to get it."""
+    path = Path(output_dir) / HISTORY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; train first (train_resnet.py or train_effnet_v2.py "
+                                f"--output_dir {output_dir}), which writes {HISTORY_FILE} after every epoch.")
+    history = json.loads(path.read_text())
+    if not isinstance(history, list) or not history:
+        raise ValueError(f"{path}: expected a non-empty list of per-epoch rows.")
+    return history
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
+    """Total loss and each component, train and validation, one panel each, so a component
+    that diverges is not hidden by the sum."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    epochs = _series(history, "epoch")
+    for ax, key in zip(axes.flat, LOSS_PANELS):
+        for prefix, style in (("train_", "-o"), ("val_", "--s")):
+            values = _series(history, prefix + key)
+            if _has_values(values):
+                ax.plot(epochs, values, style, markersize=3, label=prefix.rstrip("_"))
+        ax.set_title(key.replace("loss_", "") if key != "loss" else "total loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("losses per epoch")
+    return _save(fig, path)
+
+
+def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """COCO AP, AP50 and AP75 for masks and boxes with the best segm AP50 epoch marked;
+    None (nothing written) for a run without validation."""
+    if not any(_has_values(_series(history, f"{t}_{m}")) for t in IOU_TYPES for m in AP_NAMES):
+        return None
+    class_keys = sorted({k for row in history for k in row if k.startswith(f"{BEST_METRIC}_class")})
+    class_keys = [k for k in class_keys if _has_values(_series(history, k))]
+    fig, axes = plt.subplots(1, 3 if class_keys else 2, figsize=(15 if class_keys else 10, 4.5), squeeze=False)
+    epochs = _series(history, "epoch")
+    for ax, iou_type in zip(axes[0], IOU_TYPES):
+        for name in AP_NAMES:
+            ax.plot(epochs, _series(history, f"{iou_type}_{name}"), "-o", markersize=3, label=name)
+        ax.set_title(f"{iou_type} AP")
+    if class_keys:
+        for key in class_keys:
+            axes[0][2].plot(epochs, _series(history, key), "-o", markersize=3, label=key.rsplit("_", 1)[1])
+        axes[0][2].set_title(f"{BEST_METRIC} per class")
+    best = best_epoch(history)
+    for ax in axes[0]:
+        if best:
+            ax.axvline(best[0], color="grey", linestyle=":", label=f"best {BEST_METRIC} (epoch {best[0]})")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if best:
+        axes[0][0].annotate(f"{best[1]:.3f}", (best[0], best[1]), textcoords="offset points", xytext=(4, 6),
+                            fontsize=8)
+        axes[0][0].plot([best[0]], [best[1]], "*", color="red", markersize=12)
+    return _save(fig, path)
+
+
+def plot_lr(history: list[dict[str, Any]], path: Path) -> Path:
+    """The learning rate each epoch ended with, to check that warm-up, cosine decay or plateau
+    halvings happened as asked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(_series(history, "epoch"), _series(history, "lr"), "-o", markersize=3)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("learning rate (end of epoch)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def best_epoch(history: list[dict[str, Any]]) -> tuple[int, float] | None:
+    """(epoch, value) of the highest segm AP50, the metric the competition scores."""
+    scored = [(row["epoch"], row[BEST_METRIC]) for row in history if _finite(row.get(BEST_METRIC))]
+    return max(scored, key=lambda item: item[1]) if scored else None
+
+
+def _series(history: list[dict[str, Any]], key: str) -> list[float]:
+    """One column, with missing or null values as NaN so the line breaks there."""
+    return [float(row[key]) if _finite(row.get(key)) else math.nan for row in history]
+
+
+def _has_values(values: list[float]) -> bool:
+    return any(not math.isnan(v) for v in values)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The tools (check_stats, cal_param, visualization, plot_curve) run through main() on tiny
+generated data; their numbers are checked against independent computations."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tifffile  # noqa: E402
+import torch  # noqa: E402
+
+import cal_param  # noqa: E402
+import check_stats  # noqa: E402
+import plot_curve  # noqa: E402
+import visualization  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from dataloader import CLASS_FILES, list_samples, split_samples, write_split  # noqa: E402
+from engine import LOSS_KEYS, write_history  # noqa: E402
+from model import build_model  # noqa: E402
+from synthetic import make_dataset  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = {"backbone": "resnet101", "weights": "none", "min_size": 96, "max_size": 128, "detections_per_img": 20,
+        "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}  # 2000 proposals cost seconds on a CPU
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_dataset(tmp_path_factory.mktemp("data"), n_train=4, n_test=2, size=(96, 112), cells=(4, 8), seed=0)
+
+
+@pytest.fixture(scope="module")
+def run(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """An untrained tiny checkpoint with the split.json a training run would leave beside it."""
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = build_model(TINY, load_weights=False)
+    save_checkpoint(out / "best.pth", {"model": model.state_dict(), "config": TINY,
+                                       "args": {"train_dir": str(data["train_dir"])}})
+    train, val = split_samples([p.name for p in list_samples(data["train_dir"])], 0.5, seed=0)
+    write_split(out / "split.json", train, val, seed=0, val_split=0.5)
+    return out / "best.pth", val
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    pixels = plt.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 10, path
+
+
+def test_check_stats_match_label_files(data: dict[str, Path], tmp_path: Path) -> None:
+    stats = check_stats.main(["--train_dir", str(data["train_dir"]), "--test_dir", str(data["test_dir"]),
+                              "--id_map_json", str(data["id_map_json"]), "--json", str(tmp_path / "s.json")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved == json.loads(json.dumps(stats))
+    counts, areas, per_image = {c: 0 for c in CLASS_FILES}, [], []
+    for sample in sorted(Path(data["train_dir"]).iterdir()):
+        n = 0
+        for c, name in CLASS_FILES.items():
+            if (sample / name).exists():
+                ids, pixels = np.unique(tifffile.imread(sample / name), return_counts=True)
+                counts[c] += int((ids != 0).sum())
+                areas.extend(pixels[ids != 0].tolist())
+                n += int((ids != 0).sum())
+        per_image.append(n)
+    train = saved["train"]
+    assert train["samples"] == 4 and train["empty_samples"] == [] and train["problems"] == {}
+    for c, count in counts.items():
+        assert train["classes"][f"class{c}"]["count"] == count
+        assert train["classes"][f"class{c}"]["share"] == pytest.approx(count / sum(counts.values()))
+    assert train["classes"]["all"]["area"]["p50"] == pytest.approx(np.median(areas))
+    assert train["instances_per_image"] == {"min": min(per_image), "median": float(np.median(per_image)),
+                                            "mean": pytest.approx(np.mean(per_image)), "max": max(per_image)}
+    assert train["image_height"] == {"min": 96, "median": 96, "max": 96}
+    assert train["image_width"] == {"min": 112, "median": 112, "max": 112}
+    assert train["image_modes"] == {"RGB 4-channel uint8": 4} and train["label_dtypes"] == {"float64": sum(
+        1 for s in Path(data["train_dir"]).iterdir() for n in CLASS_FILES.values() if (s / n).exists())}
+    assert saved["test"]["consistent"] and saved["test"]["images"] == 2
+
+
+def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], tmp_path: Path) -> None:
+    entries = json.loads(Path(data["id_map_json"]).read_text())
+    wrong_size = [dict(entries[0], height=entries[0]["height"] + 1)] + entries[1:]
+    (tmp_path / "sizes.json").write_text(json.dumps(wrong_size))
+    (tmp_path / "short.json").write_text(json.dumps(entries[1:]))
+    sizes = check_stats.test_stats(Path(data["test_dir"]), tmp_path / "sizes.json")
+    assert not sizes["consistent"] and [m["file_name"] for m in sizes["size_mismatches"]] == [entries[0]["file_name"]]
+    short = check_stats.test_stats(Path(data["test_dir"]), tmp_path / "short.json")
+    assert not short["consistent"] and entries[0]["file_name"] in short["error"]
+
+
+def _module_counts(*modules: torch.nn.Module) -> dict[str, int]:
+    params = [p for m in modules for p in m.parameters()]
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def test_cal_param_matches_torchvision_modules(tmp_path: Path) -> None:
+    cal_param.main(["--backbone", "resnet", "--json", str(tmp_path / "p.json")])
+    row = json.loads((tmp_path / "p.json").read_text())["configs"][0]
+    model = build_model({"backbone": "resnet101", "weights": "imagenet", "num_classes": 5}, load_weights=False)
+    heads = model.roi_heads
+    expected = {"backbone body": _module_counts(model.backbone.body), "FPN": _module_counts(model.backbone.fpn),
+                "neck attention": {"total": 0, "trainable": 0}, "RPN": _module_counts(model.rpn),
+                "box head": _module_counts(heads.box_head, heads.box_predictor),
+                "mask head": _module_counts(heads.mask_head, heads.mask_predictor)}
+    assert row["status"] == "ok" and row["parts"] == expected
+    assert row["total"] == _module_counts(model)
+    for kind in ("total", "trainable"):
+        assert sum(part[kind] for part in row["parts"].values()) == row["total"][kind]
+    assert row["total"]["trainable"] < row["total"]["total"]  # pretrained layout freezes the stem and layer1
+
+
+def test_cal_param_all_configurations(tmp_path: Path) -> None:
+    rows = cal_param.main(["--all", "--weights", "none", "--json", str(tmp_path / "all.json")])
+    assert json.loads((tmp_path / "all.json").read_text())["configs"] == rows
+    assert [(r["backbone"], r["use_attn"]) for r in rows] == list(cal_param.ALL_CONFIGS)
+    has_attention = importlib.util.find_spec("attention_modules") is not None
+    for row in rows:
+        if row["use_attn"] and not has_attention:
+            assert row["status"] == cal_param.MISSING_ATTN
+            continue
+        assert row["status"] == "ok" and row["total"]["trainable"] == row["total"]["total"]
+        assert sum(part["total"] for part in row["parts"].values()) == row["total"]["total"]
+        if row["use_attn"]:
+            model = build_model({"backbone": row["backbone"], "weights": "none", "use_attn": True}, load_weights=False)
+            assert row["total"] == _module_counts(model)
+            assert row["mask attention"] == _module_counts(model.roi_heads.mask_head[0])
+            assert row["parts"]["neck attention"]["total"] > 0
+            assert 0 < row["mask attention"]["total"] < row["parts"]["mask head"]["total"]
+
+
+def test_visualization_val_draws_each_validation_image(run: tuple[Path, list[str]], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    checkpoint, val = run
+    paths = visualization.main(["--checkpoint", str(checkpoint), "--mode", "val", "--num_images", "0",
+                                "--score_thresh", "0.0", "--draw_gt_mask", "--vis_dir", str(tmp_path / "vis"),
+                                "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "vis").glob("*.png")) == sorted(f"{n}.png" for n in val)
+    assert sorted(paths) == sorted((tmp_path / "vis").glob("*.png"))
+    for path in paths:
+        assert_png(path)
+    assert f"wrote {len(val)} PNG(s)" in capsys.readouterr().out
+
+
+def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: tuple[Path, list[str]],
+                                                   tmp_path: Path) -> None:
+    checkpoint, _ = run
+    visualization.main(["--checkpoint", str(checkpoint), "--mode", "test", "--test_dir", str(data["test_dir"]),
+                        "--id_map_json", str(data["id_map_json"]), "--score_thresh", "0.0",
+                        "--vis_dir", str(tmp_path / "vis"), "--device", "cpu"])
+    ids = {e["id"] for e in json.loads(Path(data["id_map_json"]).read_text())}
+    assert {p.name for p in (tmp_path / "vis").glob("*.png")} == {f"{i}.png" for i in ids}
+    for path in (tmp_path / "vis").glob("*.png"):
+        assert_png(path)
+
+
+def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="split.json"):
+        visualization.main(["--checkpoint", str(run[0]), "--split_json", str(tmp_path / "split.json"),
+                            "--vis_dir", str(tmp_path / "vis")])
+
+
+def _history(with_val: bool) -> list[dict]:
+    rows = []
+    for epoch, ap50 in zip((1, 2, 3), (0.2, 0.5, 0.4)):
+        row = {"epoch": epoch, "lr": 1e-4 * epoch, "train_loss": 3.0 / epoch,
+               **{f"train_{k}": 0.6 / epoch for k in LOSS_KEYS}}
+        if with_val:
+            row.update({"val_loss": 3.5 / epoch, **{f"val_{k}": 0.7 / epoch for k in LOSS_KEYS}})
+            for iou_type in ("segm", "bbox"):
+                row.update({f"{iou_type}_AP": ap50 / 2, f"{iou_type}_AP50": ap50, f"{iou_type}_AP75": ap50 / 3,
+                            f"{iou_type}_AP50_class1": ap50, f"{iou_type}_AP50_class2": float("nan")})
+        rows.append(row)
+    return rows
+
+
+def test_plot_curve_writes_three_pngs(tmp_path: Path) -> None:
+    write_history(tmp_path / "history.json", _history(with_val=True))
+    paths = plot_curve.main(["--output_dir", str(tmp_path)])
+    for name in ("loss_curve.png", "map_curve.png", "lr_curve.png"):
+        assert_png(tmp_path / name)
+    assert set(paths.values()) == {tmp_path / n for n in ("loss_curve.png", "map_curve.png", "lr_curve.png")}
+    history = plot_curve.load_history(tmp_path)
+    assert history[0]["segm_AP50_class2"] is None
+    assert plot_curve.best_epoch(history) == (2, 0.5)
+
+
+def test_plot_curve_without_validation(tmp_path: Path) -> None:
+    write_history(tmp_path / "history.json", _history(with_val=False))
+    paths = plot_curve.main(["--output_dir", str(tmp_path), "--plot_dir", str(tmp_path / "plots")])
+    assert paths["metrics"] is None and not (tmp_path / "plots" / "map_curve.png").exists()
+    assert_png(tmp_path / "plots" / "loss_curve.png")
+    assert_png(tmp_path / "plots" / "lr_curve.png")
+    assert math.isnan(plot_curve._series(plot_curve.load_history(tmp_path), "val_loss")[0])
+
+
+def test_plot_curve_without_history_says_train_first(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"history\.json: not found; train first"):
+        plot_curve.main(["--output_dir", str(tmp_path)])

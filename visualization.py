@@ -1,0 +1,267 @@
+"""Ground truth and predictions drawn side by side, saved as one PNG per image.
+
+``--mode val`` draws the validation images of the training run (from the ``split.json``
+written next to the checkpoint), so the pictures show images the model never trained on;
+``--mode test`` draws predictions only, one PNG per image id. The model is rebuilt from the
+checkpoint's config, so no architecture flag is needed:
+    python visualization.py --checkpoint outputs/resnet101/best.pth --mode val --num_images 5
+    python visualization.py --checkpoint outputs/resnet101/best.pth --mode test \
+        --test_dir dataset/test_release --id_map_json dataset/test_image_name_to_ids.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.collections import PatchCollection  # noqa: E402
+from matplotlib.colors import to_hex, to_rgba  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoint import load_model  # noqa: E402
+from coco import mask_crops  # noqa: E402
+from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
+                        decode_instances, list_samples, read_image)
+
+# Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
+CLASS_COLOURS = ("#00ff7f", "#ffd700", "#00bfff", "#ff4500")
+FILL_ALPHA = 0.35
+PANEL_PIXELS = 1200  # target long side of a panel, so dense images keep their detail
+MAX_UPSCALE = 4.0
+DPI = 100
+FONT_SIZE = 6
+
+
+@dataclass
+class Layer:
+    """What one panel draws: boxes and labels, masks stored as crops where they lie (a full
+    mask per detection would take gigabytes on a 2000x1400 image with 1000 detections)."""
+
+    title: str
+    labels: np.ndarray  # int [N]
+    boxes: np.ndarray  # float [N, 4], x1, y1, x2, y2
+    masks: list[tuple[int, int, np.ndarray]]  # (x0, y0, bool crop) per instance
+    scores: np.ndarray | None = None
+    fill: bool = True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
+    parser.add_argument("--mode", choices=("val", "test"), default="val",
+                        help="val: ground truth | prediction of held-out images; test: predictions only")
+    parser.add_argument("--num_images", type=int, default=5, help="images to draw (0: all)")
+    parser.add_argument("--score_thresh", type=float, default=0.5, help="draw only detections scoring at least this")
+    parser.add_argument("--draw_gt_mask", action="store_true",
+                        help="fill ground-truth masks (outlines and boxes are always drawn)")
+    parser.add_argument("--vis_dir", default=None, help="where the PNGs go (default: <checkpoint folder>/vis)")
+    parser.add_argument("--train_dir", default=None,
+                        help="training folder (default: the one the checkpoint was trained on)")
+    parser.add_argument("--split_json", default=None,
+                        help="train/val split (default: split.json next to the checkpoint)")
+    parser.add_argument("--test_dir", default=None,
+                        help="test folder (default: the checkpoint's, else dataset/test_release)")
+    parser.add_argument("--id_map_json", default=None,
+                        help="test id map (default: the checkpoint's, else dataset/test_image_name_to_ids.json)")
+    parser.add_argument("--max_labels", type=int, default=150, help="most class:score labels per image, best first")
+    parser.add_argument("--min_label_side", type=float, default=8.0,
+                        help="no label on boxes with a side below this (image pixels)")
+    parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _, state = load_model(Path(args.checkpoint))
+    model.to(device).eval()
+    vis_dir = Path(args.vis_dir or Path(args.checkpoint).parent / "vis")
+    vis_dir.mkdir(parents=True, exist_ok=True)
+    draw = draw_validation if args.mode == "val" else draw_test
+    paths, shown = draw(model, state.get("args") or {}, args, device, vis_dir)
+    gt = f"{shown['gt']} ground-truth instances, " if args.mode == "val" else ""
+    print(f"{args.mode}: wrote {len(paths)} PNG(s) to {vis_dir}; {gt}{shown['pred']} predictions "
+          f"with score >= {args.score_thresh:g}")
+    return paths
+
+
+def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
+                    vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
+    """Ground truth | prediction for the held-out images of the training run."""
+    train_dir = args.train_dir or train_args.get("train_dir")
+    if not train_dir:
+        raise DatasetError(f"{args.checkpoint}: the checkpoint does not name its training folder; pass --train_dir.")
+    split_json = Path(args.split_json or Path(args.checkpoint).parent / "split.json")
+    names = _first(validation_names(split_json), args.num_images)
+    samples = {p.name: p for p in list_samples(Path(train_dir))}
+    missing = [n for n in names if n not in samples]
+    if missing:
+        raise DatasetError(f"{train_dir}: validation sample(s) {missing[:5]} from {split_json} are missing; "
+                           "pass the --train_dir the model was trained on.")
+    paths, shown = [], {"gt": 0, "pred": 0}
+    for name in tqdm(names, desc="draw val", disable=None):
+        image = read_image(samples[name] / IMAGE_FILE)
+        gt = ground_truth_layer(decode_instances(samples[name], image.shape[:2]), args.draw_gt_mask)
+        pred = predict_layer(model, image, device, args.score_thresh)
+        gt.title = f"{name}: ground truth, {len(gt.labels)} instances"
+        paths.append(save_figure(image, [gt, pred], vis_dir / f"{name}.png", args))
+        shown["gt"] += len(gt.labels)
+        shown["pred"] += len(pred.labels)
+    return paths, shown
+
+
+def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
+              vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
+    """Predictions on test images, each PNG named by its submission image id."""
+    test_dir = args.test_dir or train_args.get("test_dir") or "dataset/test_release"
+    id_map = args.id_map_json or train_args.get("id_map_json") or "dataset/test_image_name_to_ids.json"
+    dataset = HW3TestDataset(Path(test_dir), Path(id_map))
+    indices = _first(list(range(len(dataset))), args.num_images)
+    paths, shown = [], {"gt": 0, "pred": 0}
+    for index in tqdm(indices, desc="draw test", disable=None):
+        tensor, meta = dataset[index]
+        image = tensor.permute(1, 2, 0).numpy()
+        pred = predict_layer(model, image, device, args.score_thresh)
+        pred.title = f"{meta['file_name']} (id {meta['image_id']}): {pred.title}"
+        paths.append(save_figure(image, [pred], vis_dir / f"{meta['image_id']}.png", args))
+        shown["pred"] += len(pred.labels)
+    return paths, shown
+
+
+def validation_names(split_json: Path) -> list[str]:
+    if not split_json.is_file():
+        raise FileNotFoundError(f"{split_json}: not found; training writes split.json next to its checkpoints. "
+                                "Pass --split_json, or draw test images with --mode test.")
+    names = json.loads(split_json.read_text()).get("val") or []
+    if not names:
+        raise DatasetError(f"{split_json}: no validation images (trained with --val_split 0?); use --mode test.")
+    return names
+
+
+def ground_truth_layer(instances: Instances, fill: bool) -> Layer:
+    masks = [(int(x1), int(y1), crop) for (x1, y1, _, _), crop in zip(instances.boxes, instances.crops)]
+    return Layer("ground truth", instances.labels, instances.boxes.astype(np.float32), masks, fill=fill)
+
+
+@torch.no_grad()
+def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float) -> Layer:
+    """Detections scoring at least ``score_thresh``, masks pasted only inside their boxes
+    (the model's 28x28 outputs, as engine.predict does, instead of full-image masks)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+    model.transform.paste_masks = False
+    try:
+        output = model([tensor])[0]
+    finally:
+        model.transform.paste_masks = True
+    keep = (output["scores"] >= score_thresh).cpu()
+    boxes = output["boxes"].cpu()[keep]
+    masks = mask_crops(output["masks"].cpu()[keep], boxes, output["image_size"])
+    scores = output["scores"].cpu()[keep].numpy()
+    title = f"prediction, {len(scores)} with score >= {score_thresh:g}"
+    return Layer(title, output["labels"].cpu()[keep].numpy(), boxes.numpy(), masks, scores=scores)
+
+
+def save_figure(image: np.ndarray, layers: list[Layer], path: Path, args: argparse.Namespace) -> Path:
+    """Panels side by side at a fixed pixel scale, so label placement can be planned in pixels."""
+    height, width = image.shape[:2]
+    scale = min(max(PANEL_PIXELS / max(height, width), 1.0), MAX_UPSCALE)
+    panel_w, panel_h, gap, top, bottom = width * scale / DPI, height * scale / DPI, 0.1, 0.3, 0.35
+    fig_w, fig_h = len(layers) * (panel_w + gap) + gap, panel_h + top + bottom
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
+    for i, layer in enumerate(layers):
+        ax = fig.add_axes(((gap + i * (panel_w + gap)) / fig_w, bottom / fig_h, panel_w / fig_w, panel_h / fig_h))
+        draw_layer(ax, image, layer, scale, args)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.05)
+    plt.close(fig)
+    return path
+
+
+def draw_layer(ax: plt.Axes, image: np.ndarray, layer: Layer, scale: float, args: argparse.Namespace) -> None:
+    """One panel; limits pinned to the image so boxes at the border never rescale it."""
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(mask_overlay(layer, image.shape[:2]), interpolation="nearest")
+    colours = [class_colour(int(c)) for c in layer.labels]
+    rects = [Rectangle((x1, y1), x2 - x1, y2 - y1) for x1, y1, x2, y2 in layer.boxes]
+    ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=colours, linewidth=0.5, alpha=0.8),
+                      autolim=False)
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    if layer.scores is not None:
+        _draw_labels(ax, layer, scale, args.max_labels, args.min_label_side)
+    ax.set_title(layer.title, fontsize=9)
+    ax.set_axis_off()
+    classes = sorted({*np.unique(layer.labels).tolist(), *range(1, NUM_CLASSES + 1)})
+    handles = [Patch(facecolor=class_colour(c), label=f"class{c} ({int((layer.labels == c).sum())})") for c in classes]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=7,
+              frameon=False, handlelength=1.0, columnspacing=1.0)
+
+
+def mask_overlay(layer: Layer, shape: tuple[int, int]) -> np.ndarray:
+    """RGBA image of all masks: translucent fill (if asked) and opaque one-pixel outlines,
+    outlines drawn last so touching cells stay separable."""
+    overlay = np.zeros((*shape, 4), dtype=np.float32)
+    rgba = [np.array(to_rgba(class_colour(int(c))), dtype=np.float32) for c in layer.labels]
+    if layer.fill:
+        for (x0, y0, crop), colour in zip(layer.masks, rgba):
+            h, w = crop.shape
+            overlay[y0:y0 + h, x0:x0 + w][crop] = (*colour[:3], FILL_ALPHA)
+    for (x0, y0, crop), colour in zip(layer.masks, rgba):
+        h, w = crop.shape
+        overlay[y0:y0 + h, x0:x0 + w][_outline(crop)] = colour
+    return overlay
+
+
+def class_colour(label: int) -> str:
+    """The same colour for a class in every panel, legend and label."""
+    if 1 <= label <= len(CLASS_COLOURS):
+        return CLASS_COLOURS[label - 1]
+    return to_hex(plt.get_cmap("tab10")(label % 10))
+
+
+def _draw_labels(ax: plt.Axes, layer: Layer, scale: float, max_labels: int, min_side: float) -> None:
+    """``c<class>:<score>`` above boxes, best scores first, skipping small boxes and any label
+    that would overlap one already placed: dense images stay readable."""
+    char_w = 0.62 * FONT_SIZE * DPI / 72 / scale  # image pixels per character
+    text_h = 1.3 * FONT_SIZE * DPI / 72 / scale
+    placed: list[tuple[float, float, float, float]] = []
+    for i in np.argsort(-layer.scores):
+        if len(placed) >= max_labels:
+            break
+        x1, y1, x2, y2 = layer.boxes[i]
+        if min(x2 - x1, y2 - y1) < min_side:
+            continue
+        text = f"c{int(layer.labels[i])}:{layer.scores[i]:.2f}"
+        rect = (x1, y1 - text_h, x1 + len(text) * char_w, y1)
+        if any(_overlaps(rect, other) for other in placed):
+            continue
+        placed.append(rect)
+        ax.text(x1, y1, text, fontsize=FONT_SIZE, va="bottom", ha="left", color="black", clip_on=True,
+                bbox={"facecolor": class_colour(int(layer.labels[i])), "alpha": 0.7, "pad": 0.5, "linewidth": 0})
+
+
+def _outline(crop: np.ndarray) -> np.ndarray:
+    inner = ndimage.binary_erosion(np.pad(crop, 1))[1:-1, 1:-1]
+    return crop & ~inner
+
+
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _first(items: list, n: int) -> list:
+    return items if n <= 0 else items[:n]
+
+
+if __name__ == "__main__":
+    main()
