@@ -58,11 +58,13 @@ def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: 
     gt.dataset = {"images": [{"id": e["id"], "height": e["height"], "width": e["width"]} for e in entries],
                   "annotations": [], "categories": [{"id": c} for c in range(1, 5)]}
     gt.createIndex()
-    tiled = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
-                            "--id_map_json", str(tiny_dataset["id_map_json"]), "--output", str(tmp_path / "tiled.json"),
-                            "--num_workers", "0", "--tile", "64", "--tile_overlap", "0.3", "--tta"])
-    for r in json.loads(Path(tiled).read_text()):
-        assert r["segmentation"]["size"] == [96, 112] and r["image_id"] in {e["id"] for e in entries}
+    if script is train_resnet and not attn:  # tiles of TTA views: the heaviest prediction path, once
+        tiled = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
+                                "--id_map_json", str(tiny_dataset["id_map_json"]), "--output",
+                                str(tmp_path / "tiled.json"), "--num_workers", "0", "--tile", "64",
+                                "--tile_overlap", "0.3", "--tta"])
+        for r in json.loads(Path(tiled).read_text()):
+            assert r["segmentation"]["size"] == [96, 112] and r["image_id"] in {e["id"] for e in entries}
     if results:
         dt = gt.loadRes(str(submission))
         assert set(dt.getImgIds()) <= {e["id"] for e in entries}
