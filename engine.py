@@ -28,7 +28,7 @@ from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, 
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
                          sum_across)
 from ema import ModelEMA
-from model import ARCH_KEYS, add_model_args, build_model, config_from_args
+from model import ARCH_KEYS, add_model_args, build_model, config_from_args, unpasted_masks
 from sampling import class_repeat_factors, train_sampler
 from tiling import predict_tiled
 from tta import TTAModel
@@ -320,11 +320,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: b
     ``tta_scales`` adds flipped and rescaled views (tta.TTAModel), tile by tile if both are set.
     """
     model.eval()
-    transform = getattr(model, "module", model).transform
-    transform.paste_masks = False
     net = TTAModel(model, tta_scales) if tta_scales else model
     results: list[dict] = []
-    try:
+    with unpasted_masks(model):
         for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
             images = [img.to(device, non_blocking=True) for img in images]
             with _autocast(device, use_amp):
@@ -334,8 +332,6 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: b
                     outputs = net(images)
             for output, target in zip(outputs, targets):
                 results.extend(outputs_to_coco(output, target["image_id"]))
-    finally:
-        transform.paste_masks = True
     return results
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,18 @@ class CellTransform(GeneralizedRCNNTransform):
         if "masks" in target:
             target["masks"] = resize_masks(target["masks"], image.shape[-2:])
         return image, target
+
+
+@contextmanager
+def unpasted_masks(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval outputs keep 28x28 mask probabilities (plus ``image_size``) for coco.mask_crops
+    to paste per box, instead of a [detections, 1, H, W] float tensor."""
+    transform = getattr(model, "module", model).transform
+    transform.paste_masks = False
+    try:
+        yield model
+    finally:
+        transform.paste_masks = True
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:

@@ -33,6 +33,7 @@ from checkpoint import load_model  # noqa: E402
 from coco import mask_crops  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
+from model import unpasted_masks  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
 CLASS_COLOURS = ("#00ff7f", "#ffd700", "#00bfff", "#ff4500")
@@ -159,11 +160,8 @@ def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, sco
     """Detections scoring at least ``score_thresh``, masks pasted only inside their boxes
     (the model's 28x28 outputs, as engine.predict does, instead of full-image masks)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-    model.transform.paste_masks = False
-    try:
+    with unpasted_masks(model):
         output = model([tensor])[0]
-    finally:
-        model.transform.paste_masks = True
     keep = (output["scores"] >= score_thresh).cpu()
     boxes = output["boxes"].cpu()[keep]
     masks = mask_crops(output["masks"].cpu()[keep], boxes, output["image_size"])
