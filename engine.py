@@ -50,6 +50,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
     data.add_argument("--val_split", type=float, default=0.2, help="share of samples held out for validation")
     data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
+    data.add_argument("--split_seed", type=int, default=None,
+                      help="seed of the split alone (default: --seed), to compare seeds on the same held-out images")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     data.add_argument("--repeat_thresh", type=float, default=0.0,
                       help="repeat-factor sampling: images with classes in fewer than this share of images "
@@ -458,9 +460,10 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     by_name = {p.name: p for p in samples}
-    train_names, val_names = split_samples(list(by_name), args.val_split, args.seed)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    train_names, val_names = split_samples(list(by_name), args.val_split, split_seed)
     if info.is_main:
-        write_split(out / "split.json", train_names, val_names, args.seed, args.val_split)
+        write_split(out / "split.json", train_names, val_names, split_seed, args.val_split)
     train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                 build_train_transforms(args), desc="decode train labels",
                                 crop_window=build_crop_window(args))
