@@ -2,6 +2,8 @@
 
 Ground truth comes from the decoded instances, predictions from model outputs; both become
 run-length encoded masks, and ``evaluate`` names every metric exactly (AP is AP@[.5:.95]).
+Scoring uses faster-coco-eval, a C++ drop-in for pycocotools' COCOeval: all 12 stats agree to
+1e-6 and it is 15x faster on 101 images x 500 detections (benchmarks/evaluation.py).
 """
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from faster_coco_eval import COCO, COCOeval_faster
 from pycocotools import mask as mask_util
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
@@ -144,7 +145,7 @@ def evaluate(coco_gt: COCO, results: list[dict], max_dets: int = 100,
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes([dict(r) for r in results])
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=lambda *a, **k: None)
             evaluator.params.maxDets = [1, 10, max_dets]
             evaluator.evaluate()
             evaluator.accumulate()
@@ -153,7 +154,7 @@ def evaluate(coco_gt: COCO, results: list[dict], max_dets: int = 100,
     return metrics
 
 
-def _named_metrics(evaluator: COCOeval, iou_type: str) -> dict[str, float]:
+def _named_metrics(evaluator: COCOeval_faster, iou_type: str) -> dict[str, float]:
     stats = evaluator.stats
     out = {f"{iou_type}_AP": float(stats[0]), f"{iou_type}_AP50": float(stats[1]),
            f"{iou_type}_AP75": float(stats[2])}

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import torch
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from coco import build_coco_gt, evaluate, outputs_to_coco
 from dataloader import Instances
@@ -48,9 +49,13 @@ def test_results_are_a_valid_submission(tmp_path) -> None:
     assert set(loaded[0]) == {"image_id", "category_id", "bbox", "score", "segmentation"}
     assert loaded[0]["segmentation"]["size"] == [20, 16] and isinstance(loaded[0]["segmentation"]["counts"], str)
     assert loaded[0]["bbox"] == [2.0, 1.0, 5.0, 4.0]
-    gt = build_coco_gt([inst], [7])
+    gt = COCO()  # the submission contract is pycocotools' loader, whatever scores it here
+    gt.dataset = {"images": [{"id": 7, "height": 20, "width": 16}], "annotations": [],
+                  "categories": [{"id": c} for c in range(1, 5)]}
+    gt.createIndex()
     dt = gt.loadRes(str(path))
     assert isinstance(dt, COCO) and len(dt.getAnnIds()) == 2
+    evaluate(build_coco_gt([inst], [7]), results)
     assert "id" not in results[0]  # evaluate/loadRes must not have mutated our dicts
 
 
@@ -95,3 +100,28 @@ def test_crop_pasting_equals_torchvision_pasting() -> None:
     lean = outputs_to_coco({"boxes": boxes, "scores": torch.rand(40), "labels": torch.ones(40, dtype=torch.int64),
                             "masks": masks, "image_size": (height, width)}, 1)
     assert [r["segmentation"]["counts"] for r in lean] == [e["counts"].decode() for e in expected]
+
+
+def test_scores_equal_pycocotools() -> None:
+    rng = np.random.default_rng(0)
+    instances, ids, results = [], [], []
+    for image_id in range(1, 4):
+        crops = [rng.random((int(h), int(w))) < 0.8 for h, w in rng.integers(3, 9, (6, 2))]
+        boxes = np.array([[x, y, x + c.shape[1], y + c.shape[0]] for c, (x, y) in zip(crops, rng.integers(0, 20, (6, 2)))])
+        inst = Instances(labels=rng.integers(1, 5, 6), boxes=boxes, crops=crops, height=30, width=32)
+        instances.append(inst)
+        ids.append(image_id)
+        noisy = torch.from_numpy(inst.masks()).float()[:, None] * torch.from_numpy(rng.random((6, 1, 30, 32)) > 0.2)
+        results += outputs_to_coco({"boxes": torch.from_numpy(boxes).float() + 1, "labels": torch.from_numpy(inst.labels),
+                                    "scores": torch.from_numpy(rng.random(6)).float(), "masks": noisy}, image_id)
+    ours = evaluate(build_coco_gt(instances, ids), results)
+    gt = COCO()
+    gt.dataset = build_coco_gt(instances, ids).dataset
+    gt.createIndex()
+    reference = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "segm")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    assert 0 < ours["segm_AP"] < 1
+    for key, index in (("segm_AP", 0), ("segm_AP50", 1), ("segm_AP75", 2)):
+        assert abs(ours[key] - reference.stats[index]) < 1e-6, key
