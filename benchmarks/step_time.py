@@ -1,0 +1,139 @@
+"""Training step time per backbone, with and without the attention modules (--use_attn).
+
+One image of the given size with the given number of cells, random weights (``--weights
+none``), the default detection settings at native scale, AdamW; a few warm-up steps, then
+the mean of N timed steps (forward, backward, optimizer step). Every row is reported as a
+ratio to ResNet-101 without attention, measured in the same run.
+
+    python benchmarks/step_time.py                      # 512x512, 300 cells
+    python benchmarks/step_time.py --train_dir ../shared/data/cpm15_hw3/train
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
+from dataloader import HW3TrainDataset, list_samples, plain_sample  # noqa: E402
+from engine import _autocast  # noqa: E402
+from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
+from synthetic import make_dataset  # noqa: E402
+
+NAME = "step_time"
+BASELINE = ("resnet101", False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__)
+    parser.add_argument("--train_dir", default=None, help="time on the real sample with the most instances")
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"), help="generated image size")
+    parser.add_argument("--cells", type=int, default=300, help="cells in the generated image")
+    parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES))
+    parser.add_argument("--attn", choices=("off", "on", "both"), default="both", help="which --use_attn settings to time")
+    parser.add_argument("--batch_size", type=int, default=1, help="copies of the image per step")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--use_amp", action="store_true", help="autocast as in training (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=DEFAULT_CONFIG["rpn_post_nms_top_n_train"])
+    parser.add_argument("--box_batch_size_per_image", type=int, default=DEFAULT_CONFIG["box_batch_size_per_image"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        sample = _sample(args, Path(tmp))
+        image, target = plain_sample(*HW3TrainDataset([sample], [1], decode_workers=1, desc="sample").load(0))
+    attention_error = attention_unavailable()
+    rows = []
+    for backbone in args.backbones:
+        for use_attn in {"off": [False], "on": [True], "both": [False, True]}[args.attn]:
+            if use_attn and attention_error:
+                rows.append({"backbone": backbone, "use_attn": True, "note": f"skipped: {attention_error}"})
+                continue
+            rows.append(measure(backbone, use_attn, image, target, args, device))
+    payload = summarize(args, device, rows, len(target["labels"]), tuple(image.shape[-2:]), attention_error)
+    write_results(args, NAME, payload)
+    return payload
+
+
+def measure(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, args: argparse.Namespace,
+            device: torch.device) -> dict[str, Any]:
+    """Mean and spread of the timed steps of one configuration."""
+    height, width = image.shape[-2:]
+    config = {"backbone": backbone, "weights": "none", "use_attn": use_attn,
+              "min_size": min(height, width), "max_size": max(height, width),
+              "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
+              "box_batch_size_per_image": args.box_batch_size_per_image}
+    torch.manual_seed(args.seed)
+    model = build_model(config).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    images = [image.to(device)] * args.batch_size
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}] * args.batch_size
+    times = []
+    for step in range(args.warmup + args.steps):
+        _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, args.use_amp), device)
+        if step >= args.warmup:
+            times.append(seconds)
+    return {"backbone": backbone, "use_attn": use_attn, "params_m": sum(p.numel() for p in params) / 1e6,
+            "step_s": statistics.mean(times), "std_s": statistics.pstdev(times), "all_s": times}
+
+
+def attention_unavailable() -> str | None:
+    """Why ``--use_attn`` cannot be built here (attention_modules.py missing or broken), or None."""
+    try:
+        importlib.import_module("attention_modules")
+    except Exception as err:  # a half-written module may raise anything
+        return f"import attention_modules failed ({type(err).__name__}: {err})"
+    return None
+
+
+def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict], instances: int,
+              size: tuple[int, int], attention_error: str | None) -> dict[str, Any]:
+    base = next((r for r in rows if (r["backbone"], r["use_attn"]) == BASELINE and "step_s" in r), None)
+    for row in rows:
+        row["ratio_vs_resnet101"] = ratio(row.get("step_s"), base["step_s"] if base else None)
+    title = (f"training step, {size[0]}x{size[1]}, {instances} instances, batch {args.batch_size}, "
+             f"mean of {args.steps} after {args.warmup} warm-up")
+    print_table(title, rows, ["backbone", "use_attn", "params_m", "step_s", "std_s", "ratio_vs_resnet101"])
+    for row in rows:
+        if "note" in row:
+            print(f"{row['backbone']} --use_attn {row['note']}")
+    return {"benchmark": NAME, "environment": environment(device),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "sample": {"instances": instances, "size": list(size)}, "attention_error": attention_error, "rows": rows}
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
+                device: torch.device, use_amp: bool) -> None:
+    with _autocast(device, use_amp):
+        losses = model(images, targets)
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+
+
+def _sample(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.train_dir:
+        samples = list_samples(Path(args.train_dir))
+        counts = [len(i) for i in HW3TrainDataset(samples, range(1, len(samples) + 1), desc="count").instances]
+        return samples[counts.index(max(counts))]
+    paths = make_dataset(tmp, n_train=1, n_test=0, size=tuple(args.size), cells=(args.cells, args.cells + 1),
+                         seed=args.seed)
+    return list_samples(paths["train_dir"])[0]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Peak memory and time of one training step as the instance count grows: stock vs ours.
+
+Stock is torchvision's path: ``GeneralizedRCNNTransform`` (it interpolates the image and
+every ground-truth mask as float, even at scale 1.0) and torchvision's mask targets (a float
+copy of every mask at full image size). Ours is ``model.CellTransform`` (native scale skips
+the mask resize) with ``model.use_lean_mask_targets(True)`` (each matched mask cropped to its
+RoIs). Both run at scale 1.0 from the same seed, so every loss component must agree.
+
+Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
+on a CPU the step's peak is ``ru_maxrss`` after the step minus the resident size just before
+it; on CUDA it is ``max_memory_allocated`` minus the memory allocated before it.
+
+    python benchmarks/train_memory.py                      # 100, 400, 800 cells at 1000x1000
+    python benchmarks/train_memory.py --train_dir ../shared/data/cpm15_hw3/train
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
+
+from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
+from dataloader import HW3TrainDataset, list_samples, plain_sample  # noqa: E402
+from model import build_model, use_lean_mask_targets  # noqa: E402
+from synthetic import make_dataset  # noqa: E402
+
+NAME = "train_memory"
+VARIANTS = ("stock", "ours")
+RESULT_MARK = "WORKER_RESULT "
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__)
+    parser.add_argument("--train_dir", default=None, help="real samples instead of generated ones")
+    parser.add_argument("--samples", type=int, default=3, help="with --train_dir: the N samples with most instances")
+    parser.add_argument("--counts", type=int, nargs="+", default=[100, 400, 800], help="cells per generated image")
+    parser.add_argument("--size", type=int, nargs=2, default=[1000, 1000], metavar=("H", "W"), help="generated image size")
+    parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "effnet_v2_m"))
+    parser.add_argument("--steps", type=int, default=2,
+                        help="training steps per configuration; time is the mean after the first")
+    parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000, help="same for both sides")
+    parser.add_argument("--box_batch_size_per_image", type=int, default=512, help="same for both sides")
+    parser.add_argument("--in_process", action="store_true",
+                        help="run every configuration in this process (fast, for tests; memory then not isolated)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
+    if args.worker:
+        result = measure_step(json.loads(args.worker), device)
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        return result
+    with tempfile.TemporaryDirectory(prefix="bench_mem_") as tmp:
+        samples = _samples(args, Path(tmp))
+        rows = []
+        for sample in samples:
+            pair = {v: _run(_spec(args, sample, v), args, device) for v in VARIANTS}
+            rows.append(compare(sample.name, pair))
+    payload = summarize(args, device, rows)
+    write_results(args, NAME, payload)
+    return payload
+
+
+def measure_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Losses, step times and memory of ``spec['steps']`` training steps of one configuration."""
+    seed_all(spec["seed"])
+    image, target = plain_sample(*HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0))
+    model, optimizer = _model(spec, image.shape[-2:], device)
+    images, targets = [image.to(device)], [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}]
+    gc.collect()
+    before = _memory_now(device)
+    losses, seconds = {}, []
+    for step in range(spec["steps"]):
+        torch.manual_seed(spec["seed"])  # same RPN/RoI sampling on both sides
+        synchronize(device)
+        start = time.perf_counter()
+        step_losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(step_losses.values()).backward()
+        optimizer.step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        if step == 0:
+            losses = {k: float(v.detach()) for k, v in step_losses.items()}
+        del step_losses
+    peak = _memory_peak(device)
+    return {"variant": spec["variant"], "instances": int(len(target["labels"])), "size": list(image.shape[-2:]),
+            "losses": losses, "step_seconds": seconds, "memory_before_mb": before, "memory_peak_mb": peak,
+            "step_peak_mb": max(peak - before, 0.0)}
+
+
+def compare(name: str, pair: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One table row: stock vs ours for one sample."""
+    stock, ours = pair["stock"], pair["ours"]
+    diffs = {k: abs(stock["losses"][k] - ours["losses"][k]) for k in stock["losses"]}
+    equal = all(d <= LOSS_ATOL + LOSS_RTOL * abs(stock["losses"][k]) for k, d in diffs.items())
+    return {
+        "sample": name, "instances": ours["instances"], "size": "x".join(map(str, ours["size"])),
+        "stock_step_peak_mb": stock["step_peak_mb"], "ours_step_peak_mb": ours["step_peak_mb"],
+        "peak_ratio": ratio(ours["step_peak_mb"], stock["step_peak_mb"]),
+        "stock_abs_peak_mb": stock["memory_peak_mb"], "ours_abs_peak_mb": ours["memory_peak_mb"],
+        "stock_step_s": _step_time(stock), "ours_step_s": _step_time(ours),
+        "time_ratio": ratio(_step_time(ours), _step_time(stock)),
+        "losses_equal": equal, "max_loss_diff": max(diffs.values()),
+        "stock": stock, "ours": ours,
+    }
+
+
+def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    add_growth(rows)
+    columns = ["sample", "instances", "size", "stock_step_peak_mb", "ours_step_peak_mb", "peak_ratio", "growth_ratio",
+               "stock_abs_peak_mb", "ours_abs_peak_mb", "stock_step_s", "ours_step_s", "time_ratio",
+               "losses_equal", "max_loss_diff"]
+    unit = "peak RSS" if device.type == "cpu" else "max_memory_allocated"
+    isolation = "same process (not isolated)" if args.in_process else "one process per configuration"
+    print_table(f"one training step, batch 1, {args.backbone}, {unit} in MB, {isolation}", rows, columns)
+    densest = max(rows, key=lambda r: r["instances"])
+    targets = {
+        "peak_at_most_a_third_of_stock": densest["peak_ratio"] is not None and densest["peak_ratio"] <= 1 / 3,
+        "losses_equal": all(r["losses_equal"] for r in rows),
+        "time_no_worse": all(r["time_ratio"] is not None and r["time_ratio"] <= 1.0 for r in rows),
+    }
+    print(f"targets met (densest: {densest['instances']} instances): {targets}")
+    return {"benchmark": NAME, "environment": environment(device),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+            "memory_unit": unit, "isolated": not args.in_process, "rows": rows, "targets_met": targets}
+
+
+def add_growth(rows: list[dict[str, Any]]) -> None:
+    """growth_ratio: how much ours' step peak grows from the sparsest sample, over how much
+    stock's grows; it isolates the memory that depends on the instance count from the
+    activations both sides share."""
+    sparsest = min(rows, key=lambda r: r["instances"])
+    for row in rows:
+        grown = {v: row[f"{v}_step_peak_mb"] - sparsest[f"{v}_step_peak_mb"] for v in VARIANTS}
+        row["growth_ratio"] = ratio(grown["ours"], grown["stock"]) if row is not sparsest else None
+
+
+def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model of one side, built from the same seed: the two sides differ only in the
+    transform and the mask-target function."""
+    height, width = int(size[0]), int(size[1])
+    config = {"backbone": spec["backbone"], "weights": "none", "min_size": min(height, width),
+              "max_size": max(height, width), "rpn_post_nms_top_n_train": spec["rpn_post_nms_top_n_train"],
+              "box_batch_size_per_image": spec["box_batch_size_per_image"]}
+    torch.manual_seed(spec["seed"])
+    model = build_model(config).to(device).train()
+    use_lean_mask_targets(spec["variant"] == "ours")
+    if spec["variant"] == "stock":
+        model.transform = stock_transform(height, width)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, optimizer
+
+
+def stock_transform(height: int, width: int) -> GeneralizedRCNNTransform:
+    """torchvision's transform at scale 1.0 for this image size."""
+    transform = GeneralizedRCNNTransform(min_size=min(height, width), max_size=max(height, width),
+                                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    # One min_size: the choice is fixed, and drawing it from the RNG would desynchronise the samplers.
+    transform.torch_choice = lambda sizes: sizes[0]
+    return transform
+
+
+def _run(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One configuration, in a fresh process unless --in_process."""
+    if args.in_process:
+        try:
+            return measure_step(spec, device)
+        finally:
+            use_lean_mask_targets(True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--device", args.device]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    raise RuntimeError(f"worker for {spec['variant']} on {spec['sample']} failed (exit {done.returncode}):\n"
+                       f"{done.stderr[-3000:]}")
+
+
+def _spec(args: argparse.Namespace, sample: Path, variant: str) -> dict[str, Any]:
+    return {"sample": str(sample), "variant": variant, "seed": args.seed, "steps": args.steps,
+            "backbone": args.backbone, "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
+            "box_batch_size_per_image": args.box_batch_size_per_image}
+
+
+def _samples(args: argparse.Namespace, tmp: Path) -> list[Path]:
+    if args.train_dir:
+        samples = list_samples(Path(args.train_dir))
+        counts = HW3TrainDataset(samples, range(1, len(samples) + 1), desc="count instances").instances
+        densest = sorted(zip(samples, counts), key=lambda sc: len(sc[1]), reverse=True)[: args.samples]
+        return [s for s, _ in sorted(densest, key=lambda sc: len(sc[1]))]
+    out = []
+    for count in args.counts:
+        paths = make_dataset(tmp / f"cells_{count}", n_train=1, n_test=0, size=tuple(args.size),
+                             cells=(count, count + 1), seed=args.seed)
+        out.append(list_samples(paths["train_dir"])[0])
+    return out
+
+
+def _step_time(result: dict[str, Any]) -> float:
+    """Mean step time after the first (warm-up) step, or the only step."""
+    times = result["step_seconds"]
+    return sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
+
+
+def _memory_now(device: torch.device) -> float:
+    """MB in use now: resident set size on a CPU, allocated tensors on CUDA (peak reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as handle:
+        resident_pages = int(handle.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_peak(device: torch.device) -> float:
+    """Peak MB of the process so far (ru_maxrss is in KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The benchmark scripts run end to end on tiny sizes and write their JSON, and each faster
+path gives the same results as the plain one it is compared with. No test asserts a time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from benchmarks import data_pipeline, evaluation, inference, step_time, train_memory
+
+TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
+
+
+def _written(path: Path, *keys: str) -> dict:
+    payload = json.loads(path.read_text())
+    for key in ("benchmark", "environment", "settings", *keys):
+        assert key in payload, key
+    return payload
+
+
+def test_data_pipeline_same_targets(tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    result = data_pipeline.main(["--samples", "2", "--size", "96", "112", "--cells", "8", "12", "--epochs", "2",
+                                 "--batch_size", "2", "--json", str(out)])
+    payload = _written(out, "epochs", "stages", "construct_seconds", "identical_targets", "targets_met")
+    assert [row["epoch"] for row in payload["epochs"]] == [1, 2]
+    assert {"baseline_samples_per_s", "ours_samples_per_s", "speedup"} <= payload["epochs"][0].keys()
+    assert result["identical_targets"], "decoding on every access must not change the targets"
+
+
+def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    train_memory.main(["--counts", "15", "--size", "64", "80", "--steps", "1", "--device", "cpu", *TINY_ROIS,
+                       "--json", str(out)])
+    payload = _written(out, "rows", "targets_met", "memory_unit")
+    (row,) = payload["rows"]
+    for key in ("stock_step_peak_mb", "ours_step_peak_mb", "peak_ratio", "stock_step_s", "ours_step_s", "time_ratio"):
+        assert row[key] is not None, key
+    assert row["stock"]["losses"].keys() == row["ours"]["losses"].keys() and len(row["ours"]["losses"]) == 5
+    assert row["losses_equal"], row["max_loss_diff"]
+    assert payload["isolated"]
+
+
+def test_inference_plain_loop_and_ours_identical(tmp_path: Path) -> None:
+    out = tmp_path / "inference.json"
+    inference.main(["--images", "2", "--size", "96", "96", "--cells", "10", "--detections_per_img", "15",
+                    "--rpn_post_nms_top_n_test", "100", "--batch_sizes", "1", "--amp", "off", "--device", "cpu",
+                    "--json", str(out)])
+    payload = _written(out, "rows", "targets_met")
+    plain, floor, ours = payload["rows"]
+    assert (plain["path"], floor["path"], ours["path"]) == ("plain loop", "forward only", "ours")
+    assert ours["detections"] == plain["detections"] == 30
+    assert ours["identical"] and ours["match_rate"] == 1.0
+
+
+def test_inference_agreement_counts_partners() -> None:
+    mask = np.zeros((8, 8), dtype=np.uint8, order="F")
+    mask[2:6, 2:6] = 1
+    rle = mask_util.encode(mask)
+    square = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    reference = [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": square},
+                 {"image_id": 1, "category_id": 2, "score": 0.5, "segmentation": square}]
+    changed = [dict(reference[0], score=0.895), dict(reference[1], category_id=3)]
+    result = inference.agreement(reference, changed)
+    assert not result["identical"] and result["match_rate"] == 0.5
+    assert inference.agreement(reference, reference)["identical"]
+
+
+def test_evaluation_libraries_agree(tmp_path: Path) -> None:
+    out = tmp_path / "evaluation.json"
+    evaluation.main(["--images", "3", "--size", "96", "96", "--gt_per_image", "15", "--dets_per_image", "25",
+                     "--json", str(out)])
+    payload = _written(out, "rows", "targets_met", "stat_names")
+    reference = payload["rows"][0]
+    assert reference["library"] == "pycocotools" and len(reference["stats"]) == 12
+    assert 0.0 < reference["stats"][1] < 1.0, "the generated detections should give a non-trivial AP50"
+    if payload["targets_met"]["faster_installed"]:
+        for row in payload["rows"][1:]:
+            assert row["stats_agree"] and row["class_metrics_agree"], row["library"]
+    else:
+        pytest.skip("faster-coco-eval not installed: only pycocotools was measured")
+
+
+def test_step_time_rows_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    step_time.main(["--size", "64", "64", "--cells", "6", "--backbones", "resnet101", "--attn", "both",
+                    "--warmup", "0", "--steps", "1", "--device", "cpu", *TINY_ROIS, "--json", str(out)])
+    payload = _written(out, "rows", "sample", "attention_error")
+    rows = payload["rows"]
+    assert [(r["backbone"], r["use_attn"]) for r in rows] == [("resnet101", False), ("resnet101", True)]
+    assert rows[0]["ratio_vs_resnet101"] == 1.0
+    if payload["attention_error"]:
+        assert "skipped" in rows[1]["note"]
+    else:
+        assert rows[1]["step_s"] > 0 and rows[1]["ratio_vs_resnet101"] is not None
