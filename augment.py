@@ -87,24 +87,32 @@ class CutOut:
 
 
 def erase_instances(target: dict, region: tuple[int, int, int, int]) -> dict:
-    """Zero ``region`` (x1, y1, x2, y2) in the masks, re-box touched instances, drop empty ones."""
+    """Zero ``region`` (x1, y1, x2, y2) in the masks, re-box touched instances, drop empty ones.
+
+    The touched masks are zeroed in place: the dataset builds the masks anew for every sample,
+    and a copy of all of them (hundreds of megabytes on a dense image) would cost more than
+    the whole augmentation.
+    """
     x1, y1, x2, y2 = region
     boxes = target["boxes"].as_subclass(torch.Tensor).clone()
-    masks = target["masks"].as_subclass(torch.Tensor).clone()
-    touched = (boxes[:, 0] < x2) & (boxes[:, 2] > x1) & (boxes[:, 1] < y2) & (boxes[:, 3] > y1)
-    idx = touched.nonzero().flatten()
-    masks[idx, y1:y2, x1:x2] = 0
-    boxes[idx], nonempty = mask_boxes(masks[idx])
-    keep = torch.ones(len(boxes), dtype=torch.bool)
-    keep[idx[~nonempty]] = False
+    masks = target["masks"].as_subclass(torch.Tensor)
     area = target["area"].clone()
-    area[idx] = masks[idx].flatten(1).sum(1).float()
+    touched = (boxes[:, 0] < x2) & (boxes[:, 2] > x1) & (boxes[:, 1] < y2) & (boxes[:, 3] > y1)
+    keep = torch.ones(len(boxes), dtype=torch.bool)
+    for i in touched.nonzero().flatten().tolist():
+        masks[i, y1:y2, x1:x2] = 0
+        bx1, by1, bx2, by2 = (int(v) for v in boxes[i])
+        box, nonempty = mask_boxes(masks[i:i + 1, by1:by2, bx1:bx2])  # only inside the old box
+        boxes[i] = box[0] + torch.tensor([bx1, by1, bx1, by1], dtype=box.dtype)
+        area[i] = float(masks[i, by1:by2, bx1:bx2].sum())
+        keep[i] = bool(nonempty[0])
     out = dict(target)
+    if not keep.all():
+        masks = masks[keep]
+        out.update(labels=target["labels"][keep], iscrowd=target["iscrowd"][keep])
     out["boxes"] = tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=tuple(masks.shape[-2:]))
-    out["masks"] = tv_tensors.Mask(masks[keep])
-    out["labels"] = target["labels"][keep]
+    out["masks"] = tv_tensors.Mask(masks)
     out["area"] = area[keep]
-    out["iscrowd"] = target["iscrowd"][keep]
     return out
 
 
