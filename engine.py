@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -46,7 +47,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and outputs")
     data.add_argument("--train_dir", default="dataset/train", help="folder of <sample>/image.tif + classN.tif")
     data.add_argument("--test_dir", default=None, help="test folder, predicted after training when given")
-    data.add_argument("--id_map_json", default=None, help="test_image_name_to_ids.json (with --test_dir)")
+    data.add_argument("--id_map_json", default=None,
+                      help="test_image_name_to_ids.json (default: next to --test_dir)")
     data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
     data.add_argument("--val_split", type=float, default=0.2, help="share of samples held out for validation")
     data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
@@ -104,11 +106,12 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
     summary = train(args, backbone)
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)
-    if args.test_dir:
+    if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # one process predicts after torchrun
         from inference import predict_folder
 
+        id_map = args.id_map_json or Path(args.test_dir).parent / "test_image_name_to_ids.json"
         summary["submission"] = str(predict_folder(
-            Path(args.output_dir) / "best.pth", args.test_dir, args.id_map_json,
+            Path(args.output_dir) / "best.pth", args.test_dir, id_map,
             Path(args.output_dir) / "test-results.json", batch_size=args.batch_size, device=args.device,
             use_amp=args.use_amp, tile=args.tile, tile_overlap=args.tile_overlap))
     print("outputs:")
