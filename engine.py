@@ -151,7 +151,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     opt = Optimisation(optimizer, schedule, torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda"),
                        ModelEMA(model, args.ema_decay, warmup_steps=schedule.warmup_steps) if args.ema_decay > 0 else None,
                        args.clip_grad)
-    state = {"epoch": 0, "best_metric": -1.0, "best_epoch": 0, "history": [], "partial": None}
+    state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": 0, "history": [], "partial": None}
     if resume:
         model.load_state_dict(resume.get("raw_model") or resume["model"])
         opt.load_state_dict(resume)

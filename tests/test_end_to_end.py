@@ -94,6 +94,7 @@ def test_bf16_amp_train_step_on_cpu(tiny_dataset: dict, tmp_path: Path) -> None:
     _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--use_amp", "--val_split", "0")
     row = json.loads((out / "history.json").read_text())[0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0
+    assert (out / "best.pth").exists()  # without validation the training loss selects it
 
 
 def test_ema_and_repeat_factor_sampling(tiny_dataset: dict, tmp_path: Path) -> None:
