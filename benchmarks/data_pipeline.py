@@ -26,7 +26,7 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from augment import build_train_transforms  # noqa: E402
+from augment import build_crop_window, build_train_transforms  # noqa: E402
 from benchmarks.common import (augment_defaults, base_parser, environment, print_table, ratio,  # noqa: E402
                                setup, timed, write_results)
 from dataloader import IMAGE_FILE, HW3TrainDataset, collate_fn, decode_instances, list_samples, read_image  # noqa: E402
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--decode_workers", type=int, default=2, help="threads HW3TrainDataset decodes labels with")
+    parser.add_argument("--crop", type=int, default=0,
+                        help="train on random SIZE x SIZE windows (augment.build_crop_window), as train --crop")
     parser.add_argument("--no_breakdown", action="store_true", help="skip the per-stage breakdown")
     return parser
 
@@ -57,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         samples = _samples(args, Path(tmp))
         _warm_file_cache(samples)
         ids = list(range(1, len(samples) + 1))
-        transforms = build_train_transforms(augment_defaults())
-        baseline = run_epochs(lambda: DecodeEveryAccess(samples, ids, transforms), args)
-        ours = run_epochs(lambda: HW3TrainDataset(samples, ids, transforms, decode_workers=args.decode_workers), args)
-        stages = [] if args.no_breakdown else stage_breakdown(samples, transforms, args.seed)
+        aug_args = augment_defaults()
+        aug_args.crop = args.crop
+        transforms, window = build_train_transforms(aug_args), build_crop_window(aug_args)
+        baseline = run_epochs(lambda: DecodeEveryAccess(samples, ids, transforms, window), args)
+        ours = run_epochs(lambda: HW3TrainDataset(samples, ids, transforms, decode_workers=args.decode_workers,
+                                                  crop_window=window), args)
+        stages = [] if args.no_breakdown or window else stage_breakdown(samples, transforms, args.seed)
     payload = summarize(args, device, samples, baseline, ours, stages)
     write_results(args, NAME, payload)
     return payload
@@ -71,8 +76,9 @@ class DecodeEveryAccess(HW3TrainDataset):
     access (defect 6 of the design). Image sizes come from the TIFF headers, so the
     baseline pays for no extra image decode."""
 
-    def __init__(self, sample_dirs: Sequence[Path], image_ids: Sequence[int], transforms: Callable | None = None) -> None:
-        super().__init__([], [], transforms, desc="baseline")  # decodes nothing; other settings at their defaults
+    def __init__(self, sample_dirs: Sequence[Path], image_ids: Sequence[int], transforms: Callable | None = None,
+                 crop_window: Callable | None = None) -> None:
+        super().__init__([], [], transforms, desc="baseline", crop_window=crop_window)  # decodes nothing
         self.sample_dirs = [Path(p) for p in sample_dirs]
         self.image_ids = list(image_ids)
         self.shapes = [_tiff_shape(p / IMAGE_FILE) for p in self.sample_dirs]
@@ -150,7 +156,8 @@ def summarize(args: argparse.Namespace, device: torch.device, samples: Sequence[
         "later_epochs_10x": bool(later) and min(later) >= 10.0,
     }
     same = baseline["fingerprints"] == ours["fingerprints"]
-    title = (f"data pipeline: {len(samples)} samples, batch {args.batch_size}, {args.num_workers} workers "
+    window = f", {args.crop}px windows" if args.crop else ""
+    title = (f"data pipeline: {len(samples)} samples{window}, batch {args.batch_size}, {args.num_workers} workers "
              f"(epoch 1 of ours includes {ours['construct_seconds']:.2f}s construction)")
     print_table(title, rows, ["epoch", "baseline_samples_per_s", "ours_samples_per_s", "speedup", "baseline_s", "ours_s"])
     bound = cache_bound(stages)

@@ -29,6 +29,9 @@ def test_data_pipeline_same_targets(tmp_path: Path) -> None:
     assert [row["epoch"] for row in payload["epochs"]] == [1, 2]
     assert {"baseline_samples_per_s", "ours_samples_per_s", "speedup"} <= payload["epochs"][0].keys()
     assert result["identical_targets"], "decoding on every access must not change the targets"
+    windowed = data_pipeline.main(["--samples", "2", "--size", "96", "112", "--cells", "8", "12", "--epochs", "1",
+                                   "--crop", "64", "--json", str(tmp_path / "crop.json")])
+    assert windowed["identical_targets"] and windowed["stages"] == []
 
 
 def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path) -> None:
