@@ -21,7 +21,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FrozenBatchNorm2d, roi_align
+from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 BACKBONES = ("resnet101", "effnet_v2_m")
@@ -162,6 +162,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_detections_per_img=config["detections_per_img"],
     )
     model.transform = CellTransform(config["min_size"], config["max_size"], config["max_upscale"])
+    model.rpn.box_similarity = chunked_box_iou
     if config["use_attn"]:
         from attention_modules import SpatialChannelTransformer
 
@@ -283,6 +284,20 @@ def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_
         shifted = rois - rois.new_tensor([x0, y0, x0, y0])
         indexed = torch.cat([shifted.new_zeros(len(sel), 1), shifted], dim=1)
         out[sel] = roi_align(crop, indexed, (size, size), 1.0)[:, 0]
+    return out
+
+
+def chunked_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, pairs: int = 1 << 22) -> torch.Tensor:
+    """``box_iou`` [N, M], bit for bit, computed over slices of ``boxes2``.
+
+    The RPN matches every ground-truth box against ~260k anchors of a 1000x1000 image;
+    ``box_iou`` holds five [N, M] or [N, M, 2] float temporaries at once (about 9 MB per cell,
+    7 GB at 800 cells). Slices of ``pairs`` IoUs keep only the [N, M] result.
+    """
+    out = boxes1.new_empty((len(boxes1), len(boxes2)))
+    step = max(1, pairs // max(len(boxes1), 1))
+    for start in range(0, len(boxes2), step):
+        out[:, start:start + step] = box_iou(boxes1, boxes2[start:start + step])
     return out
 
 

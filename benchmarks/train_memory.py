@@ -2,9 +2,10 @@
 
 Stock is torchvision's path: ``GeneralizedRCNNTransform`` (it interpolates the image and
 every ground-truth mask as float, even at scale 1.0) and torchvision's mask targets (a float
-copy of every mask at full image size). Ours is ``model.CellTransform`` (native scale skips
-the mask resize) with ``model.use_lean_mask_targets(True)`` (each matched mask cropped to its
-RoIs). Both run at scale 1.0 from the same seed, so every loss component must agree.
+copy of every mask at full image size) and ``box_iou`` for the RPN's anchor matching. Ours is
+``model.CellTransform`` (native scale skips the mask resize) with
+``model.use_lean_mask_targets(True)`` (each matched mask cropped to its RoIs) and
+``model.chunked_box_iou`` (no [cells, anchors, 2] temporaries). Both run at scale 1.0 from the same seed, so every loss component must agree.
 
 Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
 on a CPU the step's peak is ``ru_maxrss`` after the step minus the resident size just before
@@ -32,9 +33,10 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples, plain_sample  # noqa: E402
+from dataloader import HW3TrainDataset, list_samples  # noqa: E402
 from model import build_model, use_lean_mask_targets  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def measure_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Losses, step times and memory of ``spec['steps']`` training steps of one configuration."""
     seed_all(spec["seed"])
-    image, target = plain_sample(*HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0))
+    image, target = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0)
     model, optimizer = _model(spec, image.shape[-2:], device)
     images, targets = [image.to(device)], [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}]
     gc.collect()
@@ -166,6 +168,7 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
     use_lean_mask_targets(spec["variant"] == "ours")
     if spec["variant"] == "stock":
         model.transform = stock_transform(height, width)
+        model.rpn.box_similarity = box_iou
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torchvision.models import resnet101
 from torchvision.models.detection import maskrcnn_resnet50_fpn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from model import CellTransform, build_model
+from model import CellTransform, build_model, chunked_box_iou
 
 TINY = {"weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
 
@@ -91,3 +91,21 @@ def test_init_detector_from_a_local_coco_state_dict(tmp_path: Path) -> None:
     effnet = build_model({**TINY, "backbone": "effnet_v2_m", "init_detector": str(path)}).state_dict()
     assert torch.equal(effnet["backbone.fpn.layer_blocks.1.0.weight"], ref["backbone.fpn.layer_blocks.1.0.weight"])
     assert effnet["backbone.fpn.inner_blocks.0.0.weight"].shape[1] == 48  # shape differs: kept fresh
+
+
+@pytest.mark.parametrize("n_gt", [0, 1, 37])
+def test_chunked_box_iou_equals_box_iou_bit_for_bit(n_gt: int) -> None:
+    generator = torch.Generator().manual_seed(n_gt)
+
+    def boxes(n: int) -> torch.Tensor:
+        corner = torch.rand(n, 2, generator=generator) * 100
+        return torch.cat([corner, corner + 1 + torch.rand(n, 2, generator=generator) * 30], dim=1)
+    gt, anchors = boxes(n_gt), boxes(1001)
+    chunked = chunked_box_iou(gt, anchors, pairs=50)  # many slices, the last one short
+    assert chunked.shape == (n_gt, 1001)
+    assert torch.equal(chunked, box_iou(gt, anchors))
+
+
+def test_rpn_matches_anchors_with_the_chunked_iou() -> None:
+    model = build_model(TINY)
+    assert model.rpn.box_similarity is chunked_box_iou
