@@ -2,8 +2,9 @@
 
 Layout: ``train/<sample>/image.tif`` + ``class1.tif``..``class4.tif`` (label images),
 ``test_release/*.tif`` and ``test_image_name_to_ids.json``. Every label TIFF is decoded
-once per run, when the dataset is built, so that bad input fails before training starts
-and later epochs only pay for the image decode and the augmentation.
+once per run, when the dataset is built, so that bad input fails before training starts;
+the images are kept too (in their stored dtype), so later epochs only pay for the
+augmentation and for rendering the target.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,7 +21,6 @@ import tifffile
 import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from tqdm import tqdm
 
 NUM_CLASSES = 4
@@ -55,24 +56,54 @@ class Instances:
     def in_window(self, y0: int, x0: int, y1: int, x1: int) -> "Instances":
         """The instances seen through a window, in window coordinates: cut masks get tight
         boxes, instances left with no pixel are dropped."""
-        labels, boxes, crops = [], [], []
+        kept = []
         for label, (bx0, by0, bx1, by1), crop in zip(self.labels, self.boxes, self.crops):
             cx0, cy0, cx1, cy1 = max(bx0, x0), max(by0, y0), min(bx1, x1), min(by1, y1)
             if cx1 <= cx0 or cy1 <= cy0:
                 continue
             part = crop[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]
-            rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
-            if len(rows) == 0:
-                continue
-            part = part[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-            labels.append(label)
-            boxes.append((cx0 + cols[0] - x0, cy0 + rows[0] - y0, cx0 + cols[-1] + 1 - x0, cy0 + rows[-1] + 1 - y0))
-            crops.append(part)
-        return Instances(np.asarray(labels, dtype=np.int64), np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
-                         crops, y1 - y0, x1 - x0)
+            kept.append((label, *_tight(part, cx0 - x0, cy0 - y0)))
+        return Instances.from_parts([k for k in kept if k[2] is not None], y1 - y0, x1 - x0)
+
+    def flipped(self, horizontal: bool) -> "Instances":
+        """Mirrored left-right (or top-bottom): crops become reversed views and boxes are
+        mirrored, so a flip costs nothing however many full-image masks it stands for."""
+        boxes = self.boxes.copy()
+        if horizontal:
+            boxes[:, [0, 2]] = self.width - self.boxes[:, [2, 0]]
+            crops = [c[:, ::-1] for c in self.crops]
+        else:
+            boxes[:, [1, 3]] = self.height - self.boxes[:, [3, 1]]
+            crops = [c[::-1] for c in self.crops]
+        return Instances(self.labels, boxes, crops, self.height, self.width)
+
+    def erased(self, x0: int, y0: int, x1: int, y1: int) -> "Instances":
+        """The region [x0, x1) x [y0, y1) wiped from every mask: touched instances are re-boxed
+        tight (a box never outlives its mask), emptied ones dropped, the rest shared."""
+        b = self.boxes
+        touched = (b[:, 0] < x1) & (b[:, 2] > x0) & (b[:, 1] < y1) & (b[:, 3] > y0)
+        if not touched.any():
+            return self
+        parts = []
+        for i, (label, (bx0, by0, bx1, by1), crop) in enumerate(zip(self.labels, b, self.crops)):
+            if touched[i]:
+                crop = crop.copy()
+                crop[max(y0 - by0, 0):max(y1 - by0, 0), max(x0 - bx0, 0):max(x1 - bx0, 0)] = False
+                parts.append((label, *_tight(crop, bx0, by0)))
+            else:
+                parts.append((label, (bx0, by0, bx1, by1), crop))
+        return Instances.from_parts([p for p in parts if p[2] is not None], self.height, self.width)
+
+    @staticmethod
+    def from_parts(parts: Sequence[tuple], height: int, width: int) -> "Instances":
+        """Instances from (label, box, crop) triples."""
+        return Instances(np.asarray([p[0] for p in parts], dtype=np.int64),
+                         np.asarray([p[1] for p in parts], dtype=np.int64).reshape(-1, 4),
+                         [p[2] for p in parts], height, width)
 
     def masks(self) -> np.ndarray:
-        """Full-image uint8 masks [N, H, W]."""
+        """Full-image uint8 masks [N, H, W]. The zeros come from the OS untouched (calloc), so
+        only the pages the crops land on cost anything until a consumer reads the rest."""
         out = np.zeros((len(self), self.height, self.width), dtype=np.uint8)
         for i, (x1, y1, x2, y2) in enumerate(self.boxes):
             out[i, y1:y2, x1:x2] = self.crops[i]
@@ -81,15 +112,24 @@ class Instances:
 
 def read_image(path: Path) -> np.ndarray:
     """Decode any HW3 image (grey, RGB, RGBA, 8/16-bit, float) to float32 [H, W, 3] in [0, 1]."""
-    array = _read_tiff(path)
-    array = _to_hwc(array, path)
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.shape[2] == 2:  # grey + alpha
-        array = np.repeat(array[:, :, :1], 3, axis=2)
-    elif array.shape[2] > 3:  # RGBA: alpha carries no stain information
+    return to_float_rgb(read_raw_image(path), path)
+
+
+def read_raw_image(path: Path) -> np.ndarray:
+    """The image's pixels in their stored dtype, [H, W, 1] (grey) or [H, W, 3]: the compact
+    form the training set keeps in memory (alpha carries no stain information)."""
+    array = _to_hwc(_read_tiff(path), path)
+    if array.shape[2] == 2:  # grey + alpha
+        array = array[:, :, :1]
+    elif array.shape[2] > 3:
         array = array[:, :, :3]
-    return _scale_by_dtype(array, path)
+    return np.ascontiguousarray(array)
+
+
+def to_float_rgb(array: np.ndarray, path: Path) -> np.ndarray:
+    """Raw pixels to float32 [H, W, 3] in [0, 1], scaled by dtype; grey repeated to RGB."""
+    array = _scale_by_dtype(array, path)
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
 def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -166,30 +206,36 @@ def split_samples(names: Sequence[str], val_split: float, seed: int) -> tuple[li
 
 
 class HW3TrainDataset(Dataset):
-    """Training/validation samples with labels decoded once, at construction.
+    """Training/validation samples with labels (and, by default, images) decoded once, at
+    construction.
 
-    ``image_ids`` are stable across runs (the sample's position in the sorted sample list,
-    plus one), so validation ground truth and predictions always refer to the same ids.
+    ``transforms`` act on ``(image [3, H, W], Instances)`` before any full-image mask exists
+    (``augment.build_train_transforms``); the target dict is rendered after them, so flips
+    and CutOut cost the same for 10 cells or 800. ``image_ids`` are stable across runs (the
+    sample's position in the sorted sample list, plus one), so validation ground truth and
+    predictions always refer to the same ids.
     """
 
     def __init__(
         self,
         sample_dirs: Sequence[Path],
         image_ids: Sequence[int],
-        transforms: Callable | None = None,
+        transforms: Callable[[torch.Tensor, Instances], tuple[torch.Tensor, Instances]] | None = None,
         decode_workers: int = 2,
         desc: str = "decode labels",
         crop_window: Callable[[int, int], tuple[int, int, int, int]] | None = None,
+        cache_images: bool = True,
     ) -> None:
         self.sample_dirs = [Path(p) for p in sample_dirs]
         self.image_ids = list(image_ids)
         self.transforms = transforms
         self.crop_window = crop_window
+        decode = partial(_decode_sample, keep_image=cache_images)
         with ThreadPoolExecutor(max(1, decode_workers)) as pool:
-            jobs = pool.map(_decode_sample, self.sample_dirs)
-            self.instances: list[Instances] = list(
-                tqdm(jobs, total=len(self.sample_dirs), desc=desc, leave=False, disable=None)
-            )
+            jobs = pool.map(decode, self.sample_dirs)
+            decoded = list(tqdm(jobs, total=len(self.sample_dirs), desc=desc, leave=False, disable=None))
+        self.images: list[np.ndarray | None] = [image for image, _ in decoded]
+        self.instances: list[Instances] = [inst for _, inst in decoded]
         self.empty = [p.name for p, inst in zip(self.sample_dirs, self.instances) if len(inst) == 0]
 
     def __len__(self) -> int:
@@ -198,35 +244,44 @@ class HW3TrainDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         inst = self.instances[index]
         window = self.crop_window(inst.height, inst.width) if self.crop_window else None
-        image, target = self.load(index, window)
+        image, inst = self.raw(index, window)
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return plain_sample(image, target)
+            image, inst = self.transforms(image, inst)
+        return image, render_target(inst, self.image_ids[index])
 
     def name_of(self, image_id: int) -> str:
         """The sample folder behind an image id, for error messages."""
         return self.sample_dirs[self.image_ids.index(image_id)].name
 
-    def load(self, index: int, window: tuple[int, int, int, int] | None = None) -> tuple[tv_tensors.Image, dict]:
-        """The sample as torchvision tv_tensors, before any augmentation; with a window
-        (y0, x0, y1, x1) only that part is rendered, so full-image masks are never built."""
+    def load(self, index: int, window: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, dict]:
+        """The sample as the model takes it, before any augmentation."""
+        image, inst = self.raw(index, window)
+        return image, render_target(inst, self.image_ids[index])
+
+    def raw(self, index: int, window: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, Instances]:
+        """The image [3, H, W] and its compact instances; with a window (y0, x0, y1, x1) only
+        that part, so a dense 2000 px image costs what the window does."""
         inst = self.instances[index]
-        image = read_image(self.sample_dirs[index] / IMAGE_FILE)
+        image = self.images[index]
+        if image is None:
+            image = read_raw_image(self.sample_dirs[index] / IMAGE_FILE)
         if window is not None:
             inst = inst.in_window(*window)
             image = image[window[0]:window[2], window[1]:window[3]]
-        size = (inst.height, inst.width)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(inst.boxes).float(), format="XYXY", canvas_size=size
-            ),
-            "masks": tv_tensors.Mask(torch.from_numpy(inst.masks())),
-            "labels": torch.from_numpy(inst.labels),
-            "area": torch.from_numpy(inst.areas),
-            "iscrowd": torch.zeros(len(inst), dtype=torch.int64),
-            "image_id": self.image_ids[index],
-        }
-        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()), target
+        image = to_float_rgb(image, self.sample_dirs[index] / IMAGE_FILE)
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), inst
+
+
+def render_target(inst: Instances, image_id: int) -> dict:
+    """torchvision's target dict (the design's contract) from compact instances."""
+    return {
+        "boxes": torch.from_numpy(inst.boxes).float(),
+        "masks": torch.from_numpy(inst.masks()),
+        "labels": torch.from_numpy(inst.labels),
+        "area": torch.from_numpy(inst.areas),
+        "iscrowd": torch.zeros(len(inst), dtype=torch.int64),
+        "image_id": image_id,
+    }
 
 
 class HW3TestDataset(Dataset):
@@ -272,12 +327,6 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     return sorted(entries, key=lambda e: e["id"])
 
 
-def plain_sample(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    """Strip tv_tensor wrappers so the model sees plain tensors."""
-    plain = {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
-    return image.as_subclass(torch.Tensor), plain
-
-
 def collate_fn(batch: list) -> tuple:
     """Detection batches are lists: images differ in size and instance count."""
     return tuple(zip(*batch))
@@ -287,9 +336,19 @@ def write_split(path: Path, train: list[str], val: list[str], seed: int, val_spl
     Path(path).write_text(json.dumps({"seed": seed, "val_split": val_split, "train": train, "val": val}, indent=1))
 
 
-def _decode_sample(sample_dir: Path) -> Instances:
-    shape = read_image(sample_dir / IMAGE_FILE).shape[:2]
-    return decode_instances(sample_dir, shape)
+def _decode_sample(sample_dir: Path, keep_image: bool) -> tuple[np.ndarray | None, Instances]:
+    image = read_raw_image(sample_dir / IMAGE_FILE)
+    return (image if keep_image else None), decode_instances(sample_dir, image.shape[:2])
+
+
+def _tight(crop: np.ndarray, x0: int, y0: int) -> tuple[tuple[int, int, int, int] | None, np.ndarray | None]:
+    """A crop trimmed to its pixels and its box (exclusive max) with the crop placed at
+    (x0, y0); (None, None) when no pixel is left."""
+    rows, cols = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
+    if len(rows) == 0:
+        return None, None
+    box = (x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1)
+    return box, crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def _instances_of(label: np.ndarray):

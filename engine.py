@@ -55,6 +55,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--split_seed", type=int, default=None,
                       help="seed of the split alone (default: --seed), to compare seeds on the same held-out images")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--no_cache_images", action="store_true",
+                      help="decode each image on every access instead of keeping the decoded images in memory "
+                           "(in their stored dtype: 3 bytes a pixel for 8-bit RGB, ~0.6 GB for HW3's training set)")
     data.add_argument("--repeat_thresh", type=float, default=0.0,
                       help="repeat-factor sampling: images with classes in fewer than this share of images "
                            "repeat up to sqrt(t/f) times per epoch (0 disables)")
@@ -469,8 +472,9 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
         write_split(out / "split.json", train_names, val_names, split_seed, args.val_split)
     train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                 build_train_transforms(args), desc="decode train labels",
-                                crop_window=build_crop_window(args))
-    val_set = HW3TrainDataset([by_name[n] for n in val_names], [ids[n] for n in val_names], desc="decode val labels")
+                                crop_window=build_crop_window(args), cache_images=not args.no_cache_images)
+    val_set = HW3TrainDataset([by_name[n] for n in val_names], [ids[n] for n in val_names], desc="decode val labels",
+                              cache_images=not args.no_cache_images)
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.empty:
             _log(info, f"note: {len(ds.empty)} {name} sample(s) have no instances (kept as background): {ds.empty[:5]}")

@@ -24,7 +24,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples, plain_sample  # noqa: E402
+from dataloader import HW3TrainDataset, list_samples  # noqa: E402
 from engine import _autocast  # noqa: E402
 from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = setup(args)
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         sample = _sample(args, Path(tmp))
-        image, target = plain_sample(*HW3TrainDataset([sample], [1], decode_workers=1, desc="sample").load(0))
+        image, target = HW3TrainDataset([sample], [1], decode_workers=1, desc="sample").load(0)
     attention_error = attention_unavailable()
     rows = []
     for backbone in args.backbones:

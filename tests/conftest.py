@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,3 +26,22 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes with exclusive max from masks [N, H, W], and which masks have any pixel: the
+    oracle every box the pipeline produces is checked against."""
+    masks = masks.bool()
+    rows = masks.any(dim=2)
+    cols = masks.any(dim=1)
+    nonempty = rows.any(dim=1)
+    height, width = masks.shape[-2:]
+    ys = torch.arange(height)
+    xs = torch.arange(width)
+    y1 = torch.where(rows, ys, height).min(dim=1).values
+    y2 = torch.where(rows, ys, -1).max(dim=1).values + 1
+    x1 = torch.where(cols, xs, width).min(dim=1).values
+    x2 = torch.where(cols, xs, -1).max(dim=1).values + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    boxes[~nonempty] = 0
+    return boxes, nonempty

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import shared
+from conftest import mask_boxes, shared
 from dataloader import (DatasetError, HW3TestDataset, HW3TrainDataset, decode_instances, list_samples,
                         read_id_map, read_image, split_samples)
 from synthetic import write_rgba_lzw
@@ -89,6 +89,22 @@ def test_labels_decoded_once(tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch
         ds[0], ds[1]
 
 
+def test_images_cached_unless_asked_not_to(tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = list_samples(tiny_dataset["train_dir"])[:2]
+    cached, uncached = HW3TrainDataset(samples, [1, 2]), HW3TrainDataset(samples, [1, 2], cache_images=False)
+    assert cached.images[0].dtype == np.uint8 and cached.images[0].shape[2] == 3  # alpha dropped, stored dtype
+    assert uncached.images == [None, None]
+    import dataloader
+
+    reads = []
+    monkeypatch.setattr(dataloader, "_read_tiff", lambda path: reads.append(path) or tifffile.imread(path))
+    for index in range(2):
+        image, target = cached.load(index)
+        again, target_again = uncached.load(index)
+        assert torch.equal(image, again) and torch.equal(target["masks"], target_again["masks"])
+    assert len(reads) == 2  # only the uncached dataset read its images
+
+
 def test_split_is_seeded_and_order_free() -> None:
     names = [f"n{i}" for i in range(10)]
     train, val = split_samples(names, 0.2, seed=3)
@@ -160,7 +176,7 @@ def test_real_id_map_parses() -> None:
 
 
 def test_window_renders_only_what_it_sees(tiny_dataset: dict) -> None:
-    from augment import RandomWindow, mask_boxes
+    from augment import RandomWindow
 
     samples = list_samples(tiny_dataset["train_dir"])
     full = HW3TrainDataset(samples[:1], [1])
