@@ -80,6 +80,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run = parser.add_argument_group("checkpoints and selection")
     run.add_argument("--select_metric", choices=SELECT_METRICS, default="segm_AP50",
                      help="validation metric that picks best.pth (the competition scores segm AP50)")
+    run.add_argument("--eval_every", type=int, default=1,
+                     help="validate every N epochs and after the last (best.pth is chosen among validated epochs)")
     run.add_argument("--eval_max_dets", type=int, default=100,
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
     run.add_argument("--tile", type=int, default=0,
@@ -184,6 +186,10 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         state["partial"] = None
         state["history"].append(row)
         state["epoch"] = epoch
+        if "val" in loaders and "val_loss" not in row:  # a skipped validation selects nothing
+            _save_last(out, snapshot(), state["history"], info)
+            _log(info, _epoch_line(row, args.select_metric, False))
+            continue
         raw_metric = row.get(args.select_metric, -row.get("val_loss", row["train_loss"]))
         ema_metric = row.get(f"ema_{args.select_metric}")
         use_ema = ema_metric is not None and ema_metric > raw_metric
@@ -192,13 +198,11 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         if improved:
             state["best_metric"], state["best_epoch"] = metric, epoch
         schedule.epoch_end(raw_metric)  # the plateau schedule follows the weights being trained
-        if info.is_main:
-            ckpt = snapshot()
-            save_checkpoint(out / "last.pth", ckpt)
-            if improved:  # best.pth holds whichever weights scored higher; inference reads "model"
-                best = {**ckpt, "model": opt.ema.module.state_dict(), "raw_model": ckpt["model"]} if use_ema else ckpt
-                save_checkpoint(out / "best.pth", {**best, "weights": "ema" if use_ema else "raw"})
-            write_history(out / "history.json", state["history"])
+        ckpt = snapshot()
+        if info.is_main and improved:  # best.pth holds whichever weights scored higher; inference reads "model"
+            best = {**ckpt, "model": opt.ema.module.state_dict(), "raw_model": ckpt["model"]} if use_ema else ckpt
+            save_checkpoint(out / "best.pth", {**best, "weights": "ema" if use_ema else "raw"})
+        _save_last(out, ckpt, state["history"], info)
         _log(info, _epoch_line(row, args.select_metric, improved))
         if args.early_stop and epoch - state["best_epoch"] >= args.patience:
             _log(info, f"early stop: no improvement of {args.select_metric} for {args.patience} epochs")
@@ -219,7 +223,7 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
         return None
     row: dict[str, Any] = {"epoch": epoch, "lr": opt.optimizer.param_groups[0]["lr"]}
     row.update(meter.summary(info, device))
-    if "val" in loaders:
+    if "val" in loaders and (epoch % max(args.eval_every, 1) == 0 or epoch == args.epochs):
         row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
         row.update(validation_metrics(model, loaders["val"], coco_gt, device, args, info))
         if opt.ema is not None:  # the average is scored beside the raw weights
@@ -440,6 +444,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float
     span = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / span, 1.0)
     return eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress))
+
+
+def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistInfo) -> None:
+    """last.pth and history.json after every epoch, on rank 0."""
+    if info.is_main:
+        save_checkpoint(out / "last.pth", ckpt)
+        write_history(out / "history.json", history)
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -1,11 +1,14 @@
 """Held-out accuracy of training configurations at an equal budget, side by side.
 
 Each configuration trains from the same flags plus its own, for the same number of epochs, on
-the same seeded split (``--split_seed``), once per seed; the table reports segm AP, AP50 and
-AP75 of the *last* epoch on the held-out images (no checkpoint selection on them), averaged
-over seeds. A change becomes a default only if it wins here.
+the same seeded split (``--split_seed``), once per seed, validating only after the last
+epoch. The table reports segm AP, AP50 and AP75 of that last epoch on the held-out images (no
+checkpoint selection on them), averaged over seeds. Every run also keeps an EMA of its
+weights (``--ema_decay``), scored beside the raw weights, so "+ema" costs no extra training;
+the inference-time additions (``--post``: tiled prediction, TTA) are scored on the same
+run's final raw weights. A change becomes a default only if it wins here.
 
-    python benchmarks/accuracy.py --configs stock cells --seeds 0 1
+    python benchmarks/accuracy.py --configs stock_native cells --seeds 0 1 --post tile tta
 """
 from __future__ import annotations
 
@@ -16,23 +19,35 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from coco import build_coco_gt, evaluate  # noqa: E402
+from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
+from engine import predict  # noqa: E402
 
+STOCK_HEADS = ["--anchor_sizes", "32", "64", "128", "256", "512", "--detections_per_img", "100",
+               "--box_score_thresh", "0.05", "--rpn_pre_nms_top_n_test", "1000", "--rpn_post_nms_top_n_test", "1000"]
 # Flags that differ between configurations; everything else is shared.
 CONFIGS: dict[str, list[str]] = {
-    "stock": ["--anchor_sizes", "32", "64", "128", "256", "512", "--min_size", "800", "--max_size", "1333",
-              "--max_upscale", "100", "--detections_per_img", "100", "--box_score_thresh", "0.05",
-              "--rpn_pre_nms_top_n_test", "1000", "--rpn_post_nms_top_n_test", "1000"],
+    "stock": [*STOCK_HEADS, "--min_size", "800", "--max_size", "1333", "--max_upscale", "100"],
+    "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at the native scale the defaults use
     "cells": [],
     "cells+repeat": ["--repeat_thresh", "0.3"],
-    "cells+ema": ["--ema_decay", "0.99"],
-    "cells+tile": ["--tile", "256", "--tile_overlap", "0.25"],
+}
+# Inference-time additions, scored on a run's final raw weights: predict() keyword arguments.
+POST: dict[str, dict[str, Any]] = {
+    "tile": {"tile": 256, "tile_overlap": 0.25},
+    "tta": {"tta_scales": [1.0]},
+    "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
 }
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
 
@@ -45,13 +60,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for name in args.configs:
             for seed in args.seeds:
                 start = time.time()
-                row = train_once(script, args, CONFIGS[name], seed, Path(tmp) / f"{name}_{seed}")
-                row["seconds"] = round(time.time() - start, 1)
-                runs.setdefault(name, []).append(row)
-                print(f"{name} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS), flush=True)
+                out = Path(tmp) / f"{name}_{seed}"
+                rows = train_once(script, args, CONFIGS[name], seed, out)
+                rows.update({f"{name}+{post}": score_post(out, args, POST[post]) for post in args.post})
+                for label, row in rows.items():
+                    row["seconds"] = round(time.time() - start, 1)
+                    runs.setdefault(label, []).append(row)
+                    print(f"{label} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS), flush=True)
     table = {name: {m: statistics.mean(r[m] for r in rows) for m in METRICS} for name, rows in runs.items()}
-    print_table(table, args)
-    result = {"settings": vars(args), "mean": table, "runs": runs}
+    spread = {name: {m: statistics.pstdev(r[m] for r in rows) for m in METRICS} for name, rows in runs.items()}
+    print_table(table, spread, args)
+    result = {"settings": vars(args), "mean": table, "std": spread, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     return result
@@ -60,34 +79,59 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_dir", default=str(ROOT.parent / "shared/data/cpm15_hw3/train"))
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["stock", "cells"])
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["stock_native", "cells"])
+    parser.add_argument("--post", nargs="*", choices=sorted(POST), default=[],
+                        help="inference-time additions scored on each run's final weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--split_seed", type=int, default=0, help="one held-out split for every run")
     parser.add_argument("--val_split", type=float, default=0.3, help="held-out share (3 of 10 CPM-15 images)")
     parser.add_argument("--backbone", choices=("resnet", "effnet"), default="resnet")
     parser.add_argument("--weights", default="none", help="imagenet where it can be downloaded")
-    parser.add_argument("--epochs", type=int, default=8, help="equal budget for every configuration")
+    parser.add_argument("--epochs", type=int, default=30, help="equal budget for every configuration")
     parser.add_argument("--crop", type=int, default=256, help="CPU-sized training windows")
+    parser.add_argument("--ema_decay", type=float, default=0.98, help="the EMA scored beside every run (0: none)")
+    parser.add_argument("--eval_max_dets", type=int, default=100, help="COCOeval maxDets")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"))
     return parser
 
 
-def train_once(script, args: argparse.Namespace, flags: list[str], seed: int, out: Path) -> dict:
-    """Train one configuration and return the held-out metrics of its last epoch."""
+def train_once(script, args: argparse.Namespace, flags: list[str], seed: int, out: Path) -> dict[str, dict]:
+    """Train one configuration; the held-out metrics of its last epoch, raw and EMA."""
     script.main(["--train_dir", args.train_dir, "--output_dir", str(out), "--weights", args.weights,
-                 "--epochs", str(args.epochs), "--crop", str(args.crop), "--warmup_epochs", "1", "--use_cosine",
-                 "--lr", "4e-4", "--val_split", str(args.val_split), "--split_seed", str(args.split_seed),
-                 "--seed", str(seed), "--num_workers", "0", *flags, *args.extra])
+                 "--epochs", str(args.epochs), "--eval_every", str(args.epochs), "--crop", str(args.crop),
+                 "--warmup_epochs", "1", "--use_cosine", "--lr", "4e-4", "--val_split", str(args.val_split),
+                 "--split_seed", str(args.split_seed), "--seed", str(seed), "--num_workers", "0",
+                 "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), *flags, *args.extra])
     last = json.loads((out / "history.json").read_text())[-1]
-    return {m: float(last[m]) for m in METRICS}
+    name = out.name.rsplit("_", 1)[0]
+    rows = {name: {m: float(last[m]) for m in METRICS}}
+    if args.ema_decay > 0:
+        rows[f"{name}+ema"] = {m: float(last[f"ema_{m}"]) for m in METRICS}
+    return rows
 
 
-def print_table(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
-    print(f"\nheld-out segm metrics, last epoch, mean of seeds {args.seeds} ({args.epochs} epochs, crop {args.crop})")
-    print(f"{'configuration':<16}" + "".join(f"{m:>12}" for m in METRICS))
+def score_post(out: Path, args: argparse.Namespace, post: dict[str, Any]) -> dict[str, float]:
+    """Held-out metrics of the run's final raw weights, predicted with ``post``'s settings."""
+    split = json.loads((out / "split.json").read_text())
+    samples = list_samples(Path(args.train_dir))
+    ids = {p.name: i + 1 for i, p in enumerate(samples)}
+    val = [p for p in samples if p.name in set(split["val"])]
+    dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
+    model, _, _ = load_model(out / "last.pth")
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
+    results = predict(model, loader, torch.device("cpu"), False, desc="held-out predict", **post)
+    metrics = evaluate(build_coco_gt(dataset.instances, dataset.image_ids), results, max_dets=args.eval_max_dets)
+    return {m: float(metrics[m]) for m in METRICS}
+
+
+def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, float]],
+                args: argparse.Namespace) -> None:
+    print(f"\nheld-out segm metrics, last epoch, mean ± std of seeds {args.seeds} "
+          f"({args.epochs} epochs, crop {args.crop})")
+    print(f"{'configuration':<20}" + "".join(f"{m:>20}" for m in METRICS))
     for name, row in table.items():
-        print(f"{name:<16}" + "".join(f"{row[m]:>12.4f}" for m in METRICS))
+        print(f"{name:<20}" + "".join(f"{row[m]:>12.4f} ± {spread[name][m]:.4f}" for m in METRICS))
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ def test_step_time_rows_and_ratios(tmp_path: Path) -> None:
         assert "skipped" in rows[1]["note"]
     else:
         assert rows[1]["step_s"] > 0 and rows[1]["ratio_vs_resnet101"] is not None
+
+
+def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path: Path) -> None:
+    from benchmarks import accuracy
+
+    out = tmp_path / "accuracy.json"
+    result = accuracy.main(["--train_dir", str(tiny_dataset["train_dir"]), "--configs", "cells", "--seeds", "0",
+                            "--epochs", "1", "--crop", "64", "--post", "tile", "--json", str(out), "--extra",
+                            "--min_size", "64", "--max_size", "128", "--detections_per_img", "20",
+                            "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
+    assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile"}
+    assert json.loads(out.read_text())["mean"] == result["mean"]
+    for row in result["mean"].values():
+        assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)

@@ -97,14 +97,16 @@ def test_bf16_amp_train_step_on_cpu(tiny_dataset: dict, tmp_path: Path) -> None:
     assert (out / "best.pth").exists()  # without validation the training loss selects it
 
 
-def test_ema_and_repeat_factor_sampling(tiny_dataset: dict, tmp_path: Path) -> None:
+def test_ema_repeat_factor_sampling_and_eval_every(tiny_dataset: dict, tmp_path: Path) -> None:
     out = tmp_path / "ema"
-    _train(train_resnet, tiny_dataset, out, "--epochs", "2", "--ema_decay", "0.9", "--repeat_thresh", "0.9")
+    _train(train_resnet, tiny_dataset, out, "--epochs", "3", "--ema_decay", "0.9", "--repeat_thresh", "0.9",
+           "--eval_every", "2")
     last = load_checkpoint(out / "last.pth")
-    assert last["ema"]["updates"] == last["scheduler"]["steps"] > 0
+    assert last["ema"]["updates"] == last["scheduler"]["steps"] > 0 and last["epoch"] == 3
     history = json.loads((out / "history.json").read_text())
-    assert all("ema_segm_AP50" in row for row in history)
+    assert [("val_loss" in row, "ema_segm_AP50" in row) for row in history] == [(False, False), (True, True),
+                                                                                 (True, True)]
     best = load_checkpoint(out / "best.pth")
-    assert best["weights"] in ("raw", "ema")
+    assert best["weights"] in ("raw", "ema") and best["epoch"] in (2, 3)
     if best["weights"] == "ema":
         assert "raw_model" in best
