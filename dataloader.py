@@ -23,6 +23,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from masks import PackedMasks
+
 NUM_CLASSES = 4
 CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"
@@ -101,13 +103,13 @@ class Instances:
                          np.asarray([p[1] for p in parts], dtype=np.int64).reshape(-1, 4),
                          [p[2] for p in parts], height, width)
 
+    def packed(self) -> PackedMasks:
+        """The masks as the training target carries them."""
+        return PackedMasks.from_crops(self.crops, self.boxes, (self.height, self.width))
+
     def masks(self) -> np.ndarray:
-        """Full-image uint8 masks [N, H, W]. The zeros come from the OS untouched (calloc), so
-        only the pages the crops land on cost anything until a consumer reads the rest."""
-        out = np.zeros((len(self), self.height, self.width), dtype=np.uint8)
-        for i, (x1, y1, x2, y2) in enumerate(self.boxes):
-            out[i, y1:y2, x1:x2] = self.crops[i]
-        return out
+        """Full-image uint8 masks [N, H, W]."""
+        return self.packed().full().numpy()
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -273,10 +275,11 @@ class HW3TrainDataset(Dataset):
 
 
 def render_target(inst: Instances, image_id: int) -> dict:
-    """torchvision's target dict (the design's contract) from compact instances."""
+    """torchvision's target dict from compact instances; ``masks`` stay packed per box
+    (``masks.PackedMasks``, ``.full()`` for the [N, H, W] tensor), which is all the model reads."""
     return {
         "boxes": torch.from_numpy(inst.boxes).float(),
-        "masks": torch.from_numpy(inst.masks()),
+        "masks": inst.packed(),
         "labels": torch.from_numpy(inst.labels),
         "area": torch.from_numpy(inst.areas),
         "iscrowd": torch.zeros(len(inst), dtype=torch.int64),

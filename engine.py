@@ -29,6 +29,7 @@ from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, 
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
                          sum_across)
 from ema import ModelEMA
+from masks import PackedMasks
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, unpasted_masks
 from sampling import class_repeat_factors, train_sampler
 from tiling import predict_tiled
@@ -551,8 +552,8 @@ def _log(info: DistInfo, message: str) -> None:
 
 def _to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-               for t in targets]
+    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, PackedMasks)) else v
+                for k, v in t.items()} for t in targets]
     return images, targets
 
 

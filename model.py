@@ -24,6 +24,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from masks import PackedMasks
+
 BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
                     "effnet_v2_m": "effnet_v2_m", "efficientnet_v2_m": "effnet_v2_m"}
@@ -237,7 +239,9 @@ class CellTransform(GeneralizedRCNNTransform):
             return image, target
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
-        if "masks" in target:
+        if isinstance(target.get("masks"), PackedMasks):
+            target["masks"] = target["masks"].resized(tuple(image.shape[-2:]))
+        elif "masks" in target:
             target["masks"] = resize_masks(target["masks"], image.shape[-2:])
         return image, target
 
@@ -263,13 +267,14 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) ->
     return out
 
 
-def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor,
+def project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Tensor, matched_idxs: torch.Tensor,
                            size: int) -> torch.Tensor:
     """Mask targets of the positive RoIs, equal to torchvision's, without its float copy of
     every ground-truth mask at full image size (gigabytes with 800 cells per image).
 
     Each matched instance is cropped to the union of its RoIs plus a 2-pixel margin, clipped
     to the image, so roi_align's bilinear samples and border clamping see the same pixels.
+    ``gt_masks`` is the [N, H, W] tensor or the packed crops the dataset produces.
     """
     out = boxes.new_zeros((len(boxes), size, size))
     height, width = gt_masks.shape[-2:]
@@ -280,7 +285,11 @@ def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_
         y0 = max(int(rois[:, 1].min().floor()) - 2, 0)
         x1 = min(int(rois[:, 2].max().ceil()) + 2, width)
         y1 = min(int(rois[:, 3].max().ceil()) + 2, height)
-        crop = gt_masks[j, y0:y1, x0:x1][None, None].to(boxes.dtype)
+        if isinstance(gt_masks, PackedMasks):
+            crop = gt_masks.region(j, x0, y0, x1, y1)
+        else:
+            crop = gt_masks[j, y0:y1, x0:x1]
+        crop = crop[None, None].to(boxes.dtype)
         shifted = rois - rois.new_tensor([x0, y0, x0, y0])
         indexed = torch.cat([shifted.new_zeros(len(sel), 1), shifted], dim=1)
         out[sel] = roi_align(crop, indexed, (size, size), 1.0)[:, 0]

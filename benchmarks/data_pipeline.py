@@ -124,7 +124,7 @@ def stage_breakdown(samples: Sequence[Path], transforms: Any, seed: int) -> list
     ops = list(getattr(transforms, "transforms", []))
     totals: dict[str, float] = {"read image": 0.0, "decode labels": 0.0}
     totals.update({f"augment: {_op_name(op)}": 0.0 for op in ops})
-    totals["render target (full masks)"] = 0.0
+    totals["render target (packed masks)"] = 0.0
     torch.manual_seed(seed)
     for index, sample in enumerate(samples):
         for stage, seconds in _sample_stages(dataset, index, sample, ops):
@@ -143,7 +143,7 @@ def _sample_stages(dataset: HW3TrainDataset, index: int, sample: Path, ops: list
     for op in ops:
         (image, inst), seconds = timed(partial(op, image, inst))
         stages.append((f"augment: {_op_name(op)}", seconds))
-    stages.append(("render target (full masks)", timed(partial(render_target, inst, index + 1))[1]))
+    stages.append(("render target (packed masks)", timed(partial(render_target, inst, index + 1))[1]))
     return stages
 
 

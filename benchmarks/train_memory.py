@@ -1,15 +1,18 @@
 """Peak memory and time of one training step as the instance count grows: stock vs ours.
 
 Stock is torchvision's path: ``GeneralizedRCNNTransform`` (it interpolates the image and
-every ground-truth mask as float, even at scale 1.0) and torchvision's mask targets (a float
-copy of every mask at full image size) and ``box_iou`` for the RPN's anchor matching. Ours is
-``model.CellTransform`` (native scale skips the mask resize) with
-``model.use_lean_mask_targets(True)`` (each matched mask cropped to its RoIs) and
-``model.chunked_box_iou`` (no [cells, anchors, 2] temporaries). Both run at scale 1.0 from the same seed, so every loss component must agree.
+every ground-truth mask as float, even at scale 1.0), torchvision's mask targets (a float copy
+of every mask at full image size), the masks as the contract's [N, H, W] tensor and
+``box_iou`` for the RPN's anchor matching. Ours is ``model.CellTransform`` (native scale skips
+the mask resize), ``model.use_lean_mask_targets(True)`` (each matched mask cropped to its
+RoIs), the dataset's packed masks (``masks.PackedMasks``: crops only, never a full-image mask)
+and ``model.chunked_box_iou`` (no [cells, anchors, 2] temporaries). Both run at scale 1.0
+from the same seed, so every loss component must agree.
 
 Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
 on a CPU the step's peak is ``ru_maxrss`` after the step minus the resident size just before
-it; on CUDA it is ``max_memory_allocated`` minus the memory allocated before it.
+the sample's target is built (so stock's full-size masks count); on CUDA it is
+``max_memory_allocated`` minus the memory allocated at that point.
 
     python benchmarks/train_memory.py                      # 100, 400, 800 cells at 1000x1000
     python benchmarks/train_memory.py --train_dir ../shared/data/cpm15_hw3/train
@@ -84,11 +87,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def measure_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Losses, step times and memory of ``spec['steps']`` training steps of one configuration."""
     seed_all(spec["seed"])
-    image, target = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0)
-    model, optimizer = _model(spec, image.shape[-2:], device)
-    images, targets = [image.to(device)], [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}]
+    dataset = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample")
+    model, optimizer = _model(spec, (dataset.instances[0].height, dataset.instances[0].width), device)
     gc.collect()
-    before = _memory_now(device)
+    before = _memory_now(device)  # the sample's target counts: stock holds every mask at full size
+    image, target = dataset.load(0)
+    if spec["variant"] == "stock":
+        target["masks"] = target["masks"].full()
+    images, targets = [image.to(device)], [{k: v.to(device) if hasattr(v, "to") else v for k, v in target.items()}]
     losses, seconds = {}, []
     for step in range(spec["steps"]):
         torch.manual_seed(spec["seed"])  # same RPN/RoI sampling on both sides
