@@ -10,7 +10,7 @@ import inspect
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, efficientnet_v2_m, resnet101
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, roi_heads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
@@ -164,7 +165,8 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_detections_per_img=config["detections_per_img"],
     )
     model.transform = CellTransform(config["min_size"], config["max_size"], config["max_upscale"])
-    model.rpn.box_similarity = chunked_box_iou
+    model.rpn.box_similarity = PairwiseIoU
+    model.rpn.proposal_matcher = SlicedMatcher(model.rpn.proposal_matcher)
     if config["use_attn"]:
         from attention_modules import SpatialChannelTransformer
 
@@ -296,18 +298,54 @@ def project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Te
     return out
 
 
-def chunked_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, pairs: int = 1 << 22) -> torch.Tensor:
-    """``box_iou`` [N, M], bit for bit, computed over slices of ``boxes2``.
+class PairwiseIoU(NamedTuple):
+    """``box_iou(gt, anchors)``, not yet computed: ``SlicedMatcher`` evaluates it slice by slice."""
 
-    The RPN matches every ground-truth box against ~260k anchors of a 1000x1000 image;
-    ``box_iou`` holds five [N, M] or [N, M, 2] float temporaries at once (about 9 MB per cell,
-    7 GB at 800 cells). Slices of ``pairs`` IoUs keep only the [N, M] result.
+    gt: torch.Tensor
+    anchors: torch.Tensor
+
+
+class SlicedMatcher(Matcher):
+    """torchvision's ``Matcher``, same matches, without the [cells, anchors] IoU matrix.
+
+    The RPN matches every ground-truth box against ~260k anchors of a 1000x1000 image:
+    ``box_iou`` holds [N, M] and [N, M, 2] float temporaries (about 9 MB per cell, 7 GB at 800
+    cells) and the matcher a [N, M] result and mask. Given a ``PairwiseIoU`` (the RPN's
+    ``box_similarity`` is ``PairwiseIoU`` here), this computes slices of ``pairs`` IoUs twice:
+    once for each anchor's best box and each box's best IoU, once to find the anchors that
+    reach a box's best (torchvision's low-quality matches). A plain matrix is matched as before.
     """
-    out = boxes1.new_empty((len(boxes1), len(boxes2)))
-    step = max(1, pairs // max(len(boxes1), 1))
-    for start in range(0, len(boxes2), step):
-        out[:, start:start + step] = box_iou(boxes1, boxes2[start:start + step])
-    return out
+
+    def __init__(self, matcher: Matcher, pairs: int = 1 << 22) -> None:
+        super().__init__(matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches)
+        self.pairs = pairs
+
+    def __call__(self, match_quality_matrix: torch.Tensor | PairwiseIoU) -> torch.Tensor:
+        if not isinstance(match_quality_matrix, PairwiseIoU):
+            return super().__call__(match_quality_matrix)
+        gt, anchors = match_quality_matrix
+        if len(gt) == 0:  # torchvision's error for an image without boxes
+            return super().__call__(gt.new_zeros((0, len(anchors))))
+        step = max(1, self.pairs // max(len(gt), 1))
+        starts = range(0, len(anchors), step)
+        best_per_gt = gt.new_full((len(gt),), -math.inf)
+        values, matches = [], []
+        for start in starts:
+            iou = box_iou(gt, anchors[start:start + step])
+            best = iou.max(dim=0)
+            values.append(best.values)
+            matches.append(best.indices)
+            best_per_gt = torch.maximum(best_per_gt, iou.max(dim=1).values)
+        matched_vals, matches = torch.cat(values), torch.cat(matches)
+        all_matches = matches.clone()
+        matches[matched_vals < self.low_threshold] = self.BELOW_LOW_THRESHOLD
+        matches[(matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)] = self.BETWEEN_THRESHOLDS
+        if self.allow_low_quality_matches:
+            for start in starts:
+                reach = (box_iou(gt, anchors[start:start + step]) == best_per_gt[:, None]).any(dim=0)
+                update = reach.nonzero().flatten() + start
+                matches[update] = all_matches[update]
+        return matches
 
 
 STOCK_PROJECT_MASKS = roi_heads.project_masks_on_boxes

@@ -2,12 +2,12 @@
 
 Stock is torchvision's path: ``GeneralizedRCNNTransform`` (it interpolates the image and
 every ground-truth mask as float, even at scale 1.0), torchvision's mask targets (a float copy
-of every mask at full image size), the masks as the contract's [N, H, W] tensor and
-``box_iou`` for the RPN's anchor matching. Ours is ``model.CellTransform`` (native scale skips
-the mask resize), ``model.use_lean_mask_targets(True)`` (each matched mask cropped to its
-RoIs), the dataset's packed masks (``masks.PackedMasks``: crops only, never a full-image mask)
-and ``model.chunked_box_iou`` (no [cells, anchors, 2] temporaries). Both run at scale 1.0
-from the same seed, so every loss component must agree.
+of every mask at full image size), the masks as the contract's [N, H, W] tensor, and
+``box_iou`` + ``Matcher`` for the RPN's anchor matching. Ours is ``model.CellTransform``
+(native scale skips the mask resize), ``model.use_lean_mask_targets(True)`` (each matched mask
+cropped to its RoIs), the dataset's packed masks (``masks.PackedMasks``: crops only, never a
+full-image mask) and ``model.SlicedMatcher`` (anchor matching without the [cells, anchors] IoU
+matrix). Both run at scale 1.0 from the same seed, so every loss component must agree.
 
 Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
 on a CPU the step's peak is ``ru_maxrss`` after the step minus the resident size just before
@@ -36,6 +36,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
+from torchvision.models.detection._utils import Matcher  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
@@ -174,7 +175,7 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
     use_lean_mask_targets(spec["variant"] == "ours")
     if spec["variant"] == "stock":
         model.transform = stock_transform(height, width)
-        model.rpn.box_similarity = box_iou
+        model.rpn.box_similarity, model.rpn.proposal_matcher = box_iou, Matcher(0.7, 0.3, True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torchvision.models import resnet101
 from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from model import CellTransform, build_model, chunked_box_iou
+from model import CellTransform, PairwiseIoU, SlicedMatcher, build_model
 
 TINY = {"weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
 
@@ -93,19 +94,34 @@ def test_init_detector_from_a_local_coco_state_dict(tmp_path: Path) -> None:
     assert effnet["backbone.fpn.inner_blocks.0.0.weight"].shape[1] == 48  # shape differs: kept fresh
 
 
-@pytest.mark.parametrize("n_gt", [0, 1, 37])
-def test_chunked_box_iou_equals_box_iou_bit_for_bit(n_gt: int) -> None:
+def _boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    corner = torch.rand(n, 2, generator=generator) * 100
+    return torch.cat([corner, corner + 1 + torch.rand(n, 2, generator=generator) * 30], dim=1)
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+@pytest.mark.parametrize("n_gt", [1, 37])
+def test_sliced_matcher_equals_torchvision_matcher(n_gt: int, low_quality: bool) -> None:
     generator = torch.Generator().manual_seed(n_gt)
+    gt, anchors = _boxes(n_gt, generator), _boxes(1001, generator)
+    gt = torch.cat([gt, gt[:1]])  # a duplicate box: ties between boxes and anchors
+    anchors[::7] = gt[torch.arange(len(anchors[::7])) % len(gt)]  # anchors that equal a box exactly
+    stock = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+    sliced = SlicedMatcher(stock, pairs=50)  # many slices, the last one short
+    expected = stock(box_iou(gt, anchors))
+    assert torch.equal(sliced(PairwiseIoU(gt, anchors)), expected)
+    assert torch.equal(sliced(box_iou(gt, anchors)), expected)  # a plain matrix is matched as before
+    assert (expected >= 0).any() and (expected == Matcher.BELOW_LOW_THRESHOLD).any()
 
-    def boxes(n: int) -> torch.Tensor:
-        corner = torch.rand(n, 2, generator=generator) * 100
-        return torch.cat([corner, corner + 1 + torch.rand(n, 2, generator=generator) * 30], dim=1)
-    gt, anchors = boxes(n_gt), boxes(1001)
-    chunked = chunked_box_iou(gt, anchors, pairs=50)  # many slices, the last one short
-    assert chunked.shape == (n_gt, 1001)
-    assert torch.equal(chunked, box_iou(gt, anchors))
 
-
-def test_rpn_matches_anchors_with_the_chunked_iou() -> None:
+def test_rpn_targets_equal_the_stock_matching() -> None:
     model = build_model(TINY)
-    assert model.rpn.box_similarity is chunked_box_iou
+    assert isinstance(model.rpn.proposal_matcher, SlicedMatcher)
+    generator = torch.Generator().manual_seed(0)
+    anchors = [_boxes(3000, generator), _boxes(500, generator)]
+    targets = [{"boxes": _boxes(40, generator)}, {"boxes": torch.zeros(0, 4)}]
+    ours = model.rpn.assign_targets_to_anchors(anchors, targets)
+    model.rpn.box_similarity, model.rpn.proposal_matcher = box_iou, Matcher(0.7, 0.3, True)
+    stock = model.rpn.assign_targets_to_anchors(anchors, targets)
+    for mine, theirs in zip(ours, stock):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
