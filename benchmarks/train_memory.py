@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 400, 800], help="cells per generated image")
     parser.add_argument("--size", type=int, nargs=2, default=[1000, 1000], metavar=("H", "W"), help="generated image size")
     parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "effnet_v2_m"))
+    parser.add_argument("--layout", default="imagenet", choices=("imagenet", "none"),
+                        help="the backbone layout of --weights imagenet (frozen BatchNorm, stem and first stage "
+                             "frozen; built without downloading anything) or of --weights none (GroupNorm, all "
+                             "layers trained, so more activations kept for the backward pass)")
     parser.add_argument("--steps", type=int, default=2,
                         help="training steps per configuration; time is the mean after the first")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000, help="same for both sides")
@@ -140,7 +144,7 @@ def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict[st
                "losses_equal", "max_loss_diff"]
     unit = "peak RSS" if device.type == "cpu" else "max_memory_allocated"
     isolation = "same process (not isolated)" if args.in_process else "one process per configuration"
-    print_table(f"one training step, batch 1, {args.backbone}, {unit} in MB, {isolation}", rows, columns)
+    print_table(f"one training step, batch 1, {args.backbone} ({args.layout} layout), {unit} in MB, {isolation}", rows, columns)
     densest = max(rows, key=lambda r: r["instances"])
     targets = {
         "peak_at_most_a_third_of_stock": densest["peak_ratio"] is not None and densest["peak_ratio"] <= 1 / 3,
@@ -165,13 +169,13 @@ def add_growth(rows: list[dict[str, Any]]) -> None:
 
 def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model of one side, built from the same seed: the two sides differ only in the
-    transform and the mask-target function."""
+    transform, the anchor matching and the mask-target function."""
     height, width = int(size[0]), int(size[1])
-    config = {"backbone": spec["backbone"], "weights": "none", "min_size": min(height, width),
+    config = {"backbone": spec["backbone"], "weights": spec["layout"], "min_size": min(height, width),
               "max_size": max(height, width), "rpn_post_nms_top_n_train": spec["rpn_post_nms_top_n_train"],
               "box_batch_size_per_image": spec["box_batch_size_per_image"]}
     torch.manual_seed(spec["seed"])
-    model = build_model(config).to(device).train()
+    model = build_model(config, load_weights=False).to(device).train()  # memory does not depend on the values
     use_lean_mask_targets(spec["variant"] == "ours")
     if spec["variant"] == "stock":
         model.transform = stock_transform(height, width)
@@ -209,7 +213,7 @@ def _run(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -
 
 def _spec(args: argparse.Namespace, sample: Path, variant: str) -> dict[str, Any]:
     return {"sample": str(sample), "variant": variant, "seed": args.seed, "steps": args.steps,
-            "backbone": args.backbone, "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
+            "backbone": args.backbone, "layout": args.layout, "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
             "box_batch_size_per_image": args.box_batch_size_per_image}
 
 
