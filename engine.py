@@ -85,8 +85,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                      help="validate every N epochs and after the last (best.pth is chosen among validated epochs)")
     run.add_argument("--eval_max_dets", type=int, default=100,
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
-    run.add_argument("--tile", type=int, default=0,
-                     help="validate images larger than this tile by tile at native resolution (0: whole images)")
+    run.add_argument("--tile", type=int, default=None,
+                     help="validate images larger than this tile by tile at native resolution (0: whole images; "
+                          "default: --crop, the context the model trains on, which scores higher, see README)")
     run.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
     run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
     run.add_argument("--checkpoint", default=None, help="weights to fine-tune from (a fresh run otherwise)")
@@ -109,6 +110,8 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         from synthetic import apply_demo_settings
 
         apply_demo_settings(args, sys.argv[1:] if argv is None else argv)
+    if args.tile is None:
+        args.tile = args.crop
     summary = train(args, backbone)
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)

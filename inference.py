@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_amp", action="store_true", help="fp16 on CUDA, bf16 on CPU")
     parser.add_argument("--score_thresh", type=float, default=0.0,
                         help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
-    parser.add_argument("--tile", type=int, default=0,
-                        help="predict images larger than this tile by tile at native resolution (0: whole images)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="predict images larger than this tile by tile at native resolution (0: whole images; "
+                             "default: the --crop the checkpoint was trained with, which scores higher, see README)")
     parser.add_argument("--tile_overlap", type=float, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: 4 flips x --tta_scales, mask-NMS merged")
@@ -61,12 +62,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
 def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: str | Path, output: Path,
                    batch_size: int = 1, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
-                   num_workers: int = 0, tile: int = 0, tile_overlap: float = 0.25,
+                   num_workers: int = 0, tile: int | None = None, tile_overlap: float = 0.25,
                    tta_scales: Sequence[float] | None = None) -> Path:
-    """Predict every test image and write the submission; returns its path."""
+    """Predict every test image and write the submission; returns its path. ``tile=None``
+    tiles at the training crop recorded in the checkpoint (whole images if it had none)."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, config, _ = load_model(Path(checkpoint), overrides)
+    model, config, state = load_model(Path(checkpoint), overrides)
+    if tile is None:
+        tile = int(state.get("args", {}).get("crop") or 0)
+        if tile:
+            print(f"tiles of {tile} px, the checkpoint's training --crop (--tile 0 predicts whole images)")
     model.to(torch_device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")

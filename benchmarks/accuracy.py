@@ -2,11 +2,11 @@
 
 Each configuration trains from the same flags plus its own, for the same number of epochs, on
 the same seeded split (``--split_seed``), once per seed, validating only after the last
-epoch. The table reports segm AP, AP50 and AP75 of that last epoch on the held-out images (no
-checkpoint selection on them), averaged over seeds. Every run also keeps an EMA of its
-weights (``--ema_decay``), scored beside the raw weights, so "+ema" costs no extra training;
-the inference-time additions (``--post``: tiled prediction, TTA) are scored on the same
-run's final raw weights. A change becomes a default only if it wins here.
+epoch, on whole images. The table reports segm AP, AP50 and AP75 of that last epoch on the
+held-out images (no checkpoint selection on them), averaged over seeds. Every run also keeps
+an EMA of its weights (``--ema_decay``), scored beside the raw weights, so "+ema" costs no
+extra training; the inference-time additions (``--post``: tiled prediction, TTA) are scored
+on the same run's final raw weights. A change becomes a default only if it wins here.
 
     python benchmarks/accuracy.py --configs stock_native cells --seeds 0 1 --post tile tta
 """
@@ -43,9 +43,10 @@ CONFIGS: dict[str, list[str]] = {
     "cells": [],
     "cells+repeat": ["--repeat_thresh", "0.3"],
 }
-# Inference-time additions, scored on a run's final raw weights: predict() keyword arguments.
+# Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
+# ("tile" tiles at the training --crop, what inference.py does by default).
 POST: dict[str, dict[str, Any]] = {
-    "tile": {"tile": 256, "tile_overlap": 0.25},
+    "tile": {"tile": None, "tile_overlap": 0.25},
     "tta": {"tta_scales": [1.0]},
     "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
 }
@@ -102,7 +103,8 @@ def train_once(script, args: argparse.Namespace, flags: list[str], seed: int, ou
                  "--epochs", str(args.epochs), "--eval_every", str(args.epochs), "--crop", str(args.crop),
                  "--warmup_epochs", "1", "--use_cosine", "--lr", "4e-4", "--val_split", str(args.val_split),
                  "--split_seed", str(args.split_seed), "--seed", str(seed), "--num_workers", "0",
-                 "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), *flags, *args.extra])
+                 "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), "--tile", "0",
+                 *flags, *args.extra])
     last = json.loads((out / "history.json").read_text())[-1]
     name = out.name.rsplit("_", 1)[0]
     rows = {name: {m: float(last[m]) for m in METRICS}}
@@ -120,7 +122,8 @@ def score_post(out: Path, args: argparse.Namespace, post: dict[str, Any]) -> dic
     dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
     model, _, _ = load_model(out / "last.pth")
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    results = predict(model, loader, torch.device("cpu"), False, desc="held-out predict", **post)
+    settings = {**post, "tile": args.crop} if "tile" in post else post
+    results = predict(model, loader, torch.device("cpu"), False, desc="held-out predict", **settings)
     metrics = evaluate(build_coco_gt(dataset.instances, dataset.image_ids), results, max_dets=args.eval_max_dets)
     return {m: float(metrics[m]) for m in METRICS}
 

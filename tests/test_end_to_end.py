@@ -110,3 +110,21 @@ def test_ema_repeat_factor_sampling_and_eval_every(tiny_dataset: dict, tmp_path:
     assert best["weights"] in ("raw", "ema") and best["epoch"] in (2, 3)
     if best["weights"] == "ema":
         assert "raw_model" in best
+
+
+def test_validation_and_inference_tile_at_the_training_crop_unless_told(tiny_dataset: dict, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine
+
+    tiles = []
+    record = lambda *a, **k: tiles.append(k["tile"]) or []  # noqa: E731
+    monkeypatch.setattr(engine, "predict", record)
+    out = tmp_path / "crop"
+    _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--crop", "64")
+    assert tiles == [64]
+    monkeypatch.setattr(inference, "predict", record)
+    test_args = ["--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"]),
+                 "--num_workers", "0", "--output", str(tmp_path / "r.json")]
+    inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
+    inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", *test_args])
+    assert tiles == [64, 64, 0]
