@@ -326,7 +326,7 @@ class SlicedMatcher(Matcher):
         gt, anchors = match_quality_matrix
         if len(gt) == 0:  # torchvision's error for an image without boxes
             return super().__call__(gt.new_zeros((0, len(anchors))))
-        step = max(1, self.pairs // max(len(gt), 1))
+        step = max(1, self.pairs // len(gt))
         starts = range(0, len(anchors), step)
         best_per_gt = gt.new_full((len(gt),), -math.inf)
         values, matches = [], []
