@@ -277,7 +277,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, opt: "Optimisation", d
             return
         start = time.time()
         opt.schedule.step()
-        images, targets = _to_device(images, targets, device)
+        images, targets = to_device(images, targets, device)
         losses = _forward_losses(model, images, targets, device, args.use_amp, loader.dataset)
         loss = sum(losses.values())
         meter.batches += 1
@@ -312,7 +312,7 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
     batches = 0
     with losses_mode(model):
         for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None if info.is_main else True):
-            images, targets = _to_device(images, targets, device)
+            images, targets = to_device(images, targets, device)
             with _autocast(device, use_amp):
                 losses = model(images, targets)
             for key, value in losses.items():
@@ -553,7 +553,8 @@ def _log(info: DistInfo, message: str) -> None:
         print(message, flush=True)
 
 
-def _to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:
+def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:
+    """Images and target dicts on ``device``, packed masks included (the model reads them there)."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, PackedMasks)) else v
                 for k, v in t.items()} for t in targets]

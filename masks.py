@@ -48,6 +48,7 @@ class PackedMasks:
         return self.data.device
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedMasks":
+        """Only the pixels move: boxes and offsets are read on the host (``tolist``) anyway."""
         return PackedMasks(self.data.to(device, non_blocking=non_blocking), self.boxes, self.offsets, self.size)
 
     def pin_memory(self) -> "PackedMasks":

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from dataloader import HW3TrainDataset, list_samples  # noqa: E402
-from engine import _autocast  # noqa: E402
+from engine import _autocast, to_device  # noqa: E402
 from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -80,8 +80,7 @@ def measure(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, ar
     model = build_model(config).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    images = [image.to(device)] * args.batch_size
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}] * args.batch_size
+    images, targets = to_device([image] * args.batch_size, [target] * args.batch_size, device)
     times = []
     for step in range(args.warmup + args.steps):
         _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, args.use_amp), device)

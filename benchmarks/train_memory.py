@@ -41,6 +41,7 @@ from torchvision.ops import box_iou  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
 from dataloader import HW3TrainDataset, list_samples  # noqa: E402
+from engine import to_device  # noqa: E402
 from model import build_model, use_lean_mask_targets  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -99,7 +100,7 @@ def measure_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     image, target = dataset.load(0)
     if spec["variant"] == "stock":
         target["masks"] = target["masks"].full()
-    images, targets = [image.to(device)], [{k: v.to(device) if hasattr(v, "to") else v for k, v in target.items()}]
+    images, targets = to_device([image], [target], device)
     losses, seconds = {}, []
     for step in range(spec["steps"]):
         torch.manual_seed(spec["seed"])  # same RPN/RoI sampling on both sides
