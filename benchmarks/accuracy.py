@@ -44,12 +44,17 @@ CONFIGS: dict[str, list[str]] = {
     "cells+repeat": ["--repeat_thresh", "0.3"],
 }
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
-# ("tile" tiles at the training --crop, what inference.py does by default).
-POST: dict[str, dict[str, Any]] = {
-    "tile": {"tile": None, "tile_overlap": 0.25},
-    "tta": {"tta_scales": [1.0]},
-    "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
-}
+# ("tile" is the training --crop, what inference.py does by default).
+POST = ("tile", "tta", "tta_scales", "tile+tta")
+
+
+def post_settings(name: str, crop: int) -> dict[str, Any]:
+    """predict() keyword arguments of one inference-time addition."""
+    tile = {"tile": crop, "tile_overlap": 0.25}
+    return {"tile": tile, "tta": {"tta_scales": [1.0]}, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
+            "tile+tta": {**tile, "tta_scales": [1.0]}}[name]
+
+
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
 
 
@@ -58,19 +63,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     script = train_resnet if args.backbone == "resnet" else train_effnet_v2
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep_dir) if args.keep_dir else Path(tmp)
         for name in args.configs:
             for seed in args.seeds:
                 start = time.time()
-                out = Path(tmp) / f"{name}_{seed}"
+                out = root / f"{name}_{seed}"
                 rows = train_once(script, args, CONFIGS[name], seed, out)
-                rows.update({f"{name}+{post}": score_post(out, args, POST[post]) for post in args.post})
+                rows.update({f"{name}+{post}": score_post(out, args, post_settings(post, args.crop))
+                             for post in args.post})
                 for label, row in rows.items():
                     row["seconds"] = round(time.time() - start, 1)
                     runs.setdefault(label, []).append(row)
                     print(f"{label} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS), flush=True)
+                result = summarise(runs, args)  # after every run: hours of training survive a later crash
+    print_table(result["mean"], result["std"], args)
+    return result
+
+
+def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
+    """Mean and spread over seeds of every row so far, written to ``--json``."""
     table = {name: {m: statistics.mean(r[m] for r in rows) for m in METRICS} for name, rows in runs.items()}
     spread = {name: {m: statistics.pstdev(r[m] for r in rows) for m in METRICS} for name, rows in runs.items()}
-    print_table(table, spread, args)
     result = {"settings": vars(args), "mean": table, "std": spread, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
@@ -81,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_dir", default=str(ROOT.parent / "shared/data/cpm15_hw3/train"))
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["stock_native", "cells"])
-    parser.add_argument("--post", nargs="*", choices=sorted(POST), default=[],
+    parser.add_argument("--post", nargs="*", choices=POST, default=[],
                         help="inference-time additions scored on each run's final weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--split_seed", type=int, default=0, help="one held-out split for every run")
@@ -93,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema_decay", type=float, default=0.98, help="the EMA scored beside every run (0: none)")
     parser.add_argument("--eval_max_dets", type=int, default=100, help="COCOeval maxDets")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"),
+                        help="results, rewritten after every run")
+    parser.add_argument("--keep_dir", default=None,
+                        help="keep each run's checkpoints and history in DIR/<config>_<seed> (default: a temporary folder)")
     return parser
 
 
@@ -113,8 +129,8 @@ def train_once(script, args: argparse.Namespace, flags: list[str], seed: int, ou
     return rows
 
 
-def score_post(out: Path, args: argparse.Namespace, post: dict[str, Any]) -> dict[str, float]:
-    """Held-out metrics of the run's final raw weights, predicted with ``post``'s settings."""
+def score_post(out: Path, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, float]:
+    """Held-out metrics of the run's final raw weights, predicted with ``settings``."""
     split = json.loads((out / "split.json").read_text())
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
@@ -122,7 +138,6 @@ def score_post(out: Path, args: argparse.Namespace, post: dict[str, Any]) -> dic
     dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
     model, _, _ = load_model(out / "last.pth")
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    settings = {**post, "tile": args.crop} if "tile" in post else post
     results = predict(model, loader, torch.device("cpu"), False, desc="held-out predict", **settings)
     metrics = evaluate(build_coco_gt(dataset.instances, dataset.image_ids), results, max_dets=args.eval_max_dets)
     return {m: float(metrics[m]) for m in METRICS}

@@ -106,10 +106,12 @@ def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path:
 
     out = tmp_path / "accuracy.json"
     result = accuracy.main(["--train_dir", str(tiny_dataset["train_dir"]), "--configs", "cells", "--seeds", "0",
-                            "--epochs", "1", "--crop", "64", "--post", "tile", "--json", str(out), "--extra",
+                            "--epochs", "1", "--crop", "64", "--post", "tile", "tile+tta", "--json", str(out),
+                            "--keep_dir", str(tmp_path / "runs"), "--extra",
                             "--min_size", "64", "--max_size", "128", "--detections_per_img", "20",
                             "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
-    assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile"}
+    assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile", "cells+tile+tta"}
     assert json.loads(out.read_text())["mean"] == result["mean"]
+    assert (tmp_path / "runs/cells_0/last.pth").is_file()  # --keep_dir keeps the run for rescoring
     for row in result["mean"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)
