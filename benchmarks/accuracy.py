@@ -38,7 +38,9 @@ STOCK_HEADS = ["--anchor_sizes", "32", "64", "128", "256", "512", "--detections_
                "--box_score_thresh", "0.05", "--rpn_pre_nms_top_n_test", "1000", "--rpn_post_nms_top_n_test", "1000"]
 # Flags that differ between configurations; everything else is shared.
 CONFIGS: dict[str, list[str]] = {
-    "stock": [*STOCK_HEADS, "--min_size", "800", "--max_size", "1333", "--max_upscale", "100"],
+    # torchvision's MaskRCNN defaults throughout: its 800 px scaling and 2000 training proposals before NMS
+    "stock": [*STOCK_HEADS, "--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
+              "--rpn_pre_nms_top_n_train", "2000"],
     "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at the native scale the defaults use
     "cells": [],
     "cells+repeat": ["--repeat_thresh", "0.3"],
