@@ -327,27 +327,29 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
             desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25,
-            tta_scales: Sequence[float] | None = None) -> list[dict]:
+            tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5) -> list[dict]:
     """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
 
     Masks are pasted per box and encoded from the crop (coco.mask_crops), never as a
     [detections, H, W] tensor: with 1000 detections per image that tensor is gigabytes.
     ``tile`` > 0 predicts images larger than a tile tile by tile at native resolution;
     ``tta_scales`` adds flipped and rescaled views (tta.TTAModel), tile by tile if both are set.
+    ``mask_thresh`` binarises the mask probabilities (before the TTA and tile merges).
     """
     model.eval()
-    net = TTAModel(model, tta_scales) if tta_scales else model
+    net = TTAModel(model, tta_scales, mask_thresh=mask_thresh) if tta_scales else model
     results: list[dict] = []
     with unpasted_masks(model):
         for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
             images = [img.to(device, non_blocking=True) for img in images]
             with _autocast(device, use_amp):
                 if tile > 0:
-                    outputs = [predict_tiled(net, image, tile, tile_overlap) for image in images]
+                    outputs = [predict_tiled(net, image, tile, tile_overlap, mask_thresh=mask_thresh)
+                               for image in images]
                 else:
                     outputs = net(images)
             for output, target in zip(outputs, targets):
-                results.extend(outputs_to_coco(output, target["image_id"]))
+                results.extend(outputs_to_coco(output, target["image_id"], mask_thresh))
     return results
 
 

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: 4 flips x --tta_scales, mask-NMS merged")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=[1.0], help="image scales for --tta")
+    parser.add_argument("--mask_thresh", type=probability, default=0.5,
+                        help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
     parser.add_argument("--backbone", type=backbone_name, default=None, help="only checked against the checkpoint")
     parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
     parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
@@ -46,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detections_per_img", type=int, default=None,
                         help=f"override the checkpoint's limit (default there: {DEFAULT_CONFIG['detections_per_img']})")
     return parser
+
+
+def probability(text: str) -> float:
+    """argparse type for a threshold on probabilities: 0 or 1 would give box-filling or empty masks."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -56,14 +66,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
                           device=args.device, use_amp=args.use_amp, overrides=overrides,
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
-                          tile_overlap=args.tile_overlap, tta_scales=args.tta_scales if args.tta else None)
+                          tile_overlap=args.tile_overlap, tta_scales=args.tta_scales if args.tta else None,
+                          mask_thresh=args.mask_thresh)
 
 
 def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: str | Path, output: Path,
                    batch_size: int = 1, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
                    num_workers: int = 0, tile: int | None = None, tile_overlap: float = 0.25,
-                   tta_scales: Sequence[float] | None = None) -> Path:
+                   tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5) -> Path:
     """Predict every test image and write the submission; returns its path. ``tile=None``
     tiles at the training crop recorded in the checkpoint (whole images if it had none)."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
@@ -78,7 +89,7 @@ def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: st
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     start = time.time()
     results = predict(model, loader, torch_device, use_amp, desc="inference", tile=tile, tile_overlap=tile_overlap,
-                      tta_scales=tta_scales)
+                      tta_scales=tta_scales, mask_thresh=mask_thresh)
     results = [r for r in results if r["score"] >= score_thresh]
     write_json(Path(output), results)
     seconds = time.time() - start

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
-from checkpoint import load_model  # noqa: E402
+import engine  # noqa: E402
+from checkpoint import load_checkpoint, load_model  # noqa: E402
 from coco import build_coco_gt, evaluate  # noqa: E402
 from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from engine import predict  # noqa: E402
@@ -47,14 +48,15 @@ CONFIGS: dict[str, list[str]] = {
 }
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
 # ("tile" is the training --crop, what inference.py does by default).
-POST = ("tile", "tta", "tta_scales", "tile+tta")
+POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
     """predict() keyword arguments of one inference-time addition."""
     tile = {"tile": crop, "tile_overlap": 0.25}
     return {"tile": tile, "tta": {"tta_scales": [1.0]}, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
-            "tile+tta": {**tile, "tta_scales": [1.0]}}[name]
+            "tile+tta": {**tile, "tta_scales": [1.0]},
+            "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}[name]
 
 
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
@@ -62,7 +64,6 @@ METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    script = train_resnet if args.backbone == "resnet" else train_effnet_v2
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep_dir) if args.keep_dir else Path(tmp)
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for seed in args.seeds:
                 start = time.time()
                 out = root / f"{name}_{seed}"
-                rows = train_once(script, args, CONFIGS[name], seed, out)
+                rows = train_once(args, CONFIGS[name], seed, out)
                 rows.update({f"{name}+{post}": score_post(out, args, post_settings(post, args.crop))
                              for post in args.post})
                 for label, row in rows.items():
@@ -111,24 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"),
                         help="results, rewritten after every run")
     parser.add_argument("--keep_dir", default=None,
-                        help="keep each run's checkpoints and history in DIR/<config>_<seed> (default: a temporary folder)")
+                        help="keep each run in DIR/<config>_<seed> (default: a temporary folder); a finished run "
+                             "there with the same flags is scored again, not retrained")
     return parser
 
 
-def train_once(script, args: argparse.Namespace, flags: list[str], seed: int, out: Path) -> dict[str, dict]:
+def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path) -> dict[str, dict]:
     """Train one configuration; the held-out metrics of its last epoch, raw and EMA."""
-    script.main(["--train_dir", args.train_dir, "--output_dir", str(out), "--weights", args.weights,
-                 "--epochs", str(args.epochs), "--eval_every", str(args.epochs), "--crop", str(args.crop),
-                 "--warmup_epochs", "1", "--use_cosine", "--lr", "4e-4", "--val_split", str(args.val_split),
-                 "--split_seed", str(args.split_seed), "--seed", str(seed), "--num_workers", "0",
-                 "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), "--tile", "0",
-                 *flags, *args.extra])
+    backbone = "resnet101" if args.backbone == "resnet" else "effnet_v2_m"
+    argv = ["--train_dir", args.train_dir, "--output_dir", str(out), "--weights", args.weights,
+            "--epochs", str(args.epochs), "--eval_every", str(args.epochs), "--crop", str(args.crop),
+            "--warmup_epochs", "1", "--use_cosine", "--lr", "4e-4", "--val_split", str(args.val_split),
+            "--split_seed", str(args.split_seed), "--seed", str(seed), "--num_workers", "0",
+            "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), "--tile", "0",
+            *flags, *args.extra]
+    if finished(out, vars(engine.build_parser(backbone, "").parse_args(argv))):
+        print(f"{out}: a finished run with these flags, scored again without training", flush=True)
+    else:
+        (train_resnet if backbone == "resnet101" else train_effnet_v2).main(argv)
     last = json.loads((out / "history.json").read_text())[-1]
     name = out.name.rsplit("_", 1)[0]
     rows = {name: {m: float(last[m]) for m in METRICS}}
     if args.ema_decay > 0:
         rows[f"{name}+ema"] = {m: float(last[f"ema_{m}"]) for m in METRICS}
     return rows
+
+
+def finished(out: Path, args: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a run trained with exactly ``args`` up to its last epoch."""
+    if not (out / "last.pth").is_file():
+        return False
+    state = load_checkpoint(out / "last.pth")
+    return state.get("args") == args and state.get("epoch") == args["epochs"] and not state.get("partial")
 
 
 def score_post(out: Path, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, float]:

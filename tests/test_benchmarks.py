@@ -104,14 +104,20 @@ def test_step_time_rows_and_ratios(tmp_path: Path) -> None:
 def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path: Path) -> None:
     from benchmarks import accuracy
 
-    out = tmp_path / "accuracy.json"
-    result = accuracy.main(["--train_dir", str(tiny_dataset["train_dir"]), "--configs", "cells", "--seeds", "0",
-                            "--epochs", "1", "--crop", "64", "--post", "tile", "tile+tta", "--json", str(out),
-                            "--keep_dir", str(tmp_path / "runs"), "--extra",
-                            "--min_size", "64", "--max_size", "128", "--detections_per_img", "20",
-                            "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
+    out, runs = tmp_path / "accuracy.json", tmp_path / "runs"
+
+    def study(*post: str) -> dict:
+        return accuracy.main(["--train_dir", str(tiny_dataset["train_dir"]), "--configs", "cells", "--seeds", "0",
+                              "--epochs", "1", "--crop", "64", "--post", *post, "--json", str(out),
+                              "--keep_dir", str(runs), "--extra", "--min_size", "64", "--max_size", "128",
+                              "--detections_per_img", "20", "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
+
+    result = study("tile", "tile+tta")
     assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile", "cells+tile+tta"}
     assert json.loads(out.read_text())["mean"] == result["mean"]
-    assert (tmp_path / "runs/cells_0/last.pth").is_file()  # --keep_dir keeps the run for rescoring
     for row in result["mean"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)
+    stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns  # --keep_dir keeps the run...
+    again = study("tile+mask0.6")
+    assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp  # ...and scores it again without training
+    assert again["mean"]["cells"] == result["mean"]["cells"] and "cells+tile+mask0.6" in again["mean"]

@@ -104,3 +104,41 @@ def test_parser_has_the_contract_flags() -> None:
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.warmup_epochs, args.eta_min) == \
         (2e-4, 1e-4, 2, 40, 5, 5e-6)
     assert args.select_metric == "segm_AP50"
+
+
+class SoftBlob(nn.Module):
+    """One detection per image whose 28x28 mask probability falls from 1 at the centre to 0 at
+    the edge, so the mask area depends on the threshold alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transform = argparse.Namespace(paste_masks=True)
+        grid = torch.linspace(-1, 1, 28)
+        self.mask = (1 - torch.sqrt(grid[None, :] ** 2 + grid[:, None] ** 2)).clamp(min=0)[None, None]
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        assert not self.transform.paste_masks  # predict() asks for unpasted 28x28 masks
+        return [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.tensor([1]), "masks": self.mask.clone(), "image_size": tuple(img.shape[-2:])}
+                for img in images]
+
+
+@pytest.mark.parametrize("views", [{}, {"tile": 48, "tile_overlap": 0.5}, {"tta_scales": [1.0]}])
+def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) -> None:
+    from pycocotools import mask as mask_utils
+
+    loader = [([torch.zeros(3, 48, 48)], [{"image_id": 7}])]
+    areas = []
+    for thresh in (0.2, 0.5, 0.8):
+        results = engine.predict(SoftBlob(), loader, torch.device("cpu"), False, mask_thresh=thresh, **views)
+        assert [r["image_id"] for r in results] == [7]
+        areas.append(int(mask_utils.area(results[0]["segmentation"])))
+    assert 0 < areas[2] < areas[1] < areas[0] < 32 * 32
+
+
+def test_inference_rejects_a_mask_thresh_outside_zero_one() -> None:
+    import inference
+
+    assert inference.build_parser().parse_args(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
+    with pytest.raises(SystemExit):
+        inference.build_parser().parse_args(["--checkpoint", "x", "--mask_thresh", "1"])
