@@ -75,9 +75,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for amp in {"off": [False], "on": [True], "both": [False, True]}[args.amp]:
             for batch_size in args.batch_sizes:
                 out = tmp / f"ours_b{batch_size}_amp{int(amp)}.json"
-                _, ours_seconds = timed(lambda: predict_folder(checkpoint, test_dir, id_map, out, batch_size=batch_size,
-                                                               device=str(device), use_amp=amp, overrides=overrides,
-                                                               num_workers=args.num_workers), device)
+                _, ours_seconds = timed(lambda: predict_folder(
+                    checkpoint, test_dir, id_map, out, batch_size=batch_size, device=str(device), use_amp=amp,
+                    overrides=overrides, num_workers=args.num_workers, tta_scales=None), device)
                 results = json.loads(out.read_text())
                 rows.append(_row("ours", batch_size, amp, count, ours_seconds, seconds, reference, results))
     payload = summarize(args, device, count, rows)

@@ -51,7 +51,7 @@ def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: 
 
     submission = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
                                  "--id_map_json", str(tiny_dataset["id_map_json"]), "--output",
-                                 str(tmp_path / "sub.json"), "--num_workers", "0", "--batch_size", "2"])
+                                 str(tmp_path / "sub.json"), "--num_workers", "0", "--batch_size", "2", "--no_tta"])
     results = json.loads(Path(submission).read_text())
     entries = json.loads(Path(tiny_dataset["id_map_json"]).read_text())
     gt = COCO()
@@ -112,19 +112,19 @@ def test_ema_repeat_factor_sampling_and_eval_every(tiny_dataset: dict, tmp_path:
         assert "raw_model" in best
 
 
-def test_validation_and_inference_tile_at_the_training_crop_unless_told(tiny_dataset: dict, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiles_at_the_training_crop_and_flipped_submission_views_unless_told(
+        tiny_dataset: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import engine
 
-    tiles = []
-    record = lambda *a, **k: tiles.append(k["tile"]) or []  # noqa: E731
+    tiles, views = [], []
+    record = lambda *a, **k: tiles.append(k["tile"]) or views.append(k.get("tta_scales")) or []  # noqa: E731
     monkeypatch.setattr(engine, "predict", record)
     out = tmp_path / "crop"
     _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--crop", "64")
-    assert tiles == [64]
+    assert tiles == [64] and views == [None]  # validation: one view, cheap enough for every epoch
     monkeypatch.setattr(inference, "predict", record)
     test_args = ["--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"]),
                  "--num_workers", "0", "--output", str(tmp_path / "r.json")]
     inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
-    inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", *test_args])
-    assert tiles == [64, 64, 0]
+    inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--no_tta", *test_args])
+    assert tiles == [64, 64, 0] and views == [None, [1.0], None]  # the submission: TTA unless --no_tta

@@ -136,9 +136,13 @@ def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) 
     assert 0 < areas[2] < areas[1] < areas[0] < 32 * 32
 
 
-def test_inference_rejects_a_mask_thresh_outside_zero_one() -> None:
+def test_inference_prediction_flags() -> None:
+    """TTA is on unless --no_tta (it won on held-out images); --mask_thresh must lie inside (0, 1)."""
     import inference
 
-    assert inference.build_parser().parse_args(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
+    parse = inference.build_parser().parse_args
+    assert parse(["--checkpoint", "x"]).tta and parse(["--checkpoint", "x", "--tta"]).tta
+    assert not parse(["--checkpoint", "x", "--no_tta"]).tta
+    assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     with pytest.raises(SystemExit):
-        inference.build_parser().parse_args(["--checkpoint", "x", "--mask_thresh", "1"])
+        parse(["--checkpoint", "x", "--mask_thresh", "1"])
