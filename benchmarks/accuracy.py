@@ -45,6 +45,9 @@ CONFIGS: dict[str, list[str]] = {
     "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at the native scale the defaults use
     "cells": [],
     "cells+repeat": ["--repeat_thresh", "0.3"],
+    # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match
+    "cells_800": ["--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
+                  "--anchor_sizes", "32", "64", "128", "256", "512"],
 }
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
 # ("tile" is the training --crop, what inference.py does by default).
