@@ -34,6 +34,7 @@ from checkpoint import load_checkpoint, load_model  # noqa: E402
 from coco import build_coco_gt, evaluate  # noqa: E402
 from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from engine import predict  # noqa: E402
+from inference import TTA_SCALES  # noqa: E402
 
 STOCK_HEADS = ["--anchor_sizes", "32", "64", "128", "256", "512", "--detections_per_img", "100",
                "--box_score_thresh", "0.05", "--rpn_pre_nms_top_n_test", "1000", "--rpn_post_nms_top_n_test", "1000"]
@@ -57,8 +58,8 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6")
 def post_settings(name: str, crop: int) -> dict[str, Any]:
     """predict() keyword arguments of one inference-time addition."""
     tile = {"tile": crop, "tile_overlap": 0.25}
-    return {"tile": tile, "tta": {"tta_scales": [1.0]}, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
-            "tile+tta": {**tile, "tta_scales": [1.0]},
+    flips = {"tta_scales": list(TTA_SCALES)}  # inference.py's default views
+    return {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]}, "tile+tta": {**tile, **flips},
             "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}[name]
 
 
@@ -75,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 start = time.time()
                 out = root / f"{name}_{seed}"
                 rows = train_once(args, CONFIGS[name], seed, out)
-                rows.update({f"{name}+{post}": score_post(out, args, post_settings(post, args.crop))
-                             for post in args.post})
+                rows.update(score_posts(out, args, name))
                 for label, row in rows.items():
                     row["seconds"] = round(time.time() - start, 1)
                     runs.setdefault(label, []).append(row)
@@ -149,18 +149,26 @@ def finished(out: Path, args: dict[str, Any]) -> bool:
     return state.get("args") == args and state.get("epoch") == args["epochs"] and not state.get("partial")
 
 
-def score_post(out: Path, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, float]:
-    """Held-out metrics of the run's final raw weights, predicted with ``settings``."""
+def score_posts(out: Path, args: argparse.Namespace, name: str) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the run's final raw weights under each ``--post`` variant; the
+    held-out labels and the model are loaded once for all of them."""
+    if not args.post:
+        return {}
     split = json.loads((out / "split.json").read_text())
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     val = [p for p in samples if p.name in set(split["val"])]
     dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
+    coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
     model, _, _ = load_model(out / "last.pth")
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    results = predict(model, loader, torch.device("cpu"), False, desc="held-out predict", **settings)
-    metrics = evaluate(build_coco_gt(dataset.instances, dataset.image_ids), results, max_dets=args.eval_max_dets)
-    return {m: float(metrics[m]) for m in METRICS}
+    rows = {}
+    for post in args.post:
+        results = predict(model, loader, torch.device("cpu"), False, desc=f"held-out {post}",
+                          **post_settings(post, args.crop))
+        metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets)
+        rows[f"{name}+{post}"] = {m: float(metrics[m]) for m in METRICS}
+    return rows
 
 
 def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, float]],
