@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from checkpoint import load_model, write_json
 from dataloader import HW3TestDataset, collate_fn
 from engine import predict
-from model import DEFAULT_CONFIG, backbone_name
+from model import DEFAULT_CONFIG, backbone_name, positive_float
 
 TTA_SCALES = (1.0,)  # flips at native scale: what benchmarks/accuracy.py measured to help
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
     parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
     parser.add_argument("--max_size", type=int, default=None, help="override the checkpoint's input size")
+    parser.add_argument("--input_scale", type=positive_float, default=None,
+                        help="override the checkpoint's fixed input scale (cells look their best at the training one)")
     parser.add_argument("--detections_per_img", type=int, default=None,
                         help=f"override the checkpoint's limit (default there: {DEFAULT_CONFIG['detections_per_img']})")
     return parser
@@ -67,7 +69,8 @@ def probability(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
-                 "min_size": args.min_size, "max_size": args.max_size, "detections_per_img": args.detections_per_img}
+                 "min_size": args.min_size, "max_size": args.max_size, "input_scale": args.input_scale,
+                 "detections_per_img": args.detections_per_img}
     output = Path(args.output) if args.output else Path(args.checkpoint).parent / "test-results.json"
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
                           device=args.device, use_amp=args.use_amp, overrides=overrides,

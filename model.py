@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -43,6 +44,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "min_size": 1024,
     "max_size": 2048,
     "max_upscale": 1.0,
+    "input_scale": None,
     "anchor_sizes": [8, 16, 32, 64, 128],
     "aspect_ratios": [0.5, 1.0, 2.0],
     "rpn_pre_nms_top_n_train": 4000,
@@ -85,6 +87,10 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     group.add_argument("--max_size", type=int, default=d["max_size"], help="longer side is scaled down to at most this")
     group.add_argument("--max_upscale", type=float, default=d["max_upscale"],
                        help="largest factor a small image is scaled up by (1 = native resolution)")
+    group.add_argument("--input_scale", type=positive_float, default=d["input_scale"],
+                       help="resize every training crop, tile and image by exactly this factor, so cells have one "
+                            "size in pixels from training to prediction (replaces --min_size and --max_upscale; "
+                            "--max_size still caps whole images); scale --anchor_sizes with it")
     group.add_argument("--anchor_sizes", type=int, nargs=5, default=d["anchor_sizes"],
                        help="anchor side per pyramid level P2..P6, in input pixels")
     group.add_argument("--rpn_pre_nms_top_n_train", type=int, default=d["rpn_pre_nms_top_n_train"])
@@ -105,6 +111,14 @@ def backbone_name(name: str) -> str:
     if name not in BACKBONE_ALIASES:
         raise argparse.ArgumentTypeError(f"unknown backbone {name!r}; choose resnet or effnet")
     return BACKBONE_ALIASES[name]
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a factor: 0 or less would give an empty image."""
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
@@ -164,7 +178,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_nms_thresh=config["box_nms_thresh"],
         box_detections_per_img=config["detections_per_img"],
     )
-    model.transform = CellTransform(config["min_size"], config["max_size"], config["max_upscale"])
+    model.transform = CellTransform.from_config(config)
     model.rpn.box_similarity = PairwiseIoU
     model.rpn.proposal_matcher = SlicedMatcher(model.rpn.proposal_matcher)
     if config["use_attn"]:
@@ -202,7 +216,7 @@ def init_detector(model: MaskRCNN, source: str) -> dict[str, int]:
 
 def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
     """Settings that change no weights (input size, detection limits) can differ at inference."""
-    model.transform = CellTransform(config["min_size"], config["max_size"], config["max_upscale"])
+    model.transform = CellTransform.from_config(config)
     model.roi_heads.score_thresh = config["box_score_thresh"]
     model.roi_heads.nms_thresh = config["box_nms_thresh"]
     model.roi_heads.detections_per_img = config["detections_per_img"]
@@ -212,15 +226,29 @@ def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
 
 class CellTransform(GeneralizedRCNNTransform):
     """torchvision's transform, but small images are not blown up (cells keep their size,
-    so the anchors fit) and images at native scale skip the mask resize (no float copies
-    of every ground-truth mask)."""
+    so the anchors fit), or every image is scaled by one fixed factor (``input_scale``), and
+    images at native scale skip the mask resize (no float copies of every ground-truth mask)."""
 
-    def __init__(self, min_size: int, max_size: int, max_upscale: float = 1.0) -> None:
+    def __init__(self, min_size: int, max_size: int, max_upscale: float = 1.0,
+                 input_scale: float | None = None) -> None:
         super().__init__(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         self.max_upscale = max_upscale
+        self.input_scale = input_scale
         # False: eval outputs keep the 28x28 mask probabilities plus "image_size", and
         # coco.mask_crops pastes each one only inside its box (no [K, 1, H, W] float tensor).
         self.paste_masks = True
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CellTransform":
+        return cls(config["min_size"], config["max_size"], config["max_upscale"], config.get("input_scale"))
+
+    def scale_for(self, height: int, width: int) -> float:
+        """The resize factor of one image. A fixed ``input_scale`` keeps a cell the same size
+        in a 256 px crop, a tile and a whole image; only --max_size (memory) can lower it."""
+        cap = self.max_size / max(height, width)
+        if self.input_scale:
+            return min(self.input_scale, cap)
+        return min(self.min_size[-1] / min(height, width), cap, self.max_upscale)
 
     def postprocess(self, result: list[dict], image_shapes: list, original_image_sizes: list) -> list[dict]:
         if self.training or self.paste_masks:
@@ -232,7 +260,11 @@ class CellTransform(GeneralizedRCNNTransform):
 
     def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         height, width = image.shape[-2:]
-        scale = min(self.min_size[-1] / min(height, width), self.max_size / max(height, width), self.max_upscale)
+        scale = self.scale_for(height, width)
+        if self.input_scale and scale < self.input_scale:
+            warnings.warn(f"a {height}x{width} image is scaled by {scale:.2f}, not --input_scale {self.input_scale}, "
+                          f"to stay within --max_size {self.max_size}; predict tile by tile (--tile) or raise "
+                          f"--max_size so cells keep their training size", stacklevel=2)
         if abs(scale - 1.0) < 1e-6:
             return image, target
         image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",

@@ -49,6 +49,8 @@ CONFIGS: dict[str, list[str]] = {
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match
     "cells_800": ["--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
                   "--anchor_sizes", "32", "64", "128", "256", "512"],
+    # one fixed factor for crops, tiles and whole images, anchors scaled with it
+    "cells_x2": ["--input_scale", "2", "--anchor_sizes", "16", "32", "64", "128", "256"],
 }
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
 # ("tile" is the training --crop, what inference.py does by default).

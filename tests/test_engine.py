@@ -68,6 +68,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     with pytest.raises(CheckpointError, match="contradicts the checkpoint"):
         load_model(path, {"backbone": "effnet_v2_m"})
+    scaled = tmp_path / "s.pth"
+    save_checkpoint(scaled, {"model": model.state_dict(), "config": {**TINY, "input_scale": 2.0}})
+    assert load_model(scaled)[0].transform.scale_for(20, 30) == 2.0  # the training scale travels
+    assert load_model(scaled, {"input_scale": 1.5})[0].transform.scale_for(20, 30) == 1.5
     truncated = tmp_path / "t.pth"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated"):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from model import CellTransform, PairwiseIoU, SlicedMatcher, build_model
+from model import CellTransform, PairwiseIoU, SlicedMatcher, add_model_args, build_model, config_from_args
 
 TINY = {"weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
 
@@ -74,6 +75,38 @@ def test_small_images_are_not_upscaled_and_large_ones_shrink() -> None:
     assert tuple(batch.image_sizes[0]) == (93, 120)
     big, _ = transform([torch.rand(3, 1100, 2400)])
     assert max(big.image_sizes[0]) == 2048
+
+
+def test_input_scale_resizes_crops_and_whole_images_by_one_factor() -> None:
+    transform = CellTransform(min_size=1024, max_size=2048, max_upscale=1.0, input_scale=2.5).eval()
+    for height, width in ((64, 64), (93, 120), (400, 600)):
+        batch, _ = transform([torch.rand(3, height, width)])
+        assert tuple(batch.image_sizes[0]) == (round(height * 2.5), round(width * 2.5))
+    transform.train()
+    masks = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    masks[0, 10:20, 10:30] = 1
+    target = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 20.0]]), "labels": torch.tensor([1]), "masks": masks}
+    _, (scaled,) = transform([torch.rand(3, 40, 40)], [target])
+    assert scaled["masks"].shape[-2:] == (100, 100)
+    assert torch.allclose(scaled["boxes"], target["boxes"] * 2.5)
+    assert scaled["masks"].sum() == pytest.approx(masks.sum() * 2.5 ** 2, rel=0.1)
+
+
+def test_input_scale_warns_when_max_size_caps_it() -> None:
+    transform = CellTransform(min_size=1024, max_size=1000, max_upscale=1.0, input_scale=2.0).eval()
+    with pytest.warns(UserWarning, match="--input_scale 2.0"):
+        batch, _ = transform([torch.rand(3, 300, 800)])
+    assert max(batch.image_sizes[0]) == 1000
+
+
+def test_input_scale_flag_reaches_the_model_and_refuses_zero() -> None:
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, backbone="resnet101")
+    args = parser.parse_args(["--input_scale", "2", "--weights", "none"])
+    model = build_model({**config_from_args(args, "resnet101"), "min_size": 64, "max_size": 512})
+    assert model.transform.scale_for(100, 200) == 2.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--input_scale", "0"])
 
 
 def test_init_detector_from_a_local_coco_state_dict(tmp_path: Path) -> None:
