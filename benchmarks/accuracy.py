@@ -46,6 +46,8 @@ CONFIGS: dict[str, list[str]] = {
     "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at the native scale the defaults use
     "cells": [],
     "cells+repeat": ["--repeat_thresh", "0.3"],
+    # the same limits trained on whole images (--crop 0, the train scripts' default), same steps
+    "cells_whole": ["--crop", "0"],
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match
     "cells_800": ["--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
                   "--anchor_sizes", "32", "64", "128", "256", "512"],
