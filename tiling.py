@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import box_iou
 
 from coco import mask_crops
 
@@ -57,11 +56,12 @@ def merge_detections(parts: list[dict], image_size: tuple[int, int], match_thres
     crops = [c for p in parts for c in p["crops"]]
     # Possibly cut detections go last, the largest first: that copy contains the most of its cell.
     order = sorted(range(len(scores)), key=lambda i: (1, -int(crops[i][2].sum())) if cut[i] else (0, -float(scores[i])))
-    overlaps = box_iou(boxes, boxes) > 0 if len(boxes) else torch.zeros((0, 0), dtype=torch.bool)
+    neighbours = overlapping_boxes(boxes)
     kept: list[int] = []
     is_kept = torch.zeros(len(scores), dtype=torch.bool)
     for i in order:  # rivals found in one vectorised step: views x 1000 detections make n^2 Python too slow
-        rivals = (overlaps[i] & is_kept & (labels == labels[i])).nonzero().flatten().tolist()
+        near = neighbours[i]
+        rivals = near[is_kept[near] & (labels[near] == labels[i])].tolist()
         if not any(overlap_over_smaller(crops[i], crops[k]) > match_thresh for k in rivals):
             kept.append(i)
             is_kept[i] = True
@@ -69,6 +69,20 @@ def merge_detections(parts: list[dict], image_size: tuple[int, int], match_thres
     index = torch.tensor(kept, dtype=torch.int64)
     return {"boxes": boxes[index], "scores": scores[index], "labels": labels[index],
             "crops": [crops[i] for i in kept], "image_size": image_size}
+
+
+def overlapping_boxes(boxes: torch.Tensor, chunk: int = 1024) -> list[torch.Tensor]:
+    """For each box, the indices of the boxes it overlaps, computed ``chunk`` rows at a time.
+    Tiles x flips x 1000 detections reach tens of thousands of boxes on a large image, where
+    a dense N x N overlap matrix (and box_iou's N x N x 2 temporaries) takes tens of GB."""
+    neighbours: list[torch.Tensor] = []
+    for start in range(0, len(boxes), chunk):
+        rows = boxes[start:start + chunk, None]
+        hit = ((rows[..., 0] < boxes[:, 2]) & (boxes[:, 0] < rows[..., 2])
+               & (rows[..., 1] < boxes[:, 3]) & (boxes[:, 1] < rows[..., 3]))
+        row, col = hit.nonzero(as_tuple=True)
+        neighbours.extend(col.split(torch.bincount(row, minlength=len(hit)).tolist()))
+    return neighbours
 
 
 def overlap_over_smaller(a: Crop, b: Crop) -> float:

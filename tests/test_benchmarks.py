@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from benchmarks import data_pipeline, evaluation, inference, step_time, train_memory
+from benchmarks import data_pipeline, evaluation, inference, step_time, tile_merge, train_memory
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
 
@@ -85,6 +85,15 @@ def test_evaluation_libraries_agree(tmp_path: Path) -> None:
             assert row["stats_agree"] and row["class_metrics_agree"], row["library"]
     else:
         pytest.skip("faster-coco-eval not installed: only pycocotools was measured")
+
+
+def test_tile_merge_keeps_the_same_detections_as_the_dense_test(tmp_path: Path) -> None:
+    out = tmp_path / "merge.json"
+    summary = tile_merge.main(["--tiles", "3", "--detections", "60", "--json", str(out)])
+    payload = _written(out, "rows", "summary")
+    assert [row["variant"] for row in payload["rows"]] == ["neighbour lists", "dense box_iou"]
+    assert summary["same_detections_kept"] and summary["boxes"] == 180
+    assert 0 < payload["rows"][0]["kept"] < 180  # overlapping boxes of one class were merged
 
 
 def test_step_time_rows_and_ratios(tmp_path: Path) -> None:

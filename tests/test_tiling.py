@@ -7,7 +7,9 @@ import torch
 
 from dataloader import Instances
 from synthetic import synth_image
-from tiling import merge_detections, overlap_over_smaller, predict_tiled, tile_grid
+from torchvision.ops import box_iou
+
+from tiling import merge_detections, overlap_over_smaller, overlapping_boxes, predict_tiled, tile_grid
 
 
 class CellOracle(torch.nn.Module):
@@ -81,3 +83,15 @@ def test_overlap_over_smaller_and_duplicate_removal() -> None:
             "labels": torch.tensor([1, 1]), "cut": torch.tensor([False, True]), "crops": [big, piece]}
     merged = merge_detections([part], (50, 50))
     assert merged["scores"].tolist() == [0.5] and merged["crops"][0] is big
+
+
+def test_overlapping_boxes_match_the_dense_definition_across_chunks() -> None:
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(300, 2, generator=generator) * 200
+    boxes = torch.cat([corner, corner + 1 + torch.rand(300, 2, generator=generator) * 40], dim=1)
+    dense = box_iou(boxes, boxes) > 0
+    neighbours = overlapping_boxes(boxes, chunk=64)  # several chunks, the last one partial
+    assert len(neighbours) == len(boxes)
+    for i, near in enumerate(neighbours):
+        assert near.tolist() == dense[i].nonzero().flatten().tolist(), i
+    assert overlapping_boxes(torch.zeros((0, 4))) == []
