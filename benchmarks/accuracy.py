@@ -133,7 +133,8 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
             "--split_seed", str(args.split_seed), "--seed", str(seed), "--num_workers", "0",
             "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), "--tile", "0",
             *flags, *args.extra]
-    if finished(out, vars(engine.build_parser(backbone, "").parse_args(argv))):
+    parser = engine.build_parser(backbone, "")
+    if finished(out, vars(parser.parse_args(argv)), parser):
         print(f"{out}: a finished run with these flags, scored again without training", flush=True)
     else:
         (train_resnet if backbone == "resnet101" else train_effnet_v2).main(argv)
@@ -145,12 +146,15 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
     return rows
 
 
-def finished(out: Path, args: dict[str, Any]) -> bool:
-    """Whether ``out`` holds a run trained with exactly ``args`` up to its last epoch."""
+def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> bool:
+    """Whether ``out`` holds a run trained with exactly ``args`` up to its last epoch. A flag
+    the train scripts gained after the run counts as equal at its default: it changed nothing."""
     if not (out / "last.pth").is_file():
         return False
     state = load_checkpoint(out / "last.pth")
-    return state.get("args") == args and state.get("epoch") == args["epochs"] and not state.get("partial")
+    saved = state.get("args") or {}
+    expected = {k: v for k, v in args.items() if k in saved or v != parser.get_default(k)}
+    return saved == expected and state.get("epoch") == args["epochs"] and not state.get("partial")
 
 
 def score_posts(out: Path, args: argparse.Namespace, name: str) -> dict[str, dict[str, float]]:

@@ -10,6 +10,7 @@ import pytest
 from pycocotools import mask as mask_util
 
 from benchmarks import data_pipeline, evaluation, inference, step_time, tile_merge, train_memory
+from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
 
@@ -130,3 +131,9 @@ def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path:
     again = study("tile+mask0.6")
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp  # ...and scores it again without training
     assert again["mean"]["cells"] == result["mean"]["cells"] and "cells+tile+mask0.6" in again["mean"]
+    state = load_checkpoint(runs / "cells_0/last.pth")
+    del state["args"]["input_scale"]  # a run from before the flag existed, which is at its default
+    save_checkpoint(runs / "cells_0/last.pth", state)
+    stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
+    study("tile")
+    assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
