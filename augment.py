@@ -32,8 +32,8 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--saturation", type=float, default=0.2, help="colour jitter saturation")
     group.add_argument("--cutout_p", type=float, default=0.5, help="probability of one CutOut square")
     group.add_argument("--cutout_size", type=int, default=50, help="CutOut square side in pixels")
-    group.add_argument("--crop", type=int, default=0,
-                       help="train on random SIZE x SIZE windows at native resolution (0: whole images)")
+    group.add_argument("--crop", type=int, default=256,
+                       help="train on random SIZE x SIZE windows, each scaled by --input_scale (0: whole images)")
     group.add_argument("--no_augment", action="store_true", help="train without any augmentation")
 
 

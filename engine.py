@@ -86,8 +86,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run.add_argument("--eval_max_dets", type=int, default=100,
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
     run.add_argument("--tile", type=int, default=None,
-                     help="validate images larger than this tile by tile at native resolution (0: whole images; "
-                          "default: --crop, the context the model trains on, which scores higher, see README)")
+                     help="validate images larger than this tile by tile, each tile scaled like a training crop "
+                          "(0: whole images; default: --crop, the context the model trains on, which scores "
+                          "higher, see README)")
     run.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
     run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
     run.add_argument("--checkpoint", default=None, help="weights to fine-tune from (a fresh run otherwise)")
@@ -332,7 +333,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: b
 
     Masks are pasted per box and encoded from the crop (coco.mask_crops), never as a
     [detections, H, W] tensor: with 1000 detections per image that tensor is gigabytes.
-    ``tile`` > 0 predicts images larger than a tile tile by tile at native resolution;
+    ``tile`` > 0 predicts images larger than a tile tile by tile (each tile then scaled by the model transform);
     ``tta_scales`` adds flipped and rescaled views (tta.TTAModel), tile by tile if both are set.
     ``mask_thresh`` binarises the mask probabilities (before the TTA and tile merges).
     """

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from checkpoint import load_model, write_json
 from dataloader import HW3TestDataset, collate_fn
 from engine import predict
-from model import DEFAULT_CONFIG, backbone_name, positive_float
+from model import DEFAULT_CONFIG, backbone_name, scale_factor
 
 TTA_SCALES = (1.0,)  # flips at native scale: what benchmarks/accuracy.py measured to help
 
@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_thresh", type=float, default=0.0,
                         help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
     parser.add_argument("--tile", type=int, default=None,
-                        help="predict images larger than this tile by tile at native resolution (0: whole images; "
-                             "default: the --crop the checkpoint was trained with, which scores higher, see README)")
+                        help="predict images larger than this tile by tile, each tile scaled like a training crop "
+                             "(0: whole images; default: the --crop the checkpoint was trained with, which scores "
+                             "higher, see README)")
     parser.add_argument("--tile_overlap", type=float, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
     parser.add_argument("--tta", dest="tta", action="store_true", default=True,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
     parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
     parser.add_argument("--max_size", type=int, default=None, help="override the checkpoint's input size")
-    parser.add_argument("--input_scale", type=positive_float, default=None,
+    parser.add_argument("--input_scale", type=scale_factor, default=None,
                         help="override the checkpoint's fixed input scale (cells look their best at the training one)")
     parser.add_argument("--detections_per_img", type=int, default=None,
                         help=f"override the checkpoint's limit (default there: {DEFAULT_CONFIG['detections_per_img']})")

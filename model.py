@@ -44,8 +44,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "min_size": 1024,
     "max_size": 2048,
     "max_upscale": 1.0,
-    "input_scale": None,
-    "anchor_sizes": [8, 16, 32, 64, 128],
+    "input_scale": 3.125,
+    "anchor_sizes": [32, 64, 128, 256, 512],
     "aspect_ratios": [0.5, 1.0, 2.0],
     "rpn_pre_nms_top_n_train": 4000,
     "rpn_post_nms_top_n_train": 2000,
@@ -57,6 +57,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "box_nms_thresh": 0.5,
     "detections_per_img": 1000,
 }
+
+# What a checkpoint written before a key existed was trained with (its config lacks the key).
+LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0}
 
 # Keys that change the architecture: a checkpoint's values for these always win.
 ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios")
@@ -83,14 +86,15 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
                             "'coco' (download) or a path to its state dict; class-specific layers start fresh")
     group.add_argument("--use_attn", action="store_true", help="add the FPNTransformer neck and the mask-head attention")
     group.add_argument("--min_size", type=int, default=d["min_size"],
-                       help="shorter side is scaled down to this (never up beyond --max_upscale)")
+                       help="with --input_scale 0: shorter side is scaled to this (never up beyond --max_upscale)")
     group.add_argument("--max_size", type=int, default=d["max_size"], help="longer side is scaled down to at most this")
     group.add_argument("--max_upscale", type=float, default=d["max_upscale"],
-                       help="largest factor a small image is scaled up by (1 = native resolution)")
-    group.add_argument("--input_scale", type=positive_float, default=d["input_scale"],
+                       help="with --input_scale 0: largest factor a small image is scaled up by (1 = native)")
+    group.add_argument("--input_scale", type=scale_factor, default=d["input_scale"],
                        help="resize every training crop, tile and image by exactly this factor, so cells have one "
-                            "size in pixels from training to prediction (replaces --min_size and --max_upscale; "
-                            "--max_size still caps whole images); scale --anchor_sizes with it")
+                            "size in pixels from training to prediction (256 px crops become 800 px; 0: off, "
+                            "--min_size and --max_upscale decide); --max_size still caps whole images; scale "
+                            "--anchor_sizes with it")
     group.add_argument("--anchor_sizes", type=int, nargs=5, default=d["anchor_sizes"],
                        help="anchor side per pyramid level P2..P6, in input pixels")
     group.add_argument("--rpn_pre_nms_top_n_train", type=int, default=d["rpn_pre_nms_top_n_train"])
@@ -113,11 +117,11 @@ def backbone_name(name: str) -> str:
     return BACKBONE_ALIASES[name]
 
 
-def positive_float(text: str) -> float:
-    """argparse type for a factor: 0 or less would give an empty image."""
+def scale_factor(text: str) -> float:
+    """argparse type for --input_scale: a negative factor means nothing, 0 switches it off."""
     value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if value < 0.0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or above, got {text}")
     return value
 
 

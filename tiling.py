@@ -1,6 +1,7 @@
-"""Tiled prediction at native resolution, merged across tile borders.
+"""Tiled prediction, merged across tile borders.
 
-Large images are cut into overlapping tiles so cells keep their native size; each tile is
+Large images are cut into overlapping tiles the size of a training crop, so cells look as
+they did in training (the model's transform scales each tile like a crop); each tile is
 predicted on its own, detections are moved back to image coordinates, and the merge keeps
 every cell once: a detection cut by an inner tile border loses to the whole copy of the same
 cell from a neighbouring tile, and duplicates from overlaps are removed by mask overlap.

@@ -36,21 +36,26 @@ from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from engine import predict  # noqa: E402
 from inference import TTA_SCALES  # noqa: E402
 
-STOCK_HEADS = ["--anchor_sizes", "32", "64", "128", "256", "512", "--detections_per_img", "100",
+# The native scale every configuration but the defaults was measured at (the min_size rule).
+NATIVE = ["--input_scale", "0"]
+STOCK_HEADS = [*NATIVE, "--anchor_sizes", "32", "64", "128", "256", "512", "--detections_per_img", "100",
                "--box_score_thresh", "0.05", "--rpn_pre_nms_top_n_test", "1000", "--rpn_post_nms_top_n_test", "1000"]
+CELL_ANCHORS = ["--anchor_sizes", "8", "16", "32", "64", "128"]  # native-size cells
 # Flags that differ between configurations; everything else is shared.
 CONFIGS: dict[str, list[str]] = {
     # torchvision's MaskRCNN defaults throughout: its 800 px scaling and 2000 training proposals before NMS
     "stock": [*STOCK_HEADS, "--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
               "--rpn_pre_nms_top_n_train", "2000"],
-    "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at the native scale the defaults use
-    "cells": [],
-    "cells+repeat": ["--repeat_thresh", "0.3"],
-    # the same limits trained on whole images (--crop 0, the train scripts' default), same steps
-    "cells_whole": ["--crop", "0"],
-    # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match
-    "cells_800": ["--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
+    "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at native scale
+    "cells": [*NATIVE, *CELL_ANCHORS],  # our detection limits at native scale (the defaults until cells_800 won)
+    "cells+repeat": [*NATIVE, *CELL_ANCHORS, "--repeat_thresh", "0.3"],
+    # the same trained on whole images (--crop 0), same steps
+    "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
+    # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match;
+    # on crops and tiles exactly the defaults (--input_scale 3.125), on whole images 800 px short sides
+    "cells_800": [*NATIVE, "--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
                   "--anchor_sizes", "32", "64", "128", "256", "512"],
+    "defaults": [],  # --input_scale 3.125, anchors 32-512, 256 px crops
     # one fixed factor for crops, tiles and whole images, anchors scaled with it
     "cells_x2": ["--input_scale", "2", "--anchor_sizes", "16", "32", "64", "128", "256"],
 }

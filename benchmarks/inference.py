@@ -143,7 +143,8 @@ def agreement(reference: list[dict], results: list[dict]) -> dict[str, Any]:
 def random_checkpoint(args: argparse.Namespace, path: Path) -> Path:
     """A checkpoint of random weights: with score threshold 0 it still returns the full
     --detections_per_img detections, which is what the pasting and encoding cost depends on."""
-    config = {"backbone": args.backbone, "weights": "none", "detections_per_img": args.detections_per_img}
+    config = {"backbone": args.backbone, "weights": "none", "detections_per_img": args.detections_per_img,
+              "input_scale": 0.0}  # the measured images at their native size, as before the fixed scale
     torch.manual_seed(args.seed)
     model = build_model(config)
     save_checkpoint(path, {"model": model.state_dict(), "config": config})

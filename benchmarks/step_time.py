@@ -73,7 +73,7 @@ def measure(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, ar
     """Mean and spread of the timed steps of one configuration."""
     height, width = image.shape[-2:]
     config = {"backbone": backbone, "weights": "none", "use_attn": use_attn,
-              "min_size": min(height, width), "max_size": max(height, width),
+              "min_size": min(height, width), "max_size": max(height, width), "input_scale": 0.0,
               "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
               "box_batch_size_per_image": args.box_batch_size_per_image}
     torch.manual_seed(args.seed)

@@ -173,7 +173,8 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
     transform, the anchor matching and the mask-target function."""
     height, width = int(size[0]), int(size[1])
     config = {"backbone": spec["backbone"], "weights": spec["layout"], "min_size": min(height, width),
-              "max_size": max(height, width), "rpn_post_nms_top_n_train": spec["rpn_post_nms_top_n_train"],
+              "max_size": max(height, width), "input_scale": 0.0,
+              "rpn_post_nms_top_n_train": spec["rpn_post_nms_top_n_train"],
               "box_batch_size_per_image": spec["box_batch_size_per_image"]}
     torch.manual_seed(spec["seed"])
     model = build_model(config, load_weights=False).to(device).train()  # memory does not depend on the values

@@ -132,7 +132,7 @@ def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path:
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp  # ...and scores it again without training
     assert again["mean"]["cells"] == result["mean"]["cells"] and "cells+tile+mask0.6" in again["mean"]
     state = load_checkpoint(runs / "cells_0/last.pth")
-    del state["args"]["input_scale"]  # a run from before the flag existed, which is at its default
+    del state["args"]["repeat_thresh"]  # a run from before the flag existed, which is at its default
     save_checkpoint(runs / "cells_0/last.pth", state)
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
     study("tile")

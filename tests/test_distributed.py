@@ -40,7 +40,7 @@ def test_torchrun_two_gloo_processes(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_resnet.py"), "--train_dir", str(data["train_dir"]), "--output_dir", str(out),
            "--epochs", "1", "--batch_size", "1", "--val_split", "0.34", "--weights", "none", "--num_workers", "0",
-           "--min_size", "64", "--max_size", "96", "--detections_per_img", "10", "--warmup_epochs", "1",
+           "--min_size", "64", "--max_size", "96", "--input_scale", "0", "--detections_per_img", "10", "--warmup_epochs", "1",
            "--rpn_pre_nms_top_n_train", "200", "--rpn_post_nms_top_n_train", "100",
            "--rpn_pre_nms_top_n_test", "200", "--rpn_post_nms_top_n_test", "50", "--box_batch_size_per_image", "32",
            "--device", "cpu"]

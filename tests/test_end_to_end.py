@@ -13,7 +13,7 @@ import train_effnet_v2
 import train_resnet
 from checkpoint import CheckpointError, load_checkpoint
 
-SMALL = ["--min_size", "96", "--max_size", "128", "--detections_per_img", "20", "--batch_size", "2",
+SMALL = ["--min_size", "96", "--max_size", "128", "--input_scale", "0", "--detections_per_img", "20", "--batch_size", "2",
          "--num_workers", "0", "--weights", "none", "--warmup_epochs", "1", "--rpn_pre_nms_top_n_train", "300",
          "--rpn_post_nms_top_n_train", "200", "--rpn_pre_nms_top_n_test", "300", "--rpn_post_nms_top_n_test", "100",
          "--box_batch_size_per_image", "64", "--use_cosine"]

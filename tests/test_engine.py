@@ -12,7 +12,8 @@ from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkp
 from engine import LRSchedule, losses_mode, warmup_cosine
 from model import build_model
 
-TINY = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
+TINY = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 64, "input_scale": 0.0,
+        "detections_per_img": 10}
 
 
 def test_warmup_is_linear_from_zero_then_cosine_to_eta_min() -> None:
@@ -62,12 +63,14 @@ def test_losses_mode_leaves_batchnorm_stats_alone() -> None:
 def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
     model = build_model(TINY)
     path = tmp_path / "c.pth"
-    save_checkpoint(path, {"model": model.state_dict(), "config": TINY})
+    legacy = {k: v for k, v in TINY.items() if k != "input_scale"}
+    save_checkpoint(path, {"model": model.state_dict(), "config": legacy})
     loaded, config, _ = load_model(path)
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     with pytest.raises(CheckpointError, match="contradicts the checkpoint"):
         load_model(path, {"backbone": "effnet_v2_m"})
+    assert config["input_scale"] == 0.0  # written before the key existed: trained without it
     scaled = tmp_path / "s.pth"
     save_checkpoint(scaled, {"model": model.state_dict(), "config": {**TINY, "input_scale": 2.0}})
     assert load_model(scaled)[0].transform.scale_for(20, 30) == 2.0  # the training scale travels

@@ -18,7 +18,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT
 from synthetic import make_dataset
 
-SMALL = ["--min_size", "64", "--max_size", "96", "--detections_per_img", "10", "--num_workers", "0",
+SMALL = ["--min_size", "64", "--max_size", "96", "--input_scale", "0", "--detections_per_img", "10", "--num_workers", "0",
          "--weights", "none", "--warmup_epochs", "1", "--rpn_pre_nms_top_n_train", "200",
          "--rpn_post_nms_top_n_train", "100", "--rpn_pre_nms_top_n_test", "200", "--rpn_post_nms_top_n_test", "50",
          "--box_batch_size_per_image", "32", "--use_cosine"]

@@ -12,7 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from model import CellTransform, PairwiseIoU, SlicedMatcher, add_model_args, build_model, config_from_args
 
-TINY = {"weights": "none", "min_size": 64, "max_size": 64, "detections_per_img": 10}
+TINY = {"weights": "none", "min_size": 64, "max_size": 64, "input_scale": 0.0, "detections_per_img": 10}
 
 
 def _trainable(model: torch.nn.Module, prefix: str) -> bool:
@@ -99,14 +99,17 @@ def test_input_scale_warns_when_max_size_caps_it() -> None:
     assert max(batch.image_sizes[0]) == 1000
 
 
-def test_input_scale_flag_reaches_the_model_and_refuses_zero() -> None:
+def test_input_scale_flag_reaches_the_model_and_zero_switches_it_off() -> None:
     parser = argparse.ArgumentParser()
     add_model_args(parser, backbone="resnet101")
     args = parser.parse_args(["--input_scale", "2", "--weights", "none"])
     model = build_model({**config_from_args(args, "resnet101"), "min_size": 64, "max_size": 512})
     assert model.transform.scale_for(100, 200) == 2.0
+    off = build_model({**config_from_args(parser.parse_args(["--input_scale", "0", "--weights", "none"]), "resnet101"),
+                       "min_size": 1024, "max_size": 2048, "max_upscale": 1.0})
+    assert off.transform.scale_for(100, 200) == 1.0  # 0: --min_size and --max_upscale decide
     with pytest.raises(SystemExit):
-        parser.parse_args(["--input_scale", "0"])
+        parser.parse_args(["--input_scale", "-1"])
 
 
 def test_init_detector_from_a_local_coco_state_dict(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def test_without_views_or_merging_it_is_the_plain_model() -> None:
     from model import build_model
 
     model = build_model({"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 64,
-                         "detections_per_img": 15}).eval()
+                         "input_scale": 0.0, "detections_per_img": 15}).eval()
     model.transform.paste_masks = False
     image = torch.rand(3, 64, 72)
     with torch.no_grad():
