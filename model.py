@@ -238,6 +238,7 @@ class CellTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         self.max_upscale = max_upscale
         self.input_scale = input_scale
+        self.warned_cap = False
         # False: eval outputs keep the 28x28 mask probabilities plus "image_size", and
         # coco.mask_crops pastes each one only inside its box (no [K, 1, H, W] float tensor).
         self.paste_masks = True
@@ -265,7 +266,8 @@ class CellTransform(GeneralizedRCNNTransform):
     def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         height, width = image.shape[-2:]
         scale = self.scale_for(height, width)
-        if self.input_scale and scale < self.input_scale:
+        if self.input_scale and scale < self.input_scale and not self.warned_cap:
+            self.warned_cap = True  # once per model: every large image would repeat it
             warnings.warn(f"a {height}x{width} image is scaled by {scale:.2f}, not --input_scale {self.input_scale}, "
                           f"to stay within --max_size {self.max_size}; predict tile by tile (--tile) or raise "
                           f"--max_size so cells keep their training size", stacklevel=2)

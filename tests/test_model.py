@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,9 @@ def test_input_scale_warns_when_max_size_caps_it() -> None:
     with pytest.warns(UserWarning, match="--input_scale 2.0"):
         batch, _ = transform([torch.rand(3, 300, 800)])
     assert max(batch.image_sizes[0]) == 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model, not once per image
+        transform([torch.rand(3, 300, 900)])
 
 
 def test_input_scale_flag_reaches_the_model_and_zero_switches_it_off() -> None:
