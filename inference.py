@@ -80,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           mask_thresh=args.mask_thresh)
 
 
+def training_tile(state: dict[str, Any]) -> int:
+    """The tile a checkpoint predicts best with: its training --crop (0, whole images, if it had none)."""
+    return int((state.get("args") or {}).get("crop") or 0)
+
+
 def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: str | Path, output: Path,
                    batch_size: int = 1, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
@@ -92,7 +97,7 @@ def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: st
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config, state = load_model(Path(checkpoint), overrides)
     if tile is None:
-        tile = int(state.get("args", {}).get("crop") or 0)
+        tile = training_tile(state)
         if tile:
             print(f"tiles of {tile} px, the checkpoint's training --crop (--tile 0 predicts whole images)")
     model.to(torch_device)

@@ -33,7 +33,9 @@ from checkpoint import load_model  # noqa: E402
 from coco import mask_crops  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
+from inference import training_tile  # noqa: E402
 from model import unpasted_masks  # noqa: E402
+from tiling import predict_tiled  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
 CLASS_COLOURS = ("#00ff7f", "#ffd700", "#00bfff", "#ff4500")
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_labels", type=int, default=150, help="most class:score labels per image, best first")
     parser.add_argument("--min_label_side", type=float, default=8.0,
                         help="no label on boxes with a side below this (image pixels)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="predict tile by tile, as inference.py does (default: the checkpoint's training "
+                             "--crop; 0: whole images)")
+    parser.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     return parser
 
@@ -87,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, state = load_model(Path(args.checkpoint))
     model.to(device).eval()
+    if args.tile is None:
+        args.tile = training_tile(state)
     vis_dir = Path(args.vis_dir or Path(args.checkpoint).parent / "vis")
     vis_dir.mkdir(parents=True, exist_ok=True)
     draw = draw_validation if args.mode == "val" else draw_test
@@ -114,7 +122,7 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
     for name in tqdm(names, desc="draw val", disable=None):
         image = read_image(samples[name] / IMAGE_FILE)
         gt = ground_truth_layer(decode_instances(samples[name], image.shape[:2]), args.draw_gt_mask)
-        pred = predict_layer(model, image, device, args.score_thresh)
+        pred = predict_layer(model, image, device, args.score_thresh, args.tile, args.tile_overlap)
         gt.title = f"{name}: ground truth, {len(gt.labels)} instances"
         paths.append(save_figure(image, [gt, pred], vis_dir / f"{name}.png", args))
         shown["gt"] += len(gt.labels)
@@ -133,7 +141,7 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     for index in tqdm(indices, desc="draw test", disable=None):
         tensor, meta = dataset[index]
         image = tensor.permute(1, 2, 0).numpy()
-        pred = predict_layer(model, image, device, args.score_thresh)
+        pred = predict_layer(model, image, device, args.score_thresh, args.tile, args.tile_overlap)
         pred.title = f"{meta['file_name']} (id {meta['image_id']}): {pred.title}"
         paths.append(save_figure(image, [pred], vis_dir / f"{meta['image_id']}.png", args))
         shown["pred"] += len(pred.labels)
@@ -156,15 +164,23 @@ def ground_truth_layer(instances: Instances, fill: bool) -> Layer:
 
 
 @torch.no_grad()
-def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float) -> Layer:
+def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float,
+                  tile: int = 0, tile_overlap: float = 0.25) -> Layer:
     """Detections scoring at least ``score_thresh``, masks pasted only inside their boxes
-    (the model's 28x28 outputs, as engine.predict does, instead of full-image masks)."""
+    (the model's 28x28 outputs, as engine.predict does, instead of full-image masks); tile by
+    tile when ``tile`` > 0, so the picture shows what the submission holds."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     with unpasted_masks(model):
-        output = model([tensor])[0]
+        if tile > 0:
+            output = predict_tiled(model, tensor, tile, tile_overlap)
+        else:
+            output = model([tensor])[0]
     keep = (output["scores"] >= score_thresh).cpu()
     boxes = output["boxes"].cpu()[keep]
-    masks = mask_crops(output["masks"].cpu()[keep], boxes, output["image_size"])
+    if "crops" in output:
+        masks = [crop for crop, kept in zip(output["crops"], keep.tolist()) if kept]
+    else:
+        masks = mask_crops(output["masks"].cpu()[keep], boxes, output["image_size"])
     scores = output["scores"].cpu()[keep].numpy()
     title = f"prediction, {len(scores)} with score >= {score_thresh:g}"
     return Layer(title, output["labels"].cpu()[keep].numpy(), boxes.numpy(), masks, scores=scores)
