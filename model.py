@@ -269,8 +269,9 @@ class CellTransform(GeneralizedRCNNTransform):
         if self.input_scale and scale < self.input_scale and not self.warned_cap:
             self.warned_cap = True  # once per model: every large image would repeat it
             warnings.warn(f"a {height}x{width} image is scaled by {scale:.2f}, not --input_scale {self.input_scale}, "
-                          f"to stay within --max_size {self.max_size}; predict tile by tile (--tile) or raise "
-                          f"--max_size so cells keep their training size", stacklevel=2)
+                          f"to stay within --max_size {self.max_size}, so its cells look smaller than in training "
+                          f"(whole images: the validation loss, or prediction with --tile 0; raise --max_size "
+                          f"where memory allows)", stacklevel=2)
         if abs(scale - 1.0) < 1e-6:
             return image, target
         image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",

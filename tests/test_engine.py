@@ -9,8 +9,8 @@ from torch import nn
 
 import engine
 from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from engine import LRSchedule, losses_mode, warmup_cosine
-from model import build_model
+from engine import LRSchedule, _run_config, build_parser, losses_mode, warmup_cosine
+from model import DEFAULT_CONFIG, build_model, config_from_args
 
 TINY = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 64, "input_scale": 0.0,
         "detections_per_img": 10}
@@ -153,3 +153,10 @@ def test_inference_prediction_flags() -> None:
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     with pytest.raises(SystemExit):
         parse(["--checkpoint", "x", "--mask_thresh", "1"])
+
+
+def test_resume_of_a_run_from_before_input_scale_keeps_its_scale() -> None:
+    args = build_parser("resnet101", "").parse_args(["--train_dir", "x", "--anchor_sizes", "8", "16", "32", "64", "128"])
+    old = {k: v for k, v in config_from_args(args, "resnet101").items() if k != "input_scale"}
+    assert _run_config(args, "resnet101", {"config": old})["input_scale"] == 0.0
+    assert _run_config(args, "resnet101", None)["input_scale"] == DEFAULT_CONFIG["input_scale"]
