@@ -18,7 +18,7 @@ from dataloader import HW3TestDataset, collate_fn
 from engine import predict
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 
-TTA_SCALES = (1.0,)  # flips at native scale: what benchmarks/accuracy.py measured to help
+TTA_SCALES = (1.0,)  # flips only, at the input scale: what benchmarks/accuracy.py measured to help
 
 
 def build_parser() -> argparse.ArgumentParser:
