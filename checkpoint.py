@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import ARCH_KEYS, DEFAULT_CONFIG, LEGACY_CONFIG, apply_runtime_settings, build_model
+from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model, saved_config
 
 
 class CheckpointError(RuntimeError):
@@ -70,7 +70,7 @@ def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.
     """Rebuild the trained model from a checkpoint's config; ``overrides`` may change the
     runtime settings (input size, detection limits) but not the architecture."""
     state = load_checkpoint(path)
-    config = {**DEFAULT_CONFIG, **LEGACY_CONFIG, **state["config"]}
+    config = {**DEFAULT_CONFIG, **saved_config(state["config"])}
     for key, value in (overrides or {}).items():
         if value is None:
             continue

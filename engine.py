@@ -30,7 +30,7 @@ from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, ga
                          sum_across)
 from ema import ModelEMA
 from masks import PackedMasks
-from model import ARCH_KEYS, LEGACY_CONFIG, add_model_args, build_model, config_from_args, unpasted_masks
+from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config, unpasted_masks
 from sampling import class_repeat_factors, train_sampler
 from tiling import predict_tiled
 from tta import TTAModel
@@ -477,7 +477,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
         raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
                               f"({', '.join(f'{k}: {saved[k]} vs {config[k]}' for k in differing)}); "
                               "resume with the original flags or start a new --output_dir.")
-    return {**config, **LEGACY_CONFIG, **saved}  # a run from before a key existed goes on as it was trained
+    return {**config, **saved_config(saved)}
 
 
 def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3TrainDataset, HW3TrainDataset]:

@@ -61,6 +61,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
 LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0}
 
+
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config, completed with what it was trained with for keys added since:
+    an old run must not pick up a later default (it would predict or resume at another scale)."""
+    return {**LEGACY_CONFIG, **saved}
+
 # Keys that change the architecture: a checkpoint's values for these always win.
 ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios")
 
