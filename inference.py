@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
     parser.add_argument("--tta", dest="tta", action="store_true", default=True,
                         help="test-time augmentation: 4 flips x --tta_scales, merged by mask NMS (on by default: "
-                             "+0.013 held-out segm AP50 on top of tiles, see README)")
+                             "+0.018 held-out segm AP50 on top of the default tiles, see README)")
     parser.add_argument("--no_tta", dest="tta", action="store_false", default=argparse.SUPPRESS,  # --tta's default
                         help="one view per image: 4x faster")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=list(TTA_SCALES), help="image scales for --tta")
