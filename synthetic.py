@@ -79,7 +79,7 @@ def apply_demo_settings(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Point the run at fresh synthetic data and a CPU-sized budget, keeping any flag the
     user typed explicitly."""
     given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    # Native scale: the default --input_scale would make the CPU demo ten times slower.
+    # Native scale: the default --input_scale 2 would make the CPU demo four times slower.
     demo = {"epochs": 3, "weights": "none", "min_size": 192, "max_size": 192, "warmup_epochs": 1,
             "input_scale": 0.0, "anchor_sizes": [8, 16, 32, 64, 128], "crop": 0,
             "detections_per_img": 100, "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,

@@ -52,11 +52,11 @@ CONFIGS: dict[str, list[str]] = {
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match;
-    # on crops and tiles exactly the defaults (--input_scale 3.125), on whole images 800 px short sides
+    # on crops and tiles --input_scale 3.125 (the defaults until cells_x2 won), on whole images 800 px short sides
     "cells_800": [*NATIVE, "--min_size", "800", "--max_size", "1333", "--max_upscale", "100",
                   "--anchor_sizes", "32", "64", "128", "256", "512"],
-    "defaults": [],  # --input_scale 3.125, anchors 32-512, 256 px crops
-    # one fixed factor for crops, tiles and whole images, anchors scaled with it
+    "defaults": [],  # --input_scale 2, anchors 16-256, 256 px crops: exactly cells_x2
+    # one fixed factor for crops, tiles and whole images, anchors scaled with it (the defaults)
     "cells_x2": ["--input_scale", "2", "--anchor_sizes", "16", "32", "64", "128", "256"],
 }
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
