@@ -98,7 +98,7 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
                        help="with --input_scale 0: largest factor a small image is scaled up by (1 = native)")
     group.add_argument("--input_scale", type=scale_factor, default=d["input_scale"],
                        help="resize every training crop, tile and image by exactly this factor, so cells have one "
-                            "size in pixels from training to prediction (256 px crops become 800 px; 0: off, "
+                            "size in pixels from training to prediction (at 2, 256 px crops become 512 px; 0: off, "
                             "--min_size and --max_upscale decide); --max_size still caps whole images; scale "
                             "--anchor_sizes with it")
     group.add_argument("--anchor_sizes", type=int, nargs=5, default=d["anchor_sizes"],
