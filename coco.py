@@ -19,6 +19,7 @@ from pycocotools import mask as mask_util
 from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
+from masks import PackedMasks, pixel_chunks
 
 IOU_TYPES = ("segm", "bbox")
 METRICS = ("AP", "AP50", "AP75")
@@ -53,85 +54,124 @@ def build_coco_gt(instances: Sequence[Instances], image_ids: Sequence[int]) -> C
     return coco
 
 
-def outputs_to_coco(output: dict, image_id: int, mask_thresh: float = 0.5) -> list[dict]:
-    """One image's model output as COCO results with RLE masks.
+def detections_to_coco(dets: dict, image_id: int) -> list[dict]:
+    """One image's merged detections (``inference.predict_images``: boxes, scores, labels and
+    ``masks``, a ``PackedMasks`` of each binary mask inside its box) as COCO results."""
+    height, width = dets["image_size"]
+    rles = encode_packed(dets["masks"], height, width)
+    boxes = dets["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    # One dict per submitted detection: the output format, not a per-detection computation.
+    return [{"image_id": int(image_id), "category_id": int(label), "bbox": [round(v, 2) for v in box],
+             "score": round(score, 5), "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}}
+            for box, score, label, rle in zip(xywh, dets["scores"].detach().float().cpu().tolist(),
+                                              dets["labels"].detach().cpu().tolist(), rles)]
 
-    Outputs of a model whose transform has ``paste_masks = False`` (28x28 probabilities and
-    ``image_size``) are pasted per box and encoded from the crop; tiled predictions bring
-    their ``crops`` already pasted; fully pasted masks [K, 1, H, W] are encoded as they are.
-    All give the same RLE.
+
+def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], mask_thresh: float = 0.5,
+                chunk_pixels: int = 1 << 23) -> PackedMasks:
+    """torchvision's ``paste_masks_in_image`` for all masks at once, but each binary mask kept
+    only inside its clipped box (a [K, H, W] float tensor of 1000 masks is gigabytes).
+
+    ``probs`` [K, M, M] are box-relative mask probabilities, ``boxes`` [K, 4] image-pixel
+    boxes. The same expanded boxes and bilinear weights as torchvision are computed for every
+    pixel of every crop in one batch (chunks of about ``chunk_pixels``), on probs' device.
     """
-    boxes = output["boxes"].detach().float().cpu()
-    scores = output["scores"].detach().float().cpu().tolist()
-    labels = output["labels"].detach().cpu().tolist()
-    if "image_size" in output:
-        height, width = output["image_size"]
-        crops = output["crops"] if "crops" in output else mask_crops(output["masks"], boxes, (height, width),
-                                                                       mask_thresh)
-        rles = [rle_from_crop(crop, x0, y0, height, width) for x0, y0, crop in crops]
-    else:
-        rles = encode_full_masks(output["masks"][:, 0], mask_thresh)
-    results = []
-    for (x1, y1, x2, y2), score, label, rle in zip(boxes.tolist(), scores, labels, rles):
-        results.append({
-            "image_id": int(image_id),
-            "category_id": int(label),
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "score": round(score, 5),
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-        })
-    return results
-
-
-def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
-               mask_thresh: float = 0.5) -> list[tuple[int, int, np.ndarray]]:
-    """Binary masks (x0, y0, crop) exactly as torchvision's paste_masks_in_image would place
-    them, but each only inside its (clipped) box."""
     height, width = image_size
-    if len(masks) == 0:
+    padded, scale = roi_heads.expand_masks(probs.detach().float(), padding=1)
+    full = roi_heads.expand_boxes(boxes.detach().float().to(padded.device), scale).to(torch.int64)
+    lo = torch.stack([full[:, 0].clamp(min=0), full[:, 1].clamp(min=0)], dim=1)
+    hi = torch.maximum(torch.stack([(full[:, 2] + 1).clamp(max=width), (full[:, 3] + 1).clamp(max=height)], dim=1), lo)
+    counts = (hi - lo).prod(dim=1)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    data = torch.empty(0, dtype=torch.uint8, device=padded.device)
+    for start, stop, pixels in pixel_chunks(counts, chunk_pixels):
+        owner = torch.repeat_interleave(torch.arange(start, stop, device=padded.device), counts[start:stop],
+                                        output_size=pixels)
+        local = torch.arange(pixels, device=padded.device) + offsets[start] - offsets[owner]
+        crop_w = (hi[owner, 0] - lo[owner, 0]).clamp(min=1)
+        row = local // crop_w + lo[owner, 1] - full[owner, 1]
+        col = local % crop_w + lo[owner, 0] - full[owner, 0]
+        box_h = (full[owner, 3] - full[owner, 1] + 1).clamp(min=1)
+        box_w = (full[owner, 2] - full[owner, 0] + 1).clamp(min=1)
+        value = _bilinear(padded, owner, _source(row, box_h, padded.shape[-2]), _source(col, box_w, padded.shape[-1]))
+        data = torch.cat([data, (value > mask_thresh).to(torch.uint8)])
+    return PackedMasks(data, torch.cat([lo, hi], dim=1), offsets, (height, width))
+
+
+def _source(index: torch.Tensor, out_len: torch.Tensor, in_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.interpolate's bilinear source (align_corners=False) of output ``index`` out of ``out_len``:
+    the two input indices and the weight of the second."""
+    src = ((index.float() + 0.5) * (in_len / out_len.float()) - 0.5).clamp(min=0.0)
+    low = src.floor().to(torch.int64).clamp(max=in_len - 1)
+    return low, (low + 1).clamp(max=in_len - 1), src - low.float()
+
+
+def _bilinear(masks: torch.Tensor, owner: torch.Tensor, rows: tuple, cols: tuple) -> torch.Tensor:
+    (r0, r1, wr), (c0, c1, wc) = rows, cols
+    top = masks[owner, r0, c0] * (1 - wc) + masks[owner, r0, c1] * wc
+    bottom = masks[owner, r1, c0] * (1 - wc) + masks[owner, r1, c1] * wc
+    return top * (1 - wr) + bottom * wr
+
+
+def encode_packed(masks: PackedMasks, height: int, width: int) -> list[dict]:
+    """Compressed COCO RLE of every packed mask as a full-image mask, in one pass over the
+    crops' pixels (runs are found on the crops only, so the cost does not grow with the
+    image) and one pycocotools call."""
+    data = masks.data.cpu().numpy().astype(bool)
+    boxes = masks.boxes.cpu().numpy()
+    offsets = masks.offsets.cpu().numpy()
+    n = len(boxes)
+    if n == 0:
         return []
-    padded, scale = roi_heads.expand_masks(masks.detach().float().cpu(), padding=1)
-    expanded = roi_heads.expand_boxes(boxes.float().cpu(), scale).to(torch.int64).tolist()
-    crops = []
-    for mask, (bx0, by0, bx1, by1) in zip(padded, expanded):
-        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
-        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        x0, x1 = max(bx0, 0), min(bx1 + 1, width)
-        y0, y1 = max(by0, 0), min(by1 + 1, height)
-        crop = resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] > mask_thresh
-        crops.append((x0, y0, crop.numpy()))
-    return crops
+    owner = np.repeat(np.arange(n), np.diff(offsets))
+    local = np.arange(len(data)) - offsets[owner]
+    x0, y0, x1, y1 = (boxes[owner, k] for k in range(4))
+    w, h = np.maximum(x1 - x0, 1), y1 - y0
+    row, col = local // w, local % w
+    index = (x0 + col) * height + y0 + row  # column-major, as COCO RLE counts
+    first = data & ~_neighbour(data, row, col, h, w, y0, height, -1)
+    last = data & ~_neighbour(data, row, col, h, w, y0, height, 1)
+    starts = index[first][np.lexsort((index[first], owner[first]))]
+    ends = index[last][np.lexsort((index[last], owner[last]))] + 1
+    start_owner = owner[first]
+    runs = np.bincount(start_owner, minlength=n)
+    counts = _run_counts(starts, ends, runs, height * width)
+    pieces = np.split(counts, np.cumsum(2 * runs + 1)[:-1])
+    # A mask ending on the last pixel ends on a run of ones, as pycocotools writes it.
+    uncompressed = [{"size": [height, width], "counts": c[:-1] if len(c) > 1 and c[-1] == 0 else c} for c in pieces]
+    return mask_util.frPyObjects(uncompressed, height, width)
 
 
-def rle_from_crop(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
-    """Compressed COCO RLE of a full-image mask that is zero outside ``crop`` at (x0, y0):
-    runs are computed on the crop only, so the cost does not grow with the image."""
-    h, w = crop.shape
-    columns = np.zeros((w, h + 2), dtype=np.int8)  # column-major, as COCO RLE counts
-    columns[:, 1:-1] = crop.T
-    edges = np.diff(columns, axis=1)
-    start_col, start_row = np.nonzero(edges == 1)
-    end_col, end_row = np.nonzero(edges == -1)
-    starts = (x0 + start_col) * height + y0 + start_row
-    ends = (x0 + end_col) * height + y0 + end_row
-    if len(starts) > 1:  # a run that ends at the bottom row continues at the top of the next column
-        joined = starts[1:] == ends[:-1]
-        starts = starts[np.concatenate([[True], ~joined])]
-        ends = ends[np.concatenate([~joined, [True]])]
-    bounds = np.concatenate([[0], np.stack([starts, ends], axis=1).ravel(), [height * width]])
-    counts = np.diff(bounds)
-    if len(counts) > 1 and counts[-1] == 0:
-        counts = counts[:-1]
-    return mask_util.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+def _neighbour(data: np.ndarray, row: np.ndarray, col: np.ndarray, h: np.ndarray, w: np.ndarray, y0: np.ndarray,
+               height: int, step: int) -> np.ndarray:
+    """The bit before (``step`` -1) or after (+1) each crop pixel in column-major image order:
+    inside the column it is the crop's neighbour; across columns only a crop spanning the
+    whole image height continues into the next column."""
+    inside = (row + step >= 0) & (row + step < h)
+    wraps = ~inside & (h == height) & (y0 == 0) & (col + step >= 0) & (col + step < w)
+    flat = np.arange(len(data))
+    shifted = np.where(inside, flat + step * w, flat + step * (1 - (h - 1) * w))
+    neighbour = np.zeros(len(data), dtype=bool)
+    pick = inside | wraps
+    neighbour[pick] = data[np.clip(shifted[pick], 0, len(data) - 1)]
+    return neighbour
 
 
-def encode_full_masks(masks: torch.Tensor, mask_thresh: float = 0.5, chunk: int = 64) -> list[dict]:
-    """RLE of full-image mask probabilities [K, H, W], in chunks to bound memory."""
-    rles: list[dict] = []
-    for start in range(0, len(masks), chunk):
-        binary = (masks[start:start + chunk] > mask_thresh).to(torch.uint8).cpu().numpy()
-        rles.extend(mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0))))
-    return rles
+def _run_counts(starts: np.ndarray, ends: np.ndarray, runs: np.ndarray, pixels: int) -> np.ndarray:
+    """Per mask, the lengths between [0, s1, e1, ..., sk, ek, pixels], all masks concatenated."""
+    n = len(runs)
+    seg = 2 * runs + 2
+    seg_start = np.cumsum(seg) - seg
+    bounds = np.empty(int(seg.sum()), dtype=np.int64)
+    bounds[seg_start] = 0
+    bounds[seg_start + seg - 1] = pixels
+    run_owner = np.repeat(np.arange(n), runs)
+    rank = np.arange(len(starts)) - (np.cumsum(runs) - runs)[run_owner]
+    bounds[seg_start[run_owner] + 1 + 2 * rank] = starts
+    bounds[seg_start[run_owner] + 2 + 2 * rank] = ends
+    gaps = np.diff(bounds)
+    return np.delete(gaps, (seg_start + seg - 1)[:-1])
 
 
 def evaluate(coco_gt: COCO, results: list[dict], max_dets: int = 100,

@@ -11,10 +11,9 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -24,16 +23,16 @@ from tqdm import tqdm
 from augment import add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state, write_json)
-from coco import build_coco_gt, evaluate, outputs_to_coco
+from coco import build_coco_gt, evaluate
 from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
                          sum_across)
 from ema import ModelEMA
+from inference import autocast as _autocast
+from inference import predict, predict_folder
 from masks import PackedMasks
-from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config, unpasted_masks
+from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
 from sampling import class_repeat_factors, train_sampler
-from tiling import predict_tiled
-from tta import TTAModel
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
@@ -117,8 +116,6 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)
     if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # one process predicts after torchrun
-        from inference import predict_folder
-
         id_map = args.id_map_json or Path(args.test_dir).parent / "test_image_name_to_ids.json"
         summary["submission"] = str(predict_folder(
             Path(args.output_dir) / "best.pth", args.test_dir, id_map,
@@ -241,8 +238,8 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
 def validation_metrics(model: nn.Module, loader: DataLoader, coco_gt: Any, device: torch.device,
                        args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     """COCO metrics of the validation split, predicted in shards and scored on rank 0."""
-    results = gather_lists(predict(model, loader, device, args.use_amp, desc="val predict",
-                                   tile=args.tile, tile_overlap=args.tile_overlap), info)
+    results = gather_lists(predict(model, loader, device, args.use_amp, desc="val predict", tile=args.tile,
+                                   tile_overlap=args.tile_overlap, batch_size=args.batch_size), info)
     metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets) if info.is_main else None
     return broadcast(metrics, info)
 
@@ -323,35 +320,6 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
     totals = sum_across({**sums, "_batches": batches}, info, device)
     batches = max(totals.pop("_batches"), 1)
     return {f"val_{k}": v / batches for k, v in totals.items()}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
-            desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25,
-            tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5) -> list[dict]:
-    """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
-
-    Masks are pasted per box and encoded from the crop (coco.mask_crops), never as a
-    [detections, H, W] tensor: with 1000 detections per image that tensor is gigabytes.
-    ``tile`` > 0 predicts images larger than a tile tile by tile (each tile then scaled by the model transform);
-    ``tta_scales`` adds flipped and rescaled views (tta.TTAModel), tile by tile if both are set.
-    ``mask_thresh`` binarises the mask probabilities (before the TTA and tile merges).
-    """
-    model.eval()
-    net = TTAModel(model, tta_scales, mask_thresh=mask_thresh) if tta_scales else model
-    results: list[dict] = []
-    with unpasted_masks(model):
-        for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
-            images = [img.to(device, non_blocking=True) for img in images]
-            with _autocast(device, use_amp):
-                if tile > 0:
-                    outputs = [predict_tiled(net, image, tile, tile_overlap, mask_thresh=mask_thresh)
-                               for image in images]
-                else:
-                    outputs = net(images)
-            for output, target in zip(outputs, targets):
-                results.extend(outputs_to_coco(output, target["image_id"], mask_thresh))
-    return results
 
 
 @dataclass
@@ -562,12 +530,6 @@ def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: t
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, PackedMasks)) else v
                 for k, v in t.items()} for t in targets]
     return images, targets
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 def _epoch_line(row: dict[str, Any], select: str, improved: bool) -> str:

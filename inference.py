@@ -1,22 +1,33 @@
-"""Checkpoint + test folder -> test-results.json (COCO results with RLE masks).
+"""Prediction, in one place, and the CLI checkpoint + test folder -> test-results.json.
 
-The model is rebuilt from the checkpoint's config, so no architecture flag is needed:
+Whole images, tiles and TTA views are predicted in batches on the model's device and merged
+(``predict_images``); validation, visualisation and the benchmarks call the same code. The
+model is rebuilt from the checkpoint's config, so no architecture flag is needed:
     python inference.py --checkpoint outputs/resnet101/best.pth
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.models.detection.transform import resize_boxes
+from tqdm import tqdm
 
 from checkpoint import load_model, write_json
+from coco import detections_to_coco, paste_masks
 from dataloader import HW3TestDataset, collate_fn
-from engine import predict
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
+from tiling import (Window, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order, select_candidates,
+                    take, tile_grid)
+from tta import View, apply_view, boxes_back, masks_back, views
 
 TTA_SCALES = (1.0,)  # flips only, at the input scale: what benchmarks/accuracy.py measured to help
 
@@ -28,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id_map_json", default="dataset/test_image_name_to_ids.json",
                         help="list of {file_name, id, height, width}")
     parser.add_argument("--output", default=None, help="submission path (default: next to the checkpoint)")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="images (tiles x TTA views, of one image or several) per forward pass")
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     parser.add_argument("--use_amp", action="store_true", help="fp16 on CUDA, bf16 on CPU")
@@ -41,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile_overlap", type=float, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
     parser.add_argument("--tta", dest="tta", action="store_true", default=True,
-                        help="test-time augmentation: 4 flips x --tta_scales, merged by mask NMS (on by default: "
-                             "+0.018 held-out segm AP50 on top of the default tiles, see README)")
+                        help="test-time augmentation: 4 flips x --tta_scales, merged with the tiles (on by default; "
+                             "the README's accuracy table measures it)")
     parser.add_argument("--no_tta", dest="tta", action="store_false", default=argparse.SUPPRESS,  # --tta's default
                         help="one view per image: 4x faster")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=list(TTA_SCALES), help="image scales for --tta")
@@ -55,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_scale", type=scale_factor, default=None,
                         help="override the checkpoint's fixed input scale (cells look their best at the training one)")
     parser.add_argument("--detections_per_img", type=int, default=None,
-                        help=f"override the checkpoint's limit (default there: {DEFAULT_CONFIG['detections_per_img']})")
+                        help="most detections kept per image after the tile and TTA merges (default: the "
+                             f"checkpoint's, {DEFAULT_CONFIG['detections_per_img']} unless trained otherwise); each "
+                             "tile or view keeps at most what its area can hold, one cell per square of the "
+                             "smallest anchor side, and only the image's best get masks")
     return parser
 
 
@@ -92,7 +107,8 @@ def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: st
                    tta_scales: Sequence[float] | None = TTA_SCALES, mask_thresh: float = 0.5) -> Path:
     """Predict every test image and write the submission; returns its path. ``tile=None``
     tiles at the training crop recorded in the checkpoint (whole images if it had none);
-    ``tta_scales=None`` predicts one view per image."""
+    ``tta_scales=None`` predicts one view per image; ``batch_size`` views go through the
+    network together."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config, state = load_model(Path(checkpoint), overrides)
@@ -105,13 +121,202 @@ def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: st
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     start = time.time()
     results = predict(model, loader, torch_device, use_amp, desc="inference", tile=tile, tile_overlap=tile_overlap,
-                      tta_scales=tta_scales, mask_thresh=mask_thresh)
+                      tta_scales=tta_scales, mask_thresh=mask_thresh, batch_size=batch_size)
     results = [r for r in results if r["score"] >= score_thresh]
     write_json(Path(output), results)
     seconds = time.time() - start
     print(f"{len(results)} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How images are predicted: tiles, views, thresholds and limits."""
+
+    tile: int = 0
+    tile_overlap: float = 0.25
+    tta_scales: tuple[float, ...] | None = None
+    mask_thresh: float = 0.5
+    batch_size: int = 1
+    detections_per_img: int | None = None  # None: the model's own limit
+    match_thresh: float = 0.5
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool = False,
+            desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25,
+            tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5, batch_size: int = 1,
+            detections_per_img: int | None = None) -> list[dict]:
+    """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
+
+    ``tile`` > 0 predicts images larger than a tile tile by tile (each tile then scaled by the
+    model transform like a training crop); ``tta_scales`` adds the 4 flips at each scale;
+    ``batch_size`` views (tiles x flips, of one or several images) go through the network
+    together; each image keeps at most ``detections_per_img`` detections (default: the
+    model's limit) after all merges.
+    """
+    settings = Settings(tile, tile_overlap, tuple(tta_scales) if tta_scales else None, mask_thresh,
+                        max(int(batch_size), 1), detections_per_img)
+    net = getattr(model, "module", model)  # DDP: predict with the wrapped model, no gradient sync
+    net.eval()
+    results: list[dict] = []
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = [img.to(device, non_blocking=True) for img in images]
+        with autocast(device, use_amp):
+            merged = predict_images(net, images, settings)
+        for dets, target in zip(merged, targets):
+            results.extend(detections_to_coco(dets, target["image_id"]))
+    return results
+
+
+class Job(NamedTuple):
+    """One forward pass input: a window of an image, seen through a view."""
+
+    image: int
+    window: Window
+    view: View
+
+
+def predict_images(model: nn.Module, images: list[torch.Tensor], settings: Settings) -> list[dict]:
+    """Merged detections of each image, ``{boxes, scores, labels, masks, image_size}`` with
+    ``masks`` a ``PackedMasks`` (each binary mask inside its box), best score first.
+
+    Every tile and view is detected first (boxes only), the image's candidates are chosen
+    across all of them (``tiling.select_candidates``), and only those get masks, from the
+    features kept of their view; then duplicates are dropped by mask overlap.
+    """
+    stages = model if hasattr(model, "detect") else MaskRCNNStages(model)
+    cap = settings.detections_per_img or stages.detections_per_img
+    jobs = [Job(i, window, view) for i, image in enumerate(images)
+            for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
+            for view in views(settings.tta_scales)]
+    passes, found = [], []
+    for start in range(0, len(jobs), settings.batch_size):
+        chunk = jobs[start:start + settings.batch_size]
+        crops = [apply_view(images[j.image][:, j.window[0]:j.window[2], j.window[1]:j.window[3]], j.view)
+                 for j in chunk]
+        state, dets = stages.detect(crops, cap)
+        passes.append(state)
+        found.extend(_to_image(d, j, crop.shape[-2:], images[j.image].shape[-2:]) for d, j, crop in zip(dets, chunk, crops))
+    picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
+    probs = _candidate_masks(stages, passes, found, jobs, picks, settings.batch_size)
+    return [_merge(found, pick, prob, tuple(image.shape[-2:]), settings)
+            for image, pick, prob in zip(images, picks, probs)]
+
+
+def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int, int]) -> dict:
+    """A view's detections in image coordinates, with the flag of boxes an inner tile edge may cut."""
+    y0, x0, y1, x1 = job.window
+    boxes = boxes_back(dets["boxes"].float(), job.view, tuple(view_size), (y1 - y0, x1 - x0))
+    boxes = boxes + boxes.new_tensor([x0, y0, x0, y0])
+    return {"boxes": boxes, "scores": dets["scores"].float(), "labels": dets["labels"],
+            "cut": cut_flags(boxes, job.window, tuple(size))}
+
+
+def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
+    """The image's candidates as (job, index within the job's detections), in selection order."""
+    mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
+    windows = [jobs[k].window for k in mine]
+    parts = [found[k] for k in mine]
+    boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
+    job_of = torch.cat([torch.full((len(p["scores"]),), k, dtype=torch.int64, device=boxes.device)
+                        for k, p in zip(mine, parts)])
+    index = torch.cat([torch.arange(len(p["scores"]), device=boxes.device) for p in parts])
+    if len(mine) == 1:  # one view: the model's own NMS and cap already chose
+        keep = torch.arange(min(len(scores), cap), device=boxes.device)
+    else:
+        copies = max_cover(windows) * len(views(settings.tta_scales))
+        keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
+    return {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
+            "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
+
+
+def _candidate_masks(stages: Any, passes: list, found: list[dict], jobs: list[Job], picks: list[dict],
+                     batch_size: int) -> list[torch.Tensor]:
+    """28x28 mask probabilities of every image's candidates, unflipped, in their order: one
+    mask-head pass per forward-pass chunk, on the features kept from the detection pass."""
+    job = torch.cat([p["job"] for p in picks]).to(torch.int64)
+    index = torch.cat([p["index"] for p in picks])
+    order = torch.argsort(job, stable=True)
+    per_job = torch.bincount(job, minlength=len(jobs)).tolist()  # host sync: how many masks each view gets
+    sorted_index = index[order].split(per_job)
+    probs = []
+    for n, state in enumerate(passes):
+        chunk = range(n * batch_size, min((n + 1) * batch_size, len(jobs)))
+        got = stages.masks(state, [sorted_index[k] for k in chunk])
+        for k, part in zip(chunk, got.split([per_job[k] for k in chunk])):
+            probs.append(masks_back(part, jobs[k].view))
+    flat = torch.cat(probs) if probs else torch.zeros((0, 28, 28))
+    restored = torch.empty_like(flat)
+    restored[order] = flat
+    return list(restored.split([len(p["job"]) for p in picks]))
+
+
+def _merge(found: list[dict], pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings) -> dict:
+    """One image's candidates with masks pasted, duplicates by mask overlap dropped, best first."""
+    masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
+    if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
+        kept = torch.arange(len(pick["scores"]), device=probs.device)
+    else:
+        key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
+        kept = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh).nonzero().flatten()
+    kept = kept[torch.argsort(pick["scores"][kept], descending=True)]
+    return {"boxes": pick["boxes"][kept], "scores": pick["scores"][kept], "labels": pick["labels"][kept],
+            "masks": take(masks, kept), "image_size": size}
+
+
+class MaskRCNNStages:
+    """A torchvision Mask R-CNN split where the merge needs it: ``detect`` runs the backbone,
+    RPN and box head and keeps the features; ``masks`` runs the mask head on chosen detections."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.detections_per_img = int(model.roi_heads.detections_per_img)
+        self.smallest_anchor = min(min(sizes) for sizes in model.rpn.anchor_generator.sizes)
+
+    def view_cap(self, input_size: tuple[int, int], cap: int) -> int:
+        """What a view of ``input_size`` (network input pixels) can hold: one cell per square of
+        the smallest anchor side, the smallest cell the anchors serve; never more than ``cap``."""
+        return min(cap, math.ceil(input_size[0] * input_size[1] / self.smallest_anchor ** 2))
+
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[dict, list[dict]]:
+        model, heads = self.model, self.model.roi_heads
+        batch, _ = model.transform(crops)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        caps = [self.view_cap(size, cap) for size in batch.image_sizes]
+        limit, heads.detections_per_img = heads.detections_per_img, max(caps)
+        try:
+            boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals,
+                                                                 batch.image_sizes)
+        finally:
+            heads.detections_per_img = limit
+        boxes, scores, labels = ([t[:c] for t, c in zip(ts, caps)] for ts in (boxes, scores, labels))
+        state = {"features": features, "image_sizes": batch.image_sizes, "boxes": boxes, "labels": labels}
+        dets = [{"boxes": resize_boxes(b, size, crop.shape[-2:]), "scores": s, "labels": lab}
+                for b, s, lab, size, crop in zip(boxes, scores, labels, batch.image_sizes, crops)]
+        return state, dets
+
+    def masks(self, state: dict, picks: list[torch.Tensor]) -> torch.Tensor:
+        """Mask probabilities [sum of picks, 28, 28] of the picked detections of each view."""
+        heads = self.model.roi_heads
+        boxes = [b[p] for b, p in zip(state["boxes"], picks)]
+        labels = torch.cat([lab[p] for lab, p in zip(state["labels"], picks)])
+        if len(labels) == 0:
+            return torch.zeros((0, 28, 28), device=labels.device)
+        features = heads.mask_roi_pool(state["features"], boxes, state["image_sizes"])
+        logits = heads.mask_predictor(heads.mask_head(features))
+        return logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+
+
+def autocast(device: torch.device, enabled: bool) -> Any:
+    """fp16 on CUDA, bf16 on a CPU, or nothing."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 if __name__ == "__main__":

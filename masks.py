@@ -97,3 +97,15 @@ def _nearest_sources(length: int, new_length: int, device: torch.device) -> torc
     """The source index F.interpolate's nearest mode reads for each output index (non-decreasing)."""
     ramp = torch.arange(length, dtype=torch.float64, device=device)[None, None, :, None]
     return F.interpolate(ramp, size=(int(new_length), 1))[0, 0, :, 0].long()
+
+
+def pixel_chunks(counts: torch.Tensor, budget: int) -> list[tuple[int, int, int]]:
+    """(start, stop, pixels) runs of items (masks, mask pairs) whose pixel ``counts`` add up to
+    about ``budget`` each, an item larger than the budget in a run of its own: batched
+    per-pixel work on packed masks stays within a memory bound."""
+    if len(counts) == 0:
+        return []
+    ends = counts.cumsum(0).cpu()  # host sync: the batch sizes (once per call)
+    marks = torch.arange(1, int(ends[-1]) // budget + 1) * budget
+    edges = sorted({0, len(counts), *torch.searchsorted(ends, marks, right=True).clamp(max=len(counts)).tolist()})
+    return [(a, b, int(ends[b - 1] - (ends[a - 1] if a else 0))) for a, b in zip(edges[:-1], edges[1:]) if b > a]

@@ -9,9 +9,8 @@ import argparse
 import inspect
 import math
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -245,9 +244,6 @@ class CellTransform(GeneralizedRCNNTransform):
         self.max_upscale = max_upscale
         self.input_scale = input_scale
         self.warned_cap = False
-        # False: eval outputs keep the 28x28 mask probabilities plus "image_size", and
-        # coco.mask_crops pastes each one only inside its box (no [K, 1, H, W] float tensor).
-        self.paste_masks = True
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "CellTransform":
@@ -260,14 +256,6 @@ class CellTransform(GeneralizedRCNNTransform):
         if self.input_scale:
             return min(self.input_scale, cap)
         return min(self.min_size[-1] / min(height, width), cap, self.max_upscale)
-
-    def postprocess(self, result: list[dict], image_shapes: list, original_image_sizes: list) -> list[dict]:
-        if self.training or self.paste_masks:
-            return super().postprocess(result, image_shapes, original_image_sizes)
-        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-            pred["image_size"] = (int(o_im_s[0]), int(o_im_s[1]))
-        return result
 
     def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         height, width = image.shape[-2:]
@@ -291,18 +279,6 @@ class CellTransform(GeneralizedRCNNTransform):
         elif "masks" in target:
             target["masks"] = resize_masks(target["masks"], image.shape[-2:])
         return image, target
-
-
-@contextmanager
-def unpasted_masks(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval outputs keep 28x28 mask probabilities (plus ``image_size``) for coco.mask_crops
-    to paste per box, instead of a [detections, 1, H, W] float tensor."""
-    transform = getattr(model, "module", model).transform
-    transform.paste_masks = False
-    try:
-        yield model
-    finally:
-        transform.paste_masks = True
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:

@@ -1,116 +1,179 @@
-"""Tiled prediction, merged across tile borders.
+"""Tiles of large images, and the batched merge shared by tiles and TTA views.
 
 Large images are cut into overlapping tiles the size of a training crop, so cells look as
-they did in training (the model's transform scales each tile like a crop); each tile is
-predicted on its own, detections are moved back to image coordinates, and the merge keeps
-every cell once: a detection cut by an inner tile border loses to the whole copy of the same
-cell from a neighbouring tile, and duplicates from overlaps are removed by mask overlap.
+they did in training. Every tile and view is predicted on its own and mapped back to image
+coordinates; the merge then keeps every cell once. It runs in two steps, both batched on the
+model's device:
+
+1. ``select_candidates`` (boxes only, before any mask is computed): a class-wise box NMS over
+   all views, whole detections before those cut by an inner tile border, then the image's
+   ``cap`` first. Only these get masks, so the mask head never sees what cannot be submitted.
+2. ``greedy_mask_merge`` (pasted masks): a detection lying mostly (intersection over the
+   smaller mask > ``match_thresh``) inside a kept one of the same class is a duplicate; this
+   catches cut pieces whose boxes overlap the whole cell too little for the box NMS (and a
+   cut piece lying mostly inside a kept box is one too).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import nn
+from torchvision.ops import batched_nms
 
-from coco import mask_crops
+from masks import PackedMasks, pixel_chunks
 
-Crop = tuple[int, int, np.ndarray]  # x0, y0, boolean mask inside its box
+Window = tuple[int, int, int, int]  # y0, x0, y1, x1
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
+def tile_grid(height: int, width: int, tile: int, overlap: float) -> list[Window]:
     """(y0, x0, y1, x1) windows of side ``tile`` covering the image, the last ones flush with
-    the border; an image no larger than a tile is one window."""
+    the border; an image no larger than a tile (or ``tile`` 0) is one window."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"--tile_overlap must be in [0, 1), got {overlap}")
+    if tile <= 0:
+        return [(0, 0, height, width)]
     ys = _starts(height, tile, overlap)
     xs = _starts(width, tile, overlap)
     return [(y, x, min(y + tile, height), min(x + tile, width)) for y in ys for x in xs]
 
 
-@torch.no_grad()
-def predict_tiled(model: nn.Module, image: torch.Tensor, tile: int, overlap: float, batch_size: int = 4,
-                  mask_thresh: float = 0.5, match_thresh: float = 0.5) -> dict:
-    """One image's detections as ``{boxes, scores, labels, crops, image_size}``.
-
-    ``model`` must return unpasted masks (its transform's ``paste_masks`` set to False), as
-    ``engine.predict`` arranges.
-    """
-    height, width = image.shape[-2:]
-    windows = tile_grid(height, width, tile, overlap)
-    parts = []
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
-        outputs = model([image[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
-        for (y0, x0, y1, x1), out in zip(chunk, outputs):
-            parts.append(_to_image_coords(out, (y0, x0, y1, x1), (height, width), mask_thresh))
-    return merge_detections(parts, (height, width), match_thresh)
+def max_cover(windows: list[Window]) -> int:
+    """The most windows any pixel lies in: how many copies of one cell the tiles can make
+    (intervals overlap most at one of their starts)."""
+    spans = [sorted({(w[0], w[2]) for w in windows}), sorted({(w[1], w[3]) for w in windows})]
+    rows, cols = (max(sum(a <= s < b for a, b in axis) for s, _ in axis) for axis in spans)
+    return rows * cols
 
 
-def merge_detections(parts: list[dict], image_size: tuple[int, int], match_thresh: float = 0.5) -> dict:
-    """Greedy merge: whole detections before cut ones, by score; a detection whose mask
-    lies mostly (intersection over the smaller mask > ``match_thresh``) inside a kept one of
-    the same class is a duplicate."""
-    boxes = torch.cat([p["boxes"] for p in parts]) if parts else torch.zeros((0, 4))
-    scores = torch.cat([p["scores"] for p in parts]) if parts else torch.zeros(0)
-    labels = torch.cat([p["labels"] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-    cut = torch.cat([p["cut"] for p in parts]) if parts else torch.zeros(0, dtype=torch.bool)
-    crops = [c for p in parts for c in p["crops"]]
-    # Possibly cut detections go last, the largest first: that copy contains the most of its cell.
-    order = sorted(range(len(scores)), key=lambda i: (1, -int(crops[i][2].sum())) if cut[i] else (0, -float(scores[i])))
-    neighbours = overlapping_boxes(boxes)
-    kept: list[int] = []
-    is_kept = torch.zeros(len(scores), dtype=torch.bool)
-    for i in order:  # rivals found in one vectorised step: views x 1000 detections make n^2 Python too slow
-        near = neighbours[i]
-        rivals = near[is_kept[near] & (labels[near] == labels[i])].tolist()
-        if not any(overlap_over_smaller(crops[i], crops[k]) > match_thresh for k in rivals):
-            kept.append(i)
-            is_kept[i] = True
-    kept.sort(key=lambda i: -float(scores[i]))
-    index = torch.tensor(kept, dtype=torch.int64)
-    return {"boxes": boxes[index], "scores": scores[index], "labels": labels[index],
-            "crops": [crops[i] for i in kept], "image_size": image_size}
-
-
-def overlapping_boxes(boxes: torch.Tensor, chunk: int = 1024) -> list[torch.Tensor]:
-    """For each box, the indices of the boxes it overlaps, computed ``chunk`` rows at a time.
-    Tiles x flips x 1000 detections reach tens of thousands of boxes on a large image, where
-    a dense N x N overlap matrix (and box_iou's N x N x 2 temporaries) takes tens of GB."""
-    neighbours: list[torch.Tensor] = []
-    for start in range(0, len(boxes), chunk):
-        rows = boxes[start:start + chunk, None]
-        hit = ((rows[..., 0] < boxes[:, 2]) & (boxes[:, 0] < rows[..., 2])
-               & (rows[..., 1] < boxes[:, 3]) & (boxes[:, 1] < rows[..., 3]))
-        row, col = hit.nonzero(as_tuple=True)
-        neighbours.extend(col.split(torch.bincount(row, minlength=len(hit)).tolist()))
-    return neighbours
-
-
-def overlap_over_smaller(a: Crop, b: Crop) -> float:
-    """|A ∩ B| / min(|A|, |B|): a cut piece of a cell scores 1 against the whole cell."""
-    ax, ay, am = a
-    bx, by, bm = b
-    x0, y0 = max(ax, bx), max(ay, by)
-    x1, y1 = min(ax + am.shape[1], bx + bm.shape[1]), min(ay + am.shape[0], by + bm.shape[0])
-    smaller = min(int(am.sum()), int(bm.sum()))
-    if x1 <= x0 or y1 <= y0 or smaller == 0:
-        return 0.0
-    inter = np.logical_and(am[y0 - ay:y1 - ay, x0 - ax:x1 - ax], bm[y0 - by:y1 - by, x0 - bx:x1 - bx]).sum()
-    return float(inter) / smaller
-
-
-def _to_image_coords(out: dict, window: tuple[int, int, int, int], image_size: tuple[int, int],
-                     mask_thresh: float) -> dict:
+def cut_flags(boxes: torch.Tensor, window: Window, image_size: tuple[int, int]) -> torch.Tensor:
+    """Boxes (image coordinates) touching a window edge that is not an image edge: maybe cut cells."""
     y0, x0, y1, x1 = window
-    crops = out["crops"] if "crops" in out else mask_crops(out["masks"], out["boxes"], out["image_size"], mask_thresh)
-    boxes = out["boxes"].detach().float().cpu() + torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-    # A box touching a tile edge that is not an image edge may be a cut cell.
-    inner = torch.tensor([x0 > 0, y0 > 0, x1 < image_size[1], y1 < image_size[0]])
-    edge = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
-    touches = (boxes - edge).abs() <= 1.0
-    return {"boxes": boxes, "scores": out["scores"].detach().float().cpu(),
-            "labels": out["labels"].detach().cpu(), "cut": (touches & inner).any(dim=1),
-            "crops": [(cx + x0, cy + y0, crop) for cx, cy, crop in crops]}
+    inner = boxes.new_tensor([x0 > 0, y0 > 0, x1 < image_size[1], y1 < image_size[0]], dtype=torch.bool)
+    edge = boxes.new_tensor([x0, y0, x1, y1])
+    return (((boxes - edge).abs() <= 1.0) & inner).any(dim=1)
+
+
+def select_candidates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor,
+                      cap: int, copies: int, iou: float = 0.5) -> torch.Tensor:
+    """Indices of the detections worth a mask: per class, a box NMS in merge order (whole
+    detections by score, then cut ones, the largest first: that copy holds the most of its
+    cell), then the first ``cap`` survivors in that order (cut pieces, mostly duplicates the
+    mask merge drops, only where whole detections are fewer).
+
+    Before the NMS only the ``cap * copies`` first in merge order are kept: one cell yields at
+    most ``copies`` detections (tiles over a pixel x views), so later ones cannot be among
+    the ``cap`` cells submitted.
+    """
+    key = merge_order(boxes, scores, cut)
+    pool = key.topk(cap * copies).indices if len(key) > cap * copies else torch.arange(len(key), device=key.device)
+    return pool[batched_nms(boxes[pool].float(), key[pool], labels[pool], iou)[:cap]]
+
+
+def merge_order(boxes: torch.Tensor, scores: torch.Tensor, cut: torch.Tensor,
+                area: torch.Tensor | None = None) -> torch.Tensor:
+    """A sort key of the merge: whole detections (key 2 + score) before cut ones (1 + their
+    share of the largest area: mask pixels where given, else box area), higher first."""
+    if area is None:
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = area.float()
+    share = area / (area.max().clamp(min=1.0) * 1.001) if len(area) else area
+    return torch.where(cut, 1.0 + share, 2.0 + scores.float())
+
+
+def greedy_mask_merge(masks: PackedMasks, labels: torch.Tensor, key: torch.Tensor, cut: torch.Tensor | None = None,
+                      match_thresh: float = 0.5) -> torch.Tensor:
+    """Which detections a greedy pass in ``key`` order (highest first) keeps, where a
+    detection is dropped when its mask lies mostly (intersection over the smaller mask >
+    ``match_thresh``) inside a kept one of the same class; a ``cut`` one also when its box
+    does (a sliver of a cell cut by a tile edge is too small for its mask to tell). Returns
+    a bool [N] mask."""
+    first, second = _rival_pairs(masks.boxes, labels, key)
+    inter = pair_intersections(masks, first, second)
+    areas = mask_areas(masks).to(inter.dtype)
+    dup = inter > match_thresh * torch.minimum(areas[first], areas[second])
+    if cut is not None:
+        boxes = masks.boxes
+        side = (torch.minimum(boxes[first, 2:], boxes[second, 2:]) - torch.maximum(boxes[first, :2], boxes[second, :2]))
+        box_inter = side.clamp(min=0).prod(dim=1)
+        box_area = (boxes[second, 2:] - boxes[second, :2]).prod(dim=1)
+        dup |= cut[second] & (box_inter > match_thresh * box_area)
+    return _greedy_keep(len(labels), first[dup], second[dup], labels.device)
+
+
+def take(masks: PackedMasks, index: torch.Tensor) -> PackedMasks:
+    """The packed masks ``index`` selects, in that order, gathered in one indexing step."""
+    counts = masks.offsets.diff()[index]
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    owner = torch.repeat_interleave(torch.arange(len(index), device=counts.device), counts)
+    source = masks.offsets[index][owner] + torch.arange(len(owner), device=counts.device) - offsets[owner]
+    return PackedMasks(masks.data[source], masks.boxes[index], offsets, masks.size)
+
+
+def mask_areas(masks: PackedMasks) -> torch.Tensor:
+    """Pixel count of each packed mask, from one cumulative sum (no per-mask work)."""
+    total = torch.cat([masks.data.new_zeros(1, dtype=torch.int64), masks.data.to(torch.int64).cumsum(0)])
+    return total[masks.offsets[1:]] - total[masks.offsets[:-1]]
+
+
+def pair_intersections(masks: PackedMasks, first: torch.Tensor, second: torch.Tensor,
+                       chunk_pixels: int = 1 << 24) -> torch.Tensor:
+    """|A ∩ B| of packed masks for each pair (first[p], second[p]), pixel-exact, batched over
+    the pixels of all pairs' box intersections, in chunks of about ``chunk_pixels``."""
+    boxes = masks.boxes
+    lo = torch.maximum(boxes[first, :2], boxes[second, :2])
+    size = (torch.minimum(boxes[first, 2:], boxes[second, 2:]) - lo).clamp(min=0)  # [P, 2] as (w, h)
+    counts = size[:, 0] * size[:, 1]
+    out = torch.zeros(len(first), dtype=torch.int64, device=boxes.device)
+    for start, stop, pixels in pixel_chunks(counts, chunk_pixels):
+        out[start:stop] = _intersections(masks, first[start:stop], second[start:stop], lo[start:stop],
+                                         size[start:stop], counts[start:stop], pixels)
+    return out
+
+
+def _intersections(masks: PackedMasks, first: torch.Tensor, second: torch.Tensor, lo: torch.Tensor,
+                   size: torch.Tensor, counts: torch.Tensor, pixels: int) -> torch.Tensor:
+    pair = torch.repeat_interleave(torch.arange(len(first), device=first.device), counts, output_size=pixels)
+    local = torch.arange(pixels, device=first.device) - (counts.cumsum(0) - counts)[pair]
+    width = size[pair, 0].clamp(min=1)
+    x = lo[pair, 0] + local % width
+    y = lo[pair, 1] + local // width
+    both = _bit(masks, first[pair], x, y) & _bit(masks, second[pair], x, y)
+    return torch.zeros(len(first), dtype=torch.int64, device=first.device).index_add_(0, pair, both.to(torch.int64))
+
+
+def _bit(masks: PackedMasks, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pixel (x, y) of mask ``index`` (image coordinates inside its box)."""
+    box = masks.boxes[index]
+    flat = masks.offsets[index] + (y - box[:, 1]) * (box[:, 2] - box[:, 0]) + (x - box[:, 0])
+    return masks.data[flat].bool()
+
+
+def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(earlier, later) index pairs in merge order with the same class and overlapping boxes."""
+    b = boxes.float()
+    hit = ((b[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < b[:, None, 2])
+           & (b[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < b[:, None, 3]))
+    earlier = (key[:, None] > key[None, :]) | ((key[:, None] == key[None, :])
+                                                & (torch.arange(len(key), device=key.device)[:, None]
+                                                   < torch.arange(len(key), device=key.device)[None, :]))
+    first, second = (hit & earlier & (labels[:, None] == labels[None, :])).nonzero(as_tuple=True)
+    return first, second
+
+
+def _greedy_keep(n: int, src: torch.Tensor, dst: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The outcome of a greedy pass where ``src[p]`` (earlier) drops ``dst[p]`` if kept,
+    resolved in rounds instead of one detection at a time: a detection whose rivals are all
+    dropped is kept, one with a kept rival is dropped. Each round settles at least the
+    earliest open detection, and chains of duplicates are short, so rounds are few."""
+    state = torch.zeros(n, dtype=torch.int8, device=device)  # 0 open, 1 kept, -1 dropped
+    for _ in range(n + 1):
+        dropped = torch.zeros(n, dtype=torch.bool, device=device)
+        dropped[dst[state[src] == 1]] = True
+        state[(state == 0) & dropped] = -1
+        blocked = torch.zeros(n, dtype=torch.bool, device=device)
+        blocked[dst[state[src] == 0]] = True
+        state[(state == 0) & ~blocked] = 1
+        if not bool((state == 0).any()):  # host sync: one per round
+            break
+    return state == 1
 
 
 def _starts(length: int, tile: int, overlap: float) -> list[int]:

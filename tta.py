@@ -1,70 +1,57 @@
-"""Test-time augmentation: flips and scales, merged so duplicates do not lower AP.
+"""Test-time augmentation views: flips and scales of an image or a tile, and the way back.
 
-Each view is predicted, mapped back to the original image, turned into mask crops, and the
-views are merged by a per-class greedy mask NMS (``tiling.merge_detections``): a cell seen in
-several views is kept once, with its best score.
+A view is predicted like any image; its boxes and 28x28 mask probabilities are mapped back to
+the unflipped, unscaled frame here, and ``inference`` merges the views of an image with its
+tiles (``tiling.merge_candidates``), so a cell seen in several views is kept once.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from coco import mask_crops
-from tiling import merge_detections
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (horizontal, vertical)
 
 
-class TTAModel(nn.Module):
-    """Wraps a Mask R-CNN whose transform does not paste masks; returns, per image,
-    ``{boxes, scores, labels, crops, image_size}`` like ``tiling.predict_tiled`` so the two
-    compose (tiles of TTA predictions)."""
+class View(NamedTuple):
+    """How one forward pass sees an image: a flip and a scale of it."""
 
-    def __init__(self, model: nn.Module, scales: Sequence[float] = (1.0,), flips: bool = True,
-                 match_thresh: float = 0.5, mask_thresh: float = 0.5) -> None:
-        super().__init__()
-        self.model = model
-        self.scales = tuple(scales)
-        self.flips = FLIPS if flips else FLIPS[:1]
-        self.match_thresh = match_thresh
-        self.mask_thresh = mask_thresh
-
-    @torch.no_grad()
-    def forward(self, images: list[torch.Tensor]) -> list[dict]:
-        return [self._predict(image) for image in images]
-
-    def _predict(self, image: torch.Tensor) -> dict:
-        height, width = image.shape[-2:]
-        parts = []
-        for scale in self.scales:
-            scaled = image if scale == 1.0 else F.interpolate(
-                image[None], scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=True)[0]
-            for hflip, vflip in self.flips:
-                view = _flip(scaled, hflip, vflip)
-                out = self.model([view])[0]
-                parts.append(self._back_to_image(out, scaled.shape[-2:], (height, width), hflip, vflip))
-        return merge_detections(parts, (height, width), self.match_thresh)
-
-    def _back_to_image(self, out: dict, view_size: tuple[int, int], size: tuple[int, int],
-                       hflip: bool, vflip: bool) -> dict:
-        boxes = out["boxes"].detach().float().cpu().clone()
-        masks = out["masks"].detach().float().cpu()
-        view_h, view_w = view_size
-        if hflip:
-            boxes[:, [0, 2]] = view_w - boxes[:, [2, 0]]
-            masks = masks.flip(-1)
-        if vflip:
-            boxes[:, [1, 3]] = view_h - boxes[:, [3, 1]]
-            masks = masks.flip(-2)
-        boxes *= torch.tensor([size[1] / view_w, size[0] / view_h] * 2)
-        return {"boxes": boxes, "scores": out["scores"].detach().float().cpu(), "labels": out["labels"].detach().cpu(),
-                "cut": torch.zeros(len(boxes), dtype=torch.bool),
-                "crops": mask_crops(masks, boxes, size, self.mask_thresh)}
+    hflip: bool = False
+    vflip: bool = False
+    scale: float = 1.0
 
 
-def _flip(image: torch.Tensor, hflip: bool, vflip: bool) -> torch.Tensor:
-    dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
+def views(scales: Sequence[float] | None) -> list[View]:
+    """The 4 flips at each scale; ``None`` is the one plain view."""
+    if not scales:
+        return [View()]
+    return [View(h, v, float(s)) for s in scales for h, v in FLIPS]
+
+
+def apply_view(image: torch.Tensor, view: View) -> torch.Tensor:
+    """The image as the view shows it: scaled first, then flipped."""
+    if view.scale != 1.0:
+        image = F.interpolate(image[None], scale_factor=view.scale, mode="bilinear", align_corners=False,
+                              recompute_scale_factor=True)[0]
+    dims = [d for d, on in ((-1, view.hflip), (-2, view.vflip)) if on]
     return image.flip(dims) if dims else image
+
+
+def boxes_back(boxes: torch.Tensor, view: View, view_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Boxes predicted on the view ([K, 4] in its pixels) in the frame of the unviewed image."""
+    boxes = boxes.clone()
+    view_h, view_w = view_size
+    if view.hflip:
+        boxes[:, [0, 2]] = view_w - boxes[:, [2, 0]]
+    if view.vflip:
+        boxes[:, [1, 3]] = view_h - boxes[:, [3, 1]]
+    if view.scale != 1.0:
+        boxes *= boxes.new_tensor([size[1] / view_w, size[0] / view_h] * 2)
+    return boxes
+
+
+def masks_back(masks: torch.Tensor, view: View) -> torch.Tensor:
+    """28x28 box-relative mask probabilities ([K, 28, 28]) of a view, unflipped."""
+    dims = [d for d, on in ((-1, view.hflip), (-2, view.vflip)) if on]
+    return masks.flip(dims) if dims else masks

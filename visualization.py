@@ -30,12 +30,11 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
-from coco import mask_crops  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
-from inference import training_tile  # noqa: E402
-from model import unpasted_masks  # noqa: E402
-from tiling import predict_tiled  # noqa: E402
+from inference import Settings, predict_images, training_tile  # noqa: E402
+from masks import PackedMasks  # noqa: E402
+from tiling import take  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
 CLASS_COLOURS = ("#00ff7f", "#ffd700", "#00bfff", "#ff4500")
@@ -166,24 +165,19 @@ def ground_truth_layer(instances: Instances, fill: bool) -> Layer:
 @torch.no_grad()
 def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float,
                   tile: int = 0, tile_overlap: float = 0.25) -> Layer:
-    """Detections scoring at least ``score_thresh``, masks pasted only inside their boxes
-    (the model's 28x28 outputs, as engine.predict does, instead of full-image masks); tile by
-    tile when ``tile`` > 0, so the picture shows what the submission holds."""
+    """Detections scoring at least ``score_thresh``, predicted as the submission is
+    (``inference.predict_images``: tile by tile when ``tile`` > 0, one view, the same cap)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-    with unpasted_masks(model):
-        if tile > 0:
-            output = predict_tiled(model, tensor, tile, tile_overlap)
-        else:
-            output = model([tensor])[0]
-    keep = (output["scores"] >= score_thresh).cpu()
-    boxes = output["boxes"].cpu()[keep]
-    if "crops" in output:
-        masks = [crop for crop, kept in zip(output["crops"], keep.tolist()) if kept]
-    else:
-        masks = mask_crops(output["masks"].cpu()[keep], boxes, output["image_size"])
-    scores = output["scores"].cpu()[keep].numpy()
+    output = predict_images(model, [tensor], Settings(tile=tile, tile_overlap=tile_overlap))[0]
+    keep = (output["scores"] >= score_thresh).nonzero().flatten()
+    picked = take(output["masks"], keep)
+    packed = PackedMasks(picked.data.cpu(), picked.boxes.cpu(), picked.offsets.cpu(), picked.size)
+    masks = [(int(packed.boxes[i, 0]), int(packed.boxes[i, 1]), packed.crop(i).numpy().astype(bool))
+             for i in range(len(packed))]  # drawing is per cell anyway
+    scores = output["scores"][keep].cpu().numpy()
     title = f"prediction, {len(scores)} with score >= {score_thresh:g}"
-    return Layer(title, output["labels"].cpu()[keep].numpy(), boxes.numpy(), masks, scores=scores)
+    return Layer(title, output["labels"][keep].cpu().numpy(), output["boxes"][keep].cpu().numpy(), masks,
+                 scores=scores)
 
 
 def save_figure(image: np.ndarray, layers: list[Layer], path: Path, args: argparse.Namespace) -> Path:

@@ -33,8 +33,7 @@ import engine  # noqa: E402
 from checkpoint import load_checkpoint, load_model  # noqa: E402
 from coco import build_coco_gt, evaluate  # noqa: E402
 from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
-from engine import predict  # noqa: E402
-from inference import TTA_SCALES  # noqa: E402
+from inference import TTA_SCALES, predict  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
 NATIVE = ["--input_scale", "0"]

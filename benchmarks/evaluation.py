@@ -28,8 +28,9 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
-from coco import _named_metrics, build_coco_gt, rle_from_crop  # noqa: E402
+from coco import _named_metrics, build_coco_gt, encode_packed  # noqa: E402
 from dataloader import NUM_CLASSES, Instances  # noqa: E402
+from masks import PackedMasks  # noqa: E402
 
 NAME = "evaluation"
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -178,7 +179,8 @@ def _result(image_id: int, label: int, score: float, cy: float, cx: float, ry: f
     (x1, y1, x2, y2), crop = _ellipse(cy, cx, ry, rx, inst.height, inst.width)
     if crop is None:
         return None
-    rle = rle_from_crop(crop, x1, y1, inst.height, inst.width)
+    rle = encode_packed(PackedMasks.from_crops([crop], np.array([[x1, y1, x2, y2]]), (inst.height, inst.width)),
+                        inst.height, inst.width)[0]
     return {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": round(score, 5),
             "segmentation": {"size": [inst.height, inst.width], "counts": rle["counts"].decode("ascii")}}
 

@@ -1,7 +1,7 @@
 """Images per second from a test folder to a finished test-results.json: ours vs a plain loop.
 
-Ours is ``inference.predict_folder`` (``engine.predict``: batched forward, masks pasted only
-inside their boxes, RLE from the crop, compact JSON), at each batch size with and without
+Ours is ``inference.predict_folder`` (``inference.predict``: batched forward, masks pasted only
+inside their boxes in one batch, RLE from the crops, compact JSON), at each batch size with and without
 ``--use_amp`` (bf16 on a CPU). The plain loop runs one image per forward, lets torchvision
 paste every mask at full image size, thresholds and ``pycocotools``-encodes the masks one by
 one in fp32 and writes indented JSON. Both start from the same checkpoint; at fp32 batch 1
@@ -29,7 +29,7 @@ from pycocotools import mask as mask_util  # noqa: E402
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from dataloader import IMAGE_FILE, list_samples, read_id_map, read_image  # noqa: E402
-from inference import predict_folder  # noqa: E402
+from inference import MaskRCNNStages, predict_folder  # noqa: E402
 from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -92,7 +92,6 @@ def plain_loop(checkpoint: Path, test_dir: Path, id_map_json: Path, output: Path
     torchvision, each mask thresholded and encoded on its own, fp32, indented JSON."""
     model, _, _ = load_model(checkpoint, overrides)
     model.to(device).eval()
-    model.transform.paste_masks = True
     results = []
     for entry in read_id_map(id_map_json, test_dir):
         image = torch.from_numpy(read_image(test_dir / entry["file_name"])).permute(2, 0, 1).to(device)
@@ -115,13 +114,14 @@ def plain_loop(checkpoint: Path, test_dir: Path, id_map_json: Path, output: Path
 @torch.no_grad()
 def forward_only(checkpoint: Path, test_dir: Path, id_map_json: Path, device: torch.device,
                  overrides: dict[str, Any]) -> None:
-    """Checkpoint load, image decode and the bare forward (no pasting, no RLE, no JSON): the
-    floor that no change to the post-processing can go below."""
+    """Checkpoint load, image decode and the bare network (detection, then the mask head on
+    every detection; no pasting, no RLE, no JSON): the floor no post-processing goes below."""
     model, _, _ = load_model(checkpoint, overrides)
-    model.to(device).eval()
-    model.transform.paste_masks = False
+    stages = MaskRCNNStages(model.to(device).eval())
     for entry in read_id_map(id_map_json, test_dir):
-        model([torch.from_numpy(read_image(test_dir / entry["file_name"])).permute(2, 0, 1).to(device)])
+        image = torch.from_numpy(read_image(test_dir / entry["file_name"])).permute(2, 0, 1).to(device)
+        state, dets = stages.detect([image], stages.detections_per_img)
+        stages.masks(state, [torch.arange(len(dets[0]["scores"]), device=device)])
 
 
 def agreement(reference: list[dict], results: list[dict]) -> dict[str, Any]:

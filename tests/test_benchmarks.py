@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from benchmarks import data_pipeline, evaluation, inference, step_time, tile_merge, train_memory
+from benchmarks import data_pipeline, evaluation, inference, postprocess, step_time, train_memory
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
@@ -88,13 +88,14 @@ def test_evaluation_libraries_agree(tmp_path: Path) -> None:
         pytest.skip("faster-coco-eval not installed: only pycocotools was measured")
 
 
-def test_tile_merge_keeps_the_same_detections_as_the_dense_test(tmp_path: Path) -> None:
-    out = tmp_path / "merge.json"
-    summary = tile_merge.main(["--tiles", "3", "--detections", "60", "--json", str(out)])
-    payload = _written(out, "rows", "summary")
-    assert [row["variant"] for row in payload["rows"]] == ["neighbour lists", "dense box_iou"]
-    assert summary["same_detections_kept"] and summary["boxes"] == 180
-    assert 0 < payload["rows"][0]["kept"] < 180  # overlapping boxes of one class were merged
+def test_postprocess_ours_keeps_the_cap_and_the_baseline_runs(tmp_path: Path) -> None:
+    out = tmp_path / "post.json"
+    postprocess.main(["--size", "200", "--tile", "96", "--detections", "60", "--cells", "40", "--cap", "30",
+                      "--json", str(out)])
+    rows = _written(out, "rows")["rows"]
+    assert [row["detections_in"] for row in rows] == [9 * 60, 36 * 60]
+    for row in rows:
+        assert 0 < row["ours_kept"] <= 30 < row["baseline_kept"]  # the old path had no per-image cap
 
 
 def test_step_time_rows_and_ratios(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coco import build_coco_gt, evaluate, outputs_to_coco
+from coco import build_coco_gt, detections_to_coco, encode_packed, evaluate
 from dataloader import Instances
+from masks import PackedMasks
 
 
 def _instances() -> Instances:
@@ -19,15 +20,15 @@ def _instances() -> Instances:
 
 
 def _perfect_output(inst: Instances) -> dict:
-    masks = torch.from_numpy(inst.masks()).float()[:, None]
     return {"boxes": torch.from_numpy(inst.boxes).float(), "labels": torch.from_numpy(inst.labels),
-            "scores": torch.tensor([0.9, 0.8]), "masks": masks}
+            "scores": torch.tensor([0.9, 0.8]), "masks": PackedMasks.from_crops(inst.crops, inst.boxes, (20, 16)),
+            "image_size": (inst.height, inst.width)}
 
 
 def test_perfect_predictions_score_one() -> None:
     inst = _instances()
     gt = build_coco_gt([inst], [7])
-    results = outputs_to_coco(_perfect_output(inst), 7)
+    results = detections_to_coco(_perfect_output(inst), 7)
     metrics = evaluate(gt, results)
     for key in ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP50"):
         assert abs(metrics[key] - 1.0) < 1e-6, key
@@ -42,7 +43,7 @@ def test_no_predictions_give_zeros_not_crash() -> None:
 
 def test_results_are_a_valid_submission(tmp_path) -> None:
     inst = _instances()
-    results = outputs_to_coco(_perfect_output(inst), 7)
+    results = detections_to_coco(_perfect_output(inst), 7)
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
     loaded = json.loads(path.read_text())
@@ -64,42 +65,23 @@ def test_gt_areas_are_mask_pixels() -> None:
     assert sorted(a["area"] for a in gt.dataset["annotations"]) == [8.0, 20.0]
 
 
-def test_rle_from_crop_equals_full_mask_encoding() -> None:
+def test_packed_encoding_equals_full_mask_encoding() -> None:
     from pycocotools import mask as mask_util
 
-    from coco import rle_from_crop
-
     rng = np.random.default_rng(0)
-    for _ in range(200):  # crops touching every border, empty and full crops included
+    for _ in range(20):  # crops touching every border, empty and full crops included
         height, width = (int(v) for v in rng.integers(3, 30, 2))
-        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
-        y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-        crop = rng.random((h, w)) < rng.choice([0.0, 0.3, 0.9, 1.0])
-        full = np.zeros((height, width), np.uint8, order="F")
-        full[y0:y0 + h, x0:x0 + w] = crop
-        expected = mask_util.encode(full)
-        got = rle_from_crop(crop, x0, y0, height, width)
-        assert got["counts"] == expected["counts"] and list(got["size"]) == [height, width]
-
-
-def test_crop_pasting_equals_torchvision_pasting() -> None:
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-    from coco import encode_full_masks, mask_crops, rle_from_crop
-
-    torch.manual_seed(0)
-    height, width = 50, 70
-    masks = torch.rand(40, 1, 28, 28)
-    boxes = torch.rand(40, 4) * torch.tensor([width, height, width, height])
-    boxes[:, 2:] = boxes[:, :2] + torch.rand(40, 2) * 30
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    expected = encode_full_masks(paste_masks_in_image(masks, boxes, (height, width))[:, 0])
-    got = [rle_from_crop(c, x, y, height, width) for x, y, c in mask_crops(masks, boxes, (height, width))]
-    assert [g["counts"] for g in got] == [e["counts"] for e in expected]
-    lean = outputs_to_coco({"boxes": boxes, "scores": torch.rand(40), "labels": torch.ones(40, dtype=torch.int64),
-                            "masks": masks, "image_size": (height, width)}, 1)
-    assert [r["segmentation"]["counts"] for r in lean] == [e["counts"].decode() for e in expected]
+        crops, boxes = [], []
+        for _ in range(10):
+            h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+            y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            crops.append(rng.random((h, w)) < rng.choice([0.0, 0.3, 0.9, 1.0]))
+            boxes.append([x0, y0, x0 + w, y0 + h])
+        packed = PackedMasks.from_crops(crops, np.array(boxes), (height, width))
+        expected = mask_util.encode(np.asfortranarray(packed.full().numpy().transpose(1, 2, 0)))
+        got = encode_packed(packed, height, width)
+        assert [g["counts"] for g in got] == [e["counts"] for e in expected]
+        assert all(list(g["size"]) == [height, width] for g in got)
 
 
 def test_scores_equal_pycocotools() -> None:
@@ -111,9 +93,11 @@ def test_scores_equal_pycocotools() -> None:
         inst = Instances(labels=rng.integers(1, 5, 6), boxes=boxes, crops=crops, height=30, width=32)
         instances.append(inst)
         ids.append(image_id)
-        noisy = torch.from_numpy(inst.masks()).float()[:, None] * torch.from_numpy(rng.random((6, 1, 30, 32)) > 0.2)
-        results += outputs_to_coco({"boxes": torch.from_numpy(boxes).float() + 1, "labels": torch.from_numpy(inst.labels),
-                                    "scores": torch.from_numpy(rng.random(6)).float(), "masks": noisy}, image_id)
+        noisy = inst.masks() * (rng.random((6, 30, 32)) > 0.2)
+        masks = PackedMasks.from_crops(list(noisy), np.tile([0, 0, 32, 30], (6, 1)), (30, 32))
+        results += detections_to_coco({"boxes": torch.from_numpy(boxes).float() + 1, "image_size": (30, 32),
+                                       "labels": torch.from_numpy(inst.labels), "masks": masks,
+                                       "scores": torch.from_numpy(rng.random(6)).float()}, image_id)
     ours = evaluate(build_coco_gt(instances, ids), results)
     gt = COCO()
     gt.dataset = build_coco_gt(instances, ids).dataset

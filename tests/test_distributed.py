@@ -15,7 +15,7 @@ from coco import build_coco_gt, evaluate
 from conftest import ROOT
 from dataloader import HW3TrainDataset, collate_fn
 from distributed import DistInfo, ResumableSampler
-from engine import predict
+from inference import predict
 from synthetic import make_dataset
 
 

@@ -62,9 +62,12 @@ def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: 
         tiled = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
                                 "--id_map_json", str(tiny_dataset["id_map_json"]), "--output",
                                 str(tmp_path / "tiled.json"), "--num_workers", "0", "--tile", "64",
-                                "--tile_overlap", "0.3", "--tta"])
-        for r in json.loads(Path(tiled).read_text()):
+                                "--tile_overlap", "0.3", "--tta", "--detections_per_img", "7", "--batch_size", "3"])
+        tiled_results = json.loads(Path(tiled).read_text())
+        for r in tiled_results:
             assert r["segmentation"]["size"] == [96, 112] and r["image_id"] in {e["id"] for e in entries}
+        per_image = [sum(r["image_id"] == e["id"] for r in tiled_results) for e in entries]
+        assert max(per_image) <= 7 and sum(per_image) > 0  # the cap holds after the tile and view merges
     if results:
         dt = gt.loadRes(str(submission))
         assert set(dt.getImgIds()) <= {e["id"] for e in entries}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import engine
+import inference
 from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from engine import LRSchedule, _run_config, build_parser, losses_mode, warmup_cosine
 from model import DEFAULT_CONFIG, build_model, config_from_args
@@ -114,20 +115,23 @@ def test_parser_has_the_contract_flags() -> None:
 
 
 class SoftBlob(nn.Module):
-    """One detection per image whose 28x28 mask probability falls from 1 at the centre to 0 at
-    the edge, so the mask area depends on the threshold alone."""
+    """Two-stage stub (``inference.MaskRCNNStages``' interface): one detection per view whose
+    28x28 mask probability falls from 1 at the centre to 0 at the edge, so the mask area
+    depends on the threshold alone."""
+
+    detections_per_img = 100
 
     def __init__(self) -> None:
         super().__init__()
-        self.transform = argparse.Namespace(paste_masks=True)
         grid = torch.linspace(-1, 1, 28)
-        self.mask = (1 - torch.sqrt(grid[None, :] ** 2 + grid[:, None] ** 2)).clamp(min=0)[None, None]
+        self.mask = (1 - torch.sqrt(grid[None, :] ** 2 + grid[:, None] ** 2)).clamp(min=0)
 
-    def forward(self, images: list[torch.Tensor]) -> list[dict]:
-        assert not self.transform.paste_masks  # predict() asks for unpasted 28x28 masks
-        return [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
-                 "labels": torch.tensor([1]), "masks": self.mask.clone(), "image_size": tuple(img.shape[-2:])}
-                for img in images]
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[None, list[dict]]:
+        return None, [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
+                       "labels": torch.tensor([1])} for _ in crops]
+
+    def masks(self, state: None, picks: list[torch.Tensor]) -> torch.Tensor:
+        return self.mask.expand(sum(len(p) for p in picks), 28, 28)
 
 
 @pytest.mark.parametrize("views", [{}, {"tile": 48, "tile_overlap": 0.5}, {"tta_scales": [1.0]}])
@@ -137,7 +141,7 @@ def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) 
     loader = [([torch.zeros(3, 48, 48)], [{"image_id": 7}])]
     areas = []
     for thresh in (0.2, 0.5, 0.8):
-        results = engine.predict(SoftBlob(), loader, torch.device("cpu"), False, mask_thresh=thresh, **views)
+        results = inference.predict(SoftBlob(), loader, torch.device("cpu"), False, mask_thresh=thresh, **views)
         assert [r["image_id"] for r in results] == [7]
         areas.append(int(mask_utils.area(results[0]["segmentation"])))
     assert 0 < areas[2] < areas[1] < areas[0] < 32 * 32
@@ -145,8 +149,6 @@ def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) 
 
 def test_inference_prediction_flags() -> None:
     """TTA is on unless --no_tta (it won on held-out images); --mask_thresh must lie inside (0, 1)."""
-    import inference
-
     parse = inference.build_parser().parse_args
     assert parse(["--checkpoint", "x"]).tta and parse(["--checkpoint", "x", "--tta"]).tta
     assert not parse(["--checkpoint", "x", "--no_tta"]).tta

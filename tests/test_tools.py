@@ -23,9 +23,9 @@ import visualization  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import CLASS_FILES, list_samples, split_samples, write_split  # noqa: E402
 from engine import LOSS_KEYS, write_history  # noqa: E402
-from model import build_model, unpasted_masks  # noqa: E402
+from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
-from tiling import predict_tiled  # noqa: E402
+from inference import Settings, predict_images  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = {"backbone": "resnet101", "weights": "none", "min_size": 96, "max_size": 128, "input_scale": 0.0,
@@ -167,8 +167,8 @@ def test_visualization_predicts_tile_by_tile_like_the_submission() -> None:
     model = build_model(TINY).eval()
     image = np.random.default_rng(0).random((96, 150, 3)).astype(np.float32)
     tiled = visualization.predict_layer(model, image, torch.device("cpu"), 0.0, tile=64)
-    with unpasted_masks(model), torch.no_grad():
-        expected = predict_tiled(model, torch.from_numpy(image).permute(2, 0, 1), 64, 0.25)
+    with torch.no_grad():
+        expected = predict_images(model, [torch.from_numpy(image).permute(2, 0, 1)], Settings(tile=64))[0]
     assert len(tiled.labels) == len(tiled.boxes) == len(tiled.masks) == len(expected["scores"]) > 0
     assert np.allclose(tiled.scores, expected["scores"].numpy())
     for x0, y0, crop in tiled.masks:

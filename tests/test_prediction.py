@@ -1,0 +1,189 @@
+"""The prediction path: tiles, views, candidate selection, the batched merge and its cap.
+
+A two-stage oracle (``detect`` / ``masks``, the interface ``inference.MaskRCNNStages`` gives a
+Mask R-CNN) returns every cell piece it sees, as a perfect model would: cells cut by a tile
+edge come back cut, flipped views come back flipped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from coco import encode_packed, paste_masks
+from conftest import mask_boxes
+from inference import Settings, predict_images
+from masks import PackedMasks
+from synthetic import synth_image
+from tiling import greedy_mask_merge, max_cover, pair_intersections, select_candidates, take, tile_grid
+
+
+class CellOracle:
+    """Reads instance ids from channel 0; a cell's score depends on its id alone, so every
+    view of it scores the same. Records the size of every forward pass."""
+
+    detections_per_img = 1000
+
+    def __init__(self) -> None:
+        self.detect_calls: list[int] = []
+        self.mask_calls: list[int] = []
+
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+        self.detect_calls.append(len(crops))
+        state, dets = [], []
+        for crop in crops:
+            ids = crop[0].round().long()
+            values = ids.unique()
+            values = values[values > 0]
+            masks = ids[None] == values[:, None, None]
+            boxes, _ = mask_boxes(masks)
+            scores = 0.3 + 0.6 * (values.float() * 0.618 % 1.0)
+            order = torch.argsort(scores, descending=True)[:cap]
+            state.append((masks[order], boxes[order]))
+            dets.append({"boxes": boxes[order], "scores": scores[order], "labels": values[order] % 4 + 1})
+        return state, dets
+
+    def masks(self, state: list, picks: list[torch.Tensor]) -> torch.Tensor:
+        self.mask_calls.append(sum(len(p) for p in picks))
+        out = [torch.zeros((0, 28, 28))]
+        for (masks, boxes), pick in zip(state, picks):
+            for i in pick.tolist():
+                x0, y0, x1, y1 = (int(v) for v in boxes[i])
+                crop = masks[i, y0:y1, x0:x1].float()[None, None]
+                out.append(F.interpolate(crop, size=(28, 28), mode="bilinear", align_corners=False)[0])
+        return torch.cat(out)
+
+
+def _scene(seed: int, size: tuple[int, int], cells: int = 40) -> torch.Tensor:
+    """Channel 0 holds cell ids; a cell split by overlapping ones keeps its largest piece, so
+    every cell is one blob (a real model's mask, not a scatter of fragments)."""
+    _, labels = synth_image(np.random.default_rng(seed), size, cells)
+    ids = np.zeros(size, dtype=np.int64)
+    for lab in labels.values():  # one id map; later classes win overlaps, like a painter
+        ids[lab > 0] = lab[lab > 0]
+    for value in np.unique(ids[ids > 0]):
+        pieces, count = ndimage.label(ids == value)
+        if count > 1:
+            largest = np.argmax(np.bincount(pieces.ravel())[1:]) + 1
+            ids[(pieces > 0) & (pieces != largest)] = 0
+    image = torch.zeros(3, *size)
+    image[0] = torch.from_numpy(ids).float()
+    return image
+
+
+def _cells(out: dict) -> set:
+    return {(int(label), *[round(v) for v in box]) for label, box in zip(out["labels"].tolist(), out["boxes"].tolist())}
+
+
+def test_grid_covers_image_with_overlap() -> None:
+    windows = tile_grid(200, 260, 96, 0.4)
+    covered = np.zeros((200, 260), bool)
+    for y0, x0, y1, x1 in windows:
+        assert y1 - y0 == 96 and x1 - x0 == 96
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    assert tile_grid(50, 60, 96, 0.25) == [(0, 0, 50, 60)] == tile_grid(50, 60, 0, 0.25)
+    assert max_cover(tile_grid(1000, 1000, 256, 0.25)) == 4 and max_cover([(0, 0, 50, 60)]) == 1
+    with pytest.raises(ValueError):
+        tile_grid(10, 10, 5, 1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tiles_and_flips_give_the_cells_of_the_whole_image(seed: int) -> None:
+    image = _scene(seed, (200, 260))
+    whole = predict_images(CellOracle(), [image], Settings())[0]
+    assert len(tile_grid(200, 260, 96, 0.4)) > 4  # cells really are cut by inner tile edges
+    for settings in (Settings(tile=96, tile_overlap=0.4, batch_size=3),
+                     Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,), batch_size=5)):
+        tiled = predict_images(CellOracle(), [image], settings)[0]
+        assert _cells(tiled) == _cells(whole) and len(tiled["scores"]) == len(whole["scores"])
+        assert tiled["image_size"] == (200, 260)
+        assert torch.all(tiled["scores"][:-1] >= tiled["scores"][1:])
+
+
+def test_each_image_keeps_its_best_detections_up_to_the_cap() -> None:
+    images = [_scene(2, (200, 260), 60), _scene(3, (150, 120), 30)]
+    whole = predict_images(CellOracle(), images, Settings())
+    oracle = CellOracle()
+    capped = predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,),
+                                                     batch_size=7, detections_per_img=12))
+    for full, out in zip(whole, capped):
+        assert len(out["scores"]) == 12 == len(out["masks"])
+        assert torch.allclose(out["scores"], full["scores"][:12])
+    jobs = (len(tile_grid(200, 260, 96, 0.4)) + len(tile_grid(150, 120, 96, 0.4))) * 4
+    assert sum(oracle.detect_calls) == jobs and max(oracle.detect_calls) == 7  # views batched across images
+    assert len(oracle.mask_calls) == len(oracle.detect_calls) and sum(oracle.mask_calls) <= 2 * 12  # masks: candidates only
+
+
+def test_candidates_prefer_whole_copies_and_respect_the_cap() -> None:
+    boxes = torch.tensor([[0., 0, 10, 10], [0, 0, 10, 6], [20, 20, 30, 30], [21, 20, 30, 30], [50, 50, 60, 60]])
+    scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([1, 1, 2, 2, 1])
+    cut = torch.tensor([False, True, False, False, False])
+    assert sorted(select_candidates(boxes, scores, labels, cut, cap=10, copies=2).tolist()) == [0, 2, 4]
+    assert select_candidates(boxes, scores, labels, cut, cap=2, copies=2).tolist() == [2, 4]
+    other_class = labels.clone()
+    other_class[3] = 3  # another class is no duplicate
+    assert len(select_candidates(boxes, scores, other_class, cut, cap=10, copies=2)) == 4
+
+
+def _random_packed(rng: np.random.Generator, n: int, size: tuple[int, int]) -> PackedMasks:
+    crops, boxes = [], []
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        y, x = int(rng.integers(0, size[0] - h + 1)), int(rng.integers(0, size[1] - w + 1))
+        crops.append(rng.random((h, w)) < rng.choice([0.0, 0.5, 1.0]))
+        boxes.append([x, y, x + w, y + h])
+    return PackedMasks.from_crops(crops, np.array(boxes), size)
+
+
+def test_pair_intersections_and_take_are_pixel_exact() -> None:
+    rng = np.random.default_rng(0)
+    packed = _random_packed(rng, 30, (25, 30))
+    full = packed.full().bool()
+    first, second = torch.triu_indices(30, 30, 1)
+    expected = (full[first] & full[second]).sum(dim=(1, 2))
+    assert torch.equal(pair_intersections(packed, first, second, chunk_pixels=50), expected)  # many chunks
+    index = torch.tensor([5, 0, 29, 5])
+    assert torch.equal(take(packed, index).full(), packed.full()[index])
+
+
+def test_greedy_mask_merge_equals_the_one_at_a_time_greedy() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        packed = _random_packed(rng, 40, (20, 20))
+        labels = torch.from_numpy(rng.integers(1, 3, 40))
+        key = torch.from_numpy(rng.random(40))
+        full = packed.full().bool()
+        areas = full.sum(dim=(1, 2))
+        kept: list[int] = []
+        for i in torch.argsort(key, descending=True).tolist():  # the reference: one detection at a time
+            rivals = [k for k in kept if labels[k] == labels[i]]
+            if not any((full[i] & full[k]).sum() > 0.5 * min(areas[i], areas[k]) for k in rivals):
+                kept.append(i)
+        got = greedy_mask_merge(packed, labels, key, match_thresh=0.5)
+        assert sorted(got.nonzero().flatten().tolist()) == sorted(kept)
+
+
+def test_batched_paste_and_encoding_equal_torchvision_and_pycocotools() -> None:
+    from pycocotools import mask as mask_util
+
+    torch.manual_seed(0)
+    height, width = 50, 70
+    probs = torch.rand(60, 28, 28)
+    boxes = torch.rand(60, 4) * torch.tensor([width, height, width, height])
+    boxes[:, 2:] = boxes[:, :2] + torch.rand(60, 2) * 40
+    boxes[:3] = torch.tensor([[0.0, 0, width, height], [0, 0, 5, height], [3, 0, 9, height]])  # full-height crops
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    expected = paste_masks_in_image(probs[:, None], boxes, (height, width))[:, 0] > 0.5
+    packed = paste_masks(probs, boxes, (height, width), chunk_pixels=500)
+    assert (packed.full().bool() != expected).sum() <= 2  # float rounding at the threshold, at most
+    full = packed.full().numpy()
+    reference = mask_util.encode(np.asfortranarray(full.transpose(1, 2, 0)))
+    got = encode_packed(packed, height, width)
+    assert [g["counts"] for g in got] == [r["counts"] for r in reference]
+    assert encode_packed(PackedMasks.from_crops([], np.zeros((0, 4)), (5, 5)), 5, 5) == []
