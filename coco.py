@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from faster_coco_eval import COCO, COCOeval_faster
 from pycocotools import mask as mask_util
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
@@ -192,6 +194,69 @@ def evaluate(coco_gt: COCO, results: list[dict], max_dets: int = 100,
             evaluator.summarize()
         metrics.update(_named_metrics(evaluator, iou_type))
     return metrics
+
+
+def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0.5,
+                     iou_thresh: float = 0.5) -> dict[str, float]:
+    """The cell community's scores (StarDist's ``matching``): detections scoring at least
+    ``score_thresh``, rasterised so each pixel is one cell's (``rasterise``), matched one to
+    one with the true cells of the same class and image at IoU >= ``iou_thresh``; F1,
+    precision, recall and panoptic quality (mean matched IoU x F1) over all of them."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    tp = fp = fn = 0
+    matched_iou = 0.0
+    for image_id in coco_gt.getImgIds():
+        info = coco_gt.imgs[image_id]
+        preds = rasterise(by_image.get(image_id, []), info["height"], info["width"], score_thresh)
+        truth = coco_gt.imgToAnns.get(image_id, [])
+        for c in {int(a["category_id"]) for a in truth} | {int(r["category_id"]) for r in preds}:
+            p = [r["segmentation"] for r in preds if r["category_id"] == c]
+            g = [a["segmentation"] for a in truth if a["category_id"] == c]
+            hits = _one_to_one(p, g, iou_thresh)
+            tp, fp, fn = tp + len(hits), fp + len(p) - len(hits), fn + len(g) - len(hits)
+            matched_iou += float(sum(hits))
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+    return {"f1": f1, "precision": precision, "recall": recall, "pq": (matched_iou / tp if tp else 0.0) * f1}
+
+
+def rasterise(results: list[dict], height: int, width: int, score_thresh: float = 0.5) -> list[dict]:
+    """One image's detections scoring at least ``score_thresh`` as non-overlapping cells, best
+    score first: a pixel belongs to the best-scoring detection covering it, and one left with
+    no pixel is gone. Each is a result dict again (RLE, box, score)."""
+    kept, canvas = paint(results, height, width, score_thresh)
+    crops, boxes, index = [], [], []
+    for k, window in enumerate(ndimage.find_objects(canvas), start=1):
+        if window is not None:
+            crops.append(canvas[window] == k)
+            boxes.append([window[1].start, window[0].start, window[1].stop, window[0].stop])
+            index.append(k - 1)
+    rles = encode_packed(PackedMasks.from_crops(crops, np.array(boxes).reshape(-1, 4), (height, width)), height, width)
+    return [{**kept[i], "bbox": [x0, y0, x1 - x0, y1 - y0],
+             "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}}
+            for i, (x0, y0, x1, y1), rle in zip(index, boxes, rles)]
+
+
+def paint(results: list[dict], height: int, width: int, score_thresh: float = 0.5) -> tuple[list[dict], np.ndarray]:
+    """The detections scoring at least ``score_thresh``, best first, and a canvas holding at
+    each pixel 1 + the index of the best one covering it (0: none)."""
+    kept = sorted((r for r in results if r["score"] >= score_thresh), key=lambda r: -r["score"])
+    canvas = np.zeros((height, width), dtype=np.int32)
+    for k in range(len(kept) - 1, -1, -1):  # worst first, so better ones paint over it (offline scoring)
+        canvas[mask_util.decode(kept[k]["segmentation"]).astype(bool)] = k + 1
+    return kept, canvas
+
+
+def _one_to_one(pred: list[dict], truth: list[dict], iou_thresh: float) -> list[float]:
+    """IoUs of the optimal one-to-one matching (Hungarian on IoU) that reach ``iou_thresh``."""
+    if not pred or not truth:
+        return []
+    iou = np.asarray(mask_util.iou(pred, truth, [0] * len(truth))).reshape(len(pred), len(truth))
+    rows, cols = linear_sum_assignment(-iou)
+    return [float(v) for v in iou[rows, cols] if v >= iou_thresh]
 
 
 def _named_metrics(evaluator: COCOeval_faster, iou_type: str) -> dict[str, float]:

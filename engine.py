@@ -23,7 +23,7 @@ from tqdm import tqdm
 from augment import add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state, write_json)
-from coco import build_coco_gt, evaluate
+from coco import build_coco_gt, evaluate, matching_metrics
 from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
                          sum_across)
@@ -240,7 +240,8 @@ def validation_metrics(model: nn.Module, loader: DataLoader, coco_gt: Any, devic
     """COCO metrics of the validation split, predicted in shards and scored on rank 0."""
     results = gather_lists(predict(model, loader, device, args.use_amp, desc="val predict", tile=args.tile,
                                    tile_overlap=args.tile_overlap, batch_size=args.batch_size), info)
-    metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets) if info.is_main else None
+    metrics = {**evaluate(coco_gt, results, max_dets=args.eval_max_dets),
+               **matching_metrics(coco_gt, results)} if info.is_main else None
     return broadcast(metrics, info)
 
 

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
+import numpy as np
+import tifffile
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from checkpoint import load_model, write_json
-from coco import detections_to_coco, paste_masks
-from dataloader import HW3TestDataset, collate_fn
+from coco import detections_to_coco, paint, paste_masks
+from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from tiling import (Window, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order, select_candidates,
                     take, tile_grid)
@@ -34,7 +38,9 @@ TTA_SCALES = (1.0,)  # flips only, at the input scale: what benchmarks/accuracy.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="best.pth or last.pth written by a train script; several: an ensemble, any backbones, "
+                             "merged like TTA views")
     parser.add_argument("--test_dir", default="dataset/test_release", help="folder of test *.tif")
     parser.add_argument("--id_map_json", default="dataset/test_image_name_to_ids.json",
                         help="list of {file_name, id, height, width}")
@@ -52,14 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "higher, see README)")
     parser.add_argument("--tile_overlap", type=float, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
-    parser.add_argument("--tta", dest="tta", action="store_true", default=True,
-                        help="test-time augmentation: 4 flips x --tta_scales, merged with the tiles (on by default; "
-                             "the README's accuracy table measures it)")
-    parser.add_argument("--no_tta", dest="tta", action="store_false", default=argparse.SUPPRESS,  # --tta's default
+    parser.add_argument("--tta", nargs="?", const="flips", default="flips", choices=("flips", "dihedral"),
+                        help="test-time augmentation, merged with the tiles: 'flips', the 4 flips x --tta_scales "
+                             "(on by default; the README's accuracy table measures it), or 'dihedral', each also "
+                             "turned by 90 degrees (8 views)")
+    parser.add_argument("--no_tta", dest="tta", action="store_const", const=None, default=argparse.SUPPRESS,
                         help="one view per image: 4x faster")
+    parser.add_argument("--vote_boost", type=float, default=0.0,
+                        help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
+                             "one view count once (0: best score alone)")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=list(TTA_SCALES), help="image scales for --tta")
     parser.add_argument("--mask_thresh", type=probability, default=0.5,
                         help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
+    parser.add_argument("--save_labels", default=None, metavar="DIR",
+                        help="also write DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 ids, best score "
+                             "first, overlaps to the better score): the HW3 layout, to correct and train on")
+    parser.add_argument("--label_thresh", type=float, default=0.5, help="--save_labels: lowest score drawn")
     parser.add_argument("--backbone", type=backbone_name, default=None, help="only checked against the checkpoint")
     parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
     parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
@@ -87,12 +101,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
                  "min_size": args.min_size, "max_size": args.max_size, "input_scale": args.input_scale,
                  "detections_per_img": args.detections_per_img}
-    output = Path(args.output) if args.output else Path(args.checkpoint).parent / "test-results.json"
+    output = Path(args.output) if args.output else Path(args.checkpoint[0]).parent / "test-results.json"
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
                           device=args.device, use_amp=args.use_amp, overrides=overrides,
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
                           tile_overlap=args.tile_overlap, tta_scales=args.tta_scales if args.tta else None,
-                          mask_thresh=args.mask_thresh)
+                          mask_thresh=args.mask_thresh, save_labels=args.save_labels, label_thresh=args.label_thresh,
+                          dihedral=args.tta == "dihedral", vote_boost=args.vote_boost)
 
 
 def training_tile(state: dict[str, Any]) -> int:
@@ -100,39 +115,68 @@ def training_tile(state: dict[str, Any]) -> int:
     return int((state.get("args") or {}).get("crop") or 0)
 
 
-def predict_folder(checkpoint: str | Path, test_dir: str | Path, id_map_json: str | Path, output: Path,
+def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path,
+                   output: Path,
                    batch_size: int = 1, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
                    num_workers: int = 0, tile: int | None = None, tile_overlap: float = 0.25,
-                   tta_scales: Sequence[float] | None = TTA_SCALES, mask_thresh: float = 0.5) -> Path:
-    """Predict every test image and write the submission; returns its path. ``tile=None``
-    tiles at the training crop recorded in the checkpoint (whole images if it had none);
-    ``tta_scales=None`` predicts one view per image; ``batch_size`` views go through the
-    network together."""
+                   tta_scales: Sequence[float] | None = TTA_SCALES, mask_thresh: float = 0.5,
+                   save_labels: str | Path | None = None, label_thresh: float = 0.5, **merge: Any) -> Path:
+    """Predict every test image and write the submission; returns its path. Several
+    checkpoints are an ensemble. ``tile=None`` tiles at the training crop recorded in the
+    (first) checkpoint, whole images if it had none; ``tta_scales=None`` predicts one view per
+    image; ``batch_size`` views go through the network together; ``merge``: ``Settings`` fields."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, config, state = load_model(Path(checkpoint), overrides)
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    loaded = [load_model(Path(path), overrides) for path in paths]
+    models = [model.to(torch_device) for model, _, _ in loaded]
     if tile is None:
-        tile = training_tile(state)
+        tile = training_tile(loaded[0][2])
         if tile:
             print(f"tiles of {tile} px, the checkpoint's training --crop (--tile 0 predicts whole images)")
-    model.to(torch_device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+    per_image = 1 if (tile or tta_scales) else batch_size  # tiles and views of one image fill a batch already
+    loader = DataLoader(dataset, batch_size=per_image, shuffle=False, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     start = time.time()
-    results = predict(model, loader, torch_device, use_amp, desc="inference", tile=tile, tile_overlap=tile_overlap,
-                      tta_scales=tta_scales, mask_thresh=mask_thresh, batch_size=batch_size)
+    results = predict(models, loader, torch_device, use_amp, desc="inference", tile=tile, tile_overlap=tile_overlap,
+                      tta_scales=tta_scales, mask_thresh=mask_thresh, batch_size=batch_size, **merge)
     results = [r for r in results if r["score"] >= score_thresh]
     write_json(Path(output), results)
+    if save_labels:
+        write_labels(results, dataset, Path(save_labels), label_thresh)
     seconds = time.time() - start
     print(f"{len(results)} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
 
 
+def write_labels(results: list[dict], dataset: HW3TestDataset, folder: Path, score_thresh: float) -> None:
+    """Each test image as an HW3 sample: its image and one uint16 label image per class, cells
+    numbered by score (1 = best), each pixel the best-scoring detection's."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    for entry in tqdm(dataset.entries, desc="label images", leave=False, disable=None):
+        source = dataset.test_dir / entry["file_name"]
+        height, width = read_image(source).shape[:2]
+        kept, canvas = paint(by_image.get(int(entry["id"]), []), height, width, score_thresh)
+        shown = np.unique(canvas[canvas > 0]) - 1  # detections with pixels left, best first
+        rank = np.zeros(len(kept) + 1, dtype=np.uint16)
+        rank[shown + 1] = np.arange(1, len(shown) + 1)
+        classes = np.zeros(len(kept) + 1, dtype=np.int64)
+        classes[1:] = [r["category_id"] for r in kept]
+        out = folder / Path(entry["file_name"]).stem
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / IMAGE_FILE)
+        for class_id, name in CLASS_FILES.items():
+            tifffile.imwrite(out / name, np.where(classes[canvas] == class_id, rank[canvas], 0).astype(np.uint16))
+    print(f"label images of {len(dataset.entries)} images -> {folder}")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """How images are predicted: tiles, views, thresholds and limits."""
+    """How images are predicted: tiles, views, thresholds, limits and the merge."""
 
     tile: int = 0
     tile_overlap: float = 0.25
@@ -141,68 +185,91 @@ class Settings:
     batch_size: int = 1
     detections_per_img: int | None = None  # None: the model's own limit
     match_thresh: float = 0.5
+    dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
+    vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, use_amp: bool = False,
+def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device, use_amp: bool = False,
             desc: str = "predict", tile: int = 0, tile_overlap: float = 0.25,
             tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5, batch_size: int = 1,
-            detections_per_img: int | None = None) -> list[dict]:
+            detections_per_img: int | None = None, **merge: Any) -> list[dict]:
     """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
 
     ``tile`` > 0 predicts images larger than a tile tile by tile (each tile then scaled by the
     model transform like a training crop); ``tta_scales`` adds the 4 flips at each scale;
-    ``batch_size`` views (tiles x flips, of one or several images) go through the network
-    together; each image keeps at most ``detections_per_img`` detections (default: the
-    model's limit) after all merges.
+    several models are an ensemble, merged like views; ``batch_size`` views (tiles x flips,
+    of one or several images) go through a network together; each image keeps at most
+    ``detections_per_img`` detections (default: the models' limit) after all merges.
+    ``merge`` takes the other ``Settings`` fields (``dihedral``, ``vote_boost``).
     """
     settings = Settings(tile, tile_overlap, tuple(tta_scales) if tta_scales else None, mask_thresh,
-                        max(int(batch_size), 1), detections_per_img)
-    net = getattr(model, "module", model)  # DDP: predict with the wrapped model, no gradient sync
-    net.eval()
+                        max(int(batch_size), 1), detections_per_img, **merge)
+    models = [getattr(m, "module", m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    for net in models:  # DDP: predict with the wrapped model, no gradient sync
+        net.eval()
     results: list[dict] = []
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
         images = [img.to(device, non_blocking=True) for img in images]
         with autocast(device, use_amp):
-            merged = predict_images(net, images, settings)
+            merged = predict_images(models, images, settings)
         for dets, target in zip(merged, targets):
             results.extend(detections_to_coco(dets, target["image_id"]))
     return results
 
 
 class Job(NamedTuple):
-    """One forward pass input: a window of an image, seen through a view."""
+    """One forward pass input: a window of an image, seen through a view by a model;
+    ``source`` numbers the (model, view) pairs, the voters of ``vote_boost``."""
 
     image: int
     window: Window
     view: View
+    model: int
+    source: int
 
 
-def predict_images(model: nn.Module, images: list[torch.Tensor], settings: Settings) -> list[dict]:
+def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) -> list[dict]:
     """Merged detections of each image, ``{boxes, scores, labels, masks, image_size}`` with
     ``masks`` a ``PackedMasks`` (each binary mask inside its box), best score first.
 
-    Every tile and view is detected first (boxes only), the image's candidates are chosen
-    across all of them (``tiling.select_candidates``), and only those get masks, from the
-    features kept of their view; then duplicates are dropped by mask overlap.
+    ``models`` is one model or a list (an ensemble). Every tile and view is detected first
+    (boxes only), the image's candidates are chosen across all of them and all models
+    (``tiling.select_candidates``), and only those get masks, from the features kept of
+    their view; then duplicates are dropped by mask overlap.
     """
-    stages = model if hasattr(model, "detect") else MaskRCNNStages(model)
-    cap = settings.detections_per_img or stages.detections_per_img
-    jobs = [Job(i, window, view) for i, image in enumerate(images)
+    stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
+              for m in (models if isinstance(models, (list, tuple)) else [models])]
+    cap = settings.detections_per_img or min(s.detections_per_img for s in stages)
+    shown = views(settings.tta_scales, settings.dihedral)
+    jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
             for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
-            for view in views(settings.tta_scales)]
+            for v, view in enumerate(shown)]
     passes, found = [], []
-    for start in range(0, len(jobs), settings.batch_size):
-        chunk = jobs[start:start + settings.batch_size]
-        crops = [apply_view(images[j.image][:, j.window[0]:j.window[2], j.window[1]:j.window[3]], j.view)
-                 for j in chunk]
-        state, dets = stages.detect(crops, cap)
-        passes.append(state)
-        found.extend(_to_image(d, j, crop.shape[-2:], images[j.image].shape[-2:]) for d, j, crop in zip(dets, chunk, crops))
+    for chunk in _chunks(jobs, settings.batch_size):
+        crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
+        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap)
+        passes.append((jobs[chunk[0]].model, state, chunk))
+        found.extend(_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
+                     for d, k, crop in zip(dets, chunk, crops))
     picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
-    probs = _candidate_masks(stages, passes, found, jobs, picks, settings.batch_size)
-    return [_merge(found, pick, prob, tuple(image.shape[-2:]), settings)
-            for image, pick, prob in zip(images, picks, probs)]
+    probs = _candidate_masks(stages, passes, jobs, picks)
+    return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
+
+
+def _chunks(jobs: list[Job], batch_size: int) -> list[list[int]]:
+    """Consecutive jobs of one model, at most ``batch_size`` per forward pass."""
+    chunks: list[list[int]] = []
+    for k, job in enumerate(jobs):
+        if not chunks or len(chunks[-1]) == batch_size or jobs[chunks[-1][0]].model != job.model:
+            chunks.append([])
+        chunks[-1].append(k)
+    return chunks
+
+
+def _window(image: torch.Tensor, window: Window) -> torch.Tensor:
+    y0, x0, y1, x1 = window
+    return image[:, y0:y1, x0:x1]
 
 
 def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int, int]) -> dict:
@@ -215,9 +282,9 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
 
 
 def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
-    """The image's candidates as (job, index within the job's detections), in selection order."""
+    """The image's candidates as (job, index within the job's detections), in selection order,
+    and the image's pool of detections (the voters)."""
     mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
-    windows = [jobs[k].window for k in mine]
     parts = [found[k] for k in mine]
     boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
     job_of = torch.cat([torch.full((len(p["scores"]),), k, dtype=torch.int64, device=boxes.device)
@@ -226,14 +293,17 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
     if len(mine) == 1:  # one view: the model's own NMS and cap already chose
         keep = torch.arange(min(len(scores), cap), device=boxes.device)
     else:
-        copies = max_cover(windows) * len(views(settings.tta_scales))
+        copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
         keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
+    source = boxes.new_tensor([jobs[k].source for k in mine], dtype=torch.int64)[
+        torch.repeat_interleave(torch.arange(len(mine), device=boxes.device),
+                                boxes.new_tensor([len(p["scores"]) for p in parts], dtype=torch.int64))]
     return {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
-            "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
+            "labels": labels[keep], "cut": cut[keep], "views": len(mine),
+            "pool": {"boxes": boxes, "labels": labels, "source": source}}
 
 
-def _candidate_masks(stages: Any, passes: list, found: list[dict], jobs: list[Job], picks: list[dict],
-                     batch_size: int) -> list[torch.Tensor]:
+def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[dict]) -> list[torch.Tensor]:
     """28x28 mask probabilities of every image's candidates, unflipped, in their order: one
     mask-head pass per forward-pass chunk, on the features kept from the detection pass."""
     job = torch.cat([p["job"] for p in picks]).to(torch.int64)
@@ -242,9 +312,8 @@ def _candidate_masks(stages: Any, passes: list, found: list[dict], jobs: list[Jo
     per_job = torch.bincount(job, minlength=len(jobs)).tolist()  # host sync: how many masks each view gets
     sorted_index = index[order].split(per_job)
     probs = []
-    for n, state in enumerate(passes):
-        chunk = range(n * batch_size, min((n + 1) * batch_size, len(jobs)))
-        got = stages.masks(state, [sorted_index[k] for k in chunk])
+    for model, state, chunk in passes:
+        got = stages[model].masks(state, [sorted_index[k] for k in chunk])
         for k, part in zip(chunk, got.split([per_job[k] for k in chunk])):
             probs.append(masks_back(part, jobs[k].view))
     flat = torch.cat(probs) if probs else torch.zeros((0, 28, 28))
@@ -253,17 +322,37 @@ def _candidate_masks(stages: Any, passes: list, found: list[dict], jobs: list[Jo
     return list(restored.split([len(p["job"]) for p in picks]))
 
 
-def _merge(found: list[dict], pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings) -> dict:
-    """One image's candidates with masks pasted, duplicates by mask overlap dropped, best first."""
+def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings) -> dict:
+    """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
+    raised by their votes, best first."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
     if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
         kept = torch.arange(len(pick["scores"]), device=probs.device)
     else:
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
         kept = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh).nonzero().flatten()
-    kept = kept[torch.argsort(pick["scores"][kept], descending=True)]
-    return {"boxes": pick["boxes"][kept], "scores": pick["scores"][kept], "labels": pick["labels"][kept],
+    scores = pick["scores"][kept]
+    if settings.vote_boost:
+        found_by = votes(pick["boxes"][kept], pick["labels"][kept], pick["pool"], settings.match_thresh)
+        scores = scores * (1 + settings.vote_boost * (found_by - 1))
+    order = torch.argsort(scores, descending=True)
+    kept = kept[order]
+    return {"boxes": pick["boxes"][kept], "scores": scores[order], "labels": pick["labels"][kept],
             "masks": take(masks, kept), "image_size": size}
+
+
+def votes(boxes: torch.Tensor, labels: torch.Tensor, pool: dict, iou: float = 0.5, chunk: int = 8192) -> torch.Tensor:
+    """How many sources (model x view) detected each cell: a pool detection of the same class
+    whose box overlaps the cell's with IoU > ``iou``; tiles of one view count once. Batched
+    over the pool ``chunk`` detections at a time."""
+    n_sources = int(pool["source"].max()) + 1 if len(pool["source"]) else 1  # host sync: one per image
+    seen = torch.zeros((len(boxes), n_sources), dtype=torch.bool, device=boxes.device)
+    for start in range(0, len(pool["boxes"]), chunk):
+        part = slice(start, start + chunk)
+        hit = (box_iou(boxes, pool["boxes"][part]) > iou) & (labels[:, None] == pool["labels"][part][None])
+        cell, other = hit.nonzero(as_tuple=True)
+        seen[cell, pool["source"][part][other]] = True
+    return seen.sum(dim=1).clamp(min=1).to(torch.float32)
 
 
 class MaskRCNNStages:

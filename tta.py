@@ -15,33 +15,40 @@ FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (horizon
 
 
 class View(NamedTuple):
-    """How one forward pass sees an image: a flip and a scale of it."""
+    """How one forward pass sees an image: a scale, a flip and a quarter turn of it."""
 
     hflip: bool = False
     vflip: bool = False
     scale: float = 1.0
+    rot90: bool = False
 
 
-def views(scales: Sequence[float] | None) -> list[View]:
-    """The 4 flips at each scale; ``None`` is the one plain view."""
+def views(scales: Sequence[float] | None, dihedral: bool = False) -> list[View]:
+    """The 4 flips at each scale, and with ``dihedral`` each also turned by 90 degrees (the 8
+    symmetries of a square); ``None`` is the one plain view."""
     if not scales:
         return [View()]
-    return [View(h, v, float(s)) for s in scales for h, v in FLIPS]
+    turns = (False, True) if dihedral else (False,)
+    return [View(h, v, float(s), r) for s in scales for r in turns for h, v in FLIPS]
 
 
 def apply_view(image: torch.Tensor, view: View) -> torch.Tensor:
-    """The image as the view shows it: scaled first, then flipped."""
+    """The image as the view shows it: scaled, flipped, then turned a quarter counter-clockwise."""
     if view.scale != 1.0:
         image = F.interpolate(image[None], scale_factor=view.scale, mode="bilinear", align_corners=False,
                               recompute_scale_factor=True)[0]
     dims = [d for d, on in ((-1, view.hflip), (-2, view.vflip)) if on]
-    return image.flip(dims) if dims else image
+    image = image.flip(dims) if dims else image
+    return image.rot90(1, dims=(-2, -1)) if view.rot90 else image
 
 
 def boxes_back(boxes: torch.Tensor, view: View, view_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Boxes predicted on the view ([K, 4] in its pixels) in the frame of the unviewed image."""
     boxes = boxes.clone()
     view_h, view_w = view_size
+    if view.rot90:  # view point (x, y) is (view_h - y, x) of the unturned image, whose size is (view_w, view_h)
+        boxes = torch.stack([view_h - boxes[:, 3], boxes[:, 0], view_h - boxes[:, 1], boxes[:, 2]], dim=1)
+        view_h, view_w = view_w, view_h
     if view.hflip:
         boxes[:, [0, 2]] = view_w - boxes[:, [2, 0]]
     if view.vflip:
@@ -52,6 +59,8 @@ def boxes_back(boxes: torch.Tensor, view: View, view_size: tuple[int, int], size
 
 
 def masks_back(masks: torch.Tensor, view: View) -> torch.Tensor:
-    """28x28 box-relative mask probabilities ([K, 28, 28]) of a view, unflipped."""
+    """28x28 box-relative mask probabilities ([K, 28, 28]) of a view, unturned and unflipped."""
+    if view.rot90:
+        masks = masks.rot90(-1, dims=(-2, -1))
     dims = [d for d, on in ((-1, view.hflip), (-2, view.vflip)) if on]
     return masks.flip(dims) if dims else masks

@@ -10,8 +10,8 @@ pasted one detection at a time, a Python merge loop, one RLE per detection.
 
 End to end (``--end_to_end``): ``inference.py`` on a generated 1000x1000 test image, with
 ``--no_tta`` and with the defaults, from a checkpoint trained at 256 px crops (random weights
-unless ``--checkpoint``), timed as subprocesses; ``--baseline_repo`` times the same command in a
-checkout of the previous code; the network's share is measured inside our run.
+unless ``--checkpoint``), the network's share clocked inside the same run; ``--baseline_repo``
+times the same command in a checkout of the previous code (``--baseline_modes``).
 
     python benchmarks/postprocess.py --end_to_end --baseline_repo ../old_checkout
 """
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="trained checkpoint for --end_to_end (default: random)")
     parser.add_argument("--baseline_repo", default=None, help="checkout of the previous code for --end_to_end")
     parser.add_argument("--modes", nargs="+", choices=("no_tta", "default"), default=["no_tta", "default"])
+    parser.add_argument("--baseline_modes", nargs="+", choices=("no_tta", "default"), default=["no_tta"],
+                        help="modes the previous code is timed in (its default runs every flip as a full "
+                             "no-TTA pass: about 4x its no_tta time)")
     return parser
 
 
@@ -139,7 +142,7 @@ def ours_postprocess(outputs: list[dict], args: argparse.Namespace, flips: bool,
 
 
 def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """inference.py seconds per image, ours and the previous code's, and our network share."""
+    """inference.py seconds per image, ours (with the network's share) and the previous code's."""
     with tempfile.TemporaryDirectory(prefix="bench_post_") as tmp:
         tmp = Path(tmp)
         data = make_dataset(tmp / "data", n_train=0, n_test=1, size=(args.size, args.size), cells=(700, 701),
@@ -147,18 +150,17 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         checkpoint = Path(args.checkpoint) if args.checkpoint else _random_checkpoint(tmp / "random.pth", args.seed)
         rows = []
         for mode in args.modes:
-            flags = ["--no_tta"] if mode == "no_tta" else []
-            row: dict[str, Any] = {"mode": mode}
-            for name, repo in (("ours", ROOT), ("baseline", args.baseline_repo)):
-                if repo is None:
-                    continue
-                out = tmp / f"{name}_{mode}.json"
-                seconds = _run_inference(Path(repo), checkpoint, data, out, flags, args.device)
-                row[f"{name}_s"] = seconds
-                row[f"{name}_detections"] = len(json.loads(out.read_text()))
-            row["speedup"] = ratio(row.get("baseline_s"), row["ours_s"])
-            row["ours_network_s"] = network_seconds(checkpoint, data, mode, device)
-            row["ours_postprocess_share"] = 1 - row["ours_network_s"] / row["ours_s"]
+            flags = ["--checkpoint", str(checkpoint), "--test_dir", str(data["test_dir"]), "--id_map_json",
+                     str(data["id_map_json"]), "--num_workers", "0", "--device", args.device,
+                     *(["--no_tta"] if mode == "no_tta" else [])]
+            seconds, network, count = ours_end_to_end(flags + ["--output", str(tmp / f"ours_{mode}.json")], device)
+            row: dict[str, Any] = {"mode": mode, "ours_s": seconds, "ours_network_s": network,
+                                   "ours_postprocess_share": 1 - network / seconds, "ours_detections": count}
+            if args.baseline_repo and mode in args.baseline_modes:
+                out = tmp / f"baseline_{mode}.json"
+                row["baseline_s"] = _run_inference(Path(args.baseline_repo), flags + ["--output", str(out)])
+                row["baseline_detections"] = len(json.loads(out.read_text()))
+                row["speedup"] = ratio(row["baseline_s"], seconds)
             rows.append(row)
         print_table(f"inference.py on one {args.size}x{args.size} image, seconds", rows,
                     ["mode", "baseline_s", "ours_s", "speedup", "ours_network_s", "ours_postprocess_share",
@@ -166,37 +168,34 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         return {"checkpoint": str(args.checkpoint or "random weights, default config, --crop 256"), "rows": rows}
 
 
-def network_seconds(checkpoint: Path, data: dict, mode: str, device: torch.device) -> float:
-    """Seconds our run spends in the network (detection of every view, masks of the candidates)."""
-    from checkpoint import load_model
-    from dataloader import read_image
-
-    model, _, state = load_model(checkpoint)
-    stages = inference.MaskRCNNStages(model.to(device).eval())
+def ours_end_to_end(argv: list[str], device: torch.device) -> tuple[float, float, int]:
+    """(seconds, network seconds, detections) of ``inference.main``: the network's stages
+    are clocked inside the same run (detection of every view, masks of the candidates)."""
     spent = [0.0]
-    for name in ("detect", "masks"):
-        method = getattr(stages, name)
 
-        def clocked(*a: Any, _method: Any = method) -> Any:
-            result, seconds = timed(lambda: _method(*a), device)
+    class Clocked(inference.MaskRCNNStages):
+        def detect(self, *a: Any) -> Any:
+            result, seconds = timed(lambda: super(Clocked, self).detect(*a), device)
             spent[0] += seconds
             return result
 
-        setattr(stages, name, clocked)
-    image_path = next(Path(data["test_dir"]).glob("*.tif"))
-    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1).to(device)
-    settings = inference.Settings(tile=inference.training_tile(state), tta_scales=None if mode == "no_tta" else (1.0,))
-    with torch.no_grad():
-        inference.predict_images(stages, [image], settings)
-    return spent[0]
+        def masks(self, *a: Any) -> Any:
+            result, seconds = timed(lambda: super(Clocked, self).masks(*a), device)
+            spent[0] += seconds
+            return result
+
+    plain, inference.MaskRCNNStages = inference.MaskRCNNStages, Clocked
+    try:
+        path, seconds = timed(lambda: inference.main(argv), device)
+    finally:
+        inference.MaskRCNNStages = plain
+    return seconds, spent[0], len(json.loads(Path(path).read_text()))
 
 
-def _run_inference(repo: Path, checkpoint: Path, data: dict, output: Path, flags: list[str], device: str) -> float:
-    command = [sys.executable, str(repo / "inference.py"), "--checkpoint", str(checkpoint), "--test_dir",
-               str(data["test_dir"]), "--id_map_json", str(data["id_map_json"]), "--output", str(output),
-               "--num_workers", "0", "--device", device, *flags]
+def _run_inference(repo: Path, argv: list[str]) -> float:
+    """Seconds of the same inference.py command in another checkout (the previous code)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=repo, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, str(repo / "inference.py"), *argv], check=True, cwd=repo, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 

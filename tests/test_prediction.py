@@ -187,3 +187,41 @@ def test_batched_paste_and_encoding_equal_torchvision_and_pycocotools() -> None:
     got = encode_packed(packed, height, width)
     assert [g["counts"] for g in got] == [r["counts"] for r in reference]
     assert encode_packed(PackedMasks.from_crops([], np.zeros((0, 4)), (5, 5)), 5, 5) == []
+
+
+def test_dihedral_views_map_back_to_the_same_cells() -> None:
+    image = _scene(4, (120, 150))  # not square: a quarter turn swaps height and width
+    whole = predict_images(CellOracle(), [image], Settings())[0]
+    oracle = CellOracle()
+    turned = predict_images(oracle, [image], Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,), dihedral=True,
+                                                      batch_size=8))[0]
+    assert _cells(turned) == _cells(whole)
+    assert sum(oracle.detect_calls) == 8 * len(tile_grid(120, 150, 96, 0.4))
+
+
+class Confident(CellOracle):
+    """Sees only the cells scoring at least 0.6: a second model that misses some."""
+
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+        state, dets = super().detect(crops, cap)
+        for k, d in enumerate(dets):
+            keep = d["scores"] >= 0.6
+            state[k] = (state[k][0][keep], state[k][1][keep])
+            dets[k] = {key: value[keep] for key, value in d.items()}
+        return state, dets
+
+
+def test_an_ensemble_votes_cells_up_by_the_views_and_models_that_found_them() -> None:
+    image = _scene(5, (120, 150))
+    whole = predict_images(CellOracle(), [image], Settings())[0]
+    base = {cell: score for cell, score in zip(_cells_list(whole), whole["scores"].tolist())}
+    boosted = predict_images([CellOracle(), Confident()], [image], Settings(tta_scales=(1.0,), vote_boost=0.1))[0]
+    assert set(_cells_list(boosted)) == set(base)  # the union of both models' cells, each once
+    for cell, score in zip(_cells_list(boosted), boosted["scores"].tolist()):
+        sources = 8 if base[cell] >= 0.6 else 4  # 4 flips of one model, or of both
+        assert score == pytest.approx(base[cell] * (1 + 0.1 * (sources - 1)), rel=1e-5), cell
+    assert torch.all(boosted["scores"][:-1] >= boosted["scores"][1:])
+
+
+def _cells_list(out: dict) -> list:
+    return [(int(label), *[round(v) for v in box]) for label, box in zip(out["labels"].tolist(), out["boxes"].tolist())]

@@ -1,0 +1,109 @@
+"""evaluate.py and the label images of inference.py --save_labels, on generated data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import evaluate
+from coco import build_coco_gt, matching_metrics
+from dataloader import IMAGE_FILE, HW3TestDataset, HW3TrainDataset, list_samples
+from inference import write_labels
+from synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Ground truth of 3 generated samples and a noisy submission of them: cells shifted,
+    some missed, some invented, random scores."""
+    root = tmp_path_factory.mktemp("eval")
+    train = make_dataset(root / "data", n_train=3, n_test=0, size=(64, 80), cells=(8, 12), seed=3)["train_dir"]
+    samples = list_samples(train)
+    truth = HW3TrainDataset(samples, [1, 2, 3], cache_images=False)
+    rng = np.random.default_rng(0)
+    results = []
+    for image_id, inst in zip([1, 2, 3], truth.instances):
+        for label, box, crop in zip(inst.labels, inst.boxes, inst.crops):
+            if rng.random() < 0.2:
+                continue  # missed
+            full = np.zeros((inst.height, inst.width), np.uint8, order="F")
+            x1, y1, x2, y2 = (int(v) + int(rng.integers(-1, 2)) for v in box)
+            x1, y1 = max(x1, 0), max(y1, 0)
+            full[y1:y1 + crop.shape[0], x1:x1 + crop.shape[1]] = crop[:inst.height - y1, :inst.width - x1]
+            rle = mask_util.encode(full)
+            results.append({"image_id": image_id, "category_id": int(label), "score": float(rng.random()),
+                            "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                            "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()}})
+    path = root / "submission.json"
+    path.write_text(json.dumps(results))
+    return {"train": train, "samples": samples, "truth": truth, "results": results, "submission": path, "root": root}
+
+
+def test_coco_metrics_equal_pycocotools_at_100_and_1000(scored: dict, tmp_path: Path) -> None:
+    metrics = evaluate.main(["--data_dir", str(scored["train"]), "--submission", str(scored["submission"]),
+                             "--json", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(metrics, nan_ok=True)
+    gt = COCO()
+    gt.dataset = build_coco_gt(scored["truth"].instances, [1, 2, 3]).dataset
+    gt.createIndex()
+    for iou_type in ("segm", "bbox"):
+        for max_dets, suffix in ((100, ""), (1000, "_1000")):
+            ref = COCOeval(gt, gt.loadRes([dict(r) for r in scored["results"]]), iou_type)
+            ref.params.maxDets = [1, 10, max_dets]
+            ref.evaluate()
+            ref.accumulate()
+            precision = ref.eval["precision"][:, :, :, 0, 2]  # [iou, recall, class], all areas, maxDets[2]
+            for name, rows in (("AP", slice(None)), ("AP50", slice(0, 1)), ("AP75", slice(5, 6))):
+                p = precision[rows]
+                expected = p[p > -1].mean()  # what summarize() reports (its maxDets=100 is fixed here)
+                assert abs(metrics[f"{iou_type}_{name}{suffix}"] - expected) < 1e-6, (iou_type, name, suffix)
+    assert 0 < metrics["segm_AP50"] < 1 and 0 < metrics["f1"] < 1 and 0 < metrics["pq"] < metrics["f1"]
+    assert {"segm_AP50_class1", "precision", "recall"} <= set(metrics)
+
+
+def test_matching_metrics_count_one_to_one_matches() -> None:
+    from dataloader import Instances
+
+    crops = [np.ones((4, 4), bool), np.ones((4, 4), bool)]
+    inst = Instances(labels=np.array([1, 1]), boxes=np.array([[0, 0, 4, 4], [10, 10, 14, 14]]), crops=crops,
+                     height=20, width=20)
+    gt = build_coco_gt([inst], [1])
+    pred = np.zeros((20, 20), np.uint8, order="F")
+    pred[0:4, 0:3] = 1  # IoU 0.75 with the first cell
+    rle = mask_util.encode(pred)
+    one = [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": {"size": [20, 20],
+                                                                           "counts": rle["counts"].decode()}}]
+    m = matching_metrics(gt, one)
+    assert (m["precision"], m["recall"]) == (1.0, 0.5)
+    assert m["f1"] == pytest.approx(2 / 3) and m["pq"] == pytest.approx(0.75 * 2 / 3)
+    assert matching_metrics(gt, [dict(one[0], score=0.3)])["recall"] == 0.0  # below --score_thresh
+    assert matching_metrics(gt, [dict(one[0], category_id=2)])["f1"] == 0.0  # another class is no match
+
+
+def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
+    root = scored["root"]
+    test_dir = root / "as_test"
+    test_dir.mkdir(exist_ok=True)
+    entries = []
+    for image_id, sample in enumerate(scored["samples"], start=1):
+        (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
+        entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
+    (root / "ids.json").write_text(json.dumps(entries))
+    labels = root / "labels"
+    write_labels(scored["results"], HW3TestDataset(test_dir, root / "ids.json"), labels, score_thresh=0.5)
+    reread = HW3TrainDataset(list_samples(labels), [1, 2, 3], cache_images=False)  # the loader takes them as data
+    kept = [r for r in scored["results"] if r["score"] >= 0.5]
+    assert 0 < sum(len(i) for i in reread.instances) <= len(kept)
+    from_labels = evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(labels)])
+    from_json = evaluate.main(["--data_dir", str(scored["train"]), "--submission", str(scored["submission"])])
+    for key in ("f1", "precision", "recall", "pq"):  # both rasterised the same way
+        assert from_labels[key] == pytest.approx(from_json[key]), key
+    only_kept = root / "kept.json"
+    only_kept.write_text(json.dumps(kept))
+    kept_json = evaluate.main(["--data_dir", str(scored["train"]), "--submission", str(only_kept)])
+    assert from_labels["segm_AP50"] == pytest.approx(kept_json["segm_AP50"], abs=0.05)  # up to the overlaps
