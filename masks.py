@@ -78,11 +78,11 @@ class PackedMasks:
         touches an image edge keeps that edge on the canvas edge, so roi_align's border rules
         (clamp within a pixel of the edge, zero beyond) act there as on the full image. The
         canvas size comes from the boxes on the host: one gather, no host sync."""
-        x1, y1, x2, y2 = self.boxes.t().contiguous()
+        x1, y1, x2, y2 = self.boxes.numpy().T
         (ox, width), (oy, height) = _placement(x1, x2, self.size[1]), _placement(y1, y2, self.size[0])
+        params = np.stack([x1 - ox, y1 - oy, x2 - x1, y2 - y1, self.offsets.numpy()[:-1], ox, oy], axis=1)
         device = index.device
-        params = torch.stack([x1 - ox, y1 - oy, x2 - x1, y2 - y1, self.offsets[:-1], ox, oy], dim=1)
-        dx, dy, w, h, start, ox, oy = params.to(device)[index].t()[:, :, None, None]
+        dx, dy, w, h, start, ox, oy = torch.from_numpy(params).to(device)[index].t()[:, :, None, None]
         u = torch.arange(height, device=device)[None, :, None] - dy
         v = torch.arange(width, device=device)[None, None, :] - dx
         inside = (u >= 0) & (u < h) & (v >= 0) & (v < w)
@@ -102,42 +102,38 @@ class PackedMasks:
         the full masks: its source row and column of every output pixel, applied per crop.
 
         The new boxes and the source of every output row come from the boxes on the host (where
-        they live); the pixels are then gathered from ``data`` on its device in one indexing op:
-        no loop over instances and no host sync, whatever the instance count."""
-        rows = _nearest_sources(self.size[0], size[0])
-        cols = _nearest_sources(self.size[1], size[1])
-        x1, y1, x2, y2 = self.boxes.t().contiguous()
-        r0, r1 = torch.searchsorted(rows, y1), torch.searchsorted(rows, y2)
-        c0, c1 = torch.searchsorted(cols, x1), torch.searchsorted(cols, x2)
+        they live, in numpy); the pixels are then gathered from ``data`` on its device in one
+        indexing op: no loop over instances and no host sync, whatever the instance count."""
+        rows, cols = _nearest_sources(self.size[0], size[0]), _nearest_sources(self.size[1], size[1])
+        x1, y1, x2, y2 = self.boxes.numpy().T
+        r0, r1, c0, c1 = (np.searchsorted(s, v) for s, v in ((rows, y1), (rows, y2), (cols, x1), (cols, x2)))
         heights, widths = r1 - r0, c1 - c0
-        offsets = torch.cat([heights.new_zeros(1), (heights * widths).cumsum(0)])
-        # One entry per output row: where it starts in the new buffer, its width, the flat index
-        # of its source row's first pixel in ``data`` (less x1) and the first output column.
-        owner = torch.repeat_interleave(torch.arange(len(self)), heights)
-        row_in_crop = torch.arange(len(owner)) - torch.repeat_interleave(heights.cumsum(0) - heights, heights)
-        row_base = self.offsets[owner] + (rows[r0[owner] + row_in_crop] - y1[owner]) * (x2 - x1)[owner] - x1[owner]
-        row_start = offsets[owner] + row_in_crop * widths[owner]
+        offsets = np.concatenate([[0], np.cumsum(heights * widths)]).astype(np.int64)
+        # Per output row: the flat index in ``data`` of its source row's pixel at x = 0, where
+        # the row starts in the new buffer less its first column, and its width.
+        owner = np.repeat(np.arange(len(self)), heights)
+        row = np.arange(len(owner)) - np.repeat(np.cumsum(heights) - heights, heights)
+        base = self.offsets.numpy()[owner] + (rows[r0[owner] + row] - y1[owner]) * (x2 - x1)[owner] - x1[owner]
+        start = offsets[owner] + row * widths[owner] - c0[owner]
         device = self.device
-        total = int(offsets[-1])  # a host tensor: no device sync
-        row_of = torch.repeat_interleave(torch.arange(len(owner), device=device), widths[owner].to(device),
-                                         output_size=total)
-        column = torch.arange(total, device=device) - row_start.to(device)[row_of] + c0[owner].to(device)[row_of]
-        source = row_base.to(device)[row_of] + cols.to(device)[column]
-        return PackedMasks(self.data[source], torch.stack([c0, r0, c1, r1], dim=1), offsets, size)
+        base, start, width = torch.from_numpy(np.stack([base, start, widths[owner]]).astype(np.int64)).to(device)
+        total = int(offsets[-1])
+        row_of = torch.repeat_interleave(torch.arange(len(owner), device=device), width, output_size=total)
+        source = base[row_of] + torch.from_numpy(cols).to(device)[torch.arange(total, device=device) - start[row_of]]
+        boxes = torch.from_numpy(np.stack([c0, r0, c1, r1], axis=1).astype(np.int64).reshape(-1, 4))
+        return PackedMasks(self.data[source], boxes, torch.from_numpy(offsets), size)
 
 
-def _placement(lo: torch.Tensor, hi: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
+def _placement(lo: np.ndarray, hi: np.ndarray, length: int) -> tuple[np.ndarray, int]:
     """Along one axis: each canvas's first image coordinate and the common canvas length, for
     boxes [lo, hi) in an image of ``length`` (see ``PackedMasks.canvases``)."""
-    at_start, at_end = lo == 0, hi == length
-    span = hi - lo + (~at_start).long() + (~at_end).long()
-    canvas = int(span.max()) if len(span) else 1  # host tensors: no device sync
-    origin = torch.where(at_end & ~at_start, length - canvas, lo - (~at_start).long())
-    return origin, canvas
+    before, after = lo > 0, hi < length  # the image goes on before / after the box
+    canvas = int((hi - lo + before + after).max()) if len(lo) else 1
+    return np.where(after | ~before, lo - before, length - canvas), canvas
 
 
-def _nearest_sources(length: int, new_length: int) -> torch.Tensor:
+def _nearest_sources(length: int, new_length: int) -> np.ndarray:
     """The source index F.interpolate's nearest mode reads for each output index (non-decreasing),
     on the host: it only feeds index arithmetic with the host-side boxes."""
     ramp = torch.arange(length, dtype=torch.float64)[None, None, :, None]
-    return F.interpolate(ramp, size=(int(new_length), 1))[0, 0, :, 0].long()
+    return F.interpolate(ramp, size=(int(new_length), 1))[0, 0, :, 0].long().numpy()

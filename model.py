@@ -372,15 +372,17 @@ class SlicedMatcher(Matcher):
             values.append(best.values)
             matches.append(best.indices)
             best_per_gt = torch.maximum(best_per_gt, iou.max(dim=1).values)
-        matched_vals, matches = torch.cat(values), torch.cat(matches)
-        all_matches = matches.clone()
-        matches[matched_vals < self.low_threshold] = self.BELOW_LOW_THRESHOLD
-        matches[(matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)] = self.BETWEEN_THRESHOLDS
+        matched_vals, all_matches = torch.cat(values), torch.cat(matches)
+        # torch.where, not boolean-mask assignment: the same matches without a host sync each.
+        below = torch.full_like(all_matches, self.BELOW_LOW_THRESHOLD)
+        between = torch.full_like(all_matches, self.BETWEEN_THRESHOLDS)
+        matches = torch.where(matched_vals < self.low_threshold, below,
+                              torch.where(matched_vals < self.high_threshold, between, all_matches))
         if self.allow_low_quality_matches:
             for start in starts:
                 reach = (box_iou(gt, anchors[start:start + step]) == best_per_gt[:, None]).any(dim=0)
-                update = reach.nonzero().flatten() + start
-                matches[update] = all_matches[update]
+                part = slice(start, start + step)
+                matches[part] = torch.where(reach, all_matches[part], matches[part])
         return matches
 
 

@@ -90,3 +90,18 @@ def test_mask_targets_at_image_edges_equal_torchvision(seed: int) -> None:
     expected = STOCK_PROJECT_MASKS(packed.full(), rois, matched, 28)
     assert torch.allclose(project_masks_on_boxes(packed, rois, matched, 28), expected, atol=1e-5)
     assert torch.equal(project_masks_on_boxes(packed.full(), rois, matched, 28), expected)
+
+
+def test_resize_and_mask_targets_wait_for_no_device_result() -> None:
+    """No op that would make the host wait for a GPU (item, nonzero, boolean masks...),
+    whatever the instance count: both run on every training step."""
+    from benchmarks.host_syncs import SyncCounter
+
+    packed = _packed(4, n=40)
+    matched = torch.arange(40).repeat(2)
+    rois = packed.boxes[matched].float() + 0.5
+    with SyncCounter(torch.device("cpu")) as counter:
+        packed.resized((74, 106))
+        project_masks_on_boxes(packed, rois, matched, 28)
+    assert counter.total() == 0, counter.top_sites()
+    assert counter.ops > 0
