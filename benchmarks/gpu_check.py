@@ -43,13 +43,16 @@ from synthetic import make_dataset  # noqa: E402
 
 NAME = "gpu_check"
 RESULT_MARK = "DDP_RESULT "
-# Per mode: training image side and cells, AMP steps, inference images, host-sync counts, tiny RoI budgets.
+# Per mode: training image side and cells, AMP steps, inference images, host-sync counts, RoI budgets
+# (the defaults on a GPU, tiny ones for the dry run).
 SIZES = {
     "gpu": {"train_size": 256, "cells": 300, "steps": 5, "test_images": 4, "test_size": 1000, "test_cells": 300,
-            "sync_counts": [100, 400, 800], "sync_size": 256, "rois": []},
+            "sync_counts": [100, 400, 800], "sync_size": 256, "rois": [], "config": {}},
     "dry": {"train_size": 40, "cells": 4, "steps": 1, "test_images": 1, "test_size": 40, "test_cells": 4,
             "sync_counts": [3, 6], "sync_size": 40,
-            "rois": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16"]},
+            "rois": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16"],
+            "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
+                       "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10}},
 }
 
 
@@ -82,12 +85,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "inference": lambda tmp: inference_speed(sizes, device, tmp),
         "host_syncs": lambda tmp: syncs(sizes, device, tmp),
     }
+    threads = torch.get_num_threads()
+    if args.dry_run:  # two busy-waiting threads on a shared small CPU can be many times slower than one
+        torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for name in args.sections:
             payload["sections"][name] = run_section(sections[name], Path(tmp) / name)
             _write(path, payload)
             print(f"{name}: {payload['sections'][name].get('seconds')} s, ok={payload['sections'][name]['ok']}",
                   flush=True)
+    torch.set_num_threads(threads)
     print(f"results -> {path}")
     return payload
 
@@ -110,15 +117,16 @@ def amp_train(sizes: dict[str, Any], device: torch.device, tmp: Path) -> list[di
     rows = []
     for backbone in BACKBONES:
         for use_attn in (False, True):
-            rows.append(train_steps(backbone, use_attn, image, target, sizes["steps"], device))
+            rows.append(train_steps(backbone, use_attn, image, target, sizes, device))
             print(f"  {rows[-1]}", flush=True)
     return rows
 
 
-def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, steps: int,
+def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, sizes: dict[str, Any],
                 device: torch.device) -> dict[str, Any]:
     seed_all(0)
-    model = build_model({"backbone": backbone, "weights": "none", "use_attn": use_attn}).to(device).train()
+    config = {"backbone": backbone, "weights": "none", "use_attn": use_attn, **sizes["config"]}
+    model = build_model(config).to(device).train()
     use_amp = device.type == "cuda"
     opt = _optimisation(model, use_amp)
     meter = engine.EpochMeter()
@@ -127,7 +135,7 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = [timed(lambda: engine.train_step(model, images, targets, opt, meter, device, use_amp), device)[1]
-               for _ in range(steps)]
+               for _ in range(sizes["steps"])]
     meter.read(0)
     return {"backbone": backbone, "use_attn": use_attn, "amp_fp16": use_amp, "batch": len(images),
             "input": list(image.shape[-2:]), "step_s": statistics.median(seconds), "all_s": seconds,
@@ -139,7 +147,8 @@ def ddp_step(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str
     """``torchrun --nproc_per_node 1`` of this script's worker: NCCL (gloo on a CPU)."""
     paths = make_dataset(tmp / "data", n_train=1, n_test=0, size=(sizes["train_size"],) * 2,
                          cells=(sizes["cells"], sizes["cells"] + 1), seed=0)
-    spec = {"sample": str(list_samples(paths["train_dir"])[0]), "device": device.type, "steps": sizes["steps"]}
+    spec = {"sample": str(list_samples(paths["train_dir"])[0]), "device": device.type, "steps": sizes["steps"],
+            "config": sizes["config"]}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                str(Path(__file__).resolve()), "--ddp_worker", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
@@ -165,7 +174,7 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         image, target = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0)
         seed_all(0)
-        model = build_model({"backbone": "resnet101", "weights": "none"}).to(device).train()
+        model = build_model({"backbone": "resnet101", "weights": "none", **spec["config"]}).to(device).train()
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         use_amp = device.type == "cuda"
         opt, meter = _optimisation(net, use_amp), engine.EpochMeter()
@@ -190,7 +199,7 @@ def inference_speed(sizes: dict[str, Any], device: torch.device, tmp: Path) -> d
     paths = make_dataset(tmp / "data", n_train=0, n_test=sizes["test_images"], size=(sizes["test_size"],) * 2,
                          cells=(sizes["test_cells"], sizes["test_cells"] + 1), seed=0)
     seed_all(0)
-    config = {"backbone": "resnet101", "weights": "none"}
+    config = {"backbone": "resnet101", "weights": "none", **sizes["config"]}
     checkpoint = tmp / "random.pth"
     save_checkpoint(checkpoint, {"model": build_model(config).state_dict(), "config": config,
                                  "args": {"crop": augment_defaults().crop}})
@@ -207,7 +216,8 @@ def syncs(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, A
     """benchmarks/host_syncs.py on this device: on CUDA only ops on device tensors count."""
     counts = [str(c) for c in sizes["sync_counts"]]
     argv = ["--counts", *counts, "--size", str(sizes["sync_size"]), str(sizes["sync_size"]), "--device", device.type,
-            "--steps", "1", "--part_reps", "3", *sizes["rois"], "--json", str(tmp / "host_syncs.json")]
+            "--steps", "1", "--part_reps", "3", "--threads", str(torch.get_num_threads()), *sizes["rois"],
+            "--json", str(tmp / "host_syncs.json")]
     if device.type == "cuda":
         argv.append("--use_amp")
     payload = host_syncs.main(argv)
