@@ -33,9 +33,11 @@ class ModelEMA:
         self.decay = decay
         self.warmup_steps = warmup_steps
         self.updates = 0
-        state = self.module.state_dict()
-        self._float_keys = [k for k, v in state.items() if v.is_floating_point()]
-        self._other_keys = [k for k, v in state.items() if not v.is_floating_point()]
+        # Tensor lists built once: state_dict() rebuilds ~1000 detached views per call, and the
+        # views share storage with the modules, so in-place updates of the weights stay visible.
+        self._targets = _split(self.module.state_dict())
+        self._source: nn.Module | None = None
+        self._sources: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def current_decay(self) -> float:
         """The decay the last update used (that of the next update before the first)."""
@@ -46,16 +48,19 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Fold the model's current weights in; ``model`` may be wrapped in DDP."""
+        """Fold the model's current weights in; ``model`` may be wrapped in DDP. Its tensors are
+        looked up once per model object, so it must not be moved to another device (which
+        replaces buffers) after the first update."""
         self.updates += 1
-        source = _unwrap(model).state_dict()
-        target = self.module.state_dict()
-        if self._float_keys:
+        source = _unwrap(model)
+        if source is not self._source:
+            self._source, self._sources = source, _split(source.state_dict())
+        (floats, others), (source_floats, source_others) = self._targets, self._sources
+        if floats:
             # lerp_(src, 1 - d) is d * ema + (1 - d) * src, one fused kernel per dtype/device group.
-            torch._foreach_lerp_([target[k] for k in self._float_keys], [source[k] for k in self._float_keys],
-                                 1.0 - self.current_decay())
-        if self._other_keys:
-            torch._foreach_copy_([target[k] for k in self._other_keys], [source[k] for k in self._other_keys])
+            torch._foreach_lerp_(floats, source_floats, 1.0 - self.current_decay())
+        if others:
+            torch._foreach_copy_(others, source_others)
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -65,6 +70,12 @@ class ModelEMA:
         stopped; the decay itself stays the one given by the flags."""
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The floating-point tensors (averaged) and the others (copied), in state-dict order."""
+    values = list(state.values())
+    return [v for v in values if v.is_floating_point()], [v for v in values if not v.is_floating_point()]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ from sampling import class_repeat_factors, train_sampler
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
+READ_EVERY = 10  # steps between reads of the losses (a host sync) and, under torchrun, stop-flag checks
 EXIT_INTERRUPTED = 3  # exit status of a run stopped by SIGTERM/Ctrl-C after saving last.pth
 
 
@@ -141,6 +142,7 @@ def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
 def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torch.device,
            stop: StopRequest) -> dict[str, Any]:
     out = _output_dir(args.output_dir) if info.is_main else Path(args.output_dir)
+    enable_tf32(device)
     torch.manual_seed(args.seed)
     resume = load_checkpoint(args.resume) if args.resume else None
     config = _run_config(args, backbone, resume)
@@ -148,8 +150,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     model = build_model(config, load_weights=resume is None and args.checkpoint is None).to(device)
     if args.checkpoint and not resume:
         load_weights(model, load_checkpoint(args.checkpoint)["model"], Path(args.checkpoint), config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad], args.lr, args.weight_decay)
     sampler = train_sampler(train_set, info, args.seed, args.repeat_thresh)
     if args.repeat_thresh > 0:
         factors = class_repeat_factors([i.labels for i in train_set.instances], args.repeat_thresh)
@@ -248,13 +249,50 @@ def validation_metrics(model: nn.Module, loader: DataLoader, coco_gt: Any, devic
 @dataclass
 class EpochMeter:
     """Running sums of one epoch; saved in an interrupted checkpoint so a resumed epoch
-    reports the same averages as an uninterrupted one."""
+    reports the same averages as an uninterrupted one.
+
+    ``add`` keeps each step's losses on the device; ``read`` fetches the pending ones in one
+    host sync (every READ_EVERY steps and at the epoch's end) and only then counts, sums and
+    reports non-finite steps, in step order, so the sums are those of a per-step ``.item()``."""
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS + ("loss",), 0.0))
     batches: int = 0
     steps: int = 0
     skipped: int = 0
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.bad_in_row = 0
+        self._pending: list[tuple[torch.Tensor, list]] = []
+
+    def add(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, image_ids: list) -> None:
+        """One step's losses, kept on the device until the next ``read``."""
+        self.batches += 1
+        self._pending.append((torch.stack([losses[k].detach() for k in LOSS_KEYS] + [loss.detach()]), image_ids))
+
+    def read(self, epoch: int) -> float | None:
+        """Fold the pending steps into the sums; the last finite total loss, for the progress bar."""
+        if not self._pending:
+            return None
+        rows = torch.stack([values for values, _ in self._pending]).tolist()  # the one host sync of the logging
+        last = None
+        for row, (_, ids) in zip(rows, self._pending):
+            if math.isfinite(row[-1]):
+                self.bad_in_row = 0
+                self.steps += 1
+                for key, value in zip(LOSS_KEYS + ("loss",), row):
+                    self.sums[key] += value
+                last = row[-1]
+                continue
+            self.skipped += 1
+            self.bad_in_row += 1
+            print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
+                  f"{ {k: round(v, 4) for k, v in zip(LOSS_KEYS, row)} }")
+            if self.bad_in_row >= MAX_BAD_STEPS:
+                raise RuntimeError(f"{self.bad_in_row} non-finite losses in a row: lower --lr, drop --use_amp "
+                                   "or check the images named above.")
+        self._pending.clear()
+        return last
 
     def summary(self, info: DistInfo, device: torch.device) -> dict[str, float]:
         totals = sum_across({**self.sums, "_steps": self.steps, "_skipped": self.skipped}, info, device)
@@ -268,38 +306,45 @@ class EpochMeter:
 def train_one_epoch(model: nn.Module, loader: DataLoader, opt: "Optimisation", device: torch.device,
                     args: argparse.Namespace, epoch: int, meter: EpochMeter, stop: StopRequest,
                     info: DistInfo) -> None:
+    """Train steps until the loader ends or a stop is requested; no host sync per step but
+    the model's own (the losses are read every READ_EVERY steps, see ``EpochMeter``)."""
     model.train()
-    bad_in_row = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None if info.is_main else True)
     for images, targets in bar:
-        if any_rank(stop.requested, info, device):
-            return
+        if _stop_requested(stop, meter.batches, info, device):
+            break
         start = time.time()
         opt.schedule.step()
-        images, targets = to_device(images, targets, device)
-        losses = _forward_losses(model, images, targets, device, args.use_amp, loader.dataset)
-        loss = sum(losses.values())
-        meter.batches += 1
-        if not torch.isfinite(loss):
-            meter.skipped += 1
-            bad_in_row += 1
-            ids = [t["image_id"] for t in targets]
-            print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
-                  f"{ {k: round(v.item(), 4) for k, v in losses.items()} }")
-            if bad_in_row >= MAX_BAD_STEPS:
-                raise RuntimeError(f"{bad_in_row} non-finite losses in a row: lower --lr, drop --use_amp "
-                                   "or check the images named above.")
-            # Every rank still joins the backward so DDP's gradient all-reduce stays in step.
-            loss = sum(l.nan_to_num(0.0, 0.0, 0.0) * 0 for l in losses.values())
-        else:
-            bad_in_row = 0
-            meter.steps += 1
-            for key, value in losses.items():
-                meter.sums[key] += value.item()
-            meter.sums["loss"] += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        opt.step(model, loss, update=bad_in_row == 0)
+        train_step(model, images, targets, opt, meter, device, args.use_amp, loader.dataset)
         meter.seconds += time.time() - start
+        if meter.batches % READ_EVERY == 0:
+            _show_loss(bar, meter.read(epoch))
+    _show_loss(bar, meter.read(epoch))
+
+
+def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[dict], opt: "Optimisation",
+               meter: EpochMeter, device: torch.device, use_amp: bool, dataset: Any = None) -> None:
+    """One optimisation step; its losses go to ``meter`` (still on the device)."""
+    images, targets = to_device(images, targets, device)
+    losses = _forward_losses(model, images, targets, device, use_amp, dataset)
+    loss = sum(losses.values())
+    meter.add(losses, loss, [t["image_id"] for t in targets])
+    # A non-finite loss makes every gradient NaN (on every DDP rank after the all-reduce, where
+    # a zeroed loss would let the other ranks step alone), so the optimizer skips the update.
+    opt.step(model, loss * torch.where(torch.isfinite(loss), 1.0, math.nan))
+
+
+def _stop_requested(stop: StopRequest, batches: int, info: DistInfo, device: torch.device) -> bool:
+    """The signal flag; under torchrun it is agreed across ranks (an all-reduce and a host sync)
+    only every READ_EVERY steps, at the same steps on every rank."""
+    if not info.enabled:
+        return stop.requested
+    return batches % READ_EVERY == 0 and any_rank(stop.requested, info, device)
+
+
+def _show_loss(bar: tqdm, loss: float | None) -> None:
+    if loss is not None:
+        bar.set_postfix(loss=f"{loss:.3f}")
 
 
 @torch.no_grad()
@@ -307,17 +352,19 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
                     info: DistInfo = DistInfo()) -> dict[str, float]:
     """Losses on validation images: torchvision only returns losses in train mode, so
     BatchNorm and dropout are switched to eval to leave statistics untouched."""
-    sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
-    batches = 0
+    per_batch = []
     with losses_mode(model):
         for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None if info.is_main else True):
             images, targets = to_device(images, targets, device)
             with _autocast(device, use_amp):
                 losses = model(images, targets)
-            for key, value in losses.items():
-                sums[key] += value.item()
-            sums["loss"] += sum(losses.values()).item()
-            batches += 1
+            per_batch.append(torch.stack([losses[k] for k in LOSS_KEYS] + [sum(losses.values())]))
+    sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
+    rows = torch.stack(per_batch).tolist() if per_batch else []  # one host sync, after the last batch
+    for row in rows:
+        for key, value in zip(sums, row):
+            sums[key] += value
+    batches = len(rows)
     totals = sum_across({**sums, "_batches": batches}, info, device)
     batches = max(totals.pop("_batches"), 1)
     return {f"val_{k}": v / batches for k, v in totals.items()}
@@ -334,17 +381,22 @@ class Optimisation:
     ema: ModelEMA | None
     clip_grad: float
 
-    def step(self, model: nn.Module, loss: torch.Tensor, update: bool = True) -> None:
-        """Backward always (DDP ranks must all join the gradient all-reduce); the weights
-        move only when ``update``."""
+    def step(self, model: nn.Module, loss: torch.Tensor) -> None:
+        """Backward (DDP ranks all join the gradient all-reduce), then an update that is skipped
+        when any gradient is not finite. A fused optimizer (``fused_adamw``) and the AMP scaler
+        skip it on the device, from a flag, without a host sync. The weight average folds in the
+        weights after every step: after a skipped one they are the unchanged weights."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if not update:
-            return
         if self.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
-        self.scaler.step(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # its own inf/NaN check decides
+        else:
+            step_if_finite(self.optimizer, norm)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(model)
@@ -359,6 +411,34 @@ class Optimisation:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (Ampere and later): fp32 training at tensor-core
+    speed, with a 10-bit mantissa inside the products (PyTorch leaves matmul TF32 off by
+    default). Nothing changes on a CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def fused_adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as one fused kernel per device (CUDA and CPU): it can skip a step from a device
+    flag (``step_if_finite``), and keeps its step counters on the device (no per-parameter
+    ``.item()``)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> None:
+    """``optimizer.step()`` unless the gradient norm is not finite."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: the kernel reads the flag
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif torch.isfinite(norm):  # host sync: this optimizer cannot skip a step on the device
+        optimizer.step()
 
 
 class losses_mode:

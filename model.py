@@ -295,28 +295,19 @@ def project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Te
     """Mask targets of the positive RoIs, equal to torchvision's, without its float copy of
     every ground-truth mask at full image size (gigabytes with 800 cells per image).
 
-    Each matched instance is cropped to the union of its RoIs plus a 2-pixel margin, clipped
-    to the image, so roi_align's bilinear samples and border clamping see the same pixels.
-    ``gt_masks`` is the [N, H, W] tensor or the packed crops the dataset produces.
+    One roi_align for all positive RoIs (at most ``box_batch_size_per_image`` x the positive
+    fraction per image, whatever the instance count), each RoI sampling its instance's mask on
+    a canvas the size of the largest box (``PackedMasks.canvases``): no loop over instances and
+    no host sync. ``gt_masks`` is the packed crops the dataset produces or torchvision's
+    [N, H, W] tensor (then each RoI's canvas is its whole mask, as in torchvision).
     """
-    out = boxes.new_zeros((len(boxes), size, size))
-    height, width = gt_masks.shape[-2:]
-    for j in matched_idxs.unique().tolist():
-        sel = (matched_idxs == j).nonzero().flatten()
-        rois = boxes[sel]
-        x0 = max(int(rois[:, 0].min().floor()) - 2, 0)
-        y0 = max(int(rois[:, 1].min().floor()) - 2, 0)
-        x1 = min(int(rois[:, 2].max().ceil()) + 2, width)
-        y1 = min(int(rois[:, 3].max().ceil()) + 2, height)
-        if isinstance(gt_masks, PackedMasks):
-            crop = gt_masks.region(j, x0, y0, x1, y1)
-        else:
-            crop = gt_masks[j, y0:y1, x0:x1]
-        crop = crop[None, None].to(boxes.dtype)
-        shifted = rois - rois.new_tensor([x0, y0, x0, y0])
-        indexed = torch.cat([shifted.new_zeros(len(sel), 1), shifted], dim=1)
-        out[sel] = roi_align(crop, indexed, (size, size), 1.0)[:, 0]
-    return out
+    if isinstance(gt_masks, PackedMasks):
+        canvas, origin = gt_masks.canvases(matched_idxs)
+        boxes = boxes - origin.to(boxes.dtype).repeat(1, 2)
+    else:
+        canvas = gt_masks[matched_idxs]
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
+    return roi_align(canvas[:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0]
 
 
 class PairwiseIoU(NamedTuple):
@@ -357,15 +348,17 @@ class SlicedMatcher(Matcher):
             values.append(best.values)
             matches.append(best.indices)
             best_per_gt = torch.maximum(best_per_gt, iou.max(dim=1).values)
-        matched_vals, matches = torch.cat(values), torch.cat(matches)
-        all_matches = matches.clone()
-        matches[matched_vals < self.low_threshold] = self.BELOW_LOW_THRESHOLD
-        matches[(matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)] = self.BETWEEN_THRESHOLDS
+        matched_vals, all_matches = torch.cat(values), torch.cat(matches)
+        # torch.where, not boolean-mask assignment: the same matches without a host sync each.
+        below = torch.full_like(all_matches, self.BELOW_LOW_THRESHOLD)
+        between = torch.full_like(all_matches, self.BETWEEN_THRESHOLDS)
+        matches = torch.where(matched_vals < self.low_threshold, below,
+                              torch.where(matched_vals < self.high_threshold, between, all_matches))
         if self.allow_low_quality_matches:
             for start in starts:
                 reach = (box_iou(gt, anchors[start:start + step]) == best_per_gt[:, None]).any(dim=0)
-                update = reach.nonzero().flatten() + start
-                matches[update] = all_matches[update]
+                part = slice(start, start + step)
+                matches[part] = torch.where(reach, all_matches[part], matches[part])
         return matches
 
 

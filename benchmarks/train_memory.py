@@ -180,14 +180,20 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
     model = build_model(config, load_weights=False).to(device).train()  # memory does not depend on the values
     use_lean_mask_targets(spec["variant"] == "ours")
     if spec["variant"] == "stock":
-        model.transform = stock_transform(height, width)
-        model.rpn.box_similarity, model.rpn.proposal_matcher = box_iou, Matcher(0.7, 0.3, True)
+        use_stock_path(model, height, width)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer
 
 
+def use_stock_path(model: torch.nn.Module, height: int, width: int) -> None:
+    """torchvision's transform, resizing an image to ``height`` x ``width``, and its anchor
+    matching on ``model``; the mask targets are switched separately (``use_lean_mask_targets``)."""
+    model.transform = stock_transform(height, width)
+    model.rpn.box_similarity, model.rpn.proposal_matcher = box_iou, Matcher(0.7, 0.3, True)
+
+
 def stock_transform(height: int, width: int) -> GeneralizedRCNNTransform:
-    """torchvision's transform at scale 1.0 for this image size."""
+    """torchvision's transform that resizes an image to this size (scale 1.0 at its own size)."""
     transform = GeneralizedRCNNTransform(min_size=min(height, width), max_size=max(height, width),
                                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     # One min_size: the choice is fixed, and drawing it from the RNG would desynchronise the samplers.

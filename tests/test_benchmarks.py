@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from benchmarks import data_pipeline, evaluation, inference, postprocess, step_time, train_memory
+from benchmarks import data_pipeline, evaluation, gpu_check, host_syncs, inference, postprocess, step_time, train_memory
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
@@ -138,3 +138,31 @@ def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path:
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
     study("tile")
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
+
+
+def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path) -> None:
+    out = tmp_path / "syncs.json"
+    host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
+                     "--json", str(out)])
+    payload = _written(out, "rows", "parts", "targets_met", "read_every")
+    rows = {(r["variant"], r["instances"]): r for r in payload["rows"]}
+    (few, many) = sorted({n for _, n in rows})
+    assert rows["ours", few]["syncs_per_step"] == rows["ours", many]["syncs_per_step"]
+    assert rows["before", many]["syncs_per_step"] > rows["before", few]["syncs_per_step"]  # per-instance reads
+    assert rows["ours", many]["syncs_per_step"] < rows["stock", many]["syncs_per_step"]
+    assert all(r["max_loss_rel_diff_vs_before"] <= 1e-6 for r in payload["rows"] if r["variant"] == "ours")
+    assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
+
+
+def test_gpu_check_dry_run_runs_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--dry_run", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    sections = payload["sections"]
+    assert set(sections) == {"amp_train", "ddp", "inference", "host_syncs"}
+    assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    assert {(r["backbone"], r["use_attn"]) for r in sections["amp_train"]["result"]} == {
+        (b, a) for b in ("resnet101", "effnet_v2_m") for a in (False, True)}
+    assert sections["ddp"]["result"]["backend"] == "gloo" and sections["ddp"]["result"]["all_reduce_ok"]
+    assert sections["inference"]["result"]["images_per_s"] > 0
+    assert sections["host_syncs"]["result"]["rows"]

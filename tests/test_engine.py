@@ -162,3 +162,73 @@ def test_resume_of_a_run_from_before_input_scale_keeps_its_scale() -> None:
     old = {k: v for k, v in config_from_args(args, "resnet101").items() if k != "input_scale"}
     assert _run_config(args, "resnet101", {"config": old})["input_scale"] == 0.0
     assert _run_config(args, "resnet101", None)["input_scale"] == DEFAULT_CONFIG["input_scale"]
+
+
+class _NanAt(nn.Module):
+    """The model, with a NaN mask loss on one call (a bad step to skip)."""
+
+    def __init__(self, model: nn.Module, bad_call: int) -> None:
+        super().__init__()
+        self.model, self.bad_call, self.calls = model, bad_call, 0
+
+    def forward(self, images: list, targets: list) -> dict:
+        losses = self.model(images, targets)
+        self.calls += 1
+        if self.calls == self.bad_call:
+            losses["loss_mask"] = losses["loss_mask"] * float("nan")
+        return losses
+
+
+def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path) -> None:
+    """train_one_epoch (losses read every READ_EVERY steps, fused AdamW skipping on a device
+    flag) against the loop as it was (seven reads and a finiteness check per step, foreach
+    AdamW), from the same weights and seed, a NaN step included: same sums to 1e-6."""
+    from torch.utils.data import DataLoader
+
+    from benchmarks.host_syncs import baseline_step, mask_path
+    from dataloader import HW3TrainDataset, collate_fn, list_samples
+    from distributed import DistInfo, StopRequest
+    from synthetic import make_dataset
+
+    paths = make_dataset(tmp_path, n_train=3, n_test=0, size=(48, 56), cells=(3, 6), seed=2)
+    dataset = HW3TrainDataset(list_samples(paths["train_dir"]), [1, 2, 3], decode_workers=1, desc="x")
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_fn)
+    args = argparse.Namespace(lr=1e-4, eta_min=1e-6, use_cosine=True, warmup_epochs=0, epochs=2, use_amp=False)
+    config = {**TINY, "input_scale": 2.0, "max_size": 128, "rpn_post_nms_top_n_train": 100,
+              "box_batch_size_per_image": 32}
+    torch.manual_seed(0)
+    start = build_model(config).state_dict()
+    runs = {}
+    for variant in ("before", "ours"):
+        model = build_model(config)
+        model.load_state_dict(start)
+        net = _NanAt(model, bad_call=2)
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.manual_seed(1)
+        if variant == "ours":
+            optimizer = engine.fused_adamw(params, args.lr, 1e-4)
+            opt = engine.Optimisation(optimizer, LRSchedule(optimizer, args, 3), torch.amp.GradScaler("cuda", enabled=False),
+                                      None, 10.0)
+            meter = engine.EpochMeter()
+            for epoch in (1, 2):
+                engine.train_one_epoch(net, loader, opt, torch.device("cpu"), args, epoch, meter, StopRequest(), DistInfo())
+            runs[variant] = (meter.sums, meter.steps, meter.skipped)
+            continue
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4, foreach=True)
+        schedule, sums, steps = LRSchedule(optimizer, args, 3), dict.fromkeys(engine.LOSS_KEYS + ("loss",), 0.0), 0
+        for _ in (1, 2):
+            for images, targets in loader:
+                schedule.step()
+                with mask_path("before"):
+                    read = baseline_step(net, images, targets, optimizer, torch.amp.GradScaler("cuda", enabled=False),
+                                         10.0, torch.device("cpu"), False)
+                if all(v == v for v in read.values()):
+                    steps += 1
+                    for key in engine.LOSS_KEYS:
+                        sums[key] += read[key]
+                    sums["loss"] += sum(read.values())
+        runs[variant] = (sums, steps, 6 - steps)
+    (before, steps_before, skipped_before), (ours, steps_ours, skipped_ours) = runs["before"], runs["ours"]
+    assert (steps_ours, skipped_ours) == (steps_before, skipped_before) == (5, 1)
+    for key, value in before.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6), key

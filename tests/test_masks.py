@@ -67,3 +67,41 @@ def test_mask_targets_from_packed_equal_torchvision() -> None:
     # the crop shifts RoI coordinates, so roi_align rounds differently in the last float bits
     assert torch.allclose(project_masks_on_boxes(packed, rois, matched, 28), expected, atol=1e-5)
     assert torch.allclose(project_masks_on_boxes(packed.full(), rois, matched, 28), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mask_targets_at_image_edges_equal_torchvision(seed: int) -> None:
+    """Boxes on the image border and RoIs reaching past it: the canvas must keep roi_align's
+    border clamping where the image ends and zeros where it goes on."""
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+    crops, boxes = [], []
+    for _ in range(15):
+        x1 = 0 if rng.random() < 0.3 else int(rng.integers(0, width - 1))
+        y1 = 0 if rng.random() < 0.3 else int(rng.integers(0, height - 1))
+        x2 = width if rng.random() < 0.3 else int(rng.integers(x1 + 1, width + 1))
+        y2 = height if rng.random() < 0.3 else int(rng.integers(y1 + 1, height + 1))
+        crops.append(rng.random((y2 - y1, x2 - x1)) > 0.3)
+        boxes.append((x1, y1, x2, y2))
+    packed = PackedMasks.from_crops(crops, np.array(boxes), (height, width))
+    matched = torch.as_tensor(rng.integers(0, len(packed), 80))
+    rois = packed.boxes[matched].float() + torch.as_tensor(rng.normal(0, 4, (80, 4)), dtype=torch.float32)
+    rois[:, 2:] = torch.maximum(rois[:, 2:], rois[:, :2] + 0.5)
+    expected = STOCK_PROJECT_MASKS(packed.full(), rois, matched, 28)
+    assert torch.allclose(project_masks_on_boxes(packed, rois, matched, 28), expected, atol=1e-5)
+    assert torch.equal(project_masks_on_boxes(packed.full(), rois, matched, 28), expected)
+
+
+def test_resize_and_mask_targets_wait_for_no_device_result() -> None:
+    """No op that would make the host wait for a GPU (item, nonzero, boolean masks...),
+    whatever the instance count: both run on every training step."""
+    from benchmarks.host_syncs import SyncCounter
+
+    packed = _packed(4, n=40)
+    matched = torch.arange(40).repeat(2)
+    rois = packed.boxes[matched].float() + 0.5
+    with SyncCounter(torch.device("cpu")) as counter:
+        packed.resized((74, 106))
+        project_masks_on_boxes(packed, rois, matched, 28)
+    assert counter.total() == 0, counter.top_sites()
+    assert counter.ops > 0
