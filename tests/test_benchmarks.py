@@ -111,7 +111,7 @@ def test_step_time_rows_and_ratios(tmp_path: Path) -> None:
         assert rows[1]["step_s"] > 0 and rows[1]["ratio_vs_resnet101"] is not None
 
 
-def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path: Path) -> None:
+def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path: Path, shallow: None) -> None:
     from benchmarks import accuracy
 
     out, runs = tmp_path / "accuracy.json", tmp_path / "runs"
