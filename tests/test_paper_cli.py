@@ -8,6 +8,7 @@ ResNet-101 end-to-end run (with attention and AMP, as the paper trains).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -16,11 +17,14 @@ import pytest
 from pycocotools.coco import COCO
 
 import cal_param
+import check_stats
 import inference
+import plot_curve
 import train_effnet_v2
 import train_resnet
 import visualization
 from checkpoint import load_checkpoint
+from conftest import ROOT
 from synthetic import make_dataset
 
 # Copied from the paper, line breaks joined.
@@ -52,6 +56,20 @@ PAPER_FLAGS = {
                       "--train_dir", "d", "--test_dir", "t", "--id_map_json", "m.json", "--num_classes", "5"],
     "cal_param": ["--backbone", "effnet", "--num_classes", "5", "--use_attn"],
 }
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``python <script>.py`` and ``torchrun ... <script>.py`` command in the README's
+    bash blocks, continuation lines joined and comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+            if scripts and words[0] in ("python", "torchrun"):
+                commands.append(words[scripts[0]:])
+    return commands
 
 
 def argv_of(command: str) -> list[str]:
@@ -146,3 +164,15 @@ def test_every_flag_of_the_paper_is_accepted(script: str, parse) -> None:
     assert not unset, unset
     if script == "train":
         assert (args["early_stop"], args["patience"], args["val_split"]) == (10, 4, 0.2)
+
+
+def test_every_readme_command_parses() -> None:
+    parsers = {"train_resnet.py": train_resnet.engine.build_parser("resnet101", ""),
+               "train_effnet_v2.py": train_effnet_v2.engine.build_parser("effnet_v2_m", ""),
+               "inference.py": inference.build_parser(), "visualization.py": visualization.build_parser(),
+               "cal_param.py": cal_param.build_parser(), "check_stats.py": check_stats.build_parser(),
+               "plot_curve.py": plot_curve.build_parser()}
+    commands = readme_commands()
+    assert {c[0] for c in commands} == set(parsers) - {"train_effnet_v2.py"}, commands
+    for script, *argv in commands:
+        parsers[script].parse_args(argv)  # SystemExit on an unknown flag or a bad value
