@@ -26,7 +26,7 @@ SMALL = ["--min_size", "64", "--max_size", "96", "--input_scale", "0", "--detect
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return make_dataset(tmp_path_factory.mktemp("faults"), n_train=8, n_test=1, size=(72, 80), cells=(3, 6), seed=1)
+    return make_dataset(tmp_path_factory.mktemp("faults"), n_train=4, n_test=1, size=(72, 80), cells=(3, 6), seed=1)
 
 
 def _args(data: dict, out: Path, *extra: str) -> list[str]:
@@ -50,7 +50,7 @@ def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path, sha
     assert proc.returncode == engine.EXIT_INTERRUPTED, log
     assert "SIGTERM" in log and "--resume" in log
     stopped = load_checkpoint(out / "last.pth")
-    steps_per_epoch = 6
+    steps_per_epoch = 3  # 4 samples, 1 held out, batch 1
     done = (stopped["epoch"]) * steps_per_epoch + (stopped["partial"] or {"batches": 0})["batches"]
     assert stopped["scheduler"]["steps"] == done
     assert not list(out.glob(".*.tmp"))

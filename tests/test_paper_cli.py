@@ -81,7 +81,7 @@ def argv_of(command: str) -> list[str]:
 def paper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working folder laid out as the paper's, trained once with command b."""
     root = tmp_path_factory.mktemp("paper")
-    make_dataset(root / "dataset", n_train=3, n_test=2, size=(80, 96), cells=(4, 8), seed=3)
+    make_dataset(root / "dataset", n_train=3, n_test=1, size=(80, 96), cells=(4, 8), seed=3)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         train_resnet.main(argv_of(TRAIN_B) + TINY)
