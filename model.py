@@ -69,7 +69,7 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     an old run must not pick up a later default (it would predict or resume at another scale)."""
     return {**LEGACY_CONFIG, **saved}
 
-# Keys that change the architecture: a checkpoint's values for these always win.
+# Keys that change the architecture (or which weights train): a checkpoint's values always win.
 ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
              "effnet_frozen")
 

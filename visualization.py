@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.tile is None:
         args.tile = training_tile(state)
     vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint).parent / "vis",
-                           "--output_dir" if args.output_dir and not args.vis_dir else "--vis_dir")
+                           "--vis_dir" if args.vis_dir else "--output_dir")
     draw = draw_validation if args.mode == "val" else draw_test
     paths, shown = draw(model, saved_args(state), args, device, vis_dir)
     gt = f"{shown['gt']} ground-truth instances, " if args.mode == "val" else ""
