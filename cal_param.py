@@ -16,6 +16,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 from checkpoint import write_json
+from cli import run_cli
 from model import DEFAULT_CONFIG, backbone_name, build_model
 
 PARTS = ("backbone body", "FPN", "neck attention", "RPN", "box head", "mask head")
@@ -114,4 +115,4 @@ def _params(modules: list[nn.Module]) -> dict[int, nn.Parameter]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

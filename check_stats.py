@@ -18,6 +18,7 @@ import tifffile
 from tqdm import tqdm
 
 from checkpoint import write_json
+from cli import run_cli
 from dataloader import (CLASS_FILES, IMAGE_FILE, DatasetError, Instances, decode_instances, list_samples,
                         read_id_map)
 
@@ -132,7 +133,8 @@ def tiff_info(path: Path) -> dict[str, Any]:
             return {"height": int(page.imagelength), "width": int(page.imagewidth), "mode": mode,
                     "dtype": str(page.dtype)}
     except Exception as err:  # tifffile raises many types for corrupt files
-        raise DatasetError(f"{path}: unreadable TIFF header ({type(err).__name__}: {err}).") from err
+        raise DatasetError(f"{path}: unreadable TIFF header ({type(err).__name__}: {err}); re-export it or remove "
+                           "the sample.") from err
 
 
 def class_table(areas: dict[int, list[float]], sides: dict[int, list[float]]) -> dict[str, Any]:
@@ -200,4 +202,4 @@ def _pcts(values: dict[str, float | None]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -55,15 +55,27 @@ def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found.")
+        raise CheckpointError(f"{path}: checkpoint not found; pass the best.pth or last.pth a train script wrote.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); "
                               "use last.pth/best.pth from a finished epoch.") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config').")
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config'); pass the "
+                              "best.pth or last.pth a train script wrote.")
     return state
+
+
+def saved_args(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training flags in today's meaning. Runs from before ``--early_stop N``
+    saved ``early_stop`` as a switch with ``patience`` as its epoch count, while the plateau
+    patience was fixed at 3."""
+    args = dict(state.get("args") or {})
+    if isinstance(args.get("early_stop"), bool):
+        args["early_stop"] = int(args.get("patience", 10)) if args["early_stop"] else 0
+        args["patience"] = 3
+    return args
 
 
 def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
@@ -91,13 +103,13 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
     if has_attn != wants_attn:
         trained = "with" if has_attn else "without"
         raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
-                              f"{'with' if wants_attn else 'without'} it.")
+                              f"{'with' if wants_attn else 'without'} it; {'drop' if wants_attn else 'add'} --use_attn.")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{path}: weights do not fit a {config['backbone']} model with "
-                              f"num_classes={config['num_classes']} ({first}).") from err
+                              f"num_classes={config['num_classes']} ({first}); pass a checkpoint of this model.") from err
 
 
 def rng_state() -> dict[str, Any]:

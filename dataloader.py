@@ -144,7 +144,7 @@ def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if label.shape != tuple(shape):
         raise DatasetError(
             f"{path}: label image is {label.shape[0]}x{label.shape[1]} but its image.tif is "
-            f"{shape[0]}x{shape[1]}; every class file must have the size of its image."
+            f"{shape[0]}x{shape[1]}; re-export the class file at the size of its image."
         )
     if np.issubdtype(label.dtype, np.floating):
         if not np.isfinite(label).all() or not np.array_equal(label, np.round(label)):
@@ -153,9 +153,9 @@ def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
                 "and one integer id per instance (was it resized with interpolation?)."
             )
     elif not np.issubdtype(label.dtype, np.integer) and label.dtype != bool:
-        raise DatasetError(f"{path}: unsupported label dtype {label.dtype}.")
+        raise DatasetError(f"{path}: unsupported label dtype {label.dtype}; save it as integers (or integer-valued floats).")
     if label.min() < 0:
-        raise DatasetError(f"{path}: label image has negative values; ids must be >= 0.")
+        raise DatasetError(f"{path}: label image has negative values; use 0 for background and ids above 0.")
     return label.astype(np.int64, copy=False)
 
 
@@ -189,7 +189,7 @@ def list_samples(train_dir: Path) -> list[Path]:
         raise DatasetError(f"{train_dir}: no sample folders; expected {train_dir}/<sample>/image.tif.")
     for sample in samples:
         if not (sample / IMAGE_FILE).exists():
-            raise DatasetError(f"{sample}: missing {IMAGE_FILE}; every sample folder needs one.")
+            raise DatasetError(f"{sample}: missing {IMAGE_FILE}; add it or move the folder out of the training set.")
     return samples
 
 
@@ -314,19 +314,22 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     try:
         entries = json.loads(id_map_json.read_text())
     except json.JSONDecodeError as err:
-        raise DatasetError(f"{id_map_json}: not valid JSON ({err}).") from err
+        raise DatasetError(f"{id_map_json}: not valid JSON ({err}); fix the file or pass another --id_map_json.") from err
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and "file_name" in e and "id" in e for e in entries
     ):
-        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects.")
+        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
+                           "competition's test_image_name_to_ids.json.")
     named = {e["file_name"] for e in entries}
     files = {p.name for p in test_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff")}
     without_id = sorted(files - named)
     without_file = sorted(named - files)
     if without_id:
-        raise DatasetError(f"{test_dir}: {len(without_id)} test file(s) have no id in {id_map_json.name}: {_few(without_id)}.")
+        raise DatasetError(f"{test_dir}: {len(without_id)} test file(s) have no id in {id_map_json.name}: "
+                           f"{_few(without_id)}; pass the id map of this test folder.")
     if without_file:
-        raise DatasetError(f"{id_map_json}: {len(without_file)} id(s) name files missing from {test_dir}: {_few(without_file)}.")
+        raise DatasetError(f"{id_map_json}: {len(without_file)} id(s) name files missing from {test_dir}: "
+                           f"{_few(without_file)}; pass the test folder of this id map.")
     return sorted(entries, key=lambda e: e["id"])
 
 
@@ -369,7 +372,7 @@ def _instances_of(label: np.ndarray):
 
 def _read_tiff(path: Path) -> np.ndarray:
     if not path.exists():
-        raise DatasetError(f"{path}: file not found.")
+        raise DatasetError(f"{path}: file not found; check the dataset folder.")
     try:
         return tifffile.imread(path)
     except Exception as err:  # tifffile raises many types for corrupt files
@@ -388,7 +391,7 @@ def _to_hwc(array: np.ndarray, path: Path) -> np.ndarray:
             return array
         if array.shape[0] <= 4:  # channels-first TIFF
             return np.moveaxis(array, 0, 2)
-    raise DatasetError(f"{path}: expected a grey, RGB or RGBA image, got shape {array.shape}.")
+    raise DatasetError(f"{path}: expected a grey, RGB or RGBA image, got shape {array.shape}; re-export it.")
 
 
 def _scale_by_dtype(array: np.ndarray, path: Path) -> np.ndarray:
@@ -401,7 +404,7 @@ def _scale_by_dtype(array: np.ndarray, path: Path) -> np.ndarray:
         peak = float(array.max()) if array.size else 0.0
         scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
         return (array / scale).clip(0, 1)
-    raise DatasetError(f"{path}: unsupported image dtype {array.dtype}.")
+    raise DatasetError(f"{path}: unsupported image dtype {array.dtype}; save it as 8/16-bit or float.")
 
 
 def _few(names: list[str], k: int = 5) -> str:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from augment import add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state, write_json)
+from cli import writable_dir
 from coco import build_coco_gt, evaluate, matching_metrics
 from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
@@ -51,7 +52,7 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--id_map_json", default=None,
                       help="test_image_name_to_ids.json (default: next to --test_dir)")
     data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
-    data.add_argument("--val_split", type=float, default=0.2, help="share of samples held out for validation")
+    data.add_argument("--val_split", type=share, default=0.2, help="share of samples held out for validation")
     data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
     data.add_argument("--split_seed", type=int, default=None,
                       help="seed of the split alone (default: --seed), to compare seeds on the same held-out images")
@@ -92,8 +93,10 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
     run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
     run.add_argument("--checkpoint", default=None, help="weights to fine-tune from (a fresh run otherwise)")
-    run.add_argument("--early_stop", action="store_true", help="stop after --patience epochs without improvement")
-    run.add_argument("--patience", type=int, default=10)
+    run.add_argument("--early_stop", type=int, default=0, metavar="N",
+                     help="stop after N epochs without improvement of --select_metric (0 disables)")
+    run.add_argument("--patience", type=int, default=3, metavar="N",
+                     help="ReduceLROnPlateau: halve the lr after N epochs without improvement (without --use_cosine)")
     dist_group = parser.add_argument_group("distributed (launch with torchrun)")
     dist_group.add_argument("--sync_bn", action="store_true",
                             help="SyncBatchNorm across GPUs for layers that train BatchNorm")
@@ -102,6 +105,14 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     add_model_args(parser, backbone=backbone)
     add_augment_args(parser)
     return parser
+
+
+def share(text: str) -> float:
+    """argparse type for --val_split: a share in [0, 1), so at least one sample trains."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[str, Any]:
@@ -141,7 +152,7 @@ def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torch.device,
            stop: StopRequest) -> dict[str, Any]:
-    out = _output_dir(args.output_dir) if info.is_main else Path(args.output_dir)
+    out = writable_dir(args.output_dir) if info.is_main else Path(args.output_dir)
     enable_tf32(device)
     torch.manual_seed(args.seed)
     resume = load_checkpoint(args.resume) if args.resume else None
@@ -207,8 +218,8 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
             save_checkpoint(out / "best.pth", {**best, "weights": "ema" if use_ema else "raw"})
         _save_last(out, ckpt, state["history"], info)
         _log(info, _epoch_line(row, args.select_metric, improved))
-        if args.early_stop and epoch - state["best_epoch"] >= args.patience:
-            _log(info, f"early stop: no improvement of {args.select_metric} for {args.patience} epochs")
+        if args.early_stop > 0 and epoch - state["best_epoch"] >= args.early_stop:
+            _log(info, f"early stop: no improvement of {args.select_metric} for {args.early_stop} epochs")
             break
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
             "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
@@ -470,7 +481,9 @@ class LRSchedule:
         self.warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
         self.total_steps = args.epochs * steps_per_epoch
         self.steps = 0
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=3)
+        self.patience = args.patience
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                                  patience=args.patience)
 
     def step(self) -> None:
         """Set the learning rate of the step about to run."""
@@ -491,6 +504,7 @@ class LRSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = state["steps"]
         self.plateau.load_state_dict(state["plateau"])
+        self.plateau.patience = self.patience  # --patience given on resume wins over the saved one
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float, eta_min: float) -> float:
@@ -585,19 +599,6 @@ def _forward_losses(model: nn.Module, images: list, targets: list, device: torch
         raise RuntimeError(f"out of memory on {names} (sizes {sizes}, instances {counts}); try a smaller "
                            "--max_size, --batch_size 1, fewer --rpn_post_nms_top_n_train or "
                            "--box_batch_size_per_image, or --use_amp.") from err
-
-
-def _output_dir(path: str) -> Path:
-    """The output folder, created and checked for writing before any work is done."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"--output_dir {out}: not writable ({err.strerror}); choose another folder.") from err
-    return out
 
 
 def _log(info: DistInfo, message: str) -> None:

@@ -26,6 +26,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from checkpoint import load_model, write_json
+from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_dir", default="dataset/test_release", help="folder of test *.tif")
     parser.add_argument("--id_map_json", default="dataset/test_image_name_to_ids.json",
                         help="list of {file_name, id, height, width}")
-    parser.add_argument("--output", default=None, help="submission path (default: next to the checkpoint)")
+    parser.add_argument("--output_dir", default=None,
+                        help="folder of the submission, <output_dir>/test-results.json (default: the checkpoint's)")
+    parser.add_argument("--output", default=None, help="exact submission path, instead of --output_dir")
     parser.add_argument("--batch_size", type=int, default=1,
                         help="images (tiles x TTA views, of one image or several) per forward pass")
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
@@ -74,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 ids, best score "
                              "first, overlaps to the better score): the HW3 layout, to correct and train on")
     parser.add_argument("--label_thresh", type=float, default=0.5, help="--save_labels: lowest score drawn")
-    parser.add_argument("--backbone", type=backbone_name, default=None, help="only checked against the checkpoint")
+    parser.add_argument("--backbone", type=backbone_name, default=None,
+                        help="resnet or effnet, only checked against the checkpoint (which knows its backbone)")
     parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
+    parser.add_argument("--num_classes", type=int, default=None, help="only checked against the checkpoint")
     parser.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
     parser.add_argument("--max_size", type=int, default=None, help="override the checkpoint's input size")
     parser.add_argument("--input_scale", type=scale_factor, default=None,
@@ -97,11 +102,17 @@ def probability(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output and args.output_dir:
+        parser.error("--output and --output_dir both name where the submission goes; pass one of them")
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
-                 "min_size": args.min_size, "max_size": args.max_size, "input_scale": args.input_scale,
-                 "detections_per_img": args.detections_per_img}
-    output = Path(args.output) if args.output else Path(args.checkpoint[0]).parent / "test-results.json"
+                 "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size,
+                 "input_scale": args.input_scale, "detections_per_img": args.detections_per_img}
+    if args.output or args.output_dir:  # checked before minutes of prediction
+        writable_dir(args.output_dir or Path(args.output).parent, "--output_dir" if args.output_dir else "--output")
+    folder = Path(args.output_dir or Path(args.checkpoint[0]).parent)
+    output = Path(args.output) if args.output else folder / "test-results.json"
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
                           device=args.device, use_amp=args.use_amp, overrides=overrides,
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
@@ -409,4 +420,4 @@ def autocast(device: torch.device, enabled: bool) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

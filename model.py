@@ -55,10 +55,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "box_score_thresh": 0.0,
     "box_nms_thresh": 0.5,
     "detections_per_img": 1000,
+    "effnet_taps": [2, 3, 4, 6],
+    "effnet_frozen": 2,
 }
 
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
-LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0}
+LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3}
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -66,13 +68,17 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     an old run must not pick up a later default (it would predict or resume at another scale)."""
     return {**LEGACY_CONFIG, **saved}
 
-# Keys that change the architecture: a checkpoint's values for these always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios")
+# Keys that change the architecture (or which weights train): a checkpoint's values always win.
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
+             "effnet_frozen")
 
-# Stages of EfficientNetV2-M's `features` that end at strides 4, 8, 16 and 32.
-_EFFNET_RETURN = {"2": "0", "3": "1", "5": "2", "7": "3"}
-_EFFNET_CHANNELS = [48, 80, 176, 512]
-_EFFNET_FROZEN = ("0", "1", "2")  # stem and the first two stages
+# Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
+# The paper's FPN taps 2/3/4/6 (Table 3's 54.16 M); checkpoints from before it tapped 2/3/5/7.
+_EFFNET_CHANNELS = {2: 48, 3: 80, 4: 160, 5: 176, 6: 304, 7: 512}
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be used (download, file), with a one-line reason."""
 
 
 def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None) -> None:
@@ -137,7 +143,6 @@ def config_from_args(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
         if hasattr(args, key) and getattr(args, key) is not None:
             config[key] = getattr(args, key)
     config["backbone"] = backbone
-    config["trainable_layers"] = 3 if backbone == "resnet101" else len(_EFFNET_FROZEN)
     config["anchor_sizes"] = list(config["anchor_sizes"])
     config["attn"] = attention_defaults() if config["use_attn"] else {}
     return config
@@ -164,7 +169,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
     if config["backbone"] == "resnet101":
         backbone = _resnet_fpn(config["weights"], config["trainable_layers"], load_weights)
     else:
-        backbone = _effnet_fpn(config["weights"], load_weights)
+        backbone = _effnet_fpn(config["weights"], load_weights, config["effnet_taps"], config["effnet_frozen"])
     if config["use_attn"]:
         from attention_modules import BackboneWithAttention, FPNTransformer
 
@@ -218,7 +223,8 @@ def init_detector(model: MaskRCNN, source: str) -> dict[str, int]:
         counts["loaded"] += len(fitting)
         counts["skipped"] += len(part) - len(fitting)
     if counts["loaded"] == 0:
-        raise RuntimeError(f"--init_detector {source}: no tensor fits; expected a Mask R-CNN R50-FPN state dict.")
+        raise WeightsError(f"{source}: no tensor fits a Mask R-CNN R50-FPN (--init_detector); pass torchvision's "
+                           "maskrcnn_resnet50_fpn COCO state dict.")
     print(f"init_detector: {counts['loaded']} tensors from {source}, {counts['skipped']} kept fresh (shape differs)")
     return counts
 
@@ -393,7 +399,9 @@ def _resnet_fpn(weights: str, trainable_layers: int, load_weights: bool) -> Back
     )
 
 
-def _effnet_fpn(weights: str, load_weights: bool) -> BackboneWithFPN:
+def _effnet_fpn(weights: str, load_weights: bool, taps: list[int], frozen: int) -> BackboneWithFPN:
+    """``features`` blocks ``taps`` feed the FPN (blocks after the last never run); the first
+    ``frozen`` blocks keep their ImageNet weights (the paper: stem and stage 1)."""
     pretrained = weights != "none"
     net = efficientnet_v2_m(weights=None)
     if pretrained and load_weights:
@@ -404,12 +412,11 @@ def _effnet_fpn(weights: str, load_weights: bool) -> BackboneWithFPN:
     if not pretrained:
         _zero_init_residuals(features)
     if pretrained:
-        for name in _EFFNET_FROZEN:
-            features[int(name)].requires_grad_(False)
+        features[:frozen].requires_grad_(False)
     return BackboneWithFPN(
         features,
-        return_layers=_EFFNET_RETURN,
-        in_channels_list=_EFFNET_CHANNELS,
+        return_layers={str(block): str(level) for level, block in enumerate(taps)},
+        in_channels_list=[_EFFNET_CHANNELS[block] for block in taps],
         out_channels=256,
         extra_blocks=LastLevelMaxPool(),
     )
@@ -422,8 +429,9 @@ def _load_backbone_weights(net: nn.Module, weights: str, enum: Any) -> None:
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if wrong or missing:
-        raise RuntimeError(f"--weights {weights}: not a {type(net).__name__} ImageNet state dict "
-                           f"({len(missing)} missing keys, {len(wrong)} of another shape, e.g. {(wrong + missing)[:3]}).")
+        raise WeightsError(f"{weights}: not a {type(net).__name__} ImageNet state dict ({len(missing)} missing keys, "
+                           f"{len(wrong)} of another shape, e.g. {(wrong + missing)[:3]}); pass torchvision's "
+                           "ImageNet weights of that network to --weights.")
     net.load_state_dict(state, strict=False)
 
 
@@ -442,8 +450,8 @@ def _load_state(source: str, enum: Any) -> dict[str, torch.Tensor]:
         try:
             return enum.get_state_dict(progress=True, check_hash=True)
         except Exception as err:  # offline clusters: URLError, OSError, RuntimeError...
-            raise RuntimeError(
-                f"could not download {enum} ({type(err).__name__}: {err}). Offline? Download {enum.url} on a "
+            raise WeightsError(
+                f"{enum.url}: could not download {enum} ({type(err).__name__}: {err}); offline? Download it on a "
                 f"machine with internet and pass its path instead of '{source}'."
             ) from err
     path = Path(source)

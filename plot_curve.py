@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cli import UsageError, run_cli, writable_dir  # noqa: E402
 from engine import LOSS_KEYS  # noqa: E402
 
 HISTORY_FILE = "history.json"
@@ -37,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Path | None]:
     args = build_parser().parse_args(argv)
     history = load_history(Path(args.output_dir))
-    plot_dir = Path(args.plot_dir or args.output_dir)
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot_dir = writable_dir(args.plot_dir or args.output_dir, "--plot_dir")
     paths = {
         "loss": plot_losses(history, plot_dir / "loss_curve.png"),
         "metrics": plot_metrics(history, plot_dir / "map_curve.png"),
@@ -59,9 +59,12 @@ def load_history(output_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; train first (train_resnet.py or train_effnet_v2.py "
                                 f"--output_dir {output_dir}), which writes {HISTORY_FILE} after every epoch.")
-    history = json.loads(path.read_text())
+    try:
+        history = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON ({err}); rerun an epoch with --resume to rewrite it.") from err
     if not isinstance(history, list) or not history:
-        raise ValueError(f"{path}: expected a non-empty list of per-epoch rows.")
+        raise UsageError(f"{path}: expected a non-empty list of per-epoch rows; train at least one epoch.")
     return history
 
 
@@ -160,4 +163,4 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

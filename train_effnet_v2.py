@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import engine
+from cli import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -14,4 +15,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -29,11 +29,13 @@ from scipy import ndimage  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import load_model  # noqa: E402
+from checkpoint import load_model, saved_args  # noqa: E402
+from cli import run_cli, writable_dir  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
 from inference import Settings, predict_images, training_tile  # noqa: E402
 from masks import PackedMasks  # noqa: E402
+from model import backbone_name  # noqa: E402
 from tiling import take  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
@@ -67,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_thresh", type=float, default=0.5, help="draw only detections scoring at least this")
     parser.add_argument("--draw_gt_mask", action="store_true",
                         help="fill ground-truth masks (outlines and boxes are always drawn)")
-    parser.add_argument("--vis_dir", default=None, help="where the PNGs go (default: <checkpoint folder>/vis)")
+    parser.add_argument("--vis_dir", default=None,
+                        help="where the PNGs go (default: --output_dir, else <checkpoint folder>/vis)")
+    parser.add_argument("--output_dir", default=None, help="where the PNGs go unless --vis_dir is given")
+    parser.add_argument("--backbone", type=backbone_name, default=None,
+                        help="resnet or effnet, only checked against the checkpoint (which knows its backbone)")
+    parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
+    parser.add_argument("--num_classes", type=int, default=None, help="only checked against the checkpoint")
     parser.add_argument("--train_dir", default=None,
                         help="training folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--split_json", default=None,
@@ -90,14 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, _, state = load_model(Path(args.checkpoint))
+    overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None, "num_classes": args.num_classes}
+    model, _, state = load_model(Path(args.checkpoint), overrides)
     model.to(device).eval()
     if args.tile is None:
         args.tile = training_tile(state)
-    vis_dir = Path(args.vis_dir or Path(args.checkpoint).parent / "vis")
-    vis_dir.mkdir(parents=True, exist_ok=True)
+    vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint).parent / "vis",
+                           "--vis_dir" if args.vis_dir else "--output_dir")
     draw = draw_validation if args.mode == "val" else draw_test
-    paths, shown = draw(model, state.get("args") or {}, args, device, vis_dir)
+    paths, shown = draw(model, saved_args(state), args, device, vis_dir)
     gt = f"{shown['gt']} ground-truth instances, " if args.mode == "val" else ""
     print(f"{args.mode}: wrote {len(paths)} PNG(s) to {vis_dir}; {gt}{shown['pred']} predictions "
           f"with score >= {args.score_thresh:g}")
@@ -272,4 +281,4 @@ def _first(items: list, n: int) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

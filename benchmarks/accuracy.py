@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
 import engine  # noqa: E402
-from checkpoint import load_checkpoint, load_model  # noqa: E402
+from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt, evaluate  # noqa: E402
 from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from inference import TTA_SCALES, predict  # noqa: E402
@@ -156,7 +156,7 @@ def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -
     if not (out / "last.pth").is_file():
         return False
     state = load_checkpoint(out / "last.pth")
-    saved = state.get("args") or {}
+    saved = saved_args(state)
     expected = {k: v for k, v in args.items() if k in saved or v != parser.get_default(k)}
     return saved == expected and state.get("epoch") == args["epochs"] and not state.get("partial")
 

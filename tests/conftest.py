@@ -12,12 +12,20 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from synthetic import make_dataset  # noqa: E402
+from shallow import shallow_resnet  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Six training samples and three test images, RGBA LZW + float64 labels."""
     return make_dataset(tmp_path_factory.mktemp("data"), n_train=6, n_test=3, size=(96, 112), cells=(5, 10), seed=0)
+
+
+@pytest.fixture
+def shallow() -> None:
+    """ResNet-101 replaced by one Bottleneck block per stage (tests/shallow.py) for this test."""
+    with shallow_resnet():
+        yield
 
 
 def shared(*parts: str) -> Path:

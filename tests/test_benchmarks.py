@@ -112,9 +112,11 @@ def test_step_time_rows_and_ratios(tmp_path: Path) -> None:
         assert rows[1]["step_s"] > 0 and rows[1]["ratio_vs_resnet101"] is not None
 
 
-def test_accuracy_scores_raw_ema_and_post_variants(tiny_dataset: dict, tmp_path: Path) -> None:
+def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None) -> None:
     from benchmarks import accuracy
+    from synthetic import make_dataset
 
+    tiny_dataset = make_dataset(tmp_path / "data", n_train=3, n_test=1, size=(80, 96), cells=(4, 8), seed=6)
     out, runs = tmp_path / "accuracy.json", tmp_path / "runs"
 
     def study(*post: str) -> dict:

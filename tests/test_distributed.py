@@ -33,12 +33,12 @@ def test_ranks_see_disjoint_samples_covering_the_epoch() -> None:
     assert list(again) == seen[0][2:] and len(again) == len(seen[0]) - 2
 
 
-def test_torchrun_two_gloo_processes(tmp_path: Path) -> None:
+def test_torchrun_two_gloo_processes(tmp_path: Path, shallow: None) -> None:
     data = make_dataset(tmp_path / "data", n_train=6, n_test=1, size=(72, 80), cells=(3, 6), seed=2)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_resnet.py"), "--train_dir", str(data["train_dir"]), "--output_dir", str(out),
+           str(ROOT / "tests/shallow.py"), "train_resnet.py", "--train_dir", str(data["train_dir"]), "--output_dir", str(out),
            "--epochs", "1", "--batch_size", "1", "--val_split", "0.34", "--weights", "none", "--num_workers", "0",
            "--min_size", "64", "--max_size", "96", "--input_scale", "0", "--detections_per_img", "10", "--warmup_epochs", "1",
            "--rpn_pre_nms_top_n_train", "200", "--rpn_post_nms_top_n_train", "100",

@@ -1,4 +1,6 @@
-"""Train -> resume -> predict -> score on tiny generated data, for both backbones."""
+"""Train -> resume -> predict -> score on tiny generated data: the EfficientNetV2-M run here,
+the ResNet-101 one in test_paper_cli.py (the paper's commands). The other tests of the loop use
+the shallow ResNet of tests/shallow.py: they test the loop, not the backbone."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,9 @@ from pycocotools.coco import COCO
 import inference
 import train_effnet_v2
 import train_resnet
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model import build_model
+from synthetic import make_dataset
 
 SMALL = ["--min_size", "96", "--max_size", "128", "--input_scale", "0", "--detections_per_img", "20", "--batch_size", "2",
          "--num_workers", "0", "--weights", "none", "--warmup_epochs", "1", "--rpn_pre_nms_top_n_train", "300",
@@ -19,15 +23,40 @@ SMALL = ["--min_size", "96", "--max_size", "128", "--input_scale", "0", "--detec
          "--box_batch_size_per_image", "64", "--use_cosine"]
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three training samples (two train, one validates: one step per epoch), two test images."""
+    return make_dataset(tmp_path_factory.mktemp("e2e"), n_train=3, n_test=2, size=(80, 96), cells=(4, 8), seed=5)
+
+
 def _train(script, data: dict, out: Path, *extra: str) -> dict:
     return script.main(["--train_dir", str(data["train_dir"]), "--output_dir", str(out), *SMALL, *extra])
 
 
-@pytest.mark.parametrize("attn", [[], ["--use_attn"]], ids=["plain", "attn"])
-@pytest.mark.parametrize("script", [train_resnet, train_effnet_v2], ids=["resnet", "effnet"])
-def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: Path) -> None:
+def _test_args(data: dict, output: Path) -> list[str]:
+    return ["--test_dir", str(data["test_dir"]), "--id_map_json", str(data["id_map_json"]), "--output", str(output),
+            "--num_workers", "0"]
+
+
+def _assert_submission(path: Path, data: dict) -> list[dict]:
+    """Every result names a test image and its size, and pycocotools loads the file."""
+    results = json.loads(Path(path).read_text())
+    entries = {e["id"]: e for e in json.loads(Path(data["id_map_json"]).read_text())}
+    for r in results:
+        assert r["image_id"] in entries
+        assert r["segmentation"]["size"] == [entries[r["image_id"]]["height"], entries[r["image_id"]]["width"]]
+    if results:
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i, "height": e["height"], "width": e["width"]} for i, e in entries.items()],
+                      "annotations": [], "categories": [{"id": c} for c in range(1, 5)]}
+        gt.createIndex()
+        assert set(gt.loadRes(str(path)).getImgIds()) <= set(entries)
+    return results
+
+
+def test_train_resume_predict_effnet(data: dict, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _train(script, tiny_dataset, out, "--epochs", "1", *attn)
+    _train(train_effnet_v2, data, out, "--epochs", "1")
     for name in ("best.pth", "last.pth", "history.json", "split.json"):
         assert (out / name).exists(), name
     history = json.loads((out / "history.json").read_text())
@@ -37,11 +66,11 @@ def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: 
                 "train_loss_rpn_box_reg", "train_loss", "val_loss", "segm_AP50", "segm_AP", "bbox_AP75", "lr"):
         assert key in row and row[key] is not None, key
     first = load_checkpoint(out / "last.pth")
-    assert first["epoch"] == 1 and first["config"]["backbone"] in ("resnet101", "effnet_v2_m")
+    assert first["epoch"] == 1 and first["config"]["backbone"] == "effnet_v2_m"
+    assert first["config"]["effnet_taps"] == [2, 3, 4, 6] and not first["config"]["use_attn"]
     steps = first["scheduler"]["steps"]
 
-    assert first["config"]["use_attn"] == bool(attn) and bool(first["config"]["attn"]) == bool(attn)
-    _train(script, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"), *attn)
+    _train(train_effnet_v2, data, out, "--epochs", "2", "--resume", str(out / "last.pth"))
     resumed = load_checkpoint(out / "last.pth")
     assert resumed["epoch"] == 2 and resumed["scheduler"]["steps"] == 2 * steps
     assert [row["epoch"] for row in resumed["history"]] == [1, 2]
@@ -49,60 +78,49 @@ def test_train_resume_predict(script, attn: list, tiny_dataset: dict, tmp_path: 
     opt_steps = {int(s["step"]) for s in resumed["optimizer"]["state"].values()}
     assert opt_steps == {2 * steps}
 
-    submission = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
-                                 "--id_map_json", str(tiny_dataset["id_map_json"]), "--output",
-                                 str(tmp_path / "sub.json"), "--num_workers", "0", "--batch_size", "2", "--no_tta"])
-    results = json.loads(Path(submission).read_text())
-    entries = json.loads(Path(tiny_dataset["id_map_json"]).read_text())
-    gt = COCO()
-    gt.dataset = {"images": [{"id": e["id"], "height": e["height"], "width": e["width"]} for e in entries],
-                  "annotations": [], "categories": [{"id": c} for c in range(1, 5)]}
-    gt.createIndex()
-    if script is train_resnet and not attn:  # tiles of TTA views: the heaviest prediction path, once
-        tiled = inference.main(["--checkpoint", str(out / "best.pth"), "--test_dir", str(tiny_dataset["test_dir"]),
-                                "--id_map_json", str(tiny_dataset["id_map_json"]), "--output",
-                                str(tmp_path / "tiled.json"), "--num_workers", "0", "--tile", "64",
-                                "--tile_overlap", "0.3", "--tta", "--detections_per_img", "7", "--batch_size", "3"])
-        tiled_results = json.loads(Path(tiled).read_text())
-        for r in tiled_results:
-            assert r["segmentation"]["size"] == [96, 112] and r["image_id"] in {e["id"] for e in entries}
-        per_image = [sum(r["image_id"] == e["id"] for r in tiled_results) for e in entries]
-        assert max(per_image) <= 7 and sum(per_image) > 0  # the cap holds after the tile and view merges
-    if results:
-        dt = gt.loadRes(str(submission))
-        assert set(dt.getImgIds()) <= {e["id"] for e in entries}
-        assert all(r["segmentation"]["size"] == [e["height"], e["width"]]
-                   for r in results for e in entries if e["id"] == r["image_id"])
+    submission = inference.main(["--checkpoint", str(out / "best.pth"), *_test_args(data, tmp_path / "sub.json"),
+                                 "--batch_size", "2", "--no_tta"])
+    _assert_submission(submission, data)
 
 
-def test_resume_with_other_settings_is_refused(tiny_dataset: dict, tmp_path: Path) -> None:
+def test_tiles_of_tta_views_in_the_submission(data: dict, tmp_path: Path, shallow: None) -> None:
+    """The heaviest prediction path, once: 4 flips of every tile, merged back to whole images."""
+    torch.manual_seed(0)
+    config = {"backbone": "resnet101", "weights": "none", "min_size": 96, "max_size": 128, "input_scale": 0.0,
+              "detections_per_img": 20, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}
+    save_checkpoint(tmp_path / "c.pth", {"model": build_model(config).state_dict(), "config": config})
+    tiled = inference.main(["--checkpoint", str(tmp_path / "c.pth"), *_test_args(data, tmp_path / "tiled.json"),
+                            "--tile", "64", "--tile_overlap", "0.3", "--tta", "--detections_per_img", "7",
+                            "--batch_size", "3"])
+    results = _assert_submission(tiled, data)
+    assert results  # an untrained model still detects something
+    per_image = [sum(r["image_id"] == e["id"] for r in results) for e in json.loads(data["id_map_json"].read_text())]
+    assert max(per_image) <= 7  # the cap holds after the tile and view merges
+
+
+def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "run"
-    _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--val_split", "0")
+    _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp")
+    row = json.loads((out / "history.json").read_text())[0]
+    assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0  # bf16 on a CPU
+    assert (out / "best.pth").exists()  # without validation the training loss selects it
     with pytest.raises(CheckpointError, match="other settings"):
-        _train(train_effnet_v2, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"))
+        _train(train_effnet_v2, data, out, "--epochs", "2", "--resume", str(out / "last.pth"))
     with pytest.raises(CheckpointError, match="use_attn"):
-        _train(train_resnet, tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"), "--use_attn")
-    test_args = ["--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"])]
+        _train(train_resnet, data, out, "--epochs", "2", "--resume", str(out / "last.pth"), "--use_attn")
+    test_args = ["--test_dir", str(data["test_dir"]), "--id_map_json", str(data["id_map_json"])]
     with pytest.raises(CheckpointError, match="contradicts"):
         inference.main(["--checkpoint", str(out / "last.pth"), "--backbone", "effnet", *test_args])
     with pytest.raises(CheckpointError, match="use_attn"):
         inference.main(["--checkpoint", str(out / "last.pth"), "--use_attn", *test_args])
     with pytest.raises(CheckpointError, match="trained without --use_attn but the model is built with it"):
-        _train(train_resnet, tiny_dataset, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--use_attn",
+        _train(train_resnet, data, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--use_attn",
                "--checkpoint", str(out / "last.pth"))
 
 
-def test_bf16_amp_train_step_on_cpu(tiny_dataset: dict, tmp_path: Path) -> None:
-    out = tmp_path / "amp"
-    _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--use_amp", "--val_split", "0")
-    row = json.loads((out / "history.json").read_text())[0]
-    assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0
-    assert (out / "best.pth").exists()  # without validation the training loss selects it
-
-
-def test_ema_repeat_factor_sampling_and_eval_every(tiny_dataset: dict, tmp_path: Path) -> None:
+def test_ema_repeat_factor_sampling_and_eval_every(data: dict, tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "ema"
-    _train(train_resnet, tiny_dataset, out, "--epochs", "3", "--ema_decay", "0.9", "--repeat_thresh", "0.9",
+    _train(train_resnet, data, out, "--epochs", "3", "--ema_decay", "0.9", "--repeat_thresh", "0.9",
            "--eval_every", "2")
     last = load_checkpoint(out / "last.pth")
     assert last["ema"]["updates"] == last["scheduler"]["steps"] > 0 and last["epoch"] == 3
@@ -116,18 +134,17 @@ def test_ema_repeat_factor_sampling_and_eval_every(tiny_dataset: dict, tmp_path:
 
 
 def test_tiles_at_the_training_crop_and_flipped_submission_views_unless_told(
-        tiny_dataset: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shallow: None) -> None:
     import engine
 
     tiles, views = [], []
     record = lambda *a, **k: tiles.append(k["tile"]) or views.append(k.get("tta_scales")) or []  # noqa: E731
     monkeypatch.setattr(engine, "predict", record)
     out = tmp_path / "crop"
-    _train(train_resnet, tiny_dataset, out, "--epochs", "1", "--crop", "64")
+    _train(train_resnet, data, out, "--epochs", "1", "--crop", "64")
     assert tiles == [64] and views == [None]  # validation: one view, cheap enough for every epoch
     monkeypatch.setattr(inference, "predict", record)
-    test_args = ["--test_dir", str(tiny_dataset["test_dir"]), "--id_map_json", str(tiny_dataset["id_map_json"]),
-                 "--num_workers", "0", "--output", str(tmp_path / "r.json")]
+    test_args = _test_args(data, tmp_path / "r.json")
     inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
     inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--no_tta", *test_args])
     assert tiles == [64, 64, 0] and views == [None, [1.0], None]  # the submission: TTA unless --no_tta

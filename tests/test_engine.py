@@ -9,7 +9,7 @@ from torch import nn
 
 import engine
 import inference
-from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, saved_args
 from engine import LRSchedule, _run_config, build_parser, losses_mode, warmup_cosine
 from model import DEFAULT_CONFIG, build_model, config_from_args
 
@@ -26,9 +26,9 @@ def test_warmup_is_linear_from_zero_then_cosine_to_eta_min() -> None:
     assert lrs[59] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # step 60: half-way through the decay
 
 
-def _schedule(cosine: bool) -> tuple[LRSchedule, torch.optim.Optimizer]:
+def _schedule(cosine: bool, patience: int = 3) -> tuple[LRSchedule, torch.optim.Optimizer]:
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
-    args = argparse.Namespace(lr=1e-3, eta_min=1e-5, use_cosine=cosine, warmup_epochs=1, epochs=4)
+    args = argparse.Namespace(lr=1e-3, eta_min=1e-5, use_cosine=cosine, warmup_epochs=1, epochs=4, patience=patience)
     return LRSchedule(opt, args, steps_per_epoch=5), opt
 
 
@@ -51,6 +51,25 @@ def test_schedule_state_round_trip_and_plateau() -> None:
     assert popt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
+def test_patience_is_the_plateau_patience_and_wins_on_resume() -> None:
+    def halvings(patience: int, state: dict | None = None) -> tuple[list[float], dict]:
+        sched, opt = _schedule(cosine=False, patience=patience)
+        if state:
+            sched.load_state_dict(state)
+        for _ in range(6):
+            sched.step()
+        lrs = []
+        for _ in range(6):
+            sched.epoch_end(0.1)
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs, sched.state_dict()
+
+    assert halvings(1)[0] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    assert halvings(5)[0] == pytest.approx([1e-3] * 6)
+    _, saved = halvings(3)
+    assert halvings(1, saved)[1]["plateau"]["patience"] == 1
+
+
 def test_losses_mode_leaves_batchnorm_stats_alone() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
     before = net[1].running_mean.clone()
@@ -61,7 +80,7 @@ def test_losses_mode_leaves_batchnorm_stats_alone() -> None:
     assert not net.training
 
 
-def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
+def test_checkpoint_round_trip_and_errors(tmp_path: Path, shallow: None) -> None:
     model = build_model(TINY)
     path = tmp_path / "c.pth"
     legacy = {k: v for k, v in TINY.items() if k != "input_scale"}
@@ -99,6 +118,44 @@ def test_interrupted_save_keeps_the_good_checkpoint(tmp_path: Path, monkeypatch:
     monkeypatch.undo()
     assert load_checkpoint(path)["config"] == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_early_stop_is_a_number_of_epochs_and_patience_the_plateaus(tmp_path: Path) -> None:
+    parser = engine.build_parser("resnet101", "x")
+    args = parser.parse_args(["--early_stop", "10", "--patience", "4"])
+    assert (args.early_stop, args.patience) == (10, 4)
+    assert (parser.parse_args([]).early_stop, parser.parse_args([]).patience) == (0, 3)  # 0: never stop early
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--early_stop", "--patience", "4"])  # the old switch is no number
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--val_split", "1"])
+    old = {"model": {}, "config": {}, "args": {"early_stop": True, "patience": 7, "crop": 64}}
+    assert saved_args(old) == {"early_stop": 7, "patience": 3, "crop": 64}
+    assert saved_args({"args": {"early_stop": False, "patience": 10}}) == {"early_stop": 0, "patience": 3}
+    assert saved_args({"args": {"early_stop": 5, "patience": 2}}) == {"early_stop": 5, "patience": 2}
+
+
+def test_early_stop_ends_the_run_n_epochs_after_the_best(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         tiny_dataset: dict, shallow: None) -> None:
+    scores = iter([0.1, 0.3, 0.3, 0.2, 0.9, 0.9])
+
+    def fake_epoch(net, loaders, opt, device, args, epoch, *rest) -> dict:
+        return {"epoch": epoch, "lr": 1e-4, "train_loss": 1.0, "val_loss": 1.0, "segm_AP50": next(scores),
+                "seconds": 0.0, "step_seconds": 0.0}
+
+    monkeypatch.setattr(engine, "run_epoch", fake_epoch)
+    out = tmp_path / "run"
+    argv = ["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(out), "--weights", "none",
+            "--num_workers", "0", "--epochs", "6", "--early_stop", "2", "--patience", "5"]
+    summary = engine.main(argv, "resnet101", "x")
+    state = load_checkpoint(out / "last.pth")
+    assert summary["best_epoch"] == 2 and state["epoch"] == 4  # epochs 3 and 4 brought nothing: stop
+    assert state["scheduler"]["plateau"]["patience"] == 5 and state["args"]["early_stop"] == 2
+    old = {**state, "args": {**state["args"], "early_stop": True, "patience": 10}, "epoch": 1, "history": []}
+    save_checkpoint(out / "old.pth", old)  # a run from before --early_stop N resumes
+    scores = iter([0.5, 0.6])
+    engine.main([*argv[:-6], "--epochs", "3", "--resume", str(out / "old.pth")], "resnet101", "x")
+    assert load_checkpoint(out / "last.pth")["epoch"] == 3
 
 
 def test_parser_has_the_contract_flags() -> None:

@@ -26,30 +26,31 @@ SMALL = ["--min_size", "64", "--max_size", "96", "--input_scale", "0", "--detect
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return make_dataset(tmp_path_factory.mktemp("faults"), n_train=8, n_test=1, size=(72, 80), cells=(3, 6), seed=1)
+    return make_dataset(tmp_path_factory.mktemp("faults"), n_train=4, n_test=1, size=(72, 80), cells=(3, 6), seed=1)
 
 
 def _args(data: dict, out: Path, *extra: str) -> list[str]:
     return ["--train_dir", str(data["train_dir"]), "--output_dir", str(out), "--batch_size", "1", *SMALL, *extra]
 
 
-def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path) -> None:
+def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train_resnet.py"), *_args(data, out, "--epochs", "2", "--val_split", "0.25")]
+    cmd = [sys.executable, str(ROOT / "tests/shallow.py"), "train_resnet.py",
+           *_args(data, out, "--epochs", "2", "--val_split", "0.25")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # the signal handler is installed before "data:" is printed
         lines.append(line)
         if line.startswith("data:"):
             break
-    time.sleep(4.0)
+    time.sleep(1.0)  # a few steps of the shallow model (a stop before the first step resumes just as well)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     log = "".join(lines) + rest
     assert proc.returncode == engine.EXIT_INTERRUPTED, log
     assert "SIGTERM" in log and "--resume" in log
     stopped = load_checkpoint(out / "last.pth")
-    steps_per_epoch = 6
+    steps_per_epoch = 3  # 4 samples, 1 held out, batch 1
     done = (stopped["epoch"]) * steps_per_epoch + (stopped["partial"] or {"batches": 0})["batches"]
     assert stopped["scheduler"]["steps"] == done
     assert not list(out.glob(".*.tmp"))
@@ -63,7 +64,8 @@ def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path) -> 
     assert [row["epoch"] for row in history] == [1, 2]
 
 
-def test_non_finite_loss_is_skipped_and_counted(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_is_skipped_and_counted(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                shallow: None) -> None:
     real = engine._forward_losses
     calls = {"n": 0}
 
@@ -83,7 +85,8 @@ def test_non_finite_loss_is_skipped_and_counted(data: dict, tmp_path: Path, monk
     assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
 
 
-def test_many_non_finite_losses_stop_the_run(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_non_finite_losses_stop_the_run(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             shallow: None) -> None:
     real = engine._forward_losses
     monkeypatch.setattr(engine, "MAX_BAD_STEPS", 2)
     monkeypatch.setattr(engine, "_forward_losses",
@@ -104,7 +107,7 @@ def test_unwritable_output_dir(data: dict, tmp_path: Path) -> None:
         train_resnet.main(_args(data, target, "--epochs", "1"))
 
 
-def test_checkpoint_from_another_model_is_refused(data: dict, tmp_path: Path) -> None:
+def test_checkpoint_from_another_model_is_refused(data: dict, tmp_path: Path, shallow: None) -> None:
     bad = tmp_path / "other.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "config": {"backbone": "resnet101"}}, bad)
     from checkpoint import CheckpointError

@@ -55,9 +55,26 @@ def test_pretrained_effnet_freezes_early_stages_and_their_statistics(tmp_path: P
     torch.save(efficientnet_v2_m().state_dict(), path)
     body = build_model({"backbone": "effnet_v2_m", "weights": str(path)}).backbone.body
     assert not any(p.requires_grad for p in body["0"].parameters())
-    assert not any(p.requires_grad for p in body["2"].parameters())
-    assert any(p.requires_grad for p in body["3"].parameters())
+    assert not any(p.requires_grad for p in body["1"].parameters())  # the paper's layout: stem and stage 1
+    assert any(p.requires_grad for p in body["2"].parameters())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+
+
+def test_effnet_taps_the_papers_blocks_and_old_checkpoints_keep_theirs(tmp_path: Path) -> None:
+    from checkpoint import load_model, save_checkpoint
+
+    model = build_model({**TINY, "backbone": "effnet_v2_m"})
+    assert list(model.backbone.body) == ["0", "1", "2", "3", "4", "5", "6"]  # blocks 7 and 8 never run
+    assert [b[0].in_channels for b in model.backbone.fpn.inner_blocks] == [48, 80, 160, 304]
+    old_config = {**TINY, "backbone": "effnet_v2_m"}  # written before effnet_taps existed
+    old = build_model({**old_config, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3})
+    save_checkpoint(tmp_path / "old.pth", {"model": old.state_dict(), "config": old_config})
+    loaded, config, _ = load_model(tmp_path / "old.pth")
+    assert config["effnet_taps"] == [2, 3, 5, 7]
+    assert [b[0].in_channels for b in loaded.backbone.fpn.inner_blocks] == [48, 80, 176, 512]
+    image = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        assert torch.equal(old.eval()(image)[0]["scores"], loaded.eval()(image)[0]["scores"])
 
 
 def test_bad_weights_file_is_explained(tmp_path: Path) -> None:

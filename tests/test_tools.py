@@ -23,9 +23,10 @@ import visualization  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import CLASS_FILES, list_samples, split_samples, write_split  # noqa: E402
 from engine import LOSS_KEYS, write_history  # noqa: E402
-from model import build_model  # noqa: E402
-from synthetic import make_dataset  # noqa: E402
 from inference import Settings, predict_images  # noqa: E402
+from model import build_model  # noqa: E402
+from shallow import shallow_resnet  # noqa: E402
+from synthetic import make_dataset  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = {"backbone": "resnet101", "weights": "none", "min_size": 96, "max_size": 128, "input_scale": 0.0,
@@ -42,7 +43,8 @@ def run(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tupl
     """An untrained tiny checkpoint with the split.json a training run would leave beside it."""
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    model = build_model(TINY, load_weights=False)
+    with shallow_resnet():  # the tests that load it request the `shallow` fixture
+        model = build_model(TINY, load_weights=False)
     save_checkpoint(out / "best.pth", {"model": model.state_dict(), "config": TINY,
                                        "args": {"train_dir": str(data["train_dir"])}})
     train, val = split_samples([p.name for p in list_samples(data["train_dir"])], 0.5, seed=0)
@@ -138,7 +140,7 @@ def test_cal_param_all_configurations(tmp_path: Path) -> None:
 
 
 def test_visualization_val_draws_each_validation_image(run: tuple[Path, list[str]], tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+                                                       capsys: pytest.CaptureFixture, shallow: None) -> None:
     checkpoint, val = run
     paths = visualization.main(["--checkpoint", str(checkpoint), "--mode", "val", "--num_images", "0",
                                 "--score_thresh", "0.0", "--draw_gt_mask", "--vis_dir", str(tmp_path / "vis"),
@@ -151,7 +153,7 @@ def test_visualization_val_draws_each_validation_image(run: tuple[Path, list[str
 
 
 def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: tuple[Path, list[str]],
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, shallow: None) -> None:
     checkpoint, _ = run
     visualization.main(["--checkpoint", str(checkpoint), "--mode", "test", "--test_dir", str(data["test_dir"]),
                         "--id_map_json", str(data["id_map_json"]), "--score_thresh", "0.0",
@@ -162,7 +164,7 @@ def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: t
         assert_png(path)
 
 
-def test_visualization_predicts_tile_by_tile_like_the_submission() -> None:
+def test_visualization_predicts_tile_by_tile_like_the_submission(shallow: None) -> None:
     torch.manual_seed(0)
     model = build_model(TINY).eval()
     image = np.random.default_rng(0).random((96, 150, 3)).astype(np.float32)
@@ -177,7 +179,8 @@ def test_visualization_predicts_tile_by_tile_like_the_submission() -> None:
     assert len(whole.labels) == len(whole.masks) > 0
 
 
-def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[str]], tmp_path: Path) -> None:
+def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[str]], tmp_path: Path,
+                                                          shallow: None) -> None:
     with pytest.raises(FileNotFoundError, match="split.json"):
         visualization.main(["--checkpoint", str(run[0]), "--split_json", str(tmp_path / "split.json"),
                             "--vis_dir", str(tmp_path / "vis")])

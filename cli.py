@@ -1,0 +1,68 @@
+"""How every script answers expected bad input: one line on stderr and exit status 2, as
+argparse does for a bad flag. A traceback is for bugs; ``CELLSEG_DEBUG=1`` shows it anyway.
+
+    if __name__ == "__main__":
+        run_cli(main)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from checkpoint import CheckpointError
+from dataloader import DatasetError
+from model import WeightsError
+
+DEBUG_ENV = "CELLSEG_DEBUG"
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Flags or an input file the user has to change, with a ``<file>: <what>; <fix>`` message."""
+
+
+# OSErrors of the user's paths; any other exception is a bug and keeps its traceback.
+_PATH_ERRORS: dict[type[OSError], str] = {
+    FileNotFoundError: "check the path",
+    PermissionError: "choose a path you can write to, or change its permissions",
+    NotADirectoryError: "a file is in the way of that folder; choose another path",
+    FileExistsError: "a file is in the way of that folder; choose another path",
+    IsADirectoryError: "expected a file, got a folder; pass the file's path",
+}
+EXPECTED = (DatasetError, CheckpointError, WeightsError, UsageError, *_PATH_ERRORS)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a script's ``main``; an expected error becomes ``error: <message>`` and exit 2."""
+    try:
+        main(argv)
+    except EXPECTED as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {describe(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def describe(err: BaseException) -> str:
+    """The one-line message: the project's own text, or for an OSError raised by Python
+    itself (``[Errno 13] Permission denied: 'x'``) the path, the reason and what to do."""
+    if isinstance(err, OSError) and err.filename is not None:
+        fix = next((text for kind, text in _PATH_ERRORS.items() if isinstance(err, kind)), "check the path")
+        return f"{err.filename}: {(err.strerror or str(err)).lower()}; {fix}."
+    return " ".join(str(err).split())
+
+
+def writable_dir(path: str | Path, flag: str = "--output_dir") -> Path:
+    """An output folder, created and checked for writing before any work is done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"{out}: not writable ({(err.strerror or str(err)).lower()}); pass another {flag} "
+                              "or change its permissions.") from err
+    return out
