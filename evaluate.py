@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from checkpoint import write_json
+from cli import run_cli
 from coco import CATEGORIES, IOU_TYPES, build_coco_gt, encode_packed, evaluate, matching_metrics
 from dataloader import CLASS_FILES, DatasetError, HW3TrainDataset, list_samples, read_label_image
 from masks import PackedMasks
@@ -153,4 +154,4 @@ def _rle_box(segmentation: dict) -> list[float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="predict tile by tile, as inference.py does (default: the checkpoint's training "
                              "--crop; 0: whole images)")
     parser.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
+    parser.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
+    parser.add_argument("--detections_per_img", type=int, default=None,
+                        help="most detections predicted per image, as in inference.py (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     return parser
 
@@ -130,7 +133,7 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
     for name in tqdm(names, desc="draw val", disable=None):
         image = read_image(samples[name] / IMAGE_FILE)
         gt = ground_truth_layer(decode_instances(samples[name], image.shape[:2]), args.draw_gt_mask)
-        pred = predict_layer(model, image, device, args.score_thresh, args.tile, args.tile_overlap)
+        pred = predict_layer(model, image, device, args.score_thresh, _settings(args))
         gt.title = f"{name}: ground truth, {len(gt.labels)} instances"
         paths.append(save_figure(image, [gt, pred], vis_dir / f"{name}.png", args))
         shown["gt"] += len(gt.labels)
@@ -149,7 +152,7 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     for index in tqdm(indices, desc="draw test", disable=None):
         tensor, meta = dataset[index]
         image = tensor.permute(1, 2, 0).numpy()
-        pred = predict_layer(model, image, device, args.score_thresh, args.tile, args.tile_overlap)
+        pred = predict_layer(model, image, device, args.score_thresh, _settings(args))
         pred.title = f"{meta['file_name']} (id {meta['image_id']}): {pred.title}"
         paths.append(save_figure(image, [pred], vis_dir / f"{meta['image_id']}.png", args))
         shown["pred"] += len(pred.labels)
@@ -173,11 +176,11 @@ def ground_truth_layer(instances: Instances, fill: bool) -> Layer:
 
 @torch.no_grad()
 def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float,
-                  tile: int = 0, tile_overlap: float = 0.25) -> Layer:
+                  settings: Settings = Settings()) -> Layer:
     """Detections scoring at least ``score_thresh``, predicted as the submission is
-    (``inference.predict_images``: tile by tile when ``tile`` > 0, one view, the same cap)."""
+    (``inference.predict_images``: tile by tile when ``settings.tile`` > 0, the same cap)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-    output = predict_images(model, [tensor], Settings(tile=tile, tile_overlap=tile_overlap))[0]
+    output = predict_images(model, [tensor], settings)[0]
     keep = (output["scores"] >= score_thresh).nonzero().flatten()
     picked = take(output["masks"], keep)
     packed = PackedMasks(picked.data.cpu(), picked.boxes.cpu(), picked.offsets.cpu(), picked.size)
@@ -187,6 +190,11 @@ def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, sco
     title = f"prediction, {len(scores)} with score >= {score_thresh:g}"
     return Layer(title, output["labels"][keep].cpu().numpy(), output["boxes"][keep].cpu().numpy(), masks,
                  scores=scores)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=max(args.batch_size, 1),
+                    detections_per_img=args.detections_per_img)
 
 
 def save_figure(image: np.ndarray, layers: list[Layer], path: Path, args: argparse.Namespace) -> Path:

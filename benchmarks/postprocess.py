@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cells", type=int, default=700, help="real cells in the image (the rest is low-score noise)")
     parser.add_argument("--cap", type=int, default=1000, help="--detections_per_img")
     parser.add_argument("--end_to_end", action="store_true", help="also time inference.py end to end")
+    parser.add_argument("--end_to_end_size", type=int, default=1000, help="side of its generated test image")
     parser.add_argument("--checkpoint", default=None, help="trained checkpoint for --end_to_end (default: random)")
     parser.add_argument("--baseline_repo", default=None, help="checkout of the previous code for --end_to_end")
     parser.add_argument("--modes", nargs="+", choices=("no_tta", "default"), default=["no_tta", "default"])
@@ -145,7 +146,8 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     """inference.py seconds per image, ours (with the network's share) and the previous code's."""
     with tempfile.TemporaryDirectory(prefix="bench_post_") as tmp:
         tmp = Path(tmp)
-        data = make_dataset(tmp / "data", n_train=0, n_test=1, size=(args.size, args.size), cells=(700, 701),
+        side = args.end_to_end_size
+        data = make_dataset(tmp / "data", n_train=0, n_test=1, size=(side, side), cells=(side * side // 1400, side * side // 1400 + 1),
                             seed=args.seed)
         checkpoint = Path(args.checkpoint) if args.checkpoint else _random_checkpoint(tmp / "random.pth", args.seed)
         rows = []
@@ -162,7 +164,7 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
                 row["baseline_detections"] = len(json.loads(out.read_text()))
                 row["speedup"] = ratio(row["baseline_s"], seconds)
             rows.append(row)
-        print_table(f"inference.py on one {args.size}x{args.size} image, seconds", rows,
+        print_table(f"inference.py on one {side}x{side} image, seconds", rows,
                     ["mode", "baseline_s", "ours_s", "speedup", "ours_network_s", "ours_postprocess_share",
                      "baseline_detections", "ours_detections"])
         return {"checkpoint": str(args.checkpoint or "random weights, default config, --crop 256"), "rows": rows}

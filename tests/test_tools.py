@@ -168,15 +168,15 @@ def test_visualization_predicts_tile_by_tile_like_the_submission(shallow: None) 
     torch.manual_seed(0)
     model = build_model(TINY).eval()
     image = np.random.default_rng(0).random((96, 150, 3)).astype(np.float32)
-    tiled = visualization.predict_layer(model, image, torch.device("cpu"), 0.0, tile=64)
+    tiled = visualization.predict_layer(model, image, torch.device("cpu"), 0.0, Settings(tile=64, batch_size=3))
     with torch.no_grad():
         expected = predict_images(model, [torch.from_numpy(image).permute(2, 0, 1)], Settings(tile=64))[0]
     assert len(tiled.labels) == len(tiled.boxes) == len(tiled.masks) == len(expected["scores"]) > 0
     assert np.allclose(tiled.scores, expected["scores"].numpy())
     for x0, y0, crop in tiled.masks:
         assert 0 <= x0 and 0 <= y0 and x0 + crop.shape[1] <= 150 and y0 + crop.shape[0] <= 96
-    whole = visualization.predict_layer(model, image, torch.device("cpu"), 0.0, tile=0)
-    assert len(whole.labels) == len(whole.masks) > 0
+    whole = visualization.predict_layer(model, image, torch.device("cpu"), 0.0, Settings(detections_per_img=4))
+    assert 0 < len(whole.labels) == len(whole.masks) <= 4
 
 
 def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[str]], tmp_path: Path,
