@@ -250,7 +250,8 @@ def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path) -> None
     paths = make_dataset(tmp_path, n_train=3, n_test=0, size=(48, 56), cells=(3, 6), seed=2)
     dataset = HW3TrainDataset(list_samples(paths["train_dir"]), [1, 2, 3], decode_workers=1, desc="x")
     loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_fn)
-    args = argparse.Namespace(lr=1e-4, eta_min=1e-6, use_cosine=True, warmup_epochs=0, epochs=2, use_amp=False)
+    args = argparse.Namespace(lr=1e-4, eta_min=1e-6, use_cosine=True, warmup_epochs=0, epochs=2, use_amp=False,
+                              patience=3)
     config = {**TINY, "input_scale": 2.0, "max_size": 128, "rpn_post_nms_top_n_train": 100,
               "box_batch_size_per_image": 32}
     torch.manual_seed(0)

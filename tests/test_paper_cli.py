@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 
 import cal_param
 import check_stats
+import evaluate
 import inference
 import plot_curve
 import train_effnet_v2
@@ -171,7 +172,7 @@ def test_every_readme_command_parses() -> None:
                "train_effnet_v2.py": train_effnet_v2.engine.build_parser("effnet_v2_m", ""),
                "inference.py": inference.build_parser(), "visualization.py": visualization.build_parser(),
                "cal_param.py": cal_param.build_parser(), "check_stats.py": check_stats.build_parser(),
-               "plot_curve.py": plot_curve.build_parser()}
+               "plot_curve.py": plot_curve.build_parser(), "evaluate.py": evaluate.build_parser()}
     commands = readme_commands()
     assert {c[0] for c in commands} == set(parsers) - {"train_effnet_v2.py"}, commands
     for script, *argv in commands:
