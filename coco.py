@@ -86,7 +86,7 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
     hi = torch.maximum(torch.stack([(full[:, 2] + 1).clamp(max=width), (full[:, 3] + 1).clamp(max=height)], dim=1), lo)
     counts = (hi - lo).prod(dim=1)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    data = torch.empty(0, dtype=torch.uint8, device=padded.device)
+    pieces = [torch.empty(0, dtype=torch.uint8, device=padded.device)]
     for start, stop, pixels in pixel_chunks(counts, chunk_pixels):
         owner = torch.repeat_interleave(torch.arange(start, stop, device=padded.device), counts[start:stop],
                                         output_size=pixels)
@@ -97,8 +97,8 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
         box_h = (full[owner, 3] - full[owner, 1] + 1).clamp(min=1)
         box_w = (full[owner, 2] - full[owner, 0] + 1).clamp(min=1)
         value = _bilinear(padded, owner, _source(row, box_h, padded.shape[-2]), _source(col, box_w, padded.shape[-1]))
-        data = torch.cat([data, (value > mask_thresh).to(torch.uint8)])
-    return PackedMasks(data, torch.cat([lo, hi], dim=1), offsets, (height, width))
+        pieces.append((value > mask_thresh).to(torch.uint8))
+    return PackedMasks(torch.cat(pieces), torch.cat([lo, hi], dim=1), offsets, (height, width))
 
 
 def _source(index: torch.Tensor, out_len: torch.Tensor, in_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -306,9 +306,7 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
     else:
         copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
         keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
-    source = boxes.new_tensor([jobs[k].source for k in mine], dtype=torch.int64)[
-        torch.repeat_interleave(torch.arange(len(mine), device=boxes.device),
-                                boxes.new_tensor([len(p["scores"]) for p in parts], dtype=torch.int64))]
+    source = boxes.new_tensor([job.source for job in jobs], dtype=torch.int64)[job_of]
     return {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine),
             "pool": {"boxes": boxes, "labels": labels, "source": source}}
