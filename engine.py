@@ -28,6 +28,7 @@ from coco import build_coco_gt, evaluate, matching_metrics
 from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
                          sum_across)
+from detector import check_boxes
 from ema import ModelEMA
 from inference import autocast as _autocast
 from inference import predict, predict_folder
@@ -607,7 +608,9 @@ def _log(info: DistInfo, message: str) -> None:
 
 
 def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:
-    """Images and target dicts on ``device``, packed masks included (the model reads them there)."""
+    """Images and target dicts on ``device``, packed masks included (the model reads them there);
+    boxes are checked here, on the host, where torchvision's check would cost a sync per image."""
+    check_boxes(targets)
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, PackedMasks)) else v
                 for k, v in t.items()} for t in targets]

@@ -25,6 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from detector import CellMaskRCNN, LeanRoIHeads, LeanRPN, LevelRoIAlign
 from masks import PackedMasks
 
 BACKBONES = ("resnet101", "effnet_v2_m")
@@ -178,10 +179,12 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         sizes=tuple((s,) for s in config["anchor_sizes"]),
         aspect_ratios=(tuple(config["aspect_ratios"]),) * len(config["anchor_sizes"]),
     )
-    model = MaskRCNN(
+    model = CellMaskRCNN(
         backbone,
         num_classes=config["num_classes"],
         rpn_anchor_generator=anchors,
+        box_roi_pool=LevelRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        mask_roi_pool=LevelRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2),
         rpn_pre_nms_top_n_train=config["rpn_pre_nms_top_n_train"],
         rpn_post_nms_top_n_train=config["rpn_post_nms_top_n_train"],
         rpn_pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
@@ -193,8 +196,12 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_detections_per_img=config["detections_per_img"],
     )
     model.transform = CellTransform.from_config(config)
-    model.rpn.box_similarity = PairwiseIoU
-    model.rpn.proposal_matcher = SlicedMatcher(model.rpn.proposal_matcher)
+    # torchvision's RPN and RoI heads with the same results and no per-image host syncs (detector.py):
+    # the classes add methods only, so the built modules take them as they are.
+    model.rpn.__class__, model.roi_heads.__class__ = LeanRPN, LeanRoIHeads
+    for part in (model.rpn, model.roi_heads):
+        part.box_similarity = PairwiseIoU
+        part.proposal_matcher = SlicedMatcher(part.proposal_matcher)
     if config["use_attn"]:
         from attention_modules import SpatialChannelTransformer
 

@@ -145,13 +145,14 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
 def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path) -> None:
     out = tmp_path / "syncs.json"
     host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
-                     "--json", str(out)])
+                     "--take_all", "--json", str(out)])
     payload = _written(out, "rows", "parts", "targets_met", "read_every")
     rows = {(r["variant"], r["instances"]): r for r in payload["rows"]}
     (few, many) = sorted({n for _, n in rows})
     assert rows["ours", few]["syncs_per_step"] == rows["ours", many]["syncs_per_step"]
     assert rows["before", many]["syncs_per_step"] > rows["before", few]["syncs_per_step"]  # per-instance reads
     assert rows["ours", many]["syncs_per_step"] < rows["stock", many]["syncs_per_step"]
+    assert payload["targets_met"]["ours_syncs_at_most_10"] and payload["targets_met"]["losses_equal_before"]
     assert all(r["max_loss_rel_diff_vs_before"] <= 1e-6 for r in payload["rows"] if r["variant"] == "ours")
     assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
 

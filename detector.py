@@ -1,0 +1,288 @@
+"""torchvision's Mask R-CNN training path with its host syncs taken out, same losses.
+
+torchvision's RPN, RoI heads and multi-level RoI pooling call ``nonzero`` (``torch.where(mask)``),
+boolean-mask indexing, ``unique`` and one ``nms`` per image and pyramid level: each makes the
+host wait for the GPU queue, about 40 times per training step. Here proposals are filtered by
+a few chunked NMS calls for the whole batch, the samplers draw random keys and ``topk`` with
+the counts left on the device, the losses weight their samples instead of indexing them, and
+each RoI pooling groups its RoIs by level with one read of the level counts. What is left per
+step, whatever the batch and instance counts, is marked ``host sync`` below: one per NMS chunk,
+the RPN's kept count per image, the positives count for the mask head, and one per RoI pooling.
+
+``build_model`` (model.py) swaps these classes in; inference uses the same RPN and pooling.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import nms, roi_align
+from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
+
+# Boxes per NMS call: one host sync per call, and the IoU bit mask of a call grows with its square.
+NMS_CHUNK = 8192
+
+
+class CellMaskRCNN(MaskRCNN):
+    """torchvision's Mask R-CNN; training skips its per-image degenerate-box check (a host sync
+    each), made on the host instead (``check_boxes``, called by ``engine.to_device``)."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Any]] | None = None) -> Any:
+        if not self.training or targets is None:
+            return super().forward(images, targets)
+        images, targets = self.transform(images, targets)
+        features = self.backbone(images.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, proposal_losses = self.rpn(images, features, targets)
+        _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        return {**detector_losses, **proposal_losses}
+
+
+def check_boxes(targets: list[dict[str, Any]]) -> None:
+    """torchvision's degenerate-box error, on host tensors before they go to the device."""
+    for target in targets:
+        boxes = target["boxes"]
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bad.any():
+            raise ValueError(f"image {target.get('image_id')}: box {boxes[bad][0].tolist()} has no width or height; "
+                             "every training box must have positive width and height")
+
+
+class LeanRPN(RegionProposalNetwork):
+    """torchvision's RPN: the same proposals and losses, with host syncs per NMS chunk and one
+    for the kept counts, not per image and level."""
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
+        scores = objectness[batch_idx, top_n_idx].sigmoid()
+        boxes = torch.stack([box_ops.clip_boxes_to_image(b, s)
+                             for b, s in zip(proposals[batch_idx, top_n_idx], image_shapes)])
+        sides = boxes[..., 2:] - boxes[..., :2]
+        valid = (sides >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)
+        # Dropped boxes are not removed (a sync each) but scored -inf: they sort last and never
+        # suppress a kept box, so NMS keeps exactly what it keeps without them.
+        scores = torch.where(valid, scores, -math.inf)
+        per_level = [min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
+        keep = nms_segments(boxes.reshape(-1, 4), scores.reshape(-1), per_level * num_images, self.nms_thresh)
+        return top_per_image(boxes.reshape(-1, 4), scores.reshape(-1), keep, num_images, self.post_nms_top_n())
+
+    def assign_targets_to_anchors(self, anchors: list[Tensor],
+                                  targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        labels, matched_gt_boxes = [], []
+        for anchors_per_image, target in zip(anchors, targets):
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:
+                matched_gt_boxes.append(torch.zeros_like(anchors_per_image, dtype=torch.float32))
+                labels.append(anchors_per_image.new_zeros(len(anchors_per_image), dtype=torch.float32))
+                continue
+            matched = self.proposal_matcher(self.box_similarity(gt_boxes, anchors_per_image))
+            matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
+            ignored = torch.full_like(matched, -1, dtype=torch.float32)
+            labels.append(torch.where(matched == self.proposal_matcher.BETWEEN_THRESHOLDS, ignored,
+                                      (matched >= 0).to(torch.float32)))
+        return labels, matched_gt_boxes
+
+    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor],
+                     regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        sampler = self.fg_bg_sampler
+        picked = [sample(lab, sampler.batch_size_per_image, sampler.positive_fraction) for lab in labels]
+        positive = torch.cat([p for p, _ in picked])
+        weight = (positive | torch.cat([n for _, n in picked])).to(objectness.dtype)
+        count = weight.sum().clamp(min=1)
+        labels_all = torch.cat(labels, dim=0)
+        objectness_loss = (F.binary_cross_entropy_with_logits(objectness.flatten(), labels_all, reduction="none")
+                           * weight).sum() / count
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas, torch.cat(regression_targets, dim=0), beta=1 / 9,
+                                    reduction="none").sum(dim=1)
+        # torch.where, not a product: the targets of an image without boxes hold -inf.
+        return objectness_loss, torch.where(positive, box_loss, 0.0).sum() / count
+
+
+class LeanRoIHeads(RoIHeads):
+    """torchvision's RoI heads, the same training losses: a fixed number of RoIs per image
+    (positives first, each with a loss weight) instead of a variable one found by nonzero."""
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list, dict[str, Tensor]]:
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets, weights, num_pos = \
+            self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = weighted_fastrcnn_loss(class_logits, box_regression, labels,
+                                                               regression_targets, weights)
+        positives = num_pos.tolist()  # host sync: how many RoIs per image the mask head takes
+        mask_proposals = [p[:n] for p, n in zip(proposals, positives)]
+        mask_matched = [m[:n] for m, n in zip(matched_idxs, positives)]
+        mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+        mask_logits = self.mask_predictor(mask_features)
+        loss_mask = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], mask_matched)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+    def assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor],
+                                    gt_labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        matched_idxs, labels = [], []
+        for proposals_in_image, boxes, classes in zip(proposals, gt_boxes, gt_labels):
+            if boxes.numel() == 0:
+                zeros = proposals_in_image.new_zeros(len(proposals_in_image), dtype=torch.int64)
+                matched_idxs.append(zeros)
+                labels.append(zeros)
+                continue
+            matched = self.proposal_matcher(self.box_similarity(boxes, proposals_in_image))
+            clamped = matched.clamp(min=0)
+            image_labels = torch.where(matched == self.proposal_matcher.BELOW_LOW_THRESHOLD, 0,
+                                       classes[clamped].to(torch.int64))
+            matched_idxs.append(clamped)
+            labels.append(torch.where(matched == self.proposal_matcher.BETWEEN_THRESHOLDS, -1, image_labels))
+        return matched_idxs, labels
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None) -> tuple:
+        """Each image's ``min(box_batch_size_per_image, proposals)`` RoIs: the sampled positives
+        first, then the sampled negatives, then (weight 0) whatever fills the fixed count."""
+        self.check_targets(targets)
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        proposals = self.add_gt_proposals(proposals, gt_boxes)
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, [t["labels"] for t in targets])
+        sampler = self.fg_bg_sampler
+        picked_boxes, weights, num_pos = [], [], []
+        for i, image_labels in enumerate(labels):
+            positive, negative = sample(image_labels, sampler.batch_size_per_image, sampler.positive_fraction)
+            priority = positive.to(torch.int8) * 2 + negative.to(torch.int8)
+            order = torch.argsort(priority, descending=True, stable=True)[:sampler.batch_size_per_image]
+            proposals[i], labels[i], matched_idxs[i] = proposals[i][order], image_labels[order], matched_idxs[i][order]
+            weights.append(priority[order] > 0)
+            num_pos.append(positive.sum())
+            boxes = gt_boxes[i] if gt_boxes[i].numel() else gt_boxes[i].new_zeros((1, 4))
+            picked_boxes.append(boxes[matched_idxs[i]])
+        regression_targets = self.box_coder.encode(picked_boxes, proposals)
+        return proposals, matched_idxs, labels, regression_targets, weights, torch.stack(num_pos)
+
+
+class LevelRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign, the same output, with one host sync (the RoI count of
+    each level) instead of a nonzero per level."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        levels = self.map_levels(boxes)
+        order = torch.argsort(levels, stable=True)
+        counts = torch.bincount(levels, minlength=len(features)).tolist()  # host sync: RoIs per level
+        pooled = [roi_align(feature, part, self.output_size, scale, self.sampling_ratio).to(features[0].dtype)
+                  for feature, part, scale in zip(features, rois[order].split(counts), self.scales)]
+        return torch.cat(pooled).index_select(0, torch.argsort(order))
+
+
+def sample(labels: Tensor, batch_size: int, positive_fraction: float) -> tuple[Tensor, Tensor]:
+    """Boolean masks of one image's sampled positives (label >= 1) and negatives (label 0), as
+    torchvision's BalancedPositiveNegativeSampler draws them: up to ``batch_size *
+    positive_fraction`` positives and negatives up to ``batch_size`` in all, uniformly at random,
+    by random keys and topk, so no count leaves the device."""
+    keys = torch.rand(labels.shape, device=labels.device)
+    quota = int(batch_size * positive_fraction)
+    positive = _random_subset(labels >= 1, keys, quota, quota)
+    negative = _random_subset(labels == 0, keys, batch_size, batch_size - positive.sum())
+    return positive, negative
+
+
+def _random_subset(candidates: Tensor, keys: Tensor, most: int, limit: Tensor | int) -> Tensor:
+    """A mask of up to ``limit`` (at most ``most``) random candidates."""
+    values, index = torch.where(candidates, keys, -1.0).topk(min(most, candidates.numel()))
+    take = (values >= 0) & (torch.arange(len(index), device=keys.device) < limit)
+    return torch.zeros_like(candidates).scatter(0, index, take)
+
+
+def nms_segments(boxes: Tensor, scores: Tensor, lengths: list[int], threshold: float) -> Tensor:
+    """Indices kept by NMS within each consecutive segment of ``lengths`` boxes (one image's
+    pyramid level), segments packed into calls of up to NMS_CHUNK boxes and kept apart by
+    coordinate offsets (in float64, exact at these sizes); each call's kept indices by score."""
+    keep, start = [], 0
+    for chunk in _chunks(lengths, NMS_CHUNK):
+        end = start + sum(chunk)
+        group = torch.cat([torch.full((n,), i, dtype=torch.float64, device=boxes.device) for i, n in enumerate(chunk)])
+        part = boxes[start:end].double()
+        offset = group[:, None] * (part.max() + 1)
+        keep.append(nms(part + offset, scores[start:end].double(), threshold) + start)  # host sync: the kept count
+        start = end
+    return torch.cat(keep)
+
+
+def _chunks(lengths: list[int], cap: int) -> list[list[int]]:
+    """Consecutive segment lengths grouped so that each group holds at most ``cap`` boxes (a
+    longer segment alone)."""
+    groups: list[list[int]] = [[]]
+    for n in lengths:
+        if groups[-1] and sum(groups[-1]) + n > cap:
+            groups.append([])
+        groups[-1].append(n)
+    return [g for g in groups if g]
+
+
+def top_per_image(boxes: Tensor, scores: Tensor, keep: Tensor, num_images: int,
+                  top_n: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Each image's ``top_n`` kept boxes by score (the flat index // boxes per image is the
+    image), dropping -inf scores: torchvision's per-image order and cut."""
+    per_image = len(boxes) // num_images
+    kept_scores = scores[keep]
+    order = torch.argsort(kept_scores, descending=True, stable=True)
+    image = keep[order] // per_image
+    by_image = torch.argsort(image, stable=True)
+    order, image = order[by_image], image[by_image]
+    rank = torch.arange(len(order), device=boxes.device) - torch.searchsorted(image, image)
+    taken = (rank < top_n) & (kept_scores[order] > -math.inf)
+    images = torch.arange(num_images, device=boxes.device)
+    starts = torch.searchsorted(image, images)
+    counts = torch.zeros(num_images, dtype=torch.int64, device=boxes.device).index_add_(0, image, taken.long())
+    bounds = torch.stack([starts, counts], dim=1).tolist()  # host sync: each image's proposal count
+    picked = [keep[order[s:s + n]] for s, n in bounds]
+    return [boxes[p] for p in picked], [scores[p] for p in picked]
+
+
+def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
+                           regression_targets: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """torchvision's fastrcnn_loss over the RoIs of weight 1 (mean classification loss, box loss
+    summed over positives per sampled RoI), computed on all RoIs without indexing them."""
+    labels_all, weight = torch.cat(labels), torch.cat(weights)
+    count = weight.sum().clamp(min=1)
+    classes = labels_all.clamp(min=0)
+    ce = F.cross_entropy(class_logits, classes, reduction="none")
+    classification = torch.where(weight, ce, 0.0).sum() / count
+    rows = torch.arange(len(classes), device=classes.device)
+    predicted = box_regression.reshape(len(classes), -1, 4)[rows, classes]
+    box = F.smooth_l1_loss(predicted, torch.cat(regression_targets), beta=1 / 9, reduction="none").sum(dim=1)
+    return classification, torch.where(weight & (labels_all > 0), box, 0.0).sum() / count
+
+
+def use_torchvision_detector(model: MaskRCNN) -> None:
+    """Back to torchvision's own classes and matchers on a built model: the baseline of side-by-
+    side benchmarks and equality tests (same weights, same results, its host syncs)."""
+    from torchvision.models.detection._utils import Matcher
+
+    model.__class__ = MaskRCNN
+    model.rpn.__class__, model.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
+    model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = MultiScaleRoIAlign
+    for part in (model.rpn, model.roi_heads):
+        matcher = part.proposal_matcher
+        part.proposal_matcher = Matcher(matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches)
+        part.box_similarity = box_ops.box_iou

@@ -1,0 +1,164 @@
+"""detector.py: torchvision's training path without host syncs gives torchvision's results."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.ops import MultiScaleRoIAlign
+
+from detector import (LevelRoIAlign, _chunks, check_boxes, nms_segments, sample, top_per_image,
+                      use_torchvision_detector)
+from model import build_model
+
+# Every candidate sampled: the random draws of torchvision and ours then pick the same sets.
+TAKE_ALL = {"rpn_batch_size_per_image": 10 ** 6, "box_batch_size_per_image": 10 ** 6}
+CONFIG = {"weights": "none", "input_scale": 2.0, "max_size": 256, "rpn_post_nms_top_n_train": 300,
+          "rpn_pre_nms_top_n_train": 600, "rpn_pre_nms_top_n_test": 600, "rpn_post_nms_top_n_test": 300}
+
+
+def _boxes(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * (size - 24)
+    wh = 4 + torch.rand(n, 2, generator=generator) * 20
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _batch(generator: torch.Generator, counts: tuple[int, ...]) -> tuple[list, list]:
+    """Images of 64x72 with ``counts`` filled boxes each (0: an image without instances)."""
+    images, targets = [], []
+    for n in counts:
+        boxes = _boxes(n, 64, generator).floor()
+        masks = torch.zeros(n, 64, 72, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[i, y1:y2, x1:x2] = 1
+        images.append(torch.rand(3, 64, 72, generator=generator))
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 5, (n,), generator=generator), "masks": masks})
+    return images, targets
+
+
+def _losses(model: torch.nn.Module, images: list, targets: list) -> tuple[dict, dict]:
+    """Losses and parameter gradients of one training forward and backward."""
+    torch.manual_seed(0)
+    losses = model(images, copy.deepcopy(targets))
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("counts", [(6,), (9, 0)])
+def test_training_losses_and_gradients_equal_torchvision(counts: tuple[int, ...], shallow: None) -> None:
+    torch.manual_seed(0)
+    ours = build_model({**CONFIG, **TAKE_ALL}).train()
+    stock = copy.deepcopy(ours)
+    use_torchvision_detector(stock)
+    images, targets = _batch(torch.Generator().manual_seed(len(counts)), counts)
+    (mine, my_grads), (theirs, their_grads) = _losses(ours, images, targets), _losses(stock, images, targets)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for name, grad in their_grads.items():
+        assert torch.allclose(my_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_proposals_equal_torchvision_for_a_batch(shallow: None) -> None:
+    torch.manual_seed(0)
+    ours = build_model(CONFIG).eval()
+    stock = copy.deepcopy(ours)
+    use_torchvision_detector(stock)
+    images, _ = _batch(torch.Generator().manual_seed(3), (1, 1, 1))
+    with torch.no_grad():
+        batch, _ = ours.transform(images)
+        features = ours.backbone(batch.tensors)
+        mine, _ = ours.rpn(batch, features)
+        theirs, _ = stock.rpn(batch, features)
+    assert [len(b) for b in mine] == [len(b) for b in theirs]
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_level_pooling_equals_torchvision_with_gradients() -> None:
+    generator = torch.Generator().manual_seed(0)
+    names = ["0", "1", "2", "3"]
+    features = {n: torch.rand(2, 8, 64 >> i, 48 >> i, generator=generator, requires_grad=True)
+                for i, n in enumerate(names)}
+    boxes = [_boxes(40, 192, generator), _boxes(0, 192, generator), _boxes(25, 192, generator) * 0.2]
+    boxes[2][:5] *= 5  # some RoIs on every level
+    shapes = [(256, 192)] * 3
+    features = {n: f[:1].expand(3, -1, -1, -1) for n, f in features.items()}
+    outputs = []
+    for pool in (LevelRoIAlign(names, 7, 2), MultiScaleRoIAlign(names, 7, 2)):
+        out = pool(features, boxes, shapes)
+        grads = torch.autograd.grad(out.square().sum(), [features[n] for n in names])
+        outputs.append((out, grads))
+    (mine, my_grads), (theirs, their_grads) = outputs
+    assert mine.shape == (65, 8, 7, 7)
+    assert torch.equal(mine, theirs)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(my_grads, their_grads))
+
+
+@pytest.mark.parametrize("positives,negatives,ignored", [(300, 5000, 100), (10, 40, 7), (0, 20, 0), (50, 0, 3)])
+def test_sampler_counts_equal_torchvision(positives: int, negatives: int, ignored: int) -> None:
+    labels = torch.cat([torch.randint(1, 5, (positives,)), torch.zeros(negatives, dtype=torch.int64),
+                        torch.full((ignored,), -1)])
+    labels = labels[torch.randperm(len(labels))]
+    torch.manual_seed(0)
+    pos, neg = sample(labels, 256, 0.25)
+    stock_pos, stock_neg = BalancedPositiveNegativeSampler(256, 0.25)([labels])
+    assert int(pos.sum()) == int(stock_pos[0].sum()) and int(neg.sum()) == int(stock_neg[0].sum())
+    assert bool((labels[pos] >= 1).all()) and bool((labels[neg] == 0).all())
+    torch.manual_seed(1)
+    again, _ = sample(labels, 256, 0.25)
+    assert positives <= 64 or not torch.equal(pos, again)  # a random draw, not the first candidates
+
+
+def test_nms_segments_keep_what_nms_per_segment_keeps() -> None:
+    from torchvision.ops import nms
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = [300, 120, 300, 5]
+    boxes = _boxes(sum(lengths), 96, generator)
+    scores = torch.rand(len(boxes), generator=generator)
+    scores[::7] = -torch.inf
+    expected, start = [], 0
+    for n in lengths:
+        expected.append(nms(boxes[start:start + n], scores[start:start + n], 0.5) + start)
+        start += n
+    import detector
+
+    for cap in (100, 10_000):
+        detector.NMS_CHUNK, saved = cap, detector.NMS_CHUNK
+        try:
+            kept = nms_segments(boxes, scores, lengths, 0.5)
+        finally:
+            detector.NMS_CHUNK = saved
+        assert sorted(kept.tolist()) == sorted(torch.cat(expected).tolist())
+    assert _chunks([300, 120, 300, 5], 500) == [[300, 120], [300, 5]]
+
+
+def test_top_per_image_orders_and_cuts_each_image() -> None:
+    boxes = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    scores = torch.tensor([0.1, 0.9, -torch.inf, 0.5, 0.7, 0.3])
+    kept, kept_scores = top_per_image(boxes, scores, torch.tensor([4, 1, 0, 2, 3, 5]), 2, 2)
+    assert torch.equal(kept_scores[0], scores[[1, 0]]) and torch.equal(kept_scores[1], scores[[4, 3]])
+    assert torch.equal(kept[0], boxes[[1, 0]]) and torch.equal(kept[1], boxes[[4, 3]])
+
+
+def test_degenerate_boxes_are_refused_on_the_host() -> None:
+    check_boxes([{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "image_id": 1}])
+    with pytest.raises(ValueError, match="image 7: box"):
+        check_boxes([{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 3.0, 2.0, 5.0]]), "image_id": 7}])
+
+
+def test_a_training_step_reads_the_device_a_fixed_number_of_times(shallow: None) -> None:
+    from benchmarks.host_syncs import SyncCounter
+
+    model = build_model(CONFIG).train()
+    images, targets = _batch(torch.Generator().manual_seed(0), (1, 1))
+    model(images, targets)  # the poolers work out their scales once, on the first call
+    counts = []
+    for cells in ((3, 2), (30, 25)):
+        images, targets = _batch(torch.Generator().manual_seed(0), cells)
+        with SyncCounter(torch.device("cpu")) as counter:
+            sum(model(images, targets).values()).backward()
+        counts.append(counter.total())
+    assert counts[0] == counts[1] <= 6  # 1 NMS chunk, RPN counts, 2 poolings, positives
