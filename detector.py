@@ -100,7 +100,7 @@ class LeanRPN(RegionProposalNetwork):
         sampler = self.fg_bg_sampler
         picked = [sample(lab, sampler.batch_size_per_image, sampler.positive_fraction) for lab in labels]
         positive = torch.cat([p for p, _ in picked])
-        weight = (positive | torch.cat([n for _, n in picked])).to(objectness.dtype)
+        weight = (positive | torch.cat([n for _, n in picked])).float()
         count = weight.sum().clamp(min=1)
         labels_all = torch.cat(labels, dim=0)
         objectness_loss = (F.binary_cross_entropy_with_logits(objectness.flatten(), labels_all, reduction="none")

@@ -47,9 +47,9 @@ RESULT_MARK = "DDP_RESULT "
 # (the defaults on a GPU, tiny ones for the dry run).
 SIZES = {
     "gpu": {"train_size": 256, "cells": 300, "steps": 5, "test_images": 4, "test_size": 1000, "test_cells": 300,
-            "sync_counts": [100, 400, 800], "sync_size": 256, "rois": [], "config": {}},
+            "sync_counts": [100, 400, 800], "sync_size": 256, "rois": [], "config": {}, "warmup": 1},
     "dry": {"train_size": 40, "cells": 4, "steps": 1, "test_images": 1, "test_size": 40, "test_cells": 4,
-            "sync_counts": [3, 6], "sync_size": 40,
+            "sync_counts": [3], "sync_size": 40, "warmup": 0,
             "rois": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16"],
             "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
                        "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10}},
@@ -131,7 +131,8 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
     opt = _optimisation(model, use_amp)
     meter = engine.EpochMeter()
     images, targets = [image, image], [target, target]  # the default --batch_size 2
-    engine.train_step(model, images, targets, opt, meter, device, use_amp)  # warm-up: cuDNN picks its kernels
+    for _ in range(sizes["warmup"]):  # cuDNN picks its kernels
+        engine.train_step(model, images, targets, opt, meter, device, use_amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = [timed(lambda: engine.train_step(model, images, targets, opt, meter, device, use_amp), device)[1]

@@ -48,7 +48,7 @@ def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path) -> None:
     assert payload["isolated"]
 
 
-def test_inference_plain_loop_and_ours_identical(tmp_path: Path) -> None:
+def test_inference_plain_loop_and_ours_identical(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "inference.json"
     inference.main(["--images", "2", "--size", "96", "96", "--cells", "10", "--detections_per_img", "15",
                     "--rpn_post_nms_top_n_test", "100", "--batch_sizes", "1", "--amp", "off", "--device", "cpu",
@@ -98,7 +98,7 @@ def test_postprocess_ours_keeps_the_cap_and_the_baseline_runs(tmp_path: Path) ->
         assert 0 < row["ours_kept"] <= 30 < row["baseline_kept"]  # the old path had no per-image cap
 
 
-def test_step_time_rows_and_ratios(tmp_path: Path) -> None:
+def test_step_time_rows_and_ratios(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "step.json"
     step_time.main(["--size", "64", "64", "--cells", "6", "--backbones", "resnet101", "--attn", "both",
                     "--warmup", "0", "--steps", "1", "--device", "cpu", *TINY_ROIS, "--json", str(out)])
@@ -142,7 +142,7 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
 
 
-def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path) -> None:
+def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "syncs.json"
     host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
                      "--take_all", "--json", str(out)])
@@ -157,7 +157,7 @@ def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path) 
     assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
 
 
-def test_gpu_check_dry_run_runs_every_section(tmp_path: Path) -> None:
+def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "gpu_check.json"
     gpu_check.main(["--dry_run", "--json", str(out)])
     payload = json.loads(out.read_text())

@@ -236,7 +236,7 @@ class _NanAt(nn.Module):
         return losses
 
 
-def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path) -> None:
+def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow: None) -> None:
     """train_one_epoch (losses read every READ_EVERY steps, fused AdamW skipping on a device
     flag) against the loop as it was (seven reads and a finiteness check per step, foreach
     AdamW), from the same weights and seed, a NaN step included: same sums to 1e-6."""
