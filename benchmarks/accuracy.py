@@ -89,12 +89,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 start = time.time()
                 out = root / f"{name}_{seed}"
                 rows = train_once(args, CONFIGS[name], seed, out)
-                rows.update(score_posts(out, args, name))
+                rows.update(score_posts([out], args, name))
                 for label, row in rows.items():
                     row["seconds"] = round(time.time() - start, 1)
                     runs.setdefault(label, []).append(row)
                     print(f"{label} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS), flush=True)
                 result = summarise(runs, args)  # after every run: hours of training survive a later crash
+            if args.ensemble and len(args.seeds) > 1:
+                rows = score_posts([root / f"{name}_{seed}" for seed in args.seeds], args, f"{name}+ensemble")
+                for label, row in rows.items():
+                    runs.setdefault(label, []).append(row)
+                    print(f"{label}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS), flush=True)
+                result = summarise(runs, args)
     print_table(result["mean"], result["std"], args)
     return result
 
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--post", nargs="*", choices=POST, default=[],
                         help="inference-time additions scored on each run's final weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also score each configuration's runs of all --seeds as one checkpoint ensemble "
+                             "(inference.py --checkpoint A B), under every --post variant")
     parser.add_argument("--split_seed", type=int, default=0, help="one held-out split for every run")
     parser.add_argument("--val_split", type=float, default=0.3, help="held-out share (3 of 10 CPM-15 images)")
     parser.add_argument("--backbone", choices=("resnet", "effnet"), default="resnet")
@@ -166,22 +175,23 @@ def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -
     return saved == expected and state.get("epoch") == args["epochs"] and not state.get("partial")
 
 
-def score_posts(out: Path, args: argparse.Namespace, name: str) -> dict[str, dict[str, float]]:
-    """Held-out metrics of the run's final raw weights under each ``--post`` variant; the
-    held-out labels and the model are loaded once for all of them."""
+def score_posts(outs: list[Path], args: argparse.Namespace, name: str) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the final raw weights of the runs ``outs`` (one run, or several as an
+    ensemble) under each ``--post`` variant; the held-out labels and the models are loaded once
+    for all of them. Every run shares the split (``--split_seed``)."""
     if not args.post:
         return {}
-    split = json.loads((out / "split.json").read_text())
+    split = json.loads((outs[0] / "split.json").read_text())
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     val = [p for p in samples if p.name in set(split["val"])]
     dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
     coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
-    model, _, _ = load_model(out / "last.pth")
+    models = [load_model(out / "last.pth")[0] for out in outs]
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {}
     for post in args.post:
-        results = predict(model, loader, torch.device("cpu"), False, desc=f"held-out {post}",
+        results = predict(models, loader, torch.device("cpu"), False, desc=f"held-out {post}",
                           **post_settings(post, args.crop))
         metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets)
         rows[f"{name}+{post}"] = {m: float(metrics[m]) for m in METRICS}

@@ -1,6 +1,7 @@
 """Shared fixtures: the repo root on sys.path and small generated datasets in the real formats."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from synthetic import make_dataset  # noqa: E402
 from shallow import shallow_resnet  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (pytest.ini's ``-n``), each worker gets its share of the cores, and so
+    do the processes its tests start: more threads than cores make every test slower."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

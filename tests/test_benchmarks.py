@@ -142,6 +142,20 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
 
 
+def test_accuracy_scores_an_ensemble_of_the_seeds(tmp_path: Path, shallow: None) -> None:
+    from benchmarks import accuracy
+    from synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_train=3, n_test=0, size=(64, 72), cells=(3, 5), seed=6)
+    result = accuracy.main(["--train_dir", str(data["train_dir"]), "--configs", "cells", "--seeds", "0", "1",
+                            "--epochs", "1", "--crop", "48", "--post", "tile", "--ensemble", "--ema_decay", "0",
+                            "--json", str(tmp_path / "a.json"), "--extra", "--min_size", "64", "--max_size", "128",
+                            "--detections_per_img", "20", "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
+    assert set(result["mean"]) == {"cells", "cells+tile", "cells+ensemble+tile"}
+    assert len(result["runs"]["cells+tile"]) == 2 and len(result["runs"]["cells+ensemble+tile"]) == 1
+    assert 0.0 <= result["mean"]["cells+ensemble+tile"]["segm_AP50"] <= 1.0
+
+
 def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "syncs.json"
     host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
