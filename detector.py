@@ -8,8 +8,10 @@ the counts left on the device, the losses weight their samples instead of indexi
 each RoI pooling groups its RoIs by level with one read of the level counts. What is left per
 step, whatever the batch and instance counts, is marked ``host sync`` below: one per NMS chunk,
 the RPN's kept count per image, the positives count for the mask head, and one per RoI pooling.
+Prediction uses the same RPN and pooling, and the box head's detections of a whole batch (tiles
+and views) come from the same chunked NMS.
 
-``build_model`` (model.py) swaps these classes in; inference uses the same RPN and pooling.
+``build_model`` (model.py) swaps these classes in.
 """
 from __future__ import annotations
 
@@ -76,8 +78,11 @@ class LeanRPN(RegionProposalNetwork):
         # suppress a kept box, so NMS keeps exactly what it keeps without them.
         scores = torch.where(valid, scores, -math.inf)
         per_level = [min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
-        keep = nms_segments(boxes.reshape(-1, 4), scores.reshape(-1), per_level * num_images, self.nms_thresh)
-        return top_per_image(boxes.reshape(-1, 4), scores.reshape(-1), keep, num_images, self.post_nms_top_n())
+        boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
+        keep = nms_segments(boxes, scores, per_level * num_images, self.nms_thresh)
+        image_of = batch_idx.expand(num_images, top_n_idx.shape[1]).reshape(-1)
+        picked = top_per_image(scores, keep, image_of, num_images, self.post_nms_top_n())
+        return [boxes[p] for p in picked], [scores[p] for p in picked]
 
     def assign_targets_to_anchors(self, anchors: list[Tensor],
                                   targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
@@ -133,6 +138,29 @@ class LeanRoIHeads(RoIHeads):
         loss_mask = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
                                   [t["labels"] for t in targets], mask_matched)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                               image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's detections (score threshold, per-class NMS, the best ``detections_per_img``)
+        for the whole batch at once: the NMS calls of ``nms_segments`` and one count read, not
+        about ten syncs per image (each tile and view when predicting)."""
+        counts = [len(p) for p in proposals]
+        classes = class_logits.shape[-1]
+        boxes, scores = [], []
+        for b, s, shape in zip(self.box_coder.decode(box_regression, proposals).split(counts),
+                               F.softmax(class_logits, -1).split(counts), image_shapes):
+            # class-major, without the background: one NMS segment per image and class
+            boxes.append(box_ops.clip_boxes_to_image(b, shape)[:, 1:].transpose(0, 1).reshape(-1, 4))
+            scores.append(s[:, 1:].transpose(0, 1).reshape(-1))
+        boxes, scores = torch.cat(boxes), torch.cat(scores)
+        sides = boxes[:, 2:] - boxes[:, :2]
+        scores = torch.where((scores > self.score_thresh) & (sides >= 1e-2).all(dim=1), scores, -math.inf)
+        keep = nms_segments(boxes, scores, [n for n in counts for _ in range(classes - 1)], self.nms_thresh)
+        device = class_logits.device
+        image_of = torch.cat([torch.full((n * (classes - 1),), i, device=device) for i, n in enumerate(counts)])
+        labels = torch.cat([torch.arange(1, classes, device=device).repeat_interleave(n) for n in counts])
+        picked = top_per_image(scores, keep, image_of, len(counts), self.detections_per_img)
+        return [boxes[p] for p in picked], [scores[p] for p in picked], [labels[p] for p in picked]
 
     def assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor],
                                     gt_labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -217,9 +245,11 @@ def nms_segments(boxes: Tensor, scores: Tensor, lengths: list[int], threshold: f
     """Indices kept by NMS within each consecutive segment of ``lengths`` boxes (one image's
     pyramid level), segments packed into calls of up to NMS_CHUNK boxes and kept apart by
     coordinate offsets (in float64, exact at these sizes); each call's kept indices by score."""
-    keep, start = [], 0
+    keep, start = [boxes.new_zeros(0, dtype=torch.int64)], 0
     for chunk in _chunks(lengths, NMS_CHUNK):
         end = start + sum(chunk)
+        if end == start:
+            continue
         group = torch.cat([torch.full((n,), i, dtype=torch.float64, device=boxes.device) for i, n in enumerate(chunk)])
         part = boxes[start:end].double()
         offset = group[:, None] * (part.max() + 1)
@@ -239,24 +269,20 @@ def _chunks(lengths: list[int], cap: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def top_per_image(boxes: Tensor, scores: Tensor, keep: Tensor, num_images: int,
-                  top_n: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Each image's ``top_n`` kept boxes by score (the flat index // boxes per image is the
-    image), dropping -inf scores: torchvision's per-image order and cut."""
-    per_image = len(boxes) // num_images
+def top_per_image(scores: Tensor, keep: Tensor, image_of: Tensor, num_images: int, top_n: int) -> list[Tensor]:
+    """Each image's ``top_n`` best indices among ``keep`` (flat indices of boxes of image
+    ``image_of``), best first, without -inf scores: torchvision's per-image order and cut."""
     kept_scores = scores[keep]
     order = torch.argsort(kept_scores, descending=True, stable=True)
-    image = keep[order] // per_image
+    image = image_of[keep[order]]
     by_image = torch.argsort(image, stable=True)
     order, image = order[by_image], image[by_image]
-    rank = torch.arange(len(order), device=boxes.device) - torch.searchsorted(image, image)
+    rank = torch.arange(len(order), device=scores.device) - torch.searchsorted(image, image)
     taken = (rank < top_n) & (kept_scores[order] > -math.inf)
-    images = torch.arange(num_images, device=boxes.device)
-    starts = torch.searchsorted(image, images)
-    counts = torch.zeros(num_images, dtype=torch.int64, device=boxes.device).index_add_(0, image, taken.long())
-    bounds = torch.stack([starts, counts], dim=1).tolist()  # host sync: each image's proposal count
-    picked = [keep[order[s:s + n]] for s, n in bounds]
-    return [boxes[p] for p in picked], [scores[p] for p in picked]
+    starts = torch.searchsorted(image, torch.arange(num_images, device=scores.device))
+    counts = torch.zeros(num_images, dtype=torch.int64, device=scores.device).index_add_(0, image, taken.long())
+    bounds = torch.stack([starts, counts], dim=1).tolist()  # host sync: each image's count
+    return [keep[order[start:start + n]] for start, n in bounds]
 
 
 def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],

@@ -74,6 +74,17 @@ def test_proposals_equal_torchvision_for_a_batch(shallow: None) -> None:
         theirs, _ = stock.rpn(batch, features)
     assert [len(b) for b in mine] == [len(b) for b in theirs]
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    with torch.no_grad():
+        mine, theirs = ours(images), stock(images)
+    for a, b in zip(mine, theirs):  # the same detections, in the same order up to ties of score
+        assert torch.equal(a["scores"], b["scores"]) and len(a["scores"])
+        assert sorted(_rows(a)) == sorted(_rows(b))
+
+
+def _rows(detections: dict) -> list[tuple]:
+    return [(s, lab, *box, m) for s, lab, box, m in zip(detections["scores"].tolist(), detections["labels"].tolist(),
+                                                       detections["boxes"].tolist(),
+                                                       detections["masks"].flatten(1).sum(1).tolist())]
 
 
 def test_level_pooling_equals_torchvision_with_gradients() -> None:
@@ -136,11 +147,28 @@ def test_nms_segments_keep_what_nms_per_segment_keeps() -> None:
 
 
 def test_top_per_image_orders_and_cuts_each_image() -> None:
-    boxes = torch.arange(24, dtype=torch.float32).reshape(6, 4)
     scores = torch.tensor([0.1, 0.9, -torch.inf, 0.5, 0.7, 0.3])
-    kept, kept_scores = top_per_image(boxes, scores, torch.tensor([4, 1, 0, 2, 3, 5]), 2, 2)
-    assert torch.equal(kept_scores[0], scores[[1, 0]]) and torch.equal(kept_scores[1], scores[[4, 3]])
-    assert torch.equal(kept[0], boxes[[1, 0]]) and torch.equal(kept[1], boxes[[4, 3]])
+    image_of = torch.tensor([0, 0, 0, 1, 1, 1])
+    picked = top_per_image(scores, torch.tensor([4, 1, 0, 2, 3, 5]), image_of, 3, 2)
+    assert [p.tolist() for p in picked] == [[1, 0], [4, 3], []]
+
+
+def test_detections_of_a_batch_equal_torchvision_per_image() -> None:
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    torch.manual_seed(0)
+    model = build_model({**CONFIG, "detections_per_img": 40, "box_score_thresh": 0.05}).eval()
+    heads = model.roi_heads
+    generator = torch.Generator().manual_seed(1)
+    proposals = [_boxes(300, 120, generator), _boxes(0, 120, generator), _boxes(90, 120, generator)]
+    logits = torch.randn(390, 5, generator=generator) * 3
+    regression = torch.randn(390, 20, generator=generator)
+    shapes = [(100, 120), (64, 64), (120, 90)]
+    mine = heads.postprocess_detections(logits, regression, proposals, shapes)
+    theirs = RoIHeads.postprocess_detections(heads, logits, regression, proposals, shapes)
+    for part, (a, b) in enumerate(zip(mine, theirs)):
+        assert [len(x) for x in a] == [len(x) for x in b] and len(a[0]) == 40 and len(a[1]) == 0
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), part
 
 
 def test_degenerate_boxes_are_refused_on_the_host() -> None:
