@@ -47,10 +47,10 @@ RESULT_MARK = "DDP_RESULT "
 # (the defaults on a GPU, tiny ones for the dry run).
 SIZES = {
     "gpu": {"train_size": 256, "cells": 300, "steps": 5, "test_images": 4, "test_size": 1000, "test_cells": 300,
-            "sync_counts": [100, 400, 800], "sync_size": 256, "rois": [], "config": {}, "warmup": 1},
+            "sync_counts": [100, 400, 800], "sync_size": 256, "rois": ["--predict_size", "384"], "config": {}, "warmup": 1},
     "dry": {"train_size": 40, "cells": 4, "steps": 1, "test_images": 1, "test_size": 40, "test_cells": 4,
             "sync_counts": [3], "sync_size": 40, "warmup": 0,
-            "rois": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16"],
+            "rois": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16", "--predict_size", "64"],
             "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
                        "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10}},
 }
@@ -225,6 +225,7 @@ def syncs(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, A
     keep = ("instances", "variant", "syncs_per_step", "ops_per_step", "syncs_by_kind", "step_s", "time_vs_before",
             "max_loss_rel_diff_vs_before")
     return {"rows": [{k: r[k] for k in keep} for r in payload["rows"]], "parts": payload["parts"],
+            "prediction": payload["prediction"],
             "targets_met": payload["targets_met"], "sites_ours": payload["rows"][-1]["sites"]}
 
 

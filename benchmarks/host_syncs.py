@@ -55,10 +55,11 @@ from benchmarks.common import (base_parser, environment, print_table, ratio, see
                                timed, write_results)
 from benchmarks.train_memory import use_stock_path  # noqa: E402
 from detector import use_torchvision_detector  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples  # noqa: E402
+from dataloader import HW3TrainDataset, list_samples, read_image  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from model import STOCK_PROJECT_MASKS, build_model, project_masks_on_boxes  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
+from tiling import tile_grid  # noqa: E402
 
 NAME = "host_syncs"
 VARIANTS = ("stock", "before", "ours")
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part_reps", type=int, default=20, help="interleaved calls of each mask function alone")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000)
     parser.add_argument("--box_batch_size_per_image", type=int, default=512)
+    parser.add_argument("--predict_size", type=int, default=384,
+                        help="also count the syncs of predicting one generated image of this side at "
+                             "inference.py's defaults (tiles of 256 px x 4 flips), ours vs torchvision's detector (0: skip)")
     parser.add_argument("--take_all", action="store_true",
                         help="sample every RPN and RoI candidate: torchvision's samplers and ours then pick the same "
                              "sets, so the losses must agree (by default each draws its own random subset)")
@@ -103,7 +107,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             sample = _sample(args, Path(tmp), count)
             rows.extend(measure_count(sample, args, device))
             parts.append(measure_parts(sample, args, device))
+        prediction = measure_prediction(args, device, Path(tmp)) if args.predict_size else []
     payload = summarize(args, device, rows, parts)
+    payload["prediction"] = prediction
+    if prediction:
+        print_table(f"predicting one {args.predict_size}x{args.predict_size} image, inference.py defaults", prediction,
+                    ["detector", "views", "syncs_per_image", "syncs_per_view", "ops", "seconds", "detections"])
+    write_results(args, NAME, payload)
     write_results(args, NAME, payload)
     return payload
 
@@ -139,6 +149,35 @@ def measure_count(sample: Path, args: argparse.Namespace, device: torch.device) 
         row["time_vs_before"] = ratio(row["step_s"], rows["before"]["step_s"]) if "before" in rows else None
         row["max_loss_rel_diff_vs_before"] = _loss_diff(row, rows.get("before"))
     return list(rows.values())
+
+
+def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path) -> list[dict[str, Any]]:
+    """Syncs of ``inference.predict_images`` on one image at inference.py's defaults (256 px
+    tiles, the 4 flips, batches of 4 views), with detector.py and with torchvision's detector,
+    from the same random weights (which detect the most: every view's full cap)."""
+    from inference import Settings, TTA_SCALES, predict_images
+
+    paths = make_dataset(tmp / "predict", n_train=0, n_test=1, size=(args.predict_size,) * 2, cells=(40, 41),
+                         seed=args.seed)
+    image = torch.from_numpy(read_image(next(paths["test_dir"].glob("*.tif")))).permute(2, 0, 1)
+    settings = Settings(tile=256, tta_scales=TTA_SCALES, batch_size=4)
+    seed_all(args.seed)
+    ours = build_model({"backbone": args.backbone, "weights": "none"}).to(device).eval()
+    stock = copy.deepcopy(ours)
+    use_torchvision_detector(stock)
+    rows = []
+    for name, model in (("torchvision", stock), ("ours", ours)):
+        with torch.no_grad():
+            predict_images([model], [image.to(device)], settings)  # warm-up: the poolers' scales
+            with SyncCounter(device) as counter:
+                start = time.perf_counter()
+                merged = predict_images([model], [image.to(device)], settings)
+                seconds = time.perf_counter() - start
+        views = len(tile_grid(args.predict_size, args.predict_size, 256, 0.25)) * 4
+        rows.append({"detector": name, "views": views, "syncs_per_image": counter.total(),
+                     "syncs_per_view": counter.total() / views, "ops": counter.ops, "seconds": seconds,
+                     "detections": len(merged[0]["scores"]), "sites": counter.top_sites()})
+    return rows
 
 
 def measure_parts(sample: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

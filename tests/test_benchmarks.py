@@ -159,7 +159,7 @@ def test_accuracy_scores_an_ensemble_of_the_seeds(tmp_path: Path, shallow: None)
 def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "syncs.json"
     host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
-                     "--take_all", "--json", str(out)])
+                     "--take_all", "--predict_size", "96", "--json", str(out)])
     payload = _written(out, "rows", "parts", "targets_met", "read_every")
     rows = {(r["variant"], r["instances"]): r for r in payload["rows"]}
     (few, many) = sorted({n for _, n in rows})
@@ -167,6 +167,9 @@ def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, 
     assert rows["before", many]["syncs_per_step"] > rows["before", few]["syncs_per_step"]  # per-instance reads
     assert rows["ours", many]["syncs_per_step"] < rows["stock", many]["syncs_per_step"]
     assert payload["targets_met"]["ours_syncs_at_most_10"] and payload["targets_met"]["losses_equal_before"]
+    stock, ours = payload["prediction"]
+    assert (stock["detector"], ours["detector"]) == ("torchvision", "ours") and ours["views"] == 4
+    assert ours["syncs_per_image"] < stock["syncs_per_image"] and ours["detections"] == stock["detections"] > 0
     assert all(r["max_loss_rel_diff_vs_before"] <= 1e-6 for r in payload["rows"] if r["variant"] == "ours")
     assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
 
