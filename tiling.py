@@ -95,7 +95,7 @@ def greedy_mask_merge(masks: PackedMasks, labels: torch.Tensor, key: torch.Tenso
         box_inter = side.clamp(min=0).prod(dim=1)
         box_area = (boxes[second, 2:] - boxes[second, :2]).prod(dim=1)
         dup |= cut[second] & (box_inter > match_thresh * box_area)
-    return _greedy_keep(len(labels), first[dup], second[dup], labels.device)
+    return _greedy_keep(len(labels), first, second, dup)
 
 
 def take(masks: PackedMasks, index: torch.Tensor) -> PackedMasks:
@@ -154,26 +154,30 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor) -
     earlier = (key[:, None] > key[None, :]) | ((key[:, None] == key[None, :])
                                                 & (torch.arange(len(key), device=key.device)[:, None]
                                                    < torch.arange(len(key), device=key.device)[None, :]))
+    # host sync: how many pairs there are (once per image)
     first, second = (hit & earlier & (labels[:, None] == labels[None, :])).nonzero(as_tuple=True)
     return first, second
 
 
-def _greedy_keep(n: int, src: torch.Tensor, dst: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The outcome of a greedy pass where ``src[p]`` (earlier) drops ``dst[p]`` if kept,
-    resolved in rounds instead of one detection at a time: a detection whose rivals are all
-    dropped is kept, one with a kept rival is dropped. Each round settles at least the
+def _greedy_keep(n: int, src: torch.Tensor, dst: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The outcome of a greedy pass where ``src[p]`` (earlier) drops ``dst[p]`` if kept and
+    ``live[p]``, resolved in rounds instead of one detection at a time: a detection whose rivals
+    are all dropped is kept, one with a kept rival is dropped. Each round settles at least the
     earliest open detection, and chains of duplicates are short, so rounds are few."""
-    state = torch.zeros(n, dtype=torch.int8, device=device)  # 0 open, 1 kept, -1 dropped
+    state = torch.zeros(n, dtype=torch.int8, device=live.device)  # 0 open, 1 kept, -1 dropped
     for _ in range(n + 1):
-        dropped = torch.zeros(n, dtype=torch.bool, device=device)
-        dropped[dst[state[src] == 1]] = True
-        state[(state == 0) & dropped] = -1
-        blocked = torch.zeros(n, dtype=torch.bool, device=device)
-        blocked[dst[state[src] == 0]] = True
-        state[(state == 0) & ~blocked] = 1
+        dropped = _any_into(n, dst, live & (state[src] == 1))
+        state = torch.where((state == 0) & dropped, -1, state)
+        blocked = _any_into(n, dst, live & (state[src] == 0))
+        state = torch.where((state == 0) & ~blocked, 1, state)
         if not bool((state == 0).any()):  # host sync: one per round
             break
     return state == 1
+
+
+def _any_into(n: int, index: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """out[i] = any(flags[p] for index[p] == i), by a scatter (a boolean-mask write would sync)."""
+    return torch.zeros(n, dtype=torch.int32, device=flags.device).index_add_(0, index, flags.int()) > 0
 
 
 def _starts(length: int, tile: int, overlap: float) -> list[int]:
