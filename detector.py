@@ -1,4 +1,5 @@
-"""torchvision's Mask R-CNN training path with its host syncs taken out, same losses.
+"""torchvision's Mask R-CNN detector with its host syncs taken out: the same proposals,
+detections and losses.
 
 torchvision's RPN, RoI heads and multi-level RoI pooling call ``nonzero`` (``torch.where(mask)``),
 boolean-mask indexing, ``unique`` and one ``nms`` per image and pyramid level: each makes the
@@ -52,7 +53,9 @@ class CellMaskRCNN(MaskRCNN):
 def check_boxes(targets: list[dict[str, Any]]) -> None:
     """torchvision's degenerate-box error, on host tensors before they go to the device."""
     for target in targets:
-        boxes = target["boxes"]
+        boxes = target.get("boxes")
+        if boxes is None:
+            continue
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():
             raise ValueError(f"image {target.get('image_id')}: box {boxes[bad][0].tolist()} has no width or height; "
