@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict_size", type=int, default=384,
                         help="also count the syncs of predicting one generated image of this side at "
                              "inference.py's defaults (tiles of 256 px x 4 flips), ours vs torchvision's detector (0: skip)")
+    parser.add_argument("--rpn_post_nms_top_n_test", type=int, default=2000, help="the prediction's proposals per view")
+    parser.add_argument("--detections_per_img", type=int, default=1000, help="the prediction's cap")
     parser.add_argument("--take_all", action="store_true",
                         help="sample every RPN and RoI candidate: torchvision's samplers and ours then pick the same "
                              "sets, so the losses must agree (by default each draws its own random subset)")
@@ -162,7 +164,8 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
     image = torch.from_numpy(read_image(next(paths["test_dir"].glob("*.tif")))).permute(2, 0, 1)
     settings = Settings(tile=256, tta_scales=TTA_SCALES, batch_size=4)
     seed_all(args.seed)
-    ours = build_model({"backbone": args.backbone, "weights": "none"}).to(device).eval()
+    ours = build_model({"backbone": args.backbone, "weights": "none", "detections_per_img": args.detections_per_img,
+                        "rpn_post_nms_top_n_test": args.rpn_post_nms_top_n_test}).to(device).eval()
     stock = copy.deepcopy(ours)
     use_torchvision_detector(stock)
     rows = []

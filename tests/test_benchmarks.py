@@ -159,7 +159,8 @@ def test_accuracy_scores_an_ensemble_of_the_seeds(tmp_path: Path, shallow: None)
 def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "syncs.json"
     host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
-                     "--take_all", "--predict_size", "96", "--json", str(out)])
+                     "--take_all", "--predict_size", "96", "--rpn_post_nms_top_n_test", "100", "--detections_per_img", "20",
+                     "--json", str(out)])
     payload = _written(out, "rows", "parts", "targets_met", "read_every")
     rows = {(r["variant"], r["instances"]): r for r in payload["rows"]}
     (few, many) = sorted({n for _, n in rows})
