@@ -51,7 +51,7 @@ SIZES = {
     "dry": {"train_size": 40, "cells": 4, "steps": 1, "test_images": 1, "test_size": 40, "test_cells": 4,
             "sync_counts": [3], "sync_size": 40, "warmup": 0,
             "rois": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16", "--predict_size", "64",
-                     "--rpn_post_nms_top_n_test", "50", "--detections_per_img", "10"],
+                     "--rpn_post_nms_top_n_test", "50", "--detections_per_img", "10", "--variants", "ours"],
             "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
                        "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10}},
 }
