@@ -116,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print_table(f"predicting one {args.predict_size}x{args.predict_size} image, inference.py defaults", prediction,
                     ["detector", "views", "syncs_per_image", "syncs_per_view", "ops", "seconds", "detections"])
     write_results(args, NAME, payload)
-    write_results(args, NAME, payload)
     return payload
 
 
