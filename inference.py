@@ -30,7 +30,7 @@ from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
-from tiling import (Window, absorbed_by, average_copies, box_iou_pairs, cut_flags, duplicate_pairs, greedy_keep, mask_areas, max_cover,
+from tiling import (Window, absorbed_by, average_copies, cut_flags, duplicate_pairs, greedy_keep, mask_areas, max_cover,
                     merge_order, select_candidates, take, tile_grid)
 from tta import View, apply_view, boxes_back, masks_back, views
 
@@ -348,10 +348,7 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
         kept = keep.nonzero().flatten()  # host sync: how many cells the image keeps
         if settings.merge == "avg":  # the kept cells' masks again, from their copies' mean probabilities
             into, copy = absorbed_by(keep, *pairs, key)
-            # Copies of the same cell only: not cut by a tile edge, and boxes that match (a fragment
-            # inside a cell would pull the mean below the threshold over the rest of the cell).
-            same = box_iou_pairs(pick["boxes"][into], pick["boxes"][copy]) > settings.match_thresh
-            whole = same & ~pick["cut"][into] & ~pick["cut"][copy]
+            whole = ~pick["cut"][into] & ~pick["cut"][copy]  # a copy cut by a tile edge lacks part of the cell
             masks = paste_masks(average_copies(probs, pick["boxes"], into, copy, whole), pick["boxes"], size,
                                 settings.mask_thresh)
     scores = pick["scores"][kept]

@@ -123,15 +123,6 @@ def absorbed_by(keep: torch.Tensor, first: torch.Tensor, second: torch.Tensor, d
     return first[edge], second[edge]  # host sync: how many copies are absorbed (once per image)
 
 
-def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes a[p] and b[p], pair by pair (not the [N, M] matrix of box_iou)."""
-    a, b = a.float(), b.float()
-    side = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = side.prod(dim=1)
-    union = (a[:, 2:] - a[:, :2]).prod(dim=1) + (b[:, 2:] - b[:, :2]).prod(dim=1) - inter
-    return inter / union.clamp(min=1e-6)
-
-
 def average_copies(probs: torch.Tensor, boxes: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor,
                    weight: torch.Tensor) -> torch.Tensor:
     """Box-relative mask probabilities [N, M, M], each kept detection's averaged with those of

@@ -18,7 +18,7 @@ from conftest import mask_boxes
 from inference import Settings, predict_images
 from masks import PackedMasks
 from synthetic import synth_image
-from tiling import (absorbed_by, average_copies, box_iou_pairs, duplicate_pairs, greedy_keep, greedy_mask_merge, max_cover,
+from tiling import (absorbed_by, average_copies, duplicate_pairs, greedy_keep, greedy_mask_merge, max_cover,
                     pair_intersections, select_candidates, take, tile_grid)
 
 
@@ -258,15 +258,3 @@ def test_absorbed_by_names_the_earliest_kept_duplicate() -> None:
     assert keep.tolist() == [True, False, False, True]
     into, copy = absorbed_by(keep, *pairs, key)
     assert sorted(zip(copy.tolist(), into.tolist())) == [(1, 0), (2, 0)]
-
-
-def test_box_iou_pairs_is_the_diagonal_of_box_iou() -> None:
-    from torchvision.ops import box_iou
-
-    generator = torch.Generator().manual_seed(0)
-    a = torch.rand(30, 2, generator=generator) * 50
-    b = a + torch.rand(30, 2, generator=generator) * 10
-    boxes = torch.cat([a, b], dim=1)
-    other = boxes + torch.randn(30, 4, generator=generator)
-    other[:, 2:] = torch.maximum(other[:, 2:], other[:, :2] + 1)
-    assert torch.allclose(box_iou_pairs(boxes, other), box_iou(boxes, other).diagonal(), atol=1e-6)
