@@ -12,8 +12,6 @@ model's device:
    smaller mask > ``match_thresh``) inside a kept one of the same class is a duplicate; this
    catches cut pieces whose boxes overlap the whole cell too little for the box NMS (and a
    cut piece lying mostly inside a kept box is one too).
-3. With ``--merge avg`` each kept cell's mask is pasted again from the mean probability of the
-   whole copies it absorbed (``absorbed_by``, ``average_copies``).
 """
 from __future__ import annotations
 
