@@ -30,8 +30,8 @@ from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
-from tiling import (Window, absorbed_by, average_copies, cut_flags, duplicate_pairs, greedy_keep, mask_areas, max_cover,
-                    merge_order, select_candidates, take, tile_grid)
+from tiling import (Window, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order, select_candidates,
+                    take, tile_grid)
 from tta import View, apply_view, boxes_back, masks_back, views
 
 TTA_SCALES = (1.0,)  # flips only, at the input scale: what benchmarks/accuracy.py measured to help
@@ -70,9 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vote_boost", type=float, default=0.0,
                         help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                              "one view count once (0: best score alone)")
-    parser.add_argument("--merge", choices=("max", "avg"), default="max",
-                        help="a cell found by several views, tiles or models: the mask of its best-scoring copy "
-                             "(max) or of the mean mask probability of its copies not cut by a tile edge (avg)")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=list(TTA_SCALES), help="image scales for --tta")
     parser.add_argument("--mask_thresh", type=probability, default=0.5,
                         help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
@@ -121,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
                           tile_overlap=args.tile_overlap, tta_scales=args.tta_scales if args.tta else None,
                           mask_thresh=args.mask_thresh, save_labels=args.save_labels, label_thresh=args.label_thresh,
-                          dihedral=args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
+                          dihedral=args.tta == "dihedral", vote_boost=args.vote_boost)
 
 
 def training_tile(state: dict[str, Any]) -> int:
@@ -201,7 +198,6 @@ class Settings:
     match_thresh: float = 0.5
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
-    merge: str = "max"  # a cell's mask: its best copy's ("max") or the mean probability of its whole copies ("avg")
 
 
 @torch.no_grad()
@@ -343,14 +339,7 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
         kept = torch.arange(len(pick["scores"]), device=probs.device)
     else:
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
-        pairs = duplicate_pairs(masks, pick["labels"], key, pick["cut"], settings.match_thresh)
-        keep = greedy_keep(len(key), *pairs)
-        kept = keep.nonzero().flatten()  # host sync: how many cells the image keeps
-        if settings.merge == "avg":  # the kept cells' masks again, from their copies' mean probabilities
-            into, copy = absorbed_by(keep, *pairs, key)
-            whole = ~pick["cut"][into] & ~pick["cut"][copy]  # a copy cut by a tile edge lacks part of the cell
-            masks = paste_masks(average_copies(probs, pick["boxes"], into, copy, whole), pick["boxes"], size,
-                                settings.mask_thresh)
+        kept = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh).nonzero().flatten()
     scores = pick["scores"][kept]
     if settings.vote_boost:
         found_by = votes(pick["boxes"][kept], pick["labels"][kept], pick["pool"], settings.match_thresh)

@@ -16,7 +16,6 @@ model's device:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from masks import PackedMasks, pixel_chunks
@@ -86,14 +85,6 @@ def greedy_mask_merge(masks: PackedMasks, labels: torch.Tensor, key: torch.Tenso
     ``match_thresh``) inside a kept one of the same class; a ``cut`` one also when its box
     does (a sliver of a cell cut by a tile edge is too small for its mask to tell). Returns
     a bool [N] mask."""
-    first, second, dup = duplicate_pairs(masks, labels, key, cut, match_thresh)
-    return greedy_keep(len(labels), first, second, dup)
-
-
-def duplicate_pairs(masks: PackedMasks, labels: torch.Tensor, key: torch.Tensor, cut: torch.Tensor | None = None,
-                    match_thresh: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(earlier, later, is a duplicate) for every pair of same-class detections with
-    overlapping boxes, earlier in ``key`` order: the rule of ``greedy_mask_merge``."""
     first, second = _rival_pairs(masks.boxes, labels, key)
     inter = pair_intersections(masks, first, second)
     areas = mask_areas(masks).to(inter.dtype)
@@ -104,41 +95,7 @@ def duplicate_pairs(masks: PackedMasks, labels: torch.Tensor, key: torch.Tensor,
         box_inter = side.clamp(min=0).prod(dim=1)
         box_area = (boxes[second, 2:] - boxes[second, :2]).prod(dim=1)
         dup |= cut[second] & (box_inter > match_thresh * box_area)
-    return first, second, dup
-
-
-def absorbed_by(keep: torch.Tensor, first: torch.Tensor, second: torch.Tensor, dup: torch.Tensor,
-                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept, dropped) pairs: each dropped detection with the earliest kept one (in ``key``
-    order) that drops it; ``keep`` from ``greedy_mask_merge``, pairs from ``duplicate_pairs``."""
-    n = len(keep)
-    rank = torch.empty(n, dtype=torch.int64, device=key.device)
-    rank[torch.argsort(key, descending=True, stable=True)] = torch.arange(n, device=key.device)
-    edge = dup & keep[first] & ~keep[second]
-    earliest = torch.full((n,), n, dtype=torch.int64, device=key.device).scatter_reduce(
-        0, second, torch.where(edge, rank[first], n), reduce="amin")
-    edge &= rank[first] == earliest[second]
-    return first[edge], second[edge]  # host sync: how many copies are absorbed (once per image)
-
-
-def average_copies(probs: torch.Tensor, boxes: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor,
-                   weight: torch.Tensor) -> torch.Tensor:
-    """Box-relative mask probabilities [N, M, M], each kept detection's averaged with those of
-    the copies it absorbed (pairs ``kept[p]``, ``dropped[p]`` of weight ``weight[p]``, 0 or 1),
-    each copy resampled into the kept box (zero outside its own box): ``--merge avg``."""
-    m = probs.shape[-1]
-    into, source = boxes[kept].float(), boxes[dropped].float()
-    steps = (torch.arange(m, device=probs.device, dtype=torch.float32) + 0.5) / m  # cell centres in a box
-    xs = into[:, 0, None] + steps * (into[:, 2] - into[:, 0])[:, None]
-    ys = into[:, 1, None] + steps * (into[:, 3] - into[:, 1])[:, None]
-    gx = 2 * (xs - source[:, 0, None]) / (source[:, 2] - source[:, 0]).clamp(min=1e-6)[:, None] - 1
-    gy = 2 * (ys - source[:, 1, None]) / (source[:, 3] - source[:, 1]).clamp(min=1e-6)[:, None] - 1
-    grid = torch.stack([gx[:, None, :].expand(-1, m, -1), gy[:, :, None].expand(-1, -1, m)], dim=-1)
-    moved = F.grid_sample(probs[dropped, None].float(), grid, align_corners=False)[:, 0]
-    weight = weight.float()
-    total = probs.float().index_add(0, kept, moved * weight[:, None, None])
-    copies = torch.ones(len(probs), device=probs.device).index_add(0, kept, weight)
-    return (total / copies[:, None, None]).to(probs.dtype)
+    return _greedy_keep(len(labels), first, second, dup)
 
 
 def take(masks: PackedMasks, index: torch.Tensor) -> PackedMasks:
@@ -202,7 +159,7 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor) -
     return first, second
 
 
-def greedy_keep(n: int, src: torch.Tensor, dst: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def _greedy_keep(n: int, src: torch.Tensor, dst: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """The outcome of a greedy pass where ``src[p]`` (earlier) drops ``dst[p]`` if kept and
     ``live[p]``, resolved in rounds instead of one detection at a time: a detection whose rivals
     are all dropped is kept, one with a kept rival is dropped. Each round settles at least the

@@ -60,7 +60,7 @@ CONFIGS: dict[str, list[str]] = {
 }
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
 # ("tile" is the training --crop, what inference.py does by default).
-POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral", "tile+tta+avg",
+POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
         "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2")
 
 
@@ -70,7 +70,6 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
     flips = {"tta_scales": list(TTA_SCALES)}  # inference.py's default views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
                 "tile+tta": {**tile, **flips}, "tile+dihedral": {**tile, **flips, "dihedral": True},
-                "tile+tta+avg": {**tile, **flips, "merge": "avg"},
                 "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}
     if name.startswith("tile+tta+vote"):
         return {**tile, **flips, "vote_boost": float(name.removeprefix("tile+tta+vote"))}

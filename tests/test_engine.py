@@ -212,9 +212,6 @@ def test_inference_prediction_flags() -> None:
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     with pytest.raises(SystemExit):
         parse(["--checkpoint", "x", "--mask_thresh", "1"])
-    assert parse(["--checkpoint", "x"]).merge == "max" and parse(["--checkpoint", "x", "--merge", "avg"]).merge == "avg"
-    with pytest.raises(SystemExit):
-        parse(["--checkpoint", "x", "--merge", "mean"])
 
 
 def test_resume_of_a_run_from_before_input_scale_keeps_its_scale() -> None:

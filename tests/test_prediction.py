@@ -18,8 +18,7 @@ from conftest import mask_boxes
 from inference import Settings, predict_images
 from masks import PackedMasks
 from synthetic import synth_image
-from tiling import (absorbed_by, average_copies, duplicate_pairs, greedy_keep, greedy_mask_merge, max_cover,
-                    pair_intersections, select_candidates, take, tile_grid)
+from tiling import greedy_mask_merge, max_cover, pair_intersections, select_candidates, take, tile_grid
 
 
 class CellOracle:
@@ -226,35 +225,3 @@ def test_an_ensemble_votes_cells_up_by_the_views_and_models_that_found_them() ->
 
 def _cells_list(out: dict) -> list:
     return [(int(label), *[round(v) for v in box]) for label, box in zip(out["labels"].tolist(), out["boxes"].tolist())]
-
-
-def test_merge_avg_gives_the_same_cells_and_averages_the_copies() -> None:
-    """The oracle's copies agree, so averaging them gives the whole image's masks; a copy
-    absorbed by a cell is resampled into that cell's box before the mean."""
-    image = _scene(4, (200, 260))
-    whole = predict_images(CellOracle(), [image], Settings())[0]
-    for settings in (Settings(tta_scales=(1.0,), merge="avg"),
-                     Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,), batch_size=5, merge="avg")):
-        out = predict_images(CellOracle(), [image], settings)[0]
-        assert _cells(out) == _cells(whole)
-        assert torch.equal(out["masks"].full(), whole["masks"].full())
-    probs = torch.zeros(3, 4, 4)
-    probs[0, :, :2] = 1.0  # left half of box [0, 0, 8, 8]
-    probs[1] = 0.5  # all of box [0, 0, 4, 8]: the left half of box 0
-    probs[2] = 0.9
-    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 4.0, 8.0], [20.0, 20.0, 24.0, 24.0]])
-    mean = average_copies(probs, boxes, torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([True, False]))
-    assert torch.allclose(mean[0, :, :2], torch.full((4, 2), 0.75)) and torch.allclose(mean[0, :, 2:], torch.zeros(4, 2))
-    assert torch.equal(mean[1:], probs[1:])
-
-
-def test_absorbed_by_names_the_earliest_kept_duplicate() -> None:
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 9, 9], [30, 30, 40, 40]])
-    crops = [torch.ones(int((b[3] - b[1]) * (b[2] - b[0])), dtype=torch.uint8) for b in boxes]
-    packed = PackedMasks.from_crops(crops, boxes, (50, 50))
-    labels, key = torch.tensor([1, 1, 1, 1]), torch.tensor([0.9, 0.8, 0.7, 0.6])
-    pairs = duplicate_pairs(packed, labels, key)
-    keep = greedy_keep(4, *pairs)
-    assert keep.tolist() == [True, False, False, True]
-    into, copy = absorbed_by(keep, *pairs, key)
-    assert sorted(zip(copy.tolist(), into.tolist())) == [(1, 0), (2, 0)]
