@@ -150,6 +150,7 @@ def ddp_step(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str
     paths = make_dataset(tmp / "data", n_train=1, n_test=0, size=(sizes["train_size"],) * 2,
                          cells=(sizes["cells"], sizes["cells"] + 1), seed=0)
     spec = {"sample": str(list_samples(paths["train_dir"])[0]), "device": device.type, "steps": sizes["steps"],
+            "warmup": sizes["warmup"],
             "config": sizes["config"]}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                str(Path(__file__).resolve()), "--ddp_worker", json.dumps(spec)]
@@ -180,7 +181,8 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         use_amp = device.type == "cuda"
         opt, meter = _optimisation(net, use_amp), engine.EpochMeter()
-        engine.train_step(net, [image], [target], opt, meter, device, use_amp)
+        for _ in range(spec["warmup"]):
+            engine.train_step(net, [image], [target], opt, meter, device, use_amp)
         seconds = [timed(lambda: engine.train_step(net, [image], [target], opt, meter, device, use_amp), device)[1]
                    for _ in range(spec["steps"])]
         meter.read(0)
@@ -207,7 +209,8 @@ def inference_speed(sizes: dict[str, Any], device: torch.device, tmp: Path) -> d
                                  "args": {"crop": augment_defaults().crop}})
     argv = ["--checkpoint", str(checkpoint), "--test_dir", str(paths["test_dir"]), "--id_map_json",
             str(paths["id_map_json"]), "--output", str(tmp / "test-results.json"), "--device", device.type]
-    inference.main(argv)  # warm-up: the model's first forward and cuDNN's choices
+    for _ in range(sizes["warmup"]):  # the model's first forward and cuDNN's choices
+        inference.main(argv)
     _, seconds = timed(lambda: inference.main(argv), device)
     detections = len(json.loads((tmp / "test-results.json").read_text()))
     return {"images": sizes["test_images"], "size": sizes["test_size"], "seconds": seconds,
