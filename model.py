@@ -183,8 +183,6 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         backbone,
         num_classes=config["num_classes"],
         rpn_anchor_generator=anchors,
-        box_roi_pool=LevelRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
-        mask_roi_pool=LevelRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2),
         rpn_pre_nms_top_n_train=config["rpn_pre_nms_top_n_train"],
         rpn_post_nms_top_n_train=config["rpn_post_nms_top_n_train"],
         rpn_pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
@@ -196,9 +194,10 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_detections_per_img=config["detections_per_img"],
     )
     model.transform = CellTransform.from_config(config)
-    # torchvision's RPN and RoI heads with the same results and no per-image host syncs (detector.py):
+    # torchvision's RPN, RoI heads and pooling with the same results and no per-image host syncs (detector.py):
     # the classes add methods only, so the built modules take them as they are.
     model.rpn.__class__, model.roi_heads.__class__ = LeanRPN, LeanRoIHeads
+    model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = LevelRoIAlign
     for part in (model.rpn, model.roi_heads):
         part.box_similarity = PairwiseIoU
         part.proposal_matcher = SlicedMatcher(part.proposal_matcher)

@@ -60,6 +60,7 @@ from masks import PackedMasks  # noqa: E402
 from model import STOCK_PROJECT_MASKS, build_model, project_masks_on_boxes  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 from tiling import tile_grid  # noqa: E402
+from tta import views  # noqa: E402
 
 NAME = "host_syncs"
 VARIANTS = ("stock", "before", "ours")
@@ -167,6 +168,8 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
                         "rpn_post_nms_top_n_test": args.rpn_post_nms_top_n_test}).to(device).eval()
     stock = copy.deepcopy(ours)
     use_torchvision_detector(stock)
+    num_views = len(tile_grid(args.predict_size, args.predict_size, settings.tile, settings.tile_overlap)) * len(
+        views(settings.tta_scales, settings.dihedral))
     rows = []
     for name, model in (("torchvision", stock), ("ours", ours)):
         with torch.no_grad():
@@ -175,9 +178,8 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
                 start = time.perf_counter()
                 merged = predict_images([model], [image.to(device)], settings)
                 seconds = time.perf_counter() - start
-        views = len(tile_grid(args.predict_size, args.predict_size, 256, 0.25)) * 4
-        rows.append({"detector": name, "views": views, "syncs_per_image": counter.total(),
-                     "syncs_per_view": counter.total() / views, "ops": counter.ops, "seconds": seconds,
+        rows.append({"detector": name, "views": num_views, "syncs_per_image": counter.total(),
+                     "syncs_per_view": counter.total() / num_views, "ops": counter.ops, "seconds": seconds,
                      "detections": len(merged[0]["scores"]), "sites": counter.top_sites()})
     return rows
 
