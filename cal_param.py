@@ -17,7 +17,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 from checkpoint import write_json
 from cli import run_cli
-from model import DEFAULT_CONFIG, backbone_name, build_model
+from model import DEFAULT_CONFIG, backbone_name, build_model, weights_to_be_loaded
 
 PARTS = ("backbone body", "FPN", "neck attention", "RPN", "box head", "mask head")
 ALL_CONFIGS = (("resnet101", False), ("resnet101", True), ("effnet_v2_m", False), ("effnet_v2_m", True))
@@ -55,7 +55,8 @@ def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str) 
     row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn}
     config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights}
     try:
-        model = build_model(config, load_weights=False)
+        with weights_to_be_loaded():  # counted, never used
+            model = build_model(config, load_weights=False)
     except ModuleNotFoundError as err:
         if err.name != "attention_modules":
             raise

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model, saved_config
+from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model, saved_config, weights_to_be_loaded
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +41,20 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """``path`` becomes the same file as ``source`` without writing it again (a hard link,
+    a copy where links are not supported). ``save_checkpoint`` replaces a file by renaming,
+    so a later save to either name leaves the other one as it is."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
@@ -90,7 +105,8 @@ def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.
             raise CheckpointError(f"{path}: --{key} {value} contradicts the checkpoint ({key}={config[key]}); "
                                   f"drop the flag, the checkpoint already knows.")
         config[key] = value
-    model = build_model(config, load_weights=False)
+    with weights_to_be_loaded():  # the strict load below sets every weight
+        model = build_model(config, load_weights=False)
     load_weights(model, state["model"], path, config)
     apply_runtime_settings(model, config)
     return model, config, state

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from augment import add_augment_args, build_crop_window, build_train_transforms
-from checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
-                        set_rng_state, write_json)
+from checkpoint import (CheckpointError, link_checkpoint, load_checkpoint, load_weights, rng_state,
+                        save_checkpoint, set_rng_state, write_json)
 from cli import writable_dir
 from coco import build_coco_gt, evaluate, matching_metrics
 from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
@@ -183,8 +183,8 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     coco_gt = build_coco_gt(val_set.instances, val_set.image_ids) if info.is_main and len(val_set) else None
 
     def snapshot() -> dict[str, Any]:
-        return {"model": model.state_dict(), "config": config, **opt.state_dict(), "rng": rng_state(),
-                "args": vars(args), **state}
+        return {"model": model.state_dict(), "weights": "raw", "config": config, **opt.state_dict(),
+                "rng": rng_state(), "args": vars(args), **state}
 
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
@@ -215,9 +215,10 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         schedule.epoch_end(raw_metric)  # the plateau schedule follows the weights being trained
         ckpt = snapshot()
         if info.is_main and improved:  # best.pth holds whichever weights scored higher; inference reads "model"
-            best = {**ckpt, "model": opt.ema.module.state_dict(), "raw_model": ckpt["model"]} if use_ema else ckpt
-            save_checkpoint(out / "best.pth", {**best, "weights": "ema" if use_ema else "raw"})
-        _save_last(out, ckpt, state["history"], info)
+            save_checkpoint(out / "best.pth", {**ckpt, "model": opt.ema.module.state_dict(), "raw_model": ckpt["model"],
+                                               "weights": "ema"} if use_ema else ckpt)
+        # raw weights best: last.pth is the same dict, linked instead of written twice
+        _save_last(out, ckpt, state["history"], info, same_as=out / "best.pth" if improved and not use_ema else None)
         _log(info, _epoch_line(row, args.select_metric, improved))
         if args.early_stop > 0 and epoch - state["best_epoch"] >= args.early_stop:
             _log(info, f"early stop: no improvement of {args.select_metric} for {args.early_stop} epochs")
@@ -517,10 +518,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float
     return eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress))
 
 
-def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistInfo) -> None:
-    """last.pth and history.json after every epoch, on rank 0."""
+def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistInfo,
+               same_as: Path | None = None) -> None:
+    """last.pth and history.json after every epoch, on rank 0; ``same_as``: a file just
+    written from ``ckpt`` that last.pth may share."""
     if info.is_main:
-        save_checkpoint(out / "last.pth", ckpt)
+        if same_as is None:
+            save_checkpoint(out / "last.pth", ckpt)
+        else:
+            link_checkpoint(same_as, out / "last.pth")
         write_history(out / "history.json", history)
 
 

@@ -6,11 +6,12 @@ exactly the trained architecture without repeating flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,25 @@ def attention_defaults() -> dict[str, dict[str, Any]]:
         return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
     return {"neck": defaults(FPNTransformer), "mask": defaults(SpatialChannelTransformer)}
+
+
+_RANDOM_FILLS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def weights_to_be_loaded() -> Iterator[None]:
+    """Modules built inside skip their random initialisation (``torch.nn.init`` fills), for a
+    model whose every weight a strict ``load_state_dict`` overwrites next, or whose weights
+    are only counted: the fills of ResNet-101 and its box head cost more than building it."""
+    saved = {name: getattr(nn.init, name) for name in _RANDOM_FILLS}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
 
 
 def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:

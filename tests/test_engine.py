@@ -9,7 +9,7 @@ from torch import nn
 
 import engine
 import inference
-from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, saved_args
+from checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint, saved_args
 from engine import LRSchedule, _run_config, build_parser, losses_mode, warmup_cosine
 from model import DEFAULT_CONFIG, build_model, config_from_args
 
@@ -85,9 +85,11 @@ def test_checkpoint_round_trip_and_errors(tmp_path: Path, shallow: None) -> None
     path = tmp_path / "c.pth"
     legacy = {k: v for k, v in TINY.items() if k != "input_scale"}
     save_checkpoint(path, {"model": model.state_dict(), "config": legacy})
-    loaded, config, _ = load_model(path)
+    fills = nn.init.normal_, nn.init.kaiming_uniform_
+    loaded, config, _ = load_model(path)  # built without random fills: every weight must come from the file
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+    assert (nn.init.normal_, nn.init.kaiming_uniform_) == fills  # and later builds are random again
     with pytest.raises(CheckpointError, match="contradicts the checkpoint"):
         load_model(path, {"backbone": "effnet_v2_m"})
     assert config["input_scale"] == 0.0  # written before the key existed: trained without it
@@ -120,6 +122,17 @@ def test_interrupted_save_keeps_the_good_checkpoint(tmp_path: Path, monkeypatch:
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
+def test_a_linked_checkpoint_keeps_its_content_when_the_other_name_is_saved_again(tmp_path: Path) -> None:
+    best, last = tmp_path / "best.pth", tmp_path / "last.pth"
+    save_checkpoint(best, {"model": {}, "config": {"epoch": 1}})
+    link_checkpoint(best, last)
+    assert last.samefile(best) and load_checkpoint(last)["config"] == {"epoch": 1}
+    save_checkpoint(last, {"model": {}, "config": {"epoch": 2}})  # the next epoch, not better
+    assert load_checkpoint(best)["config"] == {"epoch": 1} and load_checkpoint(last)["config"] == {"epoch": 2}
+    link_checkpoint(last, best)  # over an existing file
+    assert best.samefile(last) and sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]
+
+
 def test_early_stop_is_a_number_of_epochs_and_patience_the_plateaus(tmp_path: Path) -> None:
     parser = engine.build_parser("resnet101", "x")
     args = parser.parse_args(["--early_stop", "10", "--patience", "4"])
@@ -150,12 +163,14 @@ def test_early_stop_ends_the_run_n_epochs_after_the_best(tmp_path: Path, monkeyp
     summary = engine.main(argv, "resnet101", "x")
     state = load_checkpoint(out / "last.pth")
     assert summary["best_epoch"] == 2 and state["epoch"] == 4  # epochs 3 and 4 brought nothing: stop
+    assert load_checkpoint(out / "best.pth")["epoch"] == 2 and not (out / "best.pth").samefile(out / "last.pth")
     assert state["scheduler"]["plateau"]["patience"] == 5 and state["args"]["early_stop"] == 2
     old = {**state, "args": {**state["args"], "early_stop": True, "patience": 10}, "epoch": 1, "history": []}
     save_checkpoint(out / "old.pth", old)  # a run from before --early_stop N resumes
     scores = iter([0.5, 0.6])
     engine.main([*argv[:-6], "--epochs", "3", "--resume", str(out / "old.pth")], "resnet101", "x")
     assert load_checkpoint(out / "last.pth")["epoch"] == 3
+    assert (out / "best.pth").samefile(out / "last.pth")  # epoch 3 is the best: one file written, two names
 
 
 def test_parser_has_the_contract_flags() -> None:
