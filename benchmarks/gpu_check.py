@@ -48,13 +48,15 @@ RESULT_MARK = "DDP_RESULT "
 # (the defaults on a GPU, tiny ones for the dry run).
 SIZES = {
     "gpu": {"train_size": 256, "cells": 300, "steps": 5, "test_images": 4, "test_size": 1000, "test_cells": 300,
-            "sync_counts": [100, 400, 800], "sync_size": 256, "sync_args": ["--predict_size", "384"], "config": {}, "warmup": 1},
+            "sync_counts": [100, 400, 800], "sync_size": 256, "sync_steps": 1, "sync_args": ["--predict_size", "384"],
+            "config": {}, "warmup": 1},
     "dry": {"train_size": 40, "cells": 4, "steps": 1, "test_images": 1, "test_size": 40, "test_cells": 4,
-            "sync_counts": [3], "sync_size": 40, "warmup": 0,
+            "sync_counts": [3], "sync_size": 40, "sync_steps": 0, "warmup": 0,
             "sync_args": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16", "--predict_size", "64",
                      "--rpn_post_nms_top_n_test", "50", "--detections_per_img", "10", "--variants", "ours"],
             "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
-                       "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10}},
+                       "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10,
+                       "attn": {"neck": {"pool_size": 4}}}},  # 80 attention tokens, not 980
 }
 
 
@@ -222,7 +224,7 @@ def syncs(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, A
     """benchmarks/host_syncs.py on this device: on CUDA only ops on device tensors count."""
     counts = [str(c) for c in sizes["sync_counts"]]
     argv = ["--counts", *counts, "--size", str(sizes["sync_size"]), str(sizes["sync_size"]), "--device", device.type,
-            "--steps", "1", "--part_reps", "3", "--threads", str(torch.get_num_threads()), *sizes["sync_args"],
+            "--steps", str(sizes["sync_steps"]), "--part_reps", "3", "--threads", str(torch.get_num_threads()), *sizes["sync_args"],
             "--json", str(tmp / "host_syncs.json")]
     if device.type == "cuda":
         argv.append("--use_amp")

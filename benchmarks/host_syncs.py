@@ -38,7 +38,6 @@ import copy  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from collections import Counter  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from typing import Any, Callable, Iterator, Sequence  # noqa: E402
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "effnet_v2_m"))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, interleaved across variants")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, interleaved across variants (0: count syncs only)")
     parser.add_argument("--use_amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
     parser.add_argument("--part_reps", type=int, default=20, help="interleaved calls of each mask function alone")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000)
@@ -146,7 +145,7 @@ def measure_count(sample: Path, args: argparse.Namespace, device: torch.device) 
             synchronize(device)
             rows[variant]["step_seconds"].append(time.perf_counter() - start)
     for row in rows.values():
-        row["step_s"] = statistics.median(row["step_seconds"])
+        row["step_s"] = statistics.median(row["step_seconds"]) if row["step_seconds"] else None
     for row in rows.values():
         row["time_vs_before"] = ratio(row["step_s"], rows["before"]["step_s"]) if "before" in rows else None
         row["max_loss_rel_diff_vs_before"] = _loss_diff(row, rows.get("before"))
@@ -415,8 +414,17 @@ def _device_to_host(func: Any, args: tuple, kwargs: dict) -> str | None:
     return "to host" if src.device.type != "cpu" and dst.device.type == "cpu" else None
 
 
+def _frames() -> Iterator[Any]:
+    """The calling frames, innermost first: ``traceback.extract_stack`` also reads every
+    frame's source line, which made counting a step with a thousand syncs take seconds."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def _in_optimizer() -> bool:
-    return any(f.filename.startswith(_OPTIM_DIR) for f in traceback.extract_stack())
+    return any(f.f_code.co_filename.startswith(_OPTIM_DIR) for f in _frames())
 
 
 def _flat(args: tuple, kwargs: dict) -> Iterator[Any]:
@@ -429,12 +437,12 @@ def _flat(args: tuple, kwargs: dict) -> Iterator[Any]:
 
 def _call_site() -> str:
     """file:line function of the innermost frame outside torch and this file."""
-    for frame in reversed(traceback.extract_stack()):
-        path = frame.filename
+    for frame in _frames():
+        path = frame.f_code.co_filename
         if path.startswith(_TORCH_DIR) or path == __file__ or "contextlib" in path:
             continue
         short = path[len(_ROOT) + 1:] if path.startswith(_ROOT) else path.split("site-packages/")[-1]
-        return f"{short}:{frame.lineno} {frame.name}"
+        return f"{short}:{frame.f_lineno} {frame.f_code.co_name}"
     return "?"
 
 

@@ -147,7 +147,7 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
 
 def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "syncs.json"
-    host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "1", "--part_reps", "1", *TINY_ROIS,
+    host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "0", "--part_reps", "1", *TINY_ROIS,
                      "--take_all", "--predict_size", "96", "--rpn_post_nms_top_n_test", "100", "--detections_per_img", "20",
                      "--json", str(out)])
     payload = _written(out, "rows", "parts", "targets_met", "read_every")
@@ -157,6 +157,7 @@ def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, 
     assert rows["before", many]["syncs_per_step"] > rows["before", few]["syncs_per_step"]  # per-instance reads
     assert rows["ours", many]["syncs_per_step"] < rows["stock", many]["syncs_per_step"]
     assert payload["targets_met"]["ours_syncs_at_most_10"] and payload["targets_met"]["losses_equal_before"]
+    assert all(r["step_s"] is None and r["time_vs_before"] is None for r in payload["rows"])  # --steps 0: no timing
     stock, ours = payload["prediction"]
     assert (stock["detector"], ours["detector"]) == ("torchvision", "ours") and ours["views"] == 4
     assert ours["syncs_per_image"] < stock["syncs_per_image"] and ours["detections"] == stock["detections"] > 0
