@@ -34,7 +34,7 @@ from tiling import (Window, cut_flags, greedy_mask_merge, mask_areas, max_cover,
                     take, tile_grid)
 from tta import View, apply_view, boxes_back, masks_back, views
 
-TTA_SCALES = (1.0,)  # flips only, at the input scale: what benchmarks/accuracy.py measured to help
+TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale (other scales scored lower, benchmarks/RESULTS.md)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "higher, see README)")
     parser.add_argument("--tile_overlap", type=float, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile; make it exceed the largest cell")
-    parser.add_argument("--tta", nargs="?", const="flips", default="flips", choices=("flips", "dihedral"),
-                        help="test-time augmentation, merged with the tiles: 'flips', the 4 flips x --tta_scales "
-                             "(on by default; the README's accuracy table measures it), or 'dihedral', each also "
-                             "turned by 90 degrees (8 views)")
+    parser.add_argument("--tta", nargs="?", const="flips", default=None, choices=("flips", "dihedral"),
+                        help="test-time augmentation, merged with the tiles: 'flips' (the default value), the 4 flips "
+                             "x --tta_scales, 4x the time, or 'dihedral', each also turned by 90 degrees (8 views). "
+                             "Off by default: on held-out images it won on one split and lost on another (README)")
     parser.add_argument("--no_tta", dest="tta", action="store_const", const=None, default=argparse.SUPPRESS,
-                        help="one view per image: 4x faster")
+                        help="one view per image, the default (accepted for scripts that pass it)")
     parser.add_argument("--vote_boost", type=float, default=0.0,
                         help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                              "one view count once (0: best score alone)")
@@ -131,7 +131,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
                    batch_size: int = 1, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
                    num_workers: int = 0, tile: int | None = None, tile_overlap: float = 0.25,
-                   tta_scales: Sequence[float] | None = TTA_SCALES, mask_thresh: float = 0.5,
+                   tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5,
                    save_labels: str | Path | None = None, label_thresh: float = 0.5, **merge: Any) -> Path:
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble. ``tile=None`` tiles at the training crop recorded in the

@@ -199,7 +199,7 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def inference_speed(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
-    """images/s of ``inference.main`` at its defaults (TTA, tiles of the training crop), from a
+    """images/s of ``inference.main`` at its defaults (tiles of the training crop, one view), from a
     random-weight checkpoint that predicts the full --detections_per_img."""
     import inference
 

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000)
     parser.add_argument("--box_batch_size_per_image", type=int, default=512)
     parser.add_argument("--predict_size", type=int, default=384,
-                        help="also count the syncs of predicting one generated image of this side at "
-                             "inference.py's defaults (tiles of 256 px x 4 flips), ours vs torchvision's detector (0: skip)")
+                        help="also count the syncs of predicting one generated image of this side with "
+                             "inference.py's tiles of 256 px x the 4 flips of --tta, ours vs torchvision's detector (0: skip)")
     parser.add_argument("--rpn_post_nms_top_n_test", type=int, default=2000, help="the prediction's proposals per view")
     parser.add_argument("--detections_per_img", type=int, default=1000, help="the prediction's cap")
     parser.add_argument("--take_all", action="store_true",
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = summarize(args, device, rows, parts)
     payload["prediction"] = prediction
     if prediction:
-        print_table(f"predicting one {args.predict_size}x{args.predict_size} image, inference.py defaults", prediction,
+        print_table(f"predicting one {args.predict_size}x{args.predict_size} image, inference.py --tta", prediction,
                     ["detector", "views", "syncs_per_image", "syncs_per_view", "ops", "seconds", "detections"])
     write_results(args, NAME, payload)
     return payload
@@ -153,8 +153,8 @@ def measure_count(sample: Path, args: argparse.Namespace, device: torch.device) 
 
 
 def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path) -> list[dict[str, Any]]:
-    """Syncs of ``inference.predict_images`` on one image at inference.py's defaults (256 px
-    tiles, the 4 flips, batches of 4 views), with detector.py and with torchvision's detector,
+    """Syncs of ``inference.predict_images`` on one image as ``inference.py --tta`` predicts it
+    (256 px tiles, the 4 flips, batches of 4 views), with detector.py and with torchvision's detector,
     from the same random weights (which detect the most: every view's full cap)."""
     from inference import Settings, TTA_SCALES, predict_images
 

@@ -133,7 +133,7 @@ def test_ema_repeat_factor_sampling_and_eval_every(data: dict, tmp_path: Path, s
         assert "raw_model" in best
 
 
-def test_tiles_at_the_training_crop_and_flipped_submission_views_unless_told(
+def test_tiles_at_the_training_crop_and_one_view_unless_told(
         data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shallow: None) -> None:
     import engine
 
@@ -146,5 +146,5 @@ def test_tiles_at_the_training_crop_and_flipped_submission_views_unless_told(
     monkeypatch.setattr(inference, "predict", record)
     test_args = _test_args(data, tmp_path / "r.json")
     inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
-    inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--no_tta", *test_args])
-    assert tiles == [64, 64, 0] and views == [None, [1.0], None]  # the submission: TTA unless --no_tta
+    inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--tta", *test_args])
+    assert tiles == [64, 64, 0] and views == [None, None, [1.0]]  # the submission: one view unless --tta

@@ -220,10 +220,11 @@ def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) 
 
 
 def test_inference_prediction_flags() -> None:
-    """TTA is on unless --no_tta (it won on held-out images); --mask_thresh must lie inside (0, 1)."""
+    """TTA is off unless --tta (the flips lost on a second held-out split); --mask_thresh must lie inside (0, 1)."""
     parse = inference.build_parser().parse_args
-    assert parse(["--checkpoint", "x"]).tta and parse(["--checkpoint", "x", "--tta"]).tta
-    assert not parse(["--checkpoint", "x", "--no_tta"]).tta
+    assert parse(["--checkpoint", "x"]).tta is None and parse(["--checkpoint", "x", "--no_tta"]).tta is None
+    assert parse(["--checkpoint", "x", "--tta"]).tta == "flips"
+    assert parse(["--checkpoint", "x", "--tta", "dihedral"]).tta == "dihedral"
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     with pytest.raises(SystemExit):
         parse(["--checkpoint", "x", "--mask_thresh", "1"])
