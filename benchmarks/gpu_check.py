@@ -224,7 +224,8 @@ def syncs(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, A
     """benchmarks/host_syncs.py on this device: on CUDA only ops on device tensors count."""
     counts = [str(c) for c in sizes["sync_counts"]]
     argv = ["--counts", *counts, "--size", str(sizes["sync_size"]), str(sizes["sync_size"]), "--device", device.type,
-            "--steps", str(sizes["sync_steps"]), "--part_reps", "3", "--threads", str(torch.get_num_threads()), *sizes["sync_args"],
+            "--steps", str(sizes["sync_steps"]), "--part_reps", "3", "--threads", str(torch.get_num_threads()),
+            *sizes["sync_args"],
             "--json", str(tmp / "host_syncs.json")]
     if device.type == "cuda":
         argv.append("--use_amp")

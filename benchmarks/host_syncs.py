@@ -84,14 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "effnet_v2_m"))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, interleaved across variants (0: count syncs only)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per variant, interleaved across variants (0: count syncs only)")
     parser.add_argument("--use_amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
     parser.add_argument("--part_reps", type=int, default=20, help="interleaved calls of each mask function alone")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000)
     parser.add_argument("--box_batch_size_per_image", type=int, default=512)
     parser.add_argument("--predict_size", type=int, default=384,
                         help="also count the syncs of predicting one generated image of this side with "
-                             "inference.py's tiles of 256 px x the 4 flips of --tta, ours vs torchvision's detector (0: skip)")
+                             "inference.py's tiles of 256 px x the 4 flips of --tta, ours vs torchvision's detector "
+                             "(0: skip)")
     parser.add_argument("--rpn_post_nms_top_n_test", type=int, default=2000, help="the prediction's proposals per view")
     parser.add_argument("--detections_per_img", type=int, default=1000, help="the prediction's cap")
     parser.add_argument("--take_all", action="store_true",
