@@ -48,12 +48,16 @@ def link_checkpoint(source: Path, path: Path) -> None:
     a copy where links are not supported). ``save_checkpoint`` replaces a file by renaming,
     so a later save to either name leaves the other one as it is."""
     source, path = Path(source), Path(path)
+    if path.exists() and path.samefile(source):
+        return
     tmp = path.with_name(f".{path.name}.link")
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
-    except OSError:  # a file system without hard links
+    except OSError:  # a file system without hard links: a copy, on disk before it replaces a good file
         shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 

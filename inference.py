@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vote_boost", type=float, default=0.0,
                         help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                              "one view count once (0: best score alone)")
-    parser.add_argument("--tta_scales", type=float, nargs="+", default=list(TTA_SCALES), help="image scales for --tta")
+    parser.add_argument("--tta_scales", type=float, nargs="+", default=None,
+                        help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
+                             "alone, it turns --tta on")
     parser.add_argument("--mask_thresh", type=probability, default=0.5,
                         help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
     parser.add_argument("--save_labels", default=None, metavar="DIR",
@@ -116,9 +118,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, batch_size=args.batch_size,
                           device=args.device, use_amp=args.use_amp, overrides=overrides,
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
-                          tile_overlap=args.tile_overlap, tta_scales=args.tta_scales if args.tta else None,
+                          tile_overlap=args.tile_overlap, tta_scales=_tta_scales(args),
                           mask_thresh=args.mask_thresh, save_labels=args.save_labels, label_thresh=args.label_thresh,
                           dihedral=args.tta == "dihedral", vote_boost=args.vote_boost)
+
+
+def _tta_scales(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """The views' scales, or None for one view: --tta, or --tta_scales alone, asks for views."""
+    if args.tta is None and args.tta_scales is None:
+        return None
+    return tuple(args.tta_scales or TTA_SCALES)
 
 
 def training_tile(state: dict[str, Any]) -> int:

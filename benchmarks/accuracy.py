@@ -67,7 +67,7 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6",
 def post_settings(name: str, crop: int) -> dict[str, Any]:
     """predict() keyword arguments of one inference-time addition."""
     tile = {"tile": crop, "tile_overlap": 0.25}
-    flips = {"tta_scales": list(TTA_SCALES)}  # inference.py's default views
+    flips = {"tta_scales": list(TTA_SCALES)}  # inference.py --tta's views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
                 "tile+tta": {**tile, **flips}, "tile+dihedral": {**tile, **flips, "dihedral": True},
                 "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}

@@ -147,4 +147,4 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
     test_args = _test_args(data, tmp_path / "r.json")
     inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
     inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--tta", *test_args])
-    assert tiles == [64, 64, 0] and views == [None, None, [1.0]]  # the submission: one view unless --tta
+    assert tiles == [64, 64, 0] and views == [None, None, (1.0,)]  # the submission: one view unless --tta

@@ -130,6 +130,7 @@ def test_a_linked_checkpoint_keeps_its_content_when_the_other_name_is_saved_agai
     save_checkpoint(last, {"model": {}, "config": {"epoch": 2}})  # the next epoch, not better
     assert load_checkpoint(best)["config"] == {"epoch": 1} and load_checkpoint(last)["config"] == {"epoch": 2}
     link_checkpoint(last, best)  # over an existing file
+    link_checkpoint(last, best)  # and again, already the same file
     assert best.samefile(last) and sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]
 
 
@@ -225,6 +226,8 @@ def test_inference_prediction_flags() -> None:
     assert parse(["--checkpoint", "x"]).tta is None and parse(["--checkpoint", "x", "--no_tta"]).tta is None
     assert parse(["--checkpoint", "x", "--tta"]).tta == "flips"
     assert parse(["--checkpoint", "x", "--tta", "dihedral"]).tta == "dihedral"
+    views = lambda *flags: inference._tta_scales(parse(["--checkpoint", "x", *flags]))  # noqa: E731
+    assert views() is None and views("--tta") == (1.0,) and views("--tta_scales", "0.8", "1") == (0.8, 1.0)
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     with pytest.raises(SystemExit):
         parse(["--checkpoint", "x", "--mask_thresh", "1"])
