@@ -35,7 +35,7 @@ def test_data_pipeline_same_targets(tmp_path: Path) -> None:
     assert windowed["identical_targets"] and windowed["stages"] == []
 
 
-def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path) -> None:
+def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path, shallow_subprocesses: None) -> None:
     out = tmp_path / "memory.json"
     train_memory.main(["--counts", "15", "--size", "64", "80", "--steps", "1", "--device", "cpu", *TINY_ROIS,
                        "--json", str(out)])
@@ -116,7 +116,8 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     from benchmarks import accuracy
     from synthetic import make_dataset
 
-    tiny_dataset = make_dataset(tmp_path / "data", n_train=3, n_test=1, size=(80, 96), cells=(4, 8), seed=6)
+    # 64 px images, one 64 px tile each: the post variants' views, not their tiles, are what multiplies the work
+    tiny_dataset = make_dataset(tmp_path / "data", n_train=3, n_test=1, size=(64, 64), cells=(4, 8), seed=6)
     out, runs = tmp_path / "accuracy.json", tmp_path / "runs"
 
     def study(*post: str, seeds: tuple[str, ...] = ("0",)) -> dict:
@@ -166,7 +167,7 @@ def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, 
     assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
 
 
-def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
+def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None, shallow_subprocesses: None) -> None:
     out = tmp_path / "gpu_check.json"
     gpu_check.main(["--dry_run", "--json", str(out)])
     payload = json.loads(out.read_text())

@@ -1,0 +1,14 @@
+"""Put on PYTHONPATH (conftest.py's ``shallow_subprocesses`` fixture), this makes every Python
+process a test starts (a benchmark's isolated workers, torchrun's ranks) build the shallow
+ResNet of tests/shallow.py in place of ResNet-101, as ``shallow`` does in the test's own process.
+"""
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+
+import model  # noqa: E402
+from shallow import shallow_resnet101  # noqa: E402
+
+model.resnet101 = shallow_resnet101  # for the life of the process
