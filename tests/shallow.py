@@ -7,7 +7,8 @@ of 63 M parameters), not by the tiny test images, so one Bottleneck block per st
 state-dict layout per block, so checkpoints written under the patch reload under it.
 
 In-process: ``with shallow_resnet(): ...`` or the ``shallow`` fixture of conftest.py.
-A subprocess: ``python tests/shallow.py train_resnet.py <flags>`` (torchrun: the same path).
+A subprocess: ``python tests/shallow.py train_resnet.py <flags>`` (torchrun: the same path);
+every process a test starts, whatever its command: the ``shallow_subprocesses`` fixture.
 """
 from __future__ import annotations
 
