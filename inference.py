@@ -34,7 +34,7 @@ from tiling import (Window, cut_flags, greedy_mask_merge, mask_areas, max_cover,
                     take, tile_grid)
 from tta import View, apply_view, boxes_back, masks_back, views
 
-TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale (other scales scored lower, benchmarks/RESULTS.md)
+TTA_SCALES = (1.0,)  # --tta's views: the 4 flips at the input scale
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,8 @@ post-processing is timed) and through the previous code, kept below as the basel
 pasted one detection at a time, a Python merge loop, one RLE per detection.
 
 End to end (``--end_to_end``): ``inference.py`` on a generated 1000x1000 test image, one view
-per tile (``no_tta``) and with the 4 flips (``tta``), from a checkpoint trained at 256 px crops (random weights
-unless ``--checkpoint``), the network's share clocked inside the same run; ``--baseline_repo``
+per tile (``no_tta``) and with the 4 flips (``tta``), from a checkpoint trained at 256 px crops
+(random weights unless ``--checkpoint``), the network's share clocked inside the same run; ``--baseline_repo``
 times the same command in a checkout of the previous code (``--baseline_modes``).
 
     python benchmarks/postprocess.py --end_to_end --baseline_repo ../old_checkout
