@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from checkpoint import load_model, write_json
@@ -30,8 +29,8 @@ from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
-from tiling import (Window, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order, select_candidates,
-                    take, tile_grid)
+from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
+                    same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)
 from tta import View, apply_view, boxes_back, masks_back, views
 
 TTA_SCALES = (1.0,)  # --tta's views: the 4 flips at the input scale
@@ -70,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vote_boost", type=float, default=0.0,
                         help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                              "one view count once (0: best score alone)")
+    parser.add_argument("--merge", choices=("max", "avg"), default="max",
+                        help="a cell found by several views or models: 'max' keeps the mask of its best-scoring "
+                             "copy; 'avg' averages the mask probabilities of its copies, the best one of each view "
+                             "and model (more mask-head work; tiles of one view count once)")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=None,
                         help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
                              "alone, it turns --tta on")
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           score_thresh=args.score_thresh, num_workers=args.num_workers, tile=args.tile,
                           tile_overlap=args.tile_overlap, tta_scales=_tta_scales(args),
                           mask_thresh=args.mask_thresh, save_labels=args.save_labels, label_thresh=args.label_thresh,
-                          dihedral=args.tta == "dihedral", vote_boost=args.vote_boost)
+                          dihedral=args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
 
 
 def _tta_scales(args: argparse.Namespace) -> tuple[float, ...] | None:
@@ -207,6 +210,7 @@ class Settings:
     match_thresh: float = 0.5
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
+    merge: str = "max"  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
 
 
 @torch.no_grad()
@@ -221,7 +225,7 @@ def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: to
     several models are an ensemble, merged like views; ``batch_size`` views (tiles x flips,
     of one or several images) go through a network together; each image keeps at most
     ``detections_per_img`` detections (default: the models' limit) after all merges.
-    ``merge`` takes the other ``Settings`` fields (``dihedral``, ``vote_boost``).
+    ``merge`` takes the other ``Settings`` fields (``dihedral``, ``vote_boost``, ``merge``).
     """
     settings = Settings(tile, tile_overlap, tuple(tta_scales) if tta_scales else None, mask_thresh,
                         max(int(batch_size), 1), detections_per_img, **merge)
@@ -273,7 +277,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         found.extend(_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
                      for d, k, crop in zip(dets, chunk, crops))
     picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
-    probs = _candidate_masks(stages, passes, jobs, picks)
+    probs = [_averaged(pick, prob) for pick, prob in zip(picks, _candidate_masks(stages, passes, jobs, picks))]
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
 
 
@@ -303,7 +307,8 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
 
 def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
     """The image's candidates as (job, index within the job's detections), in selection order,
-    and the image's pool of detections (the voters)."""
+    then under ``--merge avg`` their copies (``copy_of`` their candidate), and the image's pool
+    of detections (the voters)."""
     mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
     parts = [found[k] for k in mine]
     boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
@@ -316,9 +321,15 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
         copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
         keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
     source = boxes.new_tensor([job.source for job in jobs], dtype=torch.int64)[job_of]
-    return {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
+    pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine),
             "pool": {"boxes": boxes, "labels": labels, "source": source}}
+    if settings.merge == "avg" and len(mine) > 1:
+        pairs = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
+        cell, other = same_cell_copies(*pairs, scores, source, cut, source[keep])
+        pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),
+                    copy_of=cell, copy_boxes=boxes[other])
+    return pick
 
 
 def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[dict]) -> list[torch.Tensor]:
@@ -340,6 +351,14 @@ def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[di
     return list(restored.split([len(p["job"]) for p in picks]))
 
 
+def _averaged(pick: dict, probs: torch.Tensor) -> torch.Tensor:
+    """The candidates' mask probabilities, each averaged with its copies' under ``--merge avg``."""
+    if "copy_of" not in pick:
+        return probs
+    kept = len(pick["scores"])
+    return average_masks(probs[:kept], pick["boxes"], probs[kept:], pick["copy_boxes"], pick["copy_of"])
+
+
 def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings) -> dict:
     """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
     raised by their votes, best first."""
@@ -359,17 +378,13 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
             "masks": take(masks, kept), "image_size": size}
 
 
-def votes(boxes: torch.Tensor, labels: torch.Tensor, pool: dict, iou: float = 0.5, chunk: int = 8192) -> torch.Tensor:
+def votes(boxes: torch.Tensor, labels: torch.Tensor, pool: dict, iou: float = 0.5) -> torch.Tensor:
     """How many sources (model x view) detected each cell: a pool detection of the same class
-    whose box overlaps the cell's with IoU > ``iou``; tiles of one view count once. Batched
-    over the pool ``chunk`` detections at a time."""
+    whose box overlaps the cell's with IoU > ``iou``; tiles of one view count once."""
     n_sources = int(pool["source"].max()) + 1 if len(pool["source"]) else 1  # host sync: one per image
     seen = torch.zeros((len(boxes), n_sources), dtype=torch.bool, device=boxes.device)
-    for start in range(0, len(pool["boxes"]), chunk):
-        part = slice(start, start + chunk)
-        hit = (box_iou(boxes, pool["boxes"][part]) > iou) & (labels[:, None] == pool["labels"][part][None])
-        cell, other = hit.nonzero(as_tuple=True)
-        seen[cell, pool["source"][part][other]] = True
+    cell, other = same_cell_pairs(boxes, labels, pool["boxes"], pool["labels"], iou)
+    seen[cell, pool["source"][other]] = True
     return seen.sum(dim=1).clamp(min=1).to(torch.float32)
 
 

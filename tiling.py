@@ -12,11 +12,16 @@ model's device:
    smaller mask > ``match_thresh``) inside a kept one of the same class is a duplicate; this
    catches cut pieces whose boxes overlap the whole cell too little for the box NMS (and a
    cut piece lying mostly inside a kept box is one too).
+
+``--merge avg`` adds a step between them: each candidate's copies from the other views and
+models (``same_cell_copies``) get masks too, which are resampled into the candidate's box and
+averaged with its own (``average_masks``).
 """
 from __future__ import annotations
 
 import torch
-from torchvision.ops import batched_nms
+import torch.nn.functional as F
+from torchvision.ops import batched_nms, box_iou
 
 from masks import PackedMasks, pixel_chunks
 
@@ -96,6 +101,61 @@ def greedy_mask_merge(masks: PackedMasks, labels: torch.Tensor, key: torch.Tenso
         box_area = (boxes[second, 2:] - boxes[second, :2]).prod(dim=1)
         dup |= cut[second] & (box_inter > match_thresh * box_area)
     return _greedy_keep(len(labels), first, second, dup)
+
+
+def same_cell_pairs(boxes: torch.Tensor, labels: torch.Tensor, pool_boxes: torch.Tensor, pool_labels: torch.Tensor,
+                    iou: float = 0.5, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell, pool index) pairs where a pool detection of the cell's class overlaps its box with
+    IoU > ``iou``: the cell's copies. Batched over the pool ``chunk`` detections at a time."""
+    cells, others = [boxes.new_zeros(0, dtype=torch.int64)], [boxes.new_zeros(0, dtype=torch.int64)]
+    for start in range(0, len(pool_boxes), chunk):
+        part = slice(start, start + chunk)
+        hit = (box_iou(boxes, pool_boxes[part]) > iou) & (labels[:, None] == pool_labels[part][None])
+        cell, other = hit.nonzero(as_tuple=True)  # host sync: how many copies (once per chunk)
+        cells.append(cell)
+        others.append(other + start)
+    return torch.cat(cells), torch.cat(others)
+
+
+def same_cell_copies(cell: torch.Tensor, other: torch.Tensor, scores: torch.Tensor, source: torch.Tensor,
+                     cut: torch.Tensor, own_source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copies worth averaging among ``same_cell_pairs``: whole ones from the other sources
+    (model x view; a cell's own source, its neighbouring tiles included, already gave it its
+    mask), the best-scoring one per source."""
+    useful = ~cut[other] & (source[other] != own_source[cell])
+    cell, other = cell[useful], other[useful]
+    group = cell * (int(source.max()) + 1 if len(source) else 1) + source[other]  # host sync: one per image
+    order = torch.argsort(scores[other], descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]  # by group, best score first within it
+    first = torch.ones_like(order, dtype=torch.bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    return cell[order[first]], other[order[first]]
+
+
+def average_masks(probs: torch.Tensor, boxes: torch.Tensor, copy_probs: torch.Tensor, copy_boxes: torch.Tensor,
+                  copy_of: torch.Tensor) -> torch.Tensor:
+    """Each cell's box-relative mask probabilities ([K, M, M] in ``boxes``) averaged with those of
+    its copies (``copy_of[j]`` the cell of copy j), each copy first resampled from its own box
+    into its cell's: what a copy's box leaves out counts as background, as when pasting."""
+    copies = resample_masks(copy_probs, copy_boxes, boxes[copy_of])
+    total = probs.float().index_add(0, copy_of, copies)
+    count = torch.ones(len(probs), device=probs.device).index_add(0, copy_of, torch.ones_like(copy_of, dtype=torch.float))
+    return total / count[:, None, None]
+
+
+def resample_masks(probs: torch.Tensor, boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
+    """Box-relative mask probabilities [K, M, M] of ``boxes`` seen in ``target_boxes``' frames:
+    one bilinear ``grid_sample`` for all of them, zero outside the source box."""
+    size = probs.shape[-1]
+    centre = (torch.arange(size, device=probs.device, dtype=torch.float32) + 0.5) / size  # cell centres, box share
+    src, dst = boxes.float(), target_boxes.float()
+    x = dst[:, None, 0] + centre[None] * (dst[:, None, 2] - dst[:, None, 0])  # [K, M] image coordinates
+    y = dst[:, None, 1] + centre[None] * (dst[:, None, 3] - dst[:, None, 1])
+    gx = 2 * (x - src[:, None, 0]) / (src[:, None, 2] - src[:, None, 0]).clamp(min=1e-6) - 1
+    gy = 2 * (y - src[:, None, 1]) / (src[:, None, 3] - src[:, None, 1]).clamp(min=1e-6) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [K, M, M, (x, y)]
+    return F.grid_sample(probs[:, None].float(), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[:, 0]
 
 
 def take(masks: PackedMasks, index: torch.Tensor) -> PackedMasks:

@@ -32,6 +32,7 @@ import train_resnet  # noqa: E402
 import engine  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt, evaluate  # noqa: E402
+from faster_coco_eval import COCO  # noqa: E402
 from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from inference import TTA_SCALES, predict  # noqa: E402
 
@@ -61,7 +62,7 @@ CONFIGS: dict[str, list[str]] = {
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
-        "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2")
+        "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
@@ -73,6 +74,8 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
                 "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}
     if name.startswith("tile+tta+vote"):
         return {**tile, **flips, "vote_boost": float(name.removeprefix("tile+tta+vote"))}
+    if name.endswith("+avg"):  # --merge avg: tile+avg averages only an ensemble's models
+        return {**settings[name.removesuffix("+avg")], "merge": "avg"}
     return settings[name]
 
 
@@ -189,13 +192,22 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str) -> dict[s
     coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
     models = [load_model(out / "last.pth")[0] for out in outs]
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    rows = {}
+    rows = {"ceiling": ceiling(coco_gt, args.eval_max_dets)}
     for post in args.post:
         results = predict(models, loader, torch.device("cpu"), False, desc=f"held-out {post}",
                           **post_settings(post, args.crop))
         metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets)
         rows[f"{name}+{post}"] = {m: float(metrics[m]) for m in METRICS}
     return rows
+
+
+def ceiling(coco_gt: COCO, max_dets: int) -> dict[str, float]:
+    """The held-out metrics of the ground truth itself submitted as predictions: the most any
+    model can score when only ``max_dets`` detections per image and class count."""
+    truth = [{key: ann[key] for key in ("image_id", "category_id", "segmentation", "bbox")} | {"score": 1.0}
+             for ann in coco_gt.dataset["annotations"]]
+    metrics = evaluate(coco_gt, truth, max_dets=max_dets)
+    return {m: float(metrics[m]) for m in METRICS}
 
 
 def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, float]],

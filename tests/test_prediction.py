@@ -18,7 +18,8 @@ from conftest import mask_boxes
 from inference import Settings, predict_images
 from masks import PackedMasks
 from synthetic import synth_image
-from tiling import greedy_mask_merge, max_cover, pair_intersections, select_candidates, take, tile_grid
+from tiling import (average_masks, greedy_mask_merge, max_cover, pair_intersections, resample_masks, same_cell_copies,
+                    same_cell_pairs, select_candidates, take, tile_grid)
 
 
 class CellOracle:
@@ -225,3 +226,69 @@ def test_an_ensemble_votes_cells_up_by_the_views_and_models_that_found_them() ->
 
 def _cells_list(out: dict) -> list:
     return [(int(label), *[round(v) for v in box]) for label, box in zip(out["labels"].tolist(), out["boxes"].tolist())]
+
+
+class Blank(CellOracle):
+    """Finds the same cells, a little less sure of them, and draws no mask: averaged in, its
+    copy of a cell halves the cell's mask probabilities."""
+
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+        state, dets = super().detect(crops, cap)
+        return state, [{**d, "scores": d["scores"] * 0.99} for d in dets]
+
+    def masks(self, state: list, picks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.zeros_like(super().masks(state, picks))
+
+
+@pytest.mark.parametrize("tile", [0, 96])
+def test_merge_avg_averages_each_cells_mask_with_its_copies(tile: int) -> None:
+    image = _scene(6, (150, 200))
+    alone = predict_images(CellOracle(), [image], Settings(tile=tile, tile_overlap=0.4))[0]
+    pair = [CellOracle(), Blank()]
+    best = predict_images(pair, [image], Settings(tile=tile, tile_overlap=0.4, mask_thresh=0.25))[0]
+    averaged = predict_images(pair, [image], Settings(tile=tile, tile_overlap=0.4, mask_thresh=0.25, merge="avg"))[0]
+    assert _cells_list(averaged) == _cells_list(alone) == _cells_list(best)
+    # halved probabilities above 0.25 are the oracle's own above 0.5; max keeps the oracle's copy as is
+    assert torch.equal(averaged["masks"].data, alone["masks"].data)
+    assert best["masks"].data.sum() > alone["masks"].data.sum()
+
+
+def test_merge_avg_with_one_view_and_model_changes_nothing() -> None:
+    image = _scene(7, (150, 200))
+    settings = Settings(tile=96, tile_overlap=0.4)
+    oracle = CellOracle()
+    plain = predict_images(oracle, [image], settings)[0]
+    calls = sum(oracle.mask_calls)
+    averaged = predict_images(oracle, [image], Settings(tile=96, tile_overlap=0.4, merge="avg"))[0]
+    assert sum(oracle.mask_calls) == 2 * calls  # neighbouring tiles of one view are not copies
+    assert torch.equal(averaged["scores"], plain["scores"]) and torch.equal(averaged["masks"].data, plain["masks"].data)
+
+
+def test_same_cell_copies_are_whole_from_other_sources_and_the_best_of_each() -> None:
+    cell = torch.tensor([[10., 10, 30, 30]])
+    pool = torch.tensor([[10., 10, 30, 30],  # the cell itself (source 0)
+                         [11, 10, 30, 31],  # source 0, a neighbouring tile: no copy
+                         [10, 11, 31, 30],  # source 1, scores 0.4
+                         [10, 10, 31, 30],  # source 1, scores 0.7: source 1's copy
+                         [10, 10, 30, 29],  # source 2, cut by a tile edge: no copy
+                         [10, 10, 30, 30],  # source 3, another class: no copy
+                         [50, 50, 70, 70]])  # source 3, elsewhere
+    scores = torch.tensor([0.9, 0.8, 0.4, 0.7, 0.95, 0.9, 0.9])
+    labels = torch.tensor([1, 1, 1, 1, 1, 2, 1])
+    source = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+    cut = torch.tensor([False, False, False, False, True, False, False])
+    pairs = same_cell_pairs(cell, labels[:1], pool, labels)
+    assert pairs[1].tolist() == [0, 1, 2, 3, 4]
+    copy_of, copy = same_cell_copies(*pairs, scores, source, cut, source[:1])
+    assert copy_of.tolist() == [0] and copy.tolist() == [3]
+
+
+def test_average_masks_resamples_copies_into_the_cells_box() -> None:
+    probs = torch.rand(2, 28, 28)
+    boxes = torch.tensor([[0., 0, 20, 10], [5, 5, 33, 33]])
+    assert torch.allclose(resample_masks(probs, boxes, boxes), probs, atol=1e-5)  # the same box: unchanged
+    right = resample_masks(torch.ones(1, 28, 28), torch.tensor([[10., 0, 20, 10]]), boxes[:1])[0]
+    assert right[:, :13].max() == 0 and right[:, 15:].min() > 0.999  # the copy covers the box's right half only
+    copies = torch.stack([torch.ones(28, 28), torch.zeros(28, 28), torch.ones(28, 28)])
+    mean = average_masks(torch.full((2, 28, 28), 0.5), boxes, copies, boxes[[0, 0, 1]], torch.tensor([0, 0, 1]))
+    assert torch.allclose(mean[0], torch.full((28, 28), 0.5)) and torch.allclose(mean[1], torch.full((28, 28), 0.75))
