@@ -139,7 +139,7 @@ def average_masks(probs: torch.Tensor, boxes: torch.Tensor, copy_probs: torch.Te
     into its cell's: what a copy's box leaves out counts as background, as when pasting."""
     copies = resample_masks(copy_probs, copy_boxes, boxes[copy_of])
     total = probs.float().index_add(0, copy_of, copies)
-    count = torch.ones(len(probs), device=probs.device).index_add(0, copy_of, torch.ones_like(copy_of, dtype=torch.float))
+    count = torch.ones(len(probs), device=probs.device).index_add(0, copy_of, copies.new_ones(len(copy_of)))
     return total / count[:, None, None]
 
 

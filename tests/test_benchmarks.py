@@ -127,17 +127,19 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
                               "--detections_per_img", "20", "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
 
     both = study("tile+tta", seeds=("0", "1"))  # two runs, and the two as one ensemble
-    assert set(both["mean"]) == {"cells", "cells+ema", "cells+tile+tta", "cells+ensemble+tile+tta"}
+    assert set(both["mean"]) == {"cells", "cells+ema", "cells+tile+tta", "cells+ensemble+tile+tta", "ceiling"}
     assert len(both["runs"]["cells+tile+tta"]) == 2 and len(both["runs"]["cells+ensemble+tile+tta"]) == 1
     result = study("tile")  # one seed: no ensemble
-    assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile"}
+    assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile", "ceiling"}
     assert json.loads(out.read_text())["mean"] == result["mean"]
+    assert all(result["mean"]["ceiling"][m] == 1.0 for m in accuracy.METRICS)  # 8 cells at most: all count
     for row in result["mean"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns  # --keep_dir keeps the run...
-    again = study("tile+mask0.6")
+    again = study("tile+mask0.6", "tile+tta+avg")
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp  # ...and scores it again without training
-    assert again["mean"]["cells"] == result["mean"]["cells"] and "cells+tile+mask0.6" in again["mean"]
+    assert again["mean"]["cells"] == result["mean"]["cells"]
+    assert {"cells+tile+mask0.6", "cells+tile+tta+avg"} < set(again["mean"])
     state = load_checkpoint(runs / "cells_0/last.pth")
     del state["args"]["repeat_thresh"]  # a run from before the flag existed, which is at its default
     save_checkpoint(runs / "cells_0/last.pth", state)
