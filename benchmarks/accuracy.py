@@ -8,6 +8,10 @@ an EMA of its weights (``--ema_decay``), scored beside the raw weights, so "+ema
 extra training; the inference-time additions (``--post``: tiled prediction, TTA) are scored
 on the same run's final raw weights. A change becomes a default only if it wins here.
 
+Two rows bound what is left to gain: ``ceiling``, the ground truth itself scored (with one
+class and hundreds of cells per image, maxDets 100 caps recall), and ``tile+oracle``, the
+tiled detections ranked by their true mask IoU (the most any re-scoring of them can reach).
+
     python benchmarks/accuracy.py --configs stock_native cells --seeds 0 1 --post tile tta
 """
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from pycocotools import mask as mask_util  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import train_effnet_v2  # noqa: E402
@@ -62,7 +68,8 @@ CONFIGS: dict[str, list[str]] = {
 # Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
-        "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg")
+        "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg",
+        "tile+oracle")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
@@ -76,6 +83,8 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
         return {**tile, **flips, "vote_boost": float(name.removeprefix("tile+tta+vote"))}
     if name.endswith("+avg"):  # --merge avg: tile+avg averages only an ensemble's models
         return {**settings[name.removesuffix("+avg")], "merge": "avg"}
+    if name.endswith("+oracle"):  # predicted like the rest, then scored by the truth (score_posts)
+        return settings[name.removesuffix("+oracle")]
     return settings[name]
 
 
@@ -196,6 +205,8 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str) -> dict[s
     for post in args.post:
         results = predict(models, loader, torch.device("cpu"), False, desc=f"held-out {post}",
                           **post_settings(post, args.crop))
+        if post.endswith("+oracle"):
+            results = truth_ranked(coco_gt, results)
         metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets)
         rows[f"{name}+{post}"] = {m: float(metrics[m]) for m in METRICS}
     return rows
@@ -208,6 +219,24 @@ def ceiling(coco_gt: COCO, max_dets: int) -> dict[str, float]:
              for ann in coco_gt.dataset["annotations"]]
     metrics = evaluate(coco_gt, truth, max_dets=max_dets)
     return {m: float(metrics[m]) for m in METRICS}
+
+
+def truth_ranked(coco_gt: COCO, results: list[dict]) -> list[dict]:
+    """The detections scored by their best mask IoU with a ground-truth cell of their class: the
+    most any re-scoring of these very detections can reach (an upper bound, not a method)."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    ranked = []
+    for image_id, dets in by_image.items():
+        truth = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
+        if not truth:
+            ranked.extend({**d, "score": 0.0} for d in dets)
+            continue
+        iou = mask_util.iou([d["segmentation"] for d in dets], [t["segmentation"] for t in truth], [0] * len(truth))
+        same = np.array([d["category_id"] for d in dets])[:, None] == np.array([t["category_id"] for t in truth])[None]
+        ranked.extend({**d, "score": float(best)} for d, best in zip(dets, (iou * same).max(axis=1)))
+    return ranked
 
 
 def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, float]],

@@ -73,6 +73,27 @@ def test_inference_agreement_counts_partners() -> None:
     assert inference.agreement(reference, reference)["identical"]
 
 
+def test_truth_ranking_scores_each_detection_by_its_best_iou_of_its_class() -> None:
+    from benchmarks import accuracy
+    from dataloader import Instances
+
+    crops = [np.ones((4, 4), dtype=bool), np.ones((2, 6), dtype=bool)]
+    truth = Instances(np.array([1, 2]), np.array([[0, 0, 4, 4], [2, 6, 8, 8]]), crops, 10, 10)
+    coco_gt = accuracy.build_coco_gt([truth, Instances(np.zeros(0, dtype=np.int64), np.zeros((0, 4)), [], 10, 10)],
+                                     [1, 2])
+    half = np.zeros((10, 10), dtype=np.uint8, order="F")
+    half[0:4, 0:2] = 1  # half of the first cell: IoU 0.5
+    first = coco_gt.loadAnns([1])[0]["segmentation"]
+    rle = mask_util.encode(half)
+    dets = [{"image_id": 1, "category_id": 1, "score": 0.1, "segmentation": first},
+            {"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": {**rle, "counts": rle["counts"].decode()}},
+            {"image_id": 1, "category_id": 3, "score": 0.9, "segmentation": first},  # the right cell, wrong class
+            {"image_id": 2, "category_id": 1, "score": 0.9, "segmentation": first}]  # an image without cells
+    ranked = accuracy.truth_ranked(coco_gt, dets)
+    assert [r["score"] for r in ranked] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert accuracy.ceiling(coco_gt, 100)["segm_AP50"] == 1.0
+
+
 def test_evaluation_libraries_agree(tmp_path: Path) -> None:
     out = tmp_path / "evaluation.json"
     evaluation.main(["--images", "3", "--size", "96", "96", "--gt_per_image", "15", "--dets_per_image", "25",
