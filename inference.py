@@ -326,7 +326,8 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
             "pool": {"boxes": boxes, "labels": labels, "source": source}}
     if settings.merge == "avg" and len(mine) > 1:
         pairs = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
-        cell, other = same_cell_copies(*pairs, scores, source, cut, source[keep])
+        n_sources = max(job.source for job in jobs) + 1
+        cell, other = same_cell_copies(*pairs, scores, source, cut, source[keep], n_sources)
         pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),
                     copy_of=cell, copy_boxes=boxes[other])
     return pick

@@ -118,13 +118,13 @@ def same_cell_pairs(boxes: torch.Tensor, labels: torch.Tensor, pool_boxes: torch
 
 
 def same_cell_copies(cell: torch.Tensor, other: torch.Tensor, scores: torch.Tensor, source: torch.Tensor,
-                     cut: torch.Tensor, own_source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     cut: torch.Tensor, own_source: torch.Tensor, n_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The copies worth averaging among ``same_cell_pairs``: whole ones from the other sources
-    (model x view; a cell's own source, its neighbouring tiles included, already gave it its
-    mask), the best-scoring one per source."""
+    (model x view, numbered below ``n_sources``; a cell's own source, its neighbouring tiles
+    included, already gave it its mask), the best-scoring one per source."""
     useful = ~cut[other] & (source[other] != own_source[cell])
-    cell, other = cell[useful], other[useful]
-    group = cell * (int(source.max()) + 1 if len(source) else 1) + source[other]  # host sync: one per image
+    cell, other = cell[useful], other[useful]  # host sync: how many copies are useful
+    group = cell * n_sources + source[other]
     order = torch.argsort(scores[other], descending=True, stable=True)
     order = order[torch.argsort(group[order], stable=True)]  # by group, best score first within it
     first = torch.ones_like(order, dtype=torch.bool)

@@ -279,7 +279,7 @@ def test_same_cell_copies_are_whole_from_other_sources_and_the_best_of_each() ->
     cut = torch.tensor([False, False, False, False, True, False, False])
     pairs = same_cell_pairs(cell, labels[:1], pool, labels)
     assert pairs[1].tolist() == [0, 1, 2, 3, 4]
-    copy_of, copy = same_cell_copies(*pairs, scores, source, cut, source[:1])
+    copy_of, copy = same_cell_copies(*pairs, scores, source, cut, source[:1], n_sources=4)
     assert copy_of.tolist() == [0] and copy.tolist() == [3]
 
 
