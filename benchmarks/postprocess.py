@@ -9,7 +9,8 @@ post-processing is timed) and through the previous code, kept below as the basel
 pasted one detection at a time, a Python merge loop, one RLE per detection.
 
 End to end (``--end_to_end``): ``inference.py`` on a generated 1000x1000 test image, one view
-per tile (``no_tta``) and with the 4 flips (``tta``), from a checkpoint trained at 256 px crops
+per tile (``no_tta``), with the 4 flips (``tta``) and with them averaged (``tta+avg``, ``--merge
+avg``), from a checkpoint trained at 256 px crops
 (random weights unless ``--checkpoint``), the network's share clocked inside the same run; ``--baseline_repo``
 times the same command in a checkout of the previous code (``--baseline_modes``).
 
@@ -48,6 +49,9 @@ NAME = "postprocess"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+MODES = {"no_tta": [], "tta": ["--tta"], "tta+avg": ["--tta", "--merge", "avg"]}  # inference.py flags of ours
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__)
     parser.add_argument("--size", type=int, default=1000, help="side of the square image")
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--end_to_end_size", type=int, default=1000, help="side of its generated test image")
     parser.add_argument("--checkpoint", default=None, help="trained checkpoint for --end_to_end (default: random)")
     parser.add_argument("--baseline_repo", default=None, help="checkout of the previous code for --end_to_end")
-    parser.add_argument("--modes", nargs="+", choices=("no_tta", "tta"), default=["no_tta", "tta"])
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=["no_tta", "tta"],
+                        help="tta+avg: the flips with --merge avg")
     parser.add_argument("--baseline_modes", nargs="+", choices=("no_tta", "tta"), default=["no_tta"],
                         help="modes the previous code is timed in (its tta, its default then, runs every flip as a "
                              "full no-TTA pass: about 4x its no_tta time)")
@@ -156,7 +161,7 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
             flags = ["--checkpoint", str(checkpoint), "--test_dir", str(data["test_dir"]), "--id_map_json",
                      str(data["id_map_json"]), "--num_workers", "0", "--device", args.device,
                      *(["--no_tta"] if mode == "no_tta" else [])]  # the previous code flipped unless --no_tta
-            ours = flags + (["--tta"] if mode == "tta" else [])
+            ours = flags + MODES[mode]
             seconds, network, count = ours_end_to_end(ours + ["--output", str(tmp / f"ours_{mode}.json")], device)
             row: dict[str, Any] = {"mode": mode, "ours_s": seconds, "ours_network_s": network,
                                    "ours_postprocess_share": 1 - network / seconds, "ours_detections": count}
