@@ -69,7 +69,7 @@ CONFIGS: dict[str, list[str]] = {
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
         "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg",
-        "tile+oracle")
+        "tile+tta+max", "tile+dihedral+max", "tile+oracle")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
@@ -81,8 +81,9 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
                 "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}
     if name.startswith("tile+tta+vote"):
         return {**tile, **flips, "vote_boost": float(name.removeprefix("tile+tta+vote"))}
-    if name.endswith("+avg"):  # --merge avg: tile+avg averages only an ensemble's models
-        return {**settings[name.removesuffix("+avg")], "merge": "avg"}
+    for merge in ("avg", "max"):  # --merge (default: avg with TTA views); tile+avg averages an ensemble's models
+        if name.endswith(f"+{merge}"):
+            return {**settings[name.removesuffix(f"+{merge}")], "merge": merge}
     if name.endswith("+oracle"):  # predicted like the rest, then scored by the truth (score_posts)
         return settings[name.removesuffix("+oracle")]
     return settings[name]

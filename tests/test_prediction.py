@@ -108,15 +108,17 @@ def test_tiles_and_flips_give_the_cells_of_the_whole_image(seed: int) -> None:
 def test_each_image_keeps_its_best_detections_up_to_the_cap() -> None:
     images = [_scene(2, (200, 260), 60), _scene(3, (150, 120), 30)]
     whole = predict_images(CellOracle(), images, Settings())
-    oracle = CellOracle()
-    capped = predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,),
-                                                     batch_size=7, detections_per_img=12))
-    for full, out in zip(whole, capped):
-        assert len(out["scores"]) == 12 == len(out["masks"])
-        assert torch.allclose(out["scores"], full["scores"][:12])
     jobs = (len(tile_grid(200, 260, 96, 0.4)) + len(tile_grid(150, 120, 96, 0.4))) * 4
-    assert sum(oracle.detect_calls) == jobs and max(oracle.detect_calls) == 7  # views batched across images
-    assert len(oracle.mask_calls) == len(oracle.detect_calls) and sum(oracle.mask_calls) <= 2 * 12  # masks: candidates only
+    for merge, copies in (("max", 1), ("avg", 4)):  # avg: each candidate's copy from each of the 4 flips
+        oracle = CellOracle()
+        capped = predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,),
+                                                         batch_size=7, detections_per_img=12, merge=merge))
+        for full, out in zip(whole, capped):
+            assert len(out["scores"]) == 12 == len(out["masks"])
+            assert torch.allclose(out["scores"], full["scores"][:12])
+        assert sum(oracle.detect_calls) == jobs and max(oracle.detect_calls) == 7  # views batched across images
+        assert len(oracle.mask_calls) == len(oracle.detect_calls)
+        assert sum(oracle.mask_calls) == 2 * 12 * copies  # masks: the candidates (and their copies) only
 
 
 def test_candidates_prefer_whole_copies_and_respect_the_cap() -> None:
@@ -251,6 +253,17 @@ def test_merge_avg_averages_each_cells_mask_with_its_copies(tile: int) -> None:
     # halved probabilities above 0.25 are the oracle's own above 0.5; max keeps the oracle's copy as is
     assert torch.equal(averaged["masks"].data, alone["masks"].data)
     assert best["masks"].data.sum() > alone["masks"].data.sum()
+
+
+def test_masks_are_averaged_by_default_with_tta_views_only() -> None:
+    assert Settings(tta_scales=(1.0,)).averages and not Settings().averages
+    assert not Settings(tta_scales=(1.0,), merge="max").averages and Settings(merge="avg").averages
+    image = _scene(8, (120, 150))
+    pair = [CellOracle(), Blank()]
+    flips = {"tta_scales": (1.0,), "mask_thresh": 0.25}
+    default, averaged, best = (predict_images(pair, [image], Settings(**flips, merge=merge))[0]["masks"].data
+                               for merge in (None, "avg", "max"))
+    assert torch.equal(default, averaged) and default.sum() < best.sum()
 
 
 def test_merge_avg_with_one_view_and_model_changes_nothing() -> None:
