@@ -9,8 +9,8 @@ post-processing is timed) and through the previous code, kept below as the basel
 pasted one detection at a time, a Python merge loop, one RLE per detection.
 
 End to end (``--end_to_end``): ``inference.py`` on a generated 1000x1000 test image, one view
-per tile (``no_tta``), with the 4 flips (``tta``) and with them averaged (``tta+avg``, ``--merge
-avg``), from a checkpoint trained at 256 px crops
+per tile (``no_tta``), with the 4 flips (``tta``, masks averaged) and with each cell's best copy
+kept (``tta+max``, ``--merge max``), from a checkpoint trained at 256 px crops
 (random weights unless ``--checkpoint``), the network's share clocked inside the same run; ``--baseline_repo``
 times the same command in a checkout of the previous code (``--baseline_modes``).
 
@@ -49,7 +49,7 @@ NAME = "postprocess"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-MODES = {"no_tta": [], "tta": ["--tta"], "tta+avg": ["--tta", "--merge", "avg"]}  # inference.py flags of ours
+MODES = {"no_tta": [], "tta": ["--tta"], "tta+max": ["--tta", "--merge", "max"]}  # inference.py flags of ours
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="trained checkpoint for --end_to_end (default: random)")
     parser.add_argument("--baseline_repo", default=None, help="checkout of the previous code for --end_to_end")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=["no_tta", "tta"],
-                        help="tta+avg: the flips with --merge avg")
+                        help="tta: the flips, masks averaged (--merge avg, the default with --tta); tta+max: "
+                             "each cell's best copy kept")
     parser.add_argument("--baseline_modes", nargs="+", choices=("no_tta", "tta"), default=["no_tta"],
                         help="modes the previous code is timed in (its tta, its default then, runs every flip as a "
                              "full no-TTA pass: about 4x its no_tta time)")
