@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "one view count once (0: best score alone)")
     parser.add_argument("--merge", choices=("max", "avg"), default=None,
                         help="a cell found by several views or models: 'max' keeps the mask of its best-scoring "
-                             "copy; 'avg' averages the mask probabilities of its copies, the best one of each view "
-                             "and model (more mask-head work; tiles of one view count once). Default: avg with "
-                             "--tta (higher AP, AP50 and AP75 in every held-out run, README), max otherwise")
+                             "copy; 'avg' averages the mask probabilities of its whole copies (not cut by a tile "
+                             "edge, same class, box IoU > 0.5), the best-scoring one of each other view and model "
+                             "(more mask-head work; tiles of one view count once). Default: avg with --tta, max "
+                             "otherwise")
     parser.add_argument("--tta_scales", type=float, nargs="+", default=None,
                         help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
                              "alone, it turns --tta on")
@@ -216,7 +217,7 @@ class Settings:
     @property
     def averages(self) -> bool:
         """Whether a cell's mask is the mean of its copies': ``merge="avg"``, or by default with
-        TTA views, where averaging won every held-out seed and split (across models alone it did not)."""
+        TTA views (the measurements behind it: benchmarks/RESULTS.md)."""
         return self.merge == "avg" or (self.merge is None and self.tta_scales is not None)
 
 
@@ -266,8 +267,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 
     ``models`` is one model or a list (an ensemble). Every tile and view is detected first
     (boxes only), the image's candidates are chosen across all of them and all models
-    (``tiling.select_candidates``), and only those get masks, from the features kept of
-    their view; then duplicates are dropped by mask overlap.
+    (``tiling.select_candidates``), and only those (and, when masks are averaged, their copies)
+    get masks, from the features kept of their view; then duplicates are dropped by mask overlap.
     """
     stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
               for m in (models if isinstance(models, (list, tuple)) else [models])]
@@ -314,9 +315,9 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
 
 def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
     """The image's candidates as (job, index within the job's detections), in selection order,
-    then, when masks are averaged (``Settings.averages``), their copies (``copy_of`` their
-    candidate), and the image's pool
-    of detections (the voters)."""
+    and the image's pool of detections (the voters). When masks are averaged
+    (``Settings.averages``), ``job`` and ``index`` go on past the candidates (``scores`` and
+    ``boxes`` stop there) with their copies, ``copy_of`` naming each copy's candidate."""
     mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
     parts = [found[k] for k in mine]
     boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
@@ -329,12 +330,12 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
         copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
         keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
     source = boxes.new_tensor([job.source for job in jobs], dtype=torch.int64)[job_of]
+    n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine),
-            "pool": {"boxes": boxes, "labels": labels, "source": source}}
+            "pool": {"boxes": boxes, "labels": labels, "source": source, "n_sources": n_sources}}
     if settings.averages and len(mine) > 1:
         pairs = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
-        n_sources = max(job.source for job in jobs) + 1
         cell, other = same_cell_copies(*pairs, scores, source, cut, source[keep], n_sources)
         pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),
                     copy_of=cell, copy_boxes=boxes[other])
@@ -390,8 +391,7 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
 def votes(boxes: torch.Tensor, labels: torch.Tensor, pool: dict, iou: float = 0.5) -> torch.Tensor:
     """How many sources (model x view) detected each cell: a pool detection of the same class
     whose box overlaps the cell's with IoU > ``iou``; tiles of one view count once."""
-    n_sources = int(pool["source"].max()) + 1 if len(pool["source"]) else 1  # host sync: one per image
-    seen = torch.zeros((len(boxes), n_sources), dtype=torch.bool, device=boxes.device)
+    seen = torch.zeros((len(boxes), pool["n_sources"]), dtype=torch.bool, device=boxes.device)
     cell, other = same_cell_pairs(boxes, labels, pool["boxes"], pool["labels"], iou)
     seen[cell, pool["source"][other]] = True
     return seen.sum(dim=1).clamp(min=1).to(torch.float32)

@@ -7,15 +7,16 @@ model's device:
 
 1. ``select_candidates`` (boxes only, before any mask is computed): a class-wise box NMS over
    all views, whole detections before those cut by an inner tile border, then the image's
-   ``cap`` first. Only these get masks, so the mask head never sees what cannot be submitted.
+   ``cap`` first. Only these (and, with ``--merge avg``, their copies) get masks, so the mask
+   head never sees what cannot be submitted.
 2. ``greedy_mask_merge`` (pasted masks): a detection lying mostly (intersection over the
    smaller mask > ``match_thresh``) inside a kept one of the same class is a duplicate; this
    catches cut pieces whose boxes overlap the whole cell too little for the box NMS (and a
    cut piece lying mostly inside a kept box is one too).
 
-``--merge avg`` adds a step between them: each candidate's copies from the other views and
-models (``same_cell_copies``) get masks too, which are resampled into the candidate's box and
-averaged with its own (``average_masks``).
+``--merge avg`` (the default with TTA views) adds a step between them: each candidate's copies
+from the other views and models (``same_cell_copies``) get masks too, which are resampled into
+the candidate's box and averaged with its own (``average_masks``).
 """
 from __future__ import annotations
 
@@ -122,14 +123,15 @@ def same_cell_copies(cell: torch.Tensor, other: torch.Tensor, scores: torch.Tens
     """The copies worth averaging among ``same_cell_pairs``: whole ones from the other sources
     (model x view, numbered below ``n_sources``; a cell's own source, its neighbouring tiles
     included, already gave it its mask), the best-scoring one per source."""
-    useful = ~cut[other] & (source[other] != own_source[cell])
-    cell, other = cell[useful], other[useful]  # host sync: how many copies are useful
+    useful = (~cut[other] & (source[other] != own_source[cell])).nonzero().squeeze(1)  # host sync: how many
+    cell, other = cell[useful], other[useful]
     group = cell * n_sources + source[other]
     order = torch.argsort(scores[other], descending=True, stable=True)
     order = order[torch.argsort(group[order], stable=True)]  # by group, best score first within it
     first = torch.ones_like(order, dtype=torch.bool)
     first[1:] = group[order][1:] != group[order][:-1]
-    return cell[order[first]], other[order[first]]
+    best = order[first]  # host sync: how many (cell, source) groups
+    return cell[best], other[best]
 
 
 def average_masks(probs: torch.Tensor, boxes: torch.Tensor, copy_probs: torch.Tensor, copy_boxes: torch.Tensor,

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 start = time.time()
                 out = root / f"{name}_{seed}"
                 rows = train_once(args, CONFIGS[name], seed, out)
-                rows.update(score_posts([out], args, name))
+                rows.update(score_posts([out], args, name, with_ceiling="ceiling" not in runs))  # once: one split
                 for label, row in rows.items():
                     row["seconds"] = round(time.time() - start, 1)
                     runs.setdefault(label, []).append(row)
@@ -188,10 +188,12 @@ def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -
     return saved == expected and state.get("epoch") == args["epochs"] and not state.get("partial")
 
 
-def score_posts(outs: list[Path], args: argparse.Namespace, name: str) -> dict[str, dict[str, float]]:
+def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
+                with_ceiling: bool = False) -> dict[str, dict[str, float]]:
     """Held-out metrics of the final raw weights of the runs ``outs`` (one run, or several as an
-    ensemble) under each ``--post`` variant; the held-out labels and the models are loaded once
-    for all of them. Every run shares the split (``--split_seed``)."""
+    ensemble) under each ``--post`` variant, and the split's ``ceiling`` if asked; the held-out
+    labels and the models are loaded once for all of them. Every run shares the split
+    (``--split_seed``)."""
     if not args.post:
         return {}
     split = json.loads((outs[0] / "split.json").read_text())
@@ -202,7 +204,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str) -> dict[s
     coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
     models = [load_model(out / "last.pth")[0] for out in outs]
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    rows = {"ceiling": ceiling(coco_gt, args.eval_max_dets)}
+    rows = {"ceiling": ceiling(coco_gt, args.eval_max_dets)} if with_ceiling else {}
     for post in args.post:
         results = predict(models, loader, torch.device("cpu"), False, desc=f"held-out {post}",
                           **post_settings(post, args.crop))

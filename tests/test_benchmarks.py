@@ -150,6 +150,7 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     both = study("tile+tta", seeds=("0", "1"))  # two runs, and the two as one ensemble
     assert set(both["mean"]) == {"cells", "cells+ema", "cells+tile+tta", "cells+ensemble+tile+tta", "ceiling"}
     assert len(both["runs"]["cells+tile+tta"]) == 2 and len(both["runs"]["cells+ensemble+tile+tta"]) == 1
+    assert len(both["runs"]["ceiling"]) == 1  # one split: one ceiling
     result = study("tile")  # one seed: no ensemble
     assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile", "ceiling"}
     assert json.loads(out.read_text())["mean"] == result["mean"]

@@ -305,3 +305,30 @@ def test_average_masks_resamples_copies_into_the_cells_box() -> None:
     copies = torch.stack([torch.ones(28, 28), torch.zeros(28, 28), torch.ones(28, 28)])
     mean = average_masks(torch.full((2, 28, 28), 0.5), boxes, copies, boxes[[0, 0, 1]], torch.tensor([0, 0, 1]))
     assert torch.allclose(mean[0], torch.full((28, 28), 0.5)) and torch.allclose(mean[1], torch.full((28, 28), 0.75))
+
+
+class Wider(CellOracle):
+    """Finds the same cells in boxes 6 px wider to the right, a little less sure of them, and
+    draws each cell's true mask inside its own box: a copy in another frame."""
+
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+        state, dets = super().detect(crops, cap)
+        for (masks, boxes), d, crop in zip(state, dets, crops):
+            boxes[:, 2] = (boxes[:, 2] + 6).clamp(max=crop.shape[-1])  # the state's boxes: masks() crops these
+            d["boxes"] = boxes.clone()
+            d["scores"] = d["scores"] * 0.99
+        return state, dets
+
+
+def _mask_ious(first: dict, second: dict) -> torch.Tensor:
+    a, b = first["masks"].full().flatten(1).float(), second["masks"].full().flatten(1).float()
+    inter = (a * b).sum(1)
+    return inter / (a.sum(1) + b.sum(1) - inter).clamp(min=1)
+
+
+def test_merge_avg_resamples_copies_from_their_own_boxes() -> None:
+    image = _scene(9, (120, 150))
+    alone = predict_images(CellOracle(), [image], Settings())[0]
+    averaged = predict_images([CellOracle(), Wider()], [image], Settings(merge="avg"))[0]
+    assert _cells_list(averaged) == _cells_list(alone)
+    assert _mask_ious(averaged, alone).min() > 0.9  # the same cell, seen in two frames, averaged in one
