@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,8 +138,14 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
         data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shallow: None) -> None:
     import engine
 
-    tiles, views = [], []
-    record = lambda *a, **k: tiles.append(k["tile"]) or views.append(k.get("tta_scales")) or []  # noqa: E731
+    tiles, views, merges = [], [], []
+
+    def record(*args: Any, **kwargs: Any) -> list:
+        tiles.append(kwargs["tile"])
+        views.append(kwargs.get("tta_scales"))
+        merges.append(kwargs.get("merge"))
+        return []
+
     monkeypatch.setattr(engine, "predict", record)
     out = tmp_path / "crop"
     _train(train_resnet, data, out, "--epochs", "1", "--crop", "64")
@@ -147,4 +154,6 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
     test_args = _test_args(data, tmp_path / "r.json")
     inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
     inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--tta", *test_args])
-    assert tiles == [64, 64, 0] and views == [None, None, (1.0,)]  # the submission: one view unless --tta
+    inference.main(["--checkpoint", str(out / "last.pth"), "--tta", "--merge", "max", *test_args])
+    assert tiles == [64, 64, 0, 64] and views == [None, None, (1.0,), (1.0,)]  # submissions: one view unless --tta
+    assert merges == [None, None, None, "max"]  # None: Settings decides (averaged with views)
