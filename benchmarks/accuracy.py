@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from faster_coco_eval import COCO  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -38,7 +39,6 @@ import train_resnet  # noqa: E402
 import engine  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt, evaluate  # noqa: E402
-from faster_coco_eval import COCO  # noqa: E402
 from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from inference import TTA_SCALES, predict  # noqa: E402
 
