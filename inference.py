@@ -315,7 +315,7 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
 
 def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
     """The image's candidates as (job, index within the job's detections), in selection order,
-    and the image's pool of detections (the voters). When masks are averaged
+    and under ``vote_boost`` their ``votes``, the sources that found each. When masks are averaged
     (``Settings.averages``), ``job`` and ``index`` go on past the candidates (``scores`` and
     ``boxes`` stop there) with their copies, ``copy_of`` naming each copy's candidate."""
     mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
@@ -332,13 +332,15 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
     source = boxes.new_tensor([job.source for job in jobs], dtype=torch.int64)[job_of]
     n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
-            "labels": labels[keep], "cut": cut[keep], "views": len(mine),
-            "pool": {"boxes": boxes, "labels": labels, "source": source, "n_sources": n_sources}}
-    if settings.averages and len(mine) > 1:
-        pairs = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
-        cell, other = same_cell_copies(*pairs, scores, source, cut, source[keep], n_sources)
-        pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),
-                    copy_of=cell, copy_boxes=boxes[other])
+            "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
+    if len(mine) > 1 and (settings.vote_boost or settings.averages):  # one view: no copies, one vote
+        cell, other = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
+        if settings.vote_boost:
+            pick["votes"] = votes(cell, source[other], len(keep), n_sources)
+        if settings.averages:
+            cell, other = same_cell_copies(cell, other, scores, source, cut, source[keep], n_sources)
+            pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),
+                        copy_of=cell, copy_boxes=boxes[other])
     return pick
 
 
@@ -379,21 +381,19 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
         kept = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh).nonzero().flatten()
     scores = pick["scores"][kept]
-    if settings.vote_boost:
-        found_by = votes(pick["boxes"][kept], pick["labels"][kept], pick["pool"], settings.match_thresh)
-        scores = scores * (1 + settings.vote_boost * (found_by - 1))
+    if "votes" in pick:
+        scores = scores * (1 + settings.vote_boost * (pick["votes"][kept] - 1))
     order = torch.argsort(scores, descending=True)
     kept = kept[order]
     return {"boxes": pick["boxes"][kept], "scores": scores[order], "labels": pick["labels"][kept],
             "masks": take(masks, kept), "image_size": size}
 
 
-def votes(boxes: torch.Tensor, labels: torch.Tensor, pool: dict, iou: float = 0.5) -> torch.Tensor:
-    """How many sources (model x view) detected each cell: a pool detection of the same class
-    whose box overlaps the cell's with IoU > ``iou``; tiles of one view count once."""
-    seen = torch.zeros((len(boxes), pool["n_sources"]), dtype=torch.bool, device=boxes.device)
-    cell, other = same_cell_pairs(boxes, labels, pool["boxes"], pool["labels"], iou)
-    seen[cell, pool["source"][other]] = True
+def votes(cell: torch.Tensor, source: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
+    """How many sources (model x view) detected each of ``cells`` cells, from its
+    ``tiling.same_cell_pairs`` (``source`` of each pair's detection); tiles of one view count once."""
+    seen = torch.zeros((cells, n_sources), dtype=torch.bool, device=cell.device)
+    seen[cell, source] = True
     return seen.sum(dim=1).clamp(min=1).to(torch.float32)
 
 
