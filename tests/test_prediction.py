@@ -230,13 +230,17 @@ def _cells_list(out: dict) -> list:
     return [(int(label), *[round(v) for v in box]) for label, box in zip(out["labels"].tolist(), out["boxes"].tolist())]
 
 
-class Blank(CellOracle):
-    """Finds the same cells, a little less sure of them, and draws no mask: averaged in, its
-    copy of a cell halves the cell's mask probabilities."""
+class Doubtful(CellOracle):
+    """Finds the same cells a little less sure of them: beside the oracle, its copies are never
+    the ones kept, only the ones averaged in."""
 
     def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
         state, dets = super().detect(crops, cap)
         return state, [{**d, "scores": d["scores"] * 0.99} for d in dets]
+
+
+class Blank(Doubtful):
+    """Draws no mask: averaged in, its copy of a cell halves the cell's mask probabilities."""
 
     def masks(self, state: list, picks: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros_like(super().masks(state, picks))
@@ -307,16 +311,15 @@ def test_average_masks_resamples_copies_into_the_cells_box() -> None:
     assert torch.allclose(mean[0], torch.full((28, 28), 0.5)) and torch.allclose(mean[1], torch.full((28, 28), 0.75))
 
 
-class Wider(CellOracle):
-    """Finds the same cells in boxes 6 px wider to the right, a little less sure of them, and
-    draws each cell's true mask inside its own box: a copy in another frame."""
+class Wider(Doubtful):
+    """Finds the cells in boxes 6 px wider to the right and draws each cell's true mask inside
+    its own box: a copy in another frame."""
 
     def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
         state, dets = super().detect(crops, cap)
         for (masks, boxes), d, crop in zip(state, dets, crops):
             boxes[:, 2] = (boxes[:, 2] + 6).clamp(max=crop.shape[-1])  # the state's boxes: masks() crops these
             d["boxes"] = boxes.clone()
-            d["scores"] = d["scores"] * 0.99
         return state, dets
 
 
