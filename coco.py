@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from faster_coco_eval import COCO, COCOeval_faster
-from pycocotools import mask as mask_util
+from faster_coco_eval.core import mask as mask_util  # pycocotools' API, without its numpy-2 DeprecationWarnings
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from torchvision.models.detection import roi_heads

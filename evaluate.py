@@ -148,7 +148,7 @@ def print_table(metrics: dict[str, float]) -> None:
 
 
 def _rle_box(segmentation: dict) -> list[float]:
-    from pycocotools import mask as mask_util
+    from faster_coco_eval.core import mask as mask_util
 
     return list(mask_util.toBbox(segmentation))
 

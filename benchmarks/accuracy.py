@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from faster_coco_eval import COCO  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
+from faster_coco_eval.core import mask as mask_util  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import train_effnet_v2  # noqa: E402

@@ -24,7 +24,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
+from faster_coco_eval.core import mask as mask_util  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402

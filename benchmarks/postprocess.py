@@ -33,7 +33,7 @@ from typing import Any, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
+from faster_coco_eval.core import mask as mask_util  # noqa: E402
 from torchvision.models.detection import roi_heads  # noqa: E402
 
 import inference  # noqa: E402
