@@ -201,11 +201,12 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
     """The cell community's scores (StarDist's ``matching``): detections scoring at least
     ``score_thresh``, rasterised so each pixel is one cell's (``rasterise``), matched one to
     one with the true cells of the same class and image at IoU >= ``iou_thresh``; F1,
-    precision, recall and panoptic quality (mean matched IoU x F1) over all of them."""
+    precision, recall and panoptic quality (mean matched IoU x F1) over all of them, and F1
+    per class (``f1_class{c}``, NaN for a class neither predicted nor present)."""
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
-    tp = fp = fn = 0
+    counts = np.zeros((NUM_CLASSES + 1, 3), dtype=np.int64)  # tp, fp, fn per class
     matched_iou = 0.0
     for image_id in coco_gt.getImgIds():
         info = coco_gt.imgs[image_id]
@@ -215,12 +216,20 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
             p = [r["segmentation"] for r in preds if r["category_id"] == c]
             g = [a["segmentation"] for a in truth if a["category_id"] == c]
             hits = _one_to_one(p, g, iou_thresh)
-            tp, fp, fn = tp + len(hits), fp + len(p) - len(hits), fn + len(g) - len(hits)
+            counts[c] += (len(hits), len(p) - len(hits), len(g) - len(hits))
             matched_iou += float(sum(hits))
+    tp, fp, fn = (int(v) for v in counts.sum(axis=0))
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
-    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-    return {"f1": f1, "precision": precision, "recall": recall, "pq": (matched_iou / tp if tp else 0.0) * f1}
+    out = {"f1": _f1(tp, fp, fn), "precision": precision, "recall": recall,
+           "pq": (matched_iou / tp if tp else 0.0) * _f1(tp, fp, fn)}
+    for c in range(1, NUM_CLASSES + 1):
+        out[f"f1_class{c}"] = _f1(*counts[c]) if counts[c].any() else float("nan")
+    return out
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
 def rasterise(results: list[dict], height: int, width: int, score_thresh: float = 0.5) -> list[dict]:

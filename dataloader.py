@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -193,18 +194,57 @@ def list_samples(train_dir: Path) -> list[Path]:
     return samples
 
 
-def split_samples(names: Sequence[str], val_split: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded train/val split of sample names; the order of ``names`` does not matter."""
+def split_samples(names: Sequence[str], val_split: float, seed: int,
+                  groups: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Seeded train/val split of sample names; the order of ``names`` does not matter.
+
+    With ``groups`` (sample name -> group, e.g. the slide a patch was cut from) whole groups
+    are held out, about ``val_split`` of the groups, so no held-out sample shares pixels or
+    a source with a training one; a name missing from ``groups`` is its own group."""
     names = sorted(names)
     if not 0.0 <= val_split < 1.0:
         raise ValueError(f"--val_split must be in [0, 1), got {val_split}.")
-    shuffled = names[:]
+    group_of = {n: (groups or {}).get(n, n) for n in names}
+    shuffled = sorted(set(group_of.values()))
     random.Random(seed).shuffle(shuffled)
-    n_val = int(round(len(names) * val_split))
-    if val_split > 0 and len(names) > 1:
-        n_val = min(max(n_val, 1), len(names) - 1)
+    n_val = int(round(len(shuffled) * val_split))
+    if val_split > 0 and len(shuffled) > 1:
+        n_val = min(max(n_val, 1), len(shuffled) - 1)
     val = set(shuffled[:n_val])
-    return [n for n in names if n not in val], [n for n in names if n in val]
+    return [n for n in names if group_of[n] not in val], [n for n in names if group_of[n] in val]
+
+
+def sample_groups(spec: str, names: Sequence[str]) -> dict[str, str]:
+    """Sample name -> group for ``--split_groups``: ``spec`` is a JSON manifest (a list of
+    ``{name, source_image}``, or an object holding one under ``samples``) or a regular
+    expression whose first group, else whole match, names a sample's group."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            payload = json.loads(path.read_text())
+            entries = payload["samples"] if isinstance(payload, dict) else payload
+            groups = {str(e["name"]): str(e["source_image"]) for e in entries}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DatasetError(f"{spec}: not a manifest of {{name, source_image}} entries ({type(err).__name__}: "
+                               f"{err}); pass such a JSON file or a regular expression.") from err
+        missing = [n for n in names if n not in groups]
+        if missing:
+            raise DatasetError(f"{spec}: {len(missing)} sample(s) missing, e.g. {missing[:3]}; list every sample "
+                               "of --train_dir in the manifest.")
+        return groups
+    try:
+        pattern = re.compile(spec)
+    except re.error as err:
+        raise DatasetError(f"--split_groups {spec!r}: neither a manifest file nor a valid regular expression "
+                           f"({err}); pass e.g. '^(.*)_[0-9]+$' to group 'slide1_003' under 'slide1'.") from err
+    groups = {}
+    for name in names:
+        match = pattern.search(name)
+        if match is None:
+            raise DatasetError(f"--split_groups {spec!r}: sample {name!r} does not match; use a pattern every "
+                               "sample name matches.")
+        groups[name] = match.group(1) if pattern.groups and match.group(1) is not None else match.group(0)
+    return groups
 
 
 class HW3TrainDataset(Dataset):
@@ -338,8 +378,13 @@ def collate_fn(batch: list) -> tuple:
     return tuple(zip(*batch))
 
 
-def write_split(path: Path, train: list[str], val: list[str], seed: int, val_split: float) -> None:
-    Path(path).write_text(json.dumps({"seed": seed, "val_split": val_split, "train": train, "val": val}, indent=1))
+def write_split(path: Path, train: list[str], val: list[str], seed: int, val_split: float,
+                **where: str | None) -> None:
+    """split.json: the held-out sample names and how they were chosen (``where``: the
+    ``split_groups`` spec, or the ``val_dir`` they come from)."""
+    payload = {"seed": seed, "val_split": val_split, "train": train, "val": val,
+               **{k: v for k, v in where.items() if v}}
+    Path(path).write_text(json.dumps(payload, indent=1))
 
 
 def _decode_sample(sample_dir: Path, keep_image: bool) -> tuple[np.ndarray | None, Instances]:

@@ -25,7 +25,8 @@ from checkpoint import (CheckpointError, link_checkpoint, load_checkpoint, load_
                         save_checkpoint, set_rng_state, write_json)
 from cli import writable_dir
 from coco import build_coco_gt, evaluate, matching_metrics
-from dataloader import DatasetError, HW3TrainDataset, collate_fn, list_samples, split_samples, write_split
+from dataloader import (DatasetError, HW3TrainDataset, collate_fn, list_samples, sample_groups, split_samples,
+                        write_split)
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
                          sum_across)
 from detector import check_boxes
@@ -57,6 +58,13 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
     data.add_argument("--split_seed", type=int, default=None,
                       help="seed of the split alone (default: --seed), to compare seeds on the same held-out images")
+    data.add_argument("--split_groups", default=None, metavar="MANIFEST_OR_REGEX",
+                      help="hold out whole groups of samples (patches of one slide): a JSON manifest of "
+                           "{name, source_image}, or a regex whose first group names a sample's group; "
+                           "--val_split is then the share of groups")
+    data.add_argument("--val_dir", default=None,
+                      help="validate on this folder (training layout) instead of holding out part of --train_dir, "
+                           "which then trains whole")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     data.add_argument("--no_cache_images", action="store_true",
                       help="decode each image on every access instead of keeping the decoded images in memory "
@@ -118,7 +126,10 @@ def share(text: str) -> float:
 
 def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[str, Any]:
     """Entry point of the train scripts; returns the final history row and output paths."""
-    args = build_parser(backbone, description).parse_args(argv)
+    parser = build_parser(backbone, description)
+    args = parser.parse_args(argv)
+    if args.val_dir and args.split_groups:
+        parser.error("--val_dir names the held-out samples, --split_groups chooses them from --train_dir; pass one")
     if args.demo:
         from synthetic import apply_demo_settings
 
@@ -555,13 +566,21 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     by_name = {p.name: p for p in samples}
     split_seed = args.seed if args.split_seed is None else args.split_seed
-    train_names, val_names = split_samples(list(by_name), args.val_split, split_seed)
+    if args.val_dir:  # an explicit held-out folder, numbered 1..N as evaluate.py numbers it
+        val_samples = list_samples(Path(args.val_dir))
+        train_names, val_names = list(by_name), [p.name for p in val_samples]
+        val_ids = list(range(1, len(val_samples) + 1))
+    else:
+        groups = sample_groups(args.split_groups, list(by_name)) if args.split_groups else None
+        train_names, val_names = split_samples(list(by_name), args.val_split, split_seed, groups)
+        val_samples, val_ids = [by_name[n] for n in val_names], [ids[n] for n in val_names]
     if info.is_main:
-        write_split(out / "split.json", train_names, val_names, split_seed, args.val_split)
+        write_split(out / "split.json", train_names, val_names, split_seed, args.val_split,
+                    split_groups=args.split_groups, val_dir=args.val_dir and str(Path(args.val_dir).resolve()))
     train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                 build_train_transforms(args), desc="decode train labels",
                                 crop_window=build_crop_window(args), cache_images=not args.no_cache_images)
-    val_set = HW3TrainDataset([by_name[n] for n in val_names], [ids[n] for n in val_names], desc="decode val labels",
+    val_set = HW3TrainDataset(val_samples, val_ids, desc="decode val labels",
                               cache_images=not args.no_cache_images)
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.empty:

@@ -63,12 +63,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 def score(coco_gt, results: list[dict], score_thresh: float = 0.5, iou_thresh: float = 0.5) -> dict[str, float]:
-    """The flat metric set: COCO at maxDets 100 (plain keys) and 1000 (``_1000``), matching metrics."""
+    """The flat metric set: COCO AP, AP50, AP75 and AP50 per class at maxDets 100 (plain keys)
+    and 1000 (``_1000``), and the matching metrics (F1 also per class)."""
     metrics: dict[str, float] = {}
     for max_dets in MAX_DETS:
         suffix = "" if max_dets == 100 else f"_{max_dets}"
         for key, value in evaluate(coco_gt, results, max_dets=max_dets).items():
-            if "_AP_class" not in key and (suffix == "" or "_class" not in key):
+            if "_AP_class" not in key:
                 metrics[f"{key}{suffix}"] = value
     metrics.update(matching_metrics(coco_gt, results, score_thresh, iou_thresh))
     return metrics
@@ -141,9 +142,10 @@ def print_table(metrics: dict[str, float]) -> None:
     for iou_type in IOU_TYPES:
         row = [metrics[f"{iou_type}_{m}"] for m in ("AP", "AP50", "AP75")] + [metrics[f"{iou_type}_AP50_1000"]]
         print(f"{iou_type:<8}" + "".join(f"{v:>10.4f}" for v in row))
-    per_class = [(c["id"], metrics[f"segm_AP50_class{c['id']}"]) for c in CATEGORIES]
-    classes = "  ".join(f"class{c} {v:.4f}" for c, v in per_class)
-    print(f"segm AP50 per class: {classes}")
+    for label, key in (("segm AP50", "segm_AP50_class{}"), ("segm AP50@1000", "segm_AP50_class{}_1000"),
+                       ("F1", "f1_class{}")):
+        print(f"{label + ' per class:':<25}" + "  ".join(f"class{c['id']} {metrics[key.format(c['id'])]:.4f}"
+                                                      for c in CATEGORIES))
     print("matching at IoU 0.5: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("f1", "precision", "recall", "pq")))
 
 

@@ -12,12 +12,21 @@ Two rows bound what is left to gain: ``ceiling``, the ground truth itself scored
 class and hundreds of cells per image, maxDets 100 caps recall), and ``tile+oracle``, the
 tiled detections ranked by their true mask IoU (the most any re-scoring of them can reach).
 
+Four classes: every row also carries segm AP50 per class at maxDets 100 (the leaderboard's
+count, per image and class) and at 1000, and F1 per class; the ``--post`` rows and the
+ceiling are scored at both maxDets (``evaluate.score``), the training rows at
+``--eval_max_dets``. ``--split_groups`` holds out whole source images (CoNSeP's patches
+overlap), ``--val_dir`` an explicit folder.
+
     python benchmarks/accuracy.py --configs stock_native cells --seeds 0 1 --post tile tta
+    python benchmarks/accuracy.py --train_dir ../shared/data/consep_hw3/train --configs defaults \
+        --split_groups ../shared/data/consep_hw3/manifest.json --val_split 0.25 --post tile
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -38,8 +47,9 @@ import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
 import engine  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
-from coco import build_coco_gt, evaluate  # noqa: E402
-from dataloader import HW3TrainDataset, collate_fn, list_samples  # noqa: E402
+from coco import build_coco_gt  # noqa: E402
+from dataloader import NUM_CLASSES, HW3TrainDataset, collate_fn, list_samples  # noqa: E402
+from evaluate import score  # noqa: E402
 from inference import TTA_SCALES, predict  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
@@ -90,6 +100,10 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
 
 
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
+# Per class (NaN where a class has no held-out cell): AP50 at maxDets 100 and 1000, F1 at IoU 0.5.
+CLASS_METRICS = ("segm_AP50_1000", *(f"segm_AP50_class{c}" for c in range(1, NUM_CLASSES + 1)),
+                 *(f"segm_AP50_class{c}_1000" for c in range(1, NUM_CLASSES + 1)),
+                 *(f"f1_class{c}" for c in range(1, NUM_CLASSES + 1)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -120,12 +134,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     """Mean and spread over seeds of every row so far, written to ``--json``."""
-    table = {name: {m: statistics.mean(r[m] for r in rows) for m in METRICS} for name, rows in runs.items()}
-    spread = {name: {m: statistics.pstdev(r[m] for r in rows) for m in METRICS} for name, rows in runs.items()}
+    table = {name: {m: statistics.mean(r[m] for r in rows) for m in _keys(rows)} for name, rows in runs.items()}
+    spread = {name: {m: statistics.pstdev(r[m] for r in rows) for m in _keys(rows)} for name, rows in runs.items()}
     result = {"settings": vars(args), "mean": table, "std": spread, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _keys(rows: list[dict]) -> list[str]:
+    """The metrics every run of a row has, finite (training rows lack the maxDets 1000 ones; a
+    class without held-out cells has no AP)."""
+    return [m for m in (*METRICS, *CLASS_METRICS) if all(m in r and math.isfinite(r[m]) for r in rows)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also score each configuration's runs of all --seeds as one checkpoint ensemble "
                              "(inference.py --checkpoint A B), under every --post variant")
     parser.add_argument("--split_seed", type=int, default=0, help="one held-out split for every run")
-    parser.add_argument("--val_split", type=float, default=0.3, help="held-out share (3 of 10 CPM-15 images)")
+    parser.add_argument("--val_split", type=float, default=0.3,
+                        help="held-out share (3 of 10 CPM-15 images; of groups with --split_groups)")
+    parser.add_argument("--split_groups", default=None, metavar="MANIFEST_OR_REGEX",
+                        help="hold out whole groups (the train scripts' flag): CoNSeP's manifest.json, whose "
+                             "patches of one source image overlap")
+    parser.add_argument("--val_dir", default=None,
+                        help="score on this folder (training layout); --train_dir then trains whole")
     parser.add_argument("--backbone", choices=("resnet", "effnet"), default="resnet")
     parser.add_argument("--weights", default="none", help="imagenet where it can be downloaded")
     parser.add_argument("--epochs", type=int, default=30, help="equal budget for every configuration")
@@ -163,7 +189,8 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
             "--warmup_epochs", "1", "--use_cosine", "--lr", "4e-4", "--val_split", str(args.val_split),
             "--split_seed", str(args.split_seed), "--seed", str(seed), "--num_workers", "0",
             "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), "--tile", "0",
-            *flags, *args.extra]
+            *(["--split_groups", args.split_groups] if args.split_groups else []),
+            *(["--val_dir", args.val_dir] if args.val_dir else []), *flags, *args.extra]
     parser = engine.build_parser(backbone, "")
     if finished(out, vars(parser.parse_args(argv)), parser):
         print(f"{out}: a finished run with these flags, scored again without training", flush=True)
@@ -171,10 +198,16 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
         (train_resnet if backbone == "resnet101" else train_effnet_v2).main(argv)
     last = json.loads((out / "history.json").read_text())[-1]
     name = out.name.rsplit("_", 1)[0]
-    rows = {name: {m: float(last[m]) for m in METRICS}}
+    rows = {name: _history_metrics(last, "")}
     if args.ema_decay > 0:
-        rows[f"{name}+ema"] = {m: float(last[f"ema_{m}"]) for m in METRICS}
+        rows[f"{name}+ema"] = _history_metrics(last, "ema_")
     return rows
+
+
+def _history_metrics(row: dict, prefix: str) -> dict[str, float]:
+    """A history row's metrics (``prefix`` "ema_" for the average's); null is a class without cells."""
+    return {m: float("nan") if row[prefix + m] is None else float(row[prefix + m])
+            for m in (*METRICS, *CLASS_METRICS) if prefix + m in row}
 
 
 def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> bool:
@@ -197,31 +230,35 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     if not args.post:
         return {}
     split = json.loads((outs[0] / "split.json").read_text())
-    samples = list_samples(Path(args.train_dir))
-    ids = {p.name: i + 1 for i, p in enumerate(samples)}
+    samples = list_samples(Path(split.get("val_dir") or args.train_dir))
+    ids = {p.name: i + 1 for i, p in enumerate(samples)}  # the ids training validated with
     val = [p for p in samples if p.name in set(split["val"])]
     dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
     coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
     models = [load_model(out / "last.pth")[0] for out in outs]
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    rows = {"ceiling": ceiling(coco_gt, args.eval_max_dets)} if with_ceiling else {}
+    rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     for post in args.post:
         results = predict(models, loader, torch.device("cpu"), False, desc=f"held-out {post}",
                           **post_settings(post, args.crop))
         if post.endswith("+oracle"):
             results = truth_ranked(coco_gt, results)
-        metrics = evaluate(coco_gt, results, max_dets=args.eval_max_dets)
-        rows[f"{name}+{post}"] = {m: float(metrics[m]) for m in METRICS}
+        rows[f"{name}+{post}"] = _scored(coco_gt, results)
     return rows
 
 
-def ceiling(coco_gt: COCO, max_dets: int) -> dict[str, float]:
+def _scored(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
+    """The table's metrics of a submission, at maxDets 100 and 1000 (``evaluate.score``)."""
+    metrics = score(coco_gt, results)
+    return {m: float(metrics[m]) for m in (*METRICS, *CLASS_METRICS)}
+
+
+def ceiling(coco_gt: COCO) -> dict[str, float]:
     """The held-out metrics of the ground truth itself submitted as predictions: the most any
-    model can score when only ``max_dets`` detections per image and class count."""
+    model can score when only 100 (or 1000) detections per image and class count."""
     truth = [{key: ann[key] for key in ("image_id", "category_id", "segmentation", "bbox")} | {"score": 1.0}
              for ann in coco_gt.dataset["annotations"]]
-    metrics = evaluate(coco_gt, truth, max_dets=max_dets)
-    return {m: float(metrics[m]) for m in METRICS}
+    return _scored(coco_gt, truth)
 
 
 def truth_ranked(coco_gt: COCO, results: list[dict]) -> list[dict]:
@@ -249,6 +286,12 @@ def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, 
     print(f"{'configuration':<20}" + "".join(f"{m:>20}" for m in METRICS))
     for name, row in table.items():
         print(f"{name:<20}" + "".join(f"{row[m]:>12.4f} ± {spread[name][m]:.4f}" for m in METRICS))
+    classes = range(1, NUM_CLASSES + 1)
+    print("\nper class, mean of seeds: segm AP50 at maxDets 100 | at 1000 | F1 at IoU 0.5")
+    for name, row in table.items():
+        cells = [[row.get(key.format(c), float("nan")) for c in classes]
+                 for key in ("segm_AP50_class{}", "segm_AP50_class{}_1000", "f1_class{}")]
+        print(f"{name:<20}" + " | ".join(" ".join(f"{v:.3f}" for v in part) for part in cells))
 
 
 if __name__ == "__main__":

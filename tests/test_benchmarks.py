@@ -3,6 +3,7 @@ path gives the same results as the plain one it is compared with. No test assert
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,9 @@ def test_truth_ranking_scores_each_detection_by_its_best_iou_of_its_class() -> N
             {"image_id": 2, "category_id": 1, "score": 0.9, "segmentation": first}]  # an image without cells
     ranked = accuracy.truth_ranked(coco_gt, dets)
     assert [r["score"] for r in ranked] == pytest.approx([1.0, 0.5, 0.0, 0.0])
-    assert accuracy.ceiling(coco_gt, 100)["segm_AP50"] == 1.0
+    top = accuracy.ceiling(coco_gt)
+    assert top["segm_AP50"] == top["segm_AP50_class1"] == top["segm_AP50_class2_1000"] == top["f1_class2"] == 1.0
+    assert math.isnan(top["segm_AP50_class3"]) and math.isnan(top["f1_class4"])  # no cell of classes 3 and 4
 
 
 def test_evaluation_libraries_agree(tmp_path: Path) -> None:
@@ -140,23 +143,31 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     # 64 px images, one 64 px tile each: the post variants' views, not their tiles, are what multiplies the work
     tiny_dataset = make_dataset(tmp_path / "data", n_train=3, n_test=1, size=(64, 64), cells=(4, 8), seed=6)
     out, runs = tmp_path / "accuracy.json", tmp_path / "runs"
+    manifest = tmp_path / "manifest.json"  # two source images: samples 0 and 1 are patches of one
+    manifest.write_text(json.dumps([{"name": f"sample_00{i}", "source_image": "ab"[i // 2]} for i in range(3)]))
 
     def study(*post: str, seeds: tuple[str, ...] = ("0",)) -> dict:
         return accuracy.main(["--train_dir", str(tiny_dataset["train_dir"]), "--configs", "cells", "--seeds", *seeds,
                               "--epochs", "1", "--crop", "64", "--post", *post, "--json", str(out), "--ensemble",
-                              "--keep_dir", str(runs), "--extra", "--min_size", "64", "--max_size", "128",
+                              "--keep_dir", str(runs), "--split_groups", str(manifest), "--extra", "--min_size", "64", "--max_size", "128",
                               "--detections_per_img", "20", "--rpn_post_nms_top_n_test", "100", *TINY_ROIS])
 
     both = study("tile+tta", seeds=("0", "1"))  # two runs, and the two as one ensemble
     assert set(both["mean"]) == {"cells", "cells+ema", "cells+tile+tta", "cells+ensemble+tile+tta", "ceiling"}
     assert len(both["runs"]["cells+tile+tta"]) == 2 and len(both["runs"]["cells+ensemble+tile+tta"]) == 1
     assert len(both["runs"]["ceiling"]) == 1  # one split: one ceiling
+    held = json.loads((runs / "cells_0/split.json").read_text())["val"]
+    assert held in (["sample_000", "sample_001"], ["sample_002"])  # one whole source image
     result = study("tile")  # one seed: no ensemble
     assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile", "ceiling"}
     assert json.loads(out.read_text())["mean"] == result["mean"]
     assert all(result["mean"]["ceiling"][m] == 1.0 for m in accuracy.METRICS)  # 8 cells at most: all count
     for row in result["mean"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)
+    present = set(result["mean"]["ceiling"]) & set(accuracy.CLASS_METRICS)  # the classes with held-out cells
+    assert {"segm_AP50_1000", "segm_AP50_class1", "segm_AP50_class1_1000", "f1_class1"} <= present
+    assert present <= set(result["mean"]["cells+tile"])  # the per-class keys, at both maxDets, on the post rows
+    assert {"segm_AP50_class1", "f1_class1"} <= set(result["mean"]["cells"])  # the history row: at --eval_max_dets
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns  # --keep_dir keeps the run...
     again = study("tile+mask0.6", "tile+tta+avg")
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp  # ...and scores it again without training

@@ -10,7 +10,7 @@ import torch
 
 from conftest import mask_boxes, shared
 from dataloader import (DatasetError, HW3TestDataset, HW3TrainDataset, decode_instances, list_samples,
-                        read_id_map, read_image, split_samples)
+                        read_id_map, read_image, sample_groups, split_samples)
 from synthetic import write_rgba_lzw
 
 
@@ -112,6 +112,27 @@ def test_split_is_seeded_and_order_free() -> None:
     assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
     assert split_samples(list(reversed(names)), 0.2, seed=3) == (train, val)
     assert split_samples(names, 0.2, seed=4) != (train, val)
+
+
+def test_grouped_split_holds_out_whole_groups(tmp_path: Path) -> None:
+    """Patches of one slide never straddle the split, from a manifest or a name pattern, and
+    the share counts groups; a bad manifest or a name the pattern misses is a one-line error."""
+    names = [f"slide{s}_{p:03d}" for s in range(6) for p in range(4 if s else 1)]  # slide0 holds one patch
+    by_pattern = sample_groups(r"^(slide\d+)_", names)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"samples": [{"name": n, "source_image": n.split("_")[0]} for n in names]}))
+    assert sample_groups(str(manifest), names) == by_pattern
+    for seed in range(5):
+        train, val = split_samples(names, 0.34, seed, by_pattern)
+        held = {by_pattern[n] for n in val}
+        assert len(held) == 2 and not held & {by_pattern[n] for n in train}  # 2 of 6 slides, whole
+        assert sorted(train + val) == sorted(names)
+    assert split_samples(names, 0.34, 0, by_pattern) != split_samples(names, 0.34, 1, by_pattern)
+    with pytest.raises(DatasetError, match="does not match"):
+        sample_groups(r"^slide\d+_00[0-2]$", names)
+    manifest.write_text(json.dumps({"samples": [{"name": "slide1_000", "source_image": "slide1"}]}))
+    with pytest.raises(DatasetError, match="missing"):
+        sample_groups(str(manifest), names)
 
 
 def test_missing_image(tmp_path: Path) -> None:

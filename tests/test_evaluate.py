@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,11 @@ def test_coco_metrics_equal_pycocotools_at_100_and_1000(scored: dict, tmp_path: 
                 p = precision[rows]
                 expected = p[p > -1].mean()  # what summarize() reports (its maxDets=100 is fixed here)
                 assert abs(metrics[f"{iou_type}_{name}{suffix}"] - expected) < 1e-6, (iou_type, name, suffix)
+            for k, cat_id in enumerate(ref.params.catIds):  # AP50 of each class, at both maxDets
+                p = precision[0, :, k]
+                expected = p[p > -1].mean() if (p > -1).any() else float("nan")
+                assert metrics[f"{iou_type}_AP50_class{cat_id}{suffix}"] == pytest.approx(expected, abs=1e-6,
+                                                                                         nan_ok=True)
     assert 0 < metrics["segm_AP50"] < 1 and 0 < metrics["f1"] < 1 and 0 < metrics["pq"] < metrics["f1"]
     assert {"segm_AP50_class1", "precision", "recall"} <= set(metrics)
 
@@ -82,7 +88,9 @@ def test_matching_metrics_count_one_to_one_matches() -> None:
     assert (m["precision"], m["recall"]) == (1.0, 0.5)
     assert m["f1"] == pytest.approx(2 / 3) and m["pq"] == pytest.approx(0.75 * 2 / 3)
     assert matching_metrics(gt, [dict(one[0], score=0.3)])["recall"] == 0.0  # below --score_thresh
-    assert matching_metrics(gt, [dict(one[0], category_id=2)])["f1"] == 0.0  # another class is no match
+    assert m["f1_class1"] == m["f1"] and math.isnan(m["f1_class3"])  # class 3: neither predicted nor present
+    other = matching_metrics(gt, [dict(one[0], category_id=2)])
+    assert other["f1"] == 0.0 and other["f1_class1"] == 0.0 and other["f1_class2"] == 0.0  # another class is no match
 
 
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
