@@ -12,6 +12,12 @@ the RPN's kept count per image, the positives count for the mask head, and one p
 Prediction uses the same RPN and pooling, and the box head's detections of a whole batch (tiles
 and views) come from the same chunked NMS.
 
+Under mixed precision, anchors and box decoding stay in float32 (``Fp32AnchorGenerator``,
+``Fp32BoxCoder``): torchvision takes both from the features' dtype, and an fp16 (bf16)
+coordinate near 1000 px is off by up to 0.5 (4) px before any delta is applied. Frozen
+BatchNorm keeps its input's dtype (``FrozenBatchNorm2d``), where torchvision's promotes
+fp16 activations back to float32 for the rest of the block.
+
 ``build_model`` (model.py) swaps these classes in.
 """
 from __future__ import annotations
@@ -24,8 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import nms, roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
@@ -48,6 +58,39 @@ class CellMaskRCNN(MaskRCNN):
         proposals, proposal_losses = self.rpn(images, features, targets)
         _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
         return {**detector_losses, **proposal_losses}
+
+
+class Fp32AnchorGenerator(AnchorGenerator):
+    """torchvision's anchors, always in float32: it reads only the shape, dtype and device of
+    the feature maps, so they are shown float32 stand-ins of their shape (no memory)."""
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        shapes = [torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class Fp32BoxCoder(BoxCoder):
+    """torchvision's box coder in float32 whatever the autocast dtype: its decode casts the
+    boxes to the deltas' dtype, which is fp16/bf16 under autocast."""
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
+        with torch.autocast(proposals[0].device.type, enabled=False):
+            return super().encode([b.float() for b in reference_boxes], [p.float() for p in proposals])
+
+
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """torchvision's frozen BatchNorm (the same buffers and state-dict keys), its output in
+    the input's dtype: the fp32 statistics are folded into a scale and shift first, cast
+    once, so AMP activations stay fp16 through the backbone."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return torch.addcmul(shift.to(x.dtype)[None, :, None, None], x, scale.to(x.dtype)[None, :, None, None])
 
 
 def check_boxes(targets: list[dict[str, Any]]) -> None:
@@ -310,6 +353,8 @@ def use_torchvision_detector(model: MaskRCNN) -> None:
 
     model.__class__ = MaskRCNN
     model.rpn.__class__, model.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
+    model.rpn.anchor_generator.__class__ = AnchorGenerator
+    model.rpn.box_coder.__class__ = model.roi_heads.box_coder.__class__ = BoxCoder
     model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = MultiScaleRoIAlign
     for part in (model.rpn, model.roi_heads):
         matcher = part.proposal_matcher

@@ -20,13 +20,13 @@ from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, eff
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, roi_heads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection._utils import Matcher
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
+from torchvision.ops import box_iou, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from detector import CellMaskRCNN, LeanRoIHeads, LeanRPN, LevelRoIAlign
+from detector import (CellMaskRCNN, Fp32AnchorGenerator, Fp32BoxCoder, FrozenBatchNorm2d, LeanRoIHeads, LeanRPN,
+                      LevelRoIAlign)
 from masks import PackedMasks
 
 BACKBONES = ("resnet101", "effnet_v2_m")
@@ -195,7 +195,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         from attention_modules import BackboneWithAttention, FPNTransformer
 
         backbone = BackboneWithAttention(backbone, FPNTransformer(**_attn_kwargs(config, "neck")))
-    anchors = AnchorGenerator(
+    anchors = Fp32AnchorGenerator(
         sizes=tuple((s,) for s in config["anchor_sizes"]),
         aspect_ratios=(tuple(config["aspect_ratios"]),) * len(config["anchor_sizes"]),
     )
@@ -218,6 +218,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
     # the classes add methods only, so the built modules take them as they are.
     model.rpn.__class__, model.roi_heads.__class__ = LeanRPN, LeanRoIHeads
     model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = LevelRoIAlign
+    model.rpn.box_coder.__class__ = model.roi_heads.box_coder.__class__ = Fp32BoxCoder
     for part in (model.rpn, model.roi_heads):
         part.box_similarity = PairwiseIoU
         part.proposal_matcher = SlicedMatcher(part.proposal_matcher)

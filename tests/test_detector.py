@@ -190,3 +190,54 @@ def test_a_training_step_reads_the_device_a_fixed_number_of_times(shallow: None)
             sum(model(images, targets).values()).backward()
         counts.append(counter.total())
     assert counts[0] == counts[1] <= 6  # 1 NMS chunk, RPN counts, 2 poolings, positives
+
+
+def test_boxes_are_decoded_in_float32_under_autocast() -> None:
+    """Anchors, the RPN's and the box head's decoding stay float32 under bf16 autocast: the
+    same low-precision deltas decode to the float32 result within 1e-3 px, where torchvision's
+    coder, which casts the boxes to the deltas' dtype, is off by pixels at 1000-2000 px."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.models.detection.image_list import ImageList
+
+    from detector import Fp32AnchorGenerator, Fp32BoxCoder
+
+    generator = torch.Generator().manual_seed(0)
+    proposals = _boxes(500, 2000, generator)
+    deltas = (torch.randn(500, 4, generator=generator) * 0.3).bfloat16()
+    weights = (10.0, 10.0, 5.0, 5.0)
+    reference = BoxCoder(weights).decode(deltas.float(), [proposals])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = Fp32BoxCoder(weights).decode(deltas, [proposals])
+        stock = BoxCoder(weights).decode(deltas, [proposals])
+    assert ours.dtype == torch.float32 and (ours - reference).abs().max() < 1e-3
+    assert (stock.float() - reference).abs().max() > 1.0  # what it fixes
+    sizes, ratios = ((16,), (32,)), ((0.5, 1.0, 2.0),) * 2
+    features = [torch.zeros(1, 8, 125, 125, dtype=torch.bfloat16), torch.zeros(1, 8, 63, 63, dtype=torch.bfloat16)]
+    images = ImageList(torch.zeros(1, 3, 1000, 1000), [(1000, 1000)])
+    anchors = Fp32AnchorGenerator(sizes, ratios)(images, features)[0]
+    expected = Fp32AnchorGenerator(sizes, ratios)(images, [f.float() for f in features])[0]
+    assert anchors.dtype == torch.float32 and torch.equal(anchors, expected)
+    model = build_model({**CONFIG, "weights": "none"}, load_weights=False)
+    assert isinstance(model.rpn.box_coder, Fp32BoxCoder) and isinstance(model.roi_heads.box_coder, Fp32BoxCoder)
+    assert isinstance(model.rpn.anchor_generator, Fp32AnchorGenerator)
+    use_torchvision_detector(model)
+    assert type(model.rpn.box_coder) is BoxCoder
+
+
+def test_frozen_batchnorm_keeps_the_input_dtype() -> None:
+    """Frozen BatchNorm returns bf16 for bf16 input (torchvision's promotes it to float32),
+    with torchvision's values, and loads torchvision's state dict as it is."""
+    from torchvision.ops import FrozenBatchNorm2d as Stock
+
+    from detector import FrozenBatchNorm2d
+
+    stock, ours = Stock(8), FrozenBatchNorm2d(8)
+    generator = torch.Generator().manual_seed(1)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(stock, name).copy_(torch.randn(8, generator=generator))
+    stock.running_var.copy_(torch.rand(8, generator=generator) + 0.5)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 8, 5, 5, generator=generator)
+    torch.testing.assert_close(ours(x), stock(x))
+    assert stock(x.bfloat16()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(ours(x.bfloat16()).float(), stock(x), rtol=2e-2, atol=2e-2)
