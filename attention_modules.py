@@ -127,7 +127,8 @@ class SpatialChannelTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] == 0:
-            return _touch_parameters(self, x)
+            # The norm still runs: under --sync_bn it is a collective every other rank waits in.
+            return _touch_parameters(self, x) + self.norm(x)
         channel = self._channel_attention(x)
         gated = channel * self._spatial_gate(channel)
         x = x + _channel_scale(self.attn_scale, self.norm(gated))

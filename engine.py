@@ -375,9 +375,11 @@ def _show_loss(bar: tqdm, loss: float | None) -> None:
 def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, use_amp: bool,
                     info: DistInfo = DistInfo()) -> dict[str, float]:
     """Losses on validation images: torchvision only returns losses in train mode, so
-    BatchNorm and dropout are switched to eval to leave statistics untouched."""
+    BatchNorm and dropout are switched to eval to leave statistics untouched. The model runs
+    outside DDP: its forward broadcasts buffers, a collective that a rank whose shard has no
+    image would never join."""
     per_batch = []
-    with losses_mode(model):
+    with losses_mode(getattr(model, "module", model)) as model:
         for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None if info.is_main else True):
             images, targets = to_device(images, targets, device)
             with _autocast(device, use_amp):
@@ -432,7 +434,8 @@ class Optimisation:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # a run saved without AMP or on a CPU has none: --use_amp starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
 

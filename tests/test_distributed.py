@@ -63,3 +63,49 @@ def test_torchrun_two_gloo_processes(tmp_path: Path, shallow: None) -> None:
     metrics = evaluate(build_coco_gt(val.instances, val.image_ids), predict(model, loader, torch.device("cpu"), False))
     for key in ("segm_AP", "segm_AP50", "bbox_AP"):
         assert history[0][key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+VALIDATION_RANK = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import engine
+from distributed import init_distributed
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 1, 1), torch.nn.BatchNorm2d(1)
+
+    def forward(self, images, targets):
+        loss = self.bn(self.conv(torch.stack(images))).square().mean()
+        return {key: loss for key in engine.LOSS_KEYS}
+
+
+info, device = init_distributed("cpu")
+model = torch.nn.parallel.DistributedDataParallel(Toy(), broadcast_buffers=True)  # a collective per forward
+data = [(torch.rand(3, 8, 8), {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "image_id": 1})]
+loader = torch.utils.data.DataLoader(data[info.rank::info.world_size], batch_size=1, collate_fn=lambda b: tuple(zip(*b)))
+losses = engine.validation_loss(model, loader, device, False, info)
+print(f"rank {info.rank} batches {len(loader)} val_loss {losses['val_loss']:.6f}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_validation_loss_with_fewer_images_than_ranks(tmp_path: Path) -> None:
+    """One validation image for two gloo ranks: the rank without a batch must not leave the
+    other waiting in DDP's buffer broadcast; both report the one image's loss."""
+    script = tmp_path / "rank.py"
+    script.write_text(VALIDATION_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(ROOT)]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("validation_loss hung with an empty shard")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert [line.split()[3] for line in lines] == ["1", "0"]
+    assert lines[0].split()[-1] == lines[1].split()[-1]  # the same averaged loss on both ranks

@@ -342,3 +342,39 @@ def test_fused_adamw_updates_like_the_foreach_kernel() -> None:
     engine.step_if_finite(optimizer, torch.tensor(float("inf")))
     assert all(torch.equal(p.detach(), w) for p, w in zip(params, start))
     assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in optimizer.state.values())
+
+
+def test_amp_resumes_a_run_saved_without_amp_and_back() -> None:
+    """A disabled GradScaler saves ``{}``, which an enabled one refuses: --use_amp on resume
+    then starts a fresh scale; a run saved with a scale resumes it, or drops it without AMP."""
+    args = argparse.Namespace(lr=1e-3, eta_min=0.0, use_cosine=True, warmup_epochs=0, epochs=1, patience=3)
+
+    def optimisation(enabled: bool, scale: float = 65536.0) -> engine.Optimisation:
+        optimizer = engine.fused_adamw(list(torch.nn.Linear(2, 2).parameters()), 1e-3, 0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=enabled)
+        return engine.Optimisation(optimizer, LRSchedule(optimizer, args, 3), scaler, None, 0.0)
+
+    without = optimisation(False).state_dict()
+    assert without["scaler"] == {}
+    amp = optimisation(True)
+    amp.load_state_dict(without)
+    assert amp.scaler.get_scale() == 65536.0
+    resumed = optimisation(True)
+    resumed.load_state_dict(optimisation(True, scale=1024.0).state_dict())
+    assert resumed.scaler.get_scale() == 1024.0
+    optimisation(False).load_state_dict(optimisation(True, scale=1024.0).state_dict())  # AMP dropped: no error
+
+
+def test_rng_state_restores_the_gpus_the_machine_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint from a machine with more GPUs restores the RNG of each device present."""
+    from checkpoint import rng_state, set_rng_state
+
+    saved = {**{k: v for k, v in rng_state().items() if k != "cuda"},
+             "cuda": [torch.full((8,), 1, dtype=torch.uint8), torch.full((8,), 2, dtype=torch.uint8)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restores every saved device"))
+    set_rng_state(saved)
+    assert len(restored) == 1 and restored[0][1] == 0 and torch.equal(restored[0][0], saved["cuda"][0])
