@@ -6,13 +6,18 @@ the distributed path are the same code.
 from __future__ import annotations
 
 import os
+import random
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass
@@ -34,14 +39,38 @@ def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistInfo(), torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return DistInfo(), default_device(device_arg)
     info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Rank 0 alone scores validation (COCOeval) while the others wait in a broadcast: allow
+        # an hour, not NCCL's default ten minutes, before a wait counts as a hang.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return info, torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
+
+
+def default_device(device_arg: str | None) -> torch.device:
+    """``--device`` (default: CUDA when present); a CUDA device also becomes the current one, so
+    ``--device cuda:1`` puts cuDNN's workspace and every unplaced tensor on GPU 1, not GPU 0."""
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def decorrelate_ranks(info: DistInfo) -> None:
+    """Give every rank but rank 0 its own random streams (torch, numpy, random), drawn from the
+    shared ones: the ranks start from one seed (the same initial weights), so their random
+    crops, flips and DataLoader worker seeds would otherwise repeat in lockstep. Rank 0's
+    streams, and with them a single-process run, are left as they are."""
+    if info.rank == 0:
+        return
+    seed = int(torch.randint(0, 2 ** 31 - 1, (info.world_size,))[info.rank])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def cleanup() -> None:

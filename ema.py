@@ -47,18 +47,22 @@ class ModelEMA:
         return self.decay * (1.0 - math.exp(-updates / self.warmup_steps))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
         """Fold the model's current weights in; ``model`` may be wrapped in DDP. Its tensors are
         looked up once per model object, so it must not be moved to another device (which
-        replaces buffers) after the first update."""
+        replaces buffers) after the first update. ``applied`` (a device bool) false: the
+        optimizer skipped this step, and the average stays as it is, decided on the device."""
         self.updates += 1
         source = _unwrap(model)
         if source is not self._source:
             self._source, self._sources = source, _split(source.state_dict())
         (floats, others), (source_floats, source_others) = self._targets, self._sources
-        if floats:
+        if floats and applied is None:
             # lerp_(src, 1 - d) is d * ema + (1 - d) * src, one fused kernel per dtype/device group.
             torch._foreach_lerp_(floats, source_floats, 1.0 - self.current_decay())
+        elif floats:  # the weight as a device tensor, 0 on a skipped step: no host read of the flag
+            weight = applied.to(floats[0].dtype) * (1.0 - self.current_decay())
+            torch._foreach_lerp_(floats, source_floats, [weight] * len(floats))
         if others:
             torch._foreach_copy_(others, source_others)
 

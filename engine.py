@@ -27,8 +27,8 @@ from cli import writable_dir
 from coco import build_coco_gt, evaluate, matching_metrics
 from dataloader import (DatasetError, HW3TrainDataset, collate_fn, list_samples, sample_groups, split_samples,
                         write_split)
-from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, gather_lists, init_distributed,
-                         sum_across)
+from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, decorrelate_ranks, gather_lists,
+                         init_distributed, sum_across)
 from detector import check_boxes
 from ema import ModelEMA
 from inference import autocast as _autocast
@@ -189,6 +189,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         state = {k: resume.get(k) for k in state}
         set_rng_state(resume["rng"])
         _log(info, f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
+    decorrelate_ranks(info)  # after the shared init (and rank 0's saved state): each rank its own augmentation
     net = _wrap_distributed(model, args, info, device)
     loaders = _loaders(args, train_set, val_set, sampler, info, device)
     coco_gt = build_coco_gt(val_set.instances, val_set.image_ids) if info.is_main and len(val_set) else None
@@ -250,6 +251,8 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
         return None
     row: dict[str, Any] = {"epoch": epoch, "lr": opt.optimizer.param_groups[0]["lr"]}
     row.update(meter.summary(info, device))
+    if opt.scaler.is_enabled():  # host sync, once an epoch: a falling scale means fp16 overflows
+        row["loss_scale"] = opt.scaler.get_scale()
     if "val" in loaders and (epoch % max(args.eval_every, 1) == 0 or epoch == args.epochs):
         row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
         row.update(validation_metrics(model, loaders["val"], coco_gt, device, args, info))
@@ -277,7 +280,9 @@ class EpochMeter:
 
     ``add`` keeps each step's losses on the device; ``read`` fetches the pending ones in one
     host sync (every READ_EVERY steps and at the epoch's end) and only then counts, sums and
-    reports non-finite steps, in step order, so the sums are those of a per-step ``.item()``."""
+    reports non-finite steps, in step order, so the sums are those of a per-step ``.item()``.
+    ``skipped`` counts the updates not made: non-finite losses, and steps whose gradients
+    overflowed under AMP (their losses are finite and summed)."""
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS + ("loss",), 0.0))
     batches: int = 0
@@ -289,10 +294,13 @@ class EpochMeter:
         self.bad_in_row = 0
         self._pending: list[tuple[torch.Tensor, list]] = []
 
-    def add(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, image_ids: list) -> None:
-        """One step's losses, kept on the device until the next ``read``."""
+    def add(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, image_ids: list,
+            skipped: torch.Tensor | None = None) -> None:
+        """One step's losses and whether its update was skipped (``Optimisation.step``), kept on
+        the device until the next ``read``."""
         self.batches += 1
-        self._pending.append((torch.stack([losses[k].detach() for k in LOSS_KEYS] + [loss.detach()]), image_ids))
+        flag = (~torch.isfinite(loss) if skipped is None else skipped).detach().to(loss.dtype)
+        self._pending.append((torch.stack([losses[k].detach() for k in LOSS_KEYS] + [loss.detach(), flag]), image_ids))
 
     def read(self, epoch: int) -> float | None:
         """Fold the pending steps into the sums; the last finite total loss, for the progress bar."""
@@ -300,13 +308,14 @@ class EpochMeter:
             return None
         rows = torch.stack([values for values, _ in self._pending]).tolist()  # the one host sync of the logging
         last = None
-        for row, (_, ids) in zip(rows, self._pending):
+        for (*row, skipped), (_, ids) in zip(rows, self._pending):
             if math.isfinite(row[-1]):
                 self.bad_in_row = 0
                 self.steps += 1
                 for key, value in zip(LOSS_KEYS + ("loss",), row):
                     self.sums[key] += value
                 last = row[-1]
+                self.skipped += int(skipped)  # a finite loss, gradients that overflowed fp16: AMP skipped the update
                 continue
             self.skipped += 1
             self.bad_in_row += 1
@@ -352,10 +361,10 @@ def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequen
     images, targets = to_device(images, targets, device)
     losses = _forward_losses(model, images, targets, device, use_amp, dataset)
     loss = sum(losses.values())
-    meter.add(losses, loss, [t["image_id"] for t in targets])
     # A non-finite loss makes every gradient NaN (on every DDP rank after the all-reduce, where
     # a zeroed loss would let the other ranks step alone), so the optimizer skips the update.
-    opt.step(model, loss * torch.where(torch.isfinite(loss), 1.0, math.nan))
+    skipped = opt.step(model, loss * torch.where(torch.isfinite(loss), 1.0, math.nan))
+    meter.add(losses, loss, [t["image_id"] for t in targets], skipped)
 
 
 def _stop_requested(stop: StopRequest, batches: int, info: DistInfo, device: torch.device) -> bool:
@@ -407,11 +416,12 @@ class Optimisation:
     ema: ModelEMA | None
     clip_grad: float
 
-    def step(self, model: nn.Module, loss: torch.Tensor) -> None:
+    def step(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
         """Backward (DDP ranks all join the gradient all-reduce), then an update that is skipped
         when any gradient is not finite. A fused optimizer (``fused_adamw``) and the AMP scaler
-        skip it on the device, from a flag, without a host sync. The weight average folds in the
-        weights after every step: after a skipped one they are the unchanged weights."""
+        skip it on the device, from a flag, without a host sync; the flag is returned (a device
+        bool, read with the losses) and keeps the weight average still on a skipped step too.
+        The learning-rate schedule counts every step, as torchvision's references do."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.clip_grad > 0:
@@ -424,8 +434,10 @@ class Optimisation:
         else:
             step_if_finite(self.optimizer, norm)
         self.scaler.update()
+        skipped = ~torch.isfinite(norm)  # what the scaler's and the fused optimizer's own checks found
         if self.ema is not None:
-            self.ema.update(model)
+            self.ema.update(model, applied=~skipped)
+        return skipped
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
@@ -611,8 +623,14 @@ def _wrap_distributed(model: nn.Module, args: argparse.Namespace, info: DistInfo
         return model
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Buffers are broadcast from rank 0 at every forward only where they change: the statistics of
+    # BatchNorm layers that train without --sync_bn (SyncBatchNorm keeps them equal by itself).
+    # Frozen BatchNorm's and everything else's never change.
+    drifting = not args.sync_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                                        for m in model.modules())
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=args.find_unused_parameters)
+                                               find_unused_parameters=args.find_unused_parameters,
+                                               broadcast_buffers=drifting)
 
 
 def _forward_losses(model: nn.Module, images: list, targets: list, device: torch.device, use_amp: bool,

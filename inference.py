@@ -28,6 +28,7 @@ from checkpoint import load_model, write_json
 from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
+from distributed import default_device
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
                     same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)
@@ -152,7 +153,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     (first) checkpoint, whole images if it had none; ``tta_scales=None`` predicts one view per
     image; ``batch_size`` views go through the network together; ``merge``: ``Settings`` fields."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_device = default_device(device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
     models = [model.to(torch_device) for model, _, _ in loaded]

@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli, writable_dir  # noqa: E402
+from distributed import default_device  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
 from inference import Settings, predict_images, training_tile  # noqa: E402
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None, "num_classes": args.num_classes}
     model, _, state = load_model(Path(args.checkpoint), overrides)
     model.to(device).eval()

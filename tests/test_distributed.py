@@ -109,3 +109,33 @@ def test_validation_loss_with_fewer_images_than_ranks(tmp_path: Path) -> None:
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
     assert [line.split()[3] for line in lines] == ["1", "0"]
     assert lines[0].split()[-1] == lines[1].split()[-1]  # the same averaged loss on both ranks
+
+
+def test_each_rank_draws_its_own_augmentation_stream() -> None:
+    """After ``decorrelate_ranks`` rank 0 draws what a single process draws, every other rank
+    its own numbers; the same seed gives the same streams again (resumable, reproducible)."""
+    from distributed import decorrelate_ranks
+
+    def draws(rank: int) -> tuple:
+        torch.manual_seed(5)
+        decorrelate_ranks(DistInfo(rank=rank, world_size=3))
+        import random
+
+        import numpy as np
+        return tuple(torch.rand(3).tolist()), float(np.random.rand()), random.random()
+
+    torch.manual_seed(5)
+    single = tuple(torch.rand(3).tolist())
+    streams = [draws(rank) for rank in range(3)]
+    assert streams[0][0] == single
+    assert len({s[0] for s in streams}) == len({s[1] for s in streams}) == len({s[2] for s in streams}) == 3
+    assert draws(2) == streams[2]
+
+
+def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed import default_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert default_device("cuda:1") == torch.device("cuda:1") and current == [torch.device("cuda:1")]
+    assert default_device("cpu") == torch.device("cpu") and len(current) == 1

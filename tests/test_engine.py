@@ -378,3 +378,28 @@ def test_rng_state_restores_the_gpus_the_machine_has(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restores every saved device"))
     set_rng_state(saved)
     assert len(restored) == 1 and restored[0][1] == 0 and torch.equal(restored[0][0], saved["cuda"][0])
+
+
+def test_overflowed_amp_steps_are_counted_as_skipped() -> None:
+    """Under AMP a step whose gradients overflow is skipped by the scaler: ``Optimisation.step``
+    returns the flag (on the device), the weights stay, and the meter counts it as skipped
+    while its finite losses still enter the sums."""
+    args = argparse.Namespace(lr=1e-3, eta_min=0.0, use_cosine=True, warmup_epochs=0, epochs=1, patience=3)
+    layer = torch.nn.Linear(2, 1)
+    optimizer = engine.fused_adamw(list(layer.parameters()), 1e-3, 0.0)
+    opt = engine.Optimisation(optimizer, LRSchedule(optimizer, args, 3),
+                              torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=True), None, 10.0)
+    meter = engine.EpochMeter()
+    start = [p.detach().clone() for p in layer.parameters()]
+    for scale in (3e38, 1.0):  # the first loss is finite, its scaled gradient is not
+        loss = layer(torch.ones(1, 2)).sum() * scale
+        losses = dict.fromkeys(engine.LOSS_KEYS, loss / len(engine.LOSS_KEYS))
+        skipped = opt.step(layer, loss)
+        assert skipped.dtype == torch.bool
+        meter.add(losses, loss, [1], skipped)
+        if scale > 1:
+            assert all(torch.equal(p, s) for p, s in zip(layer.parameters(), start))
+    meter.read(1)
+    assert (meter.steps, meter.skipped) == (2, 1)
+    assert opt.scaler.get_scale() == 2.0 ** 15  # the scaler backed off once
+    assert not all(torch.equal(p, s) for p, s in zip(layer.parameters(), start))  # the second step updated

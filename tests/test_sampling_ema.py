@@ -115,6 +115,23 @@ def test_ema_with_constant_decay_equals_the_closed_form() -> None:
     assert ema.module.state_dict()["1.num_batches_tracked"].item() == steps  # copied, not averaged
 
 
+def test_ema_stays_still_on_a_skipped_step() -> None:
+    """``applied`` false (the optimizer skipped the step) leaves the average as it was; true
+    gives exactly the plain update."""
+    model, decay = _model(), 0.7
+    trajectory = _trajectory(model, 2)
+    plain, flagged = ModelEMA(model, decay, warmup_steps=0), ModelEMA(model, decay, warmup_steps=0)
+    _set_state(model, trajectory[1], 1)
+    plain.update(model)
+    flagged.update(model, applied=torch.tensor(True))
+    before = {k: v.clone() for k, v in flagged.module.state_dict().items()}
+    assert all(torch.equal(v, plain.module.state_dict()[k]) for k, v in before.items())
+    _set_state(model, trajectory[2], 2)
+    flagged.update(model, applied=torch.tensor(False))
+    assert torch.equal(flagged.module.state_dict()["0.weight"], before["0.weight"])
+    assert not torch.equal(trajectory[2]["0.weight"].float(), before["0.weight"])
+
+
 def test_ema_warmup_ramp_equals_the_closed_form() -> None:
     model, decay, warmup, steps = _model(), 0.9, 3, 5
     trajectory = _trajectory(model, steps)
