@@ -40,6 +40,8 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import nms, roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
 
+from devices import counts as level_counts
+
 # Boxes per NMS call: one host sync per call, and the IoU bit mask of a call grows with its square.
 NMS_CHUNK = 8192
 # Largest offset coordinate NMS takes in float32 (``nms_segments``): its spacing there is 1/256 px.
@@ -63,25 +65,60 @@ class CellMaskRCNN(MaskRCNN):
 
 
 class Fp32AnchorGenerator(AnchorGenerator):
-    """torchvision's anchors, always in float32: it reads only the shape, dtype and device of
-    the feature maps, so they are shown float32 stand-ins of their shape (no memory)."""
+    """torchvision's anchors, always in float32, and built once per input and feature size
+    (training crops and tiles all share one): torchvision rebuilds them for every batch, with
+    blocking copies of its Python sizes. It reads only the shape, dtype and device of the
+    feature maps, so it is shown float32 stand-ins of their shape (no memory)."""
+
+    CACHED = 16  # input shapes kept; whole images of many sizes rebuild the oldest
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
-        shapes = [torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
-        return super().forward(image_list, shapes)
+        device = feature_maps[0].device
+        key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feature_maps), device)
+        cache = self.__dict__.setdefault("_anchors", {})
+        if key not in cache:
+            stand_ins = [torch.empty((), dtype=torch.float32, device=device).expand(f.shape) for f in feature_maps]
+            one = ImageList(image_list.tensors[:1], image_list.image_sizes[:1])
+            if len(cache) >= self.CACHED:
+                cache.pop(next(iter(cache)))
+            cache[key] = super().forward(one, stand_ins)[0]
+        return [cache[key]] * len(image_list.image_sizes)
 
 
 class Fp32BoxCoder(BoxCoder):
-    """torchvision's box coder in float32 whatever the autocast dtype: its decode casts the
-    boxes to the deltas' dtype, which is fp16/bf16 under autocast."""
+    """torchvision's box coder (the same formulas) in float32 whatever the autocast dtype, its
+    weights as Python numbers: torchvision casts the boxes to the deltas' dtype, fp16/bf16
+    under autocast, and copies its weights and a 0.5 to the device at every call."""
 
     def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
         with torch.autocast(rel_codes.device.type, enabled=False):
             return super().decode(rel_codes.float(), [b.float() for b in boxes])
 
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        boxes = boxes.to(rel_codes.dtype)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+        wx, wy, ww, wh = self.weights
+        dw = torch.clamp(rel_codes[:, 2::4] / ww, max=self.bbox_xform_clip)
+        dh = torch.clamp(rel_codes[:, 3::4] / wh, max=self.bbox_xform_clip)
+        center_x = rel_codes[:, 0::4] / wx * widths[:, None] + ctr_x[:, None]
+        center_y = rel_codes[:, 1::4] / wy * heights[:, None] + ctr_y[:, None]
+        half_w = 0.5 * (torch.exp(dw) * widths[:, None])
+        half_h = 0.5 * (torch.exp(dh) * heights[:, None])
+        return torch.stack((center_x - half_w, center_y - half_h, center_x + half_w, center_y + half_h),
+                           dim=2).flatten(1)
+
     def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
         with torch.autocast(proposals[0].device.type, enabled=False):
             return super().encode([b.float() for b in reference_boxes], [p.float() for p in proposals])
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        wx, wy, ww, wh = self.weights
+        ex_w, ex_h = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
+        gt_w, gt_h = reference_boxes[:, 2] - reference_boxes[:, 0], reference_boxes[:, 3] - reference_boxes[:, 1]
+        dx = wx * ((reference_boxes[:, 0] + 0.5 * gt_w) - (proposals[:, 0] + 0.5 * ex_w)) / ex_w
+        dy = wy * ((reference_boxes[:, 1] + 0.5 * gt_h) - (proposals[:, 1] + 0.5 * ex_h)) / ex_h
+        return torch.stack((dx, dy, ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)), dim=1)
 
 
 class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
@@ -266,7 +303,7 @@ class LevelRoIAlign(MultiScaleRoIAlign):
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
         levels = self.map_levels(boxes)
         order = torch.argsort(levels, stable=True)
-        counts = torch.bincount(levels, minlength=len(features)).tolist()  # host sync: RoIs per level
+        counts = level_counts(levels, len(features))  # host sync: RoIs per level
         pooled = [roi_align(feature, part, self.output_size, scale, self.sampling_ratio).to(features[0].dtype)
                   for feature, part, scale in zip(features, rois[order].split(counts), self.scales)]
         return torch.cat(pooled).index_select(0, torch.argsort(order))

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from devices import default_device
+
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 
 
@@ -49,15 +51,6 @@ def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
         # an hour, not NCCL's default ten minutes, before a wait counts as a hang.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return info, torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
-
-
-def default_device(device_arg: str | None) -> torch.device:
-    """``--device`` (default: CUDA when present); a CUDA device also becomes the current one, so
-    ``--device cuda:1`` puts cuDNN's workspace and every unplaced tensor on GPU 1, not GPU 0."""
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    return device
 
 
 def decorrelate_ranks(info: DistInfo) -> None:

@@ -21,14 +21,13 @@ import tifffile
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.models.detection.transform import resize_boxes
 from tqdm import tqdm
 
 from checkpoint import load_model, write_json
 from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
-from distributed import default_device
+from devices import counts, default_device, scale_boxes
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
                     same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)
@@ -309,7 +308,8 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
     """A view's detections in image coordinates, with the flag of boxes an inner tile edge may cut."""
     y0, x0, y1, x1 = job.window
     boxes = boxes_back(dets["boxes"].float(), job.view, tuple(view_size), (y1 - y0, x1 - x0))
-    boxes = boxes + boxes.new_tensor([x0, y0, x0, y0])
+    boxes[:, 0::2] += x0  # Python offsets: no host-to-device copy
+    boxes[:, 1::2] += y0
     return {"boxes": boxes, "scores": dets["scores"].float(), "labels": dets["labels"],
             "cut": cut_flags(boxes, job.window, tuple(size))}
 
@@ -324,13 +324,14 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
     boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
     job_of = torch.cat([torch.full((len(p["scores"]),), k, dtype=torch.int64, device=boxes.device)
                         for k, p in zip(mine, parts)])
+    source = torch.cat([torch.full((len(p["scores"]),), jobs[k].source, dtype=torch.int64, device=boxes.device)
+                        for k, p in zip(mine, parts)])
     index = torch.cat([torch.arange(len(p["scores"]), device=boxes.device) for p in parts])
     if len(mine) == 1:  # one view: the model's own NMS and cap already chose
         keep = torch.arange(min(len(scores), cap), device=boxes.device)
     else:
         copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
         keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
-    source = boxes.new_tensor([job.source for job in jobs], dtype=torch.int64)[job_of]
     n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
@@ -351,7 +352,7 @@ def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[di
     job = torch.cat([p["job"] for p in picks]).to(torch.int64)
     index = torch.cat([p["index"] for p in picks])
     order = torch.argsort(job, stable=True)
-    per_job = torch.bincount(job, minlength=len(jobs)).tolist()  # host sync: how many masks each view gets
+    per_job = counts(job, len(jobs))  # host sync: how many masks each view gets
     sorted_index = index[order].split(per_job)
     probs = []
     for model, state, chunk in passes:
@@ -428,7 +429,7 @@ class MaskRCNNStages:
             heads.detections_per_img = limit
         boxes, scores, labels = ([t[:c] for t, c in zip(ts, caps)] for ts in (boxes, scores, labels))
         state = {"features": features, "image_sizes": batch.image_sizes, "boxes": boxes, "labels": labels}
-        dets = [{"boxes": resize_boxes(b, size, crop.shape[-2:]), "scores": s, "labels": lab}
+        dets = [{"boxes": scale_boxes(b, crop.shape[-1] / size[1], crop.shape[-2] / size[0]), "scores": s, "labels": lab}
                 for b, s, lab, size, crop in zip(boxes, scores, labels, batch.image_sizes, crops)]
         return state, dets
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from devices import to_device
+
 
 class PackedMasks:
     """Masks as crops: ``data`` holds crop ``i`` (row-major, ``boxes[i]`` = x1, y1, x2, y2 with
@@ -82,7 +84,7 @@ class PackedMasks:
         (ox, width), (oy, height) = _placement(x1, x2, self.size[1]), _placement(y1, y2, self.size[0])
         params = np.stack([x1 - ox, y1 - oy, x2 - x1, y2 - y1, self.offsets.numpy()[:-1], ox, oy], axis=1)
         device = index.device
-        dx, dy, w, h, start, ox, oy = torch.from_numpy(params).to(device)[index].t()[:, :, None, None]
+        dx, dy, w, h, start, ox, oy = to_device(params, device)[index].t()[:, :, None, None]
         u = torch.arange(height, device=device)[None, :, None] - dy
         v = torch.arange(width, device=device)[None, None, :] - dx
         inside = (u >= 0) & (u < h) & (v >= 0) & (v < w)
@@ -116,10 +118,10 @@ class PackedMasks:
         base = self.offsets.numpy()[owner] + (rows[r0[owner] + row] - y1[owner]) * (x2 - x1)[owner] - x1[owner]
         start = offsets[owner] + row * widths[owner] - c0[owner]
         device = self.device
-        base, start, width = torch.from_numpy(np.stack([base, start, widths[owner]]).astype(np.int64)).to(device)
+        base, start, width = to_device(np.stack([base, start, widths[owner]]).astype(np.int64), device)
         total = int(offsets[-1])
         row_of = torch.repeat_interleave(torch.arange(len(owner), device=device), width, output_size=total)
-        source = base[row_of] + torch.from_numpy(cols).to(device)[torch.arange(total, device=device) - start[row_of]]
+        source = base[row_of] + to_device(cols, device)[torch.arange(total, device=device) - start[row_of]]
         boxes = torch.from_numpy(np.stack([c0, r0, c1, r1], axis=1).astype(np.int64).reshape(-1, 4))
         return PackedMasks(self.data[source], boxes, torch.from_numpy(offsets), size)
 

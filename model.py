@@ -21,10 +21,11 @@ from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_iou, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from devices import scale_boxes
 from detector import (CellMaskRCNN, Fp32AnchorGenerator, Fp32BoxCoder, FrozenBatchNorm2d, LeanRoIHeads, LeanRPN,
                       LevelRoIAlign)
 from masks import PackedMasks
@@ -277,6 +278,19 @@ class CellTransform(GeneralizedRCNNTransform):
         self.max_upscale = max_upscale
         self.input_scale = input_scale
         self.warned_cap = False
+        self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """torchvision's normalisation with the mean and std kept on the image's device, copied
+        there once (torchvision copies them from Python lists for every image)."""
+        if not image.is_floating_point():
+            raise TypeError(f"input images must be floating point in [0, 1], got {image.dtype}")
+        key = (image.device, image.dtype)
+        if key not in self._stats:
+            self._stats[key] = tuple(torch.tensor(v, dtype=image.dtype, device=image.device)[:, None, None]
+                                     for v in (self.image_mean, self.image_std))
+        mean, std = self._stats[key]
+        return (image - mean) / std
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "CellTransform":
@@ -306,7 +320,7 @@ class CellTransform(GeneralizedRCNNTransform):
         if target is None:
             return image, target
         target = dict(target)
-        target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+        target["boxes"] = scale_boxes(target["boxes"], image.shape[-1] / width, image.shape[-2] / height)
         if isinstance(target.get("masks"), PackedMasks):
             target["masks"] = target["masks"].resized(tuple(image.shape[-2:]))
         elif "masks" in target:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou, nms
 
 from masks import PackedMasks, pixel_chunks
 
@@ -52,9 +52,11 @@ def max_cover(windows: list[Window]) -> int:
 def cut_flags(boxes: torch.Tensor, window: Window, image_size: tuple[int, int]) -> torch.Tensor:
     """Boxes (image coordinates) touching a window edge that is not an image edge: maybe cut cells."""
     y0, x0, y1, x1 = window
-    inner = boxes.new_tensor([x0 > 0, y0 > 0, x1 < image_size[1], y1 < image_size[0]], dtype=torch.bool)
-    edge = boxes.new_tensor([x0, y0, x1, y1])
-    return (((boxes - edge).abs() <= 1.0) & inner).any(dim=1)
+    cut = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    for side, (edge, inner) in enumerate(((x0, x0 > 0), (y0, y0 > 0), (x1, x1 < image_size[1]), (y1, y1 < image_size[0]))):
+        if inner:  # a loop over the 4 window edges, with Python numbers: no host-to-device copy
+            cut |= (boxes[:, side] - edge).abs() <= 1.0
+    return cut
 
 
 def select_candidates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor,
@@ -70,7 +72,16 @@ def select_candidates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
     """
     key = merge_order(boxes, scores, cut)
     pool = key.topk(cap * copies).indices if len(key) > cap * copies else torch.arange(len(key), device=key.device)
-    return pool[batched_nms(boxes[pool].float(), key[pool], labels[pool], iou)[:cap]]
+    return pool[class_nms(boxes[pool], key[pool], labels[pool], iou)[:cap]]
+
+
+def class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """torchvision's ``batched_nms`` (NMS within each label, kept indices by score), its classes
+    kept apart by offsets built on the device: torchvision builds its offset with a blocking
+    host-to-device copy. In float64, exact for any image and class count (one call per image)."""
+    boxes = boxes.double()
+    span = boxes.max() + 1 if len(boxes) else 1.0
+    return nms(boxes + labels[:, None].double() * span, scores.double(), iou)  # host sync: the kept count
 
 
 def merge_order(boxes: torch.Tensor, scores: torch.Tensor, cut: torch.Tensor,

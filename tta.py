@@ -11,6 +11,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from devices import scale_boxes
+
 FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (horizontal, vertical)
 
 
@@ -44,17 +46,18 @@ def apply_view(image: torch.Tensor, view: View) -> torch.Tensor:
 
 def boxes_back(boxes: torch.Tensor, view: View, view_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Boxes predicted on the view ([K, 4] in its pixels) in the frame of the unviewed image."""
-    boxes = boxes.clone()
     view_h, view_w = view_size
     if view.rot90:  # view point (x, y) is (view_h - y, x) of the unturned image, whose size is (view_w, view_h)
         boxes = torch.stack([view_h - boxes[:, 3], boxes[:, 0], view_h - boxes[:, 1], boxes[:, 2]], dim=1)
         view_h, view_w = view_w, view_h
+    x1, y1, x2, y2 = boxes.unbind(dim=1)  # columns, not list indexing: that is a host-to-device copy
     if view.hflip:
-        boxes[:, [0, 2]] = view_w - boxes[:, [2, 0]]
+        x1, x2 = view_w - x2, view_w - x1
     if view.vflip:
-        boxes[:, [1, 3]] = view_h - boxes[:, [3, 1]]
+        y1, y2 = view_h - y2, view_h - y1
+    boxes = torch.stack((x1, y1, x2, y2), dim=1)
     if view.scale != 1.0:
-        boxes *= boxes.new_tensor([size[1] / view_w, size[0] / view_h] * 2)
+        boxes = scale_boxes(boxes, size[1] / view_w, size[0] / view_h)
     return boxes
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli, writable_dir  # noqa: E402
-from distributed import default_device  # noqa: E402
+from devices import default_device  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
 from inference import Settings, predict_images, training_tile  # noqa: E402

@@ -133,7 +133,7 @@ def test_each_rank_draws_its_own_augmentation_stream() -> None:
 
 
 def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    from distributed import default_device
+    from devices import default_device
 
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)

@@ -1,0 +1,45 @@
+"""Which device a tool runs on, and how host data reaches it without stalling the GPU queue.
+
+A blocking host-to-device copy (``.to(cuda)`` of pageable memory, ``torch.tensor(list,
+device=cuda)``, ``new_tensor``, indexing with a Python list) waits for every kernel queued
+before it, as a read back to the host does. Per-step and per-view code therefore builds its
+constants from Python scalars or caches them on the device, and moves host-computed arrays with
+``to_device``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def default_device(device_arg: str | None) -> torch.device:
+    """``--device`` (default: CUDA when present); a CUDA device also becomes the current one, so
+    ``--device cuda:1`` puts cuDNN's workspace and every unplaced tensor on GPU 1, not GPU 0."""
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host data (a numpy array or a CPU tensor) on ``device``. To CUDA it goes through pinned
+    memory with a non-blocking copy, which the caching host allocator keeps alive until the
+    copy is done; on a CPU it is the same memory."""
+    tensor = torch.as_tensor(data)
+    if device.type == "cuda" and torch.cuda.is_available():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    """[K, 4] (x1, y1, x2, y2) boxes scaled per axis by Python numbers: torchvision's
+    ``resize_boxes`` builds its ratios with ``torch.tensor(..., device=)``, a blocking copy each."""
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    return torch.stack((x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y), dim=1)
+
+
+def counts(index: torch.Tensor, length: int) -> list[int]:
+    """How often each of 0..length-1 occurs in ``index``, on the host. One read (a host sync the
+    caller marks): CUDA's ``bincount`` reads the index's range first, a second one."""
+    found = torch.zeros(length, dtype=torch.int64, device=index.device)
+    return found.index_add_(0, index, torch.ones_like(index)).tolist()
