@@ -21,6 +21,17 @@ def default_device(device_arg: str | None) -> torch.device:
     return device
 
 
+GPU_BATCH = 8  # tiles x views per forward pass on a GPU: enough to fill it, and a few GB at most
+
+
+def prediction_batch(requested: int | None, device: torch.device) -> int:
+    """Tiles and views per forward pass: ``requested``, else ``GPU_BATCH`` on CUDA and 1 on a
+    CPU (where a bigger batch is no faster and only needs more memory)."""
+    if requested is not None:
+        return max(int(requested), 1)
+    return GPU_BATCH if device.type == "cuda" else 1
+
+
 def to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host data (a numpy array or a CPU tensor) on ``device``. To CUDA it goes through pinned
     memory with a non-blocking copy, which the caching host allocator keeps alive until the

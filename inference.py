@@ -27,7 +27,7 @@ from checkpoint import load_model, write_json
 from cli import run_cli, writable_dir
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
-from devices import counts, default_device, scale_boxes
+from devices import GPU_BATCH, counts, default_device, prediction_batch, scale_boxes
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
                     same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None,
                         help="folder of the submission, <output_dir>/test-results.json (default: the checkpoint's)")
     parser.add_argument("--output", default=None, help="exact submission path, instead of --output_dir")
-    parser.add_argument("--batch_size", type=int, default=1,
-                        help="images (tiles x TTA views, of one image or several) per forward pass")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="images (tiles x TTA views, of one image or several) per forward pass (default: "
+                             f"{GPU_BATCH} on a GPU, 1 on a CPU)")
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     parser.add_argument("--use_amp", action="store_true", help="fp16 on CUDA, bf16 on CPU")
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (a batch of 0 would predict nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """argparse type for a threshold on probabilities: 0 or 1 would give box-filling or empty masks."""
     value = float(text)
@@ -142,7 +151,7 @@ def training_tile(state: dict[str, Any]) -> int:
 
 def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path,
                    output: Path,
-                   batch_size: int = 1, device: str | None = None, use_amp: bool = False,
+                   batch_size: int | None = None, device: str | None = None, use_amp: bool = False,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0,
                    num_workers: int = 0, tile: int | None = None, tile_overlap: float = 0.25,
                    tta_scales: Sequence[float] | None = None, mask_thresh: float = 0.5,
@@ -150,9 +159,11 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble. ``tile=None`` tiles at the training crop recorded in the
     (first) checkpoint, whole images if it had none; ``tta_scales=None`` predicts one view per
-    image; ``batch_size`` views go through the network together; ``merge``: ``Settings`` fields."""
+    image; ``batch_size`` views go through the network together (default: ``devices.prediction_batch``);
+    ``merge``: ``Settings`` fields."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = default_device(device)
+    batch_size = prediction_batch(batch_size, torch_device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
     models = [model.to(torch_device) for model, _, _ in loaded]
@@ -213,6 +224,10 @@ class Settings:
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
+    # Bytes of features kept between an image's detection pass and its mask pass; the views past
+    # it are detected again for their masks, so a large image, --tta or an ensemble needs no more
+    # device memory than this plus one batch.
+    feature_budget: int = 1 << 30
 
     @property
     def averages(self) -> bool:
@@ -277,16 +292,33 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
             for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
             for v, view in enumerate(shown)]
-    passes, found = [], []
-    for chunk in _chunks(jobs, settings.batch_size):
+    def detect(chunk: list[int]) -> tuple[Any, list[dict]]:
         crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
         state, dets = stages[jobs[chunk[0]].model].detect(crops, cap)
-        passes.append((jobs[chunk[0]].model, state, chunk))
-        found.extend(_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
-                     for d, k, crop in zip(dets, chunk, crops))
+        return state, [_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
+                       for d, k, crop in zip(dets, chunk, crops)]
+
+    passes, found, kept = [], [], 0
+    for chunk in _chunks(jobs, settings.batch_size):
+        state, dets = detect(chunk)
+        found.extend(dets)
+        kept += state_bytes(state)
+        passes.append((jobs[chunk[0]].model, state if kept <= settings.feature_budget else None, chunk))
     picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
-    probs = [_averaged(pick, prob) for pick, prob in zip(picks, _candidate_masks(stages, passes, jobs, picks))]
+    masks = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
+    probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors a detection pass keeps for its mask pass (the FPN features, mostly)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    parts = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return sum(_tensor_bytes(v) for v in parts)
+
+
+_tensor_bytes = state_bytes  # the recursion, by a name of its own
 
 
 def _chunks(jobs: list[Job], batch_size: int) -> list[list[int]]:
@@ -346,9 +378,12 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
     return pick
 
 
-def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[dict]) -> list[torch.Tensor]:
+def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[dict],
+                     redetect: Any) -> list[torch.Tensor]:
     """28x28 mask probabilities of every image's candidates, unflipped, in their order: one
-    mask-head pass per forward-pass chunk, on the features kept from the detection pass."""
+    mask-head pass per forward-pass chunk, on the features kept from the detection pass, or
+    (past ``Settings.feature_budget``) on those of the chunk detected again, ``redetect(chunk)``,
+    one chunk at a time; a chunk without candidates is not."""
     job = torch.cat([p["job"] for p in picks]).to(torch.int64)
     index = torch.cat([p["index"] for p in picks])
     order = torch.argsort(job, stable=True)
@@ -356,6 +391,11 @@ def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[di
     sorted_index = index[order].split(per_job)
     probs = []
     for model, state, chunk in passes:
+        if state is None:
+            if not any(per_job[k] for k in chunk):
+                probs.extend(torch.zeros((0, 28, 28), device=job.device) for _ in chunk)
+                continue
+            state = redetect(chunk)
         got = stages[model].masks(state, [sorted_index[k] for k in chunk])
         for k, part in zip(chunk, got.split([per_job[k] for k in chunk])):
             probs.append(masks_back(part, jobs[k].view))

@@ -31,10 +31,10 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli, writable_dir  # noqa: E402
-from devices import default_device  # noqa: E402
+from devices import GPU_BATCH, default_device, prediction_batch  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
-from inference import Settings, predict_images, training_tile  # noqa: E402
+from inference import Settings, positive_int, predict_images, training_tile  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from model import backbone_name  # noqa: E402
 from tiling import take  # noqa: E402
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="predict tile by tile, as inference.py does (default: the checkpoint's training "
                              "--crop; 0: whole images)")
     parser.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
-    parser.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help=f"tiles per forward pass (default: {GPU_BATCH} on a GPU, 1 on a CPU)")
     parser.add_argument("--detections_per_img", type=int, default=None,
                         help="most detections predicted per image, as in inference.py (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     device = default_device(args.device)
+    args.batch_size = prediction_batch(args.batch_size, device)
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None, "num_classes": args.num_classes}
     model, _, state = load_model(Path(args.checkpoint), overrides)
     model.to(device).eval()
@@ -194,7 +196,7 @@ def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, sco
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=max(args.batch_size, 1),
+    return Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
                     detections_per_img=args.detections_per_img)
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from benchmarks import data_pipeline, evaluation, gpu_check, host_syncs, inference, postprocess, step_time, train_memory
+from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, postprocess, predict_memory,
+                        step_time, train_memory)
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
@@ -200,6 +201,21 @@ def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, 
     assert ours["syncs_per_image"] < stock["syncs_per_image"] and ours["detections"] == stock["detections"] > 0
     assert all(r["max_loss_rel_diff_vs_before"] <= 1e-6 for r in payload["rows"] if r["variant"] == "ours")
     assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
+
+
+def test_predict_memory_holds_the_budget_with_the_same_detections(tmp_path: Path, shallow: None) -> None:
+    """Past the feature budget the views are detected again instead of kept: the features held
+    stop growing with the image, the unbounded ones grow, and the detections are identical."""
+    out = tmp_path / "memory.json"
+    predict_memory.main(["--sizes", "96", "128", "--tile", "64", "--budget_mb", "0.5", "--batch_size", "4",
+                         "--detections_per_img", "20", "--rpn_post_nms_top_n_test", "100", "--device", "cpu", "--same_process",
+                         "--json", str(out)])
+    payload = _written(out, "rows", "targets_met")
+    rows = {(r["size"], r["variant"]): r for r in payload["rows"]}
+    assert rows[128, "unbounded"]["kept_mb"] > rows[96, "unbounded"]["kept_mb"] > rows[96, "budget"]["kept_mb"]
+    per_chunk = rows[128, "unbounded"]["kept_mb"] / rows[128, "unbounded"]["views"] * 4  # --batch_size views
+    assert rows[128, "budget"]["kept_mb"] <= 0.5 + per_chunk + 0.05  # the budget and the one chunk detected
+    assert payload["targets_met"]["identical_detections"] and rows[128, "budget"]["same_as_unbounded"]
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None, shallow_subprocesses: None) -> None:

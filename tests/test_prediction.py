@@ -6,6 +6,8 @@ edge come back cut, flipped views come back flipped.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from coco import encode_packed, paste_masks
 from conftest import mask_boxes
-from inference import Settings, predict_images
+from inference import Settings, predict_images, state_bytes
 from masks import PackedMasks
 from synthetic import synth_image
 from tiling import (average_masks, greedy_mask_merge, max_cover, pair_intersections, resample_masks, same_cell_copies,
@@ -103,6 +105,33 @@ def test_tiles_and_flips_give_the_cells_of_the_whole_image(seed: int) -> None:
         assert _cells(tiled) == _cells(whole) and len(tiled["scores"]) == len(whole["scores"])
         assert tiled["image_size"] == (200, 260)
         assert torch.all(tiled["scores"][:-1] >= tiled["scores"][1:])
+
+
+@pytest.mark.parametrize("merge", ["max", "avg"])
+def test_a_feature_budget_redetects_instead_of_keeping_and_changes_nothing(merge: str) -> None:
+    """Past ``feature_budget`` a chunk's state is dropped after detection and the chunk is
+    detected again for its masks (only where it has candidates): the cells, scores and masks
+    are those of keeping everything."""
+    image = _scene(4, (200, 260))
+    settings = Settings(tile=96, tile_overlap=0.4, tta_scales=(1.0,), batch_size=4, merge=merge)
+    kept_all, oracle = CellOracle(), CellOracle()
+    expected = predict_images(kept_all, [image], settings)[0]
+    bounded = predict_images(oracle, [image], replace(settings, feature_budget=0))[0]
+    assert torch.equal(bounded["scores"], expected["scores"]) and torch.equal(bounded["labels"], expected["labels"])
+    assert torch.equal(bounded["masks"].data, expected["masks"].data)
+    chunks = len(kept_all.detect_calls)
+    assert chunks < len(oracle.detect_calls) <= 2 * chunks  # the chunks with candidates, detected twice
+    assert state_bytes({"a": torch.zeros(3, 4), "b": [torch.zeros(2, dtype=torch.float16)]}) == 3 * 4 * 4 + 2 * 2
+
+
+def test_prediction_batch_fills_a_gpu_and_stays_1_on_a_cpu() -> None:
+    import inference
+    from devices import GPU_BATCH, prediction_batch
+
+    assert prediction_batch(None, torch.device("cpu")) == 1 and prediction_batch(None, torch.device("cuda")) == GPU_BATCH
+    assert prediction_batch(3, torch.device("cuda")) == 3
+    with pytest.raises(SystemExit):
+        inference.build_parser().parse_args(["--checkpoint", "x.pth", "--batch_size", "0"])
 
 
 def test_each_image_keeps_its_best_detections_up_to_the_cap() -> None:
