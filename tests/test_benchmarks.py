@@ -194,11 +194,14 @@ def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, 
     assert rows["before", many]["syncs_per_step"] > rows["before", few]["syncs_per_step"]  # per-instance reads
     assert rows["ours", many]["syncs_per_step"] < rows["stock", many]["syncs_per_step"]
     assert payload["targets_met"]["ours_syncs_at_most_10"] and payload["targets_met"]["losses_equal_before"]
+    assert rows["ours", many]["copies_per_step"] == 0 < rows["stock", many]["copies_per_step"]  # blocking h2d copies
+    assert payload["targets_met"]["ours_copies_at_most_10"]
     assert all(r["step_s"] is None and r["time_vs_before"] is None for r in payload["rows"])  # --steps 0: no timing
     assert payload["targets_met"]["time_at_most_1.02x_before"] is None
     stock, ours = payload["prediction"]
     assert (stock["detector"], ours["detector"]) == ("torchvision", "ours") and ours["views"] == 4
     assert ours["syncs_per_image"] < stock["syncs_per_image"] and ours["detections"] == stock["detections"] > 0
+    assert ours["copies_per_image"] == 0 < stock["copies_per_image"]
     assert all(r["max_loss_rel_diff_vs_before"] <= 1e-6 for r in payload["rows"] if r["variant"] == "ours")
     assert all(p["resize_equal"] and p["mask_targets_max_diff"] < 1e-5 for p in payload["parts"])
 

@@ -105,3 +105,24 @@ def test_resize_and_mask_targets_wait_for_no_device_result() -> None:
         project_masks_on_boxes(packed, rois, matched, 28)
     assert counter.total() == 0, counter.top_sites()
     assert counter.ops > 0
+
+
+def test_copy_counter_sees_blocking_host_to_device_copies() -> None:
+    """benchmarks/host_syncs.py's CopyCounter labels tensors as CUDA would place them: a copy
+    of Python data or of a host tensor to the device, ``new_tensor`` and list indexing of a
+    device tensor count; ops between device tensors and non-blocking copies do not."""
+    from benchmarks.host_syncs import CopyCounter
+
+    weight = torch.ones(3)
+    host, pinned = torch.from_numpy(np.arange(3.0)), torch.zeros(2)  # (a CPU .to() returns the tensor itself)
+    with CopyCounter([weight]) as copies:
+        on_device = weight * 2  # device op: a device result
+        torch.tensor([1.0, 2.0], device="cpu")
+        on_device.new_tensor([0.5])
+        host.to("cpu")
+        pinned.to("cpu", non_blocking=True)
+        on_device[[0, 2]]
+        on_device.to("cpu")  # already on the device: no copy
+        on_device + weight
+    assert copies.total() == 4
+    assert copies.kinds[CopyCounter.NON_BLOCKING] == 1
