@@ -1,15 +1,23 @@
-"""The checks only a GPU can answer, in one run (a few minutes) that writes one JSON.
+"""The checks only a GPU can answer, in one run of at most a few minutes that writes one JSON.
 
-1. ``amp_train``: fp16 AMP training steps (``engine.train_step``, GradScaler, fused AdamW) of
-   both backbones, with and without ``--use_attn``: step time and peak memory;
+Run it first on any lent GPU. Each section runs in a process of its own (a sticky CUDA error or
+an out-of-memory in one cannot fail the next) and is written as soon as it ends:
+
+1. ``amp_train``: fp16 AMP training steps of both backbones, with and without ``--use_attn``,
+   in the layout users get with ImageNet weights (frozen BatchNorm; built without a download):
+   step time, peak memory, the GradScaler's scale and its skipped steps;
 2. ``ddp``: one process launched by ``torchrun --nproc_per_node 1`` joining an NCCL group,
-   the model in DistributedDataParallel, a few training steps and an all-reduce;
-3. ``inference``: images/s of ``inference.py`` at its defaults (its CLI only), on synthetic images;
-4. ``host_syncs``: ``benchmarks/host_syncs.py`` on this device (syncs per step, ours vs stock).
+   a few DDP training steps and an all-reduce;
+3. ``syncs``: one training step and one ``inference.py --tta`` prediction under
+   ``torch.cuda.set_sync_debug_mode``: every sync (reads and blocking copies) by call site
+   (on a CPU: ``host_syncs.py``'s counters);
+4. ``predict_memory``: peak device memory of ``inference.py --use_amp --tta`` on one
+   2500x735 image (the task's largest) and its images/s;
+5. ``nms``: float64 against float32 NMS on 8192 boxes, time and agreement;
+6. ``resume_amp``: a run trained without AMP, resumed with ``--use_amp`` (end to end).
 
-Each section is timed and written as soon as it ends; a failing section records its error and
-the others still run. ``--dry_run`` is the same script on the CPU at tiny sizes (gloo instead
-of NCCL, no fp16), so the test suite knows it starts.
+``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL, bf16), so the test
+suite knows it starts.
 
     python benchmarks/gpu_check.py                      # on a GPU machine: benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --dry_run --json /tmp/gpu_check.json
@@ -28,7 +36,8 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
+import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
@@ -43,29 +52,29 @@ from synthetic import make_dataset  # noqa: E402
 
 NAME = "gpu_check"
 RESULT_MARK = "DDP_RESULT "
-# Per mode: training image side and cells, AMP steps, inference images, host-sync counts, host_syncs.py flags
-# (RoI budgets, the prediction count, variants), model config, warm-up steps
-# (the defaults on a GPU, tiny ones for the dry run).
+SECTIONS = ("amp_train", "ddp", "syncs", "predict_memory", "nms", "resume_amp")
+# Per mode: training image side and cells, AMP steps, the predicted image, NMS boxes, model config,
+# warm-up steps (the defaults on a GPU, tiny ones for the dry run).
 SIZES = {
-    "gpu": {"train_size": 256, "cells": 300, "steps": 5, "test_images": 4, "test_size": 1000, "test_cells": 300,
-            "sync_counts": [100, 400, 800], "sync_size": 256, "sync_steps": 1, "sync_args": ["--predict_size", "384"],
-            "config": {}, "warmup": 1},
-    "dry": {"train_size": 40, "cells": 4, "steps": 1, "test_images": 1, "test_size": 40, "test_cells": 4,
-            "sync_counts": [3], "sync_size": 40, "sync_steps": 0, "warmup": 0,
-            "sync_args": ["--rpn_post_nms_top_n_train", "50", "--box_batch_size_per_image", "16", "--predict_size", "64",
-                     "--rpn_post_nms_top_n_test", "50", "--detections_per_img", "10", "--variants", "ours"],
+    "gpu": {"train_size": 256, "cells": 300, "steps": 5, "predict_size": [735, 2500], "predict_cells": 700,
+            "nms_boxes": 8192, "config": {}, "warmup": 1, "resume_size": 128},
+    "dry": {"train_size": 40, "cells": 4, "steps": 1, "predict_size": [48, 96], "predict_cells": 6,
+            "nms_boxes": 256, "warmup": 0, "resume_size": 40,
             "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
                        "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10,
                        "attn": {"neck": {"pool_size": 4}}}},  # 80 attention tokens, not 980
 }
+TINY_FLAGS = ["--rpn_pre_nms_top_n_train", "100", "--rpn_post_nms_top_n_train", "50", "--rpn_pre_nms_top_n_test", "100",
+              "--rpn_post_nms_top_n_test", "50", "--box_batch_size_per_image", "16", "--detections_per_img", "10"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry_run", action="store_true", help="CPU, tiny sizes: checks that the script runs")
     parser.add_argument("--json", default=None, help=f"results file (default: {RESULTS_DIR}/{NAME}.json)")
-    parser.add_argument("--sections", nargs="+", default=["amp_train", "ddp", "inference", "host_syncs"],
-                        choices=["amp_train", "ddp", "inference", "host_syncs"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds one section may take")
+    parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section here (the child)
     parser.add_argument("--ddp_worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -77,46 +86,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: no CUDA device here; run it on a GPU machine or pass --dry_run.")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    engine.enable_tf32(device)
-    sizes = SIZES["dry" if args.dry_run else "gpu"]
     path = Path(args.json) if args.json else RESULTS_DIR / f"{NAME}.json"
+    if args.section:
+        return run_here(args.section, device, path)
+    engine.enable_tf32(device)
     payload: dict[str, Any] = {"benchmark": NAME, "dry_run": args.dry_run, "environment": environment(device),
-                               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                                        "cudnn": torch.backends.cudnn.allow_tf32}, "sections": {}}
-    sections: dict[str, Callable[[Path], Any]] = {
-        "amp_train": lambda tmp: amp_train(sizes, device, tmp),
-        "ddp": lambda tmp: ddp_step(sizes, device, tmp),
-        "inference": lambda tmp: inference_speed(sizes, device, tmp),
-        "host_syncs": lambda tmp: syncs(sizes, device, tmp),
-    }
-    threads = torch.get_num_threads()
-    if args.dry_run:  # two busy-waiting threads on a shared small CPU can be many times slower than one
-        torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        for name in args.sections:
-            payload["sections"][name] = run_section(sections[name], Path(tmp) / name)
-            _write(path, payload)
-            print(f"{name}: {payload['sections'][name].get('seconds')} s, ok={payload['sections'][name]['ok']}",
-                  flush=True)
-    torch.set_num_threads(threads)
+                               "sections": {}}
+    for name in args.sections:
+        payload["sections"][name] = run_section(name, args, path.with_name(f"{path.stem}.{name}.json"))
+        _write(path, payload)
+        print(f"{name}: {payload['sections'][name].get('seconds')} s, ok={payload['sections'][name]['ok']}",
+              flush=True)
     print(f"results -> {path}")
     return payload
 
 
-def run_section(fn: Callable[[Path], Any], tmp: Path) -> dict[str, Any]:
-    """One section's result, its wall time and its error (a traceback tail) if it failed."""
-    tmp.mkdir(parents=True, exist_ok=True)
+def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
+    """One section in a fresh process: its result, wall time, and its error if it failed."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--json", str(part),
+               *(["--dry_run"] if args.dry_run else [])]
     start = time.perf_counter()
     try:
-        result = {"ok": True, "result": fn(tmp)}
-    except Exception:  # one broken section must not lose the others' numbers
-        result = {"ok": False, "error": traceback.format_exc()[-3000:]}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+        if done.returncode == 0 and part.is_file():
+            result = {"ok": True, "result": json.loads(part.read_text())}
+        else:
+            result = {"ok": False, "error": (done.stdout[-1000:] + done.stderr[-3000:]).strip()}
+    except subprocess.TimeoutExpired:
+        result = {"ok": False, "error": f"timed out after {args.timeout} s"}
+    part.unlink(missing_ok=True)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
+def run_here(name: str, device: torch.device, path: Path) -> dict[str, Any]:
+    """The child: one section, its result written to ``path``."""
+    engine.enable_tf32(device)
+    if device.type == "cpu":  # two busy-waiting threads on a shared small CPU can be many times slower than one
+        torch.set_num_threads(1)
+    sizes = SIZES["dry" if device.type == "cpu" else "gpu"]
+    sections: dict[str, Callable[[Path], Any]] = {
+        "amp_train": lambda tmp: amp_train(sizes, device, tmp),
+        "ddp": lambda tmp: ddp_step(sizes, device, tmp),
+        "syncs": lambda tmp: sync_sites(sizes, device, tmp),
+        "predict_memory": lambda tmp: predict_memory(sizes, device, tmp),
+        "nms": lambda tmp: nms_precision(sizes, device),
+        "resume_amp": lambda tmp: resume_amp(sizes, device, tmp),
+    }
+    with tempfile.TemporaryDirectory(prefix=f"gpu_check_{name}_") as tmp:
+        result = sections[name](Path(tmp))
+    _write(path, result)
+    return result
+
+
 def amp_train(sizes: dict[str, Any], device: torch.device, tmp: Path) -> list[dict[str, Any]]:
-    """Step time and peak memory of fp16 AMP training (fp32 on a CPU) per backbone and --use_attn."""
+    """Step time, peak memory and the scaler per backbone and --use_attn, AMP on (fp16 on CUDA, bf16 on a CPU)."""
     image, target = _train_sample(sizes, tmp)
     rows = []
     for backbone in BACKBONES:
@@ -129,23 +153,23 @@ def amp_train(sizes: dict[str, Any], device: torch.device, tmp: Path) -> list[di
 def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, sizes: dict[str, Any],
                 device: torch.device) -> dict[str, Any]:
     seed_all(0)
-    config = {"backbone": backbone, "weights": "none", "use_attn": use_attn, **sizes["config"]}
-    model = build_model(config).to(device).train()
-    use_amp = device.type == "cuda"
-    opt = _optimisation(model, use_amp)
+    config = {"backbone": backbone, "weights": "imagenet", "use_attn": use_attn, **sizes["config"]}
+    model = build_model(config, load_weights=False).to(device).train()  # the frozen-BN layout; values do not matter
+    opt = _optimisation(model, device)
     meter = engine.EpochMeter()
     images, targets = [image, image], [target, target]  # the default --batch_size 2
     for _ in range(sizes["warmup"]):  # cuDNN picks its kernels
-        engine.train_step(model, images, targets, opt, meter, device, use_amp)
+        engine.train_step(model, images, targets, opt, meter, device, True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = [timed(lambda: engine.train_step(model, images, targets, opt, meter, device, use_amp), device)[1]
+    seconds = [timed(lambda: engine.train_step(model, images, targets, opt, meter, device, True), device)[1]
                for _ in range(sizes["steps"])]
     meter.read(0)
-    return {"backbone": backbone, "use_attn": use_attn, "amp_fp16": use_amp, "batch": len(images),
+    return {"backbone": backbone, "use_attn": use_attn, "layout": "frozen BatchNorm", "batch": len(images),
             "input": list(image.shape[-2:]), "step_s": statistics.median(seconds), "all_s": seconds,
             "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-            "mean_loss": meter.sums["loss"] / max(meter.steps, 1), "skipped": meter.skipped}
+            "mean_loss": meter.sums["loss"] / max(meter.steps, 1), "skipped": meter.skipped,
+            "loss_scale": opt.scaler.get_scale() if opt.scaler.is_enabled() else None}
 
 
 def ddp_step(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
@@ -153,8 +177,7 @@ def ddp_step(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str
     paths = make_dataset(tmp / "data", n_train=1, n_test=0, size=(sizes["train_size"],) * 2,
                          cells=(sizes["cells"], sizes["cells"] + 1), seed=0)
     spec = {"sample": str(list_samples(paths["train_dir"])[0]), "device": device.type, "steps": sizes["steps"],
-            "warmup": sizes["warmup"],
-            "config": sizes["config"]}
+            "warmup": sizes["warmup"], "config": sizes["config"]}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                str(Path(__file__).resolve()), "--ddp_worker", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
@@ -181,9 +204,10 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
         image, target = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0)
         seed_all(0)
         model = build_model({"backbone": "resnet101", "weights": "none", **spec["config"]}).to(device).train()
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
         use_amp = device.type == "cuda"
-        opt, meter = _optimisation(net, use_amp), engine.EpochMeter()
+        opt, meter = _optimisation(net, device, use_amp), engine.EpochMeter()
         for _ in range(spec["warmup"]):
             engine.train_step(net, [image], [target], opt, meter, device, use_amp)
         seconds = [timed(lambda: engine.train_step(net, [image], [target], opt, meter, device, use_amp), device)[1]
@@ -198,48 +222,116 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def inference_speed(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
-    """images/s of ``inference.main`` at its defaults (tiles of the training crop, one view), from a
-    random-weight checkpoint that predicts the full --detections_per_img."""
+def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
+    """Syncs of one AMP training step (batch 2) and of one ``--tta`` prediction, by call site:
+    on CUDA every one ``torch.cuda.set_sync_debug_mode`` reports (reads and blocking copies);
+    on a CPU what host_syncs.py's counters see."""
+    from inference import Settings, TTA_SCALES, predict_images
+
+    image, target = _train_sample(sizes, tmp)
+    seed_all(0)
+    model = build_model({"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}, load_weights=False)
+    model = model.to(device).train()
+    opt, meter = _optimisation(model, device), engine.EpochMeter()
+    step = lambda: engine.train_step(model, [image, image], [target, target], opt, meter, device, True)  # noqa: E731
+    step()  # warm-up: optimizer state, anchors, pooler scales
+    out = {"train_step": _syncs_of(step, device, [*model.parameters(), *model.buffers()])}
+    model.eval()
+    picture = torch.rand(3, sizes["train_size"] * 2, sizes["train_size"] * 2, device=device)
+    settings = Settings(tile=sizes["train_size"], tta_scales=TTA_SCALES, batch_size=8)
+    with torch.no_grad(), engine._autocast(device, True):
+        predict = lambda: predict_images([model], [picture], settings)  # noqa: E731
+        predict()
+        out["predict_tta"] = _syncs_of(predict, device, [*model.parameters(), *model.buffers(), picture])
+    out["predict_tta"]["views"] = 9 * len(TTA_SCALES) * 4  # 3 x 3 tiles x 4 flips
+    return out
+
+
+def _syncs_of(fn: Callable[[], Any], device: torch.device, device_tensors: list[torch.Tensor]) -> dict[str, Any]:
+    if device.type == "cuda":
+        sites: Counter[str] = Counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+        return {"syncs": sum(sites.values()), "sites": dict(sites.most_common(20))}
+    with host_syncs.CopyCounter(device_tensors) as copies, host_syncs.SyncCounter(device) as reads:
+        fn()
+    return {"syncs": reads.total() + copies.total(), "reads": reads.total(), "copies": copies.total(),
+            "sites": {**reads.top_sites(), **dict(copies.sites.most_common(8))}}
+
+
+def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
+    """Peak device memory and seconds of ``inference.py --use_amp --tta`` on one image of the
+    task's largest size, from a random-weight checkpoint in the ImageNet layout."""
     import inference
 
-    paths = make_dataset(tmp / "data", n_train=0, n_test=sizes["test_images"], size=(sizes["test_size"],) * 2,
-                         cells=(sizes["test_cells"], sizes["test_cells"] + 1), seed=0)
+    height, width = sizes["predict_size"]
+    paths = make_dataset(tmp / "data", n_train=0, n_test=1, size=(height, width),
+                         cells=(sizes["predict_cells"], sizes["predict_cells"] + 1), seed=0)
     seed_all(0)
-    config = {"backbone": "resnet101", "weights": "none", **sizes["config"]}
+    config = {"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}
     checkpoint = tmp / "random.pth"
-    save_checkpoint(checkpoint, {"model": build_model(config).state_dict(), "config": config,
+    save_checkpoint(checkpoint, {"model": build_model(config, load_weights=False).state_dict(), "config": config,
                                  "args": {"crop": augment_defaults().crop}})
     argv = ["--checkpoint", str(checkpoint), "--test_dir", str(paths["test_dir"]), "--id_map_json",
-            str(paths["id_map_json"]), "--output", str(tmp / "test-results.json"), "--device", device.type]
-    for _ in range(sizes["warmup"]):  # the model's first forward and cuDNN's choices
-        inference.main(argv)
-    _, seconds = timed(lambda: inference.main(argv), device)
-    detections = len(json.loads((tmp / "test-results.json").read_text()))
-    return {"images": sizes["test_images"], "size": sizes["test_size"], "seconds": seconds,
-            "images_per_s": sizes["test_images"] / seconds, "detections": detections, "argv_defaults": True}
-
-
-def syncs(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
-    """benchmarks/host_syncs.py on this device: on CUDA only ops on device tensors count."""
-    counts = [str(c) for c in sizes["sync_counts"]]
-    argv = ["--counts", *counts, "--size", str(sizes["sync_size"]), str(sizes["sync_size"]), "--device", device.type,
-            "--steps", str(sizes["sync_steps"]), "--part_reps", "3", "--threads", str(torch.get_num_threads()),
-            *sizes["sync_args"],
-            "--json", str(tmp / "host_syncs.json")]
+            str(paths["id_map_json"]), "--output", str(tmp / "test-results.json"), "--device", device.type,
+            "--use_amp", "--tta", "--num_workers", "0"]
     if device.type == "cuda":
-        argv.append("--use_amp")
-    payload = host_syncs.main(argv)
-    keep = ("instances", "variant", "syncs_per_step", "ops_per_step", "syncs_by_kind", "step_s", "time_vs_before",
-            "max_loss_rel_diff_vs_before")
-    return {"rows": [{k: r[k] for k in keep} for r in payload["rows"]], "parts": payload["parts"],
-            "prediction": payload["prediction"],
-            "targets_met": payload["targets_met"], "sites_ours": payload["rows"][-1]["sites"]}
+        torch.cuda.reset_peak_memory_stats(device)
+    _, seconds = timed(lambda: inference.main(argv), device)
+    return {"image": [height, width], "seconds": seconds, "detections": len(json.loads((tmp / "test-results.json").read_text())),
+            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
-def _optimisation(model: torch.nn.Module, use_amp: bool) -> "engine.Optimisation":
+def nms_precision(sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """float64 against float32 NMS on the same boxes (what ``detector.nms_segments`` chooses
+    between): time and whether they keep the same boxes."""
+    from torchvision.ops import nms
+
+    gen = torch.Generator().manual_seed(0)
+    n = sizes["nms_boxes"]
+    xy = torch.rand(n, 2, generator=gen) * 1000
+    boxes = torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=gen) * 40], dim=1).to(device)
+    scores = torch.rand(n, generator=gen).to(device)
+    out = {"boxes": n}
+    for dtype in (torch.float64, torch.float32):
+        b, s = boxes.to(dtype), scores.to(dtype)
+        nms(b, s, 0.5)  # warm-up
+        kept, seconds = timed(lambda: nms(b, s, 0.5), device)
+        out[f"{str(dtype)[6:]}_ms"] = 1e3 * seconds
+        out[f"{str(dtype)[6:]}_kept"] = kept.tolist()
+    out["same_kept"] = out.pop("float64_kept") == out.pop("float32_kept")
+    out["float64_vs_float32"] = out["float64_ms"] / max(out["float32_ms"], 1e-9)
+    return out
+
+
+def resume_amp(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
+    """A run saved without AMP, resumed with ``--use_amp``: the scaler starts fresh (it crashed before)."""
+    import train_resnet
+
+    size = sizes["resume_size"]
+    paths = make_dataset(tmp / "data", n_train=3, n_test=0, size=(size, size), cells=(3, 6), seed=0)
+    flags = ["--train_dir", str(paths["train_dir"]), "--output_dir", str(tmp / "run"), "--weights", "none",
+             "--val_split", "0.34", "--num_workers", "0", "--crop", "0", "--input_scale", "0", "--min_size", str(size),
+             "--max_size", str(size), "--warmup_epochs", "0", "--batch_size", "1", "--device", device.type, *TINY_FLAGS]
+    train_resnet.main([*flags, "--epochs", "1"])
+    summary = train_resnet.main([*flags, "--epochs", "2", "--use_amp", "--resume", str(tmp / "run" / "last.pth")])
+    history = json.loads((tmp / "run" / "history.json").read_text())
+    return {"epochs": len(history), "loss_scale": history[-1].get("loss_scale"),
+            "skipped_steps": history[-1]["skipped_steps"], "best_epoch": summary["best_epoch"]}
+
+
+def _optimisation(model: torch.nn.Module, device: torch.device, use_amp: bool = True) -> "engine.Optimisation":
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
     return engine.Optimisation(engine.fused_adamw(params, 1e-5, 1e-4), None, scaler, None, 10.0)
 
 
