@@ -241,3 +241,20 @@ def test_frozen_batchnorm_keeps_the_input_dtype() -> None:
     torch.testing.assert_close(ours(x), stock(x))
     assert stock(x.bfloat16()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
     torch.testing.assert_close(ours(x.bfloat16()).float(), stock(x), rtol=2e-2, atol=2e-2)
+
+
+def test_an_unsure_cell_is_detected_under_each_plausible_class() -> None:
+    """A proposal whose classifier splits between classes 1 and 3 yields a detection of each
+    (class-specific boxes, per-class NMS): the per-class scorer can count the cell under
+    either, and the rare-class hypothesis is not suppressed by the common one."""
+    model = build_model({**CONFIG, "box_score_thresh": 0.05}, load_weights=False).eval()
+    heads = model.roi_heads
+    proposals = [torch.tensor([[10.0, 10.0, 30.0, 30.0], [60.0, 60.0, 80.0, 80.0]])]
+    probs = torch.tensor([[0.05, 0.55, 0.02, 0.35, 0.03], [0.1, 0.0, 0.9, 0.0, 0.0]])
+    logits = probs.clamp(min=1e-6).log()
+    deltas = torch.zeros(2, 4 * 5)
+    boxes, scores, labels = heads.postprocess_detections(logits, deltas, proposals, [(100, 100)])
+    found = sorted((int(lab), round(float(s), 2)) for lab, s in zip(labels[0], scores[0]))
+    assert found == [(1, 0.55), (2, 0.9), (3, 0.35)]
+    first = boxes[0][labels[0] == 1][0]
+    assert torch.equal(boxes[0][labels[0] == 3][0], first)  # the same cell, both hypotheses kept
