@@ -113,11 +113,13 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
     """Label images as results: one per instance, scored by its id (inference.py numbers
     cells best first, so id order is score order)."""
     results: list[dict] = []
+    found = 0  # label files read: empty ones are a valid prediction of no cell, scoring zero
     for sample, image_id, (height, width) in zip(samples, ids, shapes):
         for class_id, name in CLASS_FILES.items():
             path = folder / sample.name / name
             if not path.exists():
                 continue
+            found += 1
             label = read_label_image(path, (height, width))
             crops, boxes, values = [], [], []
             for value, window in enumerate(ndimage.find_objects(label), start=1):
@@ -131,7 +133,7 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
                          "bbox": [x0, y0, x1 - x0, y1 - y0],
                          "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}}
                         for value, (x0, y0, x1, y1), rle in zip(values, boxes, rles)]
-    if not results:
+    if not found:
         raise DatasetError(f"{folder}: no label image of any sample of the data folder; expected "
                            f"{folder}/<sample>/class1.tif ... as inference.py --save_labels writes them.")
     return results

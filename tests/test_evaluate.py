@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 from coco import build_coco_gt, matching_metrics
-from dataloader import IMAGE_FILE, HW3TestDataset, HW3TrainDataset, list_samples
+from dataloader import IMAGE_FILE, DatasetError, HW3TestDataset, HW3TrainDataset, list_samples
 from inference import write_labels
 from synthetic import make_dataset
 
@@ -115,3 +115,24 @@ def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) ->
     only_kept.write_text(json.dumps(kept))
     kept_json = evaluate.main(["--data_dir", str(scored["train"]), "--submission", str(only_kept)])
     assert from_labels["segm_AP50"] == pytest.approx(kept_json["segm_AP50"], abs=0.05)  # up to the overlaps
+
+
+def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, tmp_path: Path) -> None:
+    """A model that drew no cell above --label_thresh wrote empty label images: a valid
+    prediction scoring zero, not an error; a folder without any label image is the error."""
+    root = scored["root"]
+    test_dir = root / "as_test_empty"
+    test_dir.mkdir(exist_ok=True)
+    entries = []
+    for image_id, sample in enumerate(scored["samples"], start=1):
+        (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
+        entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
+    (root / "ids_empty.json").write_text(json.dumps(entries))
+    labels = tmp_path / "labels"
+    write_labels(scored["results"], HW3TestDataset(test_dir, root / "ids_empty.json"), labels, score_thresh=2.0)
+    assert len(list(labels.glob("*/class1.tif"))) == 3
+    metrics = evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(labels)])
+    assert metrics["segm_AP50"] == 0.0 and metrics["recall"] == 0.0 and metrics["f1"] == 0.0
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DatasetError, match="no label image"):
+        evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path / "nothing")])
