@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import defaultdict
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -206,7 +207,7 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
-    counts = np.zeros((NUM_CLASSES + 1, 3), dtype=np.int64)  # tp, fp, fn per class
+    counts: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(3, dtype=np.int64))  # tp, fp, fn per class
     matched_iou = 0.0
     for image_id in coco_gt.getImgIds():
         info = coco_gt.imgs[image_id]
@@ -218,13 +219,13 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
             hits = _one_to_one(p, g, iou_thresh)
             counts[c] += (len(hits), len(p) - len(hits), len(g) - len(hits))
             matched_iou += float(sum(hits))
-    tp, fp, fn = (int(v) for v in counts.sum(axis=0))
+    tp, fp, fn = (int(v) for v in sum(counts.values(), np.zeros(3, dtype=np.int64)))
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
     out = {"f1": _f1(tp, fp, fn), "precision": precision, "recall": recall,
            "pq": (matched_iou / tp if tp else 0.0) * _f1(tp, fp, fn)}
     for c in range(1, NUM_CLASSES + 1):
-        out[f"f1_class{c}"] = _f1(*counts[c]) if counts[c].any() else float("nan")
+        out[f"f1_class{c}"] = _f1(*counts[c]) if c in counts else float("nan")
     return out
 
 

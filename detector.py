@@ -70,7 +70,7 @@ class Fp32AnchorGenerator(AnchorGenerator):
     blocking copies of its Python sizes. It reads only the shape, dtype and device of the
     feature maps, so it is shown float32 stand-ins of their shape (no memory)."""
 
-    CACHED = 16  # input shapes kept; whole images of many sizes rebuild the oldest
+    CACHED = 4  # input shapes kept (a crop, a tile, ...); whole images of many sizes rebuild the oldest
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         device = feature_maps[0].device

@@ -53,4 +53,4 @@ def counts(index: torch.Tensor, length: int) -> list[int]:
     """How often each of 0..length-1 occurs in ``index``, on the host. One read (a host sync the
     caller marks): CUDA's ``bincount`` reads the index's range first, a second one."""
     found = torch.zeros(length, dtype=torch.int64, device=index.device)
-    return found.index_add_(0, index, torch.ones_like(index)).tolist()
+    return found.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int64)).tolist()

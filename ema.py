@@ -62,7 +62,9 @@ class ModelEMA:
             torch._foreach_lerp_(floats, source_floats, 1.0 - self.current_decay())
         elif floats:  # the weight as a device tensor, 0 on a skipped step: no host read of the flag
             weight = applied.to(floats[0].dtype) * (1.0 - self.current_decay())
-            torch._foreach_lerp_(floats, source_floats, [weight] * len(floats))
+            step = torch._foreach_sub(source_floats, floats)  # fused kernels (lerp with a tensor weight is not)
+            torch._foreach_mul_(step, weight)
+            torch._foreach_add_(floats, step)
         if others:
             torch._foreach_copy_(others, source_others)
 

@@ -54,7 +54,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--id_map_json", default=None,
                       help="test_image_name_to_ids.json (default: next to --test_dir)")
     data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
-    data.add_argument("--val_split", type=share, default=0.2, help="share of samples held out for validation")
+    data.add_argument("--val_split", type=share, default=0.2,
+                      help="share of samples held out for validation (of groups with --split_groups; unused with "
+                           "--val_dir)")
     data.add_argument("--seed", type=int, default=42, help="seed of the split, the init and the augmentation")
     data.add_argument("--split_seed", type=int, default=None,
                       help="seed of the split alone (default: --seed), to compare seeds on the same held-out images")

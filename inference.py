@@ -163,7 +163,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     ``merge``: ``Settings`` fields."""
     dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = default_device(device)
-    batch_size = prediction_batch(batch_size, torch_device)
+    requested, batch_size = batch_size, prediction_batch(batch_size, torch_device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
     models = [model.to(torch_device) for model, _, _ in loaded]
@@ -171,7 +171,9 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
         tile = training_tile(loaded[0][2])
         if tile:
             print(f"tiles of {tile} px, the checkpoint's training --crop (--tile 0 predicts whole images)")
-    per_image = 1 if (tile or tta_scales) else batch_size  # tiles and views of one image fill a batch already
+    # Tiles and views of one image fill a batch already; whole images of different sizes are
+    # batched (padded together) only when asked.
+    per_image = 1 if (tile or tta_scales or requested is None) else batch_size
     loader = DataLoader(dataset, batch_size=per_image, shuffle=False, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     start = time.time()
@@ -304,6 +306,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         found.extend(dets)
         kept += state_bytes(state)
         passes.append((jobs[chunk[0]].model, state if kept <= settings.feature_budget else None, chunk))
+        del state  # a dropped state is freed before the next chunk is detected
     picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
     masks = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]

@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=30, help="equal budget for every configuration")
     parser.add_argument("--crop", type=int, default=256, help="CPU-sized training windows")
     parser.add_argument("--ema_decay", type=float, default=0.98, help="the EMA scored beside every run (0: none)")
-    parser.add_argument("--eval_max_dets", type=int, default=100, help="COCOeval maxDets")
+    parser.add_argument("--eval_max_dets", type=int, default=100,
+                        help="COCOeval maxDets of the training rows (the --post rows and the ceiling are scored at "
+                             "100, plain keys, and at 1000, keys ending in _1000)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"),
                         help="results, rewritten after every run")

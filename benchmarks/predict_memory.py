@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for size in args.sizes:
         for variant in VARIANTS:
             rows.append(measure_one(args, size, variant) if args.same_process
-                        else _in_fresh_process(argv or [], size, variant))
+                        else _in_fresh_process(sys.argv[1:] if argv is None else argv, size, variant))
         unbounded, budget = rows[-2], rows[-1]
         budget["same_as_unbounded"] = budget.pop("digest") == unbounded.pop("digest")
         budget["kept_vs_unbounded"] = ratio(budget["kept_mb"], unbounded["kept_mb"])

@@ -214,9 +214,19 @@ def test_boxes_are_decoded_in_float32_under_autocast() -> None:
     sizes, ratios = ((16,), (32,)), ((0.5, 1.0, 2.0),) * 2
     features = [torch.zeros(1, 8, 125, 125, dtype=torch.bfloat16), torch.zeros(1, 8, 63, 63, dtype=torch.bfloat16)]
     images = ImageList(torch.zeros(1, 3, 1000, 1000), [(1000, 1000)])
-    anchors = Fp32AnchorGenerator(sizes, ratios)(images, features)[0]
-    expected = Fp32AnchorGenerator(sizes, ratios)(images, [f.float() for f in features])[0]
-    assert anchors.dtype == torch.float32 and torch.equal(anchors, expected)
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    generator_ = Fp32AnchorGenerator(sizes, ratios)
+    two = ImageList(torch.zeros(2, 3, 1000, 1000), [(1000, 1000), (990, 1000)])
+    anchors = generator_(two, features)
+    expected = AnchorGenerator(sizes, ratios)(two, [f.float() for f in features])
+    assert len(anchors) == 2 and all(a.dtype == torch.float32 and torch.equal(a, e) for a, e in zip(anchors, expected))
+    again = generator_(images, features)[0]  # served from the cache
+    assert again is anchors[0]
+    smaller = [torch.zeros(1, 8, 64, 64), torch.zeros(1, 8, 32, 32)]
+    other = generator_(ImageList(torch.zeros(1, 3, 512, 512), [(512, 512)]), smaller)[0]
+    assert torch.equal(other, AnchorGenerator(sizes, ratios)(ImageList(torch.zeros(1, 3, 512, 512), [(512, 512)]),
+                                                               smaller)[0])
     model = build_model({**CONFIG, "weights": "none"}, load_weights=False)
     assert isinstance(model.rpn.box_coder, Fp32BoxCoder) and isinstance(model.roi_heads.box_coder, Fp32BoxCoder)
     assert isinstance(model.rpn.anchor_generator, Fp32AnchorGenerator)

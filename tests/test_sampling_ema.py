@@ -117,7 +117,7 @@ def test_ema_with_constant_decay_equals_the_closed_form() -> None:
 
 def test_ema_stays_still_on_a_skipped_step() -> None:
     """``applied`` false (the optimizer skipped the step) leaves the average as it was; true
-    gives exactly the plain update."""
+    gives the plain update (to rounding: its own fused kernels)."""
     model, decay = _model(), 0.7
     trajectory = _trajectory(model, 2)
     plain, flagged = ModelEMA(model, decay, warmup_steps=0), ModelEMA(model, decay, warmup_steps=0)
@@ -125,7 +125,8 @@ def test_ema_stays_still_on_a_skipped_step() -> None:
     plain.update(model)
     flagged.update(model, applied=torch.tensor(True))
     before = {k: v.clone() for k, v in flagged.module.state_dict().items()}
-    assert all(torch.equal(v, plain.module.state_dict()[k]) for k, v in before.items())
+    for key, value in before.items():
+        torch.testing.assert_close(value, plain.module.state_dict()[key], rtol=1e-6, atol=1e-7)
     _set_state(model, trajectory[2], 2)
     flagged.update(model, applied=torch.tensor(False))
     assert torch.equal(flagged.module.state_dict()["0.weight"], before["0.weight"])
