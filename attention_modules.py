@@ -127,12 +127,23 @@ class SpatialChannelTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] == 0:
-            # The norm still runs: under --sync_bn it is a collective every other rank waits in.
-            return _touch_parameters(self, x) + self.norm(x)
+            return _touch_parameters(self, x) + self._empty_norm(x)
         channel = self._channel_attention(x)
         gated = channel * self._spatial_gate(channel)
         x = x + _channel_scale(self.attn_scale, self.norm(gated))
         return x + _channel_scale(self.ffn_scale, self.ffn(x))
+
+    def _empty_norm(self, x: Tensor) -> Tensor:
+        """The norm of no RoIs: it still runs, since under --sync_bn it is a collective every
+        other rank waits in, and its statistics are put back (on the device), since with no RoI
+        on any rank SyncBatchNorm would pull them toward zero."""
+        stats = [s for s in (self.norm.running_mean, self.norm.running_var) if s is not None]
+        saved = [s.clone() for s in stats]
+        out = self.norm(x)
+        with torch.no_grad():
+            for stat, value in zip(stats, saved):
+                stat.copy_(value)
+        return out
 
     def _channel_attention(self, x: Tensor) -> Tensor:
         descriptor = x.mean(dim=(2, 3))[:, None, :]

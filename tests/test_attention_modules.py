@@ -79,13 +79,13 @@ def test_mask_attention_with_no_rois(train: bool) -> None:
     """No RoIs: the BatchNorm still runs once (under --sync_bn it is a collective the other
     ranks wait in), its statistics unchanged, and every parameter gets a (zero) gradient."""
     block = SpatialChannelTransformer().train(train)
-    running = block.norm.running_mean.clone()
+    running, spread = block.norm.running_mean.clone(), block.norm.running_var.clone()
     calls = []
     block.norm.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     out = block(torch.zeros(0, 256, 14, 14))
     assert out.shape == (0, 256, 14, 14)
     assert calls == [0]
-    assert torch.equal(block.norm.running_mean, running)
+    assert torch.equal(block.norm.running_mean, running) and torch.equal(block.norm.running_var, spread)
     if train:
         out.sum().backward()
         assert all(p.grad is not None for p in block.parameters())
