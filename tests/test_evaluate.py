@@ -95,15 +95,8 @@ def test_matching_metrics_count_one_to_one_matches() -> None:
 
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
     root = scored["root"]
-    test_dir = root / "as_test"
-    test_dir.mkdir(exist_ok=True)
-    entries = []
-    for image_id, sample in enumerate(scored["samples"], start=1):
-        (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
-        entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
-    (root / "ids.json").write_text(json.dumps(entries))
     labels = root / "labels"
-    write_labels(scored["results"], HW3TestDataset(test_dir, root / "ids.json"), labels, score_thresh=0.5)
+    write_labels(scored["results"], _as_test_set(scored, "as_test"), labels, score_thresh=0.5)
     reread = HW3TrainDataset(list_samples(labels), [1, 2, 3], cache_images=False)  # the loader takes them as data
     kept = [r for r in scored["results"] if r["score"] >= 0.5]
     assert 0 < sum(len(i) for i in reread.instances) <= len(kept)
@@ -120,19 +113,23 @@ def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) ->
 def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, tmp_path: Path) -> None:
     """A model that drew no cell above --label_thresh wrote empty label images: a valid
     prediction scoring zero, not an error; a folder without any label image is the error."""
-    root = scored["root"]
-    test_dir = root / "as_test_empty"
-    test_dir.mkdir(exist_ok=True)
-    entries = []
-    for image_id, sample in enumerate(scored["samples"], start=1):
-        (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
-        entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
-    (root / "ids_empty.json").write_text(json.dumps(entries))
     labels = tmp_path / "labels"
-    write_labels(scored["results"], HW3TestDataset(test_dir, root / "ids_empty.json"), labels, score_thresh=2.0)
+    write_labels(scored["results"], _as_test_set(scored, "as_test_empty"), labels, score_thresh=2.0)
     assert len(list(labels.glob("*/class1.tif"))) == 3
     metrics = evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(labels)])
     assert metrics["segm_AP50"] == 0.0 and metrics["recall"] == 0.0 and metrics["f1"] == 0.0
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DatasetError, match="no label image"):
         evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path / "nothing")])
+
+
+def _as_test_set(scored: dict, name: str) -> HW3TestDataset:
+    """The scored samples' images as a test folder with an id map (ids 1..N, as training numbers them)."""
+    test_dir = scored["root"] / name
+    test_dir.mkdir(exist_ok=True)
+    entries = []
+    for image_id, sample in enumerate(scored["samples"], start=1):
+        (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
+        entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
+    (scored["root"] / f"{name}.json").write_text(json.dumps(entries))
+    return HW3TestDataset(test_dir, scored["root"] / f"{name}.json")
