@@ -285,7 +285,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     ``models`` is one model or a list (an ensemble). Every tile and view is detected first
     (boxes only), the image's candidates are chosen across all of them and all models
     (``tiling.select_candidates``), and only those (and, when masks are averaged, their copies)
-    get masks, from the features kept of their view; then duplicates are dropped by mask overlap.
+    get masks, from the features kept of their view (detected again past
+    ``Settings.feature_budget``); then duplicates are dropped by mask overlap.
     """
     stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
               for m in (models if isinstance(models, (list, tuple)) else [models])]
@@ -294,6 +295,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
             for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
             for v, view in enumerate(shown)]
+
     def detect(chunk: list[int]) -> tuple[Any, list[dict]]:
         crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
         state, dets = stages[jobs[chunk[0]].model].detect(crops, cap)
