@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of the submission, <output_dir>/test-results.json (default: the checkpoint's)")
     parser.add_argument("--output", default=None, help="exact submission path, instead of --output_dir")
     parser.add_argument("--batch_size", type=positive_int, default=None,
-                        help="images (tiles x TTA views, of one image or several) per forward pass (default: "
-                             f"{GPU_BATCH} on a GPU, 1 on a CPU)")
+                        help="images (tiles x TTA views, of one image or several) per forward pass; none given: "
+                             f"{GPU_BATCH} on a GPU, 1 on a CPU")
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     parser.add_argument("--use_amp", action="store_true", help="fp16 on CUDA, bf16 on CPU")
