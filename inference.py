@@ -320,10 +320,7 @@ def state_bytes(state: Any) -> int:
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     parts = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
-    return sum(_tensor_bytes(v) for v in parts)
-
-
-_tensor_bytes = state_bytes  # the recursion, by a name of its own
+    return sum(state_bytes(v) for v in parts)
 
 
 def _chunks(jobs: list[Job], batch_size: int) -> list[list[int]]:

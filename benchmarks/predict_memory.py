@@ -127,13 +127,19 @@ class _FeaturePeak:
 
     def __init__(self, module: Any, budget: int) -> None:
         self.module, self.budget = module, budget
-        self.total = self.kept = self.most = self.chunks_seen = 0
+        self.total = self.kept = self.most = self.chunks_seen = self.depth = 0
 
     def __enter__(self) -> "_FeaturePeak":
         self.original = self.module.state_bytes
 
         def counted(state: Any) -> int:
-            size = self.original(state)
+            self.depth += 1  # state_bytes recurses through this wrapper: only the outer call is a chunk
+            try:
+                size = self.original(state)
+            finally:
+                self.depth -= 1
+            if self.depth:
+                return size
             self.chunks_seen += 1
             self.most = max(self.most, self.kept + size)  # this chunk's features exist now, kept or not
             self.total += size  # as predict_images counts: the states up to the budget stay
