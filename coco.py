@@ -14,7 +14,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_util  # pycocotools' API, without its numpy-2 DeprecationWarnings
 from scipy import ndimage

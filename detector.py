@@ -18,34 +18,62 @@ coordinate near 1000 px is off by up to 0.5 (4) px before any delta is applied. 
 BatchNorm keeps its input's dtype (``FrozenBatchNorm2d``), where torchvision's promotes
 fp16 activations back to float32 for the rest of the block.
 
-``build_model`` (model.py) swaps these classes in.
+Training also never holds a float copy of every ground-truth mask (``CellTransform`` skips the
+resize at native scale, ``project_masks_on_boxes`` samples packed masks, ``SlicedMatcher``
+matches anchors without the [cells, anchors] IoU matrix).
+
+This file is the one home of every part that replaces torchvision's: ``use_cell_detector``
+installs them on a built torchvision model (``model.build_model`` calls it), and
+``use_torchvision_detector`` is its one inverse, for side-by-side benchmarks and equality
+tests. Importing it changes nothing in torchvision.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+from torchvision.ops import box_iou, nms, roi_align
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import nms, roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
 
 from devices import counts as level_counts
+from devices import scale_boxes
+from masks import PackedMasks
 
 # Boxes per NMS call: one host sync per call, and the IoU bit mask of a call grows with its square.
 NMS_CHUNK = 8192
 # Largest offset coordinate NMS takes in float32 (``nms_segments``): its spacing there is 1/256 px.
 FLOAT32_OFFSETS = 2.0 ** 16
+
+
+def use_cell_detector(model: MaskRCNN, config: dict[str, Any]) -> MaskRCNN:
+    """Install this file's parts on a torchvision Mask R-CNN built by ``model.build_model``:
+    the transform, the RPN, RoI heads and pooling without per-image host syncs, float32 box
+    coders and the sliced anchor matching. The classes add methods only (no new state), so
+    the built modules take them as they are, and the inverse swaps them back."""
+    model.__class__ = CellMaskRCNN
+    model.transform = CellTransform.from_config(config)
+    model.rpn.__class__, model.roi_heads.__class__ = LeanRPN, LeanRoIHeads
+    model.rpn.anchor_generator.__class__ = Fp32AnchorGenerator
+    model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = LevelRoIAlign
+    model.rpn.box_coder.__class__ = model.roi_heads.box_coder.__class__ = Fp32BoxCoder
+    for part in (model.rpn, model.roi_heads):
+        part.box_similarity = PairwiseIoU
+        part.proposal_matcher = SlicedMatcher(part.proposal_matcher)
+    return model
 
 
 class CellMaskRCNN(MaskRCNN):
@@ -144,6 +172,148 @@ def check_boxes(targets: list[dict[str, Any]]) -> None:
                              "every training box must have positive width and height")
 
 
+class CellTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, but small images are not blown up (cells keep their size,
+    so the anchors fit), or every image is scaled by one fixed factor (``input_scale``), and
+    images at native scale skip the mask resize (no float copies of every ground-truth mask)."""
+
+    def __init__(self, min_size: int, max_size: int, max_upscale: float = 1.0,
+                 input_scale: float | None = None) -> None:
+        super().__init__(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        self.max_upscale = max_upscale
+        self.input_scale = input_scale
+        self.warned_cap = False
+        self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """torchvision's normalisation with the mean and std kept on the image's device, copied
+        there once (torchvision copies them from Python lists for every image)."""
+        if not image.is_floating_point():
+            raise TypeError(f"input images must be floating point in [0, 1], got {image.dtype}")
+        key = (image.device, image.dtype)
+        if key not in self._stats:
+            self._stats[key] = tuple(torch.tensor(v, dtype=image.dtype, device=image.device)[:, None, None]
+                                     for v in (self.image_mean, self.image_std))
+        mean, std = self._stats[key]
+        return (image - mean) / std
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CellTransform":
+        return cls(config["min_size"], config["max_size"], config["max_upscale"], config.get("input_scale"))
+
+    def scale_for(self, height: int, width: int) -> float:
+        """The resize factor of one image. A fixed ``input_scale`` keeps a cell the same size
+        in a 256 px crop, a tile and a whole image; only --max_size (memory) can lower it."""
+        cap = self.max_size / max(height, width)
+        if self.input_scale:
+            return min(self.input_scale, cap)
+        return min(self.min_size[-1] / min(height, width), cap, self.max_upscale)
+
+    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        height, width = image.shape[-2:]
+        scale = self.scale_for(height, width)
+        if self.input_scale and scale < self.input_scale and not self.warned_cap:
+            self.warned_cap = True  # once per model: every large image would repeat it
+            warnings.warn(f"a {height}x{width} image is scaled by {scale:.2f}, not --input_scale {self.input_scale}, "
+                          f"to stay within --max_size {self.max_size}, so its cells look smaller than in training "
+                          f"(whole images: the validation loss, or prediction with --tile 0; raise --max_size "
+                          f"where memory allows)", stacklevel=2)
+        if abs(scale - 1.0) < 1e-6:
+            return image, target
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                              recompute_scale_factor=True, align_corners=False)[0]
+        if target is None:
+            return image, target
+        target = dict(target)
+        target["boxes"] = scale_boxes(target["boxes"], image.shape[-1] / width, image.shape[-2] / height)
+        if isinstance(target.get("masks"), PackedMasks):
+            target["masks"] = target["masks"].resized(tuple(image.shape[-2:]))
+        elif "masks" in target:
+            target["masks"] = resize_masks(target["masks"], image.shape[-2:])
+        return image, target
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
+    """Nearest resize of uint8 masks in chunks, so no float copy of all masks exists at once."""
+    out = torch.empty((masks.shape[0], *size), dtype=masks.dtype, device=masks.device)
+    for start in range(0, masks.shape[0], chunk):
+        part = masks[start:start + chunk, None].float()
+        out[start:start + chunk] = F.interpolate(part, size=tuple(size))[:, 0].to(masks.dtype)
+    return out
+
+
+def project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Tensor, matched_idxs: torch.Tensor,
+                           size: int) -> torch.Tensor:
+    """Mask targets of the positive RoIs, equal to torchvision's, without its float copy of
+    every ground-truth mask at full image size (gigabytes with 800 cells per image).
+
+    One roi_align for all positive RoIs (at most ``box_batch_size_per_image`` x the positive
+    fraction per image, whatever the instance count), each RoI sampling its instance's mask on
+    a canvas the size of the largest box (``PackedMasks.canvases``): no loop over instances and
+    no host sync. ``gt_masks`` is the packed crops the dataset produces or torchvision's
+    [N, H, W] tensor (then each RoI's canvas is its whole mask, as in torchvision).
+    """
+    if isinstance(gt_masks, PackedMasks):
+        canvas, origin = gt_masks.canvases(matched_idxs)
+        boxes = boxes - origin.to(boxes.dtype).repeat(1, 2)
+    else:
+        canvas = gt_masks[matched_idxs]
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
+    return roi_align(canvas[:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0]
+
+
+class PairwiseIoU(NamedTuple):
+    """``box_iou(gt, anchors)``, not yet computed: ``SlicedMatcher`` evaluates it slice by slice."""
+
+    gt: torch.Tensor
+    anchors: torch.Tensor
+
+
+class SlicedMatcher(Matcher):
+    """torchvision's ``Matcher``, same matches, without the [cells, anchors] IoU matrix.
+
+    The RPN matches every ground-truth box against ~260k anchors of a 1000x1000 image:
+    ``box_iou`` holds [N, M] and [N, M, 2] float temporaries (about 9 MB per cell, 7 GB at 800
+    cells) and the matcher a [N, M] result and mask. Given a ``PairwiseIoU`` (the RPN's
+    ``box_similarity`` is ``PairwiseIoU`` here), this computes slices of ``pairs`` IoUs twice:
+    once for each anchor's best box and each box's best IoU, once to find the anchors that
+    reach a box's best (torchvision's low-quality matches). A plain matrix is matched as before.
+    """
+
+    def __init__(self, matcher: Matcher, pairs: int = 1 << 22) -> None:
+        super().__init__(matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches)
+        self.pairs = pairs
+
+    def __call__(self, match_quality_matrix: torch.Tensor | PairwiseIoU) -> torch.Tensor:
+        if not isinstance(match_quality_matrix, PairwiseIoU):
+            return super().__call__(match_quality_matrix)
+        gt, anchors = match_quality_matrix
+        if len(gt) == 0:  # torchvision's error for an image without boxes
+            return super().__call__(gt.new_zeros((0, len(anchors))))
+        step = max(1, self.pairs // len(gt))
+        starts = range(0, len(anchors), step)
+        best_per_gt = gt.new_full((len(gt),), -math.inf)
+        values, matches = [], []
+        for start in starts:
+            iou = box_iou(gt, anchors[start:start + step])
+            best = iou.max(dim=0)
+            values.append(best.values)
+            matches.append(best.indices)
+            best_per_gt = torch.maximum(best_per_gt, iou.max(dim=1).values)
+        matched_vals, all_matches = torch.cat(values), torch.cat(matches)
+        # torch.where, not boolean-mask assignment: the same matches without a host sync each.
+        below = torch.full_like(all_matches, self.BELOW_LOW_THRESHOLD)
+        between = torch.full_like(all_matches, self.BETWEEN_THRESHOLDS)
+        matches = torch.where(matched_vals < self.low_threshold, below,
+                              torch.where(matched_vals < self.high_threshold, between, all_matches))
+        if self.allow_low_quality_matches:
+            for start in starts:
+                reach = (box_iou(gt, anchors[start:start + step]) == best_per_gt[:, None]).any(dim=0)
+                part = slice(start, start + step)
+                matches[part] = torch.where(reach, all_matches[part], matches[part])
+        return matches
+
+
 class LeanRPN(RegionProposalNetwork):
     """torchvision's RPN: the same proposals and losses, with host syncs per NMS chunk and one
     for the kept counts, not per image and level."""
@@ -204,7 +374,11 @@ class LeanRPN(RegionProposalNetwork):
 
 class LeanRoIHeads(RoIHeads):
     """torchvision's RoI heads, the same training losses: a fixed number of RoIs per image
-    (positives first, each with a loss weight) instead of a variable one found by nonzero."""
+    (positives first, each with a loss weight) instead of a variable one found by nonzero.
+    ``mask_targets`` computes the mask head's targets (a benchmark sets torchvision's on one
+    model to measure it, without touching torchvision's module)."""
+
+    mask_targets: Callable[[Any, Tensor, Tensor, int], Tensor] = staticmethod(project_masks_on_boxes)
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list, dict[str, Tensor]]:
@@ -221,8 +395,8 @@ class LeanRoIHeads(RoIHeads):
         mask_matched = [m[:n] for m, n in zip(matched_idxs, positives)]
         mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
         mask_logits = self.mask_predictor(mask_features)
-        loss_mask = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
-                                  [t["labels"] for t in targets], mask_matched)
+        loss_mask = mask_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                              [t["labels"] for t in targets], mask_matched, self.mask_targets)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
@@ -393,11 +567,24 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels:
     return classification, torch.where(weight & (labels_all > 0), box, 0.0).sum() / count
 
 
+def mask_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Any], gt_labels: list[Tensor],
+              matched: list[Tensor], targets: Callable[[Any, Tensor, Tensor, int], Tensor]) -> Tensor:
+    """torchvision's ``maskrcnn_loss`` (mean binary cross-entropy of each positive RoI's mask
+    of its class) with the mask targets of ``targets``: ``project_masks_on_boxes`` takes the
+    packed masks the dataset produces, which torchvision's cannot."""
+    size = mask_logits.shape[-1]
+    labels = torch.cat([gt[idxs] for gt, idxs in zip(gt_labels, matched)])
+    mask_targets = torch.cat([targets(m, p, i, size) for m, p, i in zip(gt_masks, proposals, matched)])
+    if mask_targets.numel() == 0:  # a shape, not a read: no positive RoI in the batch
+        return mask_logits.sum() * 0
+    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(logits, mask_targets)
+
+
 def use_torchvision_detector(model: MaskRCNN) -> None:
     """Back to torchvision's own classes and matchers on a built model: the baseline of side-by-
-    side benchmarks and equality tests (same weights, same results, its host syncs)."""
-    from torchvision.models.detection._utils import Matcher
-
+    side benchmarks and equality tests (same weights, same results, its host syncs). The
+    transform stays ``CellTransform``, which resizes as torchvision's does at the same factor."""
     model.__class__ = MaskRCNN
     model.rpn.__class__, model.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
     model.rpn.anchor_generator.__class__ = AnchorGenerator

@@ -5,8 +5,8 @@ torchvision's target contract holds ``masks`` as a uint8 ``[N, H, W]`` tensor: 8
 DataLoader worker and moved to the GPU, although Mask R-CNN only ever reads each mask inside
 the RoIs matched to it. ``PackedMasks`` keeps the same masks as crops in one flat buffer (a
 few hundred kilobytes) and answers the only questions the model asks: the shape, one mask
-inside a window (``model.project_masks_on_boxes``) and a nearest resize
-(``model.CellTransform``). ``full()`` gives the contract's tensor where one is needed.
+inside a window (``detector.project_masks_on_boxes``) and a nearest resize
+(``detector.CellTransform``). ``full()`` gives the contract's tensor where one is needed.
 """
 from __future__ import annotations
 

@@ -9,26 +9,19 @@ import argparse
 import contextlib
 import inspect
 import math
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, efficientnet_v2_m, resnet101
-from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, roi_heads
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_iou, roi_align
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from devices import scale_boxes
-from detector import (CellMaskRCNN, Fp32AnchorGenerator, Fp32BoxCoder, FrozenBatchNorm2d, LeanRoIHeads, LeanRPN,
-                      LevelRoIAlign)
-from masks import PackedMasks
+from detector import CellTransform, FrozenBatchNorm2d, use_cell_detector
 
 BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
@@ -196,11 +189,11 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         from attention_modules import BackboneWithAttention, FPNTransformer
 
         backbone = BackboneWithAttention(backbone, FPNTransformer(**_attn_kwargs(config, "neck")))
-    anchors = Fp32AnchorGenerator(
+    anchors = AnchorGenerator(
         sizes=tuple((s,) for s in config["anchor_sizes"]),
         aspect_ratios=(tuple(config["aspect_ratios"]),) * len(config["anchor_sizes"]),
     )
-    model = CellMaskRCNN(
+    model = MaskRCNN(
         backbone,
         num_classes=config["num_classes"],
         rpn_anchor_generator=anchors,
@@ -214,15 +207,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_nms_thresh=config["box_nms_thresh"],
         box_detections_per_img=config["detections_per_img"],
     )
-    model.transform = CellTransform.from_config(config)
-    # torchvision's RPN, RoI heads and pooling with the same results and no per-image host syncs (detector.py):
-    # the classes add methods only, so the built modules take them as they are.
-    model.rpn.__class__, model.roi_heads.__class__ = LeanRPN, LeanRoIHeads
-    model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = LevelRoIAlign
-    model.rpn.box_coder.__class__ = model.roi_heads.box_coder.__class__ = Fp32BoxCoder
-    for part in (model.rpn, model.roi_heads):
-        part.box_similarity = PairwiseIoU
-        part.proposal_matcher = SlicedMatcher(part.proposal_matcher)
+    use_cell_detector(model, config)
     if config["use_attn"]:
         from attention_modules import SpatialChannelTransformer
 
@@ -265,160 +250,6 @@ def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
     model.roi_heads.detections_per_img = config["detections_per_img"]
     model.rpn._pre_nms_top_n["testing"] = config["rpn_pre_nms_top_n_test"]
     model.rpn._post_nms_top_n["testing"] = config["rpn_post_nms_top_n_test"]
-
-
-class CellTransform(GeneralizedRCNNTransform):
-    """torchvision's transform, but small images are not blown up (cells keep their size,
-    so the anchors fit), or every image is scaled by one fixed factor (``input_scale``), and
-    images at native scale skip the mask resize (no float copies of every ground-truth mask)."""
-
-    def __init__(self, min_size: int, max_size: int, max_upscale: float = 1.0,
-                 input_scale: float | None = None) -> None:
-        super().__init__(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-        self.max_upscale = max_upscale
-        self.input_scale = input_scale
-        self.warned_cap = False
-        self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """torchvision's normalisation with the mean and std kept on the image's device, copied
-        there once (torchvision copies them from Python lists for every image)."""
-        if not image.is_floating_point():
-            raise TypeError(f"input images must be floating point in [0, 1], got {image.dtype}")
-        key = (image.device, image.dtype)
-        if key not in self._stats:
-            self._stats[key] = tuple(torch.tensor(v, dtype=image.dtype, device=image.device)[:, None, None]
-                                     for v in (self.image_mean, self.image_std))
-        mean, std = self._stats[key]
-        return (image - mean) / std
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "CellTransform":
-        return cls(config["min_size"], config["max_size"], config["max_upscale"], config.get("input_scale"))
-
-    def scale_for(self, height: int, width: int) -> float:
-        """The resize factor of one image. A fixed ``input_scale`` keeps a cell the same size
-        in a 256 px crop, a tile and a whole image; only --max_size (memory) can lower it."""
-        cap = self.max_size / max(height, width)
-        if self.input_scale:
-            return min(self.input_scale, cap)
-        return min(self.min_size[-1] / min(height, width), cap, self.max_upscale)
-
-    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
-        height, width = image.shape[-2:]
-        scale = self.scale_for(height, width)
-        if self.input_scale and scale < self.input_scale and not self.warned_cap:
-            self.warned_cap = True  # once per model: every large image would repeat it
-            warnings.warn(f"a {height}x{width} image is scaled by {scale:.2f}, not --input_scale {self.input_scale}, "
-                          f"to stay within --max_size {self.max_size}, so its cells look smaller than in training "
-                          f"(whole images: the validation loss, or prediction with --tile 0; raise --max_size "
-                          f"where memory allows)", stacklevel=2)
-        if abs(scale - 1.0) < 1e-6:
-            return image, target
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                              recompute_scale_factor=True, align_corners=False)[0]
-        if target is None:
-            return image, target
-        target = dict(target)
-        target["boxes"] = scale_boxes(target["boxes"], image.shape[-1] / width, image.shape[-2] / height)
-        if isinstance(target.get("masks"), PackedMasks):
-            target["masks"] = target["masks"].resized(tuple(image.shape[-2:]))
-        elif "masks" in target:
-            target["masks"] = resize_masks(target["masks"], image.shape[-2:])
-        return image, target
-
-
-def resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
-    """Nearest resize of uint8 masks in chunks, so no float copy of all masks exists at once."""
-    out = torch.empty((masks.shape[0], *size), dtype=masks.dtype, device=masks.device)
-    for start in range(0, masks.shape[0], chunk):
-        part = masks[start:start + chunk, None].float()
-        out[start:start + chunk] = F.interpolate(part, size=tuple(size))[:, 0].to(masks.dtype)
-    return out
-
-
-def project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Tensor, matched_idxs: torch.Tensor,
-                           size: int) -> torch.Tensor:
-    """Mask targets of the positive RoIs, equal to torchvision's, without its float copy of
-    every ground-truth mask at full image size (gigabytes with 800 cells per image).
-
-    One roi_align for all positive RoIs (at most ``box_batch_size_per_image`` x the positive
-    fraction per image, whatever the instance count), each RoI sampling its instance's mask on
-    a canvas the size of the largest box (``PackedMasks.canvases``): no loop over instances and
-    no host sync. ``gt_masks`` is the packed crops the dataset produces or torchvision's
-    [N, H, W] tensor (then each RoI's canvas is its whole mask, as in torchvision).
-    """
-    if isinstance(gt_masks, PackedMasks):
-        canvas, origin = gt_masks.canvases(matched_idxs)
-        boxes = boxes - origin.to(boxes.dtype).repeat(1, 2)
-    else:
-        canvas = gt_masks[matched_idxs]
-    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
-    return roi_align(canvas[:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0]
-
-
-class PairwiseIoU(NamedTuple):
-    """``box_iou(gt, anchors)``, not yet computed: ``SlicedMatcher`` evaluates it slice by slice."""
-
-    gt: torch.Tensor
-    anchors: torch.Tensor
-
-
-class SlicedMatcher(Matcher):
-    """torchvision's ``Matcher``, same matches, without the [cells, anchors] IoU matrix.
-
-    The RPN matches every ground-truth box against ~260k anchors of a 1000x1000 image:
-    ``box_iou`` holds [N, M] and [N, M, 2] float temporaries (about 9 MB per cell, 7 GB at 800
-    cells) and the matcher a [N, M] result and mask. Given a ``PairwiseIoU`` (the RPN's
-    ``box_similarity`` is ``PairwiseIoU`` here), this computes slices of ``pairs`` IoUs twice:
-    once for each anchor's best box and each box's best IoU, once to find the anchors that
-    reach a box's best (torchvision's low-quality matches). A plain matrix is matched as before.
-    """
-
-    def __init__(self, matcher: Matcher, pairs: int = 1 << 22) -> None:
-        super().__init__(matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches)
-        self.pairs = pairs
-
-    def __call__(self, match_quality_matrix: torch.Tensor | PairwiseIoU) -> torch.Tensor:
-        if not isinstance(match_quality_matrix, PairwiseIoU):
-            return super().__call__(match_quality_matrix)
-        gt, anchors = match_quality_matrix
-        if len(gt) == 0:  # torchvision's error for an image without boxes
-            return super().__call__(gt.new_zeros((0, len(anchors))))
-        step = max(1, self.pairs // len(gt))
-        starts = range(0, len(anchors), step)
-        best_per_gt = gt.new_full((len(gt),), -math.inf)
-        values, matches = [], []
-        for start in starts:
-            iou = box_iou(gt, anchors[start:start + step])
-            best = iou.max(dim=0)
-            values.append(best.values)
-            matches.append(best.indices)
-            best_per_gt = torch.maximum(best_per_gt, iou.max(dim=1).values)
-        matched_vals, all_matches = torch.cat(values), torch.cat(matches)
-        # torch.where, not boolean-mask assignment: the same matches without a host sync each.
-        below = torch.full_like(all_matches, self.BELOW_LOW_THRESHOLD)
-        between = torch.full_like(all_matches, self.BETWEEN_THRESHOLDS)
-        matches = torch.where(matched_vals < self.low_threshold, below,
-                              torch.where(matched_vals < self.high_threshold, between, all_matches))
-        if self.allow_low_quality_matches:
-            for start in starts:
-                reach = (box_iou(gt, anchors[start:start + step]) == best_per_gt[:, None]).any(dim=0)
-                part = slice(start, start + step)
-                matches[part] = torch.where(reach, all_matches[part], matches[part])
-        return matches
-
-
-STOCK_PROJECT_MASKS = roi_heads.project_masks_on_boxes
-
-
-def use_lean_mask_targets(enabled: bool = True) -> None:
-    """Swap torchvision's mask-target function (module-level, called by its maskrcnn_loss);
-    on by default, off only for side-by-side benchmarks."""
-    roi_heads.project_masks_on_boxes = project_masks_on_boxes if enabled else STOCK_PROJECT_MASKS
-
-
-use_lean_mask_targets(True)
 
 
 def _resnet_fpn(weights: str, trainable_layers: int, load_weights: bool) -> BackboneWithFPN:

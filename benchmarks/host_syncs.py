@@ -55,10 +55,10 @@ import masks  # noqa: E402
 from benchmarks.common import (base_parser, environment, print_table, ratio, seed_all, setup, synchronize,  # noqa: E402
                                timed, write_results)
 from benchmarks.train_memory import use_stock_path  # noqa: E402
-from detector import use_torchvision_detector  # noqa: E402
+from detector import project_masks_on_boxes, use_torchvision_detector  # noqa: E402
 from dataloader import HW3TrainDataset, list_samples, read_image  # noqa: E402
 from masks import PackedMasks  # noqa: E402
-from model import STOCK_PROJECT_MASKS, build_model, project_masks_on_boxes  # noqa: E402
+from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 from tiling import tile_grid  # noqa: E402
 from tta import views  # noqa: E402
@@ -302,12 +302,12 @@ def baseline_step(model: nn.Module, images: list, targets: list, optimizer: torc
 
 @contextmanager
 def mask_path(variant: str) -> Iterator[None]:
-    """While inside: torchvision's mask targets (``stock``), or the mask resize and targets as
-    they were before, with per-instance loops (``before``); ours otherwise."""
+    """While inside, for ``before``: the mask resize and targets as they were, with
+    per-instance loops (its model has torchvision's RoI heads, which call torchvision's
+    module-level target function, so that is what is swapped, and put back). ``stock`` and
+    ``ours`` run as they are."""
     saved = masks.PackedMasks.resized, roi_heads.project_masks_on_boxes
-    if variant == "stock":
-        roi_heads.project_masks_on_boxes = STOCK_PROJECT_MASKS
-    elif variant == "before":
+    if variant == "before":
         masks.PackedMasks.resized = baseline_resized
         roi_heads.project_masks_on_boxes = baseline_project_masks_on_boxes
     try:
@@ -339,7 +339,7 @@ def _baseline_sources(length: int, new_length: int, device: torch.device) -> tor
 
 def baseline_project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Tensor,
                                     matched_idxs: torch.Tensor, size: int) -> torch.Tensor:
-    """model.project_masks_on_boxes before: per matched instance a nonzero, four reads, a
+    """detector.project_masks_on_boxes before: per matched instance a nonzero, four reads, a
     host-to-device copy and its own roi_align."""
     out = boxes.new_zeros((len(boxes), size, size))
     height, width = gt_masks.shape[-2:]

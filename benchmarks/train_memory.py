@@ -3,10 +3,10 @@
 Stock is torchvision's path: ``GeneralizedRCNNTransform`` (it interpolates the image and
 every ground-truth mask as float, even at scale 1.0), torchvision's mask targets (a float copy
 of every mask at full image size), the masks as the contract's [N, H, W] tensor, and
-``box_iou`` + ``Matcher`` for the RPN's anchor matching. Ours is ``model.CellTransform``
-(native scale skips the mask resize), ``model.use_lean_mask_targets(True)`` (each matched mask
+``box_iou`` + ``Matcher`` for the RPN's anchor matching. Ours is ``detector.CellTransform``
+(native scale skips the mask resize), ``detector.project_masks_on_boxes`` (each matched mask
 cropped to its RoIs), the dataset's packed masks (``masks.PackedMasks``: crops only, never a
-full-image mask) and ``model.SlicedMatcher`` (anchor matching without the [cells, anchors] IoU
+full-image mask) and ``detector.SlicedMatcher`` (anchor matching without the [cells, anchors] IoU
 matrix). Both run at scale 1.0 from the same seed, so every loss component must agree.
 
 Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
@@ -35,6 +35,7 @@ import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
+from torchvision.models.detection import roi_heads  # noqa: E402
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
 from torchvision.models.detection._utils import Matcher  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
@@ -42,7 +43,7 @@ from torchvision.ops import box_iou  # noqa: E402
 from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
 from dataloader import HW3TrainDataset, list_samples  # noqa: E402
 from engine import to_device  # noqa: E402
-from model import build_model, use_lean_mask_targets  # noqa: E402
+from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
 NAME = "train_memory"
@@ -178,7 +179,6 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
               "box_batch_size_per_image": spec["box_batch_size_per_image"]}
     torch.manual_seed(spec["seed"])
     model = build_model(config, load_weights=False).to(device).train()  # memory does not depend on the values
-    use_lean_mask_targets(spec["variant"] == "ours")
     if spec["variant"] == "stock":
         use_stock_path(model, height, width)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -186,9 +186,10 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
 
 
 def use_stock_path(model: torch.nn.Module, height: int, width: int) -> None:
-    """torchvision's transform, resizing an image to ``height`` x ``width``, and its anchor
-    matching on ``model``; the mask targets are switched separately (``use_lean_mask_targets``)."""
+    """torchvision's transform, resizing an image to ``height`` x ``width``, its anchor
+    matching and its mask targets on ``model``."""
     model.transform = stock_transform(height, width)
+    model.roi_heads.mask_targets = roi_heads.project_masks_on_boxes
     model.rpn.box_similarity, model.rpn.proposal_matcher = box_iou, Matcher(0.7, 0.3, True)
 
 
@@ -204,10 +205,7 @@ def stock_transform(height: int, width: int) -> GeneralizedRCNNTransform:
 def _run(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One configuration, in a fresh process unless --in_process."""
     if args.in_process:
-        try:
-            return measure_step(spec, device)
-        finally:
-            use_lean_mask_targets(True)
+        return measure_step(spec, device)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--device", args.device]
     if args.threads:
         command += ["--threads", str(args.threads)]

@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection.roi_heads import project_masks_on_boxes as STOCK_PROJECT_MASKS
 
+from detector import project_masks_on_boxes, resize_masks
 from masks import PackedMasks
-from model import STOCK_PROJECT_MASKS, project_masks_on_boxes, resize_masks
 
 H, W = 37, 53
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,7 +13,10 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from model import CellTransform, PairwiseIoU, SlicedMatcher, add_model_args, build_model, config_from_args
+from detector import CellTransform, PairwiseIoU, SlicedMatcher
+from model import add_model_args, build_model, config_from_args
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"weights": "none", "min_size": 64, "max_size": 64, "input_scale": 0.0, "detections_per_img": 10}
 
@@ -182,3 +187,29 @@ def test_rpn_targets_equal_the_stock_matching() -> None:
     stock = model.rpn.assign_targets_to_anchors(anchors, targets)
     for mine, theirs in zip(ours, stock):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_importing_project_modules_changes_nothing_in_torchvision() -> None:
+    """Every public attribute of torchvision's detection and ops modules is the same object
+    after importing every project module: the detector is installed by build_model only."""
+    modules = sorted(p.stem for p in ROOT.glob("*.py"))
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch.nn.init
+import torchvision.ops, torchvision.models.detection as det
+from torchvision.models.detection import roi_heads, rpn, transform, _utils, anchor_utils, mask_rcnn
+parts = (torch.nn.init, torchvision.ops, det, roi_heads, rpn, transform, _utils, anchor_utils, mask_rcnn)
+def snapshot():
+    return {{(m.__name__, k): id(v) for m in parts for k, v in vars(m).items() if not k.startswith('__')}}
+before = snapshot()
+for name in {modules!r}:
+    __import__(name)
+after = snapshot()
+changed = sorted(k for k in before if after.get(k) != before[k])
+print(changed)
+assert not changed, changed
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(modules) > 20  # every script and library module was imported
