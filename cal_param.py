@@ -8,6 +8,7 @@ anything; ``--weights none`` shows the from-scratch layout, where everything tra
 """
 from __future__ import annotations
 
+
 import argparse
 from typing import Any, Iterable, Sequence
 
@@ -15,8 +16,8 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from checkpoint import write_json
 from cli import run_cli
+from files import write_json
 from model import DEFAULT_CONFIG, backbone_name, build_model, weights_to_be_loaded
 
 PARTS = ("backbone body", "FPN", "neck attention", "RPN", "box head", "mask head")

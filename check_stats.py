@@ -17,10 +17,11 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from checkpoint import write_json
 from cli import run_cli
-from dataloader import (CLASS_FILES, IMAGE_FILE, DatasetError, Instances, decode_instances, list_samples,
+from dataloader import (CLASS_FILES, IMAGE_FILE, Instances, decode_instances, list_samples,
                         read_id_map)
+from errors import DatasetError
+from files import write_json
 
 PERCENTILES = (5, 25, 50, 75, 95)
 

@@ -6,7 +6,6 @@ resuming, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``best_metric``, 
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -20,11 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from errors import CheckpointError
 from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model, saved_config, weights_to_be_loaded
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with a one-line reason."""
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -58,16 +54,6 @@ def link_checkpoint(source: Path, path: Path) -> None:
         shutil.copyfile(source, tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
-    """JSON written atomically: a crash never leaves half a submission or history."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=indent, separators=None if indent else (",", ":"))
     os.replace(tmp, path)
 
 

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from checkpoint import CheckpointError
-from dataloader import DatasetError
-from model import WeightsError
+from errors import EXPECTED_ERRORS
 
 DEBUG_ENV = "CELLSEG_DEBUG"
 EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """Flags or an input file the user has to change, with a ``<file>: <what>; <fix>`` message."""
 
 
 # OSErrors of the user's paths; any other exception is a bug and keeps its traceback.
@@ -31,7 +24,7 @@ _PATH_ERRORS: dict[type[OSError], str] = {
     FileExistsError: "a file is in the way of that folder; choose another path",
     IsADirectoryError: "expected a file, got a folder; pass the file's path",
 }
-EXPECTED = (DatasetError, CheckpointError, WeightsError, UsageError, *_PATH_ERRORS)
+EXPECTED = (*EXPECTED_ERRORS, *_PATH_ERRORS)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
@@ -52,17 +45,3 @@ def describe(err: BaseException) -> str:
         fix = next((text for kind, text in _PATH_ERRORS.items() if isinstance(err, kind)), "check the path")
         return f"{err.filename}: {(err.strerror or str(err)).lower()}; {fix}."
     return " ".join(str(err).split())
-
-
-def writable_dir(path: str | Path, flag: str = "--output_dir") -> Path:
-    """An output folder, created and checked for writing before any work is done."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"{out}: not writable ({(err.strerror or str(err)).lower()}); pass another {flag} "
-                              "or change its permissions.") from err
-    return out

@@ -24,15 +24,12 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from errors import DatasetError
 from masks import PackedMasks
 
 NUM_CLASSES = 4
 CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"
-
-
-class DatasetError(ValueError):
-    """Bad input: the message names the file, what is wrong and how to fix it."""
 
 
 @dataclass

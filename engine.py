@@ -21,23 +21,24 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from augment import add_augment_args, build_crop_window, build_train_transforms
-from checkpoint import (CheckpointError, link_checkpoint, load_checkpoint, load_weights, rng_state,
-                        save_checkpoint, set_rng_state, write_json)
-from cli import writable_dir
+from checkpoint import (link_checkpoint, load_checkpoint, load_weights, rng_state,
+                        save_checkpoint, set_rng_state)
 from coco import build_coco_gt, evaluate, matching_metrics
-from dataloader import (DatasetError, HW3TrainDataset, collate_fn, list_samples, sample_groups, split_samples,
+from dataloader import (HW3TrainDataset, collate_fn, list_samples, sample_groups, split_samples,
                         write_split)
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, decorrelate_ranks, gather_lists,
                          init_distributed, sum_across)
 from detector import check_boxes
 from ema import ModelEMA
+from errors import CheckpointError, DatasetError
+from files import writable_dir
+from history import LOSS_KEYS, write_history
 from inference import autocast as _autocast
 from inference import predict, predict_folder
 from masks import PackedMasks
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
 from sampling import class_repeat_factors, train_sampler
 
-LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
 READ_EVERY = 10  # steps between reads of the losses (a host sync) and, under torchrun, stop-flag checks
@@ -556,13 +557,6 @@ def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistI
         else:
             link_checkpoint(same_as, out / "last.pth")
         write_history(out / "history.json", history)
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    """history.json, strict JSON (NaN for a class absent from validation becomes null)."""
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-             for row in history]
-    write_json(path, clean, indent=1)
 
 
 def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) -> dict[str, Any]:

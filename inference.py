@@ -23,11 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import load_model, write_json
-from cli import run_cli, writable_dir
+from checkpoint import load_model
+from cli import run_cli
 from coco import detections_to_coco, paint, paste_masks
 from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
 from devices import GPU_BATCH, counts, default_device, prediction_batch, scale_boxes
+from files import writable_dir, write_json
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
                     same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)

@@ -22,6 +22,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from detector import CellTransform, FrozenBatchNorm2d, use_cell_detector
+from errors import WeightsError
+# CellTransform, FrozenBatchNorm2d, use_cell_detector
 
 BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
@@ -71,10 +73,6 @@ ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "asp
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
 # The paper's FPN taps 2/3/4/6 (Table 3's 54.16 M); checkpoints from before it tapped 2/3/5/7.
 _EFFNET_CHANNELS = {2: 48, 3: 80, 4: 160, 5: 176, 6: 304, 7: 512}
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be used (download, file), with a one-line reason."""
 
 
 def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None) -> None:

@@ -1,6 +1,6 @@
 """Training curves from ``history.json``, saved as PNG next to it.
 
-Training writes one history row per epoch (engine.write_history); this turns a run into
+Training writes one history row per epoch (history.write_history); this turns a run into
 ``loss_curve.png``, ``map_curve.png`` and ``lr_curve.png`` without re-running anything:
     python plot_curve.py --output_dir outputs/resnet101
 """
@@ -18,10 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cli import UsageError, run_cli, writable_dir  # noqa: E402
-from engine import LOSS_KEYS  # noqa: E402
+from cli import run_cli  # noqa: E402
+from errors import UsageError  # noqa: E402
+from files import writable_dir  # noqa: E402
+from history import HISTORY_FILE, LOSS_KEYS  # noqa: E402
 
-HISTORY_FILE = "history.json"
 LOSS_PANELS = ("loss",) + LOSS_KEYS
 IOU_TYPES = ("segm", "bbox")
 AP_NAMES = ("AP", "AP50", "AP75")

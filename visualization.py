@@ -30,10 +30,12 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, saved_args  # noqa: E402
-from cli import run_cli, writable_dir  # noqa: E402
+from cli import run_cli  # noqa: E402
 from devices import GPU_BATCH, default_device, prediction_batch  # noqa: E402
-from dataloader import (IMAGE_FILE, NUM_CLASSES, DatasetError, HW3TestDataset, Instances,  # noqa: E402
+from dataloader import (IMAGE_FILE, NUM_CLASSES, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
+from errors import DatasetError  # noqa: E402
+from files import writable_dir  # noqa: E402
 from inference import Settings, positive_int, predict_images, training_tile  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from model import backbone_name  # noqa: E402

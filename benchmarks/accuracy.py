@@ -14,7 +14,7 @@ tiled detections ranked by their true mask IoU (the most any re-scoring of them 
 
 Four classes: every row also carries segm AP50 per class at maxDets 100 (the leaderboard's
 count, per image and class) and at 1000, and F1 per class; the ``--post`` rows and the
-ceiling are scored at both maxDets (``evaluate.score``), the training rows at
+ceiling are scored at both maxDets (``scoring.score``), the training rows at
 ``--eval_max_dets``. ``--split_groups`` holds out whole source images (CoNSeP's patches
 overlap), ``--val_dir`` an explicit folder.
 
@@ -49,7 +49,7 @@ import engine  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
 from dataloader import NUM_CLASSES, HW3TrainDataset, collate_fn, list_samples  # noqa: E402
-from evaluate import score  # noqa: E402
+from scoring import score  # noqa: E402
 from inference import TTA_SCALES, predict  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
@@ -250,7 +250,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
 
 
 def _scored(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
-    """The table's metrics of a submission, at maxDets 100 and 1000 (``evaluate.score``)."""
+    """The table's metrics of a submission, at maxDets 100 and 1000 (``scoring.score``)."""
     metrics = score(coco_gt, results)
     return {m: float(metrics[m]) for m in (*METRICS, *CLASS_METRICS)}
 

@@ -57,6 +57,7 @@ from benchmarks.common import (base_parser, environment, print_table, ratio, see
 from benchmarks.train_memory import use_stock_path  # noqa: E402
 from detector import project_masks_on_boxes, use_torchvision_detector  # noqa: E402
 from dataloader import HW3TrainDataset, list_samples, read_image  # noqa: E402
+from history import LOSS_KEYS  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
@@ -261,7 +262,7 @@ def make_step(variant: str, image: torch.Tensor, target: dict, args: argparse.Na
             last[:] = [meter._pending[-1][0]]
             if meter.batches % engine.READ_EVERY == 0:  # as train_one_epoch reads
                 meter.read(0)
-        return step, lambda: dict(zip(engine.LOSS_KEYS, last[0].tolist())), model
+        return step, lambda: dict(zip(LOSS_KEYS, last[0].tolist())), model
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4, foreach=True)
     read: dict[str, float] = {}
 
@@ -297,7 +298,7 @@ def baseline_step(model: nn.Module, images: list, targets: list, optimizer: torc
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
-    return {k: read[k] for k in engine.LOSS_KEYS}
+    return {k: read[k] for k in LOSS_KEYS}
 
 
 @contextmanager

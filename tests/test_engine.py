@@ -11,6 +11,7 @@ import engine
 import inference
 from checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint, saved_args
 from engine import LRSchedule, _run_config, build_parser, losses_mode, warmup_cosine
+from history import LOSS_KEYS
 from model import DEFAULT_CONFIG, build_model, config_from_args
 
 TINY = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 64, "input_scale": 0.0,
@@ -296,7 +297,7 @@ def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow
             runs[variant] = (meter.sums, meter.steps, meter.skipped)
             continue
         optimizer = engine.fused_adamw(params, args.lr, 1e-4)
-        schedule, sums, steps = LRSchedule(optimizer, args, 3), dict.fromkeys(engine.LOSS_KEYS + ("loss",), 0.0), 0
+        schedule, sums, steps = LRSchedule(optimizer, args, 3), dict.fromkeys(LOSS_KEYS + ("loss",), 0.0), 0
         for _ in (1, 2):
             for images, targets in loader:
                 schedule.step()
@@ -305,7 +306,7 @@ def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow
                                          10.0, torch.device("cpu"), False)
                 if all(v == v for v in read.values()):
                     steps += 1
-                    for key in engine.LOSS_KEYS:
+                    for key in LOSS_KEYS:
                         sums[key] += read[key]
                     sums["loss"] += sum(read.values())
         runs[variant] = (sums, steps, 6 - steps)
@@ -393,7 +394,7 @@ def test_overflowed_amp_steps_are_counted_as_skipped() -> None:
     start = [p.detach().clone() for p in layer.parameters()]
     for scale in (3e38, 1.0):  # the first loss is finite, its scaled gradient is not
         loss = layer(torch.ones(1, 2)).sum() * scale
-        losses = dict.fromkeys(engine.LOSS_KEYS, loss / len(engine.LOSS_KEYS))
+        losses = dict.fromkeys(LOSS_KEYS, loss / len(LOSS_KEYS))
         skipped = opt.step(layer, loss)
         assert skipped.dtype == torch.bool
         meter.add(losses, loss, [1], skipped)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +24,7 @@ import plot_curve  # noqa: E402
 import visualization  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import CLASS_FILES, list_samples, split_samples, write_split  # noqa: E402
-from engine import LOSS_KEYS, write_history  # noqa: E402
+from history import LOSS_KEYS, write_history  # noqa: E402
 from inference import Settings, predict_images  # noqa: E402
 from model import build_model  # noqa: E402
 from shallow import shallow_resnet  # noqa: E402
@@ -223,3 +225,16 @@ def test_plot_curve_without_validation(tmp_path: Path) -> None:
 def test_plot_curve_without_history_says_train_first(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"history\.json: not found; train first"):
         plot_curve.main(["--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("tool", ["evaluate.py", "plot_curve.py"])
+def test_tool_help_loads_no_model_stack(tool: str) -> None:
+    """``--help`` of the scoring and plotting tools imports neither torch nor the project's
+    model modules (torch alone takes seconds to import on a loaded machine)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import runpy, sys; sys.argv = [{tool!r}, '--help']\n"
+            f"try:\n    runpy.run_path({tool!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model', 'dataloader', 'coco')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert "--help" in done.stdout or "usage:" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

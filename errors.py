@@ -1,0 +1,24 @@
+"""The project's expected errors: bad input a user fixes, never a bug. Each message is one
+line, ``<file>: <what is wrong>; <how to fix it>``, and ``cli.run_cli`` prints it with exit
+status 2. They live here, importing nothing, so a tool's ``--help`` loads no model stack.
+"""
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Flags or an input file the user has to change."""
+
+
+class DatasetError(ValueError):
+    """A data folder, image or id map that cannot be read as the layout requires."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used."""
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be used (download, file)."""
+
+
+EXPECTED_ERRORS = (UsageError, DatasetError, CheckpointError, WeightsError)

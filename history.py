@@ -1,0 +1,20 @@
+"""The ``history.json`` contract: one row per epoch that training writes and ``plot_curve.py``
+reads. Standard library only, so the plotting tool starts without the model stack.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from files import write_json
+
+HISTORY_FILE = "history.json"
+# The Mask R-CNN loss terms, each a column of every row (the summed ``loss`` beside them).
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.json, strict JSON (NaN for a class absent from validation becomes null)."""
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+             for row in history]
+    write_json(path, clean, indent=1)

@@ -1,0 +1,114 @@
+"""Scoring predictions against a folder of ground truth, as a leaderboard does (COCO AP at
+maxDets 100, and at 1000 where hundreds of cells fill an image) and as the cell community does
+(F1, precision, recall, panoptic quality at IoU 0.5); the library behind ``evaluate.py`` and
+``benchmarks/accuracy.py``. Submissions and label images are both read as COCO results.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
+from dataloader import CLASS_FILES, read_label_image
+from errors import DatasetError
+from masks import PackedMasks
+
+MAX_DETS = (100, 1000)
+
+
+def score(coco_gt, results: list[dict], score_thresh: float = 0.5, iou_thresh: float = 0.5) -> dict[str, float]:
+    """The flat metric set: COCO AP, AP50, AP75 and AP50 per class at maxDets 100 (plain keys)
+    and 1000 (``_1000``), and the matching metrics (F1 also per class)."""
+    metrics: dict[str, float] = {}
+    for max_dets in MAX_DETS:
+        suffix = "" if max_dets == 100 else f"_{max_dets}"
+        for key, value in evaluate(coco_gt, results, max_dets=max_dets).items():
+            if "_AP_class" not in key:
+                metrics[f"{key}{suffix}"] = value
+    metrics.update(matching_metrics(coco_gt, results, score_thresh, iou_thresh))
+    return metrics
+
+
+def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
+    if not id_map_json:
+        return list(range(1, len(samples) + 1))
+    path = Path(id_map_json)
+    try:
+        entries = json.loads(path.read_text())
+        by_stem = {Path(e["file_name"]).stem: int(e["id"]) for e in entries}
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise DatasetError(f"{path}: not a list of {{file_name, id}} objects ({type(err).__name__}); "
+                           "pass the id map the submission was written with.") from err
+    missing = [p.name for p in samples if p.name not in by_stem]
+    if missing:
+        raise DatasetError(f"{path}: no id for sample(s) {missing[:5]}; each sample X needs an entry 'X.tif'.")
+    return [by_stem[p.name] for p in samples]
+
+
+def read_submission(path: Path, ids: set[int]) -> list[dict]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: unreadable submission ({type(err).__name__}); pass inference.py's JSON.") from err
+    keys = {"image_id", "category_id", "score", "segmentation"}
+    if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
+        raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}.")
+    if results and not any(int(r["image_id"]) in ids for r in results):
+        raise DatasetError(f"{path}: no detection refers to an image of the data folder; pass --id_map_json "
+                           "with the ids the submission was written with.")
+    for r in results:
+        if "bbox" not in r:  # COCO's loader needs one; the mask's box is the submission's
+            x, y, w, h = (float(v) for v in _rle_box(r["segmentation"]))
+            r["bbox"] = [x, y, w, h]
+    return [r for r in results if int(r["image_id"]) in ids]
+
+
+def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
+    """Label images as results: one per instance, scored by its id (inference.py numbers
+    cells best first, so id order is score order)."""
+    results: list[dict] = []
+    found = 0  # label files read: empty ones are a valid prediction of no cell, scoring zero
+    for sample, image_id, (height, width) in zip(samples, ids, shapes):
+        for class_id, name in CLASS_FILES.items():
+            path = folder / sample.name / name
+            if not path.exists():
+                continue
+            found += 1
+            label = read_label_image(path, (height, width))
+            crops, boxes, values = [], [], []
+            for value, window in enumerate(ndimage.find_objects(label), start=1):
+                if window is not None:
+                    crops.append(label[window] == value)
+                    boxes.append([window[1].start, window[0].start, window[1].stop, window[0].stop])
+                    values.append(value)
+            rles = encode_packed(PackedMasks.from_crops(crops, np.array(boxes).reshape(-1, 4), (height, width)),
+                                 height, width)
+            results += [{"image_id": image_id, "category_id": class_id, "score": 1.0 / value,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}}
+                        for value, (x0, y0, x1, y1), rle in zip(values, boxes, rles)]
+    if not found:
+        raise DatasetError(f"{folder}: no label image of any sample of the data folder; expected "
+                           f"{folder}/<sample>/class1.tif ... as inference.py --save_labels writes them.")
+    return results
+
+
+def print_table(metrics: dict[str, float]) -> None:
+    print(f"{'':<8}" + "".join(f"{m:>10}" for m in ("AP", "AP50", "AP75", "AP50@1000")))
+    for iou_type in IOU_TYPES:
+        row = [metrics[f"{iou_type}_{m}"] for m in ("AP", "AP50", "AP75")] + [metrics[f"{iou_type}_AP50_1000"]]
+        print(f"{iou_type:<8}" + "".join(f"{v:>10.4f}" for v in row))
+    for label, key in (("segm AP50", "segm_AP50_class{}"), ("segm AP50@1000", "segm_AP50_class{}_1000"),
+                       ("F1", "f1_class{}")):
+        print(f"{label + ' per class:':<25}" + "  ".join(f"class{c['id']} {metrics[key.format(c['id'])]:.4f}"
+                                                      for c in CATEGORIES))
+    print("matching at IoU 0.5: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("f1", "precision", "recall", "pq")))
+
+
+def _rle_box(segmentation: dict) -> list[float]:
+    from faster_coco_eval.core import mask as mask_util
+
+    return list(mask_util.toBbox(segmentation))
