@@ -1,8 +1,5 @@
-"""The checkpoint format: one dict, written atomically, read back with one-line errors.
-
-Layout: ``model`` (state dict), ``config`` (everything ``model.build_model`` needs) and, for
-resuming, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``best_metric``, ``history``,
-``rng`` and ``args``.
+"""The checkpoint format: one dict (``build_checkpoint``, the one place its keys are listed),
+written atomically, read back with one-line errors.
 """
 from __future__ import annotations
 
@@ -21,6 +18,30 @@ from torch import nn
 
 from errors import CheckpointError
 from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model, saved_config, weights_to_be_loaded
+
+
+def build_checkpoint(model: nn.Module, config: dict[str, Any], optimisation: dict[str, Any], run: dict[str, Any],
+                     args: dict[str, Any], ema: nn.Module | None = None) -> dict[str, Any]:
+    """The checkpoint dict, every key of it:
+
+    - ``model``: the state dict inference and fine-tuning load: the weight average's when
+      ``ema`` is given (it scored higher), else the trained weights;
+    - ``raw_model``: with ``ema``, the trained weights, which a resume continues from;
+    - ``weights``: ``"ema"`` or ``"raw"``, which of them ``model`` holds;
+    - ``config``: everything ``model.build_model`` needs to rebuild the architecture;
+    - ``optimizer``, ``scheduler``, ``scaler``, ``ema`` (``Optimisation.state_dict``): the
+      optimiser state, the schedule's step and plateau state, the AMP scale, the average;
+    - ``epoch``, ``best_metric``, ``best_epoch``, ``history`` and ``partial`` (``run``): the
+      epochs done, the best validation score and its epoch, the history rows, and the steps
+      of an epoch stopped by a signal (or None);
+    - ``rng``: every random generator's state (``rng_state``);
+    - ``args``: the training flags (the tile, crop and data folders later tools default to).
+    """
+    state = {"model": model.state_dict(), "weights": "raw", "config": config, **optimisation, "rng": rng_state(),
+             "args": args, **{k: run[k] for k in ("epoch", "best_metric", "best_epoch", "history", "partial")}}
+    if ema is not None:
+        state.update(model=ema.state_dict(), raw_model=state["model"], weights="ema")
+    return state
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -8,6 +8,9 @@ constants from Python scalars or caches them on the device, and moves host-compu
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -54,3 +57,11 @@ def counts(index: torch.Tensor, length: int) -> list[int]:
     caller marks): CUDA's ``bincount`` reads the index's range first, a second one."""
     found = torch.zeros(length, dtype=torch.int64, device=index.device)
     return found.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int64)).tolist()
+
+
+def autocast(device: torch.device, enabled: bool) -> Any:
+    """Mixed precision for ``--use_amp``: fp16 on CUDA, bf16 on a CPU (no fp16 kernels there),
+    or nothing."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)

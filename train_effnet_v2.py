@@ -1,4 +1,5 @@
-"""Train Mask R-CNN with an EfficientNetV2-M-FPN backbone on the HW3 cell dataset.
+"""Train Mask R-CNN with an EfficientNetV2-M-FPN backbone on cells in the training layout
+(<sample>/image.tif + class1..4.tif, one instance id per cell).
 
 Example: python train_effnet_v2.py --train_dir dataset/train --use_cosine
 """
@@ -6,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import engine
+import training
 from cli import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return engine.main(argv, backbone="effnet_v2_m", description=__doc__)
+    return training.main(argv, backbone="effnet_v2_m", description=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Train Mask R-CNN with a ResNet-101-FPN backbone on the HW3 cell dataset.
+"""Train Mask R-CNN with a ResNet-101-FPN backbone on cells in the training layout
+(<sample>/image.tif + class1..4.tif, one instance id per cell).
 
 Example: python train_resnet.py --train_dir dataset/train --use_cosine
 """
@@ -6,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import engine
+import training
 from cli import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return engine.main(argv, backbone="resnet101", description=__doc__)
+    return training.main(argv, backbone="resnet101", description=__doc__)
 
 
 if __name__ == "__main__":

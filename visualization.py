@@ -31,14 +31,14 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
-from devices import GPU_BATCH, default_device, prediction_batch  # noqa: E402
+from devices import autocast, default_device  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, HW3TestDataset, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir  # noqa: E402
-from inference import Settings, positive_int, predict_images, training_tile  # noqa: E402
+from flags import add_checkpoint_checks, add_prediction_args, prediction_settings  # noqa: E402
+from predictor import Settings, predict_images  # noqa: E402
 from masks import PackedMasks  # noqa: E402
-from model import backbone_name  # noqa: E402
 from tiling import take  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
@@ -75,10 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vis_dir", default=None,
                         help="where the PNGs go (default: --output_dir, else <checkpoint folder>/vis)")
     parser.add_argument("--output_dir", default=None, help="where the PNGs go unless --vis_dir is given")
-    parser.add_argument("--backbone", type=backbone_name, default=None,
-                        help="resnet or effnet, only checked against the checkpoint (which knows its backbone)")
-    parser.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
-    parser.add_argument("--num_classes", type=int, default=None, help="only checked against the checkpoint")
     parser.add_argument("--train_dir", default=None,
                         help="training folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--split_json", default=None,
@@ -90,27 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_labels", type=int, default=150, help="most class:score labels per image, best first")
     parser.add_argument("--min_label_side", type=float, default=8.0,
                         help="no label on boxes with a side below this (image pixels)")
-    parser.add_argument("--tile", type=int, default=None,
-                        help="predict tile by tile, as inference.py does (default: the checkpoint's training "
-                             "--crop; 0: whole images)")
-    parser.add_argument("--tile_overlap", type=float, default=0.25, help="overlap of neighbouring tiles, share of --tile")
-    parser.add_argument("--batch_size", type=positive_int, default=None,
-                        help=f"tiles per forward pass (default: {GPU_BATCH} on a GPU, 1 on a CPU)")
-    parser.add_argument("--detections_per_img", type=int, default=None,
-                        help="most detections predicted per image, as in inference.py (default: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
+    add_prediction_args(parser)  # inference.py's, so a figure shows what a submission predicted
+    add_checkpoint_checks(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     device = default_device(args.device)
-    args.batch_size = prediction_batch(args.batch_size, device)
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None, "num_classes": args.num_classes}
     model, _, state = load_model(Path(args.checkpoint), overrides)
     model.to(device).eval()
-    if args.tile is None:
-        args.tile = training_tile(state)
+    args.settings = prediction_settings(args).resolved(device, state)
     vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint).parent / "vis",
                            "--vis_dir" if args.vis_dir else "--output_dir")
     draw = draw_validation if args.mode == "val" else draw_test
@@ -138,7 +125,7 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
     for name in tqdm(names, desc="draw val", disable=None):
         image = read_image(samples[name] / IMAGE_FILE)
         gt = ground_truth_layer(decode_instances(samples[name], image.shape[:2]), args.draw_gt_mask)
-        pred = predict_layer(model, image, device, args.score_thresh, _settings(args))
+        pred = predict_layer(model, image, device, args.score_thresh, args.settings)
         gt.title = f"{name}: ground truth, {len(gt.labels)} instances"
         paths.append(save_figure(image, [gt, pred], vis_dir / f"{name}.png", args))
         shown["gt"] += len(gt.labels)
@@ -157,7 +144,7 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     for index in tqdm(indices, desc="draw test", disable=None):
         tensor, meta = dataset[index]
         image = tensor.permute(1, 2, 0).numpy()
-        pred = predict_layer(model, image, device, args.score_thresh, _settings(args))
+        pred = predict_layer(model, image, device, args.score_thresh, args.settings)
         pred.title = f"{meta['file_name']} (id {meta['image_id']}): {pred.title}"
         paths.append(save_figure(image, [pred], vis_dir / f"{meta['image_id']}.png", args))
         shown["pred"] += len(pred.labels)
@@ -183,9 +170,10 @@ def ground_truth_layer(instances: Instances, fill: bool) -> Layer:
 def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float,
                   settings: Settings = Settings()) -> Layer:
     """Detections scoring at least ``score_thresh``, predicted as the submission is
-    (``inference.predict_images``: tile by tile when ``settings.tile`` > 0, the same cap)."""
+    (``predictor.predict_images``: tile by tile when ``settings.tile`` > 0, the same cap)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-    output = predict_images(model, [tensor], settings)[0]
+    with autocast(device, settings.use_amp):
+        output = predict_images(model, [tensor], settings)[0]
     keep = (output["scores"] >= score_thresh).nonzero().flatten()
     picked = take(output["masks"], keep)
     packed = PackedMasks(picked.data.cpu(), picked.boxes.cpu(), picked.offsets.cpu(), picked.size)
@@ -195,11 +183,6 @@ def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, sco
     title = f"prediction, {len(scores)} with score >= {score_thresh:g}"
     return Layer(title, output["labels"][keep].cpu().numpy(), output["boxes"][keep].cpu().numpy(), masks,
                  scores=scores)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                    detections_per_img=args.detections_per_img)
 
 
 def save_figure(image: np.ndarray, layers: list[Layer], path: Path, args: argparse.Namespace) -> Path:

@@ -46,11 +46,13 @@ from torch.utils.data import DataLoader  # noqa: E402
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
 import engine  # noqa: E402
+import training  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
 from dataloader import NUM_CLASSES, HW3TrainDataset, collate_fn, list_samples  # noqa: E402
 from scoring import score  # noqa: E402
-from inference import TTA_SCALES, predict  # noqa: E402
+from flags import TTA_SCALES  # noqa: E402
+from predictor import Settings, predict  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
 NATIVE = ["--input_scale", "0"]
@@ -75,7 +77,7 @@ CONFIGS: dict[str, list[str]] = {
     # one fixed factor for crops, tiles and whole images, anchors scaled with it (the defaults)
     "cells_x2": ["--input_scale", "2", "--anchor_sizes", "16", "32", "64", "128", "256"],
 }
-# Inference-time additions, scored on a run's final raw weights: predict() keyword arguments
+# Inference-time additions, scored on a run's final raw weights: predictor.Settings fields
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
         "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg",
@@ -83,10 +85,10 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6",
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
-    """predict() keyword arguments of one inference-time addition."""
+    """The ``predictor.Settings`` fields of one inference-time addition."""
     tile = {"tile": crop, "tile_overlap": 0.25}
-    flips = {"tta_scales": list(TTA_SCALES)}  # inference.py --tta's views
-    settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": [0.8, 1.0, 1.2]},
+    flips = {"tta_scales": TTA_SCALES}  # inference.py --tta's views
+    settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": (0.8, 1.0, 1.2)},
                 "tile+tta": {**tile, **flips}, "tile+dihedral": {**tile, **flips, "dihedral": True},
                 "tile+mask0.4": {**tile, "mask_thresh": 0.4}, "tile+mask0.6": {**tile, "mask_thresh": 0.6}}
     if name.startswith("tile+tta+vote"):
@@ -193,7 +195,7 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
             "--ema_decay", str(args.ema_decay), "--eval_max_dets", str(args.eval_max_dets), "--tile", "0",
             *(["--split_groups", args.split_groups] if args.split_groups else []),
             *(["--val_dir", args.val_dir] if args.val_dir else []), *flags, *args.extra]
-    parser = engine.build_parser(backbone, "")
+    parser = training.build_parser(backbone, "")
     if finished(out, vars(parser.parse_args(argv)), parser):
         print(f"{out}: a finished run with these flags, scored again without training", flush=True)
     else:
@@ -241,8 +243,8 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     for post in args.post:
-        results = predict(models, loader, torch.device("cpu"), False, desc=f"held-out {post}",
-                          **post_settings(post, args.crop))
+        results = predict(models, loader, torch.device("cpu"), Settings(**post_settings(post, args.crop)),
+                          desc=f"held-out {post}")
         if post.endswith("+oracle"):
             results = truth_ranked(coco_gt, results)
         rows[f"{name}+{post}"] = _scored(coco_gt, results)

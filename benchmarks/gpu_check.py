@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import optimisation  # noqa: E402
+import devices  # noqa: E402
 from benchmarks import host_syncs  # noqa: E402
 from benchmarks.common import RESULTS_DIR, augment_defaults, environment, seed_all, timed, _jsonable  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path = Path(args.json) if args.json else RESULTS_DIR / f"{NAME}.json"
     if args.section:
         return run_here(args.section, device, path)
-    engine.enable_tf32(device)
+    optimisation.enable_tf32(device)
     payload: dict[str, Any] = {"benchmark": NAME, "dry_run": args.dry_run, "environment": environment(device),
                                "sections": {}}
     for name in args.sections:
@@ -121,7 +123,7 @@ def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, An
 
 def run_here(name: str, device: torch.device, path: Path) -> dict[str, Any]:
     """The child: one section, its result written to ``path``."""
-    engine.enable_tf32(device)
+    optimisation.enable_tf32(device)
     if device.type == "cpu":  # two busy-waiting threads on a shared small CPU can be many times slower than one
         torch.set_num_threads(1)
     sizes = SIZES["dry" if device.type == "cpu" else "gpu"]
@@ -226,7 +228,8 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     """Syncs of one AMP training step (batch 2) and of one ``--tta`` prediction, by call site:
     on CUDA every one ``torch.cuda.set_sync_debug_mode`` reports (reads and blocking copies);
     on a CPU what host_syncs.py's counters see."""
-    from inference import Settings, TTA_SCALES, predict_images
+    from flags import TTA_SCALES
+    from predictor import Settings, predict_images
 
     image, target = _train_sample(sizes, tmp)
     seed_all(0)
@@ -239,7 +242,7 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     model.eval()
     picture = torch.rand(3, sizes["train_size"] * 2, sizes["train_size"] * 2, device=device)
     settings = Settings(tile=sizes["train_size"], tta_scales=TTA_SCALES, batch_size=8)
-    with torch.no_grad(), engine._autocast(device, True):
+    with torch.no_grad(), devices.autocast(device, True):
         predict = lambda: predict_images([model], [picture], settings)  # noqa: E731
         predict()
         out["predict_tta"] = _syncs_of(predict, device, [*model.parameters(), *model.buffers(), picture])
@@ -344,10 +347,10 @@ def resume_amp(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
             "skipped_steps": history[-1]["skipped_steps"], "best_epoch": summary["best_epoch"]}
 
 
-def _optimisation(model: torch.nn.Module, device: torch.device, use_amp: bool = True) -> "engine.Optimisation":
+def _optimisation(model: torch.nn.Module, device: torch.device, use_amp: bool = True) -> "optimisation.Optimisation":
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-    return engine.Optimisation(engine.fused_adamw(params, 1e-5, 1e-4), None, scaler, None, 10.0)
+    return optimisation.Optimisation(optimisation.fused_adamw(params, 1e-5, 1e-4), None, scaler, None, 10.0)
 
 
 def _train_sample(sizes: dict[str, Any], tmp: Path) -> tuple[torch.Tensor, dict]:

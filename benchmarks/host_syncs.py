@@ -9,7 +9,7 @@ from the same initial weights and RNG state:
 - ``before``: our model as it was before (``baseline_resized``, ``baseline_project_masks_on_boxes``,
   copied below, and torchvision's RPN, RoI heads and pooling) in that loop: the reference for
   the step time;
-- ``ours``: ``engine.train_step`` with ``engine.Optimisation`` (fused AdamW, losses kept on the
+- ``ours``: ``engine.train_step`` with ``optimisation.Optimisation`` (fused AdamW, losses kept on the
   device and read every ``engine.READ_EVERY`` steps) and detector.py's RPN, RoI heads and pooling.
 
 The samplers of ``ours`` draw other random subsets than torchvision's from the same seed, so the
@@ -51,6 +51,9 @@ from torchvision.models.detection import roi_heads  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
 import engine  # noqa: E402
+import optimisation  # noqa: E402
+import predictor  # noqa: E402
+import devices  # noqa: E402
 import masks  # noqa: E402
 from benchmarks.common import (base_parser, environment, print_table, ratio, seed_all, setup, synchronize,  # noqa: E402
                                timed, write_results)
@@ -160,10 +163,11 @@ def measure_count(sample: Path, args: argparse.Namespace, device: torch.device) 
 
 
 def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path) -> list[dict[str, Any]]:
-    """Syncs of ``inference.predict_images`` on one image as ``inference.py --tta`` predicts it
+    """Syncs of ``predictor.predict_images`` on one image as ``inference.py --tta`` predicts it
     (256 px tiles, the 4 flips, batches of 4 views), with detector.py and with torchvision's detector,
     from the same random weights (which detect the most: every view's full cap)."""
-    from inference import Settings, TTA_SCALES, predict_images
+    from flags import TTA_SCALES
+    from predictor import Settings, predict_images
 
     paths = make_dataset(tmp / "predict", n_train=0, n_test=1, size=(args.predict_size,) * 2, cells=(40, 41),
                          seed=args.seed)
@@ -253,7 +257,7 @@ def make_step(variant: str, image: torch.Tensor, target: dict, args: argparse.Na
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda")
     if variant == "ours":
-        opt = engine.Optimisation(engine.fused_adamw(params, 1e-5, 1e-4), None, scaler, None, 10.0)
+        opt = optimisation.Optimisation(optimisation.fused_adamw(params, 1e-5, 1e-4), None, scaler, None, 10.0)
         meter, last = engine.EpochMeter(), []
 
         def step() -> None:
@@ -279,7 +283,7 @@ def baseline_step(model: nn.Module, images: list, targets: list, optimizer: torc
     """The training step of engine.train_one_epoch before host syncs were removed (single
     process): the finiteness check and every loss read on the host, each step."""
     images, targets = engine.to_device(images, targets, device)
-    with engine._autocast(device, use_amp):
+    with devices.autocast(device, use_amp):
         losses = model(images, targets)
     loss = sum(losses.values())
     finite = bool(torch.isfinite(loss))

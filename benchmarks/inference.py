@@ -29,7 +29,8 @@ from faster_coco_eval.core import mask as mask_util  # noqa: E402
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from dataloader import IMAGE_FILE, list_samples, read_id_map, read_image  # noqa: E402
-from inference import MaskRCNNStages, predict_folder  # noqa: E402
+from inference import predict_folder  # noqa: E402
+from predictor import MaskRCNNStages, Settings  # noqa: E402
 from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -76,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for batch_size in args.batch_sizes:
                 out = tmp / f"ours_b{batch_size}_amp{int(amp)}.json"
                 _, ours_seconds = timed(lambda: predict_folder(
-                    checkpoint, test_dir, id_map, out, batch_size=batch_size, device=str(device), use_amp=amp,
-                    overrides=overrides, num_workers=args.num_workers, tta_scales=None), device)
+                    checkpoint, test_dir, id_map, out, Settings(tile=None, batch_size=batch_size, use_amp=amp),
+                    device=str(device), overrides=overrides, num_workers=args.num_workers), device)
                 results = json.loads(out.read_text())
                 rows.append(_row("ours", batch_size, amp, count, ours_seconds, seconds, reference, results))
     payload = summarize(args, device, count, rows)

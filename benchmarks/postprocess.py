@@ -4,7 +4,7 @@ previous code, and end-to-end ``inference.py`` seconds per image against the net
 Post-processing: one 1000x1000 image at the defaults, 25 tiles of 256 px x 1000 detections
 (the model's per-view limit at score threshold 0), without and with the 4 flips. The same
 generated tile outputs (boxes, scores, labels, 28x28 mask probabilities) are replayed
-through ``inference.predict_images`` (a stand-in for the network answers instantly, so only
+through ``predictor.predict_images`` (a stand-in for the network answers instantly, so only
 post-processing is timed) and through the previous code, kept below as the baseline: masks
 pasted one detection at a time, a Python merge loop, one RLE per detection.
 
@@ -37,6 +37,7 @@ from faster_coco_eval.core import mask as mask_util  # noqa: E402
 from torchvision.models.detection import roi_heads  # noqa: E402
 
 import inference  # noqa: E402
+import predictor  # noqa: E402
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from coco import detections_to_coco  # noqa: E402
@@ -125,7 +126,7 @@ def tile_outputs(args: argparse.Namespace, flips: bool) -> list[dict]:
 
 
 class Replay:
-    """The network replaced by recorded tile outputs, in ``inference.MaskRCNNStages``' interface."""
+    """The network replaced by recorded tile outputs, in ``predictor.MaskRCNNStages``' interface."""
 
     def __init__(self, outputs: list[dict], cap: int) -> None:
         self.outputs = iter(outputs)
@@ -141,10 +142,10 @@ class Replay:
 
 def ours_postprocess(outputs: list[dict], args: argparse.Namespace, flips: bool, device: torch.device) -> list[dict]:
     image = torch.zeros(3, args.size, args.size, device=device)
-    settings = inference.Settings(tile=args.tile, tile_overlap=args.overlap, tta_scales=(1.0,) if flips else None,
+    settings = predictor.Settings(tile=args.tile, tile_overlap=args.overlap, tta_scales=(1.0,) if flips else None,
                                   batch_size=4, detections_per_img=args.cap)
     moved = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in o.items()} for o in outputs]
-    merged = inference.predict_images(Replay(moved, args.cap), [image], settings)[0]
+    merged = predictor.predict_images(Replay(moved, args.cap), [image], settings)[0]
     return detections_to_coco(merged, 1)
 
 
@@ -183,7 +184,7 @@ def ours_end_to_end(argv: list[str], device: torch.device) -> tuple[float, float
     are clocked inside the same run (detection of every view, masks of the candidates)."""
     spent = [0.0]
 
-    class Clocked(inference.MaskRCNNStages):
+    class Clocked(predictor.MaskRCNNStages):
         def detect(self, *a: Any) -> Any:
             result, seconds = timed(lambda: super(Clocked, self).detect(*a), device)
             spent[0] += seconds
@@ -194,11 +195,11 @@ def ours_end_to_end(argv: list[str], device: torch.device) -> tuple[float, float
             spent[0] += seconds
             return result
 
-    plain, inference.MaskRCNNStages = inference.MaskRCNNStages, Clocked
+    plain, predictor.MaskRCNNStages = predictor.MaskRCNNStages, Clocked
     try:
         path, seconds = timed(lambda: inference.main(argv), device)
     finally:
-        inference.MaskRCNNStages = plain
+        predictor.MaskRCNNStages = plain
     return seconds, spent[0], len(json.loads(Path(path).read_text()))
 
 

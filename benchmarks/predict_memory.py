@@ -4,7 +4,7 @@ Each (image side, variant) runs in a fresh process that predicts one generated i
 4 flips on 256 px tiles (``--tile``) and reports:
 
 - ``kept_mb``: the most feature bytes held at once between the detection and the mask passes
-  (``inference.state_bytes`` of the states kept, plus one redetected chunk), what lives on
+  (``predictor.state_bytes`` of the states kept, plus one redetected chunk), what lives on
   the GPU there;
 - ``peak_rss_mb``: the process's peak resident memory (``ru_maxrss``) less its size with the
   model loaded and the image generated, what a CPU run needs on top.
@@ -91,9 +91,10 @@ def _in_fresh_process(argv: Sequence[str], size: int, variant: str) -> dict[str,
 
 
 def measure_one(args: argparse.Namespace, size: int, variant: str) -> dict[str, Any]:
-    import inference
-    from inference import Settings, TTA_SCALES, predict_images
+    import predictor
+    from flags import TTA_SCALES
     from model import build_model
+    from predictor import Settings, predict_images
     from synthetic import synth_image
 
     if args.threads:
@@ -108,7 +109,7 @@ def measure_one(args: argparse.Namespace, size: int, variant: str) -> dict[str, 
     image = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(device)
     budget = int(args.budget_mb * 2 ** 20) if variant == "budget" else 1 << 62
     settings = Settings(tile=args.tile, tta_scales=TTA_SCALES, batch_size=args.batch_size, feature_budget=budget)
-    peak = _FeaturePeak(inference, budget)
+    peak = _FeaturePeak(predictor, budget)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with torch.no_grad(), peak:
@@ -122,7 +123,7 @@ def measure_one(args: argparse.Namespace, size: int, variant: str) -> dict[str, 
 
 
 class _FeaturePeak:
-    """Wraps ``inference.state_bytes`` to follow the feature bytes held: the kept states add up
+    """Wraps ``predictor.state_bytes`` to follow the feature bytes held: the kept states add up
     (until the budget), and a chunk detected again holds its own on top while its masks run."""
 
     def __init__(self, module: Any, budget: int) -> None:

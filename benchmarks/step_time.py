@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from dataloader import HW3TrainDataset, list_samples  # noqa: E402
-from engine import _autocast, to_device  # noqa: E402
+from devices import autocast  # noqa: E402
+from engine import to_device  # noqa: E402
 from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -117,7 +118,7 @@ def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict], 
 
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
                 device: torch.device, use_amp: bool) -> None:
-    with _autocast(device, use_amp):
+    with autocast(device, use_amp):
         losses = model(images, targets)
     optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()

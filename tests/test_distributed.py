@@ -15,7 +15,7 @@ from coco import build_coco_gt, evaluate
 from conftest import ROOT
 from dataloader import HW3TrainDataset, collate_fn
 from distributed import DistInfo, ResumableSampler
-from inference import predict
+from predictor import predict
 from synthetic import make_dataset
 
 
@@ -60,7 +60,7 @@ def test_torchrun_two_gloo_processes(tmp_path: Path, shallow: None) -> None:
     val = HW3TrainDataset([Path(data["train_dir"]) / n for n in split["val"]], [ids[n] for n in split["val"]])
     model, _, _ = load_model(out / "last.pth")
     loader = torch.utils.data.DataLoader(val, batch_size=1, collate_fn=collate_fn)
-    metrics = evaluate(build_coco_gt(val.instances, val.image_ids), predict(model, loader, torch.device("cpu"), False))
+    metrics = evaluate(build_coco_gt(val.instances, val.image_ids), predict(model, loader, torch.device("cpu")))
     for key in ("segm_AP", "segm_AP50", "bbox_AP"):
         assert history[0][key] == pytest.approx(metrics[key], abs=1e-9), key
 

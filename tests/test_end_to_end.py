@@ -140,10 +140,10 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
 
     tiles, views, merges = [], [], []
 
-    def record(*args: Any, **kwargs: Any) -> list:
-        tiles.append(kwargs["tile"])
-        views.append(kwargs.get("tta_scales"))
-        merges.append(kwargs.get("merge"))
+    def record(model: Any, loader: Any, device: Any, settings: Any, desc: str = "") -> list:
+        tiles.append(settings.tile)
+        views.append(settings.tta_scales)
+        merges.append(settings.merge)
         return []
 
     monkeypatch.setattr(engine, "predict", record)

@@ -8,9 +8,15 @@ import torch
 from torch import nn
 
 import engine
+import training
+import optimisation
+import predictor
 import inference
 from checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint, saved_args
-from engine import LRSchedule, _run_config, build_parser, losses_mode, warmup_cosine
+from engine import losses_mode
+from flags import prediction_settings
+from optimisation import LRSchedule, warmup_cosine
+from training import _run_config, build_parser
 from history import LOSS_KEYS
 from model import DEFAULT_CONFIG, build_model, config_from_args
 
@@ -136,7 +142,7 @@ def test_a_linked_checkpoint_keeps_its_content_when_the_other_name_is_saved_agai
 
 
 def test_early_stop_is_a_number_of_epochs_and_patience_the_plateaus(tmp_path: Path) -> None:
-    parser = engine.build_parser("resnet101", "x")
+    parser = training.build_parser("resnet101", "x")
     args = parser.parse_args(["--early_stop", "10", "--patience", "4"])
     assert (args.early_stop, args.patience) == (10, 4)
     assert (parser.parse_args([]).early_stop, parser.parse_args([]).patience) == (0, 3)  # 0: never stop early
@@ -158,11 +164,11 @@ def test_early_stop_ends_the_run_n_epochs_after_the_best(tmp_path: Path, monkeyp
         return {"epoch": epoch, "lr": 1e-4, "train_loss": 1.0, "val_loss": 1.0, "segm_AP50": next(scores),
                 "seconds": 0.0, "step_seconds": 0.0}
 
-    monkeypatch.setattr(engine, "run_epoch", fake_epoch)
+    monkeypatch.setattr(training, "run_epoch", fake_epoch)
     out = tmp_path / "run"
     argv = ["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(out), "--weights", "none",
             "--num_workers", "0", "--epochs", "6", "--early_stop", "2", "--patience", "5"]
-    summary = engine.main(argv, "resnet101", "x")
+    summary = training.main(argv, "resnet101", "x")
     state = load_checkpoint(out / "last.pth")
     assert summary["best_epoch"] == 2 and state["epoch"] == 4  # epochs 3 and 4 brought nothing: stop
     assert load_checkpoint(out / "best.pth")["epoch"] == 2 and not (out / "best.pth").samefile(out / "last.pth")
@@ -170,13 +176,13 @@ def test_early_stop_ends_the_run_n_epochs_after_the_best(tmp_path: Path, monkeyp
     old = {**state, "args": {**state["args"], "early_stop": True, "patience": 10}, "epoch": 1, "history": []}
     save_checkpoint(out / "old.pth", old)  # a run from before --early_stop N resumes
     scores = iter([0.5, 0.6])
-    engine.main([*argv[:-6], "--epochs", "3", "--resume", str(out / "old.pth")], "resnet101", "x")
+    training.main([*argv[:-6], "--epochs", "3", "--resume", str(out / "old.pth")], "resnet101", "x")
     assert load_checkpoint(out / "last.pth")["epoch"] == 3
     assert (out / "best.pth").samefile(out / "last.pth")  # epoch 3 is the best: one file written, two names
 
 
 def test_parser_has_the_contract_flags() -> None:
-    parser = engine.build_parser("resnet101", "x")
+    parser = training.build_parser("resnet101", "x")
     args = parser.parse_args([])
     for flag in ("train_dir", "output_dir", "epochs", "batch_size", "lr", "weight_decay", "val_split",
                  "num_workers", "seed", "patience", "early_stop", "num_classes", "checkpoint", "use_attn",
@@ -189,7 +195,7 @@ def test_parser_has_the_contract_flags() -> None:
 
 
 class SoftBlob(nn.Module):
-    """Two-stage stub (``inference.MaskRCNNStages``' interface): one detection per view whose
+    """Two-stage stub (``predictor.MaskRCNNStages``' interface): one detection per view whose
     28x28 mask probability falls from 1 at the centre to 0 at the edge, so the mask area
     depends on the threshold alone."""
 
@@ -208,14 +214,14 @@ class SoftBlob(nn.Module):
         return self.mask.expand(sum(len(p) for p in picks), 28, 28)
 
 
-@pytest.mark.parametrize("views", [{}, {"tile": 48, "tile_overlap": 0.5}, {"tta_scales": [1.0]}])
+@pytest.mark.parametrize("views", [{}, {"tile": 48, "tile_overlap": 0.5}, {"tta_scales": (1.0,)}])
 def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) -> None:
     from pycocotools import mask as mask_utils
 
     loader = [([torch.zeros(3, 48, 48)], [{"image_id": 7}])]
     areas = []
     for thresh in (0.2, 0.5, 0.8):
-        results = inference.predict(SoftBlob(), loader, torch.device("cpu"), False, mask_thresh=thresh, **views)
+        results = predictor.predict(SoftBlob(), loader, torch.device("cpu"), predictor.Settings(mask_thresh=thresh, **views))
         assert [r["image_id"] for r in results] == [7]
         areas.append(int(mask_utils.area(results[0]["segmentation"])))
     assert 0 < areas[2] < areas[1] < areas[0] < 32 * 32
@@ -227,7 +233,7 @@ def test_inference_prediction_flags() -> None:
     assert parse(["--checkpoint", "x"]).tta is None and parse(["--checkpoint", "x", "--no_tta"]).tta is None
     assert parse(["--checkpoint", "x", "--tta"]).tta == "flips"
     assert parse(["--checkpoint", "x", "--tta", "dihedral"]).tta == "dihedral"
-    views = lambda *flags: inference._tta_scales(parse(["--checkpoint", "x", *flags]))  # noqa: E731
+    views = lambda *flags: prediction_settings(parse(["--checkpoint", "x", *flags])).tta_scales  # noqa: E731
     assert views() is None and views("--tta") == (1.0,) and views("--tta_scales", "0.8", "1") == (0.8, 1.0)
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     with pytest.raises(SystemExit):
@@ -288,15 +294,15 @@ def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow
         params = [p for p in model.parameters() if p.requires_grad]
         torch.manual_seed(1)
         if variant == "ours":
-            optimizer = engine.fused_adamw(params, args.lr, 1e-4)
-            opt = engine.Optimisation(optimizer, LRSchedule(optimizer, args, 3), torch.amp.GradScaler("cuda", enabled=False),
+            optimizer = optimisation.fused_adamw(params, args.lr, 1e-4)
+            opt = optimisation.Optimisation(optimizer, LRSchedule(optimizer, args, 3), torch.amp.GradScaler("cuda", enabled=False),
                                       None, 10.0)
             meter = engine.EpochMeter()
             for epoch in (1, 2):
                 engine.train_one_epoch(net, loader, opt, torch.device("cpu"), args, epoch, meter, StopRequest(), DistInfo())
             runs[variant] = (meter.sums, meter.steps, meter.skipped)
             continue
-        optimizer = engine.fused_adamw(params, args.lr, 1e-4)
+        optimizer = optimisation.fused_adamw(params, args.lr, 1e-4)
         schedule, sums, steps = LRSchedule(optimizer, args, 3), dict.fromkeys(LOSS_KEYS + ("loss",), 0.0), 0
         for _ in (1, 2):
             for images, targets in loader:
@@ -317,14 +323,14 @@ def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow
 
 
 def test_fused_adamw_updates_like_the_foreach_kernel() -> None:
-    """``engine.fused_adamw`` is AdamW: five steps on the same weights and gradients give the
+    """``optimisation.fused_adamw`` is AdamW: five steps on the same weights and gradients give the
     foreach kernel's weights to float32 rounding, and a step flagged ``found_inf`` changes
     neither the weights nor the step count."""
     torch.manual_seed(0)
     start = [torch.randn(64, 32), torch.randn(32)]
     grads = [[torch.randn_like(w) for w in start] for _ in range(5)]
     results = []
-    for make in (lambda ps: engine.fused_adamw(ps, 1e-3, 1e-4),
+    for make in (lambda ps: optimisation.fused_adamw(ps, 1e-3, 1e-4),
                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-4, foreach=True)):
         params = [torch.nn.Parameter(w.clone()) for w in start]
         optimizer = make(params)
@@ -337,10 +343,10 @@ def test_fused_adamw_updates_like_the_foreach_kernel() -> None:
         assert not torch.equal(fused, start[0] if fused.dim() == 2 else start[1])
         torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)
     params = [torch.nn.Parameter(w.clone()) for w in start]
-    optimizer = engine.fused_adamw(params, 1e-3, 1e-4)
+    optimizer = optimisation.fused_adamw(params, 1e-3, 1e-4)
     for p in params:
         p.grad = torch.ones_like(p)
-    engine.step_if_finite(optimizer, torch.tensor(float("inf")))
+    optimisation.step_if_finite(optimizer, torch.tensor(float("inf")))
     assert all(torch.equal(p.detach(), w) for p, w in zip(params, start))
     assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in optimizer.state.values())
 
@@ -350,20 +356,20 @@ def test_amp_resumes_a_run_saved_without_amp_and_back() -> None:
     then starts a fresh scale; a run saved with a scale resumes it, or drops it without AMP."""
     args = argparse.Namespace(lr=1e-3, eta_min=0.0, use_cosine=True, warmup_epochs=0, epochs=1, patience=3)
 
-    def optimisation(enabled: bool, scale: float = 65536.0) -> engine.Optimisation:
-        optimizer = engine.fused_adamw(list(torch.nn.Linear(2, 2).parameters()), 1e-3, 0.0)
+    def built(enabled: bool, scale: float = 65536.0) -> optimisation.Optimisation:
+        optimizer = optimisation.fused_adamw(list(torch.nn.Linear(2, 2).parameters()), 1e-3, 0.0)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=enabled)
-        return engine.Optimisation(optimizer, LRSchedule(optimizer, args, 3), scaler, None, 0.0)
+        return optimisation.Optimisation(optimizer, LRSchedule(optimizer, args, 3), scaler, None, 0.0)
 
-    without = optimisation(False).state_dict()
+    without = built(False).state_dict()
     assert without["scaler"] == {}
-    amp = optimisation(True)
+    amp = built(True)
     amp.load_state_dict(without)
     assert amp.scaler.get_scale() == 65536.0
-    resumed = optimisation(True)
-    resumed.load_state_dict(optimisation(True, scale=1024.0).state_dict())
+    resumed = built(True)
+    resumed.load_state_dict(built(True, scale=1024.0).state_dict())
     assert resumed.scaler.get_scale() == 1024.0
-    optimisation(False).load_state_dict(optimisation(True, scale=1024.0).state_dict())  # AMP dropped: no error
+    built(False).load_state_dict(built(True, scale=1024.0).state_dict())  # AMP dropped: no error
 
 
 def test_rng_state_restores_the_gpus_the_machine_has(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,8 +393,8 @@ def test_overflowed_amp_steps_are_counted_as_skipped() -> None:
     while its finite losses still enter the sums."""
     args = argparse.Namespace(lr=1e-3, eta_min=0.0, use_cosine=True, warmup_epochs=0, epochs=1, patience=3)
     layer = torch.nn.Linear(2, 1)
-    optimizer = engine.fused_adamw(list(layer.parameters()), 1e-3, 0.0)
-    opt = engine.Optimisation(optimizer, LRSchedule(optimizer, args, 3),
+    optimizer = optimisation.fused_adamw(list(layer.parameters()), 1e-3, 0.0)
+    opt = optimisation.Optimisation(optimizer, LRSchedule(optimizer, args, 3),
                               torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=True), None, 10.0)
     meter = engine.EpochMeter()
     start = [p.detach().clone() for p in layer.parameters()]

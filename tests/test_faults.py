@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+import training
 import train_resnet
 from checkpoint import load_checkpoint
 from conftest import ROOT
@@ -47,7 +48,7 @@ def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path, sha
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     log = "".join(lines) + rest
-    assert proc.returncode == engine.EXIT_INTERRUPTED, log
+    assert proc.returncode == training.EXIT_INTERRUPTED, log
     assert "SIGTERM" in log and "--resume" in log
     stopped = load_checkpoint(out / "last.pth")
     steps_per_epoch = 3  # 4 samples, 1 held out, batch 1

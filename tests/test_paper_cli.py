@@ -20,6 +20,7 @@ import cal_param
 import check_stats
 import evaluate
 import inference
+import training
 import plot_curve
 import train_effnet_v2
 import train_resnet
@@ -152,8 +153,8 @@ def test_e_cal_param_as_written(capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.mark.parametrize("script, parse", [
-    ("train", lambda argv: train_resnet.engine.build_parser("resnet101", "").parse_args(argv)),
-    ("train", lambda argv: train_effnet_v2.engine.build_parser("effnet_v2_m", "").parse_args(argv)),
+    ("train", lambda argv: train_resnet.training.build_parser("resnet101", "").parse_args(argv)),
+    ("train", lambda argv: train_effnet_v2.training.build_parser("effnet_v2_m", "").parse_args(argv)),
     ("inference", lambda argv: inference.build_parser().parse_args(argv)),
     ("visualization", lambda argv: visualization.build_parser().parse_args(argv)),
     ("cal_param", lambda argv: cal_param.build_parser().parse_args(argv)),
@@ -168,8 +169,8 @@ def test_every_flag_of_the_paper_is_accepted(script: str, parse) -> None:
 
 
 def test_every_readme_command_parses() -> None:
-    parsers = {"train_resnet.py": train_resnet.engine.build_parser("resnet101", ""),
-               "train_effnet_v2.py": train_effnet_v2.engine.build_parser("effnet_v2_m", ""),
+    parsers = {"train_resnet.py": train_resnet.training.build_parser("resnet101", ""),
+               "train_effnet_v2.py": train_effnet_v2.training.build_parser("effnet_v2_m", ""),
                "inference.py": inference.build_parser(), "visualization.py": visualization.build_parser(),
                "cal_param.py": cal_param.build_parser(), "check_stats.py": check_stats.build_parser(),
                "plot_curve.py": plot_curve.build_parser(), "evaluate.py": evaluate.build_parser()}

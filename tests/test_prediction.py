@@ -1,6 +1,6 @@
 """The prediction path: tiles, views, candidate selection, the batched merge and its cap.
 
-A two-stage oracle (``detect`` / ``masks``, the interface ``inference.MaskRCNNStages`` gives a
+A two-stage oracle (``detect`` / ``masks``, the interface ``predictor.MaskRCNNStages`` gives a
 Mask R-CNN) returns every cell piece it sees, as a perfect model would: cells cut by a tile
 edge come back cut, flipped views come back flipped.
 """
@@ -17,8 +17,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from coco import encode_packed, paste_masks
 from conftest import mask_boxes
-from inference import Settings, predict_images, state_bytes
 from masks import PackedMasks
+from predictor import Settings, predict_images, state_bytes
 from synthetic import synth_image
 from tiling import (average_masks, greedy_mask_merge, max_cover, pair_intersections, resample_masks, same_cell_copies,
                     same_cell_pairs, select_candidates, take, tile_grid)

@@ -25,7 +25,7 @@ import visualization  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import CLASS_FILES, list_samples, split_samples, write_split  # noqa: E402
 from history import LOSS_KEYS, write_history  # noqa: E402
-from inference import Settings, predict_images  # noqa: E402
+from predictor import Settings, predict_images  # noqa: E402
 from model import build_model  # noqa: E402
 from shallow import shallow_resnet  # noqa: E402
 from synthetic import make_dataset  # noqa: E402

@@ -1,0 +1,116 @@
+"""Flags that more than one script reads, each declared once: the device, how images are
+predicted (training's validation, inference.py, visualization.py), and the argparse types
+that range-check a value when it is read, so a bad one stops with argparse's one-line error
+and exit status 2 before any work, never with a traceback later.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from devices import GPU_BATCH
+from model import backbone_name
+from predictor import Settings
+
+TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each flag's default after its help, unless the help
+    already says what happens by default or there is no default to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
+non_negative = _checked(float, lambda v: v >= 0.0, "0 or more")
+share = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a share of a tile, of samples, a decay
+probability = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+
+
+def add_device_args(parser: argparse.ArgumentParser | Any) -> None:
+    """--device and --use_amp, for training and prediction alike."""
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    parser.add_argument("--use_amp", action="store_true",
+                        help="mixed precision: fp16 on CUDA (with a gradient scaler when training), bf16 on a CPU")
+
+
+def add_tile_args(parser: argparse.ArgumentParser | Any) -> None:
+    """--tile and --tile_overlap: how images larger than the training crop are predicted."""
+    parser.add_argument("--tile", type=non_negative_int, default=None,
+                        help="predict images larger than this tile by tile, each tile scaled like a training crop "
+                             "(0: whole images; default: the --crop the model trains or was trained with, the "
+                             "context it knows)")
+    parser.add_argument("--tile_overlap", type=share, default=0.25,
+                        help="overlap of neighbouring tiles as a share of --tile, in [0, 1); make it exceed the "
+                             "largest cell")
+
+
+def add_prediction_args(parser: argparse.ArgumentParser) -> None:
+    """Every flag of ``predictor.Settings`` plus the device, for the tools that predict from a
+    checkpoint (inference.py, visualization.py)."""
+    group = parser.add_argument_group("prediction")
+    add_device_args(group)
+    add_tile_args(group)
+    group.add_argument("--batch_size", type=positive_int, default=None,
+                       help=f"tiles x TTA views per forward pass (default: {GPU_BATCH} on a GPU, 1 on a CPU)")
+    group.add_argument("--tta", nargs="?", const="flips", default=None, choices=("flips", "dihedral"),
+                       help="test-time augmentation, merged with the tiles: 'flips' (the value when none is given), "
+                            "the 4 flips x --tta_scales, or 'dihedral', each also turned by 90 degrees (8 views); "
+                            "the time grows with the views (default: off, one view)")
+    group.add_argument("--no_tta", dest="tta", action="store_const", const=None, default=argparse.SUPPRESS,
+                       help="one view per image, the default (accepted for scripts that pass it)")
+    group.add_argument("--tta_scales", type=_checked(float, lambda v: v > 0, "above 0"), nargs="+", default=None,
+                       help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
+                            "alone, it turns --tta on")
+    group.add_argument("--merge", choices=("max", "avg"), default=None,
+                       help="a cell found by several views or models: 'max' keeps the mask of its best-scoring "
+                            "copy; 'avg' averages the mask probabilities of its whole copies (not cut by a tile "
+                            "edge, same class, box IoU > 0.5), the best-scoring one of each other view and model "
+                            "(more mask-head work; tiles of one view count once). Default: avg with --tta, max "
+                            "otherwise")
+    group.add_argument("--vote_boost", type=non_negative, default=0.0,
+                       help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
+                            "one view count once (0: best score alone)")
+    group.add_argument("--mask_thresh", type=probability, default=0.5,
+                       help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
+    group.add_argument("--detections_per_img", type=positive_int, default=None,
+                       help="most detections kept per image after the tile and TTA merges (default: the "
+                            "checkpoint's); each tile or view keeps at most what its area can hold, one cell per "
+                            "square of the smallest anchor side, and only the image's best get masks")
+
+
+def prediction_settings(args: argparse.Namespace) -> Settings:
+    """The ``Settings`` the flags of ``add_prediction_args`` ask for (``None`` fields are
+    decided later from the device and checkpoint: ``Settings.resolved``)."""
+    scales = None if args.tta is None and args.tta_scales is None else tuple(args.tta_scales or TTA_SCALES)
+    return Settings(tile=args.tile, tile_overlap=args.tile_overlap, tta_scales=scales, mask_thresh=args.mask_thresh,
+                    batch_size=args.batch_size, use_amp=args.use_amp, detections_per_img=args.detections_per_img,
+                    dihedral=args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
+
+
+def add_checkpoint_checks(parser: argparse.ArgumentParser) -> Any:
+    """Architecture flags a tool that loads a checkpoint accepts only to check them against it
+    (the checkpoint knows its architecture); returns their group, for a tool's own overrides."""
+    group = parser.add_argument_group("model (the checkpoint knows it)")
+    group.add_argument("--backbone", type=backbone_name, default=None,
+                       help="resnet or effnet, only checked against the checkpoint")
+    group.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
+    group.add_argument("--num_classes", type=positive_int, default=None, help="only checked against the checkpoint")
+    return group

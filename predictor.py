@@ -1,0 +1,309 @@
+"""The predictor: whole images, tiles and TTA views of one or several models, predicted in
+batches on the model's device and merged into one set of cells per image. Training's
+validation, inference.py, visualization.py and the benchmarks all predict through it; it
+reads no flag and writes no file.
+
+Every tile and view is detected first (boxes only); the image's candidates are chosen across
+all of them (``tiling.select_candidates``); only those get masks, from the features kept of
+their view; duplicates are then dropped by mask overlap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from coco import detections_to_coco, paste_masks
+from devices import autocast, counts, prediction_batch, scale_boxes
+from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
+                    same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)
+from tta import View, apply_view, boxes_back, masks_back, views
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How images are predicted: tiles, views, thresholds, limits and the merge; built from
+    the flags by ``flags.prediction_settings`` (inference.py, visualization.py) and from the
+    training flags for validation. ``None`` fields are decided by ``resolved``."""
+
+    tile: int | None = 0  # None: the training crop of the checkpoint (``training_tile``)
+    tile_overlap: float = 0.25
+    tta_scales: tuple[float, ...] | None = None
+    mask_thresh: float = 0.5
+    batch_size: int | None = 1  # None: ``devices.prediction_batch`` of the device
+    use_amp: bool = False  # fp16 on CUDA, bf16 on a CPU
+    detections_per_img: int | None = None  # None: the model's own limit
+    match_thresh: float = 0.5
+    dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
+    vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
+    merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
+    # Bytes of features kept between an image's detection pass and its mask pass; the views past
+    # it are detected again for their masks, so a large image, --tta or an ensemble needs no more
+    # device memory than this plus one batch.
+    feature_budget: int = 1 << 30
+
+    @property
+    def averages(self) -> bool:
+        """Whether a cell's mask is the mean of its copies': ``merge="avg"``, or by default with
+        TTA views (the measurements behind it: benchmarks/RESULTS.md)."""
+        return self.merge == "avg" or (self.merge is None and self.tta_scales is not None)
+
+    def resolved(self, device: torch.device, state: dict[str, Any] | None = None) -> "Settings":
+        """These settings with ``tile`` and ``batch_size`` decided for ``device`` and the
+        checkpoint ``state`` (its training crop)."""
+        tile = training_tile(state or {}) if self.tile is None else self.tile
+        return replace(self, tile=tile, batch_size=prediction_batch(self.batch_size, device))
+
+
+def training_tile(state: dict[str, Any]) -> int:
+    """The tile a checkpoint predicts best with: its training --crop (0, whole images, if it had none)."""
+    return int((state.get("args") or {}).get("crop") or 0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device,
+            settings: Settings = Settings(), desc: str = "predict") -> list[dict]:
+    """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
+
+    ``settings.tile`` > 0 predicts images larger than a tile tile by tile (each tile then
+    scaled by the model transform like a training crop); ``tta_scales`` adds the flips at each
+    scale; several models are an ensemble, merged like views; ``batch_size`` views (tiles x
+    flips, of one or several images) go through a network together; each image keeps at most
+    ``detections_per_img`` detections (default: the models' limit) after all merges.
+    """
+    settings = settings.resolved(device)
+    models = [getattr(m, "module", m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    for net in models:  # DDP: predict with the wrapped model, no gradient sync
+        net.eval()
+    results: list[dict] = []
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = [img.to(device, non_blocking=True) for img in images]
+        with autocast(device, settings.use_amp):
+            merged = predict_images(models, images, settings)
+        for dets, target in zip(merged, targets):
+            results.extend(detections_to_coco(dets, target["image_id"]))
+    return results
+
+
+class Job(NamedTuple):
+    """One forward pass input: a window of an image, seen through a view by a model;
+    ``source`` numbers the (model, view) pairs, the voters of ``vote_boost``."""
+
+    image: int
+    window: Window
+    view: View
+    model: int
+    source: int
+
+
+def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) -> list[dict]:
+    """Merged detections of each image, ``{boxes, scores, labels, masks, image_size}`` with
+    ``masks`` a ``PackedMasks`` (each binary mask inside its box), best score first.
+
+    ``models`` is one model or a list (an ensemble). Every tile and view is detected first
+    (boxes only), the image's candidates are chosen across all of them and all models
+    (``tiling.select_candidates``), and only those (and, when masks are averaged, their copies)
+    get masks, from the features kept of their view (detected again past
+    ``Settings.feature_budget``); then duplicates are dropped by mask overlap.
+    """
+    stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
+              for m in (models if isinstance(models, (list, tuple)) else [models])]
+    cap = settings.detections_per_img or min(s.detections_per_img for s in stages)
+    shown = views(settings.tta_scales, settings.dihedral)
+    jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
+            for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
+            for v, view in enumerate(shown)]
+
+    def detect(chunk: list[int]) -> tuple[Any, list[dict]]:
+        crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
+        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap)
+        return state, [_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
+                       for d, k, crop in zip(dets, chunk, crops)]
+
+    passes, found, kept = [], [], 0
+    for chunk in _chunks(jobs, settings.batch_size):
+        state, dets = detect(chunk)
+        found.extend(dets)
+        kept += state_bytes(state)
+        passes.append((jobs[chunk[0]].model, state if kept <= settings.feature_budget else None, chunk))
+        del state  # a dropped state is freed before the next chunk is detected
+    picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
+    masks = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
+    probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
+    return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors a detection pass keeps for its mask pass (the FPN features, mostly)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    parts = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return sum(state_bytes(v) for v in parts)
+
+
+def _chunks(jobs: list[Job], batch_size: int) -> list[list[int]]:
+    """Consecutive jobs of one model, at most ``batch_size`` per forward pass."""
+    chunks: list[list[int]] = []
+    for k, job in enumerate(jobs):
+        if not chunks or len(chunks[-1]) == batch_size or jobs[chunks[-1][0]].model != job.model:
+            chunks.append([])
+        chunks[-1].append(k)
+    return chunks
+
+
+def _window(image: torch.Tensor, window: Window) -> torch.Tensor:
+    y0, x0, y1, x1 = window
+    return image[:, y0:y1, x0:x1]
+
+
+def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int, int]) -> dict:
+    """A view's detections in image coordinates, with the flag of boxes an inner tile edge may cut."""
+    y0, x0, y1, x1 = job.window
+    boxes = boxes_back(dets["boxes"].float(), job.view, tuple(view_size), (y1 - y0, x1 - x0))
+    boxes[:, 0::2] += x0  # Python offsets: no host-to-device copy
+    boxes[:, 1::2] += y0
+    return {"boxes": boxes, "scores": dets["scores"].float(), "labels": dets["labels"],
+            "cut": cut_flags(boxes, job.window, tuple(size))}
+
+
+def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
+    """The image's candidates as (job, index within the job's detections), in selection order,
+    and under ``vote_boost`` their ``votes``, the sources that found each. When masks are averaged
+    (``Settings.averages``), ``job`` and ``index`` go on past the candidates (``scores`` and
+    ``boxes`` stop there) with their copies, ``copy_of`` naming each copy's candidate."""
+    mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
+    parts = [found[k] for k in mine]
+    boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
+    job_of = torch.cat([torch.full((len(p["scores"]),), k, dtype=torch.int64, device=boxes.device)
+                        for k, p in zip(mine, parts)])
+    source = torch.cat([torch.full((len(p["scores"]),), jobs[k].source, dtype=torch.int64, device=boxes.device)
+                        for k, p in zip(mine, parts)])
+    index = torch.cat([torch.arange(len(p["scores"]), device=boxes.device) for p in parts])
+    if len(mine) == 1:  # one view: the model's own NMS and cap already chose
+        keep = torch.arange(min(len(scores), cap), device=boxes.device)
+    else:
+        copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
+        keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
+    n_sources = max(job.source for job in jobs) + 1
+    pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
+            "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
+    if len(mine) > 1 and (settings.vote_boost or settings.averages):  # one view: no copies, one vote
+        cell, other = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
+        if settings.vote_boost:
+            pick["votes"] = votes(cell, source[other], len(keep), n_sources)
+        if settings.averages:
+            cell, other = same_cell_copies(cell, other, scores, source, cut, source[keep], n_sources)
+            pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),
+                        copy_of=cell, copy_boxes=boxes[other])
+    return pick
+
+
+def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[dict],
+                     redetect: Any) -> list[torch.Tensor]:
+    """28x28 mask probabilities of every image's candidates, unflipped, in their order: one
+    mask-head pass per forward-pass chunk, on the features kept from the detection pass, or
+    (past ``Settings.feature_budget``) on those of the chunk detected again, ``redetect(chunk)``,
+    one chunk at a time; a chunk without candidates is not."""
+    job = torch.cat([p["job"] for p in picks]).to(torch.int64)
+    index = torch.cat([p["index"] for p in picks])
+    order = torch.argsort(job, stable=True)
+    per_job = counts(job, len(jobs))  # host sync: how many masks each view gets
+    sorted_index = index[order].split(per_job)
+    probs = []
+    for model, state, chunk in passes:
+        if state is None:
+            if not any(per_job[k] for k in chunk):
+                probs.extend(torch.zeros((0, 28, 28), device=job.device) for _ in chunk)
+                continue
+            state = redetect(chunk)
+        got = stages[model].masks(state, [sorted_index[k] for k in chunk])
+        for k, part in zip(chunk, got.split([per_job[k] for k in chunk])):
+            probs.append(masks_back(part, jobs[k].view))
+    flat = torch.cat(probs) if probs else torch.zeros((0, 28, 28))
+    restored = torch.empty_like(flat)
+    restored[order] = flat
+    return list(restored.split([len(p["job"]) for p in picks]))
+
+
+def _averaged(pick: dict, probs: torch.Tensor) -> torch.Tensor:
+    """The candidates' mask probabilities, each averaged with its copies' where they were chosen."""
+    if "copy_of" not in pick:
+        return probs
+    kept = len(pick["scores"])
+    return average_masks(probs[:kept], pick["boxes"], probs[kept:], pick["copy_boxes"], pick["copy_of"])
+
+
+def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings) -> dict:
+    """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
+    raised by their votes, best first."""
+    masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
+    if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
+        kept = torch.arange(len(pick["scores"]), device=probs.device)
+    else:
+        key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
+        kept = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh).nonzero().flatten()
+    scores = pick["scores"][kept]
+    if "votes" in pick:
+        scores = scores * (1 + settings.vote_boost * (pick["votes"][kept] - 1))
+    order = torch.argsort(scores, descending=True)
+    kept = kept[order]
+    return {"boxes": pick["boxes"][kept], "scores": scores[order], "labels": pick["labels"][kept],
+            "masks": take(masks, kept), "image_size": size}
+
+
+def votes(cell: torch.Tensor, source: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
+    """How many sources (model x view) detected each of ``cells`` cells, from its
+    ``tiling.same_cell_pairs`` (``source`` of each pair's detection); tiles of one view count once."""
+    seen = torch.zeros((cells, n_sources), dtype=torch.bool, device=cell.device)
+    seen[cell, source] = True
+    return seen.sum(dim=1).clamp(min=1).to(torch.float32)
+
+
+class MaskRCNNStages:
+    """A torchvision Mask R-CNN split where the merge needs it: ``detect`` runs the backbone,
+    RPN and box head and keeps the features; ``masks`` runs the mask head on chosen detections."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.detections_per_img = int(model.roi_heads.detections_per_img)
+        self.smallest_anchor = min(min(sizes) for sizes in model.rpn.anchor_generator.sizes)
+
+    def view_cap(self, input_size: tuple[int, int], cap: int) -> int:
+        """What a view of ``input_size`` (network input pixels) can hold: one cell per square of
+        the smallest anchor side, the smallest cell the anchors serve; never more than ``cap``."""
+        return min(cap, math.ceil(input_size[0] * input_size[1] / self.smallest_anchor ** 2))
+
+    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[dict, list[dict]]:
+        model, heads = self.model, self.model.roi_heads
+        batch, _ = model.transform(crops)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        caps = [self.view_cap(size, cap) for size in batch.image_sizes]
+        limit, heads.detections_per_img = heads.detections_per_img, max(caps)
+        try:
+            boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals,
+                                                                 batch.image_sizes)
+        finally:
+            heads.detections_per_img = limit
+        boxes, scores, labels = ([t[:c] for t, c in zip(ts, caps)] for ts in (boxes, scores, labels))
+        state = {"features": features, "image_sizes": batch.image_sizes, "boxes": boxes, "labels": labels}
+        dets = [{"boxes": scale_boxes(b, crop.shape[-1] / size[1], crop.shape[-2] / size[0]), "scores": s, "labels": lab}
+                for b, s, lab, size, crop in zip(boxes, scores, labels, batch.image_sizes, crops)]
+        return state, dets
+
+    def masks(self, state: dict, picks: list[torch.Tensor]) -> torch.Tensor:
+        """Mask probabilities [sum of picks, 28, 28] of the picked detections of each view."""
+        heads = self.model.roi_heads
+        boxes = [b[p] for b, p in zip(state["boxes"], picks)]
+        labels = torch.cat([lab[p] for lab, p in zip(state["labels"], picks)])
+        if len(labels) == 0:
+            return torch.zeros((0, 28, 28), device=labels.device)
+        features = heads.mask_roi_pool(state["features"], boxes, state["image_sizes"])
+        logits = heads.mask_predictor(heads.mask_head(features))
+        return logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
