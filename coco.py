@@ -3,7 +3,7 @@
 Ground truth comes from the decoded instances, predictions from model outputs; both become
 run-length encoded masks, and ``evaluate`` names every metric exactly (AP is AP@[.5:.95]).
 Scoring uses faster-coco-eval, a C++ drop-in for pycocotools' COCOeval: all 12 stats agree to
-1e-6 and it is 15x faster on 101 images x 500 detections (benchmarks/evaluation.py).
+1e-6 and it is several times faster (the ratio: benchmarks/evaluation.py).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Reading the HW3 dataset tree into torchvision detection samples.
+"""Reading images and their instance labels into torchvision detection samples.
 
-Layout: ``train/<sample>/image.tif`` + ``class1.tif``..``class4.tif`` (label images),
-``test_release/*.tif`` and ``test_image_name_to_ids.json``. Every label TIFF is decoded
+Layout (the task's, served for any dataset in it): ``train/<sample>/image.tif`` +
+``class1.tif``..``class4.tif`` (label images), ``test_release/*.tif`` and ``test_image_name_to_ids.json``. Every label TIFF is decoded
 once per run, when the dataset is built, so that bad input fails before training starts;
 the images are kept too (in their stored dtype), so later epochs only pay for the
 augmentation and for rendering the target.
@@ -111,7 +111,7 @@ class Instances:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode any HW3 image (grey, RGB, RGBA, 8/16-bit, float) to float32 [H, W, 3] in [0, 1]."""
+    """Decode any image (grey, RGB, RGBA, 8/16-bit, float) to float32 [H, W, 3] in [0, 1]."""
     return to_float_rgb(read_raw_image(path), path)
 
 
@@ -244,7 +244,7 @@ def sample_groups(spec: str, names: Sequence[str]) -> dict[str, str]:
     return groups
 
 
-class HW3TrainDataset(Dataset):
+class LabelledImages(Dataset):
     """Training/validation samples with labels (and, by default, images) decoded once, at
     construction.
 
@@ -324,7 +324,7 @@ def render_target(inst: Instances, image_id: int) -> dict:
     }
 
 
-class HW3TestDataset(Dataset):
+class TestImages(Dataset):
     """Test images with their ids from ``test_image_name_to_ids.json``."""
 
     def __init__(self, test_dir: Path, id_map_json: Path) -> None:

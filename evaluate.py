@@ -1,4 +1,4 @@
-"""Score a submission, or label images, against a dataset folder in the HW3 layout: as a
+"""Score a submission, or label images, against a dataset folder in the training layout: as a
 leaderboard does (COCO AP at maxDets 100, and at 1000 where hundreds of cells fill an image)
 and as the cell community does (F1, precision, recall, panoptic quality at IoU 0.5).
 
@@ -39,12 +39,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).
     from coco import build_coco_gt
-    from dataloader import HW3TrainDataset, list_samples
+    from dataloader import LabelledImages, list_samples
     from scoring import image_ids, print_table, read_labels, read_submission, score
 
     samples = list_samples(Path(args.data_dir))
     ids = image_ids(samples, args.id_map_json)
-    truth = HW3TrainDataset(samples, ids, desc="decode ground truth", cache_images=False)
+    truth = LabelledImages(samples, ids, desc="decode ground truth", cache_images=False)
     coco_gt = build_coco_gt(truth.instances, ids)
     if args.submission:
         results = read_submission(Path(args.submission), set(ids))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import load_model
 from cli import run_cli
 from coco import paint
-from dataloader import CLASS_FILES, IMAGE_FILE, HW3TestDataset, collate_fn, read_image
+from dataloader import CLASS_FILES, IMAGE_FILE, TestImages, collate_fn, read_image
 from devices import default_device
 from files import writable_dir, write_json
 from flags import HelpFormatter, add_checkpoint_checks, add_prediction_args, prediction_settings
@@ -79,7 +79,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble; ``settings.tile`` None tiles at the training crop recorded
     in the (first) checkpoint, ``settings.batch_size`` None takes the device's default."""
-    dataset = HW3TestDataset(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
+    dataset = TestImages(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = default_device(device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
@@ -104,8 +104,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     return Path(output)
 
 
-def write_labels(results: list[dict], dataset: HW3TestDataset, folder: Path, score_thresh: float) -> None:
-    """Each test image as an HW3 sample: its image and one uint16 label image per class, cells
+def write_labels(results: list[dict], dataset: TestImages, folder: Path, score_thresh: float) -> None:
+    """Each test image as a sample of the training layout: its image and one uint16 label image per class, cells
     numbered by score (1 = best), each pixel the best-scoring detection's."""
     by_image: dict[int, list[dict]] = {}
     for r in results:

@@ -29,7 +29,7 @@ BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
                     "effnet_v2_m": "effnet_v2_m", "efficientnet_v2_m": "effnet_v2_m"}
 
-# Defaults chosen from the real HW3 statistics (README, "Defaults and why").
+# Defaults chosen from the real task statistics and measured on held-out images (benchmarks/RESULTS.md).
 DEFAULT_CONFIG: dict[str, Any] = {
     "backbone": "resnet101",
     "num_classes": 5,

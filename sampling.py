@@ -14,11 +14,11 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from dataloader import HW3TrainDataset
+from dataloader import LabelledImages
 from distributed import DistInfo, ResumableSampler
 
 
-def train_sampler(dataset: HW3TrainDataset, info: DistInfo, seed: int,
+def train_sampler(dataset: LabelledImages, info: DistInfo, seed: int,
                   repeat_thresh: float) -> ResumableSampler | RepeatFactorSampler:
     """The training sampler for ``--repeat_thresh``: both kinds share set_epoch/skip, so
     the loop and resuming treat them alike."""

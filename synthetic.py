@@ -1,4 +1,4 @@
-"""A seeded synthetic dataset in the HW3 layout and the real file formats.
+"""A seeded synthetic dataset in the training layout and the real file formats.
 
 Used by ``--demo`` (a first run that needs no download) and by the tests: RGBA LZW
 ``image.tif``, float64 label images with non-contiguous ids, a test folder and an id map.
@@ -69,7 +69,7 @@ def synth_image(rng: np.random.Generator, size: tuple[int, int], n_cells: int) -
 
 
 def write_rgba_lzw(path: Path, rgb: np.ndarray) -> None:
-    """The real HW3 image format: RGBA, LZW-compressed (needs imagecodecs)."""
+    """The task's image format: RGBA, LZW-compressed (needs imagecodecs)."""
     alpha = np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)
     tifffile.imwrite(path, np.concatenate([rgb, alpha], axis=2), photometric="rgb",
                      compression="lzw", extrasamples=["unassalpha"])

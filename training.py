@@ -21,7 +21,7 @@ from augment import add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint,
                         set_rng_state)
 from coco import build_coco_gt
-from dataloader import HW3TrainDataset, collate_fn, list_samples, sample_groups, split_samples, write_split
+from dataloader import LabelledImages, collate_fn, list_samples, sample_groups, split_samples, write_split
 from distributed import DistInfo, StopRequest, cleanup, decorrelate_ranks, init_distributed
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
@@ -251,7 +251,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
     return {**config, **saved_config(saved)}
 
 
-def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3TrainDataset, HW3TrainDataset]:
+def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[LabelledImages, LabelledImages]:
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     by_name = {p.name: p for p in samples}
@@ -267,10 +267,10 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
     if info.is_main:
         write_split(out / "split.json", train_names, val_names, split_seed, args.val_split,
                     split_groups=args.split_groups, val_dir=args.val_dir and str(Path(args.val_dir).resolve()))
-    train_set = HW3TrainDataset([by_name[n] for n in train_names], [ids[n] for n in train_names],
+    train_set = LabelledImages([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                 build_train_transforms(args), desc="decode train labels",
                                 crop_window=build_crop_window(args), cache_images=not args.no_cache_images)
-    val_set = HW3TrainDataset(val_samples, val_ids, desc="decode val labels",
+    val_set = LabelledImages(val_samples, val_ids, desc="decode val labels",
                               cache_images=not args.no_cache_images)
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.empty:
@@ -282,7 +282,7 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[HW3T
     return train_set, val_set
 
 
-def _loaders(args: argparse.Namespace, train_set: HW3TrainDataset, val_set: HW3TrainDataset,
+def _loaders(args: argparse.Namespace, train_set: LabelledImages, val_set: LabelledImages,
              sampler: Sampler[int], info: DistInfo, device: torch.device) -> dict[str, DataLoader]:
     common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
               "persistent_workers": args.num_workers > 0}

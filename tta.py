@@ -1,8 +1,9 @@
 """Test-time augmentation views: flips and scales of an image or a tile, and the way back.
 
 A view is predicted like any image; its boxes and 28x28 mask probabilities are mapped back to
-the unflipped, unscaled frame here, and ``inference`` merges the views of an image with its
-tiles (``tiling.merge_candidates``), so a cell seen in several views is kept once.
+the unflipped, unscaled frame here, and ``predictor.predict_images`` merges the views of an
+image with its tiles (``tiling.select_candidates``, ``tiling.greedy_mask_merge``), so a cell
+seen in several views is kept once.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ import engine  # noqa: E402
 import training  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
-from dataloader import NUM_CLASSES, HW3TrainDataset, collate_fn, list_samples  # noqa: E402
+from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
 from scoring import score  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
 from predictor import Settings, predict  # noqa: E402
@@ -237,7 +237,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     samples = list_samples(Path(split.get("val_dir") or args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}  # the ids training validated with
     val = [p for p in samples if p.name in set(split["val"])]
-    dataset = HW3TrainDataset(val, [ids[p.name] for p in val], desc="held-out labels")
+    dataset = LabelledImages(val, [ids[p.name] for p in val], desc="held-out labels")
     coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
     models = [load_model(out / "last.pth")[0] for out in outs]
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)

@@ -1,6 +1,6 @@
 """Training DataLoader throughput: TIFFs decoded once (ours) vs on every access.
 
-Ours is ``dataloader.HW3TrainDataset``: every label image (and image) is decoded when the
+Ours is ``dataloader.LabelledImages``: every label image (and image) is decoded when the
 dataset is built, so its construction is counted in epoch 1. The baseline decodes a
 sample's TIFFs again each time the sample is read, as earlier implementations did. Both use
 the default training augmentation (on compact instances, before the target is rendered) and
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from augment import ImageOnly, RandomFlip, build_crop_window, build_train_transforms  # noqa: E402
 from benchmarks.common import (augment_defaults, base_parser, environment, print_table, ratio,  # noqa: E402
                                setup, timed, write_results)
-from dataloader import (IMAGE_FILE, HW3TrainDataset, collate_fn, decode_instances, list_samples,  # noqa: E402
+from dataloader import (IMAGE_FILE, LabelledImages, collate_fn, decode_instances, list_samples,  # noqa: E402
                         read_image, render_target)
 from synthetic import make_dataset  # noqa: E402
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per dataset (the first includes construction)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--decode_workers", type=int, default=2, help="threads HW3TrainDataset decodes labels with")
+    parser.add_argument("--decode_workers", type=int, default=2, help="threads LabelledImages decodes labels with")
     parser.add_argument("--crop", type=int, default=0,
                         help="train on random SIZE x SIZE windows (augment.build_crop_window), as train --crop")
     parser.add_argument("--no_breakdown", action="store_true", help="skip the per-stage breakdown")
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         aug_args.crop = args.crop
         transforms, window = build_train_transforms(aug_args), build_crop_window(aug_args)
         baseline = run_epochs(lambda: DecodeEveryAccess(samples, ids, transforms, window), args)
-        ours = run_epochs(lambda: HW3TrainDataset(samples, ids, transforms, decode_workers=args.decode_workers,
+        ours = run_epochs(lambda: LabelledImages(samples, ids, transforms, decode_workers=args.decode_workers,
                                                   crop_window=window), args)
         stages = [] if args.no_breakdown or window else stage_breakdown(samples, transforms, args.seed)
     payload = summarize(args, device, samples, baseline, ours, stages)
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return payload
 
 
-class DecodeEveryAccess(HW3TrainDataset):
+class DecodeEveryAccess(LabelledImages):
     """The straightforward dataset: a sample's image and label TIFFs are decoded again on
     every access (defect 6 of the design). Image sizes come from the TIFF headers, so the
     baseline pays for no extra image decode."""
@@ -95,7 +95,7 @@ class DecodeEveryAccess(HW3TrainDataset):
             self.instances[index] = None
 
 
-def run_epochs(make_dataset: Callable[[], HW3TrainDataset], args: argparse.Namespace) -> dict[str, Any]:
+def run_epochs(make_dataset: Callable[[], LabelledImages], args: argparse.Namespace) -> dict[str, Any]:
     """Construction time and per-epoch times, with a fingerprint of every target seen."""
     start = time.perf_counter()
     dataset = make_dataset()
@@ -120,7 +120,7 @@ def run_epochs(make_dataset: Callable[[], HW3TrainDataset], args: argparse.Names
 def stage_breakdown(samples: Sequence[Path], transforms: Any, seed: int) -> list[dict[str, Any]]:
     """Mean seconds per sample of each stage of the baseline's ``__getitem__``; ours skips
     the two decodes, so the other rows are what is left to optimise."""
-    dataset = HW3TrainDataset(samples, range(1, len(samples) + 1), None, decode_workers=1, desc="breakdown")
+    dataset = LabelledImages(samples, range(1, len(samples) + 1), None, decode_workers=1, desc="breakdown")
     ops = list(getattr(transforms, "transforms", []))
     totals: dict[str, float] = {"read image": 0.0, "decode labels": 0.0}
     totals.update({f"augment: {_op_name(op)}": 0.0 for op in ops})
@@ -134,7 +134,7 @@ def stage_breakdown(samples: Sequence[Path], transforms: Any, seed: int) -> list
     return [{"stage": k, "seconds_per_sample": v, "share_of_baseline": ratio(v, whole)} for k, v in per_sample.items()]
 
 
-def _sample_stages(dataset: HW3TrainDataset, index: int, sample: Path, ops: list) -> list[tuple[str, float]]:
+def _sample_stages(dataset: LabelledImages, index: int, sample: Path, ops: list) -> list[tuple[str, float]]:
     """(stage, seconds) for one sample, each op applied to the previous op's output."""
     image, read_seconds = timed(partial(read_image, sample / IMAGE_FILE))
     stages = [("read image", read_seconds),

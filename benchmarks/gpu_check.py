@@ -48,7 +48,7 @@ import devices  # noqa: E402
 from benchmarks import host_syncs  # noqa: E402
 from benchmarks.common import RESULTS_DIR, augment_defaults, environment, seed_all, timed, _jsonable  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples  # noqa: E402
+from dataloader import LabelledImages, list_samples  # noqa: E402
 from model import BACKBONES, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -203,7 +203,7 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
     dist.init_process_group("nccl" if spec["device"] == "cuda" else "gloo")
     device = torch.device(f"cuda:{local_rank}" if spec["device"] == "cuda" else "cpu")
     try:
-        image, target = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0)
+        image, target = LabelledImages([Path(spec["sample"])], [1], decode_workers=1, desc="sample").load(0)
         seed_all(0)
         model = build_model({"backbone": "resnet101", "weights": "none", **spec["config"]}).to(device).train()
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -356,7 +356,7 @@ def _optimisation(model: torch.nn.Module, device: torch.device, use_amp: bool = 
 def _train_sample(sizes: dict[str, Any], tmp: Path) -> tuple[torch.Tensor, dict]:
     paths = make_dataset(tmp / "data", n_train=1, n_test=0, size=(sizes["train_size"],) * 2,
                          cells=(sizes["cells"], sizes["cells"] + 1), seed=0)
-    return HW3TrainDataset(list_samples(paths["train_dir"]), [1], decode_workers=1, desc="sample").load(0)
+    return LabelledImages(list_samples(paths["train_dir"]), [1], decode_workers=1, desc="sample").load(0)
 
 
 def _write(path: Path, payload: dict[str, Any]) -> None:

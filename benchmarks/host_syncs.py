@@ -59,7 +59,7 @@ from benchmarks.common import (base_parser, environment, print_table, ratio, see
                                timed, write_results)
 from benchmarks.train_memory import use_stock_path  # noqa: E402
 from detector import project_masks_on_boxes, use_torchvision_detector  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples, read_image  # noqa: E402
+from dataloader import LabelledImages, list_samples, read_image  # noqa: E402
 from history import LOSS_KEYS  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from model import build_model  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def measure_count(sample: Path, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Every variant on one sample: syncs and ops of one step after warm-up, then timed steps
     interleaved across the variants (so a busy moment of the machine hits all of them)."""
-    image, target = HW3TrainDataset([sample], [1], decode_workers=1, desc="sample").load(0)
+    image, target = LabelledImages([sample], [1], decode_workers=1, desc="sample").load(0)
     steps = {v: make_step(v, image, target, args, device) for v in args.variants}
     rows = {}
     for variant, (step, last_losses, model) in steps.items():
@@ -206,7 +206,7 @@ def measure_parts(sample: Path, args: argparse.Namespace, device: torch.device) 
     """The two changed mask functions alone, before vs ours, interleaved ``--part_reps`` times:
     a finer view of the difference than whole steps on a busy CPU. The RoIs are the instances'
     boxes (resized), jittered, as many as the box head samples positives."""
-    image, target = HW3TrainDataset([sample], [1], decode_workers=1, desc="sample").load(0)
+    image, target = LabelledImages([sample], [1], decode_workers=1, desc="sample").load(0)
     packed = target["masks"].to(device)
     size = tuple(round((args.input_scale or 1.0) * s) for s in image.shape[-2:])
     gen = torch.Generator().manual_seed(args.seed)

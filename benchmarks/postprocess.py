@@ -154,7 +154,7 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="bench_post_") as tmp:
         tmp = Path(tmp)
         side = args.end_to_end_size
-        cells = side * side // 1400  # 700 cells on 1000x1000, the density of dense HW3 images
+        cells = side * side // 1400  # 700 cells on 1000x1000, the density of the task's dense images
         data = make_dataset(tmp / "data", n_train=0, n_test=1, size=(side, side), cells=(cells, cells + 1),
                             seed=args.seed)
         checkpoint = Path(args.checkpoint) if args.checkpoint else _random_checkpoint(tmp / "random.pth", args.seed)

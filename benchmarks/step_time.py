@@ -24,7 +24,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples  # noqa: E402
+from dataloader import LabelledImages, list_samples  # noqa: E402
 from devices import autocast  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = setup(args)
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         sample = _sample(args, Path(tmp))
-        image, target = HW3TrainDataset([sample], [1], decode_workers=1, desc="sample").load(0)
+        image, target = LabelledImages([sample], [1], decode_workers=1, desc="sample").load(0)
     attention_error = attention_unavailable()
     rows = []
     for backbone in args.backbones:
@@ -128,7 +128,7 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
 def _sample(args: argparse.Namespace, tmp: Path) -> Path:
     if args.train_dir:
         samples = list_samples(Path(args.train_dir))
-        counts = [len(i) for i in HW3TrainDataset(samples, range(1, len(samples) + 1), desc="count").instances]
+        counts = [len(i) for i in LabelledImages(samples, range(1, len(samples) + 1), desc="count").instances]
         return samples[counts.index(max(counts))]
     paths = make_dataset(tmp, n_train=1, n_test=0, size=tuple(args.size), cells=(args.cells, args.cells + 1),
                          seed=args.seed)

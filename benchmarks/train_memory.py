@@ -41,7 +41,7 @@ from torchvision.models.detection._utils import Matcher  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
-from dataloader import HW3TrainDataset, list_samples  # noqa: E402
+from dataloader import LabelledImages, list_samples  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def measure_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Losses, step times and memory of ``spec['steps']`` training steps of one configuration."""
     seed_all(spec["seed"])
-    dataset = HW3TrainDataset([Path(spec["sample"])], [1], decode_workers=1, desc="sample")
+    dataset = LabelledImages([Path(spec["sample"])], [1], decode_workers=1, desc="sample")
     model, optimizer = _model(spec, (dataset.instances[0].height, dataset.instances[0].width), device)
     gc.collect()
     before = _memory_now(device)  # the sample's target counts: stock holds every mask at full size
@@ -226,7 +226,7 @@ def _spec(args: argparse.Namespace, sample: Path, variant: str) -> dict[str, Any
 def _samples(args: argparse.Namespace, tmp: Path) -> list[Path]:
     if args.train_dir:
         samples = list_samples(Path(args.train_dir))
-        counts = HW3TrainDataset(samples, range(1, len(samples) + 1), desc="count instances").instances
+        counts = LabelledImages(samples, range(1, len(samples) + 1), desc="count instances").instances
         densest = sorted(zip(samples, counts), key=lambda sc: len(sc[1]), reverse=True)[: args.samples]
         return [s for s, _ in sorted(densest, key=lambda sc: len(sc[1]))]
     out = []

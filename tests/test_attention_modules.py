@@ -150,8 +150,9 @@ def test_backbone_wrapper_rejects_channel_mismatch() -> None:
         BackboneWithAttention(FakeBackbone(), FPNTransformer(**SMALL))
 
 
-def test_count_parameters_matches_numel_sum() -> None:
-    for module in (FPNTransformer(), SpatialChannelTransformer(), FPNTransformer(**SMALL)):
-        assert count_parameters(module) == sum(p.numel() for p in module.parameters())
+def test_count_parameters_counts_shared_tensors_once() -> None:
+    shared = nn.Linear(3, 4)  # 3 x 4 weights + 4 biases
+    assert count_parameters(nn.Sequential(shared, nn.ReLU(), shared)) == 16
+    assert count_parameters(nn.Sequential(shared, nn.Linear(4, 2))) == 16 + 10
     total = count_parameters(FPNTransformer()) + count_parameters(SpatialChannelTransformer())
     assert 2_000_000 <= total <= 3_500_000

@@ -9,7 +9,7 @@ import tifffile
 import torch
 
 from conftest import mask_boxes, shared
-from dataloader import (DatasetError, HW3TestDataset, HW3TrainDataset, decode_instances, list_samples,
+from dataloader import (DatasetError, TestImages, LabelledImages, decode_instances, list_samples,
                         read_id_map, read_image, sample_groups, split_samples)
 from synthetic import write_rgba_lzw
 
@@ -63,7 +63,7 @@ def test_float64_labels_noncontiguous_ids_and_one_pixel_instances(tmp_path: Path
 
 def test_dataset_target_contract(tiny_dataset: dict) -> None:
     samples = list_samples(tiny_dataset["train_dir"])
-    ds = HW3TrainDataset(samples[:2], [1, 2])
+    ds = LabelledImages(samples[:2], [1, 2])
     image, target = ds[1]
     assert image.shape[0] == 3 and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
     n = len(target["labels"])
@@ -79,7 +79,7 @@ def test_dataset_target_contract(tiny_dataset: dict) -> None:
 
 
 def test_labels_decoded_once(tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    ds = HW3TrainDataset(list_samples(tiny_dataset["train_dir"])[:2], [1, 2])
+    ds = LabelledImages(list_samples(tiny_dataset["train_dir"])[:2], [1, 2])
     import dataloader
 
     def fail(*a, **k):
@@ -92,7 +92,7 @@ def test_labels_decoded_once(tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch
 
 def test_images_cached_unless_asked_not_to(tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     samples = list_samples(tiny_dataset["train_dir"])[:2]
-    cached, uncached = HW3TrainDataset(samples, [1, 2]), HW3TrainDataset(samples, [1, 2], cache_images=False)
+    cached, uncached = LabelledImages(samples, [1, 2]), LabelledImages(samples, [1, 2], cache_images=False)
     assert cached.images[0].dtype == np.uint8 and cached.images[0].shape[2] == 3  # alpha dropped, stored dtype
     assert uncached.images == [None, None]
     import dataloader
@@ -152,18 +152,18 @@ def test_truncated_tiff_named(tmp_path: Path) -> None:
 def test_label_size_mismatch_named(tmp_path: Path) -> None:
     sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {1: np.ones((10, 11))})
     with pytest.raises(DatasetError, match=r"class1.tif: label image is 10x11 but its image.tif is 10x12"):
-        HW3TrainDataset([sample], [1])
+        LabelledImages([sample], [1])
 
 
 def test_non_integer_labels_named(tmp_path: Path) -> None:
     sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {3: np.full((10, 12), 0.5)})
     with pytest.raises(DatasetError, match=r"class3.tif: label image has non-integer values"):
-        HW3TrainDataset([sample], [1])
+        LabelledImages([sample], [1])
 
 
 def test_empty_sample_reported_not_crash(tmp_path: Path) -> None:
     sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {})
-    ds = HW3TrainDataset([sample], [1])
+    ds = LabelledImages([sample], [1])
     assert ds.empty == ["s"]
     _, target = ds[0]
     assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 10, 12)
@@ -171,7 +171,7 @@ def test_empty_sample_reported_not_crash(tmp_path: Path) -> None:
 
 def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
     entries = json.loads(Path(tiny_dataset["id_map_json"]).read_text())
-    assert len(HW3TestDataset(tiny_dataset["test_dir"], tiny_dataset["id_map_json"])) == len(entries)
+    assert len(TestImages(tiny_dataset["test_dir"], tiny_dataset["id_map_json"])) == len(entries)
     short = tmp_path / "short.json"
     short.write_text(json.dumps(entries[1:]))
     with pytest.raises(DatasetError, match="have no id"):
@@ -184,7 +184,7 @@ def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
 
 def test_real_hw3_sample() -> None:
     train = shared("hw3_official_sample", "train")
-    ds = HW3TrainDataset(list_samples(train), [1])
+    ds = LabelledImages(list_samples(train), [1])
     image, target = ds[0]
     assert image.shape == (3, 397, 482)
     counts = np.bincount(target["labels"].numpy(), minlength=5)
@@ -201,7 +201,7 @@ def test_window_renders_only_what_it_sees(tiny_dataset: dict) -> None:
     from augment import RandomWindow
 
     samples = list_samples(tiny_dataset["train_dir"])
-    full = HW3TrainDataset(samples[:1], [1])
+    full = LabelledImages(samples[:1], [1])
     image, target = full.load(0)
     window = (10, 20, 60, 90)
     crop_image, crop_target = full.load(0, window)
@@ -215,6 +215,6 @@ def test_window_renders_only_what_it_sees(tiny_dataset: dict) -> None:
     boxes, nonempty = mask_boxes(got)
     assert nonempty.all() and torch.equal(crop_target["boxes"].as_subclass(torch.Tensor), boxes)
     assert torch.equal(crop_target["area"], got.flatten(1).sum(1).float())
-    cropped = HW3TrainDataset(samples[:1], [1], crop_window=RandomWindow(64))
+    cropped = LabelledImages(samples[:1], [1], crop_window=RandomWindow(64))
     assert cropped[0][0].shape == (3, 64, 64)
-    assert HW3TrainDataset(samples[:1], [1], crop_window=RandomWindow(500))[0][0].shape == image.shape
+    assert LabelledImages(samples[:1], [1], crop_window=RandomWindow(500))[0][0].shape == image.shape

@@ -13,7 +13,7 @@ import torch
 from checkpoint import load_checkpoint, load_model
 from coco import build_coco_gt, evaluate
 from conftest import ROOT
-from dataloader import HW3TrainDataset, collate_fn
+from dataloader import LabelledImages, collate_fn
 from distributed import DistInfo, ResumableSampler
 from predictor import predict
 from synthetic import make_dataset
@@ -57,7 +57,7 @@ def test_torchrun_two_gloo_processes(tmp_path: Path, shallow: None) -> None:
     split = json.loads((out / "split.json").read_text())
     samples = sorted(p for p in Path(data["train_dir"]).iterdir())
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
-    val = HW3TrainDataset([Path(data["train_dir"]) / n for n in split["val"]], [ids[n] for n in split["val"]])
+    val = LabelledImages([Path(data["train_dir"]) / n for n in split["val"]], [ids[n] for n in split["val"]])
     model, _, _ = load_model(out / "last.pth")
     loader = torch.utils.data.DataLoader(val, batch_size=1, collate_fn=collate_fn)
     metrics = evaluate(build_coco_gt(val.instances, val.image_ids), predict(model, loader, torch.device("cpu")))

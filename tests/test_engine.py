@@ -264,21 +264,20 @@ class _NanAt(nn.Module):
 
 def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow: None) -> None:
     """train_one_epoch (losses read every READ_EVERY steps, fused AdamW skipping on a device
-    flag) against the loop as it was (seven reads and a finiteness check per step, the step
-    skipped on the host), from the same weights, seed and AdamW kernel, a NaN step included:
-    the same steps counted and skipped, the same sums to 1e-4. The two loops build the mask
-    targets differently, and their float rounding, which depends on the CPU's vector units,
-    grows over six steps of training to ~1e-5; a step lost, added or updated from a NaN would
-    move a sum by far more. (The AdamW kernels' agreement is the next test's.)"""
+    flag) against the plain loop (every loss read and a finiteness check per step, the step
+    skipped on the host: tests/baselines.py), from the same weights, seed and AdamW kernel, a
+    NaN step included: the same steps counted and skipped, the same sums to 1e-4 (float
+    rounding of the two loops grows over six steps; a step lost, added or updated from a NaN
+    would move a sum by far more). (The AdamW kernels' agreement is the next test's.)"""
     from torch.utils.data import DataLoader
 
-    from benchmarks.host_syncs import baseline_step, mask_path
-    from dataloader import HW3TrainDataset, collate_fn, list_samples
+    from baselines import per_step_read_step
+    from dataloader import LabelledImages, collate_fn, list_samples
     from distributed import DistInfo, StopRequest
     from synthetic import make_dataset
 
     paths = make_dataset(tmp_path, n_train=3, n_test=0, size=(48, 56), cells=(3, 6), seed=2)
-    dataset = HW3TrainDataset(list_samples(paths["train_dir"]), [1, 2, 3], decode_workers=1, desc="x")
+    dataset = LabelledImages(list_samples(paths["train_dir"]), [1, 2, 3], decode_workers=1, desc="x")
     loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_fn)
     args = argparse.Namespace(lr=1e-4, eta_min=1e-6, use_cosine=True, warmup_epochs=0, epochs=2, use_amp=False,
                               patience=3)
@@ -307,9 +306,7 @@ def test_epoch_losses_equal_the_per_step_reads_of_before(tmp_path: Path, shallow
         for _ in (1, 2):
             for images, targets in loader:
                 schedule.step()
-                with mask_path("before"):
-                    read = baseline_step(net, images, targets, optimizer, torch.amp.GradScaler("cuda", enabled=False),
-                                         10.0, torch.device("cpu"), False)
+                read = per_step_read_step(net, images, targets, optimizer, 10.0, torch.device("cpu"))
                 if all(v == v for v in read.values()):
                     steps += 1
                     for key in LOSS_KEYS:

@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 from coco import build_coco_gt, matching_metrics
-from dataloader import IMAGE_FILE, DatasetError, HW3TestDataset, HW3TrainDataset, list_samples
+from dataloader import IMAGE_FILE, DatasetError, TestImages, LabelledImages, list_samples
 from inference import write_labels
 from synthetic import make_dataset
 
@@ -25,7 +25,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     train = make_dataset(root / "data", n_train=3, n_test=0, size=(64, 80), cells=(8, 12), seed=3)["train_dir"]
     samples = list_samples(train)
-    truth = HW3TrainDataset(samples, [1, 2, 3], cache_images=False)
+    truth = LabelledImages(samples, [1, 2, 3], cache_images=False)
     rng = np.random.default_rng(0)
     results = []
     for image_id, inst in zip([1, 2, 3], truth.instances):
@@ -97,7 +97,7 @@ def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) ->
     root = scored["root"]
     labels = root / "labels"
     write_labels(scored["results"], _as_test_set(scored, "as_test"), labels, score_thresh=0.5)
-    reread = HW3TrainDataset(list_samples(labels), [1, 2, 3], cache_images=False)  # the loader takes them as data
+    reread = LabelledImages(list_samples(labels), [1, 2, 3], cache_images=False)  # the loader takes them as data
     kept = [r for r in scored["results"] if r["score"] >= 0.5]
     assert 0 < sum(len(i) for i in reread.instances) <= len(kept)
     from_labels = evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(labels)])
@@ -123,7 +123,7 @@ def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, 
         evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path / "nothing")])
 
 
-def _as_test_set(scored: dict, name: str) -> HW3TestDataset:
+def _as_test_set(scored: dict, name: str) -> TestImages:
     """The scored samples' images as a test folder with an id map (ids 1..N, as training numbers them)."""
     test_dir = scored["root"] / name
     test_dir.mkdir(exist_ok=True)
@@ -132,4 +132,4 @@ def _as_test_set(scored: dict, name: str) -> HW3TestDataset:
         (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
         entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
     (scored["root"] / f"{name}.json").write_text(json.dumps(entries))
-    return HW3TestDataset(test_dir, scored["root"] / f"{name}.json")
+    return TestImages(test_dir, scored["root"] / f"{name}.json")
