@@ -324,7 +324,7 @@ def render_target(inst: Instances, image_id: int) -> dict:
     }
 
 
-class TestImages(Dataset):
+class UnlabelledImages(Dataset):
     """Test images with their ids from ``test_image_name_to_ids.json``."""
 
     def __init__(self, test_dir: Path, id_map_json: Path) -> None:

@@ -67,6 +67,7 @@ def use_cell_detector(model: MaskRCNN, config: dict[str, Any]) -> MaskRCNN:
     model.__class__ = CellMaskRCNN
     model.transform = CellTransform.from_config(config)
     model.rpn.__class__, model.roi_heads.__class__ = LeanRPN, LeanRoIHeads
+    model.roi_heads.detections_per_class = int(config.get("detections_per_class") or 0)
     model.rpn.anchor_generator.__class__ = Fp32AnchorGenerator
     model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = LevelRoIAlign
     model.rpn.box_coder.__class__ = model.roi_heads.box_coder.__class__ = Fp32BoxCoder
@@ -379,6 +380,7 @@ class LeanRoIHeads(RoIHeads):
     model to measure it, without touching torchvision's module)."""
 
     mask_targets: Callable[[Any, Tensor, Tensor, int], Tensor] = staticmethod(project_masks_on_boxes)
+    detections_per_class: int = 0  # > 0: at most this many detections per image and class
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list, dict[str, Tensor]]:
@@ -401,8 +403,8 @@ class LeanRoIHeads(RoIHeads):
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """torchvision's detections (score threshold, per-class NMS, the best ``detections_per_img``)
-        for the whole batch at once: the NMS calls of ``nms_segments`` and one count read, not
+        """torchvision's detections (score threshold, per-class NMS, the best ``detections_per_img``,
+        of them at most ``detections_per_class`` of a class) for the whole batch at once: the NMS calls of ``nms_segments`` and one count read, not
         about ten syncs per image (each tile and view when predicting)."""
         counts = [len(p) for p in proposals]
         classes = class_logits.shape[-1]
@@ -420,7 +422,8 @@ class LeanRoIHeads(RoIHeads):
         device = class_logits.device
         image_of = torch.cat([torch.full((n * (classes - 1),), i, device=device) for i, n in enumerate(counts)])
         labels = torch.cat([torch.arange(1, classes, device=device).repeat_interleave(n) for n in counts])
-        picked = top_per_image(scores, keep, image_of, len(counts), self.detections_per_img)
+        picked = top_per_image(scores, keep, image_of, len(counts), self.detections_per_img,
+                               image_of * classes + labels, self.detections_per_class)
         return [boxes[p] for p in picked], [scores[p] for p in picked], [labels[p] for p in picked]
 
     def assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor],
@@ -536,10 +539,17 @@ def _chunks(lengths: list[int], cap: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def top_per_image(scores: Tensor, keep: Tensor, image_of: Tensor, num_images: int, top_n: int) -> list[Tensor]:
+def top_per_image(scores: Tensor, keep: Tensor, image_of: Tensor, num_images: int, top_n: int,
+                  class_of: Tensor | None = None, per_class: int = 0) -> list[Tensor]:
     """Each image's ``top_n`` best indices among ``keep`` (flat indices of boxes of image
-    ``image_of``), best first, without -inf scores: torchvision's per-image order and cut."""
+    ``image_of``), best first, without -inf scores: torchvision's per-image order and cut.
+    ``per_class`` > 0 first drops all but the best ``per_class`` of each image and class
+    (``class_of``, numbering image-class pairs), so that a frequent class cannot crowd a rare
+    one out of the image's ``top_n``: the scorer counts per image and class."""
     kept_scores = scores[keep]
+    if per_class > 0 and class_of is not None:
+        beyond = group_ranks(kept_scores, class_of[keep]) >= per_class
+        kept_scores = torch.where(beyond, -math.inf, kept_scores)
     order = torch.argsort(kept_scores, descending=True, stable=True)
     image = image_of[keep[order]]
     by_image = torch.argsort(image, stable=True)
@@ -550,6 +560,17 @@ def top_per_image(scores: Tensor, keep: Tensor, image_of: Tensor, num_images: in
     counts = torch.zeros(num_images, dtype=torch.int64, device=scores.device).index_add_(0, image, taken.long())
     bounds = torch.stack([starts, counts], dim=1).tolist()  # host sync: each image's count
     return [keep[order[start:start + n]] for start, n in bounds]
+
+
+def group_ranks(scores: Tensor, groups: Tensor) -> Tensor:
+    """Each element's rank within its group (0: the group's highest score), on the device."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    by_group = torch.argsort(groups[order], stable=True)
+    ranked = order[by_group]
+    sorted_groups = groups[ranked]
+    ranks = torch.empty_like(ranked)
+    ranks[ranked] = torch.arange(len(ranked), device=scores.device) - torch.searchsorted(sorted_groups, sorted_groups)
+    return ranks
 
 
 def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],

@@ -9,7 +9,7 @@ import argparse
 from typing import Any, Callable
 
 from devices import GPU_BATCH
-from model import backbone_name
+from model import DEFAULT_CONFIG, backbone_name
 from predictor import Settings
 
 TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale
@@ -90,10 +90,22 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                             "one view count once (0: best score alone)")
     group.add_argument("--mask_thresh", type=probability, default=0.5,
                        help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
-    group.add_argument("--detections_per_img", type=positive_int, default=None,
-                       help="most detections kept per image after the tile and TTA merges (default: the "
-                            "checkpoint's); each tile or view keeps at most what its area can hold, one cell per "
-                            "square of the smallest anchor side, and only the image's best get masks")
+    add_limit_args(group, from_checkpoint=True)
+
+
+def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool) -> None:
+    """How many detections an image keeps: a train script's defaults (recorded in the
+    checkpoint), or with ``from_checkpoint`` an override of the checkpoint's at prediction."""
+    img, cls = ("the checkpoint's",) * 2 if from_checkpoint else (DEFAULT_CONFIG["detections_per_img"],
+                                                                   DEFAULT_CONFIG["detections_per_class"])
+    parser.add_argument("--detections_per_img", type=positive_int, default=None if from_checkpoint else img,
+                        help=f"most detections kept per image, after the tile and TTA merges (default: {img}); "
+                             "each tile or view keeps at most what its area can hold, one cell per square of the "
+                             "smallest anchor side, and only the image's best get masks")
+    parser.add_argument("--detections_per_class", type=non_negative_int, default=None if from_checkpoint else cls,
+                        help="most detections kept per image and class, within --detections_per_img: COCO's "
+                             f"maxDets counts per image and class, so a frequent class cannot crowd a rare one "
+                             f"out (0: no class limit; default: {cls})")
 
 
 def prediction_settings(args: argparse.Namespace) -> Settings:
@@ -102,6 +114,7 @@ def prediction_settings(args: argparse.Namespace) -> Settings:
     scales = None if args.tta is None and args.tta_scales is None else tuple(args.tta_scales or TTA_SCALES)
     return Settings(tile=args.tile, tile_overlap=args.tile_overlap, tta_scales=scales, mask_thresh=args.mask_thresh,
                     batch_size=args.batch_size, use_amp=args.use_amp, detections_per_img=args.detections_per_img,
+                    detections_per_class=args.detections_per_class,
                     dihedral=args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import load_model
 from cli import run_cli
 from coco import paint
-from dataloader import CLASS_FILES, IMAGE_FILE, TestImages, collate_fn, read_image
+from dataloader import CLASS_FILES, IMAGE_FILE, UnlabelledImages, collate_fn, read_image
 from devices import default_device
 from files import writable_dir, write_json
 from flags import HelpFormatter, add_checkpoint_checks, add_prediction_args, prediction_settings
@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error("--output and --output_dir both name where the submission goes; pass one of them")
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
                  "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size,
-                 "input_scale": args.input_scale, "detections_per_img": args.detections_per_img}
+                 "input_scale": args.input_scale, "detections_per_img": args.detections_per_img,
+                 "detections_per_class": args.detections_per_class}
     if args.output or args.output_dir:  # checked before minutes of prediction
         writable_dir(args.output_dir or Path(args.output).parent, "--output_dir" if args.output_dir else "--output")
     folder = Path(args.output_dir or Path(args.checkpoint[0]).parent)
@@ -79,7 +80,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble; ``settings.tile`` None tiles at the training crop recorded
     in the (first) checkpoint, ``settings.batch_size`` None takes the device's default."""
-    dataset = TestImages(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
+    dataset = UnlabelledImages(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
     torch_device = default_device(device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
@@ -104,7 +105,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     return Path(output)
 
 
-def write_labels(results: list[dict], dataset: TestImages, folder: Path, score_thresh: float) -> None:
+def write_labels(results: list[dict], dataset: UnlabelledImages, folder: Path, score_thresh: float) -> None:
     """Each test image as a sample of the training layout: its image and one uint16 label image per class, cells
     numbered by score (1 = best), each pixel the best-scoring detection's."""
     by_image: dict[int, list[dict]] = {}

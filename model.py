@@ -53,6 +53,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "box_score_thresh": 0.0,
     "box_nms_thresh": 0.5,
     "detections_per_img": 1000,
+    "detections_per_class": 0,
     "effnet_taps": [2, 3, 4, 6],
     "effnet_frozen": 2,
 }
@@ -111,8 +112,6 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     group.add_argument("--box_score_thresh", type=float, default=d["box_score_thresh"],
                        help="detections below this score are dropped inside the model (AP likes 0)")
     group.add_argument("--box_nms_thresh", type=float, default=d["box_nms_thresh"])
-    group.add_argument("--detections_per_img", type=int, default=d["detections_per_img"],
-                       help="most detections kept per image (real images hold up to 772 cells)")
 
 
 def backbone_name(name: str) -> str:
@@ -246,6 +245,7 @@ def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
     model.roi_heads.score_thresh = config["box_score_thresh"]
     model.roi_heads.nms_thresh = config["box_nms_thresh"]
     model.roi_heads.detections_per_img = config["detections_per_img"]
+    model.roi_heads.detections_per_class = int(config.get("detections_per_class") or 0)
     model.rpn._pre_nms_top_n["testing"] = config["rpn_pre_nms_top_n_test"]
     model.rpn._post_nms_top_n["testing"] = config["rpn_post_nms_top_n_test"]
 

@@ -37,6 +37,7 @@ class Settings:
     batch_size: int | None = 1  # None: ``devices.prediction_batch`` of the device
     use_amp: bool = False  # fp16 on CUDA, bf16 on a CPU
     detections_per_img: int | None = None  # None: the model's own limit
+    detections_per_class: int | None = None  # per image and class (0: none); None: the model's own
     match_thresh: float = 0.5
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
@@ -113,6 +114,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
               for m in (models if isinstance(models, (list, tuple)) else [models])]
     cap = settings.detections_per_img or min(s.detections_per_img for s in stages)
+    per_class = (getattr(stages[0], "detections_per_class", 0) if settings.detections_per_class is None
+                 else settings.detections_per_class)
     shown = views(settings.tta_scales, settings.dihedral)
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
             for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
@@ -120,7 +123,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 
     def detect(chunk: list[int]) -> tuple[Any, list[dict]]:
         crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
-        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap)
+        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap, per_class)
         return state, [_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
                        for d, k, crop in zip(dets, chunk, crops)]
 
@@ -131,7 +134,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         kept += state_bytes(state)
         passes.append((jobs[chunk[0]].model, state if kept <= settings.feature_budget else None, chunk))
         del state  # a dropped state is freed before the next chunk is detected
-    picks = [_candidates(found, jobs, i, cap, settings) for i in range(len(images))]
+    picks = [_candidates(found, jobs, i, cap, per_class, settings) for i in range(len(images))]
     masks = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
@@ -170,7 +173,7 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
             "cut": cut_flags(boxes, job.window, tuple(size))}
 
 
-def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settings: Settings) -> dict:
+def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_class: int, settings: Settings) -> dict:
     """The image's candidates as (job, index within the job's detections), in selection order,
     and under ``vote_boost`` their ``votes``, the sources that found each. When masks are averaged
     (``Settings.averages``), ``job`` and ``index`` go on past the candidates (``scores`` and
@@ -187,7 +190,7 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, settin
         keep = torch.arange(min(len(scores), cap), device=boxes.device)
     else:
         copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
-        keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh)
+        keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh, per_class)
     n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
@@ -270,6 +273,7 @@ class MaskRCNNStages:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.detections_per_img = int(model.roi_heads.detections_per_img)
+        self.detections_per_class = int(getattr(model.roi_heads, "detections_per_class", 0))
         self.smallest_anchor = min(min(sizes) for sizes in model.rpn.anchor_generator.sizes)
 
     def view_cap(self, input_size: tuple[int, int], cap: int) -> int:
@@ -277,7 +281,9 @@ class MaskRCNNStages:
         the smallest anchor side, the smallest cell the anchors serve; never more than ``cap``."""
         return min(cap, math.ceil(input_size[0] * input_size[1] / self.smallest_anchor ** 2))
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[dict, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[dict, list[dict]]:
+        """Boxes, scores and labels of each crop, at most ``cap`` (and ``per_class`` of a class),
+        and the state ``masks`` needs."""
         model, heads = self.model, self.model.roi_heads
         batch, _ = model.transform(crops)
         features = model.backbone(batch.tensors)
@@ -285,12 +291,13 @@ class MaskRCNNStages:
         box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
         class_logits, box_regression = heads.box_predictor(box_features)
         caps = [self.view_cap(size, cap) for size in batch.image_sizes]
-        limit, heads.detections_per_img = heads.detections_per_img, max(caps)
+        limits = heads.detections_per_img, getattr(heads, "detections_per_class", 0)
+        heads.detections_per_img, heads.detections_per_class = max(caps), per_class
         try:
             boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals,
                                                                  batch.image_sizes)
         finally:
-            heads.detections_per_img = limit
+            heads.detections_per_img, heads.detections_per_class = limits
         boxes, scores, labels = ([t[:c] for t, c in zip(ts, caps)] for ts in (boxes, scores, labels))
         state = {"features": features, "image_sizes": batch.image_sizes, "boxes": boxes, "labels": labels}
         dets = [{"boxes": scale_boxes(b, crop.shape[-1] / size[1], crop.shape[-2] / size[0]), "scores": s, "labels": lab}

@@ -20,10 +20,13 @@ the candidate's box and averaged with its own (``average_masks``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, nms
 
+from detector import group_ranks
 from masks import PackedMasks, pixel_chunks
 
 Window = tuple[int, int, int, int]  # y0, x0, y1, x1
@@ -60,19 +63,26 @@ def cut_flags(boxes: torch.Tensor, window: Window, image_size: tuple[int, int]) 
 
 
 def select_candidates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor,
-                      cap: int, copies: int, iou: float = 0.5) -> torch.Tensor:
+                      cap: int, copies: int, iou: float = 0.5, per_class: int = 0) -> torch.Tensor:
     """Indices of the detections worth a mask: per class, a box NMS in merge order (whole
     detections by score, then cut ones, the largest first: that copy holds the most of its
     cell), then the first ``cap`` survivors in that order (cut pieces, mostly duplicates the
-    mask merge drops, only where whole detections are fewer).
+    mask merge drops, only where whole detections are fewer), at most ``per_class`` of a
+    class when it is above 0.
 
-    Before the NMS only the ``cap * copies`` first in merge order are kept: one cell yields at
-    most ``copies`` detections (tiles over a pixel x views), so later ones cannot be among
-    the ``cap`` cells submitted.
+    Before the NMS only the ``cap * copies`` first in merge order are kept (``per_class *
+    copies`` of a class): one cell yields at most ``copies`` detections (tiles over a pixel x
+    views), so later ones cannot be among the cells submitted.
     """
     key = merge_order(boxes, scores, cut)
+    if per_class > 0:  # a class's detections beyond its share never enter the pool
+        key = torch.where(group_ranks(key, labels) < per_class * copies, key, -math.inf)
     pool = key.topk(cap * copies).indices if len(key) > cap * copies else torch.arange(len(key), device=key.device)
-    return pool[class_nms(boxes[pool], key[pool], labels[pool], iou)[:cap]]
+    kept = pool[class_nms(boxes[pool], key[pool], labels[pool], iou)]
+    if per_class > 0:
+        ok = (group_ranks(key[kept], labels[kept]) < per_class) & (key[kept] > -math.inf)
+        kept = kept[ok]  # host sync: the class-capped count, once per image (as the NMS's)
+    return kept[:cap]
 
 
 def class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:

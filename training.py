@@ -27,7 +27,7 @@ from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError
 from files import writable_dir
-from flags import (HelpFormatter, add_device_args, add_tile_args, non_negative, non_negative_int, positive_int,
+from flags import (HelpFormatter, add_device_args, add_limit_args, add_tile_args, non_negative, non_negative_int, positive_int,
                    share)
 from history import write_history
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
@@ -107,6 +107,7 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     dist_group.add_argument("--find_unused_parameters", action="store_true",
                             help="DDP option; only needed if some parameters get no gradient")
     add_model_args(parser, backbone=backbone)
+    add_limit_args(parser.add_argument_group("detections"), from_checkpoint=False)
     add_augment_args(parser)
     return parser
 

@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
 from devices import autocast, default_device  # noqa: E402
-from dataloader import (IMAGE_FILE, NUM_CLASSES, TestImages, Instances,  # noqa: E402
+from dataloader import (IMAGE_FILE, NUM_CLASSES, UnlabelledImages, Instances,  # noqa: E402
                         decode_instances, list_samples, read_image)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir  # noqa: E402
@@ -138,7 +138,7 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     """Predictions on test images, each PNG named by its submission image id."""
     test_dir = args.test_dir or train_args.get("test_dir") or "dataset/test_release"
     id_map = args.id_map_json or train_args.get("id_map_json") or "dataset/test_image_name_to_ids.json"
-    dataset = TestImages(Path(test_dir), Path(id_map))
+    dataset = UnlabelledImages(Path(test_dir), Path(id_map))
     indices = _first(list(range(len(dataset))), args.num_images)
     paths, shown = [], {"gt": 0, "pred": 0}
     for index in tqdm(indices, desc="draw test", disable=None):

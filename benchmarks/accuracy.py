@@ -45,14 +45,13 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
-import engine  # noqa: E402
 import training  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
-from scoring import score  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
 from predictor import Settings, predict  # noqa: E402
+from scoring import score  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
 NATIVE = ["--input_scale", "0"]
@@ -85,7 +84,15 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6",
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
-    """The ``predictor.Settings`` fields of one inference-time addition."""
+    """The ``predictor.Settings`` fields of one inference-time addition. Any of them may end in
+    ``+imgN`` (at most N detections an image) and ``+clsN`` (at most N an image and class)."""
+    limits = {}
+    for token, field in (("img", "detections_per_img"), ("cls", "detections_per_class")):
+        head, _, last = name.rpartition("+")
+        if head and last.startswith(token) and last[len(token):].isdigit():
+            limits[field], name = int(last[len(token):]), head
+    if limits:
+        return {**post_settings(name, crop), **limits}
     tile = {"tile": crop, "tile_overlap": 0.25}
     flips = {"tta_scales": TTA_SCALES}  # inference.py --tta's views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": (0.8, 1.0, 1.2)},
@@ -99,6 +106,16 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
     if name.endswith("+oracle"):  # predicted like the rest, then scored by the truth (score_posts)
         return settings[name.removesuffix("+oracle")]
     return settings[name]
+
+
+def post_name(text: str) -> str:
+    """argparse type of --post: a known variant, with optional +imgN / +clsN limits."""
+    try:
+        post_settings(text, 256)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown --post {text!r}; choose from {', '.join(POST)} "
+                                          "(+imgN, +clsN optional)") from None
+    return text
 
 
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
@@ -154,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_dir", default=str(ROOT.parent / "shared/data/cpm15_hw3/train"))
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["stock_native", "cells"])
-    parser.add_argument("--post", nargs="*", choices=POST, default=[],
-                        help="inference-time additions scored on each run's final weights")
+    parser.add_argument("--post", nargs="*", type=post_name, default=[], metavar="POST",
+                        help=f"inference-time additions scored on each run's final weights: {', '.join(POST)}, "
+                             "each optionally +imgN (detections an image) and then +clsN (an image and class)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ensemble", action="store_true",
                         help="also score each configuration's runs of all --seeds as one checkpoint ensemble "
@@ -243,11 +261,13 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     for post in args.post:
+        start = time.time()
         results = predict(models, loader, torch.device("cpu"), Settings(**post_settings(post, args.crop)),
                           desc=f"held-out {post}")
-        if post.endswith("+oracle"):
+        seconds = (time.time() - start) / max(len(dataset), 1)
+        if "+oracle" in post:
             results = truth_ranked(coco_gt, results)
-        rows[f"{name}+{post}"] = _scored(coco_gt, results)
+        rows[f"{name}+{post}"] = {**_scored(coco_gt, results), "seconds_per_image": round(seconds, 3)}
     return rows
 
 

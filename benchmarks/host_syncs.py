@@ -50,11 +50,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torchvision.models.detection import roi_heads  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
-import engine  # noqa: E402
-import optimisation  # noqa: E402
-import predictor  # noqa: E402
 import devices  # noqa: E402
+import engine  # noqa: E402
 import masks  # noqa: E402
+import optimisation  # noqa: E402
 from benchmarks.common import (base_parser, environment, print_table, ratio, seed_all, setup, synchronize,  # noqa: E402
                                timed, write_results)
 from benchmarks.train_memory import use_stock_path  # noqa: E402

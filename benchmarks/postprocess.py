@@ -132,7 +132,7 @@ class Replay:
         self.outputs = iter(outputs)
         self.detections_per_img = cap
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
         views = [next(self.outputs) for _ in crops]
         return [v["masks"] for v in views], [{k: v[k] for k in ("boxes", "scores", "labels")} for v in views]
 

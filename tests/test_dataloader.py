@@ -9,7 +9,7 @@ import tifffile
 import torch
 
 from conftest import mask_boxes, shared
-from dataloader import (DatasetError, TestImages, LabelledImages, decode_instances, list_samples,
+from dataloader import (DatasetError, UnlabelledImages, LabelledImages, decode_instances, list_samples,
                         read_id_map, read_image, sample_groups, split_samples)
 from synthetic import write_rgba_lzw
 
@@ -171,7 +171,7 @@ def test_empty_sample_reported_not_crash(tmp_path: Path) -> None:
 
 def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
     entries = json.loads(Path(tiny_dataset["id_map_json"]).read_text())
-    assert len(TestImages(tiny_dataset["test_dir"], tiny_dataset["id_map_json"])) == len(entries)
+    assert len(UnlabelledImages(tiny_dataset["test_dir"], tiny_dataset["id_map_json"])) == len(entries)
     short = tmp_path / "short.json"
     short.write_text(json.dumps(entries[1:]))
     with pytest.raises(DatasetError, match="have no id"):

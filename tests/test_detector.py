@@ -8,7 +8,7 @@ import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.ops import MultiScaleRoIAlign
 
-from detector import (LevelRoIAlign, _chunks, check_boxes, nms_segments, sample, top_per_image,
+from detector import (LevelRoIAlign, _chunks, check_boxes, group_ranks, nms_segments, sample, top_per_image,
                       use_torchvision_detector)
 from model import build_model
 
@@ -268,3 +268,34 @@ def test_an_unsure_cell_is_detected_under_each_plausible_class() -> None:
     assert found == [(1, 0.55), (2, 0.9), (3, 0.35)]
     first = boxes[0][labels[0] == 1][0]
     assert torch.equal(boxes[0][labels[0] == 3][0], first)  # the same cell, both hypotheses kept
+
+
+def test_group_ranks_rank_within_each_group_by_score() -> None:
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.rand(60, generator=generator)
+    groups = torch.randint(0, 5, (60,), generator=generator)
+    ranks = group_ranks(scores, groups)
+    for i in range(60):  # the oracle: how many of its group score higher
+        assert ranks[i] == int(((groups == groups[i]) & (scores > scores[i])).sum())
+
+
+def test_a_dense_image_keeps_each_class_best_up_to_the_class_cap() -> None:
+    """Forty cells of class 1 outscore ten of class 3: with 20 detections an image, class 3
+    is crowded out; with 8 a class, each class keeps its 8 best, class 3 included, and the
+    image's 20 are still the best of what the class caps leave."""
+    model = build_model({**CONFIG, "box_score_thresh": 0.05, "detections_per_img": 20}, load_weights=False).eval()
+    heads = model.roi_heads
+    corners = torch.stack([torch.arange(50.0) % 10 * 20, torch.arange(50.0) // 10 * 20], dim=1)
+    proposals = [torch.cat([corners, corners + 15], dim=1)]  # 50 disjoint boxes
+    probs = torch.full((50, 5), 1e-4)
+    probs[:40, 1] = torch.linspace(0.9, 0.5, 40)  # class 1: 40 sure cells
+    probs[40:, 3] = torch.linspace(0.4, 0.2, 10)  # class 3: 10 less sure ones
+    logits, deltas = probs.log(), torch.zeros(50, 20)
+    _, scores, labels = heads.postprocess_detections(logits, deltas, proposals, [(200, 200)])
+    assert labels[0].tolist() == [1] * 20
+    heads.detections_per_class = 8
+    _, scores, labels = heads.postprocess_detections(logits, deltas, proposals, [(200, 200)])
+    assert sorted(labels[0].tolist()) == [1] * 8 + [3] * 8
+    best_3 = torch.softmax(logits[40:48], dim=1)[:, 3]
+    assert torch.allclose(scores[0][labels[0] == 3], best_3)  # class 3's eight best, best first
+    assert torch.equal(scores[0], scores[0].sort(descending=True).values)

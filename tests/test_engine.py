@@ -206,7 +206,7 @@ class SoftBlob(nn.Module):
         grid = torch.linspace(-1, 1, 28)
         self.mask = (1 - torch.sqrt(grid[None, :] ** 2 + grid[:, None] ** 2)).clamp(min=0)
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[None, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[None, list[dict]]:
         return None, [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
                        "labels": torch.tensor([1])} for _ in crops]
 
@@ -236,6 +236,8 @@ def test_inference_prediction_flags() -> None:
     views = lambda *flags: prediction_settings(parse(["--checkpoint", "x", *flags])).tta_scales  # noqa: E731
     assert views() is None and views("--tta") == (1.0,) and views("--tta_scales", "0.8", "1") == (0.8, 1.0)
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
+    assert parse(["--checkpoint", "x"]).detections_per_class is None  # the checkpoint's
+    assert prediction_settings(parse(["--checkpoint", "x", "--detections_per_class", "100"])).detections_per_class == 100
     with pytest.raises(SystemExit):
         parse(["--checkpoint", "x", "--mask_thresh", "1"])
 
@@ -407,3 +409,14 @@ def test_overflowed_amp_steps_are_counted_as_skipped() -> None:
     assert (meter.steps, meter.skipped) == (2, 1)
     assert opt.scaler.get_scale() == 2.0 ** 15  # the scaler backed off once
     assert not all(torch.equal(p, s) for p, s in zip(layer.parameters(), start))  # the second step updated
+
+
+@pytest.mark.parametrize("flags", [["--tile_overlap", "1"], ["--ema_decay", "1"], ["--epochs", "0"],
+                                   ["--detections_per_class", "-1"], ["--tile", "-5"], ["--lr", "-1"]])
+def test_training_flags_are_range_checked_when_read(flags: list[str], capsys: pytest.CaptureFixture) -> None:
+    """A value a run would only trip over later (at the first validation, or at start with a
+    traceback) stops argparse at once: one line naming the flag, exit status 2."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser("resnet101", "x").parse_args(flags)
+    assert stop.value.code == 2
+    assert flags[0] in capsys.readouterr().err

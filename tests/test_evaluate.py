@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 from coco import build_coco_gt, matching_metrics
-from dataloader import IMAGE_FILE, DatasetError, TestImages, LabelledImages, list_samples
+from dataloader import IMAGE_FILE, DatasetError, UnlabelledImages, LabelledImages, list_samples
 from inference import write_labels
 from synthetic import make_dataset
 
@@ -123,7 +123,7 @@ def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, 
         evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path / "nothing")])
 
 
-def _as_test_set(scored: dict, name: str) -> TestImages:
+def _as_test_set(scored: dict, name: str) -> UnlabelledImages:
     """The scored samples' images as a test folder with an id map (ids 1..N, as training numbers them)."""
     test_dir = scored["root"] / name
     test_dir.mkdir(exist_ok=True)
@@ -132,4 +132,4 @@ def _as_test_set(scored: dict, name: str) -> TestImages:
         (test_dir / f"{sample.name}.tif").write_bytes((sample / IMAGE_FILE).read_bytes())
         entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
     (scored["root"] / f"{name}.json").write_text(json.dumps(entries))
-    return TestImages(test_dir, scored["root"] / f"{name}.json")
+    return UnlabelledImages(test_dir, scored["root"] / f"{name}.json")

@@ -20,7 +20,6 @@ import cal_param
 import check_stats
 import evaluate
 import inference
-import training
 import plot_curve
 import train_effnet_v2
 import train_resnet

@@ -34,7 +34,7 @@ class CellOracle:
         self.detect_calls: list[int] = []
         self.mask_calls: list[int] = []
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
         self.detect_calls.append(len(crops))
         state, dets = [], []
         for crop in crops:
@@ -162,6 +162,19 @@ def test_candidates_prefer_whole_copies_and_respect_the_cap() -> None:
     assert len(select_candidates(boxes, scores, other_class, cut, cap=10, copies=2)) == 4
 
 
+def test_candidates_of_a_dense_image_keep_each_class_best_up_to_the_class_cap() -> None:
+    """Tiles and views of an image with 30 sure class-1 cells and 6 less sure class-3 ones:
+    an image cap of 12 alone submits class 1 only; with 4 a class, each class's 4 best."""
+    xy = torch.arange(36.0)[:, None].repeat(1, 2) * 30
+    boxes = torch.cat([xy, xy + 20], dim=1)
+    scores = torch.cat([torch.linspace(0.95, 0.6, 30), torch.linspace(0.5, 0.3, 6)])
+    labels = torch.tensor([1] * 30 + [3] * 6)
+    cut = torch.zeros(36, dtype=torch.bool)
+    assert labels[select_candidates(boxes, scores, labels, cut, cap=12, copies=2)].tolist() == [1] * 12
+    kept = select_candidates(boxes, scores, labels, cut, cap=12, copies=2, per_class=4)
+    assert kept.tolist() == [0, 1, 2, 3, 30, 31, 32, 33]  # merge order: by score
+
+
 def _random_packed(rng: np.random.Generator, n: int, size: tuple[int, int]) -> PackedMasks:
     crops, boxes = [], []
     for _ in range(n):
@@ -234,7 +247,7 @@ def test_dihedral_views_map_back_to_the_same_cells() -> None:
 class Confident(CellOracle):
     """Sees only the cells scoring at least 0.6: a second model that misses some."""
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
         state, dets = super().detect(crops, cap)
         for k, d in enumerate(dets):
             keep = d["scores"] >= 0.6
@@ -263,7 +276,7 @@ class Doubtful(CellOracle):
     """Finds the same cells a little less sure of them: beside the oracle, its copies are never
     the ones kept, only the ones averaged in."""
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
         state, dets = super().detect(crops, cap)
         return state, [{**d, "scores": d["scores"] * 0.99} for d in dets]
 
@@ -344,7 +357,7 @@ class Wider(Doubtful):
     """Finds the cells in boxes 6 px wider to the right and draws each cell's true mask inside
     its own box: a copy in another frame."""
 
-    def detect(self, crops: list[torch.Tensor], cap: int) -> tuple[list, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
         state, dets = super().detect(crops, cap)
         for (masks, boxes), d, crop in zip(state, dets, crops):
             boxes[:, 2] = (boxes[:, 2] + 6).clamp(max=crop.shape[-1])  # the state's boxes: masks() crops these
