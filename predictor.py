@@ -4,7 +4,7 @@ validation, inference.py, visualization.py and the benchmarks all predict throug
 reads no flag and writes no file.
 
 Every tile and view is detected first (boxes only); the image's candidates are chosen across
-all of them (``tiling.select_candidates``); only those get masks, from the features kept of
+all of them (``merging.select_candidates``); only those get masks, from the features kept of
 their view; duplicates are then dropped by mask overlap.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from coco import detections_to_coco, paste_masks
 from devices import autocast, counts, prediction_batch, scale_boxes
-from tiling import (Window, average_masks, cut_flags, greedy_mask_merge, mask_areas, max_cover, merge_order,
-                    same_cell_copies, same_cell_pairs, select_candidates, take, tile_grid)
+from merging import (average_masks, greedy_mask_merge, mask_areas, merge_order, same_cell_copies, same_cell_pairs,
+                     select_candidates, take, votes)
+from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
 
 
@@ -107,7 +108,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 
     ``models`` is one model or a list (an ensemble). Every tile and view is detected first
     (boxes only), the image's candidates are chosen across all of them and all models
-    (``tiling.select_candidates``), and only those (and, when masks are averaged, their copies)
+    (``merging.select_candidates``), and only those (and, when masks are averaged, their copies)
     get masks, from the features kept of their view (detected again past
     ``Settings.feature_budget``); then duplicates are dropped by mask overlap.
     """
@@ -256,14 +257,6 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     kept = kept[order]
     return {"boxes": pick["boxes"][kept], "scores": scores[order], "labels": pick["labels"][kept],
             "masks": take(masks, kept), "image_size": size}
-
-
-def votes(cell: torch.Tensor, source: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
-    """How many sources (model x view) detected each of ``cells`` cells, from its
-    ``tiling.same_cell_pairs`` (``source`` of each pair's detection); tiles of one view count once."""
-    seen = torch.zeros((cells, n_sources), dtype=torch.bool, device=cell.device)
-    seen[cell, source] = True
-    return seen.sum(dim=1).clamp(min=1).to(torch.float32)
 
 
 class MaskRCNNStages:

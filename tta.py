@@ -2,7 +2,7 @@
 
 A view is predicted like any image; its boxes and 28x28 mask probabilities are mapped back to
 the unflipped, unscaled frame here, and ``predictor.predict_images`` merges the views of an
-image with its tiles (``tiling.select_candidates``, ``tiling.greedy_mask_merge``), so a cell
+image with its tiles (``merging.select_candidates``, ``merging.greedy_mask_merge``), so a cell
 seen in several views is kept once.
 """
 from __future__ import annotations

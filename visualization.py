@@ -39,7 +39,7 @@ from files import writable_dir  # noqa: E402
 from flags import add_checkpoint_checks, add_prediction_args, prediction_settings  # noqa: E402
 from predictor import Settings, predict_images  # noqa: E402
 from masks import PackedMasks  # noqa: E402
-from tiling import take  # noqa: E402
+from merging import take  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
 CLASS_COLOURS = ("#00ff7f", "#ffd700", "#00bfff", "#ff4500")
