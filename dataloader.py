@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tifffile
 import torch
+from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -30,6 +31,9 @@ from masks import PackedMasks
 NUM_CLASSES = 4
 CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"
+ID_MAP_FILE = "test_image_name_to_ids.json"
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg")  # what a folder to predict may hold
 
 
 @dataclass
@@ -118,7 +122,7 @@ def read_image(path: Path) -> np.ndarray:
 def read_raw_image(path: Path) -> np.ndarray:
     """The image's pixels in their stored dtype, [H, W, 1] (grey) or [H, W, 3]: the compact
     form the training set keeps in memory (alpha carries no stain information)."""
-    array = _to_hwc(_read_tiff(path), path)
+    array = _to_hwc(_read_pixels(path), path)
     if array.shape[2] == 2:  # grey + alpha
         array = array[:, :, :1]
     elif array.shape[2] > 3:
@@ -134,7 +138,7 @@ def to_float_rgb(array: np.ndarray, path: Path) -> np.ndarray:
 
 def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """Decode a label image (any integer or integer-valued float dtype) to int64 [H, W]."""
-    label = _read_tiff(path)
+    label = _read_pixels(path)
     if label.ndim == 3 and 1 in (label.shape[0], label.shape[-1]):
         label = np.squeeze(label)
     if label.ndim != 2:
@@ -325,11 +329,12 @@ def render_target(inst: Instances, image_id: int) -> dict:
 
 
 class UnlabelledImages(Dataset):
-    """Test images with their ids from ``test_image_name_to_ids.json``."""
+    """The images of a folder with their ids: from an id map (``test_image_name_to_ids.json``),
+    or without one the folder's images sorted by name, numbered 1..N (``number_images``)."""
 
-    def __init__(self, test_dir: Path, id_map_json: Path) -> None:
+    def __init__(self, test_dir: Path, id_map_json: Path | None) -> None:
         self.test_dir = Path(test_dir)
-        self.entries = read_id_map(id_map_json, self.test_dir)
+        self.entries = read_id_map(id_map_json, self.test_dir) if id_map_json else number_images(self.test_dir)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -339,6 +344,28 @@ class UnlabelledImages(Dataset):
         path = self.test_dir / entry["file_name"]
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
         return image, {"image_id": int(entry["id"]), "file_name": entry["file_name"]}
+
+
+def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
+    """The id map to use: the one given, else ``test_image_name_to_ids.json`` beside the test
+    folder (the task's layout) where it exists, else None (the images get numbered)."""
+    if id_map_json:
+        return Path(id_map_json)
+    beside = Path(test_dir).parent / ID_MAP_FILE
+    return beside if beside.is_file() else None
+
+
+def number_images(folder: Path) -> list[dict]:
+    """An id map for a folder without one: its images (TIFF, PNG, JPEG) sorted by file name,
+    ids 1..N, with their sizes."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: folder not found; pass the folder of your images as --test_dir.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"{folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in this folder; pass the folder of "
+                           "your images as --test_dir.")
+    return [{"file_name": p.name, "id": i, **dict(zip(("height", "width"), image_size(p)))}
+            for i, p in enumerate(files, start=1)]
 
 
 def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
@@ -358,7 +385,7 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
         raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
                            "competition's test_image_name_to_ids.json.")
     named = {e["file_name"] for e in entries}
-    files = {p.name for p in test_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff")}
+    files = {p.name for p in test_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     without_id = sorted(files - named)
     without_file = sorted(named - files)
     if without_id:
@@ -412,17 +439,38 @@ def _instances_of(label: np.ndarray):
         yield (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), crop
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_pixels(path: Path) -> np.ndarray:
+    """The stored pixels of a TIFF (tifffile) or a PNG/JPEG (Pillow, which matplotlib needs anyway)."""
     if not path.exists():
         raise DatasetError(f"{path}: file not found; check the dataset folder.")
+    tiff = path.suffix.lower() in TIFF_SUFFIXES
     try:
-        return tifffile.imread(path)
-    except Exception as err:  # tifffile raises many types for corrupt files
+        if tiff:
+            return tifffile.imread(path)
+        with Image.open(path) as image:
+            if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
+                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+            return np.asarray(image)
+    except Exception as err:  # tifffile and Pillow raise many types for corrupt files
         hint = " Install imagecodecs (pip install imagecodecs) to read compressed TIFFs." if "imagecodecs" in str(err) else ""
         raise DatasetError(
-            f"{path}: cannot decode TIFF ({type(err).__name__}: {err}); the file may be truncated or "
-            f"not a TIFF. Re-export it or remove the sample.{hint}"
+            f"{path}: cannot decode {'TIFF' if tiff else 'image'} ({type(err).__name__}: {err}); the file may be "
+            f"truncated or of another format. Re-export it or remove it.{hint}"
         ) from err
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header (no pixel is decoded)."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tiff:
+                shape = tiff.series[0].shape
+                return (shape[0], shape[1]) if len(shape) == 2 or shape[-1] <= 4 else (shape[-2], shape[-1])
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception as err:
+        raise DatasetError(f"{path}: cannot read the image header ({type(err).__name__}: {err}); re-export it "
+                           "or remove it.") from err
 
 
 def _to_hwc(array: np.ndarray, path: Path) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from dataloader import ID_MAP_FILE
 from devices import GPU_BATCH
 from model import DEFAULT_CONFIG, backbone_name
 from predictor import Settings
@@ -106,6 +107,14 @@ def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool)
                         help="most detections kept per image and class, within --detections_per_img: COCO's "
                              f"maxDets counts per image and class, so a frequent class cannot crowd a rare one "
                              f"out (0: no class limit; default: {cls})")
+
+
+def add_id_map_arg(parser: argparse.ArgumentParser | Any) -> None:
+    """--id_map_json: which id each predicted image has in the submission."""
+    parser.add_argument("--id_map_json", default=None,
+                        help="list of {file_name, id, height, width} naming the submission's image ids (default: "
+                             f"{ID_MAP_FILE} beside --test_dir where it exists; else the images sorted by name "
+                             f"get ids 1..N, and that map is written beside the submission as {ID_MAP_FILE})")
 
 
 def prediction_settings(args: argparse.Namespace) -> Settings:

@@ -20,10 +20,11 @@ from tqdm import tqdm
 from checkpoint import load_model
 from cli import run_cli
 from coco import paint
-from dataloader import CLASS_FILES, IMAGE_FILE, UnlabelledImages, collate_fn, read_image
+from dataloader import (CLASS_FILES, ID_MAP_FILE, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, collate_fn,
+                        find_id_map, read_image, read_raw_image)
 from devices import default_device
 from files import writable_dir, write_json
-from flags import HelpFormatter, add_checkpoint_checks, add_prediction_args, prediction_settings
+from flags import HelpFormatter, add_checkpoint_checks, add_id_map_arg, add_prediction_args, prediction_settings
 from model import scale_factor
 from predictor import Settings, predict
 
@@ -33,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, nargs="+",
                         help="best.pth or last.pth written by a train script; several: an ensemble, any backbones, "
                              "merged like TTA views")
-    parser.add_argument("--test_dir", default="dataset/test_release", help="folder of test *.tif")
-    parser.add_argument("--id_map_json", default="dataset/test_image_name_to_ids.json",
-                        help="list of {file_name, id, height, width}")
+    parser.add_argument("--test_dir", default="dataset/test_release",
+                        help="folder of the images to predict: TIFF, PNG or JPEG; grey, RGB or RGBA; 8 or 16 bit")
+    add_id_map_arg(parser)
     parser.add_argument("--output_dir", default=None,
                         help="folder of the submission, <output_dir>/test-results.json (default: the checkpoint's)")
     parser.add_argument("--output", default=None, help="exact submission path, instead of --output_dir")
@@ -73,14 +74,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           num_workers=args.num_workers, save_labels=args.save_labels, label_thresh=args.label_thresh)
 
 
-def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path,
+def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path | None,
                    output: Path, settings: Settings = Settings(tile=None, batch_size=None), device: str | None = None,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0, num_workers: int = 0,
                    save_labels: str | Path | None = None, label_thresh: float = 0.5) -> Path:
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble; ``settings.tile`` None tiles at the training crop recorded
-    in the (first) checkpoint, ``settings.batch_size`` None takes the device's default."""
-    dataset = UnlabelledImages(Path(test_dir), Path(id_map_json))  # fails on a bad id map before the model loads
+    in the (first) checkpoint, ``settings.batch_size`` None takes the device's default.
+    ``id_map_json`` None: the map beside the folder, else the images numbered by name (and that
+    map written beside the submission)."""
+    id_map = find_id_map(Path(test_dir), id_map_json)
+    dataset = UnlabelledImages(Path(test_dir), id_map)  # fails on a bad id map before the model loads
     torch_device = default_device(device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
@@ -97,6 +101,9 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     results = predict(models, loader, torch_device, resolved, desc="inference")
     results = [r for r in results if r["score"] >= score_thresh]
     write_json(Path(output), results)
+    if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
+        write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
+        print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
     if save_labels:
         write_labels(results, dataset, Path(save_labels), label_thresh)
     seconds = time.time() - start
@@ -122,7 +129,10 @@ def write_labels(results: list[dict], dataset: UnlabelledImages, folder: Path, s
         classes[1:] = [r["category_id"] for r in kept]
         out = folder / Path(entry["file_name"]).stem
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, out / IMAGE_FILE)
+        if source.suffix.lower() in TIFF_SUFFIXES:
+            shutil.copyfile(source, out / IMAGE_FILE)
+        else:  # the training layout holds TIFFs: a PNG or JPEG is written as one, its pixels as stored
+            tifffile.imwrite(out / IMAGE_FILE, read_raw_image(source))
         for class_id, name in CLASS_FILES.items():
             tifffile.imwrite(out / name, np.where(classes[canvas] == class_id, rank[canvas], 0).astype(np.uint16))
     print(f"label images of {len(dataset.entries)} images -> {folder}")

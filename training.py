@@ -27,7 +27,7 @@ from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError
 from files import writable_dir
-from flags import (HelpFormatter, add_device_args, add_limit_args, add_tile_args, non_negative, non_negative_int, positive_int,
+from flags import (HelpFormatter, add_device_args, add_id_map_arg, add_limit_args, add_tile_args, non_negative, non_negative_int, positive_int,
                    share)
 from history import write_history
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
@@ -48,8 +48,7 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and outputs")
     data.add_argument("--train_dir", default="dataset/train", help="folder of <sample>/image.tif + classN.tif")
     data.add_argument("--test_dir", default=None, help="test folder, predicted after training when given")
-    data.add_argument("--id_map_json", default=None,
-                      help="test_image_name_to_ids.json (default: next to --test_dir)")
+    add_id_map_arg(data)
     data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
     data.add_argument("--val_split", type=share, default=0.2,
                       help="share of samples held out for validation (of groups with --split_groups; unused with "
@@ -128,7 +127,7 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)
     if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # one process predicts after torchrun
-        id_map = args.id_map_json or Path(args.test_dir).parent / "test_image_name_to_ids.json"
+        id_map = args.id_map_json  # None: beside --test_dir, else the images numbered (inference.predict_folder)
         summary["submission"] = str(predict_folder(
             Path(args.output_dir) / "best.pth", args.test_dir, id_map,
             Path(args.output_dir) / "test-results.json",

@@ -32,11 +32,11 @@ from tqdm import tqdm  # noqa: E402
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
 from devices import autocast, default_device  # noqa: E402
-from dataloader import (IMAGE_FILE, NUM_CLASSES, UnlabelledImages, Instances,  # noqa: E402
-                        decode_instances, list_samples, read_image)
+from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, decode_instances,  # noqa: E402
+                        find_id_map, list_samples, read_image)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir  # noqa: E402
-from flags import add_checkpoint_checks, add_prediction_args, prediction_settings  # noqa: E402
+from flags import add_checkpoint_checks, add_id_map_arg, add_prediction_args, prediction_settings  # noqa: E402
 from predictor import Settings, predict_images  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from merging import take  # noqa: E402
@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train/val split (default: split.json next to the checkpoint)")
     parser.add_argument("--test_dir", default=None,
                         help="test folder (default: the checkpoint's, else dataset/test_release)")
-    parser.add_argument("--id_map_json", default=None,
-                        help="test id map (default: the checkpoint's, else dataset/test_image_name_to_ids.json)")
+    add_id_map_arg(parser)  # --mode test; default first the one the checkpoint's run was given
     parser.add_argument("--max_labels", type=int, default=150, help="most class:score labels per image, best first")
     parser.add_argument("--min_label_side", type=float, default=8.0,
                         help="no label on boxes with a side below this (image pixels)")
@@ -137,8 +136,8 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
               vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
     """Predictions on test images, each PNG named by its submission image id."""
     test_dir = args.test_dir or train_args.get("test_dir") or "dataset/test_release"
-    id_map = args.id_map_json or train_args.get("id_map_json") or "dataset/test_image_name_to_ids.json"
-    dataset = UnlabelledImages(Path(test_dir), Path(id_map))
+    id_map = find_id_map(Path(test_dir), args.id_map_json or train_args.get("id_map_json"))
+    dataset = UnlabelledImages(Path(test_dir), id_map)
     indices = _first(list(range(len(dataset))), args.num_images)
     paths, shown = [], {"gt": 0, "pred": 0}
     for index in tqdm(indices, desc="draw test", disable=None):
