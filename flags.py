@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from dataloader import ID_MAP_FILE
+from dataloader import ID_MAP_FILE, NUM_CLASSES
 from devices import GPU_BATCH
 from model import DEFAULT_CONFIG, backbone_name
 from predictor import Settings
 
 TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale
+DEFAULT_CLASS_NAMES = [f"class{c}" for c in range(1, NUM_CLASSES + 1)]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -115,6 +116,14 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any) -> None:
                         help="list of {file_name, id, height, width} naming the submission's image ids (default: "
                              f"{ID_MAP_FILE} beside --test_dir where it exists; else the images sorted by name "
                              f"get ids 1..N, and that map is written beside the submission as {ID_MAP_FILE})")
+
+
+def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:
+    """--class_names: what classes 1..4 are called in the per-cell outputs; training records them."""
+    parser.add_argument("--class_names", nargs=NUM_CLASSES, default=None, metavar="NAME",
+                        help=f"names of classes 1..{NUM_CLASSES} in the per-cell outputs, e.g. epithelial "
+                             "lymphocyte neutrophil macrophage (default: those the checkpoint's run was given, else "
+                             f"{' '.join(DEFAULT_CLASS_NAMES)})")
 
 
 def prediction_settings(args: argparse.Namespace) -> Settings:

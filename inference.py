@@ -7,24 +7,20 @@ needed:
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
-import numpy as np
-import tifffile
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from checkpoint import load_model
+from cell_outputs import write_cell_outputs
+from checkpoint import load_model, saved_args
 from cli import run_cli
-from coco import paint
-from dataloader import (CLASS_FILES, ID_MAP_FILE, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, collate_fn,
-                        find_id_map, read_image, read_raw_image)
+from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map
 from devices import default_device
 from files import writable_dir, write_json
-from flags import HelpFormatter, add_checkpoint_checks, add_id_map_arg, add_prediction_args, prediction_settings
+from flags import (DEFAULT_CLASS_NAMES, HelpFormatter, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
+                   add_prediction_args, prediction_settings)
 from model import scale_factor
 from predictor import Settings, predict
 
@@ -43,10 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     parser.add_argument("--score_thresh", type=float, default=0.0,
                         help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
-    parser.add_argument("--save_labels", default=None, metavar="DIR",
-                        help="also write DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 ids, best score "
-                             "first, overlaps to the better score): the training layout, to correct and train on")
-    parser.add_argument("--label_thresh", type=float, default=0.5, help="--save_labels: lowest score drawn")
+    outputs = parser.add_argument_group("per-cell outputs (cells numbered 1 = best score in each; a pixel "
+                                        "covered twice belongs to the better score)")
+    outputs.add_argument("--save_labels", default=None, metavar="DIR",
+                         help="DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 cell numbers): the "
+                              "training layout, to correct and train on, or to open in napari")
+    outputs.add_argument("--save_geojson", default=None, metavar="DIR",
+                         help="DIR/<image stem>.geojson: QuPath detections (polygons in image pixels, class, score)")
+    outputs.add_argument("--save_csv", default=None, metavar="FILE",
+                         help="one row per cell: image, cell, class, score, area, perimeter, centroid, box, "
+                              "eccentricity, mean intensity per channel")
+    outputs.add_argument("--label_thresh", type=float, default=0.5, help="lowest score of a cell in these outputs")
+    add_class_names_arg(outputs)
     add_prediction_args(parser)
     model = add_checkpoint_checks(parser)
     model.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
@@ -59,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("save_labels", "save_geojson"):  # checked before minutes of prediction
+        if getattr(args, flag):
+            writable_dir(getattr(args, flag), f"--{flag}")
+    if args.save_csv:
+        writable_dir(Path(args.save_csv).parent, "--save_csv")
     if args.output and args.output_dir:
         parser.error("--output and --output_dir both name where the submission goes; pass one of them")
     overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
@@ -71,13 +80,33 @@ def main(argv: Sequence[str] | None = None) -> Path:
     output = Path(args.output) if args.output else folder / "test-results.json"
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),
                           device=args.device, overrides=overrides, score_thresh=args.score_thresh,
-                          num_workers=args.num_workers, save_labels=args.save_labels, label_thresh=args.label_thresh)
+                          num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
+                                                                                 args.save_csv, args.label_thresh,
+                                                                                 args.class_names))
+
+
+class CellOutputs(NamedTuple):
+    """The per-cell outputs asked for (``cell_outputs.py``): folders and file, lowest score, names."""
+
+    labels: str | None = None
+    geojson: str | None = None
+    csv: str | None = None
+    score_thresh: float = 0.5
+    class_names: list[str] | None = None  # None: the checkpoint's, else class1..class4
+
+    @property
+    def requested(self) -> bool:
+        return any(self.paths)
+
+    @property
+    def paths(self) -> tuple[Path | None, Path | None, Path | None]:
+        return tuple(Path(p) if p else None for p in (self.labels, self.geojson, self.csv))
 
 
 def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path | None,
                    output: Path, settings: Settings = Settings(tile=None, batch_size=None), device: str | None = None,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0, num_workers: int = 0,
-                   save_labels: str | Path | None = None, label_thresh: float = 0.5) -> Path:
+                   cell_outputs: CellOutputs = CellOutputs()) -> Path:
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble; ``settings.tile`` None tiles at the training crop recorded
     in the (first) checkpoint, ``settings.batch_size`` None takes the device's default.
@@ -104,38 +133,13 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
         write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
         print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
-    if save_labels:
-        write_labels(results, dataset, Path(save_labels), label_thresh)
+    if cell_outputs.requested:
+        names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES
+        write_cell_outputs(results, dataset, cell_outputs.score_thresh, names, *cell_outputs.paths)
     seconds = time.time() - start
     print(f"{len(results)} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
-
-
-def write_labels(results: list[dict], dataset: UnlabelledImages, folder: Path, score_thresh: float) -> None:
-    """Each test image as a sample of the training layout: its image and one uint16 label image per class, cells
-    numbered by score (1 = best), each pixel the best-scoring detection's."""
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        by_image.setdefault(int(r["image_id"]), []).append(r)
-    for entry in tqdm(dataset.entries, desc="label images", leave=False, disable=None):
-        source = dataset.test_dir / entry["file_name"]
-        height, width = read_image(source).shape[:2]
-        kept, canvas = paint(by_image.get(int(entry["id"]), []), height, width, score_thresh)
-        shown = np.unique(canvas[canvas > 0]) - 1  # detections with pixels left, best first
-        rank = np.zeros(len(kept) + 1, dtype=np.uint16)
-        rank[shown + 1] = np.arange(1, len(shown) + 1)
-        classes = np.zeros(len(kept) + 1, dtype=np.int64)
-        classes[1:] = [r["category_id"] for r in kept]
-        out = folder / Path(entry["file_name"]).stem
-        out.mkdir(parents=True, exist_ok=True)
-        if source.suffix.lower() in TIFF_SUFFIXES:
-            shutil.copyfile(source, out / IMAGE_FILE)
-        else:  # the training layout holds TIFFs: a PNG or JPEG is written as one, its pixels as stored
-            tifffile.imwrite(out / IMAGE_FILE, read_raw_image(source))
-        for class_id, name in CLASS_FILES.items():
-            tifffile.imwrite(out / name, np.where(classes[canvas] == class_id, rank[canvas], 0).astype(np.uint16))
-    print(f"label images of {len(dataset.entries)} images -> {folder}")
 
 
 if __name__ == "__main__":

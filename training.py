@@ -27,8 +27,8 @@ from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError
 from files import writable_dir
-from flags import (HelpFormatter, add_device_args, add_id_map_arg, add_limit_args, add_tile_args, non_negative, non_negative_int, positive_int,
-                   share)
+from flags import (HelpFormatter, add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args, add_tile_args,
+                   non_negative, non_negative_int, positive_int, share)
 from history import write_history
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
 from inference import predict_folder
@@ -49,6 +49,7 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--train_dir", default="dataset/train", help="folder of <sample>/image.tif + classN.tif")
     data.add_argument("--test_dir", default=None, help="test folder, predicted after training when given")
     add_id_map_arg(data)
+    add_class_names_arg(data)
     data.add_argument("--output_dir", default=f"outputs/{backbone}", help="checkpoints, history and split go here")
     data.add_argument("--val_split", type=share, default=0.2,
                       help="share of samples held out for validation (of groups with --split_groups; unused with "

@@ -12,9 +12,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import evaluate
+from cell_outputs import write_cell_outputs
 from coco import build_coco_gt, matching_metrics
 from dataloader import IMAGE_FILE, DatasetError, UnlabelledImages, LabelledImages, list_samples
-from inference import write_labels
+from flags import DEFAULT_CLASS_NAMES
 from synthetic import make_dataset
 
 
@@ -96,7 +97,7 @@ def test_matching_metrics_count_one_to_one_matches() -> None:
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
     root = scored["root"]
     labels = root / "labels"
-    write_labels(scored["results"], _as_test_set(scored, "as_test"), labels, score_thresh=0.5)
+    write_cell_outputs(scored["results"], _as_test_set(scored, "as_test"), 0.5, DEFAULT_CLASS_NAMES, labels)
     reread = LabelledImages(list_samples(labels), [1, 2, 3], cache_images=False)  # the loader takes them as data
     kept = [r for r in scored["results"] if r["score"] >= 0.5]
     assert 0 < sum(len(i) for i in reread.instances) <= len(kept)
@@ -114,7 +115,7 @@ def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, 
     """A model that drew no cell above --label_thresh wrote empty label images: a valid
     prediction scoring zero, not an error; a folder without any label image is the error."""
     labels = tmp_path / "labels"
-    write_labels(scored["results"], _as_test_set(scored, "as_test_empty"), labels, score_thresh=2.0)
+    write_cell_outputs(scored["results"], _as_test_set(scored, "as_test_empty"), 2.0, DEFAULT_CLASS_NAMES, labels)
     assert len(list(labels.glob("*/class1.tif"))) == 3
     metrics = evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(labels)])
     assert metrics["segm_AP50"] == 0.0 and metrics["recall"] == 0.0 and metrics["f1"] == 0.0

@@ -1,6 +1,7 @@
 """A user's own images: any folder of TIFF, PNG or JPEG files, with or without an id map."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 import evaluate
 import inference
+from cell_outputs import write_cell_outputs
 from checkpoint import save_checkpoint
 from dataloader import (ID_MAP_FILE, IMAGE_FILE, DatasetError, UnlabelledImages, find_id_map, image_size, list_samples,
                         number_images, read_image)
@@ -88,7 +90,8 @@ def test_inference_on_a_png_folder_writes_the_ids_it_used(tmp_path: Path, shallo
     out = tmp_path / "out"
     submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(pngs),
                                  "--output_dir", str(out), "--num_workers", "0", "--save_labels", str(tmp_path / "lab"),
-                                 "--label_thresh", "0"])
+                                 "--label_thresh", "0", "--save_geojson", str(tmp_path / "geo"),
+                                 "--save_csv", str(tmp_path / "cells.csv"), "--class_names", "a", "b", "c", "d"])
     written = json.loads((out / ID_MAP_FILE).read_text())
     assert [e["file_name"] for e in written] == sorted(p.name for p in pngs.iterdir())
     assert [e["id"] for e in written] == [1, 2]
@@ -100,3 +103,57 @@ def test_inference_on_a_png_folder_writes_the_ids_it_used(tmp_path: Path, shallo
     relabelled = sorted((tmp_path / "lab").iterdir())
     assert [p.name for p in relabelled] == [Path(e["file_name"]).stem for e in written]
     assert tifffile.imread(relabelled[0] / IMAGE_FILE).shape == (64, 72, 3)  # a TIFF, as the layout holds
+    assert sorted(p.stem for p in (tmp_path / "geo").iterdir()) == [p.name for p in relabelled]
+    rows = list(csv.DictReader(open(tmp_path / "cells.csv")))
+    assert rows and {r["class"] for r in rows} <= {"a", "b", "c", "d"} and {r["image"] for r in rows} <= set(os_names(pngs))
+
+
+def os_names(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir()]
+
+
+def _square_results(height: int, width: int) -> list[dict]:
+    """Two cells: class 1 (score 0.9) on rows 2-5, cols 3-7; class 3 (0.6) on rows 10-13, cols 10-12."""
+    from pycocotools import mask as mask_util
+
+    results = []
+    for (y0, y1, x0, x1), label, score in (((2, 6, 3, 8), 1, 0.9), ((10, 14, 10, 13), 3, 0.6)):
+        full = np.zeros((height, width), np.uint8, order="F")
+        full[y0:y1, x0:x1] = 1
+        rle = mask_util.encode(full)
+        results.append({"image_id": 1, "category_id": label, "score": score, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "segmentation": {"size": [height, width], "counts": rle["counts"].decode()}})
+    return results
+
+
+def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
+    """QuPath polygons span the cells' pixels in image coordinates; the table's areas,
+    centroids, boxes and mean intensities are the pixels'; class names come from the caller."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[2:6, 3:8] = (10, 20, 30)
+    image[10:14, 10:13] = (200, 100, 50)
+    Image.fromarray(image).save(folder / "slide.png")
+    names = ["epithelial", "lymphocyte", "neutrophil", "macrophage"]
+    write_cell_outputs(_square_results(20, 20), UnlabelledImages(folder, None), 0.5, names,
+                       geojson_dir=tmp_path / "geo", csv_path=tmp_path / "cells.csv")
+    collection = json.loads((tmp_path / "geo" / "slide.geojson").read_text())
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 2
+    for feature, (x0, y0, x1, y1), name, score in zip(collection["features"], ((3, 2, 8, 6), (10, 10, 13, 14)),
+                                                      ("epithelial", "neutrophil"), (0.9, 0.6)):
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert feature["geometry"]["type"] == "Polygon" and np.array_equal(ring[0], ring[-1])
+        assert (ring[:, 0].min(), ring[:, 1].min(), ring[:, 0].max(), ring[:, 1].max()) == (x0, y0, x1, y1)
+        area = 0.5 * abs(np.dot(ring[:-1, 0], ring[1:, 1]) - np.dot(ring[1:, 0], ring[:-1, 1]))
+        assert abs(area - (x1 - x0) * (y1 - y0)) <= 0.5  # the pixels, corners cut by half a pixel
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and props["classification"]["name"] == name
+        assert props["measurements"]["score"] == pytest.approx(score)
+    rows = list(csv.DictReader(open(tmp_path / "cells.csv")))
+    assert [(r["image"], r["cell"], r["class"]) for r in rows] == [("slide.png", "1", "epithelial"),
+                                                                   ("slide.png", "2", "neutrophil")]
+    assert [int(r["area"]) for r in rows] == [20, 12]
+    assert (float(rows[0]["centroid_x"]), float(rows[0]["centroid_y"])) == (5.0, 3.5)
+    assert [rows[1][f"bbox_{k}"] for k in ("x0", "y0", "x1", "y1")] == ["10", "10", "13", "14"]
+    assert [float(rows[1][f"mean_intensity_{c}"]) for c in range(3)] == [200.0, 100.0, 50.0]
