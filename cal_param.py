@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", type=backbone_name, default="resnet101", help="resnet or effnet")
     parser.add_argument("--use_attn", action="store_true", help="with the FPNTransformer neck and mask-head attention")
+    parser.add_argument("--mask_iou", action="store_true", help="with the Mask Scoring head (mask_scoring.py)")
     parser.add_argument("--all", action="store_true", help="all four backbone x attention configurations")
     parser.add_argument("--num_classes", type=int, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     configs = ALL_CONFIGS if args.all else ((args.backbone, args.use_attn),)
-    rows = [count_config(backbone, attn, args.num_classes, args.weights) for backbone, attn in configs]
+    rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou) for backbone, attn in configs]
     print(f"parameters in millions (--weights {args.weights}, num_classes {args.num_classes})")
     print(format_table(rows))
     if args.json:
@@ -50,11 +51,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str) -> dict[str, Any]:
+def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str,
+                 mask_iou: bool = False) -> dict[str, Any]:
     """One table column; an attention model whose module file is absent gets a status line
     instead of counts, so the other columns still print."""
-    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn}
-    config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights}
+    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn, "mask_iou": mask_iou}
+    config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights,
+              "mask_iou": mask_iou}
     try:
         with weights_to_be_loaded():  # counted, never used
             model = build_model(config, load_weights=False)
@@ -76,10 +79,12 @@ def count_parts(model: MaskRCNN, use_attn: bool) -> dict[str, Any]:
         "box head": [model.roi_heads.box_head, model.roi_heads.box_predictor],
         "mask head": [model.roi_heads.mask_head, model.roi_heads.mask_predictor],
     }
+    if getattr(model.roi_heads, "mask_iou_head", None) is not None:
+        modules["mask IoU head"] = [model.roi_heads.mask_iou_head]
     parts = {name: count(_params(mods).values()) for name, mods in modules.items()}
     inner = _params([fpn_backbone])
     parts["neck attention"] = count(p for p in model.backbone.parameters() if id(p) not in inner)
-    parts = {name: parts[name] for name in PARTS}
+    parts = {name: parts[name] for name in (*PARTS, "mask IoU head") if name in parts}
     counted = _params([model.backbone, *(m for mods in modules.values() for m in mods)])
     rest = count(p for p in model.parameters() if id(p) not in counted)
     if rest["total"]:
@@ -100,7 +105,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(c) + 2, 10) for c in columns]
     lines = [f"{'configuration':<19}{'count':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
     for row in rows:
-        name = f"{row['backbone']}{' +attn' if row['use_attn'] else ''}"
+        name = f"{row['backbone']}{' +attn' if row['use_attn'] else ''}{' +iou' if row.get('mask_iou') else ''}"
         if row["status"] != "ok":
             lines.append(f"{name:<19}{row['status']}")
             continue

@@ -51,6 +51,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, 
 
 from devices import counts as level_counts
 from devices import scale_boxes
+from mask_scoring import mask_iou_loss, mask_iou_targets
 from masks import PackedMasks
 
 # Boxes per NMS call: one host sync per call, and the IoU bit mask of a call grows with its square.
@@ -395,11 +396,20 @@ class LeanRoIHeads(RoIHeads):
         positives = num_pos.tolist()  # host sync: how many RoIs per image the mask head takes
         mask_proposals = [p[:n] for p, n in zip(proposals, positives)]
         mask_matched = [m[:n] for m, n in zip(matched_idxs, positives)]
-        mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
-        mask_logits = self.mask_predictor(mask_features)
-        loss_mask = mask_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
-                              [t["labels"] for t in targets], mask_matched, self.mask_targets)
-        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+        pooled = self.mask_roi_pool(features, mask_proposals, image_shapes)
+        mask_logits = self.mask_predictor(self.mask_head(pooled))
+        size = mask_logits.shape[-1]
+        mask_labels = torch.cat([t["labels"][m] for t, m in zip(targets, mask_matched)])
+        mask_targets = torch.cat([self.mask_targets(t["masks"], p, m, size)
+                                  for t, p, m in zip(targets, mask_proposals, mask_matched)])
+        chosen = mask_logits[torch.arange(len(mask_labels), device=mask_logits.device), mask_labels]
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+                  "loss_mask": mask_loss(mask_logits, chosen, mask_targets)}
+        scorer = getattr(self, "mask_iou_head", None)
+        if scorer is not None:  # Mask Scoring (--mask_iou): the IoU each mask reaches, learnt on the same RoIs
+            losses["loss_mask_iou"] = mask_iou_loss(scorer(pooled, chosen, mask_labels),
+                                                    mask_iou_targets(chosen, mask_targets))
+        return [], losses
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -588,18 +598,13 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels:
     return classification, torch.where(weight & (labels_all > 0), box, 0.0).sum() / count
 
 
-def mask_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Any], gt_labels: list[Tensor],
-              matched: list[Tensor], targets: Callable[[Any, Tensor, Tensor, int], Tensor]) -> Tensor:
-    """torchvision's ``maskrcnn_loss`` (mean binary cross-entropy of each positive RoI's mask
-    of its class) with the mask targets of ``targets``: ``project_masks_on_boxes`` takes the
-    packed masks the dataset produces, which torchvision's cannot."""
-    size = mask_logits.shape[-1]
-    labels = torch.cat([gt[idxs] for gt, idxs in zip(gt_labels, matched)])
-    mask_targets = torch.cat([targets(m, p, i, size) for m, p, i in zip(gt_masks, proposals, matched)])
+def mask_loss(mask_logits: Tensor, chosen: Tensor, mask_targets: Tensor) -> Tensor:
+    """torchvision's ``maskrcnn_loss``: the mean binary cross-entropy of each positive RoI's
+    mask of its class (``chosen``, from ``mask_logits``) against its target, whose targets
+    here come from ``LeanRoIHeads.mask_targets`` (packed masks, which torchvision's cannot take)."""
     if mask_targets.numel() == 0:  # a shape, not a read: no positive RoI in the batch
         return mask_logits.sum() * 0
-    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(logits, mask_targets)
+    return F.binary_cross_entropy_with_logits(chosen, mask_targets)
 
 
 def use_torchvision_detector(model: MaskRCNN) -> None:

@@ -23,6 +23,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from detector import CellTransform, FrozenBatchNorm2d, use_cell_detector
 from errors import WeightsError
+from mask_scoring import MaskIoUHead
 # CellTransform, FrozenBatchNorm2d, use_cell_detector
 
 BACKBONES = ("resnet101", "effnet_v2_m")
@@ -37,6 +38,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "init_detector": None,
     "trainable_layers": 3,
     "use_attn": False,
+    "mask_iou": False,
     "attn": {},
     "min_size": 1024,
     "max_size": 2048,
@@ -68,7 +70,7 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY_CONFIG, **saved}
 
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
              "effnet_frozen")
 
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
@@ -91,6 +93,9 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
                        help="initialise FPN, RPN, box and mask heads from torchvision's COCO Mask R-CNN R50-FPN: "
                             "'coco' (download) or a path to its state dict; class-specific layers start fresh")
     group.add_argument("--use_attn", action="store_true", help="add the FPNTransformer neck and the mask-head attention")
+    group.add_argument("--mask_iou", action="store_true",
+                       help="Mask Scoring: a head predicts each mask's IoU with its cell, and detections are ranked "
+                            "by class probability x predicted IoU (mask_scoring.py)")
     group.add_argument("--min_size", type=int, default=d["min_size"],
                        help="with --input_scale 0: shorter side is scaled to this (never up beyond --max_upscale)")
     group.add_argument("--max_size", type=int, default=d["max_size"], help="longer side is scaled down to at most this")
@@ -210,6 +215,8 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
 
         head = model.roi_heads.mask_head
         model.roi_heads.mask_head = nn.Sequential(SpatialChannelTransformer(**_attn_kwargs(config, "mask")), head)
+    if config["mask_iou"]:
+        model.roi_heads.mask_iou_head = MaskIoUHead(backbone.out_channels, config["num_classes"])
     if config["init_detector"] and load_weights:
         init_detector(model, config["init_detector"])
     return model

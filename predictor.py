@@ -136,7 +136,10 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         passes.append((jobs[chunk[0]].model, state if kept <= settings.feature_budget else None, chunk))
         del state  # a dropped state is freed before the next chunk is detected
     picks = [_candidates(found, jobs, i, cap, per_class, settings) for i in range(len(images))]
-    masks = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
+    masks, quality = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
+    if quality is not None:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
+        for pick, iou in zip(picks, quality):
+            pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
 
@@ -207,30 +210,44 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_cl
 
 
 def _candidate_masks(stages: list, passes: list, jobs: list[Job], picks: list[dict],
-                     redetect: Any) -> list[torch.Tensor]:
+                     redetect: Any) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """28x28 mask probabilities of every image's candidates, unflipped, in their order: one
     mask-head pass per forward-pass chunk, on the features kept from the detection pass, or
     (past ``Settings.feature_budget``) on those of the chunk detected again, ``redetect(chunk)``,
-    one chunk at a time; a chunk without candidates is not."""
+    one chunk at a time; a chunk without candidates is not. Beside them, where the models
+    score their masks (``--mask_iou``), each candidate's predicted mask IoU, else None."""
     job = torch.cat([p["job"] for p in picks]).to(torch.int64)
     index = torch.cat([p["index"] for p in picks])
     order = torch.argsort(job, stable=True)
     per_job = counts(job, len(jobs))  # host sync: how many masks each view gets
     sorted_index = index[order].split(per_job)
-    probs = []
+    probs, quality, scored = [], [], False
     for model, state, chunk in passes:
         if state is None:
             if not any(per_job[k] for k in chunk):
                 probs.extend(torch.zeros((0, 28, 28), device=job.device) for _ in chunk)
+                quality.extend(torch.ones(0, device=job.device) for _ in chunk)
                 continue
             state = redetect(chunk)
         got = stages[model].masks(state, [sorted_index[k] for k in chunk])
-        for k, part in zip(chunk, got.split([per_job[k] for k in chunk])):
+        if isinstance(got, tuple):  # (probabilities, predicted IoUs): a model with --mask_iou
+            got, iou, scored = *got, True
+        else:  # in an ensemble beside scoring models, an unscored mask counts as perfect
+            iou = torch.ones(len(got), device=got.device)
+        sizes = [per_job[k] for k in chunk]
+        for k, part, part_iou in zip(chunk, got.split(sizes), iou.split(sizes)):
             probs.append(masks_back(part, jobs[k].view))
+            quality.append(part_iou)
+    sizes = [len(p["job"]) for p in picks]
     flat = torch.cat(probs) if probs else torch.zeros((0, 28, 28))
     restored = torch.empty_like(flat)
     restored[order] = flat
-    return list(restored.split([len(p["job"]) for p in picks]))
+    if not scored:
+        return list(restored.split(sizes)), None
+    flat_iou = torch.cat(quality)
+    restored_iou = torch.empty_like(flat_iou)
+    restored_iou[order] = flat_iou
+    return list(restored.split(sizes)), list(restored_iou.split(sizes))
 
 
 def _averaged(pick: dict, probs: torch.Tensor) -> torch.Tensor:
@@ -297,13 +314,19 @@ class MaskRCNNStages:
                 for b, s, lab, size, crop in zip(boxes, scores, labels, batch.image_sizes, crops)]
         return state, dets
 
-    def masks(self, state: dict, picks: list[torch.Tensor]) -> torch.Tensor:
-        """Mask probabilities [sum of picks, 28, 28] of the picked detections of each view."""
+    def masks(self, state: dict, picks: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Mask probabilities [sum of picks, 28, 28] of the picked detections of each view, and
+        with a Mask Scoring head (``--mask_iou``) their predicted IoUs [sum of picks] beside."""
         heads = self.model.roi_heads
+        scorer = getattr(heads, "mask_iou_head", None)
         boxes = [b[p] for b, p in zip(state["boxes"], picks)]
         labels = torch.cat([lab[p] for lab, p in zip(state["labels"], picks)])
         if len(labels) == 0:
-            return torch.zeros((0, 28, 28), device=labels.device)
+            empty = torch.zeros((0, 28, 28), device=labels.device)
+            return empty if scorer is None else (empty, torch.zeros(0, device=labels.device))
         features = heads.mask_roi_pool(state["features"], boxes, state["image_sizes"])
         logits = heads.mask_predictor(heads.mask_head(features))
-        return logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+        chosen = logits[torch.arange(len(labels), device=labels.device), labels]
+        if scorer is None:
+            return chosen.sigmoid()
+        return chosen.sigmoid(), scorer(features, chosen, labels).float().clamp(0.0, 1.0)

@@ -177,10 +177,11 @@ def test_degenerate_boxes_are_refused_on_the_host() -> None:
         check_boxes([{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 3.0, 2.0, 5.0]]), "image_id": 7}])
 
 
-def test_a_training_step_reads_the_device_a_fixed_number_of_times(shallow: None) -> None:
+@pytest.mark.parametrize("mask_iou", [False, True])
+def test_a_training_step_reads_the_device_a_fixed_number_of_times(mask_iou: bool, shallow: None) -> None:
     from benchmarks.host_syncs import SyncCounter
 
-    model = build_model(CONFIG).train()
+    model = build_model({**CONFIG, "mask_iou": mask_iou}).train()
     images, targets = _batch(torch.Generator().manual_seed(0), (1, 1))
     model(images, targets)  # the poolers work out their scales once, on the first call
     counts = []
@@ -189,7 +190,7 @@ def test_a_training_step_reads_the_device_a_fixed_number_of_times(shallow: None)
         with SyncCounter(torch.device("cpu")) as counter:
             sum(model(images, targets).values()).backward()
         counts.append(counter.total())
-    assert counts[0] == counts[1] <= 6  # 1 NMS chunk, RPN counts, 2 poolings, positives
+    assert counts[0] == counts[1] <= 6  # 1 NMS chunk, RPN counts, 2 poolings, positives: none for the IoU head
 
 
 def test_boxes_are_decoded_in_float32_under_autocast() -> None:

@@ -1,0 +1,64 @@
+"""Mask Scoring (Huang et al., CVPR 2019, "Mask Scoring R-CNN"): a small head that predicts
+how well each predicted mask overlaps its cell, so that a detection is ranked by class
+probability x predicted mask IoU (``--mask_iou``) instead of by a classifier that never saw
+the mask. The scorer counts only each class's best 100 detections per image, so on dense
+images the order decides which cells count.
+
+The head reads the RoI features the mask head reads (14 x 14) beside the predicted mask of
+the RoI's class (28 x 28, max-pooled to 14 x 14): four 3 x 3 convolutions (the last with
+stride 2), two fully connected layers and one IoU per class. It trains with an L2 loss
+against the IoU of the binarised predicted mask with its target in the RoI's 28 x 28 frame,
+on the positive RoIs the mask head trains on; the predicted mask is detached, so the mask
+head learns only from its own loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaskIoUHead(nn.Module):
+    """Predicted IoU of each RoI's mask with its cell, one per class (the RoI's class is read)."""
+
+    def __init__(self, in_channels: int = 256, num_classes: int = 5, width: int = 256, hidden: int = 1024,
+                 size: int = 14) -> None:
+        super().__init__()
+        convs = []
+        for i in range(4):
+            convs += [nn.Conv2d(in_channels + 1 if i == 0 else width, width, 3, stride=2 if i == 3 else 1, padding=1),
+                      nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*convs)
+        side = (size + 1) // 2
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(width * side * side, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.iou = nn.Linear(hidden, num_classes)
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.iou.weight, std=0.01)
+
+    def forward(self, features: Tensor, mask_logits: Tensor, labels: Tensor) -> Tensor:
+        """IoU [R] of each RoI's mask (``mask_logits`` [R, 28, 28] of its class ``labels``)
+        given its pooled features [R, C, 14, 14]."""
+        mask = F.max_pool2d(mask_logits.detach().sigmoid()[:, None], kernel_size=2, stride=2)
+        out = self.iou(self.fc(self.convs(torch.cat([features, mask.to(features.dtype)], dim=1))))
+        return out[torch.arange(len(labels), device=labels.device), labels]
+
+
+def mask_iou_targets(mask_logits: Tensor, mask_targets: Tensor) -> Tensor:
+    """IoU of each binarised predicted mask (logit > 0: probability > 0.5) with its target
+    (> 0.5), in the RoI's frame; 0 where both are empty."""
+    predicted = mask_logits.detach() > 0
+    truth = mask_targets > 0.5
+    overlap = (predicted & truth).flatten(1).sum(dim=1).float()
+    union = (predicted | truth).flatten(1).sum(dim=1).float()
+    return overlap / union.clamp(min=1.0)
+
+
+def mask_iou_loss(predicted: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error over the positive RoIs (zero, with a graph, when there are none)."""
+    if predicted.numel() == 0:  # a shape, not a read
+        return predicted.sum() * 0
+    return F.mse_loss(predicted.float(), targets)

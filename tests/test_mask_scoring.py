@@ -1,0 +1,97 @@
+"""--mask_iou (mask_scoring.py): IoU targets, the loss on a training step, rescoring at prediction."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+from checkpoint import load_model, save_checkpoint
+from mask_scoring import MaskIoUHead, mask_iou_targets
+from model import build_model
+from predictor import Settings, predict_images
+
+CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
+          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "mask_iou": True}
+
+
+def test_mask_iou_targets_equal_a_direct_iou() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 28, 28, generator=generator)
+    targets = (torch.rand(6, 28, 28, generator=generator) > 0.6).float()
+    targets[5] = 0.0
+    logits[5] = -1.0  # both empty: IoU 0
+    got = mask_iou_targets(logits, targets)
+    for i in range(6):
+        pred, truth = logits[i].numpy() > 0, targets[i].numpy() > 0.5
+        union = np.logical_or(pred, truth).sum()
+        expected = np.logical_and(pred, truth).sum() / union if union else 0.0
+        assert got[i].item() == pytest.approx(expected)
+
+
+def test_the_head_reads_each_roi_class() -> None:
+    head = MaskIoUHead(8, num_classes=3, width=8, hidden=16)
+    features, logits = torch.randn(4, 8, 14, 14), torch.randn(4, 28, 28)
+    every = head.iou(head.fc(head.convs(torch.cat([features, torch.nn.functional.max_pool2d(
+        logits.sigmoid()[:, None], 2)], dim=1))))
+    labels = torch.tensor([0, 2, 1, 2])
+    assert torch.allclose(head(features, logits, labels), every[torch.arange(4), labels])
+
+
+def test_a_training_step_has_a_finite_mask_iou_loss_with_and_without_cells(shallow: None) -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIG).train()
+    images = [torch.rand(3, 64, 72), torch.rand(3, 64, 72)]
+    boxes = torch.tensor([[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 50.0, 44.0]])
+    masks = torch.zeros(2, 64, 72, dtype=torch.uint8)
+    masks[0, 4:18, 4:20] = masks[1, 30:44, 30:50] = 1
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 3]), "masks": masks},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                "masks": torch.zeros(0, 64, 72, dtype=torch.uint8)}]
+    losses = model(images, targets)
+    assert "loss_mask_iou" in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_iou_head.iou.weight.grad.abs().sum() > 0
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad is not None
+    empty = model(images[1:], targets[1:])  # an image without cells: no positive RoI
+    assert empty["loss_mask_iou"].item() == 0.0
+
+
+def test_rescoring_changes_the_order_and_nothing_else(tmp_path: Path, shallow: None) -> None:
+    """The same detections and masks with and without the head's rescoring; scores become
+    class probability x predicted IoU, and the order follows them. A checkpoint with the head
+    round-trips through inference.py without flags."""
+    torch.manual_seed(1)
+    model = build_model(CONFIG).eval()
+    head = model.roi_heads.mask_iou_head
+    torch.nn.init.normal_(head.iou.weight, std=0.5)  # an untrained head would predict one IoU for all
+    image = torch.rand(3, 80, 90, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        scored = predict_images(model, [image], Settings())[0]
+        del model.roi_heads.mask_iou_head
+        plain = predict_images(model, [image], Settings())[0]
+        model.roi_heads.mask_iou_head = head
+    assert len(plain["scores"]) == len(scored["scores"]) > 5
+    key = lambda out: [tuple(b) + (int(lab),) for b, lab in zip(out["boxes"].tolist(), out["labels"])]  # noqa: E731
+    assert sorted(key(plain)) == sorted(key(scored))
+    assert torch.equal(scored["scores"], scored["scores"].sort(descending=True).values)
+    assert not torch.equal(scored["scores"], plain["scores"]) and (scored["scores"] <= 1.0).all()
+    order_plain = {k: i for i, k in enumerate(key(plain))}
+    ratio = [s / plain["scores"][order_plain[k]] for k, s in zip(key(scored), scored["scores"])]
+    assert all(0.0 <= r <= 1.0 + 1e-6 for r in ratio)  # each score times an IoU in [0, 1]
+    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": CONFIG, "args": {}})
+    rebuilt, _, _ = load_model(tmp_path / "best.pth")
+    assert getattr(rebuilt.roi_heads, "mask_iou_head", None) is not None
+    assert torch.equal(rebuilt.roi_heads.mask_iou_head.iou.weight, head.iou.weight)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / "one.png")
+    submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder),
+                                 "--output_dir", str(tmp_path / "out"), "--num_workers", "0"])
+    results = json.loads(Path(submission).read_text())
+    assert len(results) == len(scored["scores"])
+    assert max(r["score"] for r in results) == pytest.approx(scored["scores"][0].item(), abs=1e-2)
