@@ -98,7 +98,7 @@ def test_images_cached_unless_asked_not_to(tiny_dataset: dict, monkeypatch: pyte
     import dataloader
 
     reads = []
-    monkeypatch.setattr(dataloader, "_read_tiff", lambda path: reads.append(path) or tifffile.imread(path))
+    monkeypatch.setattr(dataloader, "_read_pixels", lambda path: reads.append(path) or tifffile.imread(path))
     for index in range(2):
         image, target = cached.load(index)
         again, target_again = uncached.load(index)
