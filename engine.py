@@ -26,8 +26,6 @@ from optimisation import Optimisation
 from predictor import Settings, predict
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
-
-
 READ_EVERY = 10  # steps between reads of the losses (a host sync) and, under torchrun, stop-flag checks
 
 

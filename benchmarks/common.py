@@ -33,6 +33,19 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_launcher_arg(parser: argparse.ArgumentParser) -> None:
+    """--launcher: the worker processes a benchmark starts run through this script."""
+    parser.add_argument("--launcher", default=None, metavar="SCRIPT",
+                        help="start each worker process as 'python SCRIPT <worker script> ...' (the tests pass "
+                             "tests/shallow.py, which builds a shallow ResNet in place of ResNet-101)")
+
+
+def worker_script(launcher: str | None, script: str | Path) -> list[str]:
+    """The command-line head of a worker: ``script``, behind ``launcher`` when one is given,
+    for ``python`` or ``torchrun`` to run."""
+    return [*([str(Path(launcher).resolve())] if launcher else []), str(Path(script).resolve())]
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     """Seed everything and fix the thread count; returns the torch device."""
     if args.threads:

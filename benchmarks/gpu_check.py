@@ -46,7 +46,8 @@ import engine  # noqa: E402
 import optimisation  # noqa: E402
 import devices  # noqa: E402
 from benchmarks import host_syncs  # noqa: E402
-from benchmarks.common import RESULTS_DIR, augment_defaults, environment, seed_all, timed, _jsonable  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, _jsonable, add_launcher_arg, augment_defaults, environment,  # noqa: E402
+                               seed_all, timed, worker_script)
 from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from model import BACKBONES, build_model  # noqa: E402
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--timeout", type=int, default=300, help="seconds one section may take")
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section here (the child)
+    add_launcher_arg(parser)
     parser.add_argument("--ddp_worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device("cpu" if args.dry_run else "cuda")
     path = Path(args.json) if args.json else RESULTS_DIR / f"{NAME}.json"
     if args.section:
-        return run_here(args.section, device, path)
+        return run_here(args.section, device, path, args.launcher)
     optimisation.enable_tf32(device)
     payload: dict[str, Any] = {"benchmark": NAME, "dry_run": args.dry_run, "environment": environment(device),
                                "sections": {}}
@@ -105,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
     """One section in a fresh process: its result, wall time, and its error if it failed."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--json", str(part),
-               *(["--dry_run"] if args.dry_run else [])]
+    command = [sys.executable, *worker_script(args.launcher, __file__), "--section", name, "--json", str(part),
+               *(["--dry_run"] if args.dry_run else []), *(["--launcher", args.launcher] if args.launcher else [])]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
@@ -121,7 +123,7 @@ def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, An
     return result
 
 
-def run_here(name: str, device: torch.device, path: Path) -> dict[str, Any]:
+def run_here(name: str, device: torch.device, path: Path, launcher: str | None = None) -> dict[str, Any]:
     """The child: one section, its result written to ``path``."""
     optimisation.enable_tf32(device)
     if device.type == "cpu":  # two busy-waiting threads on a shared small CPU can be many times slower than one
@@ -129,7 +131,7 @@ def run_here(name: str, device: torch.device, path: Path) -> dict[str, Any]:
     sizes = SIZES["dry" if device.type == "cpu" else "gpu"]
     sections: dict[str, Callable[[Path], Any]] = {
         "amp_train": lambda tmp: amp_train(sizes, device, tmp),
-        "ddp": lambda tmp: ddp_step(sizes, device, tmp),
+        "ddp": lambda tmp: ddp_step(sizes, device, tmp, launcher),
         "syncs": lambda tmp: sync_sites(sizes, device, tmp),
         "predict_memory": lambda tmp: predict_memory(sizes, device, tmp),
         "nms": lambda tmp: nms_precision(sizes, device),
@@ -174,14 +176,14 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
             "loss_scale": opt.scaler.get_scale() if opt.scaler.is_enabled() else None}
 
 
-def ddp_step(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
+def ddp_step(sizes: dict[str, Any], device: torch.device, tmp: Path, launcher: str | None = None) -> dict[str, Any]:
     """``torchrun --nproc_per_node 1`` of this script's worker: NCCL (gloo on a CPU)."""
     paths = make_dataset(tmp / "data", n_train=1, n_test=0, size=(sizes["train_size"],) * 2,
                          cells=(sizes["cells"], sizes["cells"] + 1), seed=0)
     spec = {"sample": str(list_samples(paths["train_dir"])[0]), "device": device.type, "steps": sizes["steps"],
             "warmup": sizes["warmup"], "config": sizes["config"]}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               str(Path(__file__).resolve()), "--ddp_worker", json.dumps(spec)]
+               *worker_script(launcher, __file__), "--ddp_worker", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     for line in done.stdout.splitlines():

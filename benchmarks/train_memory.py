@@ -40,7 +40,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform  # n
 from torchvision.models.detection._utils import Matcher  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
-from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, setup, synchronize, write_results  # noqa: E402
+from benchmarks.common import (add_launcher_arg, base_parser, environment, print_table, ratio, seed_all,  # noqa: E402
+                               setup, synchronize, worker_script, write_results)
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import build_model  # noqa: E402
@@ -54,6 +55,7 @@ LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__)
+    add_launcher_arg(parser)
     parser.add_argument("--train_dir", default=None, help="real samples instead of generated ones")
     parser.add_argument("--samples", type=int, default=3, help="with --train_dir: the N samples with most instances")
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 400, 800], help="cells per generated image")
@@ -206,7 +208,8 @@ def _run(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -
     """One configuration, in a fresh process unless --in_process."""
     if args.in_process:
         return measure_step(spec, device)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--device", args.device]
+    command = [sys.executable, *worker_script(args.launcher, __file__), "--worker", json.dumps(spec),
+               "--device", args.device]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -39,13 +39,6 @@ def shallow() -> None:
         yield
 
 
-@pytest.fixture
-def shallow_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Python processes this test starts build the shallow ResNet too (tests/shallow_site)."""
-    site = str(Path(__file__).resolve().parent / "shallow_site")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p))
-
-
 def shared(*parts: str) -> Path:
     """A path under ../shared/data, or a clean skip where it is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -8,7 +8,7 @@ state-dict layout per block, so checkpoints written under the patch reload under
 
 In-process: ``with shallow_resnet(): ...`` or the ``shallow`` fixture of conftest.py.
 A subprocess: ``python tests/shallow.py train_resnet.py <flags>`` (torchrun: the same path);
-every process a test starts, whatever its command: the ``shallow_subprocesses`` fixture.
+a benchmark's worker processes: its ``--launcher tests/shallow.py``.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, infere
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
+# Worker processes build the shallow ResNet of tests/shallow.py: the benchmarks start them through it.
+SHALLOW_LAUNCHER = str(Path(__file__).resolve().parent / "shallow.py")
 
 
 def _written(path: Path, *keys: str) -> dict:
@@ -37,10 +39,10 @@ def test_data_pipeline_same_targets(tmp_path: Path) -> None:
     assert windowed["identical_targets"] and windowed["stages"] == []
 
 
-def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path, shallow_subprocesses: None) -> None:
+def test_train_memory_stock_and_lean_losses_equal(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     train_memory.main(["--counts", "15", "--size", "64", "80", "--steps", "1", "--device", "cpu", *TINY_ROIS,
-                       "--json", str(out)])
+                       "--json", str(out), "--launcher", SHALLOW_LAUNCHER])
     payload = _written(out, "rows", "targets_met", "memory_unit")
     (row,) = payload["rows"]
     for key in ("stock_step_peak_mb", "ours_step_peak_mb", "peak_ratio", "stock_step_s", "ours_step_s", "time_ratio"):
@@ -221,9 +223,9 @@ def test_predict_memory_holds_the_budget_with_the_same_detections(tmp_path: Path
     assert payload["targets_met"]["identical_detections"] and rows[128, "budget"]["same_as_unbounded"]
 
 
-def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None, shallow_subprocesses: None) -> None:
+def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "gpu_check.json"
-    gpu_check.main(["--dry_run", "--json", str(out)])
+    gpu_check.main(["--dry_run", "--json", str(out), "--launcher", SHALLOW_LAUNCHER])
     payload = json.loads(out.read_text())
     sections = payload["sections"]
     assert set(sections) == set(gpu_check.SECTIONS)
