@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from skimage import color
 from torchvision.transforms import v2
 
 from dataloader import Instances
+from flags import chance, non_negative, non_negative_int
 
 Op = Callable[[torch.Tensor, Instances], tuple[torch.Tensor, Instances]]
 
@@ -24,15 +27,23 @@ Op = Callable[[torch.Tensor, Instances], tuple[torch.Tensor, Instances]]
 def add_augment_args(parser: argparse.ArgumentParser) -> None:
     """The augmentation flags, shared by both train scripts."""
     group = parser.add_argument_group("augmentation")
-    group.add_argument("--hflip_p", type=float, default=0.5, help="probability of a horizontal flip")
-    group.add_argument("--vflip_p", type=float, default=0.5, help="probability of a vertical flip")
-    group.add_argument("--jitter_p", type=float, default=0.8, help="probability of colour jitter")
-    group.add_argument("--brightness", type=float, default=0.2, help="colour jitter brightness")
-    group.add_argument("--contrast", type=float, default=0.2, help="colour jitter contrast")
-    group.add_argument("--saturation", type=float, default=0.2, help="colour jitter saturation")
-    group.add_argument("--cutout_p", type=float, default=0.5, help="probability of one CutOut square")
-    group.add_argument("--cutout_size", type=int, default=50, help="CutOut square side in pixels")
-    group.add_argument("--crop", type=int, default=256,
+    group.add_argument("--hflip_p", type=chance, default=0.5, help="probability of a horizontal flip")
+    group.add_argument("--vflip_p", type=chance, default=0.5, help="probability of a vertical flip")
+    group.add_argument("--jitter_p", type=chance, default=0.8, help="probability of colour jitter")
+    group.add_argument("--brightness", type=non_negative, default=0.2, help="colour jitter brightness")
+    group.add_argument("--contrast", type=non_negative, default=0.2, help="colour jitter contrast")
+    group.add_argument("--saturation", type=non_negative, default=0.2, help="colour jitter saturation")
+    group.add_argument("--transpose_p", type=chance, default=0.0,
+                       help="probability of swapping rows and columns (a 90 degree turn): with the flips, all 8 "
+                            "symmetries of the square, since a slide has no up (0: off)")
+    group.add_argument("--hed_p", type=chance, default=0.0,
+                       help="probability of a stain jitter in HED space (haematoxylin, eosin, DAB; Tellez et al. "
+                            "2018): each stain scaled by U(1 - s, 1 + s) and shifted by U(-s, s), s = --hed_sigma "
+                            "(0: off)")
+    group.add_argument("--hed_sigma", type=non_negative, default=0.05, help="strength of the HED stain jitter")
+    group.add_argument("--cutout_p", type=chance, default=0.5, help="probability of one CutOut square")
+    group.add_argument("--cutout_size", type=non_negative_int, default=50, help="CutOut square side in pixels")
+    group.add_argument("--crop", type=non_negative_int, default=256,
                        help="train on random SIZE x SIZE windows, each scaled by --input_scale (0: whole images)")
     group.add_argument("--no_augment", action="store_true", help="train without any augmentation")
 
@@ -42,12 +53,13 @@ def build_train_transforms(args: argparse.Namespace) -> "Compose | None":
     if args.no_augment:
         return None
     jitter = v2.ColorJitter(brightness=args.brightness, contrast=args.contrast, saturation=args.saturation)
-    return Compose([
-        ImageOnly(v2.RandomApply([jitter], p=args.jitter_p)),
-        RandomFlip(horizontal=True, p=args.hflip_p),
-        RandomFlip(horizontal=False, p=args.vflip_p),
-        CutOut(size=args.cutout_size, p=args.cutout_p),
-    ])
+    ops: list[Op] = [ImageOnly(v2.RandomApply([jitter], p=args.jitter_p))]
+    if getattr(args, "hed_p", 0.0) > 0:
+        ops.append(HedJitter(args.hed_sigma, args.hed_p))
+    ops += [RandomFlip(horizontal=True, p=args.hflip_p), RandomFlip(horizontal=False, p=args.vflip_p)]
+    if getattr(args, "transpose_p", 0.0) > 0:
+        ops.append(RandomTranspose(args.transpose_p))
+    return Compose([*ops, CutOut(size=args.cutout_size, p=args.cutout_p)])
 
 
 def build_crop_window(args: argparse.Namespace) -> "RandomWindow | None":
@@ -88,6 +100,36 @@ class RandomFlip:
         if torch.rand(()) >= self.p:
             return image, inst
         return image.flip(-1 if self.horizontal else -2), inst.flipped(self.horizontal)
+
+
+class RandomTranspose:
+    """Rows and columns of the image and its instances swapped, with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, image: torch.Tensor, inst: Instances) -> tuple[torch.Tensor, Instances]:
+        if torch.rand(()) >= self.p:
+            return image, inst
+        return image.transpose(-1, -2), inst.transposed()
+
+
+class HedJitter:
+    """Stain augmentation: the image in haematoxylin-eosin-DAB optical densities
+    (``skimage.color.rgb2hed``), each stain scaled and shifted at random, and back to RGB."""
+
+    def __init__(self, sigma: float = 0.05, p: float = 1.0) -> None:
+        self.sigma = sigma
+        self.p = p
+
+    def __call__(self, image: torch.Tensor, inst: Instances) -> tuple[torch.Tensor, Instances]:
+        if torch.rand(()) >= self.p:
+            return image, inst
+        scale = 1.0 + (torch.rand(3) * 2 - 1) * self.sigma
+        shift = (torch.rand(3) * 2 - 1) * self.sigma
+        hed = color.rgb2hed(image.permute(1, 2, 0).numpy())
+        rgb = color.hed2rgb(hed * scale.numpy() + shift.numpy())
+        return torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1).clamp(0.0, 1.0).contiguous(), inst
 
 
 class RandomWindow:

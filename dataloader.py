@@ -81,6 +81,12 @@ class Instances:
             crops = [c[::-1] for c in self.crops]
         return Instances(self.labels, boxes, crops, self.height, self.width)
 
+    def transposed(self) -> "Instances":
+        """Rows and columns swapped (a 90 degree turn with a flip): crops become transposed
+        views, boxes swap their axes, height and width trade places."""
+        return Instances(self.labels, self.boxes[:, [1, 0, 3, 2]].copy(), [c.T for c in self.crops], self.width,
+                         self.height)
+
     def erased(self, x0: int, y0: int, x1: int, y1: int) -> "Instances":
         """The region [x0, x1) x [y0, y1) wiped from every mask: touched instances are re-boxed
         tight (a box never outlives its mask), emptied ones dropped, the rest shared."""

@@ -44,6 +44,7 @@ non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
 non_negative = _checked(float, lambda v: v >= 0.0, "0 or more")
 share = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a share of a tile, of samples, a decay
 probability = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+chance = _checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an augmentation is applied
 
 
 def add_device_args(parser: argparse.ArgumentParser | Any) -> None:

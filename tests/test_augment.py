@@ -5,7 +5,7 @@ import argparse
 import numpy as np
 import torch
 
-from augment import CutOut, RandomFlip, add_augment_args, build_train_transforms
+from augment import CutOut, HedJitter, RandomFlip, RandomTranspose, add_augment_args, build_train_transforms
 from conftest import mask_boxes
 from dataloader import Instances, render_target
 
@@ -85,3 +85,44 @@ def test_pipeline_from_flags_invariants() -> None:
         assert out_image.shape == (3, 20, 30)
         _check(render_target(out, 1))
     assert build_train_transforms(parser.parse_args(["--no_augment"])) is None
+
+
+def test_transpose_moves_masks_and_boxes_with_the_image() -> None:
+    inst = _instances()
+    image = torch.rand(3, 20, 30)
+    out_image, out = RandomTranspose(p=1.0)(image, inst)
+    target = render_target(out, 1)
+    assert torch.equal(out_image, image.transpose(-1, -2)) and (out.height, out.width) == (30, 20)
+    assert torch.equal(target["masks"].full(), torch.from_numpy(inst.masks()).transpose(-1, -2))
+    _check(target)
+    with_flip = render_target(out.flipped(horizontal=True), 1)  # transpose + flip: a 90 degree turn
+    assert torch.equal(with_flip["masks"].full(), torch.from_numpy(inst.masks()).rot90(-1, (1, 2)))
+
+
+def test_hed_jitter_changes_stains_and_nothing_else() -> None:
+    from skimage import color
+
+    torch.manual_seed(0)
+    rgb = torch.from_numpy(color.hed2rgb(np.random.default_rng(0).uniform(0, 0.3, (20, 30, 3)))).float()
+    image = rgb.permute(2, 0, 1).contiguous()
+    inst = _instances()
+    same, kept = HedJitter(sigma=0.0, p=1.0)(image, inst)
+    assert kept is inst and torch.allclose(same, image, atol=1e-4)  # the colour round trip alone
+    jittered, kept = HedJitter(sigma=0.1, p=1.0)(image, inst)
+    assert kept is inst and jittered.shape == image.shape and jittered.dtype == torch.float32
+    assert 0.0 <= jittered.min() and jittered.max() <= 1.0 and (jittered - image).abs().mean() > 1e-3
+    assert HedJitter(sigma=0.1, p=0.0)(image, inst)[0] is image
+
+
+def test_pipeline_with_turns_and_stains_keeps_the_invariants() -> None:
+    parser = argparse.ArgumentParser()
+    add_augment_args(parser)
+    transforms = build_train_transforms(parser.parse_args(["--transpose_p", "0.5", "--hed_p", "1"]))
+    torch.manual_seed(2)
+    shapes = set()
+    for _ in range(12):
+        out_image, out = transforms(torch.rand(3, 20, 30), _instances())
+        assert out_image.shape[-2:] == (out.height, out.width)
+        shapes.add(tuple(out_image.shape))
+        _check(render_target(out, 1))
+    assert shapes == {(3, 20, 30), (3, 30, 20)}
