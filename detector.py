@@ -382,6 +382,7 @@ class LeanRoIHeads(RoIHeads):
 
     mask_targets: Callable[[Any, Tensor, Tensor, int], Tensor] = staticmethod(project_masks_on_boxes)
     detections_per_class: int = 0  # > 0: at most this many detections per image and class
+    class_weights: Tensor | None = None  # classification-loss weight per class (--class_balance), on the device
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list, dict[str, Tensor]]:
@@ -392,7 +393,7 @@ class LeanRoIHeads(RoIHeads):
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         loss_classifier, loss_box_reg = weighted_fastrcnn_loss(class_logits, box_regression, labels,
-                                                               regression_targets, weights)
+                                                               regression_targets, weights, self.class_weights)
         positives = num_pos.tolist()  # host sync: how many RoIs per image the mask head takes
         mask_proposals = [p[:n] for p, n in zip(proposals, positives)]
         mask_matched = [m[:n] for m, n in zip(matched_idxs, positives)]
@@ -584,14 +585,21 @@ def group_ranks(scores: Tensor, groups: Tensor) -> Tensor:
 
 
 def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
-                           regression_targets: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+                           regression_targets: list[Tensor], weights: list[Tensor],
+                           class_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """torchvision's fastrcnn_loss over the RoIs of weight 1 (mean classification loss, box loss
-    summed over positives per sampled RoI), computed on all RoIs without indexing them."""
+    summed over positives per sampled RoI), computed on all RoIs without indexing them.
+    ``class_weights`` (``--class_balance``) weighs each RoI's classification by its class, the
+    mean taken over those weights (as ``cross_entropy(weight=...)`` does)."""
     labels_all, weight = torch.cat(labels), torch.cat(weights)
     count = weight.sum().clamp(min=1)
     classes = labels_all.clamp(min=0)
     ce = F.cross_entropy(class_logits, classes, reduction="none")
-    classification = torch.where(weight, ce, 0.0).sum() / count
+    if class_weights is None:
+        classification = torch.where(weight, ce, 0.0).sum() / count
+    else:
+        per_roi = torch.where(weight, class_weights[classes], 0.0)
+        classification = (per_roi * ce).sum() / per_roi.sum().clamp(min=1e-6)
     rows = torch.arange(len(classes), device=classes.device)
     predicted = box_regression.reshape(len(classes), -1, 4)[rows, classes]
     box = F.smooth_l1_loss(predicted, torch.cat(regression_targets), beta=1 / 9, reduction="none").sum(dim=1)

@@ -40,6 +40,19 @@ def class_repeat_factors(image_labels: Sequence[Sequence[int]], thresh: float) -
     return {c: _class_factor(k / n, thresh) for c, k in sorted(counts.items())}
 
 
+def balanced_class_weights(image_labels: Sequence[Sequence[int]], num_classes: int) -> list[float]:
+    """Classification-loss weights ``[background, class 1, ...]`` for ``--class_balance``: each
+    class weighs 1 / sqrt(its share of the training instances), scaled so that the instances
+    of the training set weigh 1 on average; the background and a class without instances 1."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for labels in image_labels:
+        np.add.at(counts, np.asarray(labels, dtype=np.int64), 1)
+    seen = counts[1:] > 0
+    raw = np.where(seen, 1.0 / np.sqrt(np.maximum(counts[1:], 1) / max(counts[1:].sum(), 1)), 1.0)
+    mean = (raw * counts[1:]).sum() / max(counts[1:].sum(), 1)
+    return [1.0, *(float(w) for w in np.where(seen, raw / mean, 1.0))]
+
+
 def repeat_factors(image_labels: Sequence[Sequence[int]], thresh: float) -> list[float]:
     """r_i per image: the factor of its rarest class, 1 for an image with no instances
     (background-only images are neither dropped nor oversampled)."""

@@ -34,7 +34,7 @@ from model import ARCH_KEYS, add_model_args, build_model, config_from_args, save
 from inference import predict_folder
 from optimisation import LRSchedule, Optimisation, enable_tf32, fused_adamw
 from predictor import Settings
-from sampling import class_repeat_factors, train_sampler
+from sampling import balanced_class_weights, class_repeat_factors, train_sampler
 
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
 
@@ -68,6 +68,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--no_cache_images", action="store_true",
                       help="decode each image on every access instead of keeping the decoded images in memory "
                            "(they are kept in their stored dtype: 3 bytes a pixel for 8-bit RGB)")
+    data.add_argument("--class_balance", action="store_true",
+                      help="weigh each RoI's classification loss by 1 / sqrt(its class's share of the training "
+                           "instances), normalised to a mean of 1: rare classes count more (off by default)")
     data.add_argument("--repeat_thresh", type=non_negative, default=0.0,
                       help="repeat-factor sampling: images with classes in fewer than this share of images "
                            "repeat up to sqrt(t/f) times per epoch (0 disables)")
@@ -163,6 +166,10 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     if args.checkpoint and not resume:
         load_weights(model, load_checkpoint(args.checkpoint)["model"], Path(args.checkpoint), config)
     optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad], args.lr, args.weight_decay)
+    if args.class_balance:
+        weights = balanced_class_weights([i.labels for i in train_set.instances], config["num_classes"])
+        model.roi_heads.class_weights = torch.tensor(weights, device=device)
+        _log(info, f"class-balanced classification loss: weights {[round(w, 3) for w in weights]}")
     sampler = train_sampler(train_set, info, args.seed, args.repeat_thresh)
     if args.repeat_thresh > 0:
         factors = class_repeat_factors([i.labels for i in train_set.instances], args.repeat_thresh)

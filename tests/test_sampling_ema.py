@@ -242,3 +242,36 @@ def _set_state(model: nn.Module, state: dict[str, torch.Tensor], step: int) -> N
             value.copy_(state[key])
         else:
             value.fill_(step)
+
+
+def test_balanced_class_weights_favour_rare_classes_with_mean_one() -> None:
+    from sampling import balanced_class_weights
+
+    labels = [[1] * 60 + [2] * 30, [2] * 6 + [3] * 4, []]  # class 1: 60, class 2: 36, class 3: 4, class 4: none
+    weights = balanced_class_weights(labels, 5)
+    counts = np.array([60, 36, 4])
+    raw = 1 / np.sqrt(counts / counts.sum())
+    assert weights[0] == 1.0 and weights[4] == 1.0
+    assert np.allclose(weights[1:4], raw / ((raw * counts).sum() / counts.sum()))
+    assert (np.array(weights[1:4]) * counts).sum() / counts.sum() == pytest.approx(1.0)
+    assert weights[3] > weights[2] > weights[1]
+
+
+def test_class_weighted_classification_loss() -> None:
+    import torch.nn.functional as F
+
+    from detector import weighted_fastrcnn_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits, regression = torch.randn(8, 5, generator=generator), torch.randn(8, 20, generator=generator)
+    labels = [torch.tensor([1, 0, 3, 0]), torch.tensor([2, 2, 0, -1])]
+    weights = [torch.tensor([True, True, True, True]), torch.tensor([True, True, True, False])]
+    targets = [torch.randn(4, 4, generator=generator), torch.randn(4, 4, generator=generator)]
+    plain = weighted_fastrcnn_loss(logits, regression, labels, targets, weights)
+    uniform = weighted_fastrcnn_loss(logits, regression, labels, targets, weights, torch.ones(5))
+    assert torch.allclose(plain[0], uniform[0]) and torch.equal(plain[1], uniform[1])
+    class_weights = torch.tensor([1.0, 0.5, 1.0, 3.0, 1.0])
+    weighted = weighted_fastrcnn_loss(logits, regression, labels, targets, weights, class_weights)
+    used = torch.tensor([1, 0, 3, 0, 2, 2, 0])  # the RoIs of weight 1
+    expected = F.cross_entropy(logits[:7], used, weight=class_weights)  # torch's weighted mean
+    assert torch.allclose(weighted[0], expected) and torch.equal(weighted[1], plain[1])
