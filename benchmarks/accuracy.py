@@ -66,6 +66,11 @@ CONFIGS: dict[str, list[str]] = {
     "stock_native": STOCK_HEADS,  # torchvision's anchors and limits at native scale
     "cells": [*NATIVE, *CELL_ANCHORS],  # our detection limits at native scale (the defaults until cells_800 won)
     "cells+repeat": [*NATIVE, *CELL_ANCHORS, "--repeat_thresh", "0.3"],
+    # the rare-class and ranking levers of issues 27 and 24, each alone on the CPU protocol's configuration
+    "cells+turns": [*NATIVE, *CELL_ANCHORS, "--transpose_p", "0.5"],
+    "cells+hed": [*NATIVE, *CELL_ANCHORS, "--hed_p", "0.5"],
+    "cells+balance": [*NATIVE, *CELL_ANCHORS, "--class_balance"],
+    "cells+mask_iou": [*NATIVE, *CELL_ANCHORS, "--mask_iou"],
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match;
