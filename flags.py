@@ -101,10 +101,11 @@ def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool)
     checkpoint), or with ``from_checkpoint`` an override of the checkpoint's at prediction."""
     img, cls = ("the checkpoint's",) * 2 if from_checkpoint else (DEFAULT_CONFIG["detections_per_img"],
                                                                    DEFAULT_CONFIG["detections_per_class"])
-    parser.add_argument("--detections_per_img", type=positive_int, default=None if from_checkpoint else img,
-                        help=f"most detections kept per image, after the tile and TTA merges (default: {img}); "
-                             "each tile or view keeps at most what its area can hold, one cell per square of the "
-                             "smallest anchor side, and only the image's best get masks")
+    parser.add_argument("--detections_per_img", type=non_negative_int, default=None if from_checkpoint else img,
+                        help=f"most detections kept per image, after the tile and TTA merges (0: every one, for "
+                             f"whole slides; default: {img}); each tile or view keeps at most what its area can "
+                             "hold, one cell per square of the smallest anchor side, and only the image's best get "
+                             "masks")
     parser.add_argument("--detections_per_class", type=non_negative_int, default=None if from_checkpoint else cls,
                         help="most detections kept per image and class, within --detections_per_img: COCO's "
                              f"maxDets counts per image and class, so a frequent class cannot crowd a rare one "

@@ -60,6 +60,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "effnet_frozen": 2,
 }
 
+UNLIMITED = 1 << 40  # "no limit" as a count: top-k and slicing take it as it is
+
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
 LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3}
 
@@ -117,6 +119,13 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     group.add_argument("--box_score_thresh", type=float, default=d["box_score_thresh"],
                        help="detections below this score are dropped inside the model (AP likes 0)")
     group.add_argument("--box_nms_thresh", type=float, default=d["box_nms_thresh"])
+
+
+def image_cap(detections_per_img: int) -> int:
+    """The detections an image keeps: ``detections_per_img``, or every one for 0 (a whole-slide
+    image holds tens of thousands of cells; each tile and view still keeps at most what its
+    area can hold, ``predictor.MaskRCNNStages.view_cap``)."""
+    return int(detections_per_img) if detections_per_img > 0 else UNLIMITED
 
 
 def backbone_name(name: str) -> str:
@@ -207,7 +216,7 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         box_batch_size_per_image=config["box_batch_size_per_image"],
         box_score_thresh=config["box_score_thresh"],
         box_nms_thresh=config["box_nms_thresh"],
-        box_detections_per_img=config["detections_per_img"],
+        box_detections_per_img=image_cap(config["detections_per_img"]),
     )
     use_cell_detector(model, config)
     if config["use_attn"]:
@@ -251,7 +260,7 @@ def apply_runtime_settings(model: MaskRCNN, config: dict[str, Any]) -> None:
     model.transform = CellTransform.from_config(config)
     model.roi_heads.score_thresh = config["box_score_thresh"]
     model.roi_heads.nms_thresh = config["box_nms_thresh"]
-    model.roi_heads.detections_per_img = config["detections_per_img"]
+    model.roi_heads.detections_per_img = image_cap(config["detections_per_img"])
     model.roi_heads.detections_per_class = int(config.get("detections_per_class") or 0)
     model.rpn._pre_nms_top_n["testing"] = config["rpn_pre_nms_top_n_test"]
     model.rpn._post_nms_top_n["testing"] = config["rpn_post_nms_top_n_test"]

@@ -21,6 +21,7 @@ from coco import detections_to_coco, paste_masks
 from devices import autocast, counts, prediction_batch, scale_boxes
 from merging import (average_masks, greedy_mask_merge, mask_areas, merge_order, same_cell_copies, same_cell_pairs,
                      select_candidates, take, votes)
+from model import image_cap
 from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
 
@@ -114,7 +115,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     """
     stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
               for m in (models if isinstance(models, (list, tuple)) else [models])]
-    cap = settings.detections_per_img or min(s.detections_per_img for s in stages)
+    cap = (min(s.detections_per_img for s in stages) if settings.detections_per_img is None
+           else image_cap(settings.detections_per_img))
     per_class = (getattr(stages[0], "detections_per_class", 0) if settings.detections_per_class is None
                  else settings.detections_per_class)
     shown = views(settings.tta_scales, settings.dihedral)

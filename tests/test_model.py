@@ -213,3 +213,11 @@ assert not changed, changed
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(modules) > 20  # every script and library module was imported
+
+
+def test_detections_per_img_0_means_no_image_cap(shallow: None) -> None:
+    from model import UNLIMITED
+
+    model = build_model({**TINY, "detections_per_img": 0}, load_weights=False)
+    assert model.roi_heads.detections_per_img == UNLIMITED
+    assert build_model(TINY, load_weights=False).roi_heads.detections_per_img == TINY["detections_per_img"]

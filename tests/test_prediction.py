@@ -378,3 +378,15 @@ def test_merge_avg_resamples_copies_from_their_own_boxes() -> None:
     averaged = predict_images([CellOracle(), Wider()], [image], Settings(merge="avg"))[0]
     assert _cells_list(averaged) == _cells_list(alone)
     assert _mask_ious(averaged, alone).min() > 0.9  # the same cell, seen in two frames, averaged in one
+
+
+def test_detections_per_img_0_keeps_every_cell_of_a_large_image() -> None:
+    """An image holding more cells than the model's cap: 0 keeps each of them, tiled and merged
+    once; the model's own cap (here 20) would drop the rest."""
+    image = _scene(4, (300, 320), 90)
+    cells = len(torch.unique(image[0])) - 1
+    oracle = CellOracle()
+    oracle.detections_per_img = 20
+    assert len(predict_images(oracle, [image], Settings(tile=96, tile_overlap=0.4))[0]["scores"]) == 20
+    every = predict_images(oracle, [image], Settings(tile=96, tile_overlap=0.4, detections_per_img=0))[0]
+    assert 20 < len(every["scores"]) == cells
