@@ -11,7 +11,7 @@ outlives its mask.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,13 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
                             "2018): each stain scaled by U(1 - s, 1 + s) and shifted by U(-s, s), s = --hed_sigma "
                             "(0: off)")
     group.add_argument("--hed_sigma", type=non_negative, default=0.05, help="strength of the HED stain jitter")
+    group.add_argument("--copy_paste", type=chance, default=0.0,
+                       help="probability of pasting cells of another training image (Simple Copy-Paste, Ghiasi et "
+                            "al. 2021) at random places of a training window, over what lies there (0: off)")
+    group.add_argument("--copy_paste_cells", type=non_negative_int, default=8, help="most cells pasted at once")
+    group.add_argument("--copy_paste_rare", action="store_true",
+                       help="pick the pasted cells by 1 / sqrt(their class's share of the instances), so rare "
+                            "classes are pasted more often (--class_balance's weights)")
     group.add_argument("--cutout_p", type=chance, default=0.5, help="probability of one CutOut square")
     group.add_argument("--cutout_size", type=non_negative_int, default=50, help="CutOut square side in pixels")
     group.add_argument("--crop", type=non_negative_int, default=256,
@@ -48,12 +55,16 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no_augment", action="store_true", help="train without any augmentation")
 
 
-def build_train_transforms(args: argparse.Namespace) -> "Compose | None":
-    """The training pipeline from the flags of ``add_augment_args``."""
+def build_train_transforms(args: argparse.Namespace, donors: "Donors | None" = None) -> "Compose | None":
+    """The training pipeline from the flags of ``add_augment_args``; ``donors`` gives the cells
+    ``--copy_paste`` pastes (the training set's ``donor``, with the class weights of its picks)."""
     if args.no_augment:
         return None
     jitter = v2.ColorJitter(brightness=args.brightness, contrast=args.contrast, saturation=args.saturation)
-    ops: list[Op] = [ImageOnly(v2.RandomApply([jitter], p=args.jitter_p))]
+    ops: list[Op] = []
+    if getattr(args, "copy_paste", 0.0) > 0 and donors is not None:  # first: pasted cells get the rest too
+        ops.append(CopyPaste(donors, args.copy_paste, args.copy_paste_cells))
+    ops.append(ImageOnly(v2.RandomApply([jitter], p=args.jitter_p)))
     if getattr(args, "hed_p", 0.0) > 0:
         ops.append(HedJitter(args.hed_sigma, args.hed_p))
     ops += [RandomFlip(horizontal=True, p=args.hflip_p), RandomFlip(horizontal=False, p=args.vflip_p)]
@@ -130,6 +141,50 @@ class HedJitter:
         hed = color.rgb2hed(image.permute(1, 2, 0).numpy())
         rgb = color.hed2rgb(hed * scale.numpy() + shift.numpy())
         return torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1).clamp(0.0, 1.0).contiguous(), inst
+
+
+class Donors(NamedTuple):
+    """Where pasted cells come from: ``sample()`` gives a random training window (image [3, H,
+    W] and instances), ``weights`` each class's chance of being picked (index = class)."""
+
+    sample: Callable[[], tuple[torch.Tensor, Instances]]
+    weights: Sequence[float]
+
+
+class CopyPaste:
+    """Cells of another training window pasted at random places, with probability ``p``: up
+    to ``cells`` of them, picked by their class's weight, each placed whole (its pixels over
+    what lies there, which leaves the instances below); a cell larger than the window is skipped."""
+
+    def __init__(self, donors: Donors, p: float = 0.5, cells: int = 8) -> None:
+        self.donors = donors
+        self.p = p
+        self.cells = cells
+
+    def __call__(self, image: torch.Tensor, inst: Instances) -> tuple[torch.Tensor, Instances]:
+        if self.cells <= 0 or torch.rand(()) >= self.p:
+            return image, inst
+        donor_image, donor = self.donors.sample()
+        if len(donor) == 0:
+            return image, inst
+        weights = torch.tensor([float(self.donors.weights[int(c)]) for c in donor.labels])
+        count = min(self.cells, int((weights > 0).sum()))
+        if count == 0:
+            return image, inst
+        picks = torch.multinomial(weights, count, replacement=False).tolist()
+        image = image.clone()
+        height, width = image.shape[-2:]
+        for k in picks:  # a few cells, on the host, in a DataLoader worker
+            (bx0, by0, bx1, by1), crop = donor.boxes[k], donor.crops[k]
+            h, w = crop.shape
+            if h > height or w > width:
+                continue
+            y0, x0 = int(torch.randint(0, height - h + 1, ())), int(torch.randint(0, width - w + 1, ()))
+            shape = torch.from_numpy(np.ascontiguousarray(crop))
+            window = image[:, y0:y0 + h, x0:x0 + w]
+            image[:, y0:y0 + h, x0:x0 + w] = torch.where(shape, donor_image[:, by0:by1, bx0:bx1], window)
+            inst = inst.with_cell(int(donor.labels[k]), x0, y0, np.ascontiguousarray(crop))
+        return image, inst
 
 
 class RandomWindow:

@@ -87,9 +87,10 @@ class Instances:
         return Instances(self.labels, self.boxes[:, [1, 0, 3, 2]].copy(), [c.T for c in self.crops], self.width,
                          self.height)
 
-    def erased(self, x0: int, y0: int, x1: int, y1: int) -> "Instances":
-        """The region [x0, x1) x [y0, y1) wiped from every mask: touched instances are re-boxed
-        tight (a box never outlives its mask), emptied ones dropped, the rest shared."""
+    def erased(self, x0: int, y0: int, x1: int, y1: int, shape: np.ndarray | None = None) -> "Instances":
+        """The region [x0, x1) x [y0, y1) wiped from every mask (only its ``shape`` pixels, a
+        bool [y1 - y0, x1 - x0], when given: a cell pasted over them): touched instances are
+        re-boxed tight (a box never outlives its mask), emptied ones dropped, the rest shared."""
         b = self.boxes
         touched = (b[:, 0] < x1) & (b[:, 2] > x0) & (b[:, 1] < y1) & (b[:, 3] > y0)
         if not touched.any():
@@ -98,11 +99,21 @@ class Instances:
         for i, (label, (bx0, by0, bx1, by1), crop) in enumerate(zip(self.labels, b, self.crops)):
             if touched[i]:
                 crop = crop.copy()
-                crop[max(y0 - by0, 0):max(y1 - by0, 0), max(x0 - bx0, 0):max(x1 - bx0, 0)] = False
+                cy0, cy1, cx0, cx1 = max(y0, by0), min(y1, by1), max(x0, bx0), min(x1, bx1)
+                region = (slice(cy0 - by0, cy1 - by0), slice(cx0 - bx0, cx1 - bx0))
+                crop[region] = False if shape is None else crop[region] & ~shape[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
                 parts.append((label, *_tight(crop, bx0, by0)))
             else:
                 parts.append((label, (bx0, by0, bx1, by1), crop))
         return Instances.from_parts([p for p in parts if p[2] is not None], self.height, self.width)
+
+    def with_cell(self, label: int, x0: int, y0: int, crop: np.ndarray) -> "Instances":
+        """These instances and one more, ``crop`` (bool, tight) placed at (x0, y0), on top:
+        the pixels it covers leave the instances below it."""
+        height, width = crop.shape
+        below = self.erased(x0, y0, x0 + width, y0 + height, crop)
+        parts = [*zip(below.labels, below.boxes, below.crops), (label, (x0, y0, x0 + width, y0 + height), crop)]
+        return Instances.from_parts(parts, self.height, self.width)
 
     @staticmethod
     def from_parts(parts: Sequence[tuple], height: int, width: int) -> "Instances":
@@ -297,6 +308,13 @@ class LabelledImages(Dataset):
         if self.transforms is not None:
             image, inst = self.transforms(image, inst)
         return image, render_target(inst, self.image_ids[index])
+
+    def donor(self) -> tuple[torch.Tensor, Instances]:
+        """A random sample's training window (``crop_window``) with its instances: what
+        ``augment.CopyPaste`` pastes cells from."""
+        index = int(torch.randint(0, len(self), ()))
+        inst = self.instances[index]
+        return self.raw(index, self.crop_window(inst.height, inst.width) if self.crop_window else None)
 
     def name_of(self, image_id: int) -> str:
         """The sample folder behind an image id, for error messages."""

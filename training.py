@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from augment import add_augment_args, build_crop_window, build_train_transforms
+from augment import Donors, add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint,
                         set_rng_state)
 from coco import build_coco_gt
@@ -276,8 +276,11 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
         write_split(out / "split.json", train_names, val_names, split_seed, args.val_split,
                     split_groups=args.split_groups, val_dir=args.val_dir and str(Path(args.val_dir).resolve()))
     train_set = LabelledImages([by_name[n] for n in train_names], [ids[n] for n in train_names],
-                                build_train_transforms(args), desc="decode train labels",
-                                crop_window=build_crop_window(args), cache_images=not args.no_cache_images)
+                               desc="decode train labels", crop_window=build_crop_window(args),
+                               cache_images=not args.no_cache_images)
+    weights = (balanced_class_weights([i.labels for i in train_set.instances], args.num_classes)
+               if args.copy_paste_rare else [1.0] * args.num_classes)
+    train_set.transforms = build_train_transforms(args, Donors(train_set.donor, weights))
     val_set = LabelledImages(val_samples, val_ids, desc="decode val labels",
                               cache_images=not args.no_cache_images)
     for name, ds in (("train", train_set), ("val", val_set)):

@@ -70,6 +70,7 @@ CONFIGS: dict[str, list[str]] = {
     "cells+turns": [*NATIVE, *CELL_ANCHORS, "--transpose_p", "0.5"],
     "cells+hed": [*NATIVE, *CELL_ANCHORS, "--hed_p", "0.5"],
     "cells+balance": [*NATIVE, *CELL_ANCHORS, "--class_balance"],
+    "cells+paste": [*NATIVE, *CELL_ANCHORS, "--copy_paste", "0.5", "--copy_paste_rare"],
     "cells+mask_iou": [*NATIVE, *CELL_ANCHORS, "--mask_iou"],
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],

@@ -126,3 +126,40 @@ def test_pipeline_with_turns_and_stains_keeps_the_invariants() -> None:
         shapes.add(tuple(out_image.shape))
         _check(render_target(out, 1))
     assert shapes == {(3, 20, 30), (3, 30, 20)}
+
+
+def test_a_pasted_cell_lies_on_top_of_the_instances_below() -> None:
+    inst = _instances()
+    cell = np.zeros((6, 6), dtype=bool)
+    cell[1:5, 0:6] = True
+    cell[0, 2:4] = cell[5, 2:4] = True  # tight: every row and column holds a pixel
+    out = inst.with_cell(4, 2, 1, cell)
+    target = render_target(out, 1)
+    full = target["masks"].full()
+    assert target["labels"].tolist()[-1] == 4 and len(out) == len(inst) + 1
+    assert torch.equal(full[-1, 1:7, 2:8].bool(), torch.from_numpy(cell))
+    below = full[:-1].sum(0) > 0
+    assert not (below & full[-1].bool()).any()  # the pasted pixels left the instance below
+    assert torch.equal(full[:-1].sum(0).bool() | full[-1].bool(), torch.from_numpy(inst.masks()).sum(0).bool()
+                       | full[-1].bool())  # and nothing else changed
+    _check(target)
+
+
+def test_copy_paste_puts_donor_pixels_and_cells_together() -> None:
+    from augment import CopyPaste, Donors
+
+    donor_image = torch.zeros(3, 20, 30)
+    donor_image[:, 15:20, 20:30] = torch.tensor([0.9, 0.1, 0.5])[:, None, None]  # instance 2 (class 3)'s pixels
+    donor = _instances()
+    weights = [0.0, 0.0, 0.0, 1.0, 0.0]  # only class 3 may be picked
+    op = CopyPaste(Donors(lambda: (donor_image, donor), weights), p=1.0, cells=3)
+    torch.manual_seed(3)
+    for _ in range(5):
+        image, out = op(torch.rand(3, 20, 30), _instances())
+        target = render_target(out, 1)
+        assert target["labels"].tolist()[-1] == 3 and 1 <= len(out) - 1 <= 3  # below: kept, cut or covered
+        pasted = target["masks"].full()[-1].bool()
+        assert pasted.sum() == 50 and torch.allclose(image[:, pasted].T, torch.tensor([0.9, 0.1, 0.5]))
+        _check(target)
+    untouched = torch.rand(3, 20, 30)
+    assert CopyPaste(Donors(lambda: (donor_image, donor), weights), p=0.0)(untouched, donor)[0] is untouched

@@ -149,7 +149,7 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
     monkeypatch.setattr(engine, "predict", record)
     out = tmp_path / "crop"
     _train(train_resnet, data, out, "--epochs", "1", "--crop", "64", "--class_balance", "--transpose_p", "0.5",
-           "--hed_p", "0.5")  # the rare-class levers train too
+           "--hed_p", "0.5", "--copy_paste", "1", "--copy_paste_rare")  # the rare-class levers train too
     assert tiles == [64] and views == [None]  # validation: one view, cheap enough for every epoch
     monkeypatch.setattr(inference, "predict", record)
     test_args = _test_args(data, tmp_path / "r.json")
