@@ -18,8 +18,8 @@ import torch
 from skimage import color
 from torchvision.transforms import v2
 
+from argtypes import chance, non_negative, non_negative_int
 from dataloader import Instances
-from flags import chance, non_negative, non_negative_int
 
 Op = Callable[[torch.Tensor, Instances], tuple[torch.Tensor, Instances]]
 
@@ -34,8 +34,9 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--contrast", type=non_negative, default=0.2, help="colour jitter contrast")
     group.add_argument("--saturation", type=non_negative, default=0.2, help="colour jitter saturation")
     group.add_argument("--transpose_p", type=chance, default=0.0,
-                       help="probability of swapping rows and columns (a 90 degree turn): with the flips, all 8 "
-                            "symmetries of the square, since a slide has no up (0: off)")
+                       help="probability of swapping rows and columns (a mirror across the diagonal, a 90 degree "
+                            "turn with a flip): with the flips, all 8 symmetries of the square, since a slide has "
+                            "no up (0: off)")
     group.add_argument("--hed_p", type=chance, default=0.0,
                        help="probability of a stain jitter in HED space (haematoxylin, eosin, DAB; Tellez et al. "
                             "2018): each stain scaled by U(1 - s, 1 + s) and shifted by U(-s, s), s = --hed_sigma "

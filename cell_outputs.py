@@ -63,7 +63,8 @@ def painted_images(results: list[dict], dataset: UnlabelledImages, score_thresh:
 
 
 def write_label_sample(image: PaintedImage, folder: Path) -> None:
-    """``folder/<image stem>/``: the image and one uint16 label image per class."""
+    """``folder/<image stem>/``: the image and one label image per class (uint16, or uint32 for
+    an image of more than 65,535 cells)."""
     out = folder / Path(image.name).stem
     out.mkdir(parents=True, exist_ok=True)
     if image.source.suffix.lower() in TIFF_SUFFIXES:
@@ -72,7 +73,8 @@ def write_label_sample(image: PaintedImage, folder: Path) -> None:
         tifffile.imwrite(out / IMAGE_FILE, image.pixels)
     classes = np.array([0] + [c["category_id"] for c in image.cells], dtype=np.int64)
     for class_id, name in CLASS_FILES.items():
-        tifffile.imwrite(out / name, np.where(classes[image.labels] == class_id, image.labels, 0).astype(np.uint16))
+        dtype = np.uint16 if len(image.cells) <= np.iinfo(np.uint16).max else np.uint32
+        tifffile.imwrite(out / name, np.where(classes[image.labels] == class_id, image.labels, 0).astype(dtype))
 
 
 def geojson(image: PaintedImage, class_names: Sequence[str]) -> dict:

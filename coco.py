@@ -57,7 +57,7 @@ def build_coco_gt(instances: Sequence[Instances], image_ids: Sequence[int]) -> C
 
 
 def detections_to_coco(dets: dict, image_id: int) -> list[dict]:
-    """One image's merged detections (``inference.predict_images``: boxes, scores, labels and
+    """One image's merged detections (``predictor.predict_images``: boxes, scores, labels and
     ``masks``, a ``PackedMasks`` of each binary mask inside its box) as COCO results."""
     height, width = dets["image_size"]
     rles = encode_packed(dets["masks"], height, width)

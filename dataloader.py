@@ -372,11 +372,20 @@ class UnlabelledImages(Dataset):
 
 def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
     """The id map to use: the one given, else ``test_image_name_to_ids.json`` beside the test
-    folder (the task's layout) where it exists, else None (the images get numbered)."""
+    folder (the task's layout) where it names exactly that folder's images, else None (the
+    images get numbered): a folder of one's own beside the task's test folder is not mapped
+    by the task's map."""
     if id_map_json:
         return Path(id_map_json)
     beside = Path(test_dir).parent / ID_MAP_FILE
-    return beside if beside.is_file() else None
+    if not beside.is_file() or not Path(test_dir).is_dir():
+        return None
+    try:
+        named = {e["file_name"] for e in json.loads(beside.read_text())}
+    except (ValueError, TypeError, KeyError):
+        return None
+    files = {p.name for p in Path(test_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    return beside if named == files else None
 
 
 def number_images(folder: Path) -> list[dict]:

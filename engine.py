@@ -20,7 +20,7 @@ from coco import evaluate, matching_metrics
 from detector import check_boxes
 from devices import autocast
 from distributed import DistInfo, StopRequest, any_rank, broadcast, gather_lists, sum_across
-from history import LOSS_KEYS
+from history import LOGGED_LOSSES
 from masks import PackedMasks
 from optimisation import Optimisation
 from predictor import Settings, predict
@@ -73,13 +73,15 @@ class EpochMeter:
     ``skipped`` counts the updates not made: non-finite losses, and steps whose gradients
     overflowed under AMP (their losses are finite and summed)."""
 
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS + ("loss",), 0.0))
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOGGED_LOSSES + ("loss",), 0.0))
     batches: int = 0
     steps: int = 0
     skipped: int = 0
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        for key in LOGGED_LOSSES:  # an epoch stopped before a term was logged resumes with it at 0
+            self.sums.setdefault(key, 0.0)
         self.bad_in_row = 0
         self._pending: list[tuple[torch.Tensor, list]] = []
 
@@ -89,7 +91,8 @@ class EpochMeter:
         the device until the next ``read``."""
         self.batches += 1
         flag = (~torch.isfinite(loss) if skipped is None else skipped).detach().to(loss.dtype)
-        self._pending.append((torch.stack([losses[k].detach() for k in LOSS_KEYS] + [loss.detach(), flag]), image_ids))
+        terms = [losses[k].detach() if k in losses else torch.zeros_like(loss) for k in LOGGED_LOSSES]
+        self._pending.append((torch.stack(terms + [loss.detach(), flag]), image_ids))
 
     def read(self, epoch: int) -> float | None:
         """Fold the pending steps into the sums; the last finite total loss, for the progress bar."""
@@ -101,7 +104,7 @@ class EpochMeter:
             if math.isfinite(row[-1]):
                 self.bad_in_row = 0
                 self.steps += 1
-                for key, value in zip(LOSS_KEYS + ("loss",), row):
+                for key, value in zip(LOGGED_LOSSES + ("loss",), row):
                     self.sums[key] += value
                 last = row[-1]
                 self.skipped += int(skipped)  # a finite loss, gradients that overflowed fp16: AMP skipped the update
@@ -109,7 +112,7 @@ class EpochMeter:
             self.skipped += 1
             self.bad_in_row += 1
             print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
-                  f"{ {k: round(v, 4) for k, v in zip(LOSS_KEYS, row)} }")
+                  f"{ {k: round(v, 4) for k, v in zip(LOGGED_LOSSES, row)} }")
             if self.bad_in_row >= MAX_BAD_STEPS:
                 raise RuntimeError(f"{self.bad_in_row} non-finite losses in a row: lower --lr, drop --use_amp "
                                    "or check the images named above.")
@@ -182,8 +185,10 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
             images, targets = to_device(images, targets, device)
             with autocast(device, use_amp):
                 losses = model(images, targets)
-            per_batch.append(torch.stack([losses[k] for k in LOSS_KEYS] + [sum(losses.values())]))
-    sums = dict.fromkeys(LOSS_KEYS + ("loss",), 0.0)
+            total = sum(losses.values())
+            per_batch.append(torch.stack([losses[k] if k in losses else torch.zeros_like(total)
+                                          for k in LOGGED_LOSSES] + [total]))
+    sums = dict.fromkeys(LOGGED_LOSSES + ("loss",), 0.0)
     rows = torch.stack(per_batch).tolist() if per_batch else []  # one host sync, after the last batch
     for row in rows:
         for key, value in zip(sums, row):

@@ -6,8 +6,9 @@ and exit status 2 before any work, never with a traceback later.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import Any
 
+from argtypes import non_negative, non_negative_int, positive, positive_int, probability, share
 from dataloader import ID_MAP_FILE, NUM_CLASSES
 from devices import GPU_BATCH
 from model import DEFAULT_CONFIG, backbone_name
@@ -26,25 +27,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
         return super()._get_help_string(action)
-
-
-def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
-    return parse
-
-
-positive_int = _checked(int, lambda v: v >= 1, "at least 1")
-non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
-non_negative = _checked(float, lambda v: v >= 0.0, "0 or more")
-share = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a share of a tile, of samples, a decay
-probability = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
-chance = _checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an augmentation is applied
 
 
 def add_device_args(parser: argparse.ArgumentParser | Any) -> None:
@@ -79,7 +61,7 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                             "the time grows with the views (default: off, one view)")
     group.add_argument("--no_tta", dest="tta", action="store_const", const=None, default=argparse.SUPPRESS,
                        help="one view per image, the default (accepted for scripts that pass it)")
-    group.add_argument("--tta_scales", type=_checked(float, lambda v: v > 0, "above 0"), nargs="+", default=None,
+    group.add_argument("--tta_scales", type=positive, nargs="+", default=None,
                        help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
                             "alone, it turns --tta on")
     group.add_argument("--merge", choices=("max", "avg"), default=None,

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from cli import run_cli  # noqa: E402
 from errors import UsageError  # noqa: E402
 from files import writable_dir  # noqa: E402
-from history import HISTORY_FILE, LOSS_KEYS  # noqa: E402
+from history import HISTORY_FILE, LOGGED_LOSSES, LOSS_KEYS  # noqa: E402
 
 LOSS_PANELS = ("loss",) + LOSS_KEYS
 IOU_TYPES = ("segm", "bbox")
@@ -72,9 +72,11 @@ def load_history(output_dir: Path) -> list[dict[str, Any]]:
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
     """Total loss and each component, train and validation, one panel each, so a component
     that diverges is not hidden by the sum."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    extra = [k for k in LOGGED_LOSSES if k not in LOSS_KEYS and any(row.get(f"train_{k}") for row in history)]
+    panels = LOSS_PANELS + tuple(extra)  # a term only a model with its head has (--mask_iou), where it trained
+    fig, axes = plt.subplots(2, math.ceil(len(panels) / 2), figsize=(13, 7), sharex=True, squeeze=False)
     epochs = _series(history, "epoch")
-    for ax, key in zip(axes.flat, LOSS_PANELS):
+    for ax, key in zip(axes.flat, panels):
         for prefix, style in (("train_", "-o"), ("val_", "--s")):
             values = _series(history, prefix + key)
             if _has_values(values):

@@ -117,7 +117,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
               for m in (models if isinstance(models, (list, tuple)) else [models])]
     cap = (min(s.detections_per_img for s in stages) if settings.detections_per_img is None
            else image_cap(settings.detections_per_img))
-    per_class = (getattr(stages[0], "detections_per_class", 0) if settings.detections_per_class is None
+    own = [c for c in (getattr(s, "detections_per_class", 0) for s in stages) if c > 0]
+    per_class = (min(own, default=0) if settings.detections_per_class is None  # an ensemble: its strictest cap
                  else settings.detections_per_class)
     shown = views(settings.tta_scales, settings.dihedral)
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
@@ -268,7 +269,8 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
         kept = torch.arange(len(pick["scores"]), device=probs.device)
     else:
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
-        kept = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh).nonzero().flatten()
+        keep = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh)
+        kept = keep.nonzero().flatten()  # host sync: how many cells the image keeps, once per image
     scores = pick["scores"][kept]
     if "votes" in pick:
         scores = scores * (1 + settings.vote_boost * (pick["votes"][kept] - 1))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
+from argtypes import non_negative, non_negative_int, positive_int, share
 from augment import Donors, add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint,
                         set_rng_state)
@@ -27,8 +28,8 @@ from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError
 from files import writable_dir
-from flags import (HelpFormatter, add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args, add_tile_args,
-                   non_negative, non_negative_int, positive_int, share)
+from flags import (HelpFormatter, add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
+                   add_tile_args)
 from history import write_history
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
 from inference import predict_folder

@@ -95,3 +95,27 @@ def test_rescoring_changes_the_order_and_nothing_else(tmp_path: Path, shallow: N
     results = json.loads(Path(submission).read_text())
     assert len(results) == len(scored["scores"])
     assert max(r["score"] for r in results) == pytest.approx(scored["scores"][0].item(), abs=1e-2)
+
+
+def test_a_model_without_the_head_fine_tunes_into_one(tmp_path: Path, shallow: None) -> None:
+    from checkpoint import load_weights
+
+    plain = build_model({**CONFIG, "mask_iou": False})
+    scored = build_model(CONFIG)
+    fresh = scored.roi_heads.mask_iou_head.iou.weight.clone()
+    load_weights(scored, plain.state_dict(), tmp_path / "plain.pth", CONFIG)
+    assert torch.equal(scored.roi_heads.box_predictor.cls_score.weight, plain.roi_heads.box_predictor.cls_score.weight)
+    assert torch.equal(scored.roi_heads.mask_iou_head.iou.weight, fresh)  # the new head keeps its init
+
+
+def test_the_mask_iou_loss_is_logged_beside_the_others() -> None:
+    from engine import EpochMeter
+    from history import LOSS_KEYS
+
+    meter = EpochMeter()
+    losses = {k: torch.tensor(0.5) for k in LOSS_KEYS}
+    meter.add({**losses, "loss_mask_iou": torch.tensor(0.25)}, torch.tensor(2.75), [1])
+    meter.add(losses, torch.tensor(2.5), [2])  # a model without the head logs 0
+    meter.read(1)
+    assert meter.sums["loss_mask_iou"] == pytest.approx(0.25) and meter.sums["loss"] == pytest.approx(5.25)
+    assert meter.sums["loss_mask"] == pytest.approx(1.0) and meter.steps == 2

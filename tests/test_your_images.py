@@ -68,6 +68,9 @@ def test_a_folder_without_id_map_is_numbered_by_file_name(tmp_path: Path) -> Non
     assert find_id_map(folder, None) is None
     (tmp_path / ID_MAP_FILE).write_text(json.dumps(entries))
     assert find_id_map(folder, None) == tmp_path / ID_MAP_FILE  # the task's layout: the map beside the folder
+    (tmp_path / "other").mkdir()
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "other" / "x.png")
+    assert find_id_map(tmp_path / "other", None) is None  # a map of another folder beside it is not this one's
     assert find_id_map(folder, "given.json") == Path("given.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="empty: no image"):
