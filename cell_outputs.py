@@ -126,8 +126,8 @@ def measurements(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
 def write_cell_outputs(results: list[dict], dataset: UnlabelledImages, score_thresh: float,
                        class_names: Sequence[str], labels: Path | None = None, geojson_dir: Path | None = None,
                        csv_path: Path | None = None) -> None:
-    """Every requested output for every image of ``dataset``; the CSV rows are written as each
-    image is done, so a crash keeps the images before it."""
+    """Every requested output for every image of ``dataset``, image by image: a label folder
+    and a GeoJSON file per image as it is done, the CSV's rows appended (never all in memory)."""
     if geojson_dir:
         geojson_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
