@@ -82,7 +82,7 @@ def geojson(image: PaintedImage, class_names: Sequence[str]) -> dict:
     (pixel corners: a one-pixel cell at (x, y) spans x..x+1), ``objectType`` detection, its
     class name and colour, its score as a measurement."""
     features = []
-    for number, window in enumerate(_windows(image.labels), start=1):
+    for number, window in enumerate(ndimage.find_objects(image.labels), start=1):  # every number has pixels
         cell = image.cells[number - 1]
         crop = np.pad(image.labels[window] == number, 1)
         ring = max(measure.find_contours(crop.astype(np.uint8), 0.5), key=len)  # the outer boundary
@@ -145,8 +145,3 @@ def write_cell_outputs(results: list[dict], dataset: UnlabelledImages, score_thr
                 table.writerows(measurements(image, class_names))
     written = [str(p) for p in (labels, geojson_dir, csv_path) if p]
     print(f"cells of {len(dataset.entries)} images (score >= {score_thresh:g}) -> {', '.join(written)}")
-
-
-def _windows(labels: np.ndarray) -> list[tuple[slice, slice]]:
-    """The bounding window of each cell number 1..N (every number has pixels)."""
-    return ndimage.find_objects(labels)

@@ -20,10 +20,11 @@ from coco import evaluate, matching_metrics
 from detector import check_boxes
 from devices import autocast
 from distributed import DistInfo, StopRequest, any_rank, broadcast, gather_lists, sum_across
+from flags import validation_settings
 from history import LOGGED_LOSSES
 from masks import PackedMasks
 from optimisation import Optimisation
-from predictor import Settings, predict
+from predictor import predict
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
 READ_EVERY = 10  # steps between reads of the losses (a host sync) and, under torchrun, stop-flag checks
@@ -55,8 +56,7 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
 def validation_metrics(model: nn.Module, loader: DataLoader, coco_gt: Any, device: torch.device,
                        args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     """COCO metrics of the validation split, predicted in shards and scored on rank 0."""
-    settings = Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size, use_amp=args.use_amp)
-    results = gather_lists(predict(model, loader, device, settings, desc="val predict"), info)
+    results = gather_lists(predict(model, loader, device, validation_settings(args), desc="val predict"), info)
     metrics = {**evaluate(coco_gt, results, max_dets=args.eval_max_dets),
                **matching_metrics(coco_gt, results)} if info.is_main else None
     return broadcast(metrics, info)

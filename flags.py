@@ -110,6 +110,12 @@ def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:
                              f"{' '.join(DEFAULT_CLASS_NAMES)})")
 
 
+def validation_settings(args: argparse.Namespace) -> Settings:
+    """How training predicts its held-out images and, at the end, a test folder: one view, tiles
+    of ``--tile``, batches of ``--batch_size``."""
+    return Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size, use_amp=args.use_amp)
+
+
 def prediction_settings(args: argparse.Namespace) -> Settings:
     """The ``Settings`` the flags of ``add_prediction_args`` ask for (``None`` fields are
     decided later from the device and checkpoint: ``Settings.resolved``)."""

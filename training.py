@@ -29,12 +29,11 @@ from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError
 from files import writable_dir
 from flags import (HelpFormatter, add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
-                   add_tile_args)
+                   add_tile_args, validation_settings)
 from history import write_history
 from model import ARCH_KEYS, add_model_args, build_model, config_from_args, saved_config
 from inference import predict_folder
 from optimisation import LRSchedule, Optimisation, enable_tf32, fused_adamw
-from predictor import Settings
 from sampling import balanced_class_weights, class_repeat_factors, train_sampler
 
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
@@ -136,7 +135,7 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         summary["submission"] = str(predict_folder(
             Path(args.output_dir) / "best.pth", args.test_dir, id_map,
             Path(args.output_dir) / "test-results.json",
-            Settings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size, use_amp=args.use_amp),
+            validation_settings(args),
             device=args.device))
     print("outputs:")
     for key, value in summary.items():
