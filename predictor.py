@@ -44,6 +44,8 @@ class Settings:
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
+    # With a --mask_iou model: rank by class probability x predicted mask IoU (False: by the former alone).
+    mask_scoring: bool = True
     # Bytes of features kept between an image's detection pass and its mask pass; the views past
     # it are detected again for their masks, so a large image, --tta or an ensemble needs no more
     # device memory than this plus one batch.
@@ -140,7 +142,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         del state  # a dropped state is freed before the next chunk is detected
     picks = [_candidates(found, jobs, i, cap, per_class, settings) for i in range(len(images))]
     masks, quality = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
-    if quality is not None:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
+    if quality is not None and settings.mask_scoring:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
         for pick, iou in zip(picks, quality):
             pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]

@@ -72,6 +72,7 @@ CONFIGS: dict[str, list[str]] = {
     "cells+balance": [*NATIVE, *CELL_ANCHORS, "--class_balance"],
     "cells+paste": [*NATIVE, *CELL_ANCHORS, "--copy_paste", "0.5", "--copy_paste_rare"],
     "cells+mask_iou": [*NATIVE, *CELL_ANCHORS, "--mask_iou"],
+    "defaults+mask_iou": ["--mask_iou"],  # the CPM-15 protocol's configuration with a Mask Scoring head
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match;
@@ -86,7 +87,7 @@ CONFIGS: dict[str, list[str]] = {
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
         "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg",
-        "tile+tta+max", "tile+dihedral+max", "tile+oracle")
+        "tile+tta+max", "tile+dihedral+max", "tile+oracle", "tile+noiou")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
@@ -111,6 +112,8 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
             return {**settings[name.removesuffix(f"+{merge}")], "merge": merge}
     if name.endswith("+oracle"):  # predicted like the rest, then scored by the truth (score_posts)
         return settings[name.removesuffix("+oracle")]
+    if name.endswith("+noiou"):  # a --mask_iou model ranked by class probability alone
+        return {**settings[name.removesuffix("+noiou")], "mask_scoring": False}
     return settings[name]
 
 
