@@ -55,7 +55,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "box_score_thresh": 0.0,
     "box_nms_thresh": 0.5,
     "detections_per_img": 1000,
-    "detections_per_class": 0,
+    "detections_per_class": 100,
     "effnet_taps": [2, 3, 4, 6],
     "effnet_frozen": 2,
 }
