@@ -5,7 +5,8 @@ and one measurement table (CSV) for all images.
 All three come from one painted canvas per image (``coco.paint``): each pixel belongs to the
 best-scoring detection covering it, so a cell has the same pixels, and the same number (1 =
 best score), in every output. Geometry and measurements are scikit-image's (``find_contours``,
-``regionprops_table``). This runs once per image after prediction, on the host.
+``regionprops_table``). This runs on the host after prediction, once per image, or once per
+window of an image streamed in windows (``streaming.py``, ``painted_window``).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import IO, Iterator, Sequence
 
 import numpy as np
 import tifffile
+import torch
 from scipy import ndimage
 from skimage import measure
 from tqdm import tqdm
@@ -44,22 +46,52 @@ class PaintedImage:
     pixels: np.ndarray  # [H, W, C] as stored
     cells: list[dict]
     labels: np.ndarray  # int32 [H, W]
+    origin: tuple[int, int] = (0, 0)  # (y, x) of pixels[0, 0] in the image: a window of a streamed image
+    first: int = 1  # the number of cell 1 in the image (a streamed image's windows number on)
 
 
-def painted_images(results: list[dict], dataset: UnlabelledImages, score_thresh: float) -> Iterator[PaintedImage]:
-    """Each image of ``dataset`` with its detections scoring at least ``score_thresh`` painted."""
+def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
+                   score_thresh: float) -> Iterator[PaintedImage]:
+    """Each image of ``entries`` (id map entries of ``test_dir``) with its detections scoring
+    at least ``score_thresh`` painted."""
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
-    for entry in tqdm(dataset.entries, desc="cell outputs", leave=False, disable=None):
-        source = dataset.test_dir / entry["file_name"]
+    for entry in tqdm(entries, desc="cell outputs", leave=False, disable=None):
+        source = Path(test_dir) / entry["file_name"]
         pixels = read_raw_image(source)
         kept, canvas = paint(by_image.get(int(entry["id"]), []), *pixels.shape[:2], score_thresh)
-        shown = np.unique(canvas[canvas > 0]) - 1  # detections with pixels left, best first
-        rank = np.zeros(len(kept) + 1, dtype=np.int32)
-        rank[shown + 1] = np.arange(1, len(shown) + 1)
-        yield PaintedImage(entry["file_name"], int(entry["id"]), source, pixels, [kept[i] for i in shown],
-                           rank[canvas])
+        yield PaintedImage(entry["file_name"], int(entry["id"]), source, pixels, *_numbered(kept, canvas))
+
+
+def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, origin: tuple[int, int], dets: dict,
+                   score_thresh: float, first: int) -> PaintedImage:
+    """One window of a streamed image (``streaming.Part``) painted like a whole image, from
+    its packed masks (image coordinates; never a full-image mask): its cells scoring at least
+    ``score_thresh``, numbered on from ``first``."""
+    scores = dets["scores"].detach().float().cpu()
+    order = torch.argsort(scores, descending=True)
+    order = order[scores[order] >= score_thresh].numpy()
+    masks = dets["masks"]
+    data, offsets = masks.data.cpu().numpy().astype(bool), masks.offsets.cpu().numpy()
+    boxes = masks.boxes.cpu().numpy() - np.array([origin[1], origin[0], origin[1], origin[0]])
+    labels = dets["labels"].cpu().numpy()
+    canvas = np.zeros(pixels.shape[:2], dtype=np.int32)
+    for k in range(len(order) - 1, -1, -1):  # worst first, so better ones paint over it (host, after prediction)
+        i = order[k]
+        x0, y0, x1, y1 = boxes[i]
+        canvas[y0:y1, x0:x1][data[offsets[i]:offsets[i + 1]].reshape(y1 - y0, x1 - x0)] = k + 1
+    kept = [{"category_id": int(labels[i]), "score": float(scores[i])} for i in order]
+    return PaintedImage(name, image_id, source, pixels, *_numbered(kept, canvas), origin=origin, first=first)
+
+
+def _numbered(kept: list[dict], canvas: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """The detections left with pixels on ``canvas`` (1 + index into ``kept``), best first, and
+    the canvas renumbered 1..N in that order."""
+    shown = np.unique(canvas[canvas > 0]) - 1
+    rank = np.zeros(len(kept) + 1, dtype=np.int32)
+    rank[shown + 1] = np.arange(1, len(shown) + 1)
+    return [kept[i] for i in shown], rank[canvas]
 
 
 def write_label_sample(image: PaintedImage, folder: Path) -> None:
@@ -78,26 +110,33 @@ def write_label_sample(image: PaintedImage, folder: Path) -> None:
 
 
 def geojson(image: PaintedImage, class_names: Sequence[str]) -> dict:
-    """A QuPath-importable FeatureCollection: each cell a polygon in image pixel coordinates
-    (pixel corners: a one-pixel cell at (x, y) spans x..x+1), ``objectType`` detection, its
-    class name and colour, its score as a measurement."""
-    features = []
+    """A QuPath-importable FeatureCollection of one image's cells (``features``)."""
+    return {"type": "FeatureCollection", "features": features(image, class_names)}
+
+
+def features(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
+    """Each cell a GeoJSON polygon in image pixel coordinates (pixel corners: a one-pixel cell
+    at (x, y) spans x..x+1), ``objectType`` detection, its class name and colour, its score as
+    a measurement."""
+    out = []
     for number, window in enumerate(ndimage.find_objects(image.labels), start=1):  # every number has pixels
         cell = image.cells[number - 1]
         crop = np.pad(image.labels[window] == number, 1)
         ring = max(measure.find_contours(crop.astype(np.uint8), 0.5), key=len)  # the outer boundary
-        y0, x0 = window[0].start - 1 + 0.5, window[1].start - 1 + 0.5  # padding, then pixel centres
+        # padding, then pixel centres, then the window's place in the image
+        y0 = window[0].start - 1 + 0.5 + image.origin[0]
+        x0 = window[1].start - 1 + 0.5 + image.origin[1]
         coordinates = [[round(float(x) + x0, 2), round(float(y) + y0, 2)] for y, x in ring]
         if coordinates[0] != coordinates[-1]:
             coordinates.append(coordinates[0])
         class_id = int(cell["category_id"])
-        features.append({"type": "Feature", "id": f"{Path(image.name).stem}-{number}",
-                         "geometry": {"type": "Polygon", "coordinates": [coordinates]},
-                         "properties": {"objectType": "detection",
-                                        "classification": {"name": class_names[class_id - 1],
-                                                           "color": list(CLASS_COLOURS[(class_id - 1) % 4])},
-                                        "measurements": {"score": float(cell["score"])}}})
-    return {"type": "FeatureCollection", "features": features}
+        out.append({"type": "Feature", "id": f"{Path(image.name).stem}-{number + image.first - 1}",
+                    "geometry": {"type": "Polygon", "coordinates": [coordinates]},
+                    "properties": {"objectType": "detection",
+                                   "classification": {"name": class_names[class_id - 1],
+                                                      "color": list(CLASS_COLOURS[(class_id - 1) % 4])},
+                                   "measurements": {"score": float(cell["score"])}}})
+    return out
 
 
 def measurements(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
@@ -107,15 +146,17 @@ def measurements(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
         return []
     table = measure.regionprops_table(image.labels, intensity_image=image.pixels, properties=("label", *PROPERTIES))
     channels = image.pixels.shape[2]
+    oy, ox = image.origin
     rows = []
     for i, number in enumerate(table["label"]):
         cell = image.cells[number - 1]
-        row = {"image": image.name, "image_id": image.image_id, "cell": int(number),
+        row = {"image": image.name, "image_id": image.image_id, "cell": int(number) + image.first - 1,
                "class": class_names[int(cell["category_id"]) - 1], "score": round(float(cell["score"]), 5),
                "area": int(table["area"][i]), "perimeter": round(float(table["perimeter"][i]), 3),
-               "centroid_x": round(float(table["centroid-1"][i]), 3), "centroid_y": round(float(table["centroid-0"][i]), 3),
-               "bbox_x0": int(table["bbox-1"][i]), "bbox_y0": int(table["bbox-0"][i]),
-               "bbox_x1": int(table["bbox-3"][i]), "bbox_y1": int(table["bbox-2"][i]),
+               "centroid_x": round(float(table["centroid-1"][i]) + ox, 3),
+               "centroid_y": round(float(table["centroid-0"][i]) + oy, 3),
+               "bbox_x0": int(table["bbox-1"][i]) + ox, "bbox_y0": int(table["bbox-0"][i]) + oy,
+               "bbox_x1": int(table["bbox-3"][i]) + ox, "bbox_y1": int(table["bbox-2"][i]) + oy,
                "eccentricity": round(float(table["eccentricity"][i]), 4)}
         for c in range(channels):
             row[f"mean_intensity_{c}"] = round(float(table[f"intensity_mean-{c}"][i]), 3)
@@ -123,25 +164,107 @@ def measurements(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
     return rows
 
 
+class CellWriter:
+    """The requested per-cell outputs, written as images (or a streamed image's windows) come:
+    a label folder per image, a GeoJSON file per image appended feature by feature and
+    finished when the next image starts, one CSV for all; never more than one image's (or
+    window's) cells in memory."""
+
+    def __init__(self, class_names: Sequence[str], labels: Path | None = None, geojson_dir: Path | None = None,
+                 csv_path: Path | None = None) -> None:
+        self.class_names, self.labels, self.geojson_dir, self.csv_path = class_names, labels, geojson_dir, csv_path
+        self._stack = ExitStack()
+        self._table: csv.DictWriter | None = None
+        self._current: str | None = None
+        self._geojson: tuple[IO[str], Path] | None = None  # the open file of the current image, and its final path
+        self._separator = ""
+        self._canvases: dict[str, np.ndarray] = {}  # memory-mapped label TIFFs of a streamed image
+
+    def __enter__(self) -> "CellWriter":
+        if self.geojson_dir:
+            self.geojson_dir.mkdir(parents=True, exist_ok=True)
+        if self.csv_path:
+            self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+            self._table = csv.DictWriter(self._stack.enter_context(open(self.csv_path, "w", newline="")),
+                                         fieldnames=COLUMNS)
+            self._table.writeheader()
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        self._finish_image(complete=kind is None)
+        self._stack.close()
+
+    def add(self, image: PaintedImage, size: tuple[int, int] | None = None) -> None:
+        """Write ``image``'s cells; ``size``: the whole image's (H, W) when ``image`` is one
+        window of it (``painted_window``), the windows of one image following each other."""
+        if image.name != self._current:
+            self._finish_image()
+            self._current = image.name
+        if self.labels:
+            if size is None:
+                write_label_sample(image, self.labels)
+            else:
+                self._label_window(image, size)
+        if self.geojson_dir:
+            self._write_features(image)
+        if self._table:
+            self._table.writerows(measurements(image, self.class_names))
+
+    def _write_features(self, image: PaintedImage) -> None:
+        if self._geojson is None:
+            final = self.geojson_dir / f"{Path(image.name).stem}.geojson"
+            tmp = final.with_name(f".{final.name}.tmp")
+            self._geojson = (open(tmp, "w"), final)
+            self._geojson[0].write('{"type":"FeatureCollection","features":[')
+            self._separator = ""
+        for feature in features(image, self.class_names):
+            self._geojson[0].write(self._separator + json.dumps(feature, separators=(",", ":")))
+            self._separator = ","
+
+    def _label_window(self, image: PaintedImage, size: tuple[int, int]) -> None:
+        """A streamed image's label folder: uint32 label TIFFs memory-mapped on disk, filled window
+        by window (a cell keeps its pixels; a later window's cell wins a pixel both claim)."""
+        out = self.labels / Path(image.name).stem
+        if not self._canvases:
+            out.mkdir(parents=True, exist_ok=True)
+            if image.source.suffix.lower() in TIFF_SUFFIXES:
+                shutil.copyfile(image.source, out / IMAGE_FILE)
+            else:
+                self._canvases[IMAGE_FILE] = tifffile.memmap(out / IMAGE_FILE, shape=(*size, image.pixels.shape[2]),
+                                                             dtype=image.pixels.dtype)
+            for name in CLASS_FILES.values():
+                self._canvases[name] = tifffile.memmap(out / name, shape=size, dtype=np.uint32)
+        (y0, x0), (h, w) = image.origin, image.labels.shape
+        if IMAGE_FILE in self._canvases:
+            self._canvases[IMAGE_FILE][y0:y0 + h, x0:x0 + w] = image.pixels
+        classes = np.array([0] + [c["category_id"] for c in image.cells], dtype=np.int64)[image.labels]
+        for class_id, name in CLASS_FILES.items():
+            mine = classes == class_id
+            self._canvases[name][y0:y0 + h, x0:x0 + w][mine] = image.labels[mine] + image.first - 1
+
+    def _finish_image(self, complete: bool = True) -> None:
+        if self._geojson is not None:
+            handle, final = self._geojson
+            handle.write("]}")
+            handle.close()
+            if complete:  # an interrupted image keeps its partial file under the hidden name
+                Path(handle.name).replace(final)
+            self._geojson = None
+        for canvas in self._canvases.values():
+            canvas.flush()
+        self._canvases = {}
+
+
 def write_cell_outputs(results: list[dict], dataset: UnlabelledImages, score_thresh: float,
                        class_names: Sequence[str], labels: Path | None = None, geojson_dir: Path | None = None,
                        csv_path: Path | None = None) -> None:
-    """Every requested output for every image of ``dataset``, image by image: a label folder
-    and a GeoJSON file per image as it is done, the CSV's rows appended (never all in memory)."""
-    if geojson_dir:
-        geojson_dir.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        table = None
-        if csv_path:
-            csv_path.parent.mkdir(parents=True, exist_ok=True)
-            table = csv.DictWriter(stack.enter_context(open(csv_path, "w", newline="")), fieldnames=COLUMNS)
-            table.writeheader()
-        for image in painted_images(results, dataset, score_thresh):
-            if labels:
-                write_label_sample(image, labels)
-            if geojson_dir:
-                (geojson_dir / f"{Path(image.name).stem}.geojson").write_text(json.dumps(geojson(image, class_names)))
-            if table:
-                table.writerows(measurements(image, class_names))
-    written = [str(p) for p in (labels, geojson_dir, csv_path) if p]
-    print(f"cells of {len(dataset.entries)} images (score >= {score_thresh:g}) -> {', '.join(written)}")
+    """Every requested output for every image of ``dataset`` (``CellWriter``)."""
+    with CellWriter(class_names, labels, geojson_dir, csv_path) as writer:
+        for image in painted_images(results, dataset.test_dir, dataset.entries, score_thresh):
+            writer.add(image)
+    report_cell_outputs(len(dataset.entries), score_thresh, labels, geojson_dir, csv_path)
+
+
+def report_cell_outputs(images: int, score_thresh: float, *paths: Path | None) -> None:
+    """The one line saying where the per-cell outputs went."""
+    print(f"cells of {images} images (score >= {score_thresh:g}) -> {', '.join(str(p) for p in paths if p)}")

@@ -139,7 +139,13 @@ def read_image(path: Path) -> np.ndarray:
 def read_raw_image(path: Path) -> np.ndarray:
     """The image's pixels in their stored dtype, [H, W, 1] (grey) or [H, W, 3]: the compact
     form the training set keeps in memory (alpha carries no stain information)."""
-    array = _to_hwc(_read_pixels(path), path)
+    return raw_pixels(_read_pixels(path), path)
+
+
+def raw_pixels(array: np.ndarray, path: Path) -> np.ndarray:
+    """Decoded pixels (2-D, channels last or, as some TIFFs store them, first) as
+    ``read_raw_image`` returns them; also serves one window of an image read lazily."""
+    array = _to_hwc(array, path)
     if array.shape[2] == 2:  # grey + alpha
         array = array[:, :, :1]
     elif array.shape[2] > 3:

@@ -31,3 +31,31 @@ def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=indent, separators=None if indent else (",", ":"))
     os.replace(tmp, path)
+
+
+class JsonArrayWriter:
+    """A JSON list written item by item (a whole slide's 50,000 results never sit in memory
+    together), under a hidden name until complete: the final path appears, atomically, only
+    when every item is written; a crash leaves the items so far in ``.<name>.tmp``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.count = 0
+
+    def __enter__(self) -> "JsonArrayWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.tmp, "w")
+        self._handle.write("[")
+        return self
+
+    def extend(self, items: list[Any]) -> None:
+        for item in items:
+            self._handle.write(("," if self.count else "") + json.dumps(item, separators=(",", ":")))
+            self.count += 1
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        self._handle.write("]")
+        self._handle.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)

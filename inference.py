@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
-from cell_outputs import write_cell_outputs
+from argtypes import non_negative_int
+from cell_outputs import CellWriter, painted_images, painted_window, report_cell_outputs
 from checkpoint import load_model, saved_args
 from cli import run_cli
-from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map
+from coco import detections_to_coco
+from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, image_size
 from devices import default_device
-from files import writable_dir, write_json
+from files import JsonArrayWriter, writable_dir, write_json
 from flags import (DEFAULT_CLASS_NAMES, HelpFormatter, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
                    add_prediction_args, prediction_settings)
 from model import scale_factor
 from predictor import Settings, predict
+from streaming import LazyImage, model_predictor, stream_image, window_spans
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of the submission, <output_dir>/test-results.json (default: the checkpoint's)")
     parser.add_argument("--output", default=None, help="exact submission path, instead of --output_dir")
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    parser.add_argument("--window", type=non_negative_int, default=4096,
+                        help="an image with a side longer than this is streamed: read lazily (tiled or compressed "
+                             "TIFF: only the parts needed) and predicted in overlapping windows of this side, its "
+                             "cells written window by window, so memory depends on the window, not the image. A "
+                             "streamed image keeps every cell; --detections_per_img and --detections_per_class, "
+                             "when given, cap each window. Its cells are numbered best first within each window "
+                             "(0: never stream)")
     parser.add_argument("--score_thresh", type=float, default=0.0,
                         help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
-    outputs = parser.add_argument_group("per-cell outputs (cells numbered 1 = best score in each; a pixel "
-                                        "covered twice belongs to the better score)")
+    outputs = parser.add_argument_group("per-cell outputs (cells numbered 1 = best score in each image or "
+                                        "--window; a pixel covered twice belongs to the better score)")
     outputs.add_argument("--save_labels", default=None, metavar="DIR",
                          help="DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 cell numbers): the "
                               "training layout, to correct and train on, or to open in napari")
@@ -82,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           device=args.device, overrides=overrides, score_thresh=args.score_thresh,
                           num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
                                                                                  args.save_csv, args.label_thresh,
-                                                                                 args.class_names))
+                                                                                 args.class_names),
+                          window=args.window)
 
 
 class CellOutputs(NamedTuple):
@@ -106,14 +120,18 @@ class CellOutputs(NamedTuple):
 def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path | None,
                    output: Path, settings: Settings = Settings(tile=None, batch_size=None), device: str | None = None,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0, num_workers: int = 0,
-                   cell_outputs: CellOutputs = CellOutputs()) -> Path:
+                   cell_outputs: CellOutputs = CellOutputs(), window: int = 0) -> Path:
     """Predict every test image and write the submission; returns its path. Several
     checkpoints are an ensemble; ``settings.tile`` None tiles at the training crop recorded
     in the (first) checkpoint, ``settings.batch_size`` None takes the device's default.
     ``id_map_json`` None: the map beside the folder, else the images numbered by name (and that
-    map written beside the submission)."""
+    map written beside the submission). An image with a side over ``window`` (> 0) is streamed
+    (``streaming.py``); the others are predicted whole, their results written first."""
     id_map = find_id_map(Path(test_dir), id_map_json)
     dataset = UnlabelledImages(Path(test_dir), id_map)  # fails on a bad id map before the model loads
+    sizes = [image_size(dataset.test_dir / e["file_name"]) for e in dataset.entries]
+    streamed = [i for i, size in enumerate(sizes) if window and max(size) > window]
+    whole = sorted(set(range(len(sizes))) - set(streamed))
     torch_device = default_device(device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_model(Path(path), overrides) for path in paths]
@@ -121,25 +139,62 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     resolved = settings.resolved(torch_device, loaded[0][2])
     if settings.tile is None and resolved.tile:
         print(f"tiles of {resolved.tile} px, the checkpoint's training --crop (--tile 0 predicts whole images)")
+    if streamed:  # checked before minutes of prediction
+        window_spans(window + 1, window, resolved.tile, resolved.tile_overlap)
     # Tiles and views of one image fill a batch already; whole images of different sizes are
     # batched (padded together) only when asked.
-    whole = not (resolved.tile or resolved.tta_scales) and settings.batch_size is not None
-    loader = DataLoader(dataset, batch_size=resolved.batch_size if whole else 1, shuffle=False,
+    together = not (resolved.tile or resolved.tta_scales) and settings.batch_size is not None
+    loader = DataLoader(Subset(dataset, whole), batch_size=resolved.batch_size if together else 1, shuffle=False,
                         collate_fn=collate_fn, num_workers=num_workers, pin_memory=torch_device.type == "cuda")
+    names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES
     start = time.time()
-    results = predict(models, loader, torch_device, resolved, desc="inference")
-    results = [r for r in results if r["score"] >= score_thresh]
-    write_json(Path(output), results)
+    with ExitStack() as stack:
+        submission = stack.enter_context(JsonArrayWriter(Path(output)))
+        writer = (stack.enter_context(CellWriter(names, *cell_outputs.paths)) if cell_outputs.requested else None)
+        if whole:
+            results = [r for r in predict(models, loader, torch_device, resolved, desc="inference")
+                       if r["score"] >= score_thresh]
+            submission.extend(results)
+            if writer:
+                for image in painted_images(results, dataset.test_dir, [dataset.entries[i] for i in whole],
+                                            cell_outputs.score_thresh):
+                    writer.add(image)
+            del results
+        per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
+                             detections_per_class=settings.detections_per_class or 0)
+        for i in streamed:
+            _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
+                    submission, writer, cell_outputs.score_thresh)
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
         write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
         print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
-    if cell_outputs.requested:
-        names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES
-        write_cell_outputs(results, dataset, cell_outputs.score_thresh, names, *cell_outputs.paths)
+    if writer:
+        report_cell_outputs(len(dataset), cell_outputs.score_thresh, *cell_outputs.paths)
     seconds = time.time() - start
-    print(f"{len(results)} detections on {len(dataset)} images in {seconds:.1f}s "
+    print(f"{submission.count} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
+
+
+def _stream(entry: dict, test_dir: Path, models: list, device: Any, settings: Settings, window: int,
+            score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None, label_thresh: float) -> None:
+    """One large image predicted window by window, each window's cells written before the next is read."""
+    path = test_dir / entry["file_name"]
+    with LazyImage(path) as image:
+        spans = [len(window_spans(n, window, settings.tile, settings.tile_overlap)) for n in image.size]
+        print(f"{entry['file_name']}: {image.size[0]}x{image.size[1]} px, streamed in {spans[0] * spans[1]} windows "
+              f"(--window {window})")
+        numbered = 0
+        parts = stream_image(image, model_predictor(models, device, settings, path), window, settings.tile,
+                             settings.tile_overlap)
+        for part in tqdm(parts, total=spans[0] * spans[1], desc=entry["file_name"], leave=False, disable=None):
+            submission.extend([r for r in detections_to_coco(part.dets, int(entry["id"]))
+                               if r["score"] >= score_thresh])
+            if writer:
+                cells = painted_window(entry["file_name"], int(entry["id"]), path, part.pixels, part.origin, part.dets,
+                                       label_thresh, numbered + 1)
+                writer.add(cells, image.size)
+                numbered += len(cells.cells)
 
 
 if __name__ == "__main__":

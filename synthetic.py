@@ -13,8 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import tifffile
+import torch
+from scipy import ndimage
 
 from dataloader import CLASS_FILES, IMAGE_FILE
+from masks import PackedMasks
 
 # Stain-like colour and radius range per class.
 _CLASS_STYLE = {1: ((90, 40, 140), (5, 9)), 2: ((200, 80, 150), (4, 7)),
@@ -66,6 +69,43 @@ def synth_image(rng: np.random.Generator, size: tuple[int, int], n_cells: int) -
         labels[class_id][y0:y1, x0:x1][inside] = 3 * k + 7
         image[y0:y1, x0:x1][inside] = np.array(colour) + rng.normal(0, 8, (int(inside.sum()), 3))
     return image.clip(0, 255).astype(np.uint8), labels
+
+
+def cell_grid(size: tuple[int, int], spacing: int, radius: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """An int64 label image of round cells, one per ``spacing`` square (jittered, radius in
+    [radius[0], radius[1]]), ids 1..N in raster order: a whole slide's density (spacing 41 puts
+    about 40,000 cells on 8192 x 8192) in a second."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(size, dtype=np.int64)
+    disks = {r: np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r for r in range(radius[0], radius[1] + 1)}
+    slack = spacing - 2 * radius[1] - 2
+    number = 0
+    for y in range(0, size[0] - spacing + 1, spacing):
+        for x in range(0, size[1] - spacing + 1, spacing):
+            r = int(rng.integers(radius[0], radius[1] + 1))
+            dy, dx = rng.integers(0, max(slack, 0) + 1, size=2) + 1 + radius[1] - r
+            number += 1
+            label[y + dy:y + dy + 2 * r + 1, x + dx:x + dx + 2 * r + 1][disks[r]] = number
+    return label
+
+
+def id_image(label: np.ndarray) -> np.ndarray:
+    """A label image carried as RGB pixels (id = R + 256 G + 65536 B), so that a window read
+    from an image file knows its cells: the input of ``oracle_window``."""
+    return np.stack([(label >> shift) & 255 for shift in (0, 8, 16)], axis=2).astype(np.uint8)
+
+
+def oracle_window(pixels: np.ndarray) -> dict:
+    """The perfect predictor of an ``id_image`` window, in ``predictor.predict_images``' form:
+    every cell seen, cut where the window cuts it, class ``id % 4 + 1``, a score fixed by its
+    id. It stands in for a model where a test or benchmark needs known cells (``streaming.py``)."""
+    ids = pixels.astype(np.int64) @ np.array([1, 256, 65536])
+    found = [(k, s) for k, s in enumerate(ndimage.find_objects(ids), start=1) if s is not None]
+    boxes = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for _, s in found], dtype=np.int64).reshape(-1, 4)
+    numbers = torch.tensor([k for k, _ in found], dtype=torch.int64)
+    masks = PackedMasks.from_crops([ids[s] == k for k, s in found], boxes, ids.shape)
+    return {"boxes": torch.from_numpy(boxes).float(), "scores": 0.05 + 0.9 * (numbers * 7919 % 1000) / 1000.0,
+            "labels": numbers % 4 + 1, "masks": masks, "image_size": ids.shape}
 
 
 def write_rgba_lzw(path: Path, rgb: np.ndarray) -> None:

@@ -1,0 +1,153 @@
+"""Images larger than memory: lazy window reads, the window grid, and cells cut by window
+edges kept exactly once, checked against a perfect predictor (``synthetic.oracle_window``)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+
+import inference
+from cell_outputs import CellWriter, painted_window
+from checkpoint import save_checkpoint
+from coco import detections_to_coco
+from dataloader import CLASS_FILES, read_raw_image
+from errors import UsageError
+from files import JsonArrayWriter
+from model import build_model
+from shallow import shallow_resnet
+from streaming import CELL_MARGIN, LazyImage, stream_image, window_spans
+from synthetic import cell_grid, id_image, oracle_window
+
+
+@pytest.mark.parametrize("layout", ["plain", "lzw_strips", "zlib_tiles", "bigtiff", "channels_first", "grey16", "png"])
+def test_a_lazy_window_equals_the_same_window_of_the_whole_image(tmp_path: Path, layout: str) -> None:
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 255, (300, 410, 4), dtype=np.uint8)
+    path = tmp_path / ("image.png" if layout == "png" else "image.tif")
+    if layout == "png":
+        Image.fromarray(rgba[..., :3]).save(path)
+    elif layout == "channels_first":
+        tifffile.imwrite(path, np.moveaxis(rgba[..., :3], 2, 0).copy(), photometric="rgb", planarconfig="separate",
+                         compression="zlib")
+    elif layout == "grey16":
+        tifffile.imwrite(path, rgba[..., 0].astype(np.uint16) * 257, compression="zlib")
+    else:
+        options = {"plain": {}, "lzw_strips": {"compression": "lzw", "rowsperstrip": 16},
+                   "zlib_tiles": {"compression": "zlib", "tile": (128, 128)},
+                   "bigtiff": {"bigtiff": True, "compression": "zlib"}}[layout]
+        tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=["unassalpha"], **options)
+    whole = read_raw_image(path)
+    with LazyImage(path) as image:
+        assert image.size == (300, 410)
+        window = image.read(37, 150, 290, 401)
+    assert window.dtype == whole.dtype and np.array_equal(window, whole[37:290, 150:401])
+
+
+@pytest.mark.parametrize("length,window,tile", [(10000, 4096, 256), (4097, 4096, 256), (1000, 500, 32), (3000, 700, 0)])
+def test_window_cores_partition_the_axis_and_keep_a_margin_from_inner_edges(length: int, window: int,
+                                                                           tile: int) -> None:
+    spans = window_spans(length, window, tile, 0.25)
+    stride = int(tile * 0.75) or 1
+    assert spans[0].start == 0 and spans[-1].stop == length and len(spans) > 1
+    assert [s.core_start for s in spans[1:]] == [s.core_stop for s in spans[:-1]]  # no gap, no overlap
+    assert spans[0].core_start == 0 and spans[-1].core_stop == length
+    for s in spans:
+        assert s.stop - s.start <= window and s.start % stride == 0  # on the whole image's tile grid
+        if s.start > 0:
+            assert s.core_start - s.start >= tile + CELL_MARGIN
+        if s.stop < length:
+            assert s.stop - s.core_stop >= tile + CELL_MARGIN
+    assert window_spans(300, 4096, 256, 0.25) == [(0, 300, 0, 300)]
+    with pytest.raises(UsageError, match="--window 600 is too small"):
+        window_spans(5000, 600, 256, 0.25)
+
+
+def _masks_by_cell(results: list[dict]) -> dict[tuple[int, float], np.ndarray]:
+    return {(r["category_id"], r["score"]): mask_util.decode([r["segmentation"]])[..., 0].astype(bool) for r in results}
+
+
+def test_streamed_cells_equal_the_whole_image_cells_and_every_output_agrees(tmp_path: Path) -> None:
+    """Every cell, those cut by window edges too, comes out once with its whole mask, as from
+    the whole image; the label images, GeoJSON and CSV written window by window agree."""
+    label = cell_grid((700, 900), spacing=30, radius=(4, 11), seed=3)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, id_image(label), photometric="rgb", compression="zlib", tile=(128, 128))
+    expected = detections_to_coco(oracle_window(id_image(label)), 1)
+    names = ["w", "x", "y", "z"]
+    with LazyImage(path) as image, JsonArrayWriter(tmp_path / "sub.json") as submission, \
+            CellWriter(names, tmp_path / "lab", tmp_path / "geo", tmp_path / "cells.csv") as writer:
+        numbered, windows = 0, 0
+        for part in stream_image(image, oracle_window, window=400, tile=32, overlap=0.25):
+            submission.extend(detections_to_coco(part.dets, 1))
+            cells = painted_window("slide.tif", 1, path, part.pixels, part.origin, part.dets, 0.0, numbered + 1)
+            writer.add(cells, image.size)
+            numbered += len(cells.cells)
+            windows += 1
+    assert windows > 4
+    streamed = json.loads((tmp_path / "sub.json").read_text())
+    assert len(streamed) == len(expected) == label.max()
+    want, got = _masks_by_cell(expected), _masks_by_cell(streamed)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+
+    classes = {c: tifffile.imread(tmp_path / "lab" / "slide" / name) for c, name in CLASS_FILES.items()}
+    assert all(a.shape == label.shape for a in classes.values())
+    painted = sum(classes.values())
+    pairs = {(int(a), int(b)) for a, b in zip(label[label > 0], painted[label > 0])}
+    assert (painted > 0).sum() == (label > 0).sum() and len(pairs) == label.max()  # one number per cell
+    assert len({b for _, b in pairs}) == label.max()
+    rows = list(csv.DictReader(open(tmp_path / "cells.csv")))
+    assert sorted(int(r["cell"]) for r in rows) == list(range(1, label.max() + 1))
+    areas = np.bincount(painted.ravel(), minlength=label.max() + 1)
+    assert all(int(r["area"]) == areas[int(r["cell"])] for r in rows)  # measured on the painted pixels
+    for r in rows[:50]:
+        mine = painted == int(r["cell"])
+        ys, xs = mine.nonzero()
+        assert (int(r["bbox_x0"]), int(r["bbox_y0"])) == (xs.min(), ys.min())  # image coordinates, not the window's
+        assert float(r["centroid_x"]) == pytest.approx(xs.mean(), abs=1e-3)
+    collection = json.loads((tmp_path / "geo" / "slide.geojson").read_text())
+    assert len(collection["features"]) == label.max()
+    assert len({f["id"] for f in collection["features"]}) == label.max()
+    for feature in collection["features"]:
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert np.array_equal(ring[0], ring[-1]) and ring[:, 0].min() >= 0 and ring[:, 0].max() <= 900
+        assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= 700
+        assert feature["properties"]["classification"]["name"] in names
+
+
+def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shallow: None) -> None:
+    """--window: a large image is predicted in windows and every output is written; a window too
+    small for the tiles stops before any prediction with the flag named."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(folder / "big.tif", rng.integers(0, 255, (300, 340, 3), dtype=np.uint8), compression="zlib",
+                     tile=(64, 64))
+    Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(folder / "small.png")
+    tiny = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 128, "input_scale": 0.0,
+            "detections_per_img": 20, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
+    torch.manual_seed(0)
+    with shallow_resnet():
+        model = build_model(tiny, load_weights=False)
+    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": tiny, "args": {}})
+    common = ["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder), "--num_workers", "0"]
+    submission = inference.main([*common, "--output", str(tmp_path / "out" / "sub.json"), "--window", "300",
+                                 "--save_geojson", str(tmp_path / "geo"), "--save_csv", str(tmp_path / "cells.csv"),
+                                 "--save_labels", str(tmp_path / "lab"), "--label_thresh", "0"])
+    results = json.loads(Path(submission).read_text())
+    assert {r["image_id"] for r in results} <= {1, 2} and any(r["image_id"] == 1 for r in results)
+    big = [r for r in results if r["image_id"] == 1]
+    assert all(r["segmentation"]["size"] == [300, 340] for r in big)
+    assert len(big) > 20  # windows together keep more than one whole image's cap of 20
+    assert sorted(p.name for p in (tmp_path / "geo").iterdir()) == ["big.geojson", "small.geojson"]
+    assert tifffile.imread(tmp_path / "lab" / "big" / "class1.tif").shape == (300, 340)
+    rows = list(csv.DictReader(open(tmp_path / "cells.csv")))
+    assert {r["image"] for r in rows} <= {"big.tif", "small.png"}
+    with pytest.raises(UsageError, match="--window 100 is too small"):
+        inference.main([*common, "--output", str(tmp_path / "out" / "sub2.json"), "--window", "100"])
