@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_util
 
 from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, postprocess, predict_memory,
-                        step_time, train_memory)
+                        step_time, streaming, train_memory)
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
@@ -221,6 +221,17 @@ def test_predict_memory_holds_the_budget_with_the_same_detections(tmp_path: Path
     per_chunk = rows[128, "unbounded"]["kept_mb"] / rows[128, "unbounded"]["views"] * 4  # --batch_size views
     assert rows[128, "budget"]["kept_mb"] <= 0.5 + per_chunk + 0.05  # the budget and the one chunk detected
     assert payload["targets_met"]["identical_detections"] and rows[128, "budget"]["same_as_unbounded"]
+
+
+def test_streaming_keeps_every_known_cell_once_as_the_whole_image_does(tmp_path: Path) -> None:
+    out = tmp_path / "streaming.json"
+    streaming.main(["--sizes", "300", "700", "--window", "400", "--tile", "32", "--spacing", "30", "--radius", "4", "11",
+                    "--same_process", "--json", str(out)])
+    payload = _written(out, "rows", "targets_met")
+    rows = {(r["size"], r["variant"]): r for r in payload["rows"]}
+    assert rows[700, "streamed"]["windows"] > 1 and rows[700, "streamed"]["cells"] == (700 // 30) ** 2
+    assert rows[700, "streamed"]["same_as_whole"] and rows[700, "streamed"]["kept_all"]
+    assert payload["targets_met"]["every_cell_kept"] and payload["targets_met"]["streamed_equals_whole"]
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
