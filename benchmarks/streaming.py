@@ -17,6 +17,11 @@ imports loaded (``peak_rss_mb``):
 ``kept_all``: the submission holds every generated cell once; ``same_as_whole``: the streamed
 submission equals the whole one, cell for cell (class, score, RLE).
 
+With ``--checkpoint``, a trained model predicts a ``--model_size`` mosaic of real images
+(``--mosaic_dir``: a training-layout folder) streamed at ``--model_window`` and whole, both
+without caps, on the same tiles: the cells both paths give are compared (identical RLE and
+class; scores within 1e-4).
+
     python benchmarks/streaming.py          # --sizes 2048 4096 8192 --window 2048
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
+import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
@@ -52,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spacing", type=int, default=41, help="one cell per square of this side")
     parser.add_argument("--radius", type=int, nargs=2, default=[5, 12], help="cell radius range, px")
     parser.add_argument("--work_dir", default=None, help="where the generated images go (default: a temp folder)")
+    parser.add_argument("--checkpoint", default=None, help="also compare the two paths with this trained model")
+    parser.add_argument("--mosaic_dir", default=None, help="training-layout folder whose images make the mosaic")
+    parser.add_argument("--model_size", type=int, default=2048, help="side of the mosaic the model predicts")
+    parser.add_argument("--model_window", type=int, default=1536, help="--window of the model comparison")
     parser.add_argument("--same_process", action="store_true",
                         help="measure every variant in this process: quicker, but peak_rss_mb then means nothing")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "VARIANT", "OUT"), default=None, help=argparse.SUPPRESS)
@@ -83,8 +93,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     targets = {"streamed_peak_flat_within_20pct": max(streamed) <= 1.2 * min(streamed),
                "every_cell_kept": all(r["kept_all"] for r in rows),
                "streamed_equals_whole": all(r.get("same_as_whole", True) for r in rows)}
+    model = compare_with_model(args) if args.checkpoint else None
+    if model:
+        print_table(f"a trained model on a {args.model_size} px mosaic, --window {args.model_window}", [model],
+                    list(model))
+        targets["model_streamed_equals_whole"] = model["identical"] == model["whole_cells"] == model["streamed_cells"]
     print(f"targets met: {targets}")
-    payload = {"benchmark": NAME, "environment": environment(torch.device("cpu")),
+    payload = {"model_comparison": model, "benchmark": NAME, "environment": environment(torch.device("cpu")),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "one", "work_dir")},
                "rows": rows, "targets_met": targets}
     write_results(args, NAME, payload)
@@ -141,6 +156,46 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     return {"variant": variant, "detections": len(results), "windows": windows, "peak_rss_mb": round(peak, 1),
             "seconds": round(seconds, 1), "digest": digest, "distinct": len(set(key)) == len(key)}
+
+
+def compare_with_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The cells of a trained model on a mosaic of real images, streamed and whole."""
+    from checkpoint import load_model
+    from coco import detections_to_coco
+    from dataloader import IMAGE_FILE, list_samples, read_raw_image, to_float_rgb
+    from predictor import Settings, predict_images
+    from streaming import LazyImage, model_predictor, stream_image
+
+    patches = [read_raw_image(sample / IMAGE_FILE) for sample in list_samples(Path(args.mosaic_dir))]
+    side = patches[0].shape[0]
+    per_row = -(-args.model_size // side)
+    rows = [np.concatenate([patches[(r * per_row + c) % len(patches)] for c in range(per_row)], axis=1)
+            for r in range(per_row)]
+    mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0)[:args.model_size, :args.model_size])
+    model, _, state = load_model(Path(args.checkpoint))
+    device = torch.device(args.device)
+    model = model.to(device).eval()
+    settings = Settings(tile=None, batch_size=None, detections_per_img=0, detections_per_class=0).resolved(device, state)
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        path = Path(work) / "mosaic.tif"
+        tifffile.imwrite(path, mosaic, photometric="rgb", compression="zlib", tile=(512, 512))
+        start = time.perf_counter()
+        with LazyImage(path) as image:
+            streamed = [r for part in stream_image(image, model_predictor([model], device, settings, path),
+                                                   args.model_window, settings.tile, settings.tile_overlap)
+                        for r in detections_to_coco(part.dets, 1)]
+        streamed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        image = torch.from_numpy(to_float_rgb(mosaic, Path("mosaic"))).permute(2, 0, 1).contiguous().to(device)
+        whole = detections_to_coco(predict_images([model], [image], settings)[0], 1)
+    whole_s = time.perf_counter() - start
+    by_mask = {(r["category_id"], r["segmentation"]["counts"]): r["score"] for r in whole}
+    same = sum(abs(by_mask.get((r["category_id"], r["segmentation"]["counts"]), -1.0) - r["score"]) <= 1e-4
+               for r in streamed)
+    return {"size": args.model_size, "window": args.model_window, "tile": settings.tile,
+            "whole_cells": len(whole), "streamed_cells": len(streamed), "identical": same,
+            "whole_s": round(whole_s, 1), "streamed_s": round(streamed_s, 1)}
 
 
 if __name__ == "__main__":
