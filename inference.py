@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from files import JsonArrayWriter, writable_dir, write_json
 from flags import (DEFAULT_CLASS_NAMES, HelpFormatter, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
                    add_prediction_args, prediction_settings)
 from model import scale_factor
-from predictor import Settings, predict
+from predictor import Settings, limits, predict
 from streaming import LazyImage, model_predictor, stream_image, window_spans
 
 
@@ -152,8 +153,9 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
         submission = stack.enter_context(JsonArrayWriter(Path(output)))
         writer = (stack.enter_context(CellWriter(names, *cell_outputs.paths)) if cell_outputs.requested else None)
         if whole:
-            results = [r for r in predict(models, loader, torch_device, resolved, desc="inference")
-                       if r["score"] >= score_thresh]
+            results = predict(models, loader, torch_device, resolved, desc="inference")
+            report_caps(results, *limits(models, resolved))
+            results = [r for r in results if r["score"] >= score_thresh]
             submission.extend(results)
             if writer:
                 for image in painted_images(results, dataset.test_dir, [dataset.entries[i] for i in whole],
@@ -174,6 +176,21 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     print(f"{submission.count} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
+
+
+def report_caps(results: list[dict], cap: int, per_class: int) -> None:
+    """A note where images reached a detection cap: cells past it were dropped, which a
+    submission scored at maxDets 100 does not miss, but a cell count does."""
+    per_image = Counter(r["image_id"] for r in results)
+    per_cell_class = Counter((r["image_id"], r["category_id"]) for r in results)
+    full = sum(n >= cap for n in per_image.values())
+    full_class = len({image for (image, _), n in per_cell_class.items() if per_class and n >= per_class})
+    if full:
+        print(f"note: {full} image(s) reached --detections_per_img {cap}; pass --detections_per_img 0 to keep "
+              "every cell (for counting cells)")
+    if full_class:
+        print(f"note: {full_class} image(s) reached --detections_per_class {per_class} in some class (the "
+              "scorer counts 100 per image and class); pass --detections_per_class 0 to keep every cell")
 
 
 def _stream(entry: dict, test_dir: Path, models: list, device: Any, settings: Settings, window: int,

@@ -117,11 +117,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     """
     stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
               for m in (models if isinstance(models, (list, tuple)) else [models])]
-    cap = (min(s.detections_per_img for s in stages) if settings.detections_per_img is None
-           else image_cap(settings.detections_per_img))
-    own = [c for c in (getattr(s, "detections_per_class", 0) for s in stages) if c > 0]
-    per_class = (min(own, default=0) if settings.detections_per_class is None  # an ensemble: its strictest cap
-                 else settings.detections_per_class)
+    cap, per_class = limits(stages, settings)
     shown = views(settings.tta_scales, settings.dihedral)
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
             for window in tile_grid(*image.shape[-2:], settings.tile, settings.tile_overlap)
@@ -147,6 +143,17 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
             pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
+
+
+def limits(models: Any, settings: Settings) -> tuple[int, int]:
+    """(per image, per image and class) detection caps of ``settings``, or where None the
+    models' own (an ensemble: its strictest); 0 per class: none."""
+    stages = [m if hasattr(m, "detect") else MaskRCNNStages(getattr(m, "module", m))
+              for m in (models if isinstance(models, (list, tuple)) else [models])]
+    cap = (min(s.detections_per_img for s in stages) if settings.detections_per_img is None
+           else image_cap(settings.detections_per_img))
+    own = [c for c in (getattr(s, "detections_per_class", 0) for s in stages) if c > 0]
+    return cap, min(own, default=0) if settings.detections_per_class is None else settings.detections_per_class
 
 
 def state_bytes(state: Any) -> int:

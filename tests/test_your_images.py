@@ -160,3 +160,13 @@ def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
     assert (float(rows[0]["centroid_x"]), float(rows[0]["centroid_y"])) == (5.0, 3.5)
     assert [rows[1][f"bbox_{k}"] for k in ("x0", "y0", "x1", "y1")] == ["10", "10", "13", "14"]
     assert [float(rows[1][f"mean_intensity_{c}"]) for c in range(3)] == [200.0, 100.0, 50.0]
+
+
+def test_a_note_names_the_caps_images_reached(capsys: pytest.CaptureFixture) -> None:
+    """Cells past a cap are dropped silently by the model; the user is told, with the flag that keeps them."""
+    results = [{"image_id": 1, "category_id": 1 + k % 2} for k in range(6)] + [{"image_id": 2, "category_id": 3}]
+    inference.report_caps(results, cap=6, per_class=3)
+    out = capsys.readouterr().out
+    assert "1 image(s) reached --detections_per_img 6" in out and "1 image(s) reached --detections_per_class 3" in out
+    inference.report_caps(results, cap=7, per_class=0)
+    assert capsys.readouterr().out == ""
