@@ -11,22 +11,21 @@ window of an image streamed in windows (``streaming.py``, ``painted_window``).
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import tifffile
-import torch
 from scipy import ndimage
 from skimage import measure
 from tqdm import tqdm
 
-from coco import paint
+from coco import paint, paint_packed
 from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image
+from files import JsonArrayWriter
 
 # Measured per cell (regionprops_table names); the CSV's columns (a grey image fills one intensity).
 PROPERTIES = ("area", "perimeter", "centroid", "bbox", "eccentricity", "intensity_mean")
@@ -65,24 +64,20 @@ def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
 
 
 def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, origin: tuple[int, int], dets: dict,
-                   score_thresh: float, first: int) -> PaintedImage:
-    """One window of a streamed image (``streaming.Part``) painted like a whole image, from
-    its packed masks (image coordinates; never a full-image mask): its cells scoring at least
-    ``score_thresh``, numbered on from ``first``."""
-    scores = dets["scores"].detach().float().cpu()
-    order = torch.argsort(scores, descending=True)
-    order = order[scores[order] >= score_thresh].numpy()
-    masks = dets["masks"]
-    data, offsets = masks.data.cpu().numpy().astype(bool), masks.offsets.cpu().numpy()
-    boxes = masks.boxes.cpu().numpy() - np.array([origin[1], origin[0], origin[1], origin[0]])
-    labels = dets["labels"].cpu().numpy()
-    canvas = np.zeros(pixels.shape[:2], dtype=np.int32)
-    for k in range(len(order) - 1, -1, -1):  # worst first, so better ones paint over it (host, after prediction)
-        i = order[k]
-        x0, y0, x1, y1 = boxes[i]
-        canvas[y0:y1, x0:x1][data[offsets[i]:offsets[i + 1]].reshape(y1 - y0, x1 - x0)] = k + 1
+                   core: np.ndarray, score_thresh: float, first: int) -> PaintedImage:
+    """One window of a streamed image (``streaming.Part``: host tensors, window coordinates)
+    painted like a whole image: all its detections scoring at least ``score_thresh`` compete
+    for pixels, as they would in the whole image, then only the ``core`` ones (bool per
+    detection) are kept, numbered on from ``first``."""
+    scores = np.round(np.asarray(dets["scores"], dtype=np.float64), 5)  # as the submission holds them
+    order = np.argsort(-scores, kind="stable")
+    order = order[scores[order] >= score_thresh]
+    canvas = paint_packed(dets["masks"], order, pixels.shape[:2])
+    canvas[~np.concatenate([[False], np.asarray(core)[order]])[canvas]] = 0  # the neighbours' cells leave
+    labels = np.asarray(dets["labels"])
     kept = [{"category_id": int(labels[i]), "score": float(scores[i])} for i in order]
-    return PaintedImage(name, image_id, source, pixels, *_numbered(kept, canvas), origin=origin, first=first)
+    return PaintedImage(name, image_id, source, pixels, *_numbered(kept, canvas), origin=(int(origin[0]), int(origin[1])),
+                        first=first)
 
 
 def _numbered(kept: list[dict], canvas: np.ndarray) -> tuple[list[dict], np.ndarray]:
@@ -176,8 +171,7 @@ class CellWriter:
         self._stack = ExitStack()
         self._table: csv.DictWriter | None = None
         self._current: str | None = None
-        self._geojson: tuple[IO[str], Path] | None = None  # the open file of the current image, and its final path
-        self._separator = ""
+        self._geojson: JsonArrayWriter | None = None  # the current image's
         self._canvases: dict[str, np.ndarray] = {}  # memory-mapped label TIFFs of a streamed image
 
     def __enter__(self) -> "CellWriter":
@@ -191,8 +185,10 @@ class CellWriter:
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
-        self._finish_image(complete=kind is None)
-        self._stack.close()
+        try:
+            self._finish_image(kind)
+        finally:
+            self._stack.close()
 
     def add(self, image: PaintedImage, size: tuple[int, int] | None = None) -> None:
         """Write ``image``'s cells; ``size``: the whole image's (H, W) when ``image`` is one
@@ -212,18 +208,14 @@ class CellWriter:
 
     def _write_features(self, image: PaintedImage) -> None:
         if self._geojson is None:
-            final = self.geojson_dir / f"{Path(image.name).stem}.geojson"
-            tmp = final.with_name(f".{final.name}.tmp")
-            self._geojson = (open(tmp, "w"), final)
-            self._geojson[0].write('{"type":"FeatureCollection","features":[')
-            self._separator = ""
-        for feature in features(image, self.class_names):
-            self._geojson[0].write(self._separator + json.dumps(feature, separators=(",", ":")))
-            self._separator = ","
+            self._geojson = JsonArrayWriter(self.geojson_dir / f"{Path(image.name).stem}.geojson",
+                                            head='{"type":"FeatureCollection","features":[', tail="]}").__enter__()
+        self._geojson.extend(features(image, self.class_names))
 
     def _label_window(self, image: PaintedImage, size: tuple[int, int]) -> None:
         """A streamed image's label folder: uint32 label TIFFs memory-mapped on disk, filled window
-        by window (a cell keeps its pixels; a later window's cell wins a pixel both claim)."""
+        by window with each window's own cells (``painted_window``; only where predictions of two
+        windows disagree at their boundary could a later window's cell take a pixel)."""
         out = self.labels / Path(image.name).stem
         if not self._canvases:
             out.mkdir(parents=True, exist_ok=True)
@@ -242,13 +234,9 @@ class CellWriter:
             mine = classes == class_id
             self._canvases[name][y0:y0 + h, x0:x0 + w][mine] = image.labels[mine] + image.first - 1
 
-    def _finish_image(self, complete: bool = True) -> None:
-        if self._geojson is not None:
-            handle, final = self._geojson
-            handle.write("]}")
-            handle.close()
-            if complete:  # an interrupted image keeps its partial file under the hidden name
-                Path(handle.name).replace(final)
+    def _finish_image(self, failure: type | None = None) -> None:
+        if self._geojson is not None:  # after a failure the image's partial file keeps its hidden name
+            self._geojson.__exit__(failure)
             self._geojson = None
         for canvas in self._canvases.values():
             canvas.flush()

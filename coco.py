@@ -259,6 +259,21 @@ def paint(results: list[dict], height: int, width: int, score_thresh: float = 0.
     return kept, canvas
 
 
+def paint_packed(masks: PackedMasks, order: np.ndarray, shape: tuple[int, int],
+                 origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """``paint`` for packed masks (host tensors), never a full-image mask: a canvas of ``shape``
+    whose pixel (0, 0) is the image's ``origin`` (y, x), holding at each pixel 1 + k for the
+    mask ``order[k]`` (best first) that wins it, 0 where none covers it."""
+    data, offsets = masks.data.numpy().astype(bool), masks.offsets.numpy()
+    boxes = masks.boxes.numpy() - np.array([origin[1], origin[0], origin[1], origin[0]])
+    canvas = np.zeros(shape, dtype=np.int32)
+    for k in range(len(order) - 1, -1, -1):  # worst first, so better ones paint over it (host, after prediction)
+        i = order[k]
+        x0, y0, x1, y1 = boxes[i]
+        canvas[y0:y1, x0:x1][data[offsets[i]:offsets[i + 1]].reshape(y1 - y0, x1 - x0)] = k + 1
+    return canvas
+
+
 def _one_to_one(pred: list[dict], truth: list[dict], iou_thresh: float) -> list[float]:
     """IoUs of the optimal one-to-one matching (Hungarian on IoU) that reach ``iou_thresh``."""
     if not pred or not truth:

@@ -153,9 +153,11 @@ def raw_pixels(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def to_float_rgb(array: np.ndarray, path: Path) -> np.ndarray:
-    """Raw pixels to float32 [H, W, 3] in [0, 1], scaled by dtype; grey repeated to RGB."""
-    array = _scale_by_dtype(array, path)
+def to_float_rgb(array: np.ndarray, path: Path, peak: float | None = None) -> np.ndarray:
+    """Raw pixels to float32 [H, W, 3] in [0, 1], scaled by dtype; grey repeated to RGB. Float
+    pixels are scaled by their ``peak`` (default: this array's), which a window of a larger
+    image takes from the whole image so that every window is scaled alike."""
+    array = _scale_by_dtype(array, path, peak)
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
@@ -504,7 +506,7 @@ def image_size(path: Path) -> tuple[int, int]:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tiff:
                 shape = tiff.series[0].shape
-                return (shape[0], shape[1]) if len(shape) == 2 or shape[-1] <= 4 else (shape[-2], shape[-1])
+                return (shape[-2], shape[-1]) if channels_first(shape) else (shape[0], shape[1])
         with Image.open(path) as image:
             return image.height, image.width
     except Exception as err:
@@ -512,25 +514,31 @@ def image_size(path: Path) -> tuple[int, int]:
                            "or remove it.") from err
 
 
+def channels_first(shape: Sequence[int]) -> bool:
+    """Whether pixels of this shape are stored (C, H, W), as some TIFFs are, not (H, W, C)."""
+    return len(shape) == 3 and shape[2] > 4 and shape[0] <= 4
+
+
 def _to_hwc(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim == 2:
         return array[:, :, None]
     if array.ndim == 3:
+        if channels_first(array.shape):
+            return np.moveaxis(array, 0, 2)
         if array.shape[2] <= 4:
             return array
-        if array.shape[0] <= 4:  # channels-first TIFF
-            return np.moveaxis(array, 0, 2)
     raise DatasetError(f"{path}: expected a grey, RGB or RGBA image, got shape {array.shape}; re-export it.")
 
 
-def _scale_by_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+def _scale_by_dtype(array: np.ndarray, path: Path, peak: float | None = None) -> np.ndarray:
     if array.dtype == bool:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.integer):
         return (array.astype(np.float32) / np.iinfo(array.dtype).max).clip(0, 1)
     if np.issubdtype(array.dtype, np.floating):
         array = np.nan_to_num(array.astype(np.float32))
-        peak = float(array.max()) if array.size else 0.0
+        if peak is None:
+            peak = float(array.max()) if array.size else 0.0
         scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
         return (array / scale).clip(0, 1)
     raise DatasetError(f"{path}: unsupported image dtype {array.dtype}; save it as 8/16-bit or float.")

@@ -36,17 +36,19 @@ def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
 class JsonArrayWriter:
     """A JSON list written item by item (a whole slide's 50,000 results never sit in memory
     together), under a hidden name until complete: the final path appears, atomically, only
-    when every item is written; a crash leaves the items so far in ``.<name>.tmp``."""
+    when every item is written; a crash leaves the items so far in ``.<name>.tmp``. ``head``
+    and ``tail`` wrap the list in an object (a GeoJSON FeatureCollection's features)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, head: str = "[", tail: str = "]") -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.head, self.tail = head, tail
         self.count = 0
 
     def __enter__(self) -> "JsonArrayWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.tmp, "w")
-        self._handle.write("[")
+        self._handle.write(self.head)
         return self
 
     def extend(self, items: list[Any]) -> None:
@@ -55,7 +57,7 @@ class JsonArrayWriter:
             self.count += 1
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
-        self._handle.write("]")
+        self._handle.write(self.tail)
         self._handle.close()
         if kind is None:
             os.replace(self.tmp, self.path)

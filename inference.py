@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -24,12 +26,13 @@ from cli import run_cli
 from coco import detections_to_coco
 from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, image_size
 from devices import default_device
+from errors import UsageError
 from files import JsonArrayWriter, writable_dir, write_json
 from flags import (DEFAULT_CLASS_NAMES, HelpFormatter, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
                    add_prediction_args, prediction_settings)
 from model import scale_factor
 from predictor import Settings, limits, predict
-from streaming import LazyImage, model_predictor, stream_image, window_spans
+from streaming import LazyImage, model_predictor, stream_image, window_count, window_spans
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "TIFF: only the parts needed) and predicted in overlapping windows of this side, its "
                              "cells written window by window, so memory depends on the window, not the image. A "
                              "streamed image keeps every cell; --detections_per_img and --detections_per_class, "
-                             "when given, cap each window. Its cells are numbered best first within each window "
-                             "(0: never stream)")
+                             "when given, cap each window. Its cells are numbered best first within each window, "
+                             "on from the previous window's (0: never stream)")
     parser.add_argument("--score_thresh", type=float, default=0.0,
                         help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
-    outputs = parser.add_argument_group("per-cell outputs (cells numbered 1 = best score in each image or "
-                                        "--window; a pixel covered twice belongs to the better score)")
+    outputs = parser.add_argument_group("per-cell outputs (cells numbered 1 = best score in each image, or "
+                                        "window by window in a streamed one, see --window; a pixel covered "
+                                        "twice belongs to the better score)")
     outputs.add_argument("--save_labels", default=None, metavar="DIR",
-                         help="DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 cell numbers): the "
+                         help="DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 cell numbers; uint32 in a "
+                              "streamed image): the "
                               "training layout, to correct and train on, or to open in napari")
     outputs.add_argument("--save_geojson", default=None, metavar="DIR",
                          help="DIR/<image stem>.geojson: QuPath detections (polygons in image pixels, class, score)")
@@ -193,23 +198,27 @@ def report_caps(results: list[dict], cap: int, per_class: int) -> None:
               "scorer counts 100 per image and class); pass --detections_per_class 0 to keep every cell")
 
 
-def _stream(entry: dict, test_dir: Path, models: list, device: Any, settings: Settings, window: int,
-            score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None, label_thresh: float) -> None:
+def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.device, settings: Settings,
+            window: int, score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None,
+            label_thresh: float) -> None:
     """One large image predicted window by window, each window's cells written before the next is read."""
     path = test_dir / entry["file_name"]
     with LazyImage(path) as image:
-        spans = [len(window_spans(n, window, settings.tile, settings.tile_overlap)) for n in image.size]
-        print(f"{entry['file_name']}: {image.size[0]}x{image.size[1]} px, streamed in {spans[0] * spans[1]} windows "
+        if image.size[0] * image.size[1] >= 1 << 32:
+            raise UsageError(f"{path}: {image.size[0]}x{image.size[1]} px is more than COCO RLE can describe (2^32 "
+                             "pixels); predict regions of it, each a file of its own.")
+        windows = window_count(image.size, window, settings.tile, settings.tile_overlap)
+        print(f"{entry['file_name']}: {image.size[0]}x{image.size[1]} px, streamed in {windows} windows "
               f"(--window {window})")
         numbered = 0
-        parts = stream_image(image, model_predictor(models, device, settings, path), window, settings.tile,
+        parts = stream_image(image, model_predictor(models, device, settings, image), window, settings.tile,
                              settings.tile_overlap)
-        for part in tqdm(parts, total=spans[0] * spans[1], desc=entry["file_name"], leave=False, disable=None):
-            submission.extend([r for r in detections_to_coco(part.dets, int(entry["id"]))
+        for part in tqdm(parts, total=windows, desc=entry["file_name"], leave=False, disable=None):
+            submission.extend([r for r in detections_to_coco(part.cells(image.size), int(entry["id"]))
                                if r["score"] >= score_thresh])
-            if writer:
+            if writer:  # the per-cell outputs hold cells the submission holds
                 cells = painted_window(entry["file_name"], int(entry["id"]), path, part.pixels, part.origin, part.dets,
-                                       label_thresh, numbered + 1)
+                                       part.core.numpy(), max(label_thresh, score_thresh), numbered + 1)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
 

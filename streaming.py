@@ -2,18 +2,21 @@
 nuclei never sits in memory at once, neither its pixels nor its masks.
 
 An image is read lazily (``LazyImage``: a memory map of an uncompressed TIFF, tifffile's zarr
-store of a compressed or tiled one), cut into overlapping windows of about ``window`` pixels a
-side, and each window is predicted like a whole image of its own (tiles batched on the
-device, ``predictor.predict_images``). Windows start on the image's tile grid, so a window's
-tiles are the tiles the whole image would have had, and neighbours overlap by at least a tile
-plus 128 px on each side of a boundary in the middle of the overlap. A window keeps the cells
-whose box centre lies on its side of those boundaries (its *core*): a cell cut by a window's
-edge has its centre outside that window's core, and its whole copy lies in the neighbour's.
-Cells wider than the margin (a tile plus 128 px) may be cut.
+store of a compressed or tiled one), cut into overlapping windows of at most ``window`` pixels a
+side, and each window is predicted like a whole image of its own (tiles batched on the device,
+``predictor.predict_images``). Windows start on the image's tile grid, so a window's tiles are
+the whole image's, except the last of each row and column, which sits flush with the window's
+inner end. Neighbours overlap by at least 2 x (a tile + ``CELL_MARGIN``), with a boundary in the
+middle of the overlap: a window keeps the cells whose box centre lies on its side of those
+boundaries (its *core*), at least a tile + ``CELL_MARGIN`` px from its inner edges, out of reach
+of that flush tile. A cell cut by a window's edge has its centre outside that window's core, and
+its whole copy in the neighbour's core, as long as it is narrower than 2 x ``CELL_MARGIN``.
 
-Each window's cells come back in image coordinates, ready to be written (``inference.py``
-appends them to the submission, the GeoJSON and the CSV before the next window is read), so
-peak host and device memory depend on the window, not the image.
+Each window's cells come back on the host, ready to be written (``inference.py`` appends them
+to the submission, the GeoJSON and the CSV before the next window is read), so peak host and
+device memory depend on the window, not the image. A strip-compressed TIFF's strips span the
+whole width, so they are decoded once per column of windows; a tiled TIFF decodes each tile
+about once.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ import tifffile
 import torch
 import zarr
 
-from dataloader import TIFF_SUFFIXES, raw_pixels, read_raw_image, to_float_rgb
+from dataloader import TIFF_SUFFIXES, channels_first, raw_pixels, read_raw_image, to_float_rgb
 from devices import autocast
 from errors import DatasetError, UsageError
 from masks import PackedMasks
 from merging import take
 from predictor import Settings, predict_images
+from tiling import tile_stride
 
 # Beyond the tile, how far a window's core stays from its inner edges: half the widest cell kept whole.
 CELL_MARGIN = 128
@@ -46,13 +50,24 @@ class Span(NamedTuple):
 
 
 class Part(NamedTuple):
-    """One window's share of an image: its cells (``dets``: boxes, scores, labels and
-    ``PackedMasks`` in image coordinates, ``image_size`` the image's), its top-left corner
-    ``origin`` (y, x) and its ``pixels`` as stored, for the per-cell outputs."""
+    """One window of an image: its top-left corner ``origin`` (y, x), its ``pixels`` as stored,
+    its detections ``dets`` in window coordinates (``predictor.predict_images``' form, on the
+    host), and ``core``, bool per detection: the cells this window owns."""
 
     origin: tuple[int, int]
     pixels: np.ndarray
     dets: dict
+    core: torch.Tensor
+
+    def cells(self, size: tuple[int, int]) -> dict:
+        """The window's own cells in the coordinates of the image of ``size`` (H, W), in their order."""
+        keep = self.core.nonzero().flatten()
+        masks = take(self.dets["masks"], keep)
+        y0, x0 = self.origin
+        return {"boxes": _shifted(self.dets["boxes"][keep].float(), y0, x0), "scores": self.dets["scores"][keep],
+                "labels": self.dets["labels"][keep],
+                "masks": PackedMasks(masks.data, _shifted(masks.boxes, y0, x0), masks.offsets, size),
+                "image_size": size}
 
 
 class LazyImage:
@@ -77,15 +92,27 @@ class LazyImage:
                     raise DatasetError(f"{self.path}: cannot read this TIFF in windows ({type(err).__name__}: "
                                        f"{err}); re-export it, or pass --window 0 to read it whole.") from err
         shape = tuple(self._array.shape)
-        self._channels_first = len(shape) == 3 and shape[2] > 4 and shape[0] <= 4
+        self._channels_first = channels_first(shape)
         self.size: tuple[int, int] = (shape[1], shape[2]) if self._channels_first else (shape[0], shape[1])
+        self._peak: float | None = None
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """The pixels of [y0, y1) x [x0, x1) as ``dataloader.read_raw_image`` gives a whole image."""
         part = self._array[:, y0:y1, x0:x1] if self._channels_first else self._array[y0:y1, x0:x1]
         return raw_pixels(np.asarray(part), self.path)
 
+    def peak(self) -> float | None:
+        """The brightest value of a float image (None for integer pixels, scaled by their dtype),
+        found once, in bands of rows: every window is scaled by it, as the whole image would be."""
+        if self._peak is None and np.issubdtype(self._array.dtype, np.floating):
+            height, width = self.size
+            band = max(1, (1 << 26) // max(width, 1))
+            self._peak = max(float(np.nan_to_num(self.read(y, 0, min(y + band, height), width)).max())
+                             for y in range(0, height, band))
+        return self._peak
+
     def close(self) -> None:
+        """Close the TIFF file behind the zarr store, if one was opened."""
         if self._store is not None:
             self._store.close()
 
@@ -103,7 +130,7 @@ def window_spans(length: int, window: int, tile: int, overlap: float) -> list[Sp
     if length <= window:
         return [Span(0, length, 0, length)]
     margin = tile + CELL_MARGIN
-    stride = max(int(tile * (1.0 - overlap)), 1) if tile > 0 else 1
+    stride = tile_stride(tile, overlap) if tile > 0 else 1
     step = (window - 2 * margin) // stride * stride
     if step <= 0:
         raise UsageError(f"--window {window} is too small for tiles of {tile} px: a window needs at least "
@@ -116,49 +143,55 @@ def window_spans(length: int, window: int, tile: int, overlap: float) -> list[Sp
     return [Span(s, e, cuts[i], cuts[i + 1]) for i, (s, e) in enumerate(zip(starts, stops))]
 
 
+def window_count(size: tuple[int, int], window: int, tile: int, overlap: float) -> int:
+    """How many windows ``stream_image`` cuts an image of ``size`` (H, W) into."""
+    return len(window_spans(size[0], window, tile, overlap)) * len(window_spans(size[1], window, tile, overlap))
+
+
 def stream_image(image: LazyImage, predict_window: Callable[[np.ndarray], dict], window: int, tile: int,
                  overlap: float) -> Iterator[Part]:
-    """Each window's cells of ``image``, window after window (rows of windows, top to bottom).
-    ``predict_window(pixels)`` returns a window's merged detections in window coordinates
-    (``predictor.predict_images``' form; ``model_predictor`` builds it from models)."""
+    """Each window of ``image`` with its detections, window after window (rows of windows, top
+    to bottom). ``predict_window(pixels)`` returns a window's merged detections in window
+    coordinates (``predictor.predict_images``' form; ``model_predictor`` builds it from models)."""
     height, width = image.size
     for ys in window_spans(height, window, tile, overlap):
         for xs in window_spans(width, window, tile, overlap):
             pixels = image.read(ys.start, xs.start, ys.stop, xs.stop)
-            dets = predict_window(pixels)
-            yield Part((ys.start, xs.start), pixels, in_core(dets, ys, xs, (height, width)))
+            dets = _on_host(predict_window(pixels))
+            yield Part((ys.start, xs.start), pixels, dets, core_of(dets["boxes"], ys, xs))
 
 
-def in_core(dets: dict, ys: Span, xs: Span, size: tuple[int, int]) -> dict:
-    """The detections of the window ``ys`` x ``xs`` whose box centre lies in its core, moved
-    to image coordinates (``size`` the image's), in their order."""
-    boxes = dets["boxes"]
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2 + xs.start  # Python offsets: no host-to-device copy
+def core_of(boxes: torch.Tensor, ys: Span, xs: Span) -> torch.Tensor:
+    """Bool per box (window coordinates) of the window ``ys`` x ``xs``: its centre lies in the core."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2 + xs.start
     cy = (boxes[:, 1] + boxes[:, 3]) / 2 + ys.start
-    inside = (cx >= xs.core_start) & (cx < xs.core_stop) & (cy >= ys.core_start) & (cy < ys.core_stop)
-    keep = inside.nonzero().flatten()  # host sync: which cells the window keeps, once per window
-    masks = take(dets["masks"], keep.to(dets["masks"].offsets.device))
-    return {"boxes": _shifted(boxes[keep].float(), ys.start, xs.start), "scores": dets["scores"][keep],
-            "labels": dets["labels"][keep],
-            "masks": PackedMasks(masks.data, _shifted(masks.boxes, ys.start, xs.start), masks.offsets, size),
-            "image_size": size}
+    return (cx >= xs.core_start) & (cx < xs.core_stop) & (cy >= ys.core_start) & (cy < ys.core_stop)
 
 
 def model_predictor(models: list[torch.nn.Module], device: torch.device, settings: Settings,
-                    path: Path) -> Callable[[np.ndarray], dict]:
-    """``predict_window`` for ``stream_image``: a window's pixels predicted by ``models`` (an
-    ensemble when several) with ``settings`` (resolved: tiles, views, caps per window)."""
+                    image: LazyImage) -> Callable[[np.ndarray], dict]:
+    """``predict_window`` for ``stream_image``: a window's pixels of ``image`` predicted by
+    ``models`` (an ensemble when several) with ``settings`` (resolved: tiles, views, caps per window)."""
     nets = [getattr(m, "module", m).eval() for m in models]
+    peak = image.peak()
 
     @torch.no_grad()
     def predict_window(pixels: np.ndarray) -> dict:
-        image = torch.from_numpy(to_float_rgb(pixels, path)).permute(2, 0, 1).contiguous()
+        window = torch.from_numpy(to_float_rgb(pixels, image.path, peak)).permute(2, 0, 1).contiguous()
         if device.type == "cuda":
-            image = image.pin_memory()
+            window = window.pin_memory()
         with autocast(device, settings.use_amp):
-            return predict_images(nets, [image.to(device, non_blocking=True)], settings)[0]
+            return predict_images(nets, [window.to(device, non_blocking=True)], settings)[0]
 
     return predict_window
+
+
+def _on_host(dets: dict) -> dict:
+    """A window's detections moved to the host at once, for writing (host sync: once per window)."""
+    masks = dets["masks"]
+    return {"boxes": dets["boxes"].float().cpu(), "scores": dets["scores"].float().cpu(), "labels": dets["labels"].cpu(),
+            "masks": PackedMasks(masks.data.cpu(), masks.boxes.cpu(), masks.offsets.cpu(), masks.size),
+            "image_size": dets["image_size"]}
 
 
 def _shifted(boxes: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -39,9 +39,13 @@ def cut_flags(boxes: torch.Tensor, window: Window, image_size: tuple[int, int]) 
     return cut
 
 
+def tile_stride(tile: int, overlap: float) -> int:
+    """How far apart neighbouring tiles start: every tile but the last starts on a multiple of it."""
+    return max(int(tile * (1.0 - overlap)), 1)
+
+
 def _starts(length: int, tile: int, overlap: float) -> list[int]:
     if length <= tile:
         return [0]
-    stride = max(int(tile * (1.0 - overlap)), 1)
-    starts = list(range(0, length - tile, stride))
+    starts = list(range(0, length - tile, tile_stride(tile, overlap)))
     return starts + [length - tile]

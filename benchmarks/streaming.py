@@ -144,8 +144,9 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
         with LazyImage(path) as image, JsonArrayWriter(out / "sub.json") as submission, \
                 CellWriter([f"class{c}" for c in range(1, 5)], None, out / "geo", out / "cells.csv") as writer:
             for part in stream_image(image, oracle_window, args.window, args.tile, 0.25):
-                submission.extend(detections_to_coco(part.dets, 1))
-                cells = painted_window(path.name, 1, path, part.pixels, part.origin, part.dets, 0.0, numbered + 1)
+                submission.extend(detections_to_coco(part.cells(image.size), 1))
+                cells = painted_window(path.name, 1, path, part.pixels, part.origin, part.dets, part.core.numpy(), 0.0,
+                                       numbered + 1)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
                 windows += 1
@@ -181,9 +182,9 @@ def compare_with_model(args: argparse.Namespace) -> dict[str, Any]:
         tifffile.imwrite(path, mosaic, photometric="rgb", compression="zlib", tile=(512, 512))
         start = time.perf_counter()
         with LazyImage(path) as image:
-            streamed = [r for part in stream_image(image, model_predictor([model], device, settings, path),
+            streamed = [r for part in stream_image(image, model_predictor([model], device, settings, image),
                                                    args.model_window, settings.tile, settings.tile_overlap)
-                        for r in detections_to_coco(part.dets, 1)]
+                        for r in detections_to_coco(part.cells(image.size), 1)]
         streamed_s = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():

@@ -16,10 +16,11 @@ from pycocotools import mask as mask_util
 import inference
 from cell_outputs import CellWriter, painted_window
 from checkpoint import save_checkpoint
-from coco import detections_to_coco
-from dataloader import CLASS_FILES, read_raw_image
+from coco import detections_to_coco, paint
+from dataloader import CLASS_FILES, read_image, read_raw_image, to_float_rgb
 from errors import UsageError
 from files import JsonArrayWriter
+from masks import PackedMasks
 from model import build_model
 from shallow import shallow_resnet
 from streaming import CELL_MARGIN, LazyImage, stream_image, window_spans
@@ -69,6 +70,18 @@ def test_window_cores_partition_the_axis_and_keep_a_margin_from_inner_edges(leng
         window_spans(5000, 600, 256, 0.25)
 
 
+def test_a_float_image_is_scaled_by_its_own_peak_in_every_window(tmp_path: Path) -> None:
+    """A dark window of a float image is not brightened to its own maximum: all windows share the image's."""
+    array = np.full((300, 400), 10.0, np.float32)
+    array[:, 200:] = 200.0
+    tifffile.imwrite(tmp_path / "float.tif", array, compression="zlib")
+    with LazyImage(tmp_path / "float.tif") as image:
+        assert image.peak() == 200.0
+        dark = to_float_rgb(image.read(0, 0, 300, 200), image.path, image.peak())
+    assert np.allclose(dark, 10.0 / 255.0)  # the whole image's scale (peak <= 255: 8-bit units)
+    assert np.array_equal(dark, read_image(tmp_path / "float.tif")[:, :200])
+
+
 def _masks_by_cell(results: list[dict]) -> dict[tuple[int, float], np.ndarray]:
     return {(r["category_id"], r["score"]): mask_util.decode([r["segmentation"]])[..., 0].astype(bool) for r in results}
 
@@ -85,8 +98,9 @@ def test_streamed_cells_equal_the_whole_image_cells_and_every_output_agrees(tmp_
             CellWriter(names, tmp_path / "lab", tmp_path / "geo", tmp_path / "cells.csv") as writer:
         numbered, windows = 0, 0
         for part in stream_image(image, oracle_window, window=400, tile=32, overlap=0.25):
-            submission.extend(detections_to_coco(part.dets, 1))
-            cells = painted_window("slide.tif", 1, path, part.pixels, part.origin, part.dets, 0.0, numbered + 1)
+            submission.extend(detections_to_coco(part.cells(image.size), 1))
+            cells = painted_window("slide.tif", 1, path, part.pixels, part.origin, part.dets, part.core.numpy(), 0.0,
+                                   numbered + 1)
             writer.add(cells, image.size)
             numbered += len(cells.cells)
             windows += 1
@@ -119,6 +133,56 @@ def test_streamed_cells_equal_the_whole_image_cells_and_every_output_agrees(tmp_
         assert np.array_equal(ring[0], ring[-1]) and ring[:, 0].min() >= 0 and ring[:, 0].max() <= 900
         assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= 700
         assert feature["properties"]["classification"]["name"] in names
+
+
+# Overlapping cells (x0, y0, x1, y1, class, score): pairs straddle the core boundaries of 400 px
+# windows with 32 px tiles (x = 236, y = 236), a worse and a better cell each side of it.
+OVERLAPPING = [(220, 100, 250, 130, 1, 0.6), (240, 95, 270, 135, 2, 0.9), (100, 225, 140, 245, 3, 0.8),
+               (110, 238, 150, 260, 4, 0.7), (20, 20, 50, 50, 1, 0.5)]
+
+
+def _where_image(size: tuple[int, int]) -> np.ndarray:
+    """Pixels that say where they are: y in the low 12 bits, x in the next 12 (R, G, B bytes)."""
+    code = np.arange(size[0])[:, None] | (np.arange(size[1])[None, :] << 12)
+    return np.stack([(code >> s) & 255 for s in (0, 8, 16)], axis=2).astype(np.uint8)
+
+
+def _overlapping_cells(pixels: np.ndarray) -> dict:
+    """A predictor of ``OVERLAPPING`` for any window of a ``_where_image``: each cell clipped to the window."""
+    code = int(pixels[0, 0, 0]) | int(pixels[0, 0, 1]) << 8 | int(pixels[0, 0, 2]) << 16
+    y0, x0 = code & 4095, code >> 12
+    height, width = pixels.shape[:2]
+    found = [(max(a - x0, 0), max(b - y0, 0), min(c - x0, width), min(d - y0, height), k, p)
+             for a, b, c, d, k, p in OVERLAPPING]
+    found = [f for f in found if f[2] > f[0] and f[3] > f[1]]
+    boxes = np.array([f[:4] for f in found], dtype=np.int64).reshape(-1, 4)
+    return {"boxes": torch.from_numpy(boxes).float(), "scores": torch.tensor([f[5] for f in found]),
+            "labels": torch.tensor([f[4] for f in found]), "image_size": (height, width),
+            "masks": PackedMasks.from_crops([np.ones((f[3] - f[1], f[2] - f[0]), bool) for f in found], boxes,
+                                            (height, width))}
+
+
+def test_cells_meeting_at_a_window_boundary_share_pixels_as_in_the_whole_image(tmp_path: Path) -> None:
+    """Overlapping cells owned by different windows compete for their pixels in each window, so
+    the streamed label images equal the whole image's: each pixel to the better cell, once."""
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, _where_image((500, 700)), photometric="rgb", compression="zlib")
+    assert window_spans(700, 400, 32, 0.25)[1].core_start == 236 == window_spans(500, 400, 32, 0.25)[1].core_start
+    with LazyImage(path) as image, CellWriter(list("abcd"), tmp_path / "lab") as writer:
+        numbered = 0
+        for part in stream_image(image, _overlapping_cells, window=400, tile=32, overlap=0.25):
+            cells = painted_window("slide.tif", 1, path, part.pixels, part.origin, part.dets, part.core.numpy(), 0.0,
+                                   numbered + 1)
+            writer.add(cells, image.size)
+            numbered += len(cells.cells)
+    whole = detections_to_coco(_overlapping_cells(_where_image((500, 700))), 1)
+    kept, canvas = paint(whole, 500, 700, 0.0)
+    expected = np.array([0] + [r["category_id"] for r in kept])[canvas]
+    streamed = {c: tifffile.imread(tmp_path / "lab" / "slide" / name) for c, name in CLASS_FILES.items()}
+    assert numbered == len(OVERLAPPING) and ((sum(streamed.values()) > 0) == (canvas > 0)).all()
+    for class_id, labels in streamed.items():
+        assert np.array_equal(labels > 0, expected == class_id), class_id
+    assert (sum((labels > 0).astype(int) for labels in streamed.values()) <= 1).all()  # a pixel in one file
 
 
 def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shallow: None) -> None:
