@@ -63,7 +63,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
 UNLIMITED = 1 << 40  # "no limit" as a count: top-k and slicing take it as it is
 
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
-LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3}
+LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3,
+                                  "detections_per_class": 0}
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:

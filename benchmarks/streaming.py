@@ -7,7 +7,7 @@ pixels carry the cell ids (``synthetic.id_image``), so a perfect predictor
 (``synthetic.oracle_window``) stands in for the model: what is measured is the streaming
 itself (lazy reads, windows, cores, incremental writing), not a network. Each (size, variant)
 runs in a fresh process and reports its peak resident memory above the process with its
-imports loaded (``peak_rss_mb``):
+imports loaded (``peak_rss_mb``, from the kernel's high-water mark, reset after the imports):
 
 - ``streamed``: ``LazyImage`` + ``stream_image`` at ``--window``, the submission (RLE JSON),
   the GeoJSON and the CSV written window by window, as ``inference.py`` does;
@@ -133,7 +133,7 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
     from synthetic import oracle_window
 
     out.mkdir(parents=True, exist_ok=True)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _reset_peak()
     start = time.perf_counter()
     windows = 1
     if variant == "whole":
@@ -151,12 +151,37 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
                 numbered += len(cells.cells)
                 windows += 1
     seconds = time.perf_counter() - start
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    peak = _peak_kb() - base
     results = json.loads((out / "sub.json").read_text())  # after the peak was taken
     key = sorted((r["category_id"], r["score"], r["segmentation"]["counts"]) for r in results)
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
-    return {"variant": variant, "detections": len(results), "windows": windows, "peak_rss_mb": round(peak, 1),
+    return {"variant": variant, "detections": len(results), "windows": windows, "peak_rss_mb": round(peak / 1024, 1),
             "seconds": round(seconds, 1), "digest": digest, "distinct": len(set(key)) == len(key)}
+
+
+def _reset_peak() -> int:
+    """Start a fresh peak-RSS count and return the resident kB now. Linux keeps ``ru_maxrss``
+    across fork and exec (a child starts at its parent's peak), so the peak is the kernel's
+    per-process high-water mark (``VmHWM``), reset here (``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS")
+    except OSError:  # not Linux: ru_maxrss, which may include the parent's peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_kb() -> int:
+    try:
+        return _status_kb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def compare_with_model(args: argparse.Namespace) -> dict[str, Any]:

@@ -244,9 +244,12 @@ def test_inference_prediction_flags() -> None:
 
 def test_resume_of_a_run_from_before_input_scale_keeps_its_scale() -> None:
     args = build_parser("resnet101", "").parse_args(["--train_dir", "x", "--anchor_sizes", "8", "16", "32", "64", "128"])
-    old = {k: v for k, v in config_from_args(args, "resnet101").items() if k != "input_scale"}
+    old = {k: v for k, v in config_from_args(args, "resnet101").items() if k not in ("input_scale",
+                                                                                      "detections_per_class")}
     assert _run_config(args, "resnet101", {"config": old})["input_scale"] == 0.0
+    assert _run_config(args, "resnet101", {"config": old})["detections_per_class"] == 0  # no class cap then
     assert _run_config(args, "resnet101", None)["input_scale"] == DEFAULT_CONFIG["input_scale"]
+    assert _run_config(args, "resnet101", None)["detections_per_class"] == 100
 
 
 class _NanAt(nn.Module):
