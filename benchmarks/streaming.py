@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mosaic_dir", default=None, help="training-layout folder whose images make the mosaic")
     parser.add_argument("--model_size", type=int, default=2048, help="side of the mosaic the model predicts")
     parser.add_argument("--model_window", type=int, default=1536, help="--window of the model comparison")
+    parser.add_argument("--model_score_thresh", type=float, default=0.05,
+                        help="the model's box_score_thresh in the comparison: without caps, a CPU cannot merge the "
+                             "thousand detections a tile of 256 px holds at 0")
     parser.add_argument("--same_process", action="store_true",
                         help="measure every variant in this process: quicker, but peak_rss_mb then means nothing")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "VARIANT", "OUT"), default=None, help=argparse.SUPPRESS)
@@ -198,7 +201,7 @@ def compare_with_model(args: argparse.Namespace) -> dict[str, Any]:
     rows = [np.concatenate([patches[(r * per_row + c) % len(patches)] for c in range(per_row)], axis=1)
             for r in range(per_row)]
     mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0)[:args.model_size, :args.model_size])
-    model, _, state = load_model(Path(args.checkpoint))
+    model, _, state = load_model(Path(args.checkpoint), {"box_score_thresh": args.model_score_thresh})
     device = torch.device(args.device)
     model = model.to(device).eval()
     settings = Settings(tile=None, batch_size=None, detections_per_img=0, detections_per_class=0).resolved(device, state)
@@ -220,6 +223,7 @@ def compare_with_model(args: argparse.Namespace) -> dict[str, Any]:
     same = sum(abs(by_mask.get((r["category_id"], r["segmentation"]["counts"]), -1.0) - r["score"]) <= 1e-4
                for r in streamed)
     return {"size": args.model_size, "window": args.model_window, "tile": settings.tile,
+            "score_thresh": args.model_score_thresh,
             "whole_cells": len(whole), "streamed_cells": len(streamed), "identical": same,
             "whole_s": round(whole_s, 1), "streamed_s": round(streamed_s, 1)}
 
