@@ -20,6 +20,9 @@ about once.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -159,6 +162,8 @@ def stream_image(image: LazyImage, predict_window: Callable[[np.ndarray], dict],
             pixels = image.read(ys.start, xs.start, ys.stop, xs.stop)
             dets = _on_host(predict_window(pixels))
             yield Part((ys.start, xs.start), pixels, dets, core_of(dets["boxes"], ys, xs))
+            del pixels, dets
+            _return_freed_memory()
 
 
 def core_of(boxes: torch.Tensor, ys: Span, xs: Span) -> torch.Tensor:
@@ -184,6 +189,25 @@ def model_predictor(models: list[torch.nn.Module], device: torch.device, setting
             return predict_images(nets, [window.to(device, non_blocking=True)], settings)[0]
 
     return predict_window
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory a finished window freed back to the system (glibc's ``malloc_trim``;
+    a no-op elsewhere). Each window allocates and frees a few hundred MB of arrays of varied
+    sizes; without it the allocator's heap grows over the first windows (measured in
+    benchmarks/RESULTS.md), so peak memory crept up with the number of windows."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _on_host(dets: dict) -> dict:
