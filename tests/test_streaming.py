@@ -213,5 +213,9 @@ def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shall
     assert tifffile.imread(tmp_path / "lab" / "big" / "class1.tif").shape == (300, 340)
     rows = list(csv.DictReader(open(tmp_path / "cells.csv")))
     assert {r["image"] for r in rows} <= {"big.tif", "small.png"}
+    floor = inference.main([*common, "--output", str(tmp_path / "out" / "floor.json"), "--window", "300",
+                            "--box_score_thresh", "0.6"])
+    kept = json.loads(Path(floor).read_text())
+    assert all(r["score"] >= 0.6 for r in kept) and len(kept) < len(results)  # dropped inside the model
     with pytest.raises(UsageError, match="--window 100 is too small"):
         inference.main([*common, "--output", str(tmp_path / "out" / "sub2.json"), "--window", "100"])
