@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--box_score_thresh", type=chance, default=None,
                        help="override the checkpoint's: detections scoring below it are dropped inside the model, "
                             "before any merge (unlike --score_thresh, which filters the submission). Raising it "
-                            "(e.g. 0.05) makes a streamed whole slide much faster on a CPU; AP prefers 0")
+                            "(e.g. 0.3) makes a streamed whole slide much faster on a CPU; AP prefers 0")
     model.add_argument("--input_scale", type=scale_factor, default=None,
                        help="override the checkpoint's fixed input scale (cells look their best at the training one)")
     return parser
