@@ -98,15 +98,15 @@ def write_label_sample(image: PaintedImage, folder: Path) -> None:
         shutil.copyfile(image.source, out / IMAGE_FILE)
     else:  # the training layout holds TIFFs: a PNG or JPEG is written as one, its pixels as stored
         tifffile.imwrite(out / IMAGE_FILE, image.pixels)
-    classes = np.array([0] + [c["category_id"] for c in image.cells], dtype=np.int64)
+    classes = pixel_classes(image)
     for class_id, name in CLASS_FILES.items():
         dtype = np.uint16 if len(image.cells) <= np.iinfo(np.uint16).max else np.uint32
-        tifffile.imwrite(out / name, np.where(classes[image.labels] == class_id, image.labels, 0).astype(dtype))
+        tifffile.imwrite(out / name, np.where(classes == class_id, image.labels, 0).astype(dtype))
 
 
-def geojson(image: PaintedImage, class_names: Sequence[str]) -> dict:
-    """A QuPath-importable FeatureCollection of one image's cells (``features``)."""
-    return {"type": "FeatureCollection", "features": features(image, class_names)}
+def pixel_classes(image: PaintedImage) -> np.ndarray:
+    """The class of the cell at each pixel of ``image.labels`` (0: background)."""
+    return np.array([0] + [c["category_id"] for c in image.cells], dtype=np.int64)[image.labels]
 
 
 def features(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
@@ -229,7 +229,7 @@ class CellWriter:
         (y0, x0), (h, w) = image.origin, image.labels.shape
         if IMAGE_FILE in self._canvases:
             self._canvases[IMAGE_FILE][y0:y0 + h, x0:x0 + w] = image.pixels
-        classes = np.array([0] + [c["category_id"] for c in image.cells], dtype=np.int64)[image.labels]
+        classes = pixel_classes(image)
         for class_id, name in CLASS_FILES.items():
             mine = classes == class_id
             self._canvases[name][y0:y0 + h, x0:x0 + w][mine] = image.labels[mine] + image.first - 1
