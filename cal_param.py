@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", type=backbone_name, default="resnet101", help="resnet or effnet")
     parser.add_argument("--use_attn", action="store_true", help="with the FPNTransformer neck and mask-head attention")
     parser.add_argument("--mask_iou", action="store_true", help="with the Mask Scoring head (mask_scoring.py)")
+    parser.add_argument("--cascade", action="store_true", help="with the two later Cascade box stages (cascade.py)")
     parser.add_argument("--all", action="store_true", help="all four backbone x attention configurations")
     parser.add_argument("--num_classes", type=int, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     configs = ALL_CONFIGS if args.all else ((args.backbone, args.use_attn),)
-    rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou) for backbone, attn in configs]
+    rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade)
+            for backbone, attn in configs]
     print(f"parameters in millions (--weights {args.weights}, num_classes {args.num_classes})")
     print(format_table(rows))
     if args.json:
@@ -52,12 +54,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str,
-                 mask_iou: bool = False) -> dict[str, Any]:
+                 mask_iou: bool = False, cascade: bool = False) -> dict[str, Any]:
     """One table column; an attention model whose module file is absent gets a status line
     instead of counts, so the other columns still print."""
-    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn, "mask_iou": mask_iou}
+    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn, "mask_iou": mask_iou, "cascade": cascade}
     config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights,
-              "mask_iou": mask_iou}
+              "mask_iou": mask_iou, "cascade": cascade}
     try:
         with weights_to_be_loaded():  # counted, never used
             model = build_model(config, load_weights=False)
@@ -81,10 +83,12 @@ def count_parts(model: MaskRCNN, use_attn: bool) -> dict[str, Any]:
     }
     if getattr(model.roi_heads, "mask_iou_head", None) is not None:
         modules["mask IoU head"] = [model.roi_heads.mask_iou_head]
+    if getattr(model.roi_heads, "cascade", None) is not None:
+        modules["cascade stages"] = [model.roi_heads.cascade]
     parts = {name: count(_params(mods).values()) for name, mods in modules.items()}
     inner = _params([fpn_backbone])
     parts["neck attention"] = count(p for p in model.backbone.parameters() if id(p) not in inner)
-    parts = {name: parts[name] for name in (*PARTS, "mask IoU head") if name in parts}
+    parts = {name: parts[name] for name in (*PARTS, "mask IoU head", "cascade stages") if name in parts}
     counted = _params([model.backbone, *(m for mods in modules.values() for m in mods)])
     rest = count(p for p in model.parameters() if id(p) not in counted)
     if rest["total"]:
@@ -103,17 +107,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     parts = list(dict.fromkeys(p for r in rows if r["status"] == "ok" for p in r["parts"])) or list(PARTS)
     columns = parts + ["(mask attention)", "total"]
     widths = [max(len(c) + 2, 10) for c in columns]
-    lines = [f"{'configuration':<19}{'count':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
-    for row in rows:
-        name = f"{row['backbone']}{' +attn' if row['use_attn'] else ''}{' +iou' if row.get('mask_iou') else ''}"
+    names = [(f"{row['backbone']}{' +attn' if row['use_attn'] else ''}{' +iou' if row.get('mask_iou') else ''}"
+              f"{' +cascade' if row.get('cascade') else ''}") for row in rows]
+    first = max(19, *(len(n) + 2 for n in names))
+    lines = [f"{'configuration':<{first}}{'count':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+    for row, name in zip(rows, names):
         if row["status"] != "ok":
-            lines.append(f"{name:<19}{row['status']}")
+            lines.append(f"{name:<{first}}{row['status']}")
             continue
         counts = [row["parts"].get(p, {"total": 0, "trainable": 0}) for p in parts]
         counts += [row["mask attention"], row["total"]]
         for kind, label in (("total", name), ("trainable", "")):
             values = "".join(f"{c[kind] / 1e6:>{w}.3f}" for c, w in zip(counts, widths))
-            lines.append(f"{label:<19}{kind:<10}{values}")
+            lines.append(f"{label:<{first}}{kind:<10}{values}")
     return "\n".join(lines)
 
 

@@ -131,9 +131,10 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
         trained = "with" if has_attn else "without"
         raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
                               f"{'with' if wants_attn else 'without'} it; {'drop' if wants_attn else 'add'} --use_attn.")
-    fresh = "roi_heads.mask_iou_head."  # --mask_iou added to a model trained without it: the head starts fresh
-    if not any(k.startswith(fresh) for k in weights):
-        weights = {**{k: v for k, v in model.state_dict().items() if k.startswith(fresh)}, **weights}
+    # --mask_iou or --cascade added to a model trained without it: the new head starts fresh
+    for fresh in ("roi_heads.mask_iou_head.", "roi_heads.cascade."):
+        if not any(k.startswith(fresh) for k in weights):
+            weights = {**{k: v for k, v in model.state_dict().items() if k.startswith(fresh)}, **weights}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

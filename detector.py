@@ -41,7 +41,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
@@ -386,19 +386,24 @@ class LeanRoIHeads(RoIHeads):
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list, dict[str, Tensor]]:
+        cascade = getattr(self, "cascade", None)
         if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
+            if cascade is None:
+                return super().forward(features, proposals, image_shapes, targets)
+            return self.predict(features, proposals, image_shapes), {}
         proposals, matched_idxs, labels, regression_targets, weights, num_pos = \
             self.select_training_samples(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        if cascade is not None:  # each stage passes back its share of the gradient into the features
+            pooled = scale_gradient(pooled, cascade.gradient_share)
+        class_logits, box_regression = self.box_predictor(self.box_head(pooled))
         loss_classifier, loss_box_reg = weighted_fastrcnn_loss(class_logits, box_regression, labels,
                                                                regression_targets, weights, self.class_weights)
         positives = num_pos.tolist()  # host sync: how many RoIs per image the mask head takes
         mask_proposals = [p[:n] for p, n in zip(proposals, positives)]
         mask_matched = [m[:n] for m, n in zip(matched_idxs, positives)]
-        pooled = self.mask_roi_pool(features, mask_proposals, image_shapes)
-        mask_logits = self.mask_predictor(self.mask_head(pooled))
+        mask_pooled = self.mask_roi_pool(features, mask_proposals, image_shapes)
+        mask_logits = self.mask_predictor(self.mask_head(mask_pooled))
         size = mask_logits.shape[-1]
         mask_labels = torch.cat([t["labels"][m] for t, m in zip(targets, mask_matched)])
         mask_targets = torch.cat([self.mask_targets(t["masks"], p, m, size)
@@ -408,20 +413,43 @@ class LeanRoIHeads(RoIHeads):
                   "loss_mask": mask_loss(mask_logits, chosen, mask_targets)}
         scorer = getattr(self, "mask_iou_head", None)
         if scorer is not None:  # Mask Scoring (--mask_iou): the IoU each mask reaches, learnt on the same RoIs
-            losses["loss_mask_iou"] = mask_iou_loss(scorer(pooled, chosen, mask_labels),
+            losses["loss_mask_iou"] = mask_iou_loss(scorer(mask_pooled, chosen, mask_labels),
                                                     mask_iou_targets(chosen, mask_targets))
+        if cascade is not None:  # Cascade (--cascade): the later box stages, on the refined boxes of these RoIs
+            losses["loss_cascade"] = cascade.losses(self, features, proposals, image_shapes, targets, class_logits,
+                                                    box_regression, labels, weights)
         return [], losses
+
+    def predict(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """torchvision's prediction output (boxes, scores, labels, masks of each image) through
+        ``detect_boxes``; ``predictor.py`` is the batched path, this is ``model(images)``'s."""
+        boxes, scores, labels = detect_boxes(self, features, proposals, image_shapes)
+        results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+        if sum(len(b) for b in boxes) == 0:  # shapes: no detection in any image, nothing to pool
+            for r in results:
+                r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
+            return results
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+        for r, probs in zip(results, maskrcnn_inference(mask_logits, labels)):
+            r["masks"] = probs
+        return results
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """torchvision's detections (score threshold, per-class NMS, the best ``detections_per_img``,
         of them at most ``detections_per_class`` of a class) for the whole batch at once: the NMS calls of ``nms_segments`` and one count read, not
         about ten syncs per image (each tile and view when predicting)."""
-        counts = [len(p) for p in proposals]
-        classes = class_logits.shape[-1]
+        return self.select_detections(F.softmax(class_logits, -1), self.box_coder.decode(box_regression, proposals),
+                                      [len(p) for p in proposals], image_shapes)
+
+    def select_detections(self, probs: Tensor, decoded: Tensor, counts: list[int],
+                          image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``postprocess_detections`` from class probabilities [R, classes] and each class's box
+        [R, classes, 4] of the images' RoIs (``counts`` each)."""
+        classes = probs.shape[-1]
         boxes, scores = [], []
-        for b, s, shape in zip(self.box_coder.decode(box_regression, proposals).split(counts),
-                               F.softmax(class_logits, -1).split(counts), image_shapes):
+        for b, s, shape in zip(decoded.split(counts), probs.split(counts), image_shapes):
             # class-major, without the background: one NMS segment per image and class
             boxes.append(box_ops.clip_boxes_to_image(b, shape)[:, 1:].transpose(0, 1).reshape(-1, 4))
             scores.append(s[:, 1:].transpose(0, 1).reshape(-1))
@@ -430,15 +458,18 @@ class LeanRoIHeads(RoIHeads):
         scores = torch.where((scores > self.score_thresh) & (sides >= 1e-2).all(dim=1), scores, -math.inf)
         keep = nms_segments(boxes, scores, [n for n in counts for _ in range(classes - 1)], self.nms_thresh,
                             max(max(shape) for shape in image_shapes))
-        device = class_logits.device
+        device = probs.device
         image_of = torch.cat([torch.full((n * (classes - 1),), i, device=device) for i, n in enumerate(counts)])
         labels = torch.cat([torch.arange(1, classes, device=device).repeat_interleave(n) for n in counts])
         picked = top_per_image(scores, keep, image_of, len(counts), self.detections_per_img,
                                image_of * classes + labels, self.detections_per_class)
         return [boxes[p] for p in picked], [scores[p] for p in picked], [labels[p] for p in picked]
 
-    def assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor],
-                                    gt_labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor],
+                                    matcher: Matcher | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Each proposal's matched box and label (0 background, -1 ignored), by ``matcher``
+        (a cascade stage's) or the heads' own."""
+        matcher = matcher or self.proposal_matcher
         matched_idxs, labels = [], []
         for proposals_in_image, boxes, classes in zip(proposals, gt_boxes, gt_labels):
             if boxes.numel() == 0:
@@ -446,12 +477,11 @@ class LeanRoIHeads(RoIHeads):
                 matched_idxs.append(zeros)
                 labels.append(zeros)
                 continue
-            matched = self.proposal_matcher(self.box_similarity(boxes, proposals_in_image))
+            matched = matcher(self.box_similarity(boxes, proposals_in_image))
             clamped = matched.clamp(min=0)
-            image_labels = torch.where(matched == self.proposal_matcher.BELOW_LOW_THRESHOLD, 0,
-                                       classes[clamped].to(torch.int64))
+            image_labels = torch.where(matched == matcher.BELOW_LOW_THRESHOLD, 0, classes[clamped].to(torch.int64))
             matched_idxs.append(clamped)
-            labels.append(torch.where(matched == self.proposal_matcher.BETWEEN_THRESHOLDS, -1, image_labels))
+            labels.append(torch.where(matched == matcher.BETWEEN_THRESHOLDS, -1, image_labels))
         return matched_idxs, labels
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None) -> tuple:
@@ -475,6 +505,21 @@ class LeanRoIHeads(RoIHeads):
             picked_boxes.append(boxes[matched_idxs[i]])
         regression_targets = self.box_coder.encode(picked_boxes, proposals)
         return proposals, matched_idxs, labels, regression_targets, weights, torch.stack(num_pos)
+
+
+def detect_boxes(heads: RoIHeads, features: dict[str, Tensor], proposals: list[Tensor],
+                 image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Each image's detections (boxes, scores, labels) from the box head, or with a cascade
+    (``--cascade``) from its stages: their mean class probabilities, the last stage's boxes.
+    ``heads`` may be torchvision's own (a benchmark's baseline), which has no cascade."""
+    class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals,
+                                                                                          image_shapes)))
+    cascade = getattr(heads, "cascade", None)
+    if cascade is None:
+        return heads.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+    probs, boxes = cascade.refine(heads, features, proposals, image_shapes, class_logits, box_regression)
+    return heads.select_detections(probs, boxes[:, None].expand(-1, probs.shape[-1], -1),
+                                   [len(p) for p in proposals], image_shapes)
 
 
 class LevelRoIAlign(MultiScaleRoIAlign):
@@ -601,9 +646,15 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels:
         per_roi = torch.where(weight, class_weights[classes], 0.0)
         classification = (per_roi * ce).sum() / per_roi.sum().clamp(min=1e-6)
     rows = torch.arange(len(classes), device=classes.device)
-    predicted = box_regression.reshape(len(classes), -1, 4)[rows, classes]
+    # one box per RoI (a cascade stage's), or one per class (torchvision's), of which the RoI's class
+    predicted = box_regression if box_regression.shape[-1] == 4 else box_regression.reshape(len(classes), -1, 4)[rows, classes]
     box = F.smooth_l1_loss(predicted, torch.cat(regression_targets), beta=1 / 9, reduction="none").sum(dim=1)
     return classification, torch.where(weight & (labels_all > 0), box, 0.0).sum() / count
+
+
+def scale_gradient(x: Tensor, share: float) -> Tensor:
+    """``x`` unchanged forward; backward, only ``share`` of the gradient reaches what made it."""
+    return x * share + x.detach() * (1.0 - share)
 
 
 def mask_loss(mask_logits: Tensor, chosen: Tensor, mask_targets: Tensor) -> Tensor:

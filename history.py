@@ -11,8 +11,9 @@ from files import write_json
 HISTORY_FILE = "history.json"
 # The Mask R-CNN loss terms, each a column of every row (the summed ``loss`` beside them).
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-# Every term a history row logs: torchvision's, and the Mask Scoring head's (0 for a model without it).
-LOGGED_LOSSES = (*LOSS_KEYS, "loss_mask_iou")
+# Every term a history row logs: torchvision's, the Mask Scoring head's and the later cascade
+# stages' (each 0 for a model without it).
+LOGGED_LOSSES = (*LOSS_KEYS, "loss_mask_iou", "loss_cascade")
 
 
 def write_history(path: Path, history: list[dict]) -> None:

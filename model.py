@@ -21,6 +21,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from cascade import CascadeHeads
 from detector import CellTransform, FrozenBatchNorm2d, use_cell_detector
 from errors import WeightsError
 from mask_scoring import MaskIoUHead
@@ -39,6 +40,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "trainable_layers": 3,
     "use_attn": False,
     "mask_iou": False,
+    "cascade": False,
     "attn": {},
     "min_size": 1024,
     "max_size": 2048,
@@ -73,7 +75,7 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY_CONFIG, **saved}
 
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
              "effnet_frozen")
 
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
@@ -99,6 +101,10 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     group.add_argument("--mask_iou", action="store_true",
                        help="Mask Scoring: a head predicts each mask's IoU with its cell, and detections are ranked "
                             "by class probability x predicted IoU (mask_scoring.py)")
+    group.add_argument("--cascade", action="store_true",
+                       help="Cascade R-CNN: two more box stages, trained at IoU 0.6 and 0.7 on the previous stage's "
+                            "boxes; scores are the stages' mean class probability, boxes and masks the last "
+                            "stage's (cascade.py)")
     group.add_argument("--min_size", type=int, default=d["min_size"],
                        help="with --input_scale 0: shorter side is scaled to this (never up beyond --max_upscale)")
     group.add_argument("--max_size", type=int, default=d["max_size"], help="longer side is scaled down to at most this")
@@ -227,6 +233,9 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         model.roi_heads.mask_head = nn.Sequential(SpatialChannelTransformer(**_attn_kwargs(config, "mask")), head)
     if config["mask_iou"]:
         model.roi_heads.mask_iou_head = MaskIoUHead(backbone.out_channels, config["num_classes"])
+    if config["cascade"]:
+        side = model.roi_heads.box_roi_pool.output_size[0]
+        model.roi_heads.cascade = CascadeHeads(backbone.out_channels * side * side, config["num_classes"])
     if config["init_detector"] and load_weights:
         init_detector(model, config["init_detector"])
     return model

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from coco import detections_to_coco, paste_masks
+from detector import detect_boxes
 from devices import autocast, counts, prediction_batch, scale_boxes
 from merging import (average_masks, greedy_mask_merge, mask_areas, merge_order, same_cell_copies, same_cell_pairs,
                      select_candidates, take, votes)
@@ -311,14 +312,11 @@ class MaskRCNNStages:
         batch, _ = model.transform(crops)
         features = model.backbone(batch.tensors)
         proposals, _ = model.rpn(batch, features)
-        box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
-        class_logits, box_regression = heads.box_predictor(box_features)
         caps = [self.view_cap(size, cap) for size in batch.image_sizes]
         limits = heads.detections_per_img, getattr(heads, "detections_per_class", 0)
         heads.detections_per_img, heads.detections_per_class = max(caps), per_class
         try:
-            boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals,
-                                                                 batch.image_sizes)
+            boxes, scores, labels = detect_boxes(heads, features, proposals, batch.image_sizes)
         finally:
             heads.detections_per_img, heads.detections_per_class = limits
         boxes, scores, labels = ([t[:c] for t, c in zip(ts, caps)] for ts in (boxes, scores, labels))

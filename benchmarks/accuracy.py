@@ -73,6 +73,8 @@ CONFIGS: dict[str, list[str]] = {
     "cells+paste": [*NATIVE, *CELL_ANCHORS, "--copy_paste", "0.5", "--copy_paste_rare"],
     "cells+mask_iou": [*NATIVE, *CELL_ANCHORS, "--mask_iou"],
     "defaults+mask_iou": ["--mask_iou"],  # the CPM-15 protocol's configuration with a Mask Scoring head
+    "cells+cascade": [*NATIVE, *CELL_ANCHORS, "--cascade"],
+    "defaults+cascade": ["--cascade"],  # the CPM-15 protocol's configuration with Cascade box stages
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match;

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: skip)")
     parser.add_argument("--rpn_post_nms_top_n_test", type=int, default=2000, help="the prediction's proposals per view")
     parser.add_argument("--detections_per_img", type=int, default=1000, help="the prediction's cap")
+    for head, text in (("mask_iou", "the Mask Scoring head"), ("cascade", "the Cascade box stages")):
+        parser.add_argument(f"--{head}", action="store_true",
+                            help=f"build every model with {text} (only ours uses it: the baselines keep torchvision's "
+                                 "RoI heads)")
     parser.add_argument("--take_all", action="store_true",
                         help="sample every RPN and RoI candidate: torchvision's samplers and ours then pick the same "
                              "sets, so the losses must agree (by default each draws its own random subset)")
@@ -174,9 +178,13 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
     settings = Settings(tile=256, tta_scales=TTA_SCALES, batch_size=4)
     seed_all(args.seed)
     ours = build_model({"backbone": args.backbone, "weights": "none", "detections_per_img": args.detections_per_img,
-                        "rpn_post_nms_top_n_test": args.rpn_post_nms_top_n_test}).to(device).eval()
+                        "rpn_post_nms_top_n_test": args.rpn_post_nms_top_n_test, "mask_iou": args.mask_iou,
+                        "cascade": args.cascade}).to(device).eval()
     stock = copy.deepcopy(ours)
     use_torchvision_detector(stock)
+    for head in ("mask_iou_head", "cascade"):  # torchvision's RoI heads predict without ours
+        if hasattr(stock.roi_heads, head):
+            delattr(stock.roi_heads, head)
     num_views = len(tile_grid(args.predict_size, args.predict_size, settings.tile, settings.tile_overlap)) * len(
         views(settings.tta_scales, settings.dihedral))
     rows = []
@@ -241,7 +249,8 @@ def make_step(variant: str, image: torch.Tensor, target: dict, args: argparse.Na
     config = {"backbone": args.backbone, "weights": "none", "min_size": min(height, width),
               "max_size": round(scale * max(height, width)), "input_scale": args.input_scale,
               "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
-              "box_batch_size_per_image": args.box_batch_size_per_image}
+              "box_batch_size_per_image": args.box_batch_size_per_image, "mask_iou": args.mask_iou,
+              "cascade": args.cascade}
     if args.take_all:
         config.update(rpn_batch_size_per_image=10 ** 6, box_batch_size_per_image=10 ** 6)
     seed_all(args.seed)
