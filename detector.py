@@ -438,8 +438,9 @@ class LeanRoIHeads(RoIHeads):
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """torchvision's detections (score threshold, per-class NMS, the best ``detections_per_img``,
-        of them at most ``detections_per_class`` of a class) for the whole batch at once: the NMS calls of ``nms_segments`` and one count read, not
-        about ten syncs per image (each tile and view when predicting)."""
+        of them at most ``detections_per_class`` of a class) for the whole batch at once: the NMS
+        calls of ``nms_segments`` and one count read, not about ten syncs per image (each tile
+        and view when predicting)."""
         return self.select_detections(F.softmax(class_logits, -1), self.box_coder.decode(box_regression, proposals),
                                       [len(p) for p in proposals], image_shapes)
 
@@ -647,7 +648,8 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels:
         classification = (per_roi * ce).sum() / per_roi.sum().clamp(min=1e-6)
     rows = torch.arange(len(classes), device=classes.device)
     # one box per RoI (a cascade stage's), or one per class (torchvision's), of which the RoI's class
-    predicted = box_regression if box_regression.shape[-1] == 4 else box_regression.reshape(len(classes), -1, 4)[rows, classes]
+    per_class = box_regression.shape[-1] != 4
+    predicted = box_regression.reshape(len(classes), -1, 4)[rows, classes] if per_class else box_regression
     box = F.smooth_l1_loss(predicted, torch.cat(regression_targets), beta=1 / 9, reduction="none").sum(dim=1)
     return classification, torch.where(weight & (labels_all > 0), box, 0.0).sum() / count
 

@@ -25,8 +25,8 @@ def _batch() -> tuple[list[torch.Tensor], list[dict]]:
     images = [torch.rand(3, 64, 72, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     masks = torch.zeros(2, 64, 72, dtype=torch.uint8)
     masks[0, 4:18, 4:20] = masks[1, 30:44, 30:50] = 1
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 50.0, 44.0]]), "labels": torch.tensor([1, 3]),
-                "masks": masks},
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 50.0, 44.0]]),
+                "labels": torch.tensor([1, 3]), "masks": masks},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                 "masks": torch.zeros(0, 64, 72, dtype=torch.uint8)}]
     return images, targets
@@ -56,7 +56,8 @@ def test_later_stages_label_at_their_stricter_iou(shallow: None) -> None:
     """A box at IoU 0.65 with its cell is a positive of the first two stages, background of the last."""
     heads = build_model(CONFIG).roi_heads
     truth = torch.tensor([[0.0, 0.0, 20.0, 20.0]])
-    proposals = [torch.tensor([[0.0, 0.0, 20.0, 13.0], [0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 50.0, 50.0]])]  # IoU .65, 1, 0
+    # IoU 0.65, 1 and 0 with the cell
+    proposals = [torch.tensor([[0.0, 0.0, 20.0, 13.0], [0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 50.0, 50.0]])]
     labels = [heads.assign_targets_to_proposals(proposals, [truth], [torch.tensor([2])], matcher)[1][0].tolist()
               for matcher in (heads.proposal_matcher, *(s.matcher for s in heads.cascade.stages))]
     assert labels == [[2, 2, 0], [2, 2, 0], [0, 2, 0]]
@@ -116,7 +117,8 @@ def test_a_cascade_checkpoint_predicts_through_inference_without_flags(tmp_path:
     save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": config, "args": {}})
     rebuilt, saved, _ = load_model(tmp_path / "best.pth")
     assert saved["cascade"] and len(rebuilt.roi_heads.cascade.stages) == 2
-    assert torch.equal(rebuilt.roi_heads.cascade.stages[1].cls_score.weight, model.roi_heads.cascade.stages[1].cls_score.weight)
+    assert torch.equal(rebuilt.roi_heads.cascade.stages[1].cls_score.weight,
+                       model.roi_heads.cascade.stages[1].cls_score.weight)
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / "one.png")
@@ -140,7 +142,8 @@ def test_a_model_without_the_cascade_fine_tunes_into_one(tmp_path: Path, shallow
 
 def test_training_syncs_stay_flat_in_cells_with_both_heads(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "syncs.json"
-    host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "0", "--part_reps", "1", "--variants", "ours",
+    host_syncs.main(["--counts", "4", "12", "--size", "48", "56", "--steps", "0", "--part_reps", "1",
+                     "--variants", "ours",
                      "--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32", "--predict_size", "0",
                      "--mask_iou", "--cascade", "--json", str(out)])
     payload = json.loads(out.read_text())
