@@ -155,7 +155,7 @@ class Donors(NamedTuple):
 class CopyPaste:
     """Cells of another training window pasted at random places, with probability ``p``: up
     to ``cells`` of them, picked by their class's weight, each placed whole (its pixels over
-    what lies there, which leaves the instances below); a cell larger than the window is skipped."""
+    what lies there, taken from the instances below); a cell larger than the window is skipped."""
 
     def __init__(self, donors: Donors, p: float = 0.5, cells: int = 8) -> None:
         self.donors = donors

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     overrides = {"detections_per_img": args.detections_per_img, "rpn_post_nms_top_n_test": args.rpn_post_nms_top_n_test}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         tmp = Path(tmp)
-        test_dir, id_map = _test_folder(args, tmp)
+        test_dir, id_map = make_test_folder(args, tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args, tmp / "random.pth")
         count = len(read_id_map(id_map, test_dir))
         reference, seconds = timed(lambda: plain_loop(checkpoint, test_dir, id_map, tmp / "plain.json", device,
@@ -197,7 +197,7 @@ def _match(ref: list[dict], got: list[dict]) -> list[tuple[int, int]]:
     return pairs
 
 
-def _test_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
+def make_test_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
     """The test folder and id map: given, made from training images, or generated."""
     if args.test_dir:
         if not args.id_map_json:

@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_util
 
 from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, postprocess, predict_memory,
-                        step_time, streaming, train_memory)
+                        prediction_caps, step_time, streaming, train_memory)
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
@@ -221,6 +221,20 @@ def test_predict_memory_holds_the_budget_with_the_same_detections(tmp_path: Path
     per_chunk = rows[128, "unbounded"]["kept_mb"] / rows[128, "unbounded"]["views"] * 4  # --batch_size views
     assert rows[128, "budget"]["kept_mb"] <= 0.5 + per_chunk + 0.05  # the budget and the one chunk detected
     assert payload["targets_met"]["identical_detections"] and rows[128, "budget"]["same_as_unbounded"]
+
+
+def test_prediction_caps_runs_each_cap_through_the_cli_path(tmp_path: Path, shallow: None) -> None:
+    """Random weights fill every cap they are given: the image caps bound the detections, and
+    the class cap keeps at most 100 of each of the 4 classes."""
+    out = tmp_path / "caps.json"
+    payload = prediction_caps.main(["--images", "2", "--size", "160", "160", "--cells", "10", "--device", "cpu",
+                                    "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(payload["rows"]))
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == set(prediction_caps.VARIANTS) and rows["image 1000"]["speedup"] == 1.0
+    assert 0 < rows["image 400"]["detections_per_image"] <= 400
+    assert 0 < rows["image 1000, class 100"]["detections_per_image"] <= min(400, rows["image 1000"]["detections_per_image"])
+    assert all(r["seconds_per_image"] > 0 for r in rows.values())
 
 
 def test_streaming_keeps_every_known_cell_once_as_the_whole_image_does(tmp_path: Path) -> None:
