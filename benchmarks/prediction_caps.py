@@ -42,12 +42,14 @@ VARIANTS = {"image 1000": {"detections_per_img": 1000, "detections_per_class": 0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__)
-    parser.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: random weights, written here)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a trained checkpoint (default: random weights, written here)")
     parser.add_argument("--test_dir", default=None, help="real test folder (with --id_map_json)")
     parser.add_argument("--id_map_json", default=None, help="id map of --test_dir")
     parser.add_argument("--train_dir", default=None, help="use the first --images training images as the test set")
     parser.add_argument("--images", type=int, default=4, help="images predicted per variant")
-    parser.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="generated image size")
+    parser.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                        help="generated image size")
     parser.add_argument("--cells", type=int, default=40, help="cells per generated image")
     parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "effnet_v2_m"))
     parser.add_argument("--tile", type=int, default=None, help="prediction tile (default: the checkpoint's --crop)")
