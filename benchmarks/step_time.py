@@ -1,4 +1,5 @@
-"""Training step time per backbone, with and without the attention modules (--use_attn).
+"""Training step time per backbone, with and without the attention modules (--use_attn) and
+the optional heads (--mask_iou, --cascade).
 
 One image of the given size with the given number of cells, random weights (``--weights
 none``), the default detection settings at native scale, AdamW; a few warm-up steps, then
@@ -7,6 +8,7 @@ ratio to ResNet-101 without attention, measured in the same run.
 
     python benchmarks/step_time.py                      # 512x512, 300 cells
     python benchmarks/step_time.py --train_dir ../shared/data/cpm15_hw3/train
+    python benchmarks/step_time.py --backbones resnet101 --attn off --heads none mask_iou cascade mask_iou+cascade
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
 NAME = "step_time"
-BASELINE = ("resnet101", False)
+BASELINE = ("resnet101", False, "none")
+HEADS = ("none", "mask_iou", "cascade", "mask_iou+cascade")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cells", type=int, default=300, help="cells in the generated image")
     parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES))
     parser.add_argument("--attn", choices=("off", "on", "both"), default="both", help="which --use_attn settings to time")
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=["none"],
+                        help="optional heads to time: the Mask Scoring head, the Cascade box stages, both")
     parser.add_argument("--batch_size", type=int, default=1, help="copies of the image per step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -60,23 +65,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = []
     for backbone in args.backbones:
         for use_attn in {"off": [False], "on": [True], "both": [False, True]}[args.attn]:
-            if use_attn and attention_error:
-                rows.append({"backbone": backbone, "use_attn": True, "note": f"skipped: {attention_error}"})
-                continue
-            rows.append(measure(backbone, use_attn, image, target, args, device))
+            for heads in args.heads:
+                if use_attn and attention_error:
+                    rows.append({"backbone": backbone, "use_attn": True, "heads": heads,
+                                 "note": f"skipped: {attention_error}"})
+                    continue
+                rows.append(measure(backbone, use_attn, heads, image, target, args, device))
     payload = summarize(args, device, rows, len(target["labels"]), tuple(image.shape[-2:]), attention_error)
     write_results(args, NAME, payload)
     return payload
 
 
-def measure(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, args: argparse.Namespace,
-            device: torch.device) -> dict[str, Any]:
+def measure(backbone: str, use_attn: bool, heads: str, image: torch.Tensor, target: dict,
+            args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Mean and spread of the timed steps of one configuration."""
     height, width = image.shape[-2:]
     config = {"backbone": backbone, "weights": "none", "use_attn": use_attn,
               "min_size": min(height, width), "max_size": max(height, width), "input_scale": 0.0,
               "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
-              "box_batch_size_per_image": args.box_batch_size_per_image}
+              "box_batch_size_per_image": args.box_batch_size_per_image,
+              "mask_iou": "mask_iou" in heads, "cascade": "cascade" in heads}
     torch.manual_seed(args.seed)
     model = build_model(config).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,7 +95,7 @@ def measure(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, ar
         _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, args.use_amp), device)
         if step >= args.warmup:
             times.append(seconds)
-    return {"backbone": backbone, "use_attn": use_attn, "params_m": sum(p.numel() for p in params) / 1e6,
+    return {"backbone": backbone, "use_attn": use_attn, "heads": heads, "params_m": sum(p.numel() for p in params) / 1e6,
             "step_s": statistics.mean(times), "std_s": statistics.pstdev(times), "all_s": times}
 
 
@@ -102,12 +110,12 @@ def attention_unavailable() -> str | None:
 
 def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict], instances: int,
               size: tuple[int, int], attention_error: str | None) -> dict[str, Any]:
-    base = next((r for r in rows if (r["backbone"], r["use_attn"]) == BASELINE and "step_s" in r), None)
+    base = next((r for r in rows if (r["backbone"], r["use_attn"], r["heads"]) == BASELINE and "step_s" in r), None)
     for row in rows:
         row["ratio_vs_resnet101"] = ratio(row.get("step_s"), base["step_s"] if base else None)
     title = (f"training step, {size[0]}x{size[1]}, {instances} instances, batch {args.batch_size}, "
              f"mean of {args.steps} after {args.warmup} warm-up")
-    print_table(title, rows, ["backbone", "use_attn", "params_m", "step_s", "std_s", "ratio_vs_resnet101"])
+    print_table(title, rows, ["backbone", "use_attn", "heads", "params_m", "step_s", "std_s", "ratio_vs_resnet101"])
     for row in rows:
         if "note" in row:
             print(f"{row['backbone']} --use_attn {row['note']}")

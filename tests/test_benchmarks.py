@@ -128,15 +128,19 @@ def test_postprocess_ours_keeps_the_cap_and_the_baseline_runs(tmp_path: Path) ->
 def test_step_time_rows_and_ratios(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "step.json"
     step_time.main(["--size", "64", "64", "--cells", "6", "--backbones", "resnet101", "--attn", "both",
-                    "--warmup", "0", "--steps", "1", "--device", "cpu", *TINY_ROIS, "--json", str(out)])
+                    "--heads", "none", "mask_iou+cascade", "--warmup", "0", "--steps", "1", "--device", "cpu",
+                    *TINY_ROIS, "--json", str(out)])
     payload = _written(out, "rows", "sample", "attention_error")
     rows = payload["rows"]
-    assert [(r["backbone"], r["use_attn"]) for r in rows] == [("resnet101", False), ("resnet101", True)]
+    assert [(r["backbone"], r["use_attn"], r["heads"]) for r in rows] == [
+        ("resnet101", False, "none"), ("resnet101", False, "mask_iou+cascade"),
+        ("resnet101", True, "none"), ("resnet101", True, "mask_iou+cascade")]
     assert rows[0]["ratio_vs_resnet101"] == 1.0
+    assert rows[1]["params_m"] > rows[0]["params_m"] + 20  # the Mask Scoring head and two box stages
     if payload["attention_error"]:
-        assert "skipped" in rows[1]["note"]
+        assert "skipped" in rows[2]["note"]
     else:
-        assert rows[1]["step_s"] > 0 and rows[1]["ratio_vs_resnet101"] is not None
+        assert rows[2]["step_s"] > 0 and rows[2]["ratio_vs_resnet101"] is not None
 
 
 def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None) -> None:
