@@ -32,6 +32,8 @@ from detector import Fp32BoxCoder, SlicedMatcher, scale_gradient, weighted_fastr
 # of better boxes are smaller, so each stage scales them up further).
 STAGE_IOUS = (0.6, 0.7)
 STAGE_WEIGHTS = ((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+# Smallest side (px) of a refined box that a later stage trains on (the detections' own floor).
+MIN_SIDE = 1e-2
 
 
 class CascadeStage(nn.Module):
@@ -87,11 +89,15 @@ class CascadeHeads(nn.Module):
             matched, stage_labels = heads.assign_targets_to_proposals(inputs, gt_boxes, [t["labels"] for t in targets],
                                                                       stage.matcher)
             picked = [(g if g.numel() else g.new_zeros((1, 4)))[m] for g, m in zip(gt_boxes, matched)]
-            regression_targets = stage.box_coder.encode(picked, inputs)
+            # A box refined out of the image is clipped to no area: it does not count, and its
+            # regression target (a division by its zero side) is replaced before it meets a gradient.
+            kept = ((boxes[:, 2:] - boxes[:, :2]) > MIN_SIDE).all(dim=1)
+            regression_targets = torch.where(kept[:, None], torch.cat(stage.box_coder.encode(picked, inputs)), 0.0)
+            stage_weights = [w & k for w, k in zip(weights, kept.split(counts))]
             logits, deltas = stage(scale_gradient(heads.box_roi_pool(features, inputs, image_shapes),
                                                   self.gradient_share))
-            classification, box = weighted_fastrcnn_loss(logits, deltas, stage_labels, list(regression_targets),
-                                                         weights, heads.class_weights)
+            classification, box = weighted_fastrcnn_loss(logits, deltas, stage_labels, [regression_targets],
+                                                         stage_weights, heads.class_weights)
             total = total + classification + box
             boxes = clip_per_image(decode(stage.box_coder, deltas.detach(), boxes), counts, image_shapes)
         return total

@@ -123,6 +123,10 @@ def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.
     return model, config, state
 
 
+# The optional heads' weights in a state dict, and the flag that builds each.
+HEAD_PREFIXES = {"roi_heads.mask_iou_head.": "--mask_iou", "roi_heads.cascade.": "--cascade"}
+
+
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, config: dict) -> None:
     """Strict load whose error says which architecture the checkpoint holds."""
     has_attn = any(k.startswith("backbone.neck.") for k in weights)
@@ -131,10 +135,13 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
         trained = "with" if has_attn else "without"
         raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
                               f"{'with' if wants_attn else 'without'} it; {'drop' if wants_attn else 'add'} --use_attn.")
-    # --mask_iou or --cascade added to a model trained without it: the new head starts fresh
-    for fresh in ("roi_heads.mask_iou_head.", "roi_heads.cascade."):
-        if not any(k.startswith(fresh) for k in weights):
-            weights = {**{k: v for k, v in model.state_dict().items() if k.startswith(fresh)}, **weights}
+    for prefix, flag in HEAD_PREFIXES.items():
+        has_head = any(k.startswith(prefix) for k in weights)
+        if has_head and not any(k.startswith(prefix) for k in model.state_dict()):
+            raise CheckpointError(f"{path}: checkpoint was trained with {flag} but the model is built without it; "
+                                  f"add {flag}.")
+        if not has_head:  # the head added to a model trained without it: it starts fresh
+            weights = {**{k: v for k, v in model.state_dict().items() if k.startswith(prefix)}, **weights}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -427,8 +427,9 @@ class LeanRoIHeads(RoIHeads):
         boxes, scores, labels = detect_boxes(self, features, proposals, image_shapes)
         results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
         if sum(len(b) for b in boxes) == 0:  # shapes: no detection in any image, nothing to pool
+            side = 2 * self.mask_roi_pool.output_size[0]  # the mask predictor's upsampled side
             for r in results:
-                r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
+                r["masks"] = r["boxes"].new_zeros((0, 1, side, side))
             return results
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
         for r, probs in zip(results, maskrcnn_inference(mask_logits, labels)):
@@ -656,7 +657,7 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels:
 
 def scale_gradient(x: Tensor, share: float) -> Tensor:
     """``x`` unchanged forward; backward, only ``share`` of the gradient reaches what made it."""
-    return x * share + x.detach() * (1.0 - share)
+    return x.detach() + (x - x.detach()) * share
 
 
 def mask_loss(mask_logits: Tensor, chosen: Tensor, mask_targets: Tensor) -> Tensor:

@@ -66,7 +66,9 @@ UNLIMITED = 1 << 40  # "no limit" as a count: top-k and slicing take it as it is
 
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
 LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3,
-                                  "detections_per_class": 0}
+                                  "detections_per_class": 0, "mask_iou": False, "cascade": False}
+# Optional heads: a checkpoint from before one existed was trained without it.
+HEAD_KEYS = ("mask_iou", "cascade")
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -75,8 +77,8 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY_CONFIG, **saved}
 
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "attn", "anchor_sizes", "aspect_ratios", "effnet_taps",
-             "effnet_frozen")
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "attn", "anchor_sizes", "aspect_ratios",
+             "effnet_taps", "effnet_frozen")
 
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
 # The paper's FPN taps 2/3/4/6 (Table 3's 54.16 M); checkpoints from before it tapped 2/3/5/7.
