@@ -64,3 +64,21 @@ def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
     boxes[~nonempty] = 0
     return boxes, nonempty
+
+
+def predicted_through_cli(checkpoint: Path, image: torch.Tensor, tmp_path: Path) -> list[dict]:
+    """The submission ``inference.py --checkpoint`` writes, without any other flag, for one
+    image [3, H, W] in [0, 1] saved as a PNG: what a user gets from a saved model."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import inference
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / "one.png")
+    submission = inference.main(["--checkpoint", str(checkpoint), "--test_dir", str(folder),
+                                 "--output_dir", str(tmp_path / "out"), "--num_workers", "0"])
+    return json.loads(Path(submission).read_text())

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import inference
 from benchmarks import host_syncs
 from checkpoint import load_model, save_checkpoint
+from conftest import predicted_through_cli
 from model import build_model
 from predictor import Settings, predict_images
 
@@ -163,12 +161,7 @@ def test_a_cascade_checkpoint_predicts_through_inference_without_flags(tmp_path:
     assert saved["cascade"] and len(rebuilt.roi_heads.cascade.stages) == 2
     assert torch.equal(rebuilt.roi_heads.cascade.stages[1].cls_score.weight,
                        model.roi_heads.cascade.stages[1].cls_score.weight)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / "one.png")
-    submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder),
-                                 "--output_dir", str(tmp_path / "out"), "--num_workers", "0"])
-    results = json.loads(Path(submission).read_text())
+    results = predicted_through_cli(tmp_path / "best.pth", image, tmp_path)
     assert len(results) == len(expected["scores"]) > 0
     assert max(r["score"] for r in results) == pytest.approx(expected["scores"][0].item(), abs=1e-2)
 

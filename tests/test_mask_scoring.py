@@ -1,16 +1,14 @@
 """--mask_iou (mask_scoring.py): IoU targets, the loss on a training step, rescoring at prediction."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import inference
 from checkpoint import load_model, save_checkpoint
+from conftest import predicted_through_cli
 from mask_scoring import MaskIoUHead, mask_iou_targets
 from model import build_model
 from predictor import Settings, predict_images
@@ -87,12 +85,7 @@ def test_rescoring_changes_the_order_and_nothing_else(tmp_path: Path, shallow: N
     rebuilt, _, _ = load_model(tmp_path / "best.pth")
     assert getattr(rebuilt.roi_heads, "mask_iou_head", None) is not None
     assert torch.equal(rebuilt.roi_heads.mask_iou_head.iou.weight, head.iou.weight)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / "one.png")
-    submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder),
-                                 "--output_dir", str(tmp_path / "out"), "--num_workers", "0"])
-    results = json.loads(Path(submission).read_text())
+    results = predicted_through_cli(tmp_path / "best.pth", image, tmp_path)
     assert len(results) == len(scored["scores"])
     assert max(r["score"] for r in results) == pytest.approx(scored["scores"][0].item(), abs=1e-2)
 
