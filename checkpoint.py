@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from errors import CheckpointError
-from model import ARCH_KEYS, DEFAULT_CONFIG, apply_runtime_settings, build_model, saved_config, weights_to_be_loaded
+from model import (ARCH_KEYS, DEFAULT_CONFIG, HEADS, apply_runtime_settings, build_model, saved_config,
+                   weights_to_be_loaded)
 
 
 def build_checkpoint(model: nn.Module, config: dict[str, Any], optimisation: dict[str, Any], run: dict[str, Any],
@@ -123,10 +124,6 @@ def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.
     return model, config, state
 
 
-# The optional heads' weights in a state dict, and the flag that builds each.
-HEAD_PREFIXES = {"roi_heads.mask_iou_head.": "--mask_iou", "roi_heads.cascade.": "--cascade"}
-
-
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, config: dict) -> None:
     """Strict load whose error says which architecture the checkpoint holds."""
     has_attn = any(k.startswith("backbone.neck.") for k in weights)
@@ -135,7 +132,8 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
         trained = "with" if has_attn else "without"
         raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
                               f"{'with' if wants_attn else 'without'} it; {'drop' if wants_attn else 'add'} --use_attn.")
-    for prefix, flag in HEAD_PREFIXES.items():
+    for key, prefix in HEADS.items():
+        flag = f"--{key}"
         has_head = any(k.startswith(prefix) for k in weights)
         if has_head and not any(k.startswith(prefix) for k in model.state_dict()):
             raise CheckpointError(f"{path}: checkpoint was trained with {flag} but the model is built without it; "

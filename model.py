@@ -67,8 +67,9 @@ UNLIMITED = 1 << 40  # "no limit" as a count: top-k and slicing take it as it is
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
 LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3,
                                   "detections_per_class": 0, "mask_iou": False, "cascade": False}
-# Optional heads: a checkpoint from before one existed was trained without it.
-HEAD_KEYS = ("mask_iou", "cascade")
+# The optional heads: each one's config key (its flag) and where its weights sit in a state dict.
+# A checkpoint from before one existed was trained without it.
+HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade."}
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:

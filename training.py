@@ -31,7 +31,7 @@ from files import writable_dir
 from flags import (HelpFormatter, add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
 from history import write_history
-from model import ARCH_KEYS, HEAD_KEYS, add_model_args, build_model, config_from_args, saved_config
+from model import ARCH_KEYS, HEADS, add_model_args, build_model, config_from_args, saved_config
 from inference import predict_folder
 from optimisation import LRSchedule, Optimisation, enable_tf32, fused_adamw
 from sampling import balanced_class_weights, class_repeat_factors, train_sampler
@@ -252,7 +252,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
         return config
     saved = resume["config"]
     trained = saved_config(saved)  # a head missing from an older run's config: trained without it
-    differing = [k for k in ARCH_KEYS if (k in saved or k in HEAD_KEYS) and trained[k] != config[k]]
+    differing = [k for k in ARCH_KEYS if (k in saved or k in HEADS) and trained[k] != config[k]]
     if differing:
         raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
                               f"({', '.join(f'{k}: {trained[k]} vs {config[k]}' for k in differing)}); "
