@@ -61,7 +61,7 @@ from detector import project_masks_on_boxes, use_torchvision_detector  # noqa: E
 from dataloader import LabelledImages, list_samples, read_image  # noqa: E402
 from history import LOSS_KEYS  # noqa: E402
 from masks import PackedMasks  # noqa: E402
-from model import build_model  # noqa: E402
+from model import HEADS, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 from tiling import tile_grid  # noqa: E402
 from tta import views  # noqa: E402
@@ -182,9 +182,9 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
                         "cascade": args.cascade}).to(device).eval()
     stock = copy.deepcopy(ours)
     use_torchvision_detector(stock)
-    for head in ("mask_iou_head", "cascade"):  # torchvision's RoI heads predict without ours
-        if hasattr(stock.roi_heads, head):
-            delattr(stock.roi_heads, head)
+    for prefix in HEADS.values():  # torchvision's RoI heads predict without ours ("roi_heads.<name>.")
+        if hasattr(stock.roi_heads, prefix.split(".")[1]):
+            delattr(stock.roi_heads, prefix.split(".")[1])
     num_views = len(tile_grid(args.predict_size, args.predict_size, settings.tile, settings.tile_overlap)) * len(
         views(settings.tta_scales, settings.dihedral))
     rows = []
