@@ -126,8 +126,9 @@ def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, config: dict) -> None:
     """Strict load whose error says which architecture the checkpoint holds."""
+    own = model.state_dict()
     has_attn = any(k.startswith("backbone.neck.") for k in weights)
-    wants_attn = any(k.startswith("backbone.neck.") for k in model.state_dict())
+    wants_attn = any(k.startswith("backbone.neck.") for k in own)
     if has_attn != wants_attn:
         trained = "with" if has_attn else "without"
         raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
@@ -135,11 +136,11 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
     for key, prefix in HEADS.items():
         flag = f"--{key}"
         has_head = any(k.startswith(prefix) for k in weights)
-        if has_head and not any(k.startswith(prefix) for k in model.state_dict()):
+        if has_head and not any(k.startswith(prefix) for k in own):
             raise CheckpointError(f"{path}: checkpoint was trained with {flag} but the model is built without it; "
                                   f"add {flag}.")
         if not has_head:  # the head added to a model trained without it: it starts fresh
-            weights = {**{k: v for k, v in model.state_dict().items() if k.startswith(prefix)}, **weights}
+            weights = {**{k: v for k, v in own.items() if k.startswith(prefix)}, **weights}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -183,8 +183,9 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
     stock = copy.deepcopy(ours)
     use_torchvision_detector(stock)
     for prefix in HEADS.values():  # torchvision's RoI heads predict without ours ("roi_heads.<name>.")
-        if hasattr(stock.roi_heads, prefix.split(".")[1]):
-            delattr(stock.roi_heads, prefix.split(".")[1])
+        name = prefix.split(".")[1]
+        if hasattr(stock.roi_heads, name):
+            delattr(stock.roi_heads, name)
     num_views = len(tile_grid(args.predict_size, args.predict_size, settings.tile, settings.tile_overlap)) * len(
         views(settings.tta_scales, settings.dihedral))
     rows = []
