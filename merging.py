@@ -196,17 +196,37 @@ def _bit(masks: PackedMasks, index: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return masks.data[flat].bool()
 
 
-def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(earlier, later) index pairs in merge order with the same class and overlapping boxes."""
+def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor,
+                 chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """(earlier, later) index pairs in merge order with the same class and overlapping boxes,
+    sorted by (earlier, later).
+
+    A sweep along x, not an N x N comparison: a window streamed with every weak candidate
+    holds tens of thousands of detections, whose N x N masks took minutes and gigabytes. With
+    the boxes sorted by x1, the boxes that can overlap box p are those after it that start
+    before its right edge (``searchsorted``), so only those candidate pairs are built, in
+    chunks of about ``chunk`` pairs, and then tested exactly."""
+    n = len(boxes)
     b = boxes.float()
-    hit = ((b[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < b[:, None, 2])
-           & (b[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < b[:, None, 3]))
-    earlier = (key[:, None] > key[None, :]) | ((key[:, None] == key[None, :])
-                                                & (torch.arange(len(key), device=key.device)[:, None]
-                                                   < torch.arange(len(key), device=key.device)[None, :]))
-    # host sync: how many pairs there are (once per image)
-    first, second = (hit & earlier & (labels[:, None] == labels[None, :])).nonzero(as_tuple=True)
-    return first, second
+    order = torch.argsort(b[:, 0], stable=True)
+    starts = b[order, 0].contiguous()
+    stop = torch.searchsorted(starts, b[order, 2].contiguous(), side="left")  # first sorted box starting at x2 or later
+    position = torch.arange(n, device=boxes.device)
+    counts = (stop - position - 1).clamp(min=0)
+    firsts, seconds = [boxes.new_zeros(0, dtype=torch.int64)], [boxes.new_zeros(0, dtype=torch.int64)]
+    for start, end, total in pixel_chunks(counts, chunk):  # host sync: the candidate count (once per image)
+        p = torch.repeat_interleave(position[start:end], counts[start:end], output_size=total)
+        q = p + 1 + torch.arange(total, device=boxes.device) - (counts[start:end].cumsum(0) - counts[start:end])[p - start]
+        i, j = order[p], order[q]
+        hit = ((b[i, 0] < b[j, 2]) & (b[j, 0] < b[i, 2]) & (b[i, 1] < b[j, 3]) & (b[j, 1] < b[i, 3])
+               & (labels[i] == labels[j]))
+        i, j = i[hit], j[hit]  # host sync: how many pairs (once per chunk)
+        earlier = (key[i] > key[j]) | ((key[i] == key[j]) & (i < j))
+        firsts.append(torch.where(earlier, i, j))
+        seconds.append(torch.where(earlier, j, i))
+    first, second = torch.cat(firsts), torch.cat(seconds)
+    rank = torch.argsort(first * n + second)  # the order of the N x N comparison's nonzero()
+    return first[rank], second[rank]
 
 
 def _greedy_keep(n: int, src: torch.Tensor, dst: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

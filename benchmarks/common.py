@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -131,6 +132,32 @@ def augment_defaults() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_augment_args(parser)
     return parser.parse_args([])
+
+
+def reset_peak_rss_kb() -> int:
+    """Start a fresh peak-RSS count and return the resident kB now. Linux keeps ``ru_maxrss``
+    across fork and exec (a child starts at its parent's peak), so the peak is the kernel's
+    per-process high-water mark (``VmHWM``), reset here (``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS")
+    except OSError:  # not Linux: ru_maxrss, which may include the parent's peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kb() -> int:
+    """The process's peak resident kB since the last ``reset_peak_rss_kb``."""
+    try:
+        return _status_kb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def _fmt(value: Any) -> str:

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -44,7 +43,8 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import base_parser, environment, print_table, ratio, write_results  # noqa: E402
+from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio, reset_peak_rss_kb,  # noqa: E402
+                               write_results)
 
 NAME = "streaming"
 VARIANTS = ("streamed", "whole")
@@ -136,7 +136,7 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
     from synthetic import oracle_window
 
     out.mkdir(parents=True, exist_ok=True)
-    base = _reset_peak()
+    base = reset_peak_rss_kb()
     start = time.perf_counter()
     windows = 1
     if variant == "whole":
@@ -154,37 +154,12 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
                 numbered += len(cells.cells)
                 windows += 1
     seconds = time.perf_counter() - start
-    peak = _peak_kb() - base
+    peak = peak_rss_kb() - base
     results = json.loads((out / "sub.json").read_text())  # after the peak was taken
     key = sorted((r["category_id"], r["score"], r["segmentation"]["counts"]) for r in results)
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     return {"variant": variant, "detections": len(results), "windows": windows, "peak_rss_mb": round(peak / 1024, 1),
             "seconds": round(seconds, 1), "digest": digest, "distinct": len(set(key)) == len(key)}
-
-
-def _reset_peak() -> int:
-    """Start a fresh peak-RSS count and return the resident kB now. Linux keeps ``ru_maxrss``
-    across fork and exec (a child starts at its parent's peak), so the peak is the kernel's
-    per-process high-water mark (``VmHWM``), reset here (``clear_refs`` 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kb("VmRSS")
-    except OSError:  # not Linux: ru_maxrss, which may include the parent's peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_kb() -> int:
-    try:
-        return _status_kb("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
 
 
 def compare_with_model(args: argparse.Namespace) -> dict[str, Any]:

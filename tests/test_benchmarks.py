@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, postprocess, predict_memory,
-                        prediction_caps, step_time, streaming, train_memory)
+from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, merge_scaling, postprocess,
+                        predict_memory, prediction_caps, step_time, streaming, train_memory)
 from checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
@@ -251,6 +251,14 @@ def test_streaming_keeps_every_known_cell_once_as_the_whole_image_does(tmp_path:
     assert rows[700, "streamed"]["windows"] > 1 and rows[700, "streamed"]["cells"] == (700 // 30) ** 2
     assert rows[700, "streamed"]["same_as_whole"] and rows[700, "streamed"]["kept_all"]
     assert payload["targets_met"]["every_cell_kept"] and payload["targets_met"]["streamed_equals_whole"]
+
+
+def test_merge_scaling_finds_the_same_pairs_both_ways_and_skips_dense_past_its_cap(tmp_path: Path) -> None:
+    out = tmp_path / "merge_scaling.json"
+    merge_scaling.main(["--sizes", "300", "900", "--window", "256", "--dense_max", "300", "--json", str(out)])
+    rows = {r["detections"]: r for r in _written(out, "rows")["rows"]}
+    assert rows[300]["same"] and rows[300]["pairs"] > 300  # 8 copies a cell overlap
+    assert "dense_s" not in rows[900] and rows[900]["pairs"] > rows[300]["pairs"] and rows[900]["merge_s"] >= 0
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:

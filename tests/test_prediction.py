@@ -18,7 +18,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from coco import encode_packed, paste_masks
 from conftest import mask_boxes
 from masks import PackedMasks
-from merging import (average_masks, greedy_mask_merge, pair_intersections, resample_masks, same_cell_copies,
+from merging import (_rival_pairs, average_masks, greedy_mask_merge, pair_intersections, resample_masks, same_cell_copies,
                      same_cell_pairs, select_candidates, take)
 from predictor import Settings, predict_images, state_bytes
 from synthetic import synth_image
@@ -212,6 +212,30 @@ def test_greedy_mask_merge_equals_the_one_at_a_time_greedy() -> None:
                 kept.append(i)
         got = greedy_mask_merge(packed, labels, key, match_thresh=0.5)
         assert sorted(got.nonzero().flatten().tolist()) == sorted(kept)
+
+
+def test_rival_pairs_sweep_finds_every_overlapping_pair_of_a_class_in_merge_order() -> None:
+    """The x sweep (no N x N matrix) against all pairs checked one by one, with shared x edges,
+    tied keys, empty boxes, and chunks down to one candidate pair."""
+    rng = np.random.default_rng(3)
+    n = 60
+    corner = rng.integers(0, 40, (n, 2))
+    boxes = torch.from_numpy(np.concatenate([corner, corner + rng.integers(0, 12, (n, 2))], axis=1))
+    labels = torch.from_numpy(rng.integers(1, 3, n))
+    key = torch.from_numpy(rng.integers(0, 4, n).astype(np.float32))
+    expected = []
+    for i in range(n):
+        for j in range(n):
+            x1, y1, x2, y2 = boxes[i].tolist()
+            u1, v1, u2, v2 = boxes[j].tolist()
+            overlap = x1 < u2 and u1 < x2 and y1 < v2 and v1 < y2
+            earlier = key[i] > key[j] or (key[i] == key[j] and i < j)
+            if overlap and earlier and labels[i] == labels[j]:
+                expected.append((i, j))
+    assert len(expected) > 30
+    for chunk in (1, 7, 1 << 22):
+        first, second = _rival_pairs(boxes, labels, key, chunk=chunk)
+        assert list(zip(first.tolist(), second.tolist())) == expected
 
 
 def test_batched_paste_and_encoding_equal_torchvision_and_pycocotools() -> None:
