@@ -10,7 +10,9 @@ on the same run's final raw weights. A change becomes a default only if it wins 
 
 Two rows bound what is left to gain: ``ceiling``, the ground truth itself scored (with one
 class and hundreds of cells per image, maxDets 100 caps recall), and ``tile+oracle``, the
-tiled detections ranked by their true mask IoU (the most any re-scoring of them can reach).
+tiled detections ranked by their true mask IoU (the most any re-scoring of them can reach);
+with four classes ``tile+trueclass`` gives each of them the class of the true cell it matches
+(the most better classification of them can reach).
 
 Four classes: every row also carries segm AP50 per class at maxDets 100 (the leaderboard's
 count, per image and class) and at 1000, and F1 per class; the ``--post`` rows and the
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,7 +91,7 @@ CONFIGS: dict[str, list[str]] = {
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
         "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg",
-        "tile+tta+max", "tile+dihedral+max", "tile+oracle", "tile+noiou")
+        "tile+tta+max", "tile+dihedral+max", "tile+oracle", "tile+trueclass", "tile+noiou")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
@@ -112,8 +114,9 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
     for merge in ("avg", "max"):  # --merge (default: avg with TTA views); tile+avg averages an ensemble's models
         if name.endswith(f"+{merge}"):
             return {**settings[name.removesuffix(f"+{merge}")], "merge": merge}
-    if name.endswith("+oracle"):  # predicted like the rest, then scored by the truth (score_posts)
-        return settings[name.removesuffix("+oracle")]
+    for oracle in ("+oracle", "+trueclass"):  # predicted like the rest, then ranked or classed by the truth
+        if name.endswith(oracle):
+            return settings[name.removesuffix(oracle)]
     if name.endswith("+noiou"):  # a --mask_iou model ranked by class probability alone
         return {**settings[name.removesuffix("+noiou")], "mask_scoring": False}
     return settings[name]
@@ -278,6 +281,8 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
         seconds = (time.time() - start) / max(len(dataset), 1)
         if "+oracle" in post:
             results = truth_ranked(coco_gt, results)
+        if "+trueclass" in post:
+            results = truth_classed(coco_gt, results)
         rows[f"{name}+{post}"] = {**_scored(coco_gt, results), "seconds_per_image": round(seconds, 3)}
     return rows
 
@@ -299,19 +304,43 @@ def ceiling(coco_gt: COCO) -> dict[str, float]:
 def truth_ranked(coco_gt: COCO, results: list[dict]) -> list[dict]:
     """The detections scored by their best mask IoU with a ground-truth cell of their class: the
     most any re-scoring of these very detections can reach (an upper bound, not a method)."""
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        by_image.setdefault(r["image_id"], []).append(r)
     ranked = []
-    for image_id, dets in by_image.items():
-        truth = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
+    for dets, truth, iou in _truth_ious(coco_gt, results):
         if not truth:
             ranked.extend({**d, "score": 0.0} for d in dets)
             continue
-        iou = mask_util.iou([d["segmentation"] for d in dets], [t["segmentation"] for t in truth], [0] * len(truth))
         same = np.array([d["category_id"] for d in dets])[:, None] == np.array([t["category_id"] for t in truth])[None]
         ranked.extend({**d, "score": float(best)} for d, best in zip(dets, (iou * same).max(axis=1)))
     return ranked
+
+
+def truth_classed(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5) -> list[dict]:
+    """The detections relabelled with the class of the true cell they overlap best, where that
+    mask IoU reaches ``iou_thresh`` (the others keep theirs), scores unchanged: what perfect
+    classification of these very detections would score, so the gap to it is what the
+    classifier loses (an upper bound, not a method)."""
+    classed = []
+    for dets, truth, iou in _truth_ious(coco_gt, results):
+        if not truth:
+            classed.extend(dets)
+            continue
+        best = iou.argmax(axis=1)
+        classed.extend({**d, "category_id": int(truth[b]["category_id"])} if iou[k, b] >= iou_thresh else d
+                       for k, (d, b) in enumerate(zip(dets, best)))
+    return classed
+
+
+def _truth_ious(coco_gt: COCO, results: list[dict]) -> Iterator[tuple[list[dict], list[dict], np.ndarray]]:
+    """Per image: its detections, its true cells and their mask IoUs [detections, cells]."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    for image_id, dets in by_image.items():
+        truth = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
+        iou = (np.asarray(mask_util.iou([d["segmentation"] for d in dets], [t["segmentation"] for t in truth],
+                                        [0] * len(truth))).reshape(len(dets), len(truth))
+               if truth else np.zeros((len(dets), 0)))
+        yield dets, truth, iou
 
 
 def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, float]],

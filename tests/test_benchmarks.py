@@ -77,7 +77,7 @@ def test_inference_agreement_counts_partners() -> None:
     assert inference.agreement(reference, reference)["identical"]
 
 
-def test_truth_ranking_scores_each_detection_by_its_best_iou_of_its_class() -> None:
+def test_truth_ranking_and_classing_use_each_detections_best_iou() -> None:
     from benchmarks import accuracy
     from dataloader import Instances
 
@@ -95,6 +95,14 @@ def test_truth_ranking_scores_each_detection_by_its_best_iou_of_its_class() -> N
             {"image_id": 2, "category_id": 1, "score": 0.9, "segmentation": first}]  # an image without cells
     ranked = accuracy.truth_ranked(coco_gt, dets)
     assert [r["score"] for r in ranked] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    sliver = np.zeros((10, 10), dtype=np.uint8, order="F")
+    sliver[0:4, 0:1] = 1  # a quarter of the first cell: IoU 0.25, too little to take its class
+    rle = mask_util.encode(sliver)
+    dets.append({"image_id": 1, "category_id": 2, "score": 0.5, "segmentation": {**rle, "counts": rle["counts"].decode()}})
+    classed = accuracy.truth_classed(coco_gt, dets)
+    # image by image: the wrong class corrected, the sliver and the image without cells kept as they were
+    assert [(r["image_id"], r["category_id"], r["score"]) for r in classed] == [
+        (1, 1, 0.1), (1, 1, 0.9), (1, 1, 0.9), (1, 2, 0.5), (2, 1, 0.9)]
     top = accuracy.ceiling(coco_gt)
     assert top["segm_AP50"] == top["segm_AP50_class1"] == top["segm_AP50_class2_1000"] == top["f1_class2"] == 1.0
     assert math.isnan(top["segm_AP50_class3"]) and math.isnan(top["f1_class4"])  # no cell of classes 3 and 4
