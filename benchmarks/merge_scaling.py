@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000, 20000, 40000],
                         help="detection counts, each one scene")
     parser.add_argument("--window", type=int, default=1536, help="side of the square scene in px")
-    parser.add_argument("--dense_max", type=int, default=40000,
-                        help="largest count the N x N variant runs at (it needs about 10 N² bytes)")
+    parser.add_argument("--dense_max", type=int, default=20000,
+                        help="largest count the N x N variant runs at (it needs about 7 N² bytes: 2.7 GB at 20,000)")
     return parser
 
 
