@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detection counts, each one scene")
     parser.add_argument("--window", type=int, default=1536, help="side of the square scene in px")
     parser.add_argument("--dense_max", type=int, default=20000,
-                        help="largest count the N x N variant runs at (it needs about 7 N² bytes: 2.7 GB at 20,000)")
+                        help="largest count the N x N variant runs at (its memory grows as N²: gigabytes at 20,000)")
     return parser
 
 
