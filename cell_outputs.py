@@ -24,7 +24,7 @@ from skimage import measure
 from tqdm import tqdm
 
 from coco import paint, paint_packed
-from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image
+from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image, sample_name
 from files import JsonArrayWriter
 
 # Measured per cell (regionprops_table names); the CSV's columns (a grey image fills one intensity).
@@ -92,7 +92,7 @@ def _numbered(kept: list[dict], canvas: np.ndarray) -> tuple[list[dict], np.ndar
 def write_label_sample(image: PaintedImage, folder: Path) -> None:
     """``folder/<image stem>/``: the image and one label image per class (uint16, or uint32 for
     an image of more than 65,535 cells)."""
-    out = folder / Path(image.name).stem
+    out = folder / sample_name(image.name)
     out.mkdir(parents=True, exist_ok=True)
     if image.source.suffix.lower() in TIFF_SUFFIXES:
         shutil.copyfile(image.source, out / IMAGE_FILE)
@@ -125,7 +125,7 @@ def features(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
         if coordinates[0] != coordinates[-1]:
             coordinates.append(coordinates[0])
         class_id = int(cell["category_id"])
-        out.append({"type": "Feature", "id": f"{Path(image.name).stem}-{number + image.first - 1}",
+        out.append({"type": "Feature", "id": f"{sample_name(image.name)}-{number + image.first - 1}",
                     "geometry": {"type": "Polygon", "coordinates": [coordinates]},
                     "properties": {"objectType": "detection",
                                    "classification": {"name": class_names[class_id - 1],
@@ -208,7 +208,7 @@ class CellWriter:
 
     def _write_features(self, image: PaintedImage) -> None:
         if self._geojson is None:
-            self._geojson = JsonArrayWriter(self.geojson_dir / f"{Path(image.name).stem}.geojson",
+            self._geojson = JsonArrayWriter(self.geojson_dir / f"{sample_name(image.name)}.geojson",
                                             head='{"type":"FeatureCollection","features":[', tail="]}").__enter__()
         self._geojson.extend(features(image, self.class_names))
 
@@ -216,7 +216,7 @@ class CellWriter:
         """A streamed image's label folder: uint32 label TIFFs memory-mapped on disk, filled window
         by window with each window's own cells (``painted_window``; only where predictions of two
         windows disagree at their boundary could a later window's cell take a pixel)."""
-        out = self.labels / Path(image.name).stem
+        out = self.labels / sample_name(image.name)
         if not self._canvases:
             out.mkdir(parents=True, exist_ok=True)
             if image.source.suffix.lower() in TIFF_SUFFIXES:

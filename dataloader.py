@@ -362,7 +362,7 @@ def render_target(inst: Instances, image_id: int) -> dict:
 
 class UnlabelledImages(Dataset):
     """The images of a folder with their ids: from an id map (``test_image_name_to_ids.json``),
-    or without one the folder's images sorted by name, numbered 1..N (``number_images``)."""
+    or without one the folder's images numbered 1..N (``number_images``)."""
 
     def __init__(self, test_dir: Path, id_map_json: Path | None) -> None:
         self.test_dir = Path(test_dir)
@@ -392,21 +392,38 @@ def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
         named = {e["file_name"] for e in json.loads(beside.read_text())}
     except (ValueError, TypeError, KeyError):
         return None
-    files = {p.name for p in Path(test_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    return beside if named == files else None
+    return beside if named == set(folder_images(Path(test_dir))) else None
+
+
+def folder_images(folder: Path) -> list[str]:
+    """The images of a folder to predict, as names relative to it, sorted by sample name: its
+    image files (TIFF, PNG, JPEG), or, where it holds none, each ``<sample>/image.tif`` (the
+    training layout), so a labelled held-out folder predicts as it is and scores with
+    ``evaluate.py``, whose default ids number the same samples in the same order."""
+    files = [p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        files = [f"{p.name}/{IMAGE_FILE}" for p in folder.iterdir() if (p / IMAGE_FILE).is_file()]
+    return sorted(files, key=lambda name: (sample_name(name), name))
+
+
+def sample_name(file_name: str) -> str:
+    """The sample an image is: ``X`` for ``X.tif`` and for ``X/image.tif``. Outputs are named
+    by it, and scoring matches ids to the samples of a labelled folder by it."""
+    path = Path(file_name)
+    return path.parent.name or path.stem
 
 
 def number_images(folder: Path) -> list[dict]:
-    """An id map for a folder without one: its images (TIFF, PNG, JPEG) sorted by file name,
-    ids 1..N, with their sizes."""
+    """An id map for a folder without one: its images (``folder_images``), ids 1..N, with
+    their sizes."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found; pass the folder of your images as --test_dir.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = folder_images(folder)
     if not files:
-        raise DatasetError(f"{folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in this folder; pass the folder of "
-                           "your images as --test_dir.")
-    return [{"file_name": p.name, "id": i, **dict(zip(("height", "width"), image_size(p)))}
-            for i, p in enumerate(files, start=1)]
+        raise DatasetError(f"{folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in this folder, nor a <sample>/"
+                           f"{IMAGE_FILE}; pass the folder of your images as --test_dir.")
+    return [{"file_name": name, "id": i, **dict(zip(("height", "width"), image_size(folder / name)))}
+            for i, name in enumerate(files, start=1)]
 
 
 def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
@@ -426,7 +443,7 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
         raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
                            "competition's test_image_name_to_ids.json.")
     named = {e["file_name"] for e in entries}
-    files = {p.name for p in test_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    files = set(folder_images(test_dir))
     without_id = sorted(files - named)
     without_file = sorted(named - files)
     if without_id:

@@ -2,12 +2,13 @@
 leaderboard does (COCO AP at maxDets 100, and at 1000 where hundreds of cells fill an image)
 and as the cell community does (F1, precision, recall, panoptic quality at IoU 0.5).
 
-    python evaluate.py --data_dir dataset/val --submission outputs/resnet101/val-results.json \
-        --id_map_json dataset/val_image_name_to_ids.json --json metrics.json
+    python inference.py --checkpoint outputs/resnet101/best.pth --test_dir dataset/val --output val-results.json
+    python evaluate.py --data_dir dataset/val --submission val-results.json --json metrics.json
     python evaluate.py --data_dir dataset/val --labels outputs/resnet101/labels
 
 Image ids come from ``--id_map_json`` (a sample folder ``X`` is the entry with file name
-``X.tif``), or else from the sorted sample names, 1 to N, as training numbers them.
+``X.tif`` or ``X/image.tif``), or else from the sorted sample names, 1 to N, as training and
+``inference.py`` (on a folder in the training layout) number them.
 """
 from __future__ import annotations
 

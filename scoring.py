@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, read_label_image
+from dataloader import CLASS_FILES, read_label_image, sample_name
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -38,14 +38,15 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
     path = Path(id_map_json)
     try:
         entries = json.loads(path.read_text())
-        by_stem = {Path(e["file_name"]).stem: int(e["id"]) for e in entries}
+        by_sample = {sample_name(e["file_name"]): int(e["id"]) for e in entries}
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise DatasetError(f"{path}: not a list of {{file_name, id}} objects ({type(err).__name__}); "
                            "pass the id map the submission was written with.") from err
-    missing = [p.name for p in samples if p.name not in by_stem]
+    missing = [p.name for p in samples if p.name not in by_sample]
     if missing:
-        raise DatasetError(f"{path}: no id for sample(s) {missing[:5]}; each sample X needs an entry 'X.tif'.")
-    return [by_stem[p.name] for p in samples]
+        raise DatasetError(f"{path}: no id for sample(s) {missing[:5]}; each sample X needs an entry 'X.tif' or "
+                           "'X/image.tif'.")
+    return [by_sample[p.name] for p in samples]
 
 
 def read_submission(path: Path, ids: set[int]) -> list[dict]:

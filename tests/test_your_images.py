@@ -111,6 +111,37 @@ def test_inference_on_a_png_folder_writes_the_ids_it_used(tmp_path: Path, shallo
     assert rows and {r["class"] for r in rows} <= {"a", "b", "c", "d"} and {r["image"] for r in rows} <= set(os_names(pngs))
 
 
+def test_a_labelled_folder_predicts_as_it_is_and_scores_without_an_id_map(tmp_path: Path, shallow: None) -> None:
+    """A held-out folder in the training layout (<sample>/image.tif): inference.py numbers its
+    samples as evaluate.py does, so the submission scores with no id map, and the labels it
+    writes are named by sample."""
+    data = make_dataset(tmp_path / "data", n_train=3, n_test=0, size=(64, 72), cells=(3, 5), seed=2)
+    val = data["train_dir"]
+    first, second, _ = list_samples(val)
+    first.rename(val / "a-1")  # 'a-1' sorts after 'a' as a sample, before 'a.tif' as a file
+    second.rename(val / "a")
+    torch.manual_seed(0)
+    with shallow_resnet():
+        model = build_model(TINY, load_weights=False)
+    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": TINY, "args": {}})
+    out = tmp_path / "out"
+    submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(val),
+                                 "--output_dir", str(out), "--num_workers", "0", "--save_labels", str(tmp_path / "lab"),
+                                 "--label_thresh", "0"])
+    written = json.loads((out / ID_MAP_FILE).read_text())
+    names = [p.name for p in list_samples(val)]
+    assert names[:2] == ["a", "a-1"]
+    assert [e["file_name"] for e in written] == [f"{n}/{IMAGE_FILE}" for n in names]
+    assert [e["id"] for e in written] == [1, 2, 3]
+    plain = evaluate.main(["--data_dir", str(val), "--submission", str(submission)])
+    mapped = evaluate.main(["--data_dir", str(val), "--submission", str(submission), "--id_map_json",
+                            str(out / ID_MAP_FILE)])
+    assert json.dumps(plain, sort_keys=True) == json.dumps(mapped, sort_keys=True)  # NaN: a class with no cell
+    assert {r["image_id"] for r in json.loads(Path(submission).read_text())} == {1, 2, 3}
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == names
+    assert evaluate.main(["--data_dir", str(val), "--labels", str(tmp_path / "lab")])["segm_AP50"] >= 0.0
+
+
 def os_names(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir()]
 
