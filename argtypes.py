@@ -1,6 +1,7 @@
 """argparse types that range-check a value when it is read, so a bad one stops with argparse's
-one-line error and exit status 2 before any work. Standard library only: the data layer
-(``augment.py``) uses them without loading the model stack.
+one-line error and exit status 2 before any work, and the help formatter every script uses.
+Standard library only: the data layer (``augment.py``) and the light tools (``evaluate.py``,
+``check_stats.py``) use them without loading the model stack.
 """
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ share = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a share of a t
 probability = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 positive = _checked(float, lambda v: v > 0.0, "above 0")
 chance = _checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an augmentation is applied
+class_count = _checked(int, lambda v: v >= 2, "at least 2 (the background and one class)")  # --num_classes
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each flag's default after its help, unless the help
+    already says what happens by default or there is no default to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # identity, not ==: a default of 0 (== False) is a value to show, not an unset switch
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)

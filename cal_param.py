@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
+from argtypes import HelpFormatter, class_count
 from cli import run_cli
 from files import write_json
 from model import DEFAULT_CONFIG, backbone_name, build_model, weights_to_be_loaded
@@ -26,13 +27,13 @@ MISSING_ATTN = "n/a (attention_modules.py missing)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--backbone", type=backbone_name, default="resnet101", help="resnet or effnet")
     parser.add_argument("--use_attn", action="store_true", help="with the FPNTransformer neck and mask-head attention")
     parser.add_argument("--mask_iou", action="store_true", help="with the Mask Scoring head (mask_scoring.py)")
     parser.add_argument("--cascade", action="store_true", help="with the two later Cascade box stages (cascade.py)")
     parser.add_argument("--all", action="store_true", help="all four backbone x attention configurations")
-    parser.add_argument("--num_classes", type=int, default=DEFAULT_CONFIG["num_classes"],
+    parser.add_argument("--num_classes", type=class_count, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
     parser.add_argument("--weights", choices=("imagenet", "none"), default="imagenet",
                         help="layout to count: pretrained (frozen stages) or from scratch (all trainable)")

@@ -17,6 +17,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from argtypes import HelpFormatter
 from cli import run_cli
 from dataloader import (CLASS_FILES, IMAGE_FILE, Instances, decode_instances, list_samples,
                         read_id_map)
@@ -27,7 +28,7 @@ PERCENTILES = (5, 25, 50, 75, 95)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--train_dir", required=True, help="folder of <sample>/image.tif + classN.tif")
     parser.add_argument("--test_dir", default=None, help="test folder, checked against --id_map_json")
     parser.add_argument("--id_map_json", default=None, help="test_image_name_to_ids.json (with --test_dir)")

@@ -16,22 +16,23 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from argtypes import HelpFormatter, chance, probability
 from cli import run_cli
 from files import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", required=True, help="ground truth: folder of <sample>/image.tif + classN.tif")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--submission", help="COCO results JSON (what inference.py writes)")
     source.add_argument("--labels", help="folder of <sample>/classN.tif label images (inference.py --save_labels)")
     parser.add_argument("--id_map_json", default=None,
                         help="{file_name, id} list naming the ids the submission uses (default: sorted samples, 1..N)")
-    parser.add_argument("--score_thresh", type=float, default=0.5,
+    parser.add_argument("--score_thresh", type=chance, default=0.5,
                         help="F1/PQ: submitted detections at or above this score count as found cells (every "
                              "cell of --labels counts)")
-    parser.add_argument("--iou_thresh", type=float, default=0.5, help="F1/PQ: IoU of a match")
+    parser.add_argument("--iou_thresh", type=probability, default=0.5, help="F1/PQ: IoU of a match")
     parser.add_argument("--json", default=None, help="write the metrics here as one flat JSON object")
     return parser
 

@@ -18,17 +18,6 @@ TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale
 DEFAULT_CLASS_NAMES = [f"class{c}" for c in range(1, NUM_CLASSES + 1)]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and each flag's default after its help, unless the help
-    already says what happens by default or there is no default to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def add_device_args(parser: argparse.ArgumentParser | Any) -> None:
     """--device and --use_amp, for training and prediction alike."""
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
@@ -59,8 +48,8 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                        help="test-time augmentation, merged with the tiles: 'flips' (the value when none is given), "
                             "the 4 flips x --tta_scales, or 'dihedral', each also turned by 90 degrees (8 views); "
                             "the time grows with the views (default: off, one view)")
-    group.add_argument("--no_tta", dest="tta", action="store_const", const=None, default=argparse.SUPPRESS,
-                       help="one view per image, the default (accepted for scripts that pass it)")
+    group.add_argument("--no_tta", action="store_true",
+                       help="one view per image even where --tta or --tta_scales is given (without them: the default)")
     group.add_argument("--tta_scales", type=positive, nargs="+", default=None,
                        help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
                             "alone, it turns --tta on")
@@ -119,11 +108,12 @@ def validation_settings(args: argparse.Namespace) -> Settings:
 def prediction_settings(args: argparse.Namespace) -> Settings:
     """The ``Settings`` the flags of ``add_prediction_args`` ask for (``None`` fields are
     decided later from the device and checkpoint: ``Settings.resolved``)."""
-    scales = None if args.tta is None and args.tta_scales is None else tuple(args.tta_scales or TTA_SCALES)
+    one_view = args.no_tta or (args.tta is None and args.tta_scales is None)
+    scales = None if one_view else tuple(args.tta_scales or TTA_SCALES)
     return Settings(tile=args.tile, tile_overlap=args.tile_overlap, tta_scales=scales, mask_thresh=args.mask_thresh,
                     batch_size=args.batch_size, use_amp=args.use_amp, detections_per_img=args.detections_per_img,
                     detections_per_class=args.detections_per_class,
-                    dihedral=args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
+                    dihedral=not one_view and args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
 
 
 def add_checkpoint_checks(parser: argparse.ArgumentParser) -> Any:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from argtypes import chance, non_negative_int
+from argtypes import HelpFormatter, chance, non_negative_int, positive_int
 from cell_outputs import CellWriter, painted_images, painted_window, report_cell_outputs
 from checkpoint import load_model, saved_args
 from cli import run_cli
@@ -28,7 +28,7 @@ from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, i
 from devices import default_device
 from errors import UsageError
 from files import JsonArrayWriter, writable_dir, write_json
-from flags import (DEFAULT_CLASS_NAMES, HelpFormatter, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
+from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
                    add_prediction_args, prediction_settings)
 from model import scale_factor
 from predictor import Settings, limits, predict
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None,
                         help="folder of the submission, <output_dir>/test-results.json (default: the checkpoint's)")
     parser.add_argument("--output", default=None, help="exact submission path, instead of --output_dir")
-    parser.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    parser.add_argument("--num_workers", type=non_negative_int, default=2, help="image-decoding worker processes")
     parser.add_argument("--window", type=non_negative_int, default=4096,
                         help="an image with a side longer than this is streamed: read lazily (tiled or compressed "
                              "TIFF: only the parts needed) and predicted in overlapping windows of this side, its "
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "streamed image keeps every cell; --detections_per_img and --detections_per_class, "
                              "when given, cap each window. Its cells are numbered best first within each window, "
                              "on from the previous window's (0: never stream)")
-    parser.add_argument("--score_thresh", type=float, default=0.0,
+    parser.add_argument("--score_thresh", type=chance, default=0.0,
                         help="drop detections below this score (0 keeps all: AP rewards low-score hits)")
     outputs = parser.add_argument_group("per-cell outputs (cells numbered 1 = best score in each image, or "
                                         "window by window in a streamed one, see --window; a pixel covered "
@@ -68,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--save_csv", default=None, metavar="FILE",
                          help="one row per cell: image, cell, class, score, area, perimeter, centroid, box, "
                               "eccentricity, mean intensity per channel")
-    outputs.add_argument("--label_thresh", type=float, default=0.5, help="lowest score of a cell in these outputs")
+    outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
     add_class_names_arg(outputs)
     add_prediction_args(parser)
     model = add_checkpoint_checks(parser)
-    model.add_argument("--min_size", type=int, default=None, help="override the checkpoint's input size")
-    model.add_argument("--max_size", type=int, default=None, help="override the checkpoint's input size")
+    model.add_argument("--min_size", type=positive_int, default=None,
+                       help="override the checkpoint's shorter side (only where its --input_scale is 0)")
+    model.add_argument("--max_size", type=positive_int, default=None, help="override the checkpoint's longest side")
     model.add_argument("--box_score_thresh", type=chance, default=None,
                        help="override the checkpoint's: detections scoring below it are dropped inside the model, "
                             "before any merge (unlike --score_thresh, which filters the submission). Raising it "

@@ -23,6 +23,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from cascade import CascadeHeads
 from detector import CellTransform, FrozenBatchNorm2d, use_cell_detector
+from argtypes import chance, class_count, positive, positive_int
 from errors import WeightsError
 from mask_scoring import MaskIoUHead
 # CellTransform, FrozenBatchNorm2d, use_cell_detector
@@ -93,7 +94,7 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     if backbone is None:
         group.add_argument("--backbone", type=backbone_name, default=None,
                            help="resnet or effnet (inference/visualisation: must match the checkpoint if given)")
-    group.add_argument("--num_classes", type=int, default=d["num_classes"], help="classes including background")
+    group.add_argument("--num_classes", type=class_count, default=d["num_classes"], help="classes including background")
     group.add_argument("--weights", default=d["weights"],
                        help="backbone init: 'imagenet' (torchvision download), 'none' (random, trainable "
                             "GroupNorm) or a path to a local ImageNet state dict of the backbone")
@@ -108,27 +109,30 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
                        help="Cascade R-CNN: two more box stages, trained at IoU 0.6 and 0.7 on the previous stage's "
                             "boxes; scores are the stages' mean class probability, boxes and masks the last "
                             "stage's (cascade.py)")
-    group.add_argument("--min_size", type=int, default=d["min_size"],
+    group.add_argument("--min_size", type=positive_int, default=d["min_size"],
                        help="with --input_scale 0: shorter side is scaled to this (never up beyond --max_upscale)")
-    group.add_argument("--max_size", type=int, default=d["max_size"], help="longer side is scaled down to at most this")
-    group.add_argument("--max_upscale", type=float, default=d["max_upscale"],
+    group.add_argument("--max_size", type=positive_int, default=d["max_size"],
+                       help="longer side is scaled down to at most this")
+    group.add_argument("--max_upscale", type=positive, default=d["max_upscale"],
                        help="with --input_scale 0: largest factor a small image is scaled up by (1 = native)")
     group.add_argument("--input_scale", type=scale_factor, default=d["input_scale"],
                        help="resize every training crop, tile and image by exactly this factor, so cells have one "
                             "size in pixels from training to prediction (at 2, 256 px crops become 512 px; 0: off, "
                             "--min_size and --max_upscale decide); --max_size still caps whole images; scale "
                             "--anchor_sizes with it")
-    group.add_argument("--anchor_sizes", type=int, nargs=5, default=d["anchor_sizes"],
+    group.add_argument("--anchor_sizes", type=positive_int, nargs=5, default=d["anchor_sizes"],
                        help="anchor side per pyramid level P2..P6, in input pixels")
-    group.add_argument("--rpn_pre_nms_top_n_train", type=int, default=d["rpn_pre_nms_top_n_train"])
-    group.add_argument("--rpn_post_nms_top_n_train", type=int, default=d["rpn_post_nms_top_n_train"])
-    group.add_argument("--rpn_pre_nms_top_n_test", type=int, default=d["rpn_pre_nms_top_n_test"])
-    group.add_argument("--rpn_post_nms_top_n_test", type=int, default=d["rpn_post_nms_top_n_test"])
-    group.add_argument("--box_batch_size_per_image", type=int, default=d["box_batch_size_per_image"],
+    for stage in ("train", "test"):
+        group.add_argument(f"--rpn_pre_nms_top_n_{stage}", type=positive_int, default=d[f"rpn_pre_nms_top_n_{stage}"],
+                           help=f"RPN proposals per pyramid level kept before the NMS ({stage})")
+        group.add_argument(f"--rpn_post_nms_top_n_{stage}", type=positive_int, default=d[f"rpn_post_nms_top_n_{stage}"],
+                           help=f"RPN proposals per image kept after the NMS ({stage})")
+    group.add_argument("--box_batch_size_per_image", type=positive_int, default=d["box_batch_size_per_image"],
                        help="RoIs sampled per image for the box and mask heads")
-    group.add_argument("--box_score_thresh", type=float, default=d["box_score_thresh"],
+    group.add_argument("--box_score_thresh", type=chance, default=d["box_score_thresh"],
                        help="detections below this score are dropped inside the model (AP likes 0)")
-    group.add_argument("--box_nms_thresh", type=float, default=d["box_nms_thresh"])
+    group.add_argument("--box_nms_thresh", type=chance, default=d["box_nms_thresh"],
+                       help="IoU above which a detection of a class suppresses a weaker one of that class")
 
 
 def image_cap(detections_per_img: int) -> int:

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from argtypes import HelpFormatter  # noqa: E402
 from cli import run_cli  # noqa: E402
 from errors import UsageError  # noqa: E402
 from files import writable_dir  # noqa: E402
@@ -30,7 +31,7 @@ BEST_METRIC = "segm_AP50"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", required=True, help="training output folder holding history.json")
     parser.add_argument("--plot_dir", default=None, help="where the PNGs go (default: --output_dir)")
     return parser

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from argtypes import non_negative, non_negative_int, positive_int, share
+from argtypes import HelpFormatter, non_negative, non_negative_int, positive_int, share
 from augment import Donors, add_augment_args, build_crop_window, build_train_transforms
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint,
                         set_rng_state)
@@ -28,7 +28,7 @@ from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError
 from files import writable_dir
-from flags import (HelpFormatter, add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
+from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
 from history import write_history
 from model import ARCH_KEYS, HEADS, add_model_args, build_model, config_from_args, saved_config
@@ -77,14 +77,14 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--demo", action="store_true",
                       help="write a small synthetic dataset into --output_dir and run train + predict on it")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, default=40)
+    optim.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
     optim.add_argument("--batch_size", type=positive_int, default=2, help="training images per step and rank")
     optim.add_argument("--lr", type=non_negative, default=2e-4, help="AdamW peak learning rate")
-    optim.add_argument("--weight_decay", type=non_negative, default=1e-4)
+    optim.add_argument("--weight_decay", type=non_negative, default=1e-4, help="AdamW weight decay")
     optim.add_argument("--warmup_epochs", type=non_negative, default=5, help="linear warm-up from 0, per step")
     optim.add_argument("--use_cosine", action="store_true",
                        help="cosine decay to --eta_min after warm-up (default: ReduceLROnPlateau on --select_metric)")
-    optim.add_argument("--eta_min", type=non_negative, default=5e-6)
+    optim.add_argument("--eta_min", type=non_negative, default=5e-6, help="--use_cosine's final learning rate")
     optim.add_argument("--clip_grad", type=non_negative, default=10.0, help="max gradient norm (0 disables)")
     optim.add_argument("--ema_decay", type=share, default=0.0,
                        help="keep an exponential moving average of the weights, scored beside them; a decay in "
@@ -103,7 +103,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run.add_argument("--early_stop", type=non_negative_int, default=0, metavar="N",
                      help="stop after N epochs without improvement of --select_metric (0 disables)")
     run.add_argument("--patience", type=non_negative_int, default=3, metavar="N",
-                     help="ReduceLROnPlateau: halve the lr after N epochs without improvement (without --use_cosine)")
+                     help="ReduceLROnPlateau (without --use_cosine): halve the lr when a validation is the (N+1)th in "
+                          "a row without improvement of --select_metric")
     dist_group = parser.add_argument_group("distributed (launch with torchrun)")
     dist_group.add_argument("--sync_bn", action="store_true",
                             help="SyncBatchNorm across GPUs for layers that train BatchNorm")

@@ -29,6 +29,7 @@ from scipy import ndimage  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from argtypes import HelpFormatter, chance, non_negative, non_negative_int  # noqa: E402
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
 from devices import autocast, default_device  # noqa: E402
@@ -64,12 +65,12 @@ class Layer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
     parser.add_argument("--mode", choices=("val", "test"), default="val",
                         help="val: ground truth | prediction of held-out images; test: predictions only")
-    parser.add_argument("--num_images", type=int, default=5, help="images to draw (0: all)")
-    parser.add_argument("--score_thresh", type=float, default=0.5, help="draw only detections scoring at least this")
+    parser.add_argument("--num_images", type=non_negative_int, default=5, help="images to draw (0: all)")
+    parser.add_argument("--score_thresh", type=chance, default=0.5, help="draw only detections scoring at least this")
     parser.add_argument("--draw_gt_mask", action="store_true",
                         help="fill ground-truth masks (outlines and boxes are always drawn)")
     parser.add_argument("--vis_dir", default=None,
@@ -82,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_dir", default=None,
                         help="test folder (default: the checkpoint's, else dataset/test_release)")
     add_id_map_arg(parser)  # --mode test; default first the one the checkpoint's run was given
-    parser.add_argument("--max_labels", type=int, default=150, help="most class:score labels per image, best first")
-    parser.add_argument("--min_label_side", type=float, default=8.0,
+    parser.add_argument("--max_labels", type=non_negative_int, default=150,
+                        help="most class:score labels per image, best first")
+    parser.add_argument("--min_label_side", type=non_negative, default=8.0,
                         help="no label on boxes with a side below this (image pixels)")
     add_prediction_args(parser)  # inference.py's, so a figure shows what a submission predicted
     add_checkpoint_checks(parser)

@@ -230,11 +230,13 @@ def test_mask_thresh_sets_the_mask_extent_in_every_prediction_path(views: dict) 
 def test_inference_prediction_flags() -> None:
     """TTA is off unless --tta (the flips lost on a second held-out split); --mask_thresh must lie inside (0, 1)."""
     parse = inference.build_parser().parse_args
-    assert parse(["--checkpoint", "x"]).tta is None and parse(["--checkpoint", "x", "--no_tta"]).tta is None
+    assert parse(["--checkpoint", "x"]).tta is None and parse(["--checkpoint", "x", "--no_tta"]).no_tta
     assert parse(["--checkpoint", "x", "--tta"]).tta == "flips"
     assert parse(["--checkpoint", "x", "--tta", "dihedral"]).tta == "dihedral"
     views = lambda *flags: prediction_settings(parse(["--checkpoint", "x", *flags])).tta_scales  # noqa: E731
     assert views() is None and views("--tta") == (1.0,) and views("--tta_scales", "0.8", "1") == (0.8, 1.0)
+    assert views("--tta_scales", "0.8", "1", "--no_tta") is None and views("--tta", "dihedral", "--no_tta") is None
+    assert not prediction_settings(parse(["--checkpoint", "x", "--tta", "dihedral", "--no_tta"])).dihedral
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     assert parse(["--checkpoint", "x"]).detections_per_class is None  # the checkpoint's
     assert prediction_settings(parse(["--checkpoint", "x", "--detections_per_class", "100"])).detections_per_class == 100

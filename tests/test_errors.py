@@ -144,3 +144,33 @@ def test_a_real_interpreter_prints_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: training folder not found; "
                                    "pass --train_dir <dataset>/train.")
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train", ["--num_classes", "1"]), ("train", ["--anchor_sizes", "8", "16", "0", "64", "128"]),
+    ("train", ["--box_nms_thresh", "1.5"]), ("train", ["--rpn_post_nms_top_n_test", "0"]),
+    ("inference", ["--checkpoint", "x", "--score_thresh", "-0.1"]), ("inference", ["--checkpoint", "x", "--min_size", "0"]),
+    ("evaluate", ["--data_dir", "d", "--submission", "s", "--iou_thresh", "0"]),
+    ("cal_param", ["--num_classes", "0"]), ("visualization", ["--checkpoint", "x", "--max_labels", "-1"]),
+])
+def test_out_of_range_flags_stop_while_parsing(script: str, argv: list[str], capsys) -> None:
+    import cal_param
+    import evaluate
+    import inference
+    import training
+    import visualization
+
+    parsers = {"train": lambda: training.build_parser("resnet101", "train"), "inference": inference.build_parser,
+               "evaluate": evaluate.build_parser, "cal_param": cal_param.build_parser,
+               "visualization": visualization.build_parser}
+    with pytest.raises(SystemExit) as exit_info:
+        parsers[script]().parse_args(argv)
+    assert exit_info.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_of_zero() -> None:
+    import training
+
+    text = " ".join(training.build_parser("resnet101", "train").format_help().split())
+    assert "dropped inside the model (AP likes 0) (default: 0.0)" in text
+    assert "training epochs (default: 40)" in text and "--use_attn add the" in text  # a switch shows no default
