@@ -161,11 +161,14 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     enable_tf32(device)
     torch.manual_seed(args.seed)
     resume = load_checkpoint(args.resume) if args.resume else None
+    start = load_checkpoint(args.checkpoint) if args.checkpoint and not resume else None
     config = _run_config(args, backbone, resume)
+    if start is not None:
+        config = _fine_tune_config(config, start, info)
     train_set, val_set = _datasets(args, out, info)
-    model = build_model(config, load_weights=resume is None and args.checkpoint is None).to(device)
-    if args.checkpoint and not resume:
-        load_weights(model, load_checkpoint(args.checkpoint)["model"], Path(args.checkpoint), config)
+    model = build_model(config, load_weights=resume is None and start is None).to(device)
+    if start is not None:
+        load_weights(model, start["model"], Path(args.checkpoint), config)
     optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad], args.lr, args.weight_decay)
     if args.class_balance:
         weights = balanced_class_weights([i.labels for i in train_set.instances], config["num_classes"])
@@ -259,6 +262,17 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
                               f"({', '.join(f'{k}: {trained[k]} vs {config[k]}' for k in differing)}); "
                               "resume with the original flags or start a new --output_dir.")
     return {**config, **trained}
+
+
+def _fine_tune_config(config: dict[str, Any], start: dict, info: DistInfo) -> dict[str, Any]:
+    """Fine-tuning takes the checkpoint's backbone layout: random-init runs (``--weights none``)
+    train GroupNorm, pretrained ones frozen BatchNorm and frozen early blocks, so the weights
+    only fit the layout they were trained in, whatever ``--weights`` says (it loads nothing here)."""
+    trained = start.get("config", {}).get("weights", config["weights"])
+    if (trained == "none") == (config["weights"] == "none"):
+        return config
+    _log(info, f"note: --checkpoint was trained with --weights {trained}; fine-tuning keeps its backbone layout")
+    return {**config, "weights": trained}
 
 
 def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[LabelledImages, LabelledImages]:

@@ -117,6 +117,10 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
     with pytest.raises(CheckpointError, match="trained without --use_attn but the model is built with it"):
         _train(train_resnet, data, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--use_attn",
                "--checkpoint", str(out / "last.pth"))
+    # a random-init run fine-tuned without repeating --weights none: its GroupNorm layout is kept, nothing downloaded
+    _train(train_resnet, data, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--weights", "imagenet",
+           "--checkpoint", str(out / "last.pth"))
+    assert load_checkpoint(tmp_path / "ft" / "last.pth")["config"]["weights"] == "none"
 
 
 def test_ema_repeat_factor_sampling_and_eval_every(data: dict, tmp_path: Path, shallow: None) -> None:
