@@ -77,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the PNGs go (default: --output_dir, else <checkpoint folder>/vis)")
     parser.add_argument("--output_dir", default=None, help="where the PNGs go unless --vis_dir is given")
     parser.add_argument("--train_dir", default=None,
-                        help="training folder (default: the one the checkpoint was trained on)")
+                        help="folder of the held-out samples (default: the run's --val_dir if it had one, else the "
+                             "folder it was trained on)")
     parser.add_argument("--split_json", default=None,
                         help="train/val split (default: split.json next to the checkpoint)")
     parser.add_argument("--test_dir", default=None,
                         help="test folder (default: the checkpoint's, else dataset/test_release)")
-    add_id_map_arg(parser)  # --mode test; default first the one the checkpoint's run was given
+    add_id_map_arg(parser)  # --mode test; without --test_dir, the checkpoint's run's map comes first
     parser.add_argument("--max_labels", type=non_negative_int, default=150,
                         help="most class:score labels per image, best first")
     parser.add_argument("--min_label_side", type=non_negative, default=8.0,
@@ -112,11 +113,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
                     vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
     """Ground truth | prediction for the held-out images of the training run."""
-    train_dir = args.train_dir or train_args.get("train_dir")
+    split_json = Path(args.split_json or Path(args.checkpoint).parent / "split.json")
+    split = validation_split(split_json)
+    train_dir = args.train_dir or split.get("val_dir") or train_args.get("train_dir")
     if not train_dir:
         raise DatasetError(f"{args.checkpoint}: the checkpoint does not name its training folder; pass --train_dir.")
-    split_json = Path(args.split_json or Path(args.checkpoint).parent / "split.json")
-    names = _first(validation_names(split_json), args.num_images)
+    names = _first(split["val"], args.num_images)
     samples = {p.name: p for p in list_samples(Path(train_dir))}
     missing = [n for n in names if n not in samples]
     if missing:
@@ -138,7 +140,8 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
               vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
     """Predictions on test images, each PNG named by its submission image id."""
     test_dir = args.test_dir or train_args.get("test_dir") or "dataset/test_release"
-    id_map = find_id_map(Path(test_dir), args.id_map_json or train_args.get("id_map_json"))
+    # the run's id map belongs to the run's test folder, not to another one given here
+    id_map = find_id_map(Path(test_dir), args.id_map_json or (None if args.test_dir else train_args.get("id_map_json")))
     dataset = UnlabelledImages(Path(test_dir), id_map)
     indices = _first(list(range(len(dataset))), args.num_images)
     paths, shown = [], {"gt": 0, "pred": 0}
@@ -152,14 +155,15 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     return paths, shown
 
 
-def validation_names(split_json: Path) -> list[str]:
+def validation_split(split_json: Path) -> dict[str, Any]:
+    """split.json with its held-out names (``val``) and, for a run given ``--val_dir``, that folder."""
     if not split_json.is_file():
         raise FileNotFoundError(f"{split_json}: not found; training writes split.json next to its checkpoints. "
                                 "Pass --split_json, or draw test images with --mode test.")
-    names = json.loads(split_json.read_text()).get("val") or []
-    if not names:
+    split = json.loads(split_json.read_text())
+    if not split.get("val"):
         raise DatasetError(f"{split_json}: no validation images (trained with --val_split 0?); use --mode test.")
-    return names
+    return split
 
 
 def ground_truth_layer(instances: Instances, fill: bool) -> Layer:

@@ -154,6 +154,19 @@ def test_visualization_val_draws_each_validation_image(run: tuple[Path, list[str
     assert f"wrote {len(val)} PNG(s)" in capsys.readouterr().out
 
 
+def test_visualization_val_reads_the_runs_val_dir(data: dict[str, Path], run: tuple[Path, list[str]],
+                                                  tmp_path: Path, shallow: None) -> None:
+    """A run given --val_dir held out another folder's samples: they are drawn from there."""
+    import shutil
+
+    held = tmp_path / "held"
+    shutil.copytree(list_samples(data["train_dir"])[0], held / "only_here")
+    write_split(tmp_path / "split.json", [], ["only_here"], 0, 0.0, val_dir=str(held))
+    paths = visualization.main(["--checkpoint", str(run[0]), "--split_json", str(tmp_path / "split.json"),
+                                "--vis_dir", str(tmp_path / "vis"), "--device", "cpu"])
+    assert [p.name for p in paths] == ["only_here.png"]
+
+
 def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: tuple[Path, list[str]],
                                                    tmp_path: Path, shallow: None) -> None:
     checkpoint, _ = run
