@@ -87,8 +87,9 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any) -> None:
     """--id_map_json: which id each predicted image has in the submission."""
     parser.add_argument("--id_map_json", default=None,
                         help="list of {file_name, id, height, width} naming the submission's image ids (default: "
-                             f"{ID_MAP_FILE} beside --test_dir where it exists; else the images sorted by name "
-                             f"get ids 1..N, and that map is written beside the submission as {ID_MAP_FILE})")
+                             f"{ID_MAP_FILE} beside --test_dir where it names exactly that folder's images; "
+                             "else the images sorted by name get ids 1..N, and that map is written beside the "
+                             f"submission as {ID_MAP_FILE})")
 
 
 def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:
