@@ -1,4 +1,4 @@
-"""Dataset statistics: the numbers the model defaults are chosen from.
+r"""Dataset statistics: the numbers the model defaults are chosen from.
 
 Anchor sizes, detections per image and input size only fit the data if someone looks at
 instance sizes, counts and image sizes; this script measures them and checks the test folder

@@ -1,4 +1,4 @@
-"""Ground truth and predictions drawn side by side, saved as one PNG per image.
+r"""Ground truth and predictions drawn side by side, saved as one PNG per image.
 
 ``--mode val`` draws the validation images of the training run (from the ``split.json``
 written next to the checkpoint), so the pictures show images the model never trained on;

@@ -183,7 +183,8 @@ def _keys(rows: list[dict]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_dir", default=str(ROOT.parent / "shared/data/cpm15_hw3/train"))
+    parser.add_argument("--train_dir", default=str(ROOT.parent / "shared/data/cpm15_hw3/train"),
+                        help="training folder (default: ../shared/data/cpm15_hw3/train beside the repository)")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["stock_native", "cells"])
     parser.add_argument("--post", nargs="*", type=post_name, default=[], metavar="POST",
                         help=f"inference-time additions scored on each run's final weights: {', '.join(POST)}, "
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_dir", default=None,
                         help="score on this folder (training layout); --train_dir then trains whole")
     parser.add_argument("--backbone", choices=("resnet", "effnet"), default="resnet")
-    parser.add_argument("--weights", default="none", help="imagenet where it can be downloaded")
+    parser.add_argument("--weights", default="none",
+                        help="backbone init of every run (default: none, random; imagenet where it can be downloaded)")
     parser.add_argument("--epochs", type=int, default=30, help="equal budget for every configuration")
     parser.add_argument("--crop", type=int, default=256, help="CPU-sized training windows")
     parser.add_argument("--ema_decay", type=float, default=0.98, help="the EMA scored beside every run (0: none)")

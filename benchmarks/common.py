@@ -19,13 +19,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from argtypes import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     """The flags every benchmark has: device, JSON path, seed and thread count."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs")
     parser.add_argument("--json", default=None, help="results file (default: benchmarks/results/<name>.json)")
