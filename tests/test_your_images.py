@@ -86,15 +86,9 @@ def test_inference_on_a_png_folder_writes_the_ids_it_used(tmp_path: Path, shallo
     pngs.mkdir()
     for sample in list_samples(data["train_dir"]):
         Image.fromarray(tifffile.imread(sample / IMAGE_FILE)).save(pngs / f"{sample.name}.png")
-    torch.manual_seed(0)
-    with shallow_resnet():
-        model = build_model(TINY, load_weights=False)
-    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": TINY, "args": {}})
     out = tmp_path / "out"
-    submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(pngs),
-                                 "--output_dir", str(out), "--num_workers", "0", "--save_labels", str(tmp_path / "lab"),
-                                 "--label_thresh", "0", "--save_geojson", str(tmp_path / "geo"),
-                                 "--save_csv", str(tmp_path / "cells.csv"), "--class_names", "a", "b", "c", "d"])
+    submission = _predict_with_labels(pngs, tmp_path, "--save_geojson", str(tmp_path / "geo"),
+                                      "--save_csv", str(tmp_path / "cells.csv"), "--class_names", "a", "b", "c", "d")
     written = json.loads((out / ID_MAP_FILE).read_text())
     assert [e["file_name"] for e in written] == sorted(p.name for p in pngs.iterdir())
     assert [e["id"] for e in written] == [1, 2]
@@ -120,14 +114,8 @@ def test_a_labelled_folder_predicts_as_it_is_and_scores_without_an_id_map(tmp_pa
     first, second, _ = list_samples(val)
     first.rename(val / "a-1")  # 'a-1' sorts after 'a' as a sample, before 'a.tif' as a file
     second.rename(val / "a")
-    torch.manual_seed(0)
-    with shallow_resnet():
-        model = build_model(TINY, load_weights=False)
-    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": TINY, "args": {}})
     out = tmp_path / "out"
-    submission = inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(val),
-                                 "--output_dir", str(out), "--num_workers", "0", "--save_labels", str(tmp_path / "lab"),
-                                 "--label_thresh", "0"])
+    submission = _predict_with_labels(val, tmp_path)
     written = json.loads((out / ID_MAP_FILE).read_text())
     names = [p.name for p in list_samples(val)]
     assert names[:2] == ["a", "a-1"]
@@ -140,6 +128,18 @@ def test_a_labelled_folder_predicts_as_it_is_and_scores_without_an_id_map(tmp_pa
     assert {r["image_id"] for r in json.loads(Path(submission).read_text())} == {1, 2, 3}
     assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == names
     assert evaluate.main(["--data_dir", str(val), "--labels", str(tmp_path / "lab")])["segm_AP50"] >= 0.0
+
+
+def _predict_with_labels(folder: Path, tmp_path: Path, *extra: str) -> Path:
+    """inference.py with a random-weight checkpoint on ``folder``: submission and id map in
+    tmp_path/out, label images of every cell in tmp_path/lab."""
+    torch.manual_seed(0)
+    with shallow_resnet():
+        model = build_model(TINY, load_weights=False)
+    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": TINY, "args": {}})
+    return inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder), "--output_dir",
+                           str(tmp_path / "out"), "--num_workers", "0", "--save_labels", str(tmp_path / "lab"),
+                           "--label_thresh", "0", *extra])
 
 
 def os_names(folder: Path) -> list[str]:
