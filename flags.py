@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from argtypes import non_negative, non_negative_int, positive, positive_int, probability, share
+from argtypes import chance, non_negative, non_negative_int, positive, positive_int, probability, share
 from dataloader import ID_MAP_FILE, NUM_CLASSES
 from devices import GPU_BATCH
-from model import DEFAULT_CONFIG, backbone_name
+from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from predictor import Settings
 
 TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale
@@ -117,12 +117,30 @@ def prediction_settings(args: argparse.Namespace) -> Settings:
                     dihedral=not one_view and args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
 
 
-def add_checkpoint_checks(parser: argparse.ArgumentParser) -> Any:
+def add_checkpoint_checks(parser: argparse.ArgumentParser) -> None:
     """Architecture flags a tool that loads a checkpoint accepts only to check them against it
-    (the checkpoint knows its architecture); returns their group, for a tool's own overrides."""
+    (the checkpoint knows its architecture), and the input and score settings it may override,
+    so ``visualization.py`` draws what ``inference.py`` submitted with the same flags."""
     group = parser.add_argument_group("model (the checkpoint knows it)")
     group.add_argument("--backbone", type=backbone_name, default=None,
                        help="resnet or effnet, only checked against the checkpoint")
     group.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
     group.add_argument("--num_classes", type=positive_int, default=None, help="only checked against the checkpoint")
-    return group
+    group.add_argument("--min_size", type=positive_int, default=None,
+                       help="override the checkpoint's shorter side (only where its --input_scale is 0)")
+    group.add_argument("--max_size", type=positive_int, default=None, help="override the checkpoint's longest side")
+    group.add_argument("--box_score_thresh", type=chance, default=None,
+                       help="override the checkpoint's: detections scoring below it are dropped inside the model, "
+                            "before any merge (unlike --score_thresh, which filters what is kept). Raising it "
+                            "(e.g. 0.3) makes a streamed whole slide much faster on a CPU; AP prefers 0")
+    group.add_argument("--input_scale", type=scale_factor, default=None,
+                       help="override the checkpoint's fixed input scale (cells look their best at the training one)")
+
+
+def checkpoint_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``checkpoint.load_model`` checks or overrides, from ``add_checkpoint_checks`` and
+    the caps of ``add_prediction_args`` (None: the checkpoint's)."""
+    return {"backbone": args.backbone, "use_attn": True if args.use_attn else None, "num_classes": args.num_classes,
+            "min_size": args.min_size, "max_size": args.max_size, "input_scale": args.input_scale,
+            "detections_per_img": args.detections_per_img, "detections_per_class": args.detections_per_class,
+            "box_score_thresh": args.box_score_thresh}

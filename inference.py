@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from argtypes import HelpFormatter, chance, non_negative_int, positive_int
+from argtypes import HelpFormatter, chance, non_negative_int
 from cell_outputs import CellWriter, painted_images, painted_window, report_cell_outputs
 from checkpoint import load_model, saved_args
 from cli import run_cli
@@ -28,9 +28,8 @@ from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, i
 from devices import default_device
 from errors import UsageError
 from files import JsonArrayWriter, writable_dir, write_json
-from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
-                   add_prediction_args, prediction_settings)
-from model import scale_factor
+from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
+                   checkpoint_overrides, prediction_settings)
 from predictor import Settings, limits, predict
 from streaming import LazyImage, model_predictor, stream_image, window_count, window_spans
 
@@ -71,16 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
     add_class_names_arg(outputs)
     add_prediction_args(parser)
-    model = add_checkpoint_checks(parser)
-    model.add_argument("--min_size", type=positive_int, default=None,
-                       help="override the checkpoint's shorter side (only where its --input_scale is 0)")
-    model.add_argument("--max_size", type=positive_int, default=None, help="override the checkpoint's longest side")
-    model.add_argument("--box_score_thresh", type=chance, default=None,
-                       help="override the checkpoint's: detections scoring below it are dropped inside the model, "
-                            "before any merge (unlike --score_thresh, which filters the submission). Raising it "
-                            "(e.g. 0.3) makes a streamed whole slide much faster on a CPU; AP prefers 0")
-    model.add_argument("--input_scale", type=scale_factor, default=None,
-                       help="override the checkpoint's fixed input scale (cells look their best at the training one)")
+    add_checkpoint_checks(parser)
     return parser
 
 
@@ -94,10 +84,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         writable_dir(Path(args.save_csv).parent, "--save_csv")
     if args.output and args.output_dir:
         parser.error("--output and --output_dir both name where the submission goes; pass one of them")
-    overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None,
-                 "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size,
-                 "input_scale": args.input_scale, "detections_per_img": args.detections_per_img,
-                 "detections_per_class": args.detections_per_class, "box_score_thresh": args.box_score_thresh}
+    overrides = checkpoint_overrides(args)
     if args.output or args.output_dir:  # checked before minutes of prediction
         writable_dir(args.output_dir or Path(args.output).parent, "--output_dir" if args.output_dir else "--output")
     folder = Path(args.output_dir or Path(args.checkpoint[0]).parent)

@@ -37,7 +37,8 @@ from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, de
                         find_id_map, list_samples, read_image)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir  # noqa: E402
-from flags import add_checkpoint_checks, add_id_map_arg, add_prediction_args, prediction_settings  # noqa: E402
+from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
+                   prediction_settings)
 from predictor import Settings, predict_images  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from merging import take  # noqa: E402
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     device = default_device(args.device)
-    overrides = {"backbone": args.backbone, "use_attn": True if args.use_attn else None, "num_classes": args.num_classes}
+    overrides = checkpoint_overrides(args)
     model, _, state = load_model(Path(args.checkpoint), overrides)
     model.to(device).eval()
     args.settings = prediction_settings(args).resolved(device, state)

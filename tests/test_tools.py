@@ -167,6 +167,17 @@ def test_visualization_val_reads_the_runs_val_dir(data: dict[str, Path], run: tu
     assert [p.name for p in paths] == ["only_here.png"]
 
 
+def test_visualization_takes_inference_overrides(run: tuple[Path, list[str]], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture, shallow: None) -> None:
+    """--box_score_thresh drops detections inside the model, as it does for inference.py."""
+    argv = ["--checkpoint", str(run[0]), "--num_images", "1", "--score_thresh", "0", "--vis_dir", str(tmp_path),
+            "--device", "cpu"]
+    visualization.main(argv)
+    assert " 0 predictions" not in capsys.readouterr().out
+    visualization.main([*argv, "--box_score_thresh", "1"])
+    assert " 0 predictions" in capsys.readouterr().out
+
+
 def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: tuple[Path, list[str]],
                                                    tmp_path: Path, shallow: None) -> None:
     checkpoint, _ = run
