@@ -45,7 +45,8 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--copy_paste", type=chance, default=0.0,
                        help="probability of pasting cells of another training image (Simple Copy-Paste, Ghiasi et "
                             "al. 2021) at random places of a training window, over what lies there (0: off)")
-    group.add_argument("--copy_paste_cells", type=non_negative_int, default=8, help="most cells --copy_paste pastes at once")
+    group.add_argument("--copy_paste_cells", type=non_negative_int, default=8,
+                       help="most cells --copy_paste pastes at once")
     group.add_argument("--copy_paste_rare", action="store_true",
                        help="pick the pasted cells by 1 / sqrt(their class's share of the instances), so rare "
                             "classes are pasted more often (--class_balance's weights)")
@@ -53,7 +54,8 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cutout_size", type=non_negative_int, default=50, help="CutOut square side in pixels")
     group.add_argument("--crop", type=non_negative_int, default=256,
                        help="train on random SIZE x SIZE windows, each scaled by --input_scale (0: whole images)")
-    group.add_argument("--no_augment", action="store_true", help="no flips, jitter, cutout, rotations, stain jitter or pasting (--crop windows stay)")
+    group.add_argument("--no_augment", action="store_true",
+                       help="no flips, jitter, cutout, rotations, stain jitter or pasting (--crop windows stay)")
 
 
 def build_train_transforms(args: argparse.Namespace, donors: "Donors | None" = None) -> "Compose | None":

@@ -90,7 +90,7 @@ def _numbered(kept: list[dict], canvas: np.ndarray) -> tuple[list[dict], np.ndar
 
 
 def write_label_sample(image: PaintedImage, folder: Path) -> None:
-    """``folder/<image stem>/``: the image and one label image per class (uint16, or uint32 for
+    """``folder/<sample>/``: the image and one label image per class (uint16, or uint32 for
     an image of more than 65,535 cells)."""
     out = folder / sample_name(image.name)
     out.mkdir(parents=True, exist_ok=True)

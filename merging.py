@@ -216,7 +216,8 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor,
     firsts, seconds = [boxes.new_zeros(0, dtype=torch.int64)], [boxes.new_zeros(0, dtype=torch.int64)]
     for start, end, total in pixel_chunks(counts, chunk):  # host sync: the candidate count (once per image)
         p = torch.repeat_interleave(position[start:end], counts[start:end], output_size=total)
-        q = p + 1 + torch.arange(total, device=boxes.device) - (counts[start:end].cumsum(0) - counts[start:end])[p - start]
+        first_of_box = counts[start:end].cumsum(0) - counts[start:end]  # where each box's candidates begin
+        q = p + 1 + torch.arange(total, device=boxes.device) - first_of_box[p - start]
         i, j = order[p], order[q]
         hit = ((b[i, 0] < b[j, 2]) & (b[j, 0] < b[i, 2]) & (b[i, 1] < b[j, 3]) & (b[j, 1] < b[i, 3])
                & (labels[i] == labels[j]))

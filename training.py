@@ -76,8 +76,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                       help="repeat-factor sampling: images with classes in fewer than this share of images "
                            "repeat up to sqrt(t/f) times per epoch (0 disables)")
     data.add_argument("--demo", action="store_true",
-                      help="write a small synthetic dataset into --output_dir and run train + predict on it (it replaces "
-                           "--train_dir, --test_dir and --id_map_json; flags typed in full override its budget)")
+                      help="write a small synthetic dataset into --output_dir and run train + predict on it (it "
+                           "replaces --train_dir, --test_dir and --id_map_json; flags typed in full override its "
+                           "budget)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
     optim.add_argument("--batch_size", type=positive_int, default=2, help="training images per step and rank")
@@ -101,7 +102,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
     add_tile_args(run)
     run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
-    run.add_argument("--checkpoint", default=None, help="weights to fine-tune from in a fresh run (ignored with --resume)")
+    run.add_argument("--checkpoint", default=None,
+                     help="weights to fine-tune from in a fresh run (ignored with --resume)")
     run.add_argument("--early_stop", type=non_negative_int, default=0, metavar="N",
                      help="stop after N epochs without improvement of --select_metric (0 disables)")
     run.add_argument("--patience", type=non_negative_int, default=3, metavar="N",

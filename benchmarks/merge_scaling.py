@@ -27,8 +27,8 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio, reset_peak_rss_kb,  # noqa: E402
-                               setup, timed, write_results)
+from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio,  # noqa: E402
+                               reset_peak_rss_kb, setup, timed, write_results)
 from masks import PackedMasks  # noqa: E402
 from merging import _rival_pairs, greedy_mask_merge  # noqa: E402
 
@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(row, flush=True)
     print_table("rival pairs of the mask merge: x sweep vs N x N", rows,
                 ["detections", "pairs", "dense_s", "sweep_s", "speedup", "dense_mb", "sweep_mb", "same", "merge_s"])
-    payload = {"benchmark": NAME, "environment": environment(device), "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows}
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    payload = {"benchmark": NAME, "environment": environment(device), "settings": settings, "rows": rows}
     write_results(args, NAME, payload)
     return payload
 

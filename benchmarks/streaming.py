@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio, reset_peak_rss_kb,  # noqa: E402
-                               write_results)
+from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio,  # noqa: E402
+                               reset_peak_rss_kb, write_results)
 
 NAME = "streaming"
 VARIANTS = ("streamed", "whole")

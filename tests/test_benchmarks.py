@@ -98,7 +98,8 @@ def test_truth_ranking_and_classing_use_each_detections_best_iou() -> None:
     sliver = np.zeros((10, 10), dtype=np.uint8, order="F")
     sliver[0:4, 0:1] = 1  # a quarter of the first cell: IoU 0.25, too little to take its class
     rle = mask_util.encode(sliver)
-    dets.append({"image_id": 1, "category_id": 2, "score": 0.5, "segmentation": {**rle, "counts": rle["counts"].decode()}})
+    dets.append({"image_id": 1, "category_id": 2, "score": 0.5,
+                 "segmentation": {**rle, "counts": rle["counts"].decode()}})
     classed = accuracy.truth_classed(coco_gt, dets)
     # image by image: the wrong class corrected, the sliver and the image without cells kept as they were
     assert [(r["image_id"], r["category_id"], r["score"]) for r in classed] == [

@@ -149,7 +149,8 @@ def test_a_real_interpreter_prints_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("script, argv", [
     ("train", ["--num_classes", "1"]), ("train", ["--anchor_sizes", "8", "16", "0", "64", "128"]),
     ("train", ["--box_nms_thresh", "1.5"]), ("train", ["--rpn_post_nms_top_n_test", "0"]),
-    ("inference", ["--checkpoint", "x", "--score_thresh", "-0.1"]), ("inference", ["--checkpoint", "x", "--min_size", "0"]),
+    ("inference", ["--checkpoint", "x", "--score_thresh", "-0.1"]),
+    ("inference", ["--checkpoint", "x", "--min_size", "0"]),
     ("evaluate", ["--data_dir", "d", "--submission", "s", "--iou_thresh", "0"]),
     ("cal_param", ["--num_classes", "0"]), ("visualization", ["--checkpoint", "x", "--max_labels", "-1"]),
 ])

@@ -18,8 +18,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from coco import encode_packed, paste_masks
 from conftest import mask_boxes
 from masks import PackedMasks
-from merging import (_rival_pairs, average_masks, greedy_mask_merge, pair_intersections, resample_masks, same_cell_copies,
-                     same_cell_pairs, select_candidates, take)
+from merging import (_rival_pairs, average_masks, greedy_mask_merge, pair_intersections, resample_masks,
+                     same_cell_copies, same_cell_pairs, select_candidates, take)
 from predictor import Settings, predict_images, state_bytes
 from synthetic import synth_image
 from tiling import max_cover, tile_grid
