@@ -9,7 +9,8 @@ import argparse
 from typing import Any, Callable
 
 
-def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
+def checked(kind: Callable[[str], Any], test: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, refused with "must be <need>" where ``test`` fails."""
     def parse(text: str) -> Any:
         value = kind(text)
         if not test(value):
@@ -20,14 +21,15 @@ def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], need: str)
     return parse
 
 
-positive_int = _checked(int, lambda v: v >= 1, "at least 1")
-non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
-non_negative = _checked(float, lambda v: v >= 0.0, "0 or more")
-share = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a share of a tile, of samples, a decay
-probability = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
-positive = _checked(float, lambda v: v > 0.0, "above 0")
-chance = _checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an augmentation is applied
-class_count = _checked(int, lambda v: v >= 2, "at least 2 (the background and one class)")  # --num_classes
+positive_int = checked(int, lambda v: v >= 1, "at least 1")
+non_negative_int = checked(int, lambda v: v >= 0, "0 or more")
+non_negative = checked(float, lambda v: v >= 0.0, "0 or more")
+share = checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a share of a tile, of samples, a decay
+probability = checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+positive = checked(float, lambda v: v > 0.0, "above 0")
+chance = checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an augmentation is applied
+overlap = checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")  # an IoU a match needs
+class_count = checked(int, lambda v: v >= 2, "at least 2 (the background and one class)")  # --num_classes
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

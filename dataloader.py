@@ -396,21 +396,21 @@ def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
 
 
 def folder_images(folder: Path) -> list[str]:
-    """The images of a folder to predict, as names relative to it, sorted by sample name: its
-    image files (TIFF, PNG, JPEG), or, where it holds none, each ``<sample>/image.tif`` (the
-    training layout), so a labelled held-out folder predicts as it is and scores with
-    ``evaluate.py``, whose default ids number the same samples in the same order."""
-    files = [p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    if not files:
-        files = [f"{p.name}/{IMAGE_FILE}" for p in folder.iterdir() if (p / IMAGE_FILE).is_file()]
-    return sorted(files, key=lambda name: (sample_name(name), name))
+    """The images of a folder to predict, as names relative to it: its image files (TIFF, PNG,
+    JPEG) sorted by file name, or, where it holds none, each ``<sample>/image.tif`` (the
+    training layout) in ``list_samples``' order, so a labelled held-out folder predicts as it
+    is and scores with ``evaluate.py``, whose default ids number its samples in that order."""
+    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if files:
+        return files
+    return [f"{p.name}/{IMAGE_FILE}" for p in sorted(folder.iterdir()) if (p / IMAGE_FILE).is_file()]
 
 
 def sample_name(file_name: str) -> str:
-    """The sample an image is: ``X`` for ``X.tif`` and for ``X/image.tif``. Outputs are named
-    by it, and scoring matches ids to the samples of a labelled folder by it."""
+    """The sample an image is: ``X`` for ``X.tif`` and for ``X/image.tif`` (the training
+    layout). Outputs are named by it, and scoring matches ids to a labelled folder's samples by it."""
     path = Path(file_name)
-    return path.parent.name or path.stem
+    return path.parent.name if path.name == IMAGE_FILE and path.parent.name else path.stem
 
 
 def number_images(folder: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from argtypes import HelpFormatter, chance, probability
+from argtypes import HelpFormatter, chance, overlap
 from cli import run_cli
 from files import write_json
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_thresh", type=chance, default=0.5,
                         help="F1/PQ: submitted detections at or above this score count as found cells (every "
                              "cell of --labels counts)")
-    parser.add_argument("--iou_thresh", type=probability, default=0.5, help="F1/PQ: IoU of a match")
+    parser.add_argument("--iou_thresh", type=overlap, default=0.5, help="F1/PQ: IoU of a match")
     parser.add_argument("--json", default=None, help="write the metrics here as one flat JSON object")
     return parser
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from argtypes import chance, non_negative, non_negative_int, positive, positive_int, probability, share
+from argtypes import chance, class_count, non_negative, non_negative_int, positive, positive_int, probability, share
 from dataloader import ID_MAP_FILE, NUM_CLASSES
 from devices import GPU_BATCH
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
@@ -125,7 +125,7 @@ def add_checkpoint_checks(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backbone", type=backbone_name, default=None,
                        help="resnet or effnet, only checked against the checkpoint")
     group.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
-    group.add_argument("--num_classes", type=positive_int, default=None, help="only checked against the checkpoint")
+    group.add_argument("--num_classes", type=class_count, default=None, help="only checked against the checkpoint")
     group.add_argument("--min_size", type=positive_int, default=None,
                        help="override the checkpoint's shorter side (only where its --input_scale is 0)")
     group.add_argument("--max_size", type=positive_int, default=None, help="override the checkpoint's longest side")

@@ -221,7 +221,8 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor,
         i, j = order[p], order[q]
         hit = ((b[i, 0] < b[j, 2]) & (b[j, 0] < b[i, 2]) & (b[i, 1] < b[j, 3]) & (b[j, 1] < b[i, 3])
                & (labels[i] == labels[j]))
-        i, j = i[hit], j[hit]  # host sync: how many pairs (once per chunk)
+        kept = hit.nonzero().squeeze(1)  # host sync: how many pairs (once per chunk)
+        i, j = i[kept], j[kept]
         earlier = (key[i] > key[j]) | ((key[i] == key[j]) & (i < j))
         firsts.append(torch.where(earlier, i, j))
         seconds.append(torch.where(earlier, j, i))

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, read_label_image, sample_name
+from dataloader import CLASS_FILES, IMAGE_FILE, read_label_image, sample_name
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -45,7 +45,7 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
     missing = [p.name for p in samples if p.name not in by_sample]
     if missing:
         raise DatasetError(f"{path}: no id for sample(s) {missing[:5]}; each sample X needs an entry 'X.tif' or "
-                           "'X/image.tif'.")
+                           f"'X/{IMAGE_FILE}'.")
     return [by_sample[p.name] for p in samples]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tifffile
@@ -115,10 +114,9 @@ def write_rgba_lzw(path: Path, rgb: np.ndarray) -> None:
                      compression="lzw", extrasamples=["unassalpha"])
 
 
-def apply_demo_settings(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Point the run at fresh synthetic data and a CPU-sized budget, keeping any flag the
-    user typed explicitly."""
-    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+def apply_demo_settings(args: argparse.Namespace, given: set[str]) -> None:
+    """Point the run at fresh synthetic data and a CPU-sized budget, keeping the flags the
+    user typed (``given``: their destinations)."""
     # Native scale: the default --input_scale 2 would make the CPU demo four times slower.
     demo = {"epochs": 3, "weights": "none", "min_size": 192, "max_size": 192, "warmup_epochs": 1,
             "input_scale": 0.0, "anchor_sizes": [8, 16, 32, 64, 128], "crop": 0,

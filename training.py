@@ -44,8 +44,7 @@ EXIT_INTERRUPTED = 3  # exit status of a run stopped by SIGTERM/Ctrl-C after sav
 
 def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     """All training flags; the backbone-specific defaults come from the calling script."""
-    # No abbreviations: --demo keeps the flags typed in full (--epoch 5 would be lost under it).
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and outputs")
     data.add_argument("--train_dir", default="dataset/train", help="folder of <sample>/image.tif + classN.tif")
     data.add_argument("--test_dir", default=None, help="test folder, predicted after training when given")
@@ -77,7 +76,7 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                            "repeat up to sqrt(t/f) times per epoch (0 disables)")
     data.add_argument("--demo", action="store_true",
                       help="write a small synthetic dataset into --output_dir and run train + predict on it (it "
-                           "replaces --train_dir, --test_dir and --id_map_json; flags typed in full override its "
+                           "replaces --train_dir, --test_dir and --id_map_json; the flags you type override its "
                            "budget)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
     if args.demo:
         from synthetic import apply_demo_settings
 
-        apply_demo_settings(args, sys.argv[1:] if argv is None else argv)
+        apply_demo_settings(args, typed_flags(parser, sys.argv[1:] if argv is None else argv, args))
     if args.tile is None:
         args.tile = args.crop
     summary = train(args, backbone)
@@ -173,6 +172,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     model = build_model(config, load_weights=resume is None and start is None).to(device)
     if start is not None:
         load_weights(model, start["model"], Path(args.checkpoint), config)
+        del start  # the optimizer and EMA states it also holds are not needed
     optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad], args.lr, args.weight_decay)
     if args.class_balance:
         weights = balanced_class_weights([i.labels for i in train_set.instances], config["num_classes"])
@@ -266,6 +266,15 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
                               f"({', '.join(f'{k}: {trained[k]} vs {config[k]}' for k in differing)}); "
                               "resume with the original flags or start a new --output_dir.")
     return {**config, **trained}
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace) -> set[str]:
+    """The destinations of the flags ``argv`` gives, as argparse resolves them (abbreviations,
+    ``--flag=value``): parsed once more into a namespace whose every field holds a marker,
+    since argparse fills in a default only where the namespace has no value."""
+    marker = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), marker)))
+    return {key for key, value in vars(probe).items() if value is not marker}
 
 
 def _fine_tune_config(config: dict[str, Any], start: dict, info: DistInfo) -> dict[str, Any]:

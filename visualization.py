@@ -141,8 +141,9 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
               vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
     """Predictions on test images, each PNG named by its submission image id."""
     test_dir = args.test_dir or train_args.get("test_dir") or "dataset/test_release"
+    runs_folder = train_args.get("test_dir") and Path(train_args["test_dir"]).resolve() == Path(test_dir).resolve()
     # the run's id map belongs to the run's test folder, not to another one given here
-    id_map = find_id_map(Path(test_dir), args.id_map_json or (None if args.test_dir else train_args.get("id_map_json")))
+    id_map = find_id_map(Path(test_dir), args.id_map_json or (train_args.get("id_map_json") if runs_folder else None))
     dataset = UnlabelledImages(Path(test_dir), id_map)
     indices = _first(list(range(len(dataset))), args.num_images)
     paths, shown = [], {"gt": 0, "pred": 0}

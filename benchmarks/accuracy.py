@@ -51,6 +51,7 @@ import training  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
+from argtypes import HelpFormatter  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
 from predictor import Settings, predict  # noqa: E402
 from scoring import score  # noqa: E402
@@ -182,7 +183,7 @@ def _keys(rows: list[dict]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--train_dir", default=str(ROOT.parent / "shared/data/cpm15_hw3/train"),
                         help="training folder (default: ../shared/data/cpm15_hw3/train beside the repository)")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["stock_native", "cells"])

@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+from argtypes import HelpFormatter  # noqa: E402
 import optimisation  # noqa: E402
 import devices  # noqa: E402
 from benchmarks import host_syncs  # noqa: E402
@@ -72,7 +73,7 @@ TINY_FLAGS = ["--rpn_pre_nms_top_n_train", "100", "--rpn_post_nms_top_n_train", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dry_run", action="store_true", help="CPU, tiny sizes: checks that the script runs")
     parser.add_argument("--json", default=None, help=f"results file (default: {RESULTS_DIR}/{NAME}.json)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)

@@ -29,19 +29,21 @@ import torch  # noqa: E402
 
 from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio,  # noqa: E402
                                reset_peak_rss_kb, setup, timed, write_results)
+from argtypes import checked, non_negative_int, positive_int  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from merging import _rival_pairs, greedy_mask_merge  # noqa: E402
 
 NAME = "merge_scaling"
+_window = checked(int, lambda v: v >= 64, "64 or more")  # the scene's cells are up to 40 px from its edge
 PairFinder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000, 20000, 40000],
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[2500, 5000, 10000, 20000, 40000],
                         help="detection counts, each one scene")
-    parser.add_argument("--window", type=int, default=1536, help="side of the square scene in px")
-    parser.add_argument("--dense_max", type=int, default=20000,
+    parser.add_argument("--window", type=_window, default=1536, help="side of the square scene in px (64 or more)")
+    parser.add_argument("--dense_max", type=non_negative_int, default=20000,
                         help="largest count the N x N variant runs at (its memory grows as N²: gigabytes at 20,000)")
     return parser
 
@@ -71,9 +73,16 @@ def scene(count: int, window: int, seed: int) -> tuple[PackedMasks, torch.Tensor
 
 def measure(finder: PairFinder, masks: PackedMasks, labels: torch.Tensor, key: torch.Tensor,
             device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], float, float]:
-    """The pairs, seconds and peak MB above the resident memory at the start."""
+    """The pairs, seconds and peak MB above the memory in use at the start: GPU memory on a
+    GPU, resident host memory on a CPU."""
+    inputs = masks.boxes.to(device), labels.to(device), key.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        pairs, seconds = timed(lambda: finder(*inputs), device)
+        return pairs, seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20
     base = reset_peak_rss_kb()
-    pairs, seconds = timed(lambda: finder(masks.boxes.to(device), labels.to(device), key.to(device)), device)
+    pairs, seconds = timed(lambda: finder(*inputs), device)
     return pairs, seconds, (peak_rss_kb() - base) / 1024
 
 

@@ -175,3 +175,12 @@ def test_help_shows_defaults_of_zero() -> None:
     text = " ".join(training.build_parser("resnet101", "train").format_help().split())
     assert "dropped inside the model (AP likes 0) (default: 0.0)" in text
     assert "training epochs (default: 40)" in text and "--use_attn add the" in text  # a switch shows no default
+
+
+def test_demo_keeps_the_flags_typed_abbreviated_or_with_equals() -> None:
+    import training
+
+    parser = training.build_parser("resnet101", "train")
+    argv = ["--demo", "--epoch", "5", "--lr=0.1", "--use_amp"]
+    args = parser.parse_args(argv)
+    assert args.epochs == 5 and training.typed_flags(parser, argv, args) == {"demo", "epochs", "lr", "use_amp"}

@@ -190,6 +190,28 @@ def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: t
         assert_png(path)
 
 
+def test_visualization_test_uses_the_runs_id_map_only_for_the_runs_folder(data: dict[str, Path],
+                                                                         run: tuple[Path, list[str]],
+                                                                         tmp_path: Path, shallow: None) -> None:
+    import shutil
+
+    from checkpoint import load_checkpoint
+
+    entries = json.loads(Path(data["id_map_json"]).read_text())
+    id_map = tmp_path / "elsewhere.json"  # not beside the folder: only the run's args name it
+    id_map.write_text(json.dumps([{**e, "id": 100 + i} for i, e in enumerate(entries)]))
+    state = load_checkpoint(run[0])
+    state["args"] = {**state["args"], "test_dir": str(data["test_dir"]), "id_map_json": str(id_map)}
+    save_checkpoint(tmp_path / "best.pth", state)
+    shutil.copytree(data["test_dir"], tmp_path / "other")
+    for folder, ids in ((data["test_dir"], {100 + i for i in range(len(entries))}),
+                        (tmp_path / "other", set(range(1, len(entries) + 1)))):
+        vis = tmp_path / f"vis_{Path(folder).name}"
+        visualization.main(["--checkpoint", str(tmp_path / "best.pth"), "--mode", "test", "--test_dir", str(folder),
+                            "--num_images", "0", "--vis_dir", str(vis), "--device", "cpu"])
+        assert {p.stem for p in vis.glob("*.png")} == {str(i) for i in ids}
+
+
 def test_visualization_predicts_tile_by_tile_like_the_submission(shallow: None) -> None:
     torch.manual_seed(0)
     model = build_model(TINY).eval()
