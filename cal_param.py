@@ -19,7 +19,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from argtypes import HelpFormatter, class_count
 from cli import run_cli
 from files import write_json
-from model import DEFAULT_CONFIG, backbone_name, build_model, weights_to_be_loaded
+from model import DEFAULT_CONFIG, backbone_name, build_model, context_factor, weights_to_be_loaded
 
 PARTS = ("backbone body", "FPN", "neck attention", "RPN", "box head", "mask head")
 ALL_CONFIGS = (("resnet101", False), ("resnet101", True), ("effnet_v2_m", False), ("effnet_v2_m", True))
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_attn", action="store_true", help="with the FPNTransformer neck and mask-head attention")
     parser.add_argument("--mask_iou", action="store_true", help="with the Mask Scoring head (mask_scoring.py)")
     parser.add_argument("--cascade", action="store_true", help="with the two later Cascade box stages (cascade.py)")
+    parser.add_argument("--context_roi", type=context_factor, default=0.0, metavar="F",
+                        help="with the box heads pooling each RoI's surroundings too (train scripts' --context_roi)")
     parser.add_argument("--all", action="store_true", help="all four backbone x attention configurations")
     parser.add_argument("--num_classes", type=class_count, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     configs = ALL_CONFIGS if args.all else ((args.backbone, args.use_attn),)
-    rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade)
+    rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade,
+                         args.context_roi)
             for backbone, attn in configs]
     print(f"parameters in millions (--weights {args.weights}, num_classes {args.num_classes})")
     print(format_table(rows))
@@ -55,12 +58,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str,
-                 mask_iou: bool = False, cascade: bool = False) -> dict[str, Any]:
+                 mask_iou: bool = False, cascade: bool = False, context_roi: float = 0.0) -> dict[str, Any]:
     """One table column; an attention model whose module file is absent gets a status line
     instead of counts, so the other columns still print."""
-    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn, "mask_iou": mask_iou, "cascade": cascade}
+    row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn, "mask_iou": mask_iou, "cascade": cascade,
+                           "context_roi": context_roi}
     config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights,
-              "mask_iou": mask_iou, "cascade": cascade}
+              "mask_iou": mask_iou, "cascade": cascade, "context_roi": context_roi}
     try:
         with weights_to_be_loaded():  # counted, never used
             model = build_model(config, load_weights=False)
@@ -109,7 +113,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     columns = parts + ["(mask attention)", "total"]
     widths = [max(len(c) + 2, 10) for c in columns]
     names = [(f"{row['backbone']}{' +attn' if row['use_attn'] else ''}{' +iou' if row.get('mask_iou') else ''}"
-              f"{' +cascade' if row.get('cascade') else ''}") for row in rows]
+              f"{' +cascade' if row.get('cascade') else ''}"
+              f"{' +context' if row.get('context_roi') else ''}") for row in rows]
     first = max(19, *(len(n) + 2 for n in names))
     lines = [f"{'configuration':<{first}}{'count':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
     for row, name in zip(rows, names):

@@ -141,6 +141,12 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
                                   f"add {flag}.")
         if not has_head:  # the head added to a model trained without it: it starts fresh
             weights = {**{k: v for k, v in own.items() if k.startswith(prefix)}, **weights}
+    fc6 = "roi_heads.box_head.fc6.weight"  # --context_roi doubles its inputs
+    if fc6 in weights and fc6 in own and weights[fc6].shape[1] != own[fc6].shape[1]:
+        trained = "with" if weights[fc6].shape[1] > own[fc6].shape[1] else "without"
+        raise CheckpointError(f"{path}: checkpoint was trained {trained} --context_roi but the model is built "
+                              f"{'without' if trained == 'with' else 'with'} it; "
+                              f"{'pass the --context_roi it was trained with' if trained == 'with' else 'drop --context_roi'}.")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

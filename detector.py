@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -524,6 +524,33 @@ def detect_boxes(heads: RoIHeads, features: dict[str, Tensor], proposals: list[T
                                    [len(p) for p in proposals], image_shapes)
 
 
+class ContextRoIAlign(nn.Module):
+    """``--context_roi``: a box pooler whose RoI features are the RoI's own (``pool``) and those
+    of its box enlarged ``factor`` times about its centre, clipped to the image, concatenated
+    on the channels ([R, 2C, S, S]). Every caller of ``box_roi_pool`` (training, prediction,
+    cascade stages) gets the surroundings without a change; the box head takes 2C channels."""
+
+    def __init__(self, pool: MultiScaleRoIAlign, factor: float) -> None:
+        super().__init__()
+        self.pool, self.factor = pool, float(factor)
+
+    @property
+    def output_size(self) -> tuple[int, ...]:
+        return self.pool.output_size
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        wide = [box_ops.clip_boxes_to_image(enlarge_boxes(b, self.factor), shape)
+                for b, shape in zip(boxes, image_shapes)]  # per image, not per RoI
+        return torch.cat([self.pool(x, boxes, image_shapes), self.pool(x, wide, image_shapes)], dim=1)
+
+
+def enlarge_boxes(boxes: Tensor, factor: float) -> Tensor:
+    """Boxes (x1, y1, x2, y2) scaled ``factor`` times about their centres."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
 class LevelRoIAlign(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign, the same output, with one host sync (the RoI count of
     each level) instead of a nonzero per level."""
@@ -677,7 +704,8 @@ def use_torchvision_detector(model: MaskRCNN) -> None:
     model.rpn.__class__, model.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
     model.rpn.anchor_generator.__class__ = AnchorGenerator
     model.rpn.box_coder.__class__ = model.roi_heads.box_coder.__class__ = BoxCoder
-    model.roi_heads.box_roi_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = MultiScaleRoIAlign
+    box_pool = getattr(model.roi_heads.box_roi_pool, "pool", model.roi_heads.box_roi_pool)  # inside --context_roi's
+    box_pool.__class__ = model.roi_heads.mask_roi_pool.__class__ = MultiScaleRoIAlign
     for part in (model.rpn, model.roi_heads):
         matcher = part.proposal_matcher
         part.proposal_matcher = Matcher(matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches)

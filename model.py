@@ -18,15 +18,15 @@ from torchvision.models import EfficientNet_V2_M_Weights, ResNet101_Weights, eff
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from argtypes import chance, checked, class_count, positive, positive_int
 from cascade import CascadeHeads
-from detector import CellTransform, FrozenBatchNorm2d, use_cell_detector
-from argtypes import chance, class_count, positive, positive_int
+from detector import CellTransform, ContextRoIAlign, FrozenBatchNorm2d, use_cell_detector
 from errors import WeightsError
 from mask_scoring import MaskIoUHead
-# CellTransform, FrozenBatchNorm2d, use_cell_detector
 
 BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
@@ -42,6 +42,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "use_attn": False,
     "mask_iou": False,
     "cascade": False,
+    "context_roi": 0.0,
     "attn": {},
     "min_size": 1024,
     "max_size": 2048,
@@ -67,7 +68,8 @@ UNLIMITED = 1 << 40  # "no limit" as a count: top-k and slicing take it as it is
 
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
 LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3,
-                                  "detections_per_class": 0, "mask_iou": False, "cascade": False}
+                                  "detections_per_class": 0, "mask_iou": False, "cascade": False,
+                                  "context_roi": 0.0}
 # The optional heads: each one's config key (its flag) and where its weights sit in a state dict.
 # A checkpoint from before one existed was trained without it.
 HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade."}
@@ -79,8 +81,8 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY_CONFIG, **saved}
 
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "attn", "anchor_sizes", "aspect_ratios",
-             "effnet_taps", "effnet_frozen")
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "attn", "anchor_sizes",
+             "aspect_ratios", "effnet_taps", "effnet_frozen")
 
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
 # The paper's FPN taps 2/3/4/6 (Table 3's 54.16 M); checkpoints from before it tapped 2/3/5/7.
@@ -109,6 +111,10 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
                        help="Cascade R-CNN: two more box stages, trained at IoU 0.6 and 0.7 on the previous stage's "
                             "boxes; scores are the stages' mean class probability, boxes and masks the last "
                             "stage's (cascade.py)")
+    group.add_argument("--context_roi", type=context_factor, default=d["context_roi"], metavar="F",
+                       help="the box heads also pool each RoI's box enlarged F times about its centre (its "
+                            "surroundings: cell type depends on them), concatenated with its own features; +12.8 M "
+                            "parameters at 256 channels (0: off)")
     group.add_argument("--min_size", type=positive_int, default=d["min_size"],
                        help="with --input_scale 0: shorter side is scaled to this (never up beyond --max_upscale)")
     group.add_argument("--max_size", type=positive_int, default=d["max_size"],
@@ -140,6 +146,9 @@ def image_cap(detections_per_img: int) -> int:
     image holds tens of thousands of cells; each tile and view still keeps at most what its
     area can hold, ``predictor.MaskRCNNStages.view_cap``)."""
     return int(detections_per_img) if detections_per_img > 0 else UNLIMITED
+
+
+context_factor = checked(float, lambda v: v == 0.0 or v >= 1.0, "0 (off) or at least 1")  # --context_roi
 
 
 def backbone_name(name: str) -> str:
@@ -240,9 +249,14 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         model.roi_heads.mask_head = nn.Sequential(SpatialChannelTransformer(**_attn_kwargs(config, "mask")), head)
     if config["mask_iou"]:
         model.roi_heads.mask_iou_head = MaskIoUHead(backbone.out_channels, config["num_classes"])
+    side = model.roi_heads.box_roi_pool.output_size[0]
+    box_features = backbone.out_channels * side * side
+    if config.get("context_roi"):  # the box heads see each RoI and its surroundings: twice the features
+        model.roi_heads.box_roi_pool = ContextRoIAlign(model.roi_heads.box_roi_pool, config["context_roi"])
+        box_features *= 2
+        model.roi_heads.box_head = TwoMLPHead(box_features, model.roi_heads.box_head.fc7.out_features)
     if config["cascade"]:
-        side = model.roi_heads.box_roi_pool.output_size[0]
-        model.roi_heads.cascade = CascadeHeads(backbone.out_channels * side * side, config["num_classes"])
+        model.roi_heads.cascade = CascadeHeads(box_features, config["num_classes"])
     if config["init_detector"] and load_weights:
         init_detector(model, config["init_detector"])
     return model

@@ -1,0 +1,81 @@
+"""``--context_roi``: the box heads see each RoI's features and its surroundings'."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import load_model, save_checkpoint
+from conftest import predicted_through_cli
+from detector import ContextRoIAlign
+from model import build_model
+from predictor import Settings, predict_images
+
+CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
+          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "context_roi": 2.0}
+
+
+def test_context_pooling_is_the_roi_and_its_enlarged_box_clipped_to_the_image(shallow: None) -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIG).eval()
+    pool = model.roi_heads.box_roi_pool
+    assert isinstance(pool, ContextRoIAlign) and pool.output_size == (7, 7)
+    features = {name: torch.rand(1, 256, 64 // 2 ** (k + 2), 72 // 2 ** (k + 2)) for k, name in enumerate("0123")}
+    boxes = [torch.tensor([[10.0, 20.0, 30.0, 30.0], [0.0, 0.0, 8.0, 6.0]])]
+    # by hand: twice the size about the centre (20, 25) and (4, 3), then clipped to the 64 x 72 image
+    wide = [torch.tensor([[0.0, 15.0, 40.0, 35.0], [0.0, 0.0, 12.0, 9.0]])]
+    pooled = pool(features, boxes, [(64, 72)])
+    assert pooled.shape == (2, 512, 7, 7)
+    assert torch.equal(pooled[:, :256], pool.pool(features, boxes, [(64, 72)]))
+    assert torch.equal(pooled[:, 256:], pool.pool(features, wide, [(64, 72)]))
+    assert model.roi_heads.box_head.fc6.in_features == 512 * 7 * 7
+
+
+def test_a_training_step_trains_the_wider_box_head_with_the_cascade(shallow: None) -> None:
+    torch.manual_seed(0)
+    model = build_model({**CONFIG, "cascade": True}).train()
+    masks = torch.zeros(1, 64, 72, dtype=torch.uint8)
+    masks[0, 4:18, 4:20] = 1
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 18.0]]), "labels": torch.tensor([4]), "masks": masks}]
+    losses = model([torch.rand(3, 64, 72)], targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for layer in (model.roi_heads.box_head.fc6, model.roi_heads.cascade.stages[1].box_head.fc6):
+        assert layer.in_features == 512 * 7 * 7
+        assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+def test_a_context_checkpoint_predicts_through_inference_without_flags(tmp_path: Path, shallow: None) -> None:
+    torch.manual_seed(4)
+    model = build_model(CONFIG).eval()
+    image = torch.rand(3, 80, 90, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = predict_images(model, [image], Settings())[0]
+    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": CONFIG, "args": {}})
+    rebuilt, saved, _ = load_model(tmp_path / "best.pth")
+    assert saved["context_roi"] == 2.0 and isinstance(rebuilt.roi_heads.box_roi_pool, ContextRoIAlign)
+    results = predicted_through_cli(tmp_path / "best.pth", image, tmp_path)
+    assert len(results) == len(expected["scores"]) > 0
+    assert max(r["score"] for r in results) == pytest.approx(expected["scores"][0].item(), abs=1e-2)
+
+
+def test_context_weights_into_a_model_without_it_name_the_flag(tmp_path: Path, shallow: None) -> None:
+    from checkpoint import load_weights
+    from errors import CheckpointError
+
+    torch.manual_seed(0)
+    weights = build_model(CONFIG).state_dict()
+    plain = {**CONFIG, "context_roi": 0.0}
+    with pytest.raises(CheckpointError, match="trained with --context_roi .* pass the --context_roi"):
+        load_weights(build_model(plain), weights, tmp_path / "c.pth", plain)
+    with pytest.raises(CheckpointError, match="trained without --context_roi .* drop --context_roi"):
+        load_weights(build_model(CONFIG), build_model(plain).state_dict(), tmp_path / "c.pth", CONFIG)
+
+
+def test_cal_param_counts_the_wider_first_layer(shallow: None) -> None:
+    import cal_param
+
+    plain, context = (cal_param.count_config("resnet101", False, 5, "none", context_roi=f)["parts"]["box head"]
+                      for f in (0.0, 2.0))
+    assert context["total"] - plain["total"] == 256 * 7 * 7 * 1024  # fc6's added inputs
