@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,3 +83,20 @@ def predicted_through_cli(checkpoint: Path, image: torch.Tensor, tmp_path: Path)
     submission = inference.main(["--checkpoint", str(checkpoint), "--test_dir", str(folder),
                                  "--output_dir", str(tmp_path / "out"), "--num_workers", "0"])
     return json.loads(Path(submission).read_text())
+
+
+def assert_cli_predicts_like_the_model(model: Any, config: dict, tmp_path: Path) -> Path:
+    """Saves ``model`` (eval mode) as ``tmp_path/best.pth`` with ``config`` and checks that
+    ``inference.py`` with no flag other than the checkpoint finds what the model itself
+    finds on a random image; returns the checkpoint, to check what it rebuilt."""
+    from checkpoint import save_checkpoint
+    from predictor import Settings, predict_images
+
+    image = torch.rand(3, 80, 90, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = predict_images(model, [image], Settings())[0]
+    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": config, "args": {}})
+    results = predicted_through_cli(tmp_path / "best.pth", image, tmp_path)
+    assert len(results) == len(expected["scores"]) > 0
+    assert abs(max(r["score"] for r in results) - expected["scores"][0].item()) <= 1e-2
+    return tmp_path / "best.pth"

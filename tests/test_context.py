@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_model, save_checkpoint
-from conftest import predicted_through_cli
+from checkpoint import load_model
+from conftest import assert_cli_predicts_like_the_model
 from detector import ContextRoIAlign
 from model import build_model
-from predictor import Settings, predict_images
 
 CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
           "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "context_roi": 2.0}
@@ -48,16 +47,9 @@ def test_a_training_step_trains_the_wider_box_head_with_the_cascade(shallow: Non
 
 def test_a_context_checkpoint_predicts_through_inference_without_flags(tmp_path: Path, shallow: None) -> None:
     torch.manual_seed(4)
-    model = build_model(CONFIG).eval()
-    image = torch.rand(3, 80, 90, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = predict_images(model, [image], Settings())[0]
-    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": CONFIG, "args": {}})
-    rebuilt, saved, _ = load_model(tmp_path / "best.pth")
+    checkpoint = assert_cli_predicts_like_the_model(build_model(CONFIG).eval(), CONFIG, tmp_path)
+    rebuilt, saved, _ = load_model(checkpoint)
     assert saved["context_roi"] == 2.0 and isinstance(rebuilt.roi_heads.box_roi_pool, ContextRoIAlign)
-    results = predicted_through_cli(tmp_path / "best.pth", image, tmp_path)
-    assert len(results) == len(expected["scores"]) > 0
-    assert max(r["score"] for r in results) == pytest.approx(expected["scores"][0].item(), abs=1e-2)
 
 
 def test_context_weights_into_a_model_without_it_name_the_flag(tmp_path: Path, shallow: None) -> None:
