@@ -143,10 +143,10 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
             weights = {**{k: v for k, v in own.items() if k.startswith(prefix)}, **weights}
     fc6 = "roi_heads.box_head.fc6.weight"  # --context_roi doubles its inputs
     if fc6 in weights and fc6 in own and weights[fc6].shape[1] != own[fc6].shape[1]:
-        trained = "with" if weights[fc6].shape[1] > own[fc6].shape[1] else "without"
-        raise CheckpointError(f"{path}: checkpoint was trained {trained} --context_roi but the model is built "
-                              f"{'without' if trained == 'with' else 'with'} it; "
-                              f"{'pass the --context_roi it was trained with' if trained == 'with' else 'drop --context_roi'}.")
+        wider = weights[fc6].shape[1] > own[fc6].shape[1]
+        fix = "pass the --context_roi it was trained with" if wider else "drop --context_roi"
+        raise CheckpointError(f"{path}: checkpoint was trained {'with' if wider else 'without'} --context_roi but "
+                              f"the model is built {'without' if wider else 'with'} it; {fix}.")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -202,10 +202,11 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor,
     sorted by (earlier, later).
 
     A sweep along x, not an N x N comparison: a window streamed with every weak candidate
-    holds tens of thousands of detections, whose N x N masks took minutes and gigabytes. With
-    the boxes sorted by x1, the boxes that can overlap box p are those after it that start
-    before its right edge (``searchsorted``), so only those candidate pairs are built, in
-    chunks of about ``chunk`` pairs, and then tested exactly."""
+    holds tens of thousands of detections, whose N x N masks took seconds and gigabytes
+    (``benchmarks/merge_scaling.py``). With the boxes sorted by x1, the boxes that can overlap
+    box p are those after it that start before its right edge (``searchsorted``), so only
+    those candidate pairs are built, in chunks of about ``chunk`` pairs, and then tested
+    exactly."""
     n = len(boxes)
     b = boxes.float()
     order = torch.argsort(b[:, 0], stable=True)

@@ -129,9 +129,10 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     group.add_argument("--anchor_sizes", type=positive_int, nargs=5, default=d["anchor_sizes"],
                        help="anchor side per pyramid level P2..P6, in input pixels")
     for stage in ("train", "test"):
-        group.add_argument(f"--rpn_pre_nms_top_n_{stage}", type=positive_int, default=d[f"rpn_pre_nms_top_n_{stage}"],
+        pre, post = f"rpn_pre_nms_top_n_{stage}", f"rpn_post_nms_top_n_{stage}"
+        group.add_argument(f"--{pre}", type=positive_int, default=d[pre],
                            help=f"RPN proposals per pyramid level kept before the NMS ({stage})")
-        group.add_argument(f"--rpn_post_nms_top_n_{stage}", type=positive_int, default=d[f"rpn_post_nms_top_n_{stage}"],
+        group.add_argument(f"--{post}", type=positive_int, default=d[post],
                            help=f"RPN proposals per image kept after the NMS ({stage})")
     group.add_argument("--box_batch_size_per_image", type=positive_int, default=d["box_batch_size_per_image"],
                        help="RoIs sampled per image for the box and mask heads")
