@@ -539,9 +539,13 @@ class ContextRoIAlign(nn.Module):
         return self.pool.output_size
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        wide = [box_ops.clip_boxes_to_image(enlarge_boxes(b, self.factor), shape)
+        # One pooling of each image's boxes followed by its enlarged ones: one RoI-count read, not two.
+        both = [torch.cat([b, box_ops.clip_boxes_to_image(enlarge_boxes(b, self.factor), shape)])
                 for b, shape in zip(boxes, image_shapes)]  # per image, not per RoI
-        return torch.cat([self.pool(x, boxes, image_shapes), self.pool(x, wide, image_shapes)], dim=1)
+        parts = self.pool(x, both, image_shapes).split([len(b) for b in both])  # counts from shapes: no sync
+        own = torch.cat([part[:len(b)] for part, b in zip(parts, boxes)])
+        around = torch.cat([part[len(b):] for part, b in zip(parts, boxes)])
+        return torch.cat([own, around], dim=1)
 
 
 def enlarge_boxes(boxes: Tensor, factor: float) -> Tensor:

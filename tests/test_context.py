@@ -29,6 +29,11 @@ def test_context_pooling_is_the_roi_and_its_enlarged_box_clipped_to_the_image(sh
     assert torch.equal(pooled[:, :256], pool.pool(features, boxes, [(64, 72)]))
     assert torch.equal(pooled[:, 256:], pool.pool(features, wide, [(64, 72)]))
     assert model.roi_heads.box_head.fc6.in_features == 512 * 7 * 7
+    two = {name: torch.rand(2, *f.shape[1:]) for name, f in features.items()}  # two images: rows stay per image
+    boxes2 = [boxes[0], torch.tensor([[5.0, 5.0, 25.0, 15.0]])]
+    wide2 = [wide[0], torch.tensor([[0.0, 0.0, 35.0, 20.0]])]
+    expected = torch.cat([pool.pool(two, boxes2, [(64, 72)] * 2), pool.pool(two, wide2, [(64, 72)] * 2)], dim=1)
+    assert torch.equal(pool(two, boxes2, [(64, 72)] * 2), expected)
 
 
 def test_a_training_step_trains_the_wider_box_head_with_the_cascade(shallow: None) -> None:
