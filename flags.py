@@ -62,6 +62,13 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vote_boost", type=non_negative, default=0.0,
                        help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                             "one view count once (0: best score alone)")
+    group.add_argument("--class_context", type=non_negative, default=0.0, metavar="STRENGTH",
+                       help="weigh each detection's score by how much the cells around it are detected as its "
+                            "class, to this power: cell types cluster in tissue, and the classifier sees only the "
+                            "cell (0: off; 1: score x agreement)")
+    group.add_argument("--class_context_reach", type=positive, default=3.0, metavar="SIDES",
+                       help="with --class_context: how far the neighbours count, in sides of the cell's box (a "
+                            "Gaussian weight of the distance between box centres)")
     group.add_argument("--mask_thresh", type=probability, default=0.5,
                        help="a pixel belongs to a cell when its mask probability exceeds this (torchvision: 0.5)")
     add_limit_args(group, from_checkpoint=True)
@@ -114,7 +121,8 @@ def prediction_settings(args: argparse.Namespace) -> Settings:
     return Settings(tile=args.tile, tile_overlap=args.tile_overlap, tta_scales=scales, mask_thresh=args.mask_thresh,
                     batch_size=args.batch_size, use_amp=args.use_amp, detections_per_img=args.detections_per_img,
                     detections_per_class=args.detections_per_class,
-                    dihedral=not one_view and args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge)
+                    dihedral=not one_view and args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge,
+                    class_context=args.class_context, context_reach=args.class_context_reach)
 
 
 def add_checkpoint_checks(parser: argparse.ArgumentParser) -> None:

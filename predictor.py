@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from coco import detections_to_coco, paste_masks
+from class_context import rescore
 from detector import detect_boxes
 from devices import autocast, counts, prediction_batch, scale_boxes
 from merging import (average_masks, greedy_mask_merge, mask_areas, merge_order, same_cell_copies, same_cell_pairs,
@@ -47,6 +48,10 @@ class Settings:
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
     # With a --mask_iou model: rank by class probability x predicted mask IoU (False: by the former alone).
     mask_scoring: bool = True
+    # --class_context: scores times the neighbours' agreement with each class to this power (0: off),
+    # neighbours within about context_reach cell sides (``class_context.rescore``).
+    class_context: float = 0.0
+    context_reach: float = 3.0
     # Bytes of features kept between an image's detection pass and its mask pass; the views past
     # it are detected again for their masks, so a large image, --tta or an ensemble needs no more
     # device memory than this plus one batch.
@@ -143,7 +148,9 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         for pick, iou in zip(picks, quality):
             pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
-    return [_merge(pick, prob, tuple(image.shape[-2:]), settings) for image, pick, prob in zip(images, picks, probs)]
+    classes = max(s.num_classes for s in stages) if settings.class_context else 0
+    return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes)
+            for image, pick, prob in zip(images, picks, probs)]
 
 
 def limits(models: Any, settings: Settings) -> tuple[int, int]:
@@ -271,9 +278,9 @@ def _averaged(pick: dict, probs: torch.Tensor) -> torch.Tensor:
     return average_masks(probs[:kept], pick["boxes"], probs[kept:], pick["copy_boxes"], pick["copy_of"])
 
 
-def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings) -> dict:
+def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings, classes: int) -> dict:
     """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
-    raised by their votes, best first."""
+    raised by their votes and weighed by their neighbours' classes (of ``classes``), best first."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
     if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
         kept = torch.arange(len(pick["scores"]), device=probs.device)
@@ -284,6 +291,8 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     scores = pick["scores"][kept]
     if "votes" in pick:
         scores = scores * (1 + settings.vote_boost * (pick["votes"][kept] - 1))
+    scores = rescore(pick["boxes"][kept], pick["labels"][kept], scores, classes, settings.class_context,
+                     settings.context_reach)
     order = torch.argsort(scores, descending=True)
     kept = kept[order]
     return {"boxes": pick["boxes"][kept], "scores": scores[order], "labels": pick["labels"][kept],
@@ -299,6 +308,7 @@ class MaskRCNNStages:
         self.detections_per_img = int(model.roi_heads.detections_per_img)
         self.detections_per_class = int(getattr(model.roi_heads, "detections_per_class", 0))
         self.smallest_anchor = min(min(sizes) for sizes in model.rpn.anchor_generator.sizes)
+        self.num_classes = int(model.roi_heads.box_predictor.cls_score.out_features) - 1  # without the background
 
     def view_cap(self, input_size: tuple[int, int], cap: int) -> int:
         """What a view of ``input_size`` (network input pixels) can hold: one cell per square of

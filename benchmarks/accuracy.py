@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
 import training  # noqa: E402
+from class_context import rescore  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
@@ -98,7 +100,8 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6",
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
     """The ``predictor.Settings`` fields of one inference-time addition. Any of them may end in
-    ``+imgN`` (at most N detections an image) and ``+clsN`` (at most N an image and class)."""
+    ``+ctxS`` or ``+ctxSrR`` (``--class_context S``, ``--class_context_reach R``), then ``+imgN``
+    (at most N detections an image) and ``+clsN`` (at most N an image and class)."""
     limits = {}
     for token, field in (("img", "detections_per_img"), ("cls", "detections_per_class")):
         head, _, last = name.rpartition("+")
@@ -106,6 +109,10 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
             limits[field], name = int(last[len(token):]), head
     if limits:
         return {**post_settings(name, crop), **limits}
+    head, _, last = name.rpartition("+")
+    if head and last.startswith("ctx"):  # +ctxS or +ctxSrR: --class_context S (--class_context_reach R)
+        strength, _, reach = last.removeprefix("ctx").partition("r")
+        return {**post_settings(head, crop), "class_context": float(strength), "context_reach": float(reach or 3.0)}
     tile = {"tile": crop, "tile_overlap": 0.25}
     flips = {"tta_scales": TTA_SCALES}  # inference.py --tta's views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": (0.8, 1.0, 1.2)},
@@ -128,9 +135,9 @@ def post_name(text: str) -> str:
     """argparse type of --post: a known variant, with optional +imgN / +clsN limits."""
     try:
         post_settings(text, 256)
-    except KeyError:
+    except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"unknown --post {text!r}; choose from {', '.join(POST)} "
-                                          "(+imgN, +clsN optional)") from None
+                                          "(+ctxS[rR], +imgN, +clsN optional)") from None
     return text
 
 
@@ -278,17 +285,40 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     models = [load_model(out / "last.pth")[0] for out in outs]
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
+    predicted: dict[Settings, tuple[list[dict], float]] = {}  # variants differing only in scoring share one
     for post in args.post:
-        start = time.time()
-        results = predict(models, loader, torch.device("cpu"), Settings(**post_settings(post, args.crop)),
-                          desc=f"held-out {post}")
-        seconds = (time.time() - start) / max(len(dataset), 1)
+        settings = Settings(**post_settings(post, args.crop))
+        plain = replace(settings, class_context=0.0)
+        if plain not in predicted:
+            start = time.time()
+            results = predict(models, loader, torch.device("cpu"), plain, desc=f"held-out {post}")
+            predicted[plain] = results, (time.time() - start) / max(len(dataset), 1)
+        results, seconds = predicted[plain]
+        if settings.class_context:  # what predict would return with it: the same rescoring of the merged cells
+            results = context_rescored(results, settings)
         if "+oracle" in post:
             results = truth_ranked(coco_gt, results)
         if "+trueclass" in post:
             results = truth_classed(coco_gt, results)
         rows[f"{name}+{post}"] = {**_scored(coco_gt, results), "seconds_per_image": round(seconds, 3)}
     return rows
+
+
+def context_rescored(results: list[dict], settings: Settings) -> list[dict]:
+    """COCO results rescored by their neighbours' classes (``class_context.rescore``) as
+    ``predict`` would with ``settings.class_context``, from the same detections, image by image."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    rescored = []
+    for dets in by_image.values():
+        xywh = torch.tensor([d["bbox"] for d in dets], dtype=torch.float32)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        labels = torch.tensor([d["category_id"] for d in dets])
+        scores = rescore(boxes, labels, torch.tensor([d["score"] for d in dets]), NUM_CLASSES,
+                         settings.class_context, settings.context_reach)
+        rescored.extend({**d, "score": float(s)} for d, s in zip(dets, scores.tolist()))
+    return rescored
 
 
 def _scored(coco_gt: COCO, results: list[dict]) -> dict[str, float]:

@@ -240,8 +240,12 @@ def test_inference_prediction_flags() -> None:
     assert parse(["--checkpoint", "x", "--mask_thresh", "0.4"]).mask_thresh == 0.4
     assert parse(["--checkpoint", "x"]).detections_per_class is None  # the checkpoint's
     assert prediction_settings(parse(["--checkpoint", "x", "--detections_per_class", "100"])).detections_per_class == 100
-    with pytest.raises(SystemExit):
-        parse(["--checkpoint", "x", "--mask_thresh", "1"])
+    context = prediction_settings(parse(["--checkpoint", "x", "--class_context", "1", "--class_context_reach", "2"]))
+    assert (context.class_context, context.context_reach) == (1.0, 2.0)
+    assert prediction_settings(parse(["--checkpoint", "x"])).class_context == 0.0
+    for bad in (["--mask_thresh", "1"], ["--class_context", "-1"], ["--class_context_reach", "0"]):
+        with pytest.raises(SystemExit):
+            parse(["--checkpoint", "x", *bad])
 
 
 def test_resume_of_a_run_from_before_input_scale_keeps_its_scale() -> None:

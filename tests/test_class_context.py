@@ -1,0 +1,97 @@
+"""--class_context: scores weighed by the neighbours' classes, one rescoring for the predictor
+and for the benchmark that measures it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+import class_context
+from class_context import SAME_CELL, rescore
+from coco import detections_to_coco
+from predictor import Settings, predict_images
+from test_prediction import CellOracle, _scene
+
+
+def _one_at_a_time(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, classes: int,
+                   strength: float, reach: float) -> list[float]:
+    """The formula of ``class_context``'s docstring, one detection and one neighbour at a time."""
+    out = []
+    iou = box_iou(boxes, boxes)
+    for k in range(len(scores)):
+        cx, cy = (boxes[k, 0] + boxes[k, 2]) / 2, (boxes[k, 1] + boxes[k, 3]) / 2
+        radius = reach * math.sqrt(float((boxes[k, 2] - boxes[k, 0]) * (boxes[k, 3] - boxes[k, 1])))
+        own = total = 0.0
+        for j in range(len(scores)):
+            if iou[k, j] >= SAME_CELL:
+                continue
+            dx, dy = (boxes[j, 0] + boxes[j, 2]) / 2 - cx, (boxes[j, 1] + boxes[j, 3]) / 2 - cy
+            w = math.exp(-float(dx * dx + dy * dy) / (2 * radius ** 2)) * float(scores[j])
+            total += w
+            own += w if labels[j] == labels[k] else 0.0
+        out.append(float(scores[k]) * ((own + 1 / classes) / (total + 1)) ** strength)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])
+def test_rescore_equals_the_formula_one_detection_at_a_time(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    monkeypatch.setattr(class_context, "CHUNK", chunk)  # chunks of rows change nothing
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(40, 2, generator=g) * 200
+    boxes = torch.cat([corners, corners + 8 + torch.rand(40, 2, generator=g) * 20], dim=1)
+    boxes = torch.cat([boxes, boxes[:10] + 1.0])  # overlapping hypotheses of the same cells
+    labels = torch.randint(1, 5, (50,), generator=g)
+    scores = torch.rand(50, generator=g)
+    got = rescore(boxes, labels, scores, 4, 1.5, 2.0)
+    assert torch.allclose(got, torch.tensor(_one_at_a_time(boxes, labels, scores, 4, 1.5, 2.0)), rtol=1e-4)
+    assert torch.equal(rescore(boxes, labels, scores, 4, 0.0), scores)
+    assert len(rescore(boxes[:0], labels[:0], scores[:0], 4, 1.0)) == 0
+
+
+def test_a_cell_among_others_of_a_class_ranks_that_class_first() -> None:
+    # a 3 x 3 grid of class-1 cells, and in the middle one cell with a class-2 hypothesis scoring
+    # higher than its class-1 one; far away, a lone cell with the same two hypotheses
+    grid = [(x, y) for x in (0, 30, 60) for y in (0, 30, 60) if (x, y) != (30, 30)]
+    boxes = torch.tensor([[x, y, x + 12, y + 12] for x, y in grid] + [[30, 30, 42, 42]] * 2 + [[500, 500, 512, 512]] * 2,
+                         dtype=torch.float32)
+    labels = torch.tensor([1] * 8 + [2, 1, 2, 1])
+    scores = torch.tensor([0.9] * 8 + [0.6, 0.4, 0.6, 0.4])
+    out = rescore(boxes, labels, scores, 4, 1.0)
+    assert out[9] > out[8]  # the neighbours turn the middle cell's ranking to class 1
+    assert torch.allclose(out[10:], scores[10:] / 4)  # a lone cell: no neighbours, both hypotheses x 1/C
+    assert (out <= scores).all()
+
+
+def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
+    from benchmarks.accuracy import context_rescored, post_settings
+
+    oracle = CellOracle()
+    oracle.num_classes = 4
+    images = [_scene(5, (200, 260), 60), _scene(6, (150, 120), 30)]
+    settings = Settings(tile=96, tile_overlap=0.4, batch_size=3)
+    plain = predict_images(oracle, images, settings)
+    asked = post_settings("tile+ctx2r4+cls50", 96)  # accuracy.py's name for the same prediction
+    assert asked == {"tile": 96, "tile_overlap": 0.25, "class_context": 2.0, "context_reach": 4.0,
+                     "detections_per_class": 50}
+    assert post_settings("tile+ctx0.5", 96)["context_reach"] == 3.0
+    context = predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, batch_size=3, class_context=2.0,
+                                                      context_reach=4.0))
+    results = []
+    for i, (before, after) in enumerate(zip(plain, context)):
+        expected = rescore(before["boxes"], before["labels"], before["scores"], 4, 2.0, 4.0)
+        order = torch.argsort(expected, descending=True)
+        assert torch.allclose(after["scores"], expected[order])  # the same cells, reordered by the new scores
+        assert torch.equal(after["boxes"], before["boxes"][order])
+        results.extend(detections_to_coco(before, i + 1))
+    assert not torch.equal(context[0]["scores"], plain[0]["scores"])
+    def key(r: dict) -> tuple:  # a detection: its image, box, class and mask
+        return r["image_id"], tuple(r["bbox"]), r["category_id"], r["segmentation"]["counts"]
+
+    benchmark = {key(r): r["score"]
+                 for r in context_rescored(results, Settings(class_context=2.0, context_reach=4.0))}
+    predicted = [r for i, dets in enumerate(context) for r in detections_to_coco(dets, i + 1)]
+    assert len(benchmark) == len(predicted)
+    for r in predicted:
+        assert benchmark[key(r)] == pytest.approx(r["score"], rel=1e-3)  # same masks, same new scores
