@@ -206,12 +206,18 @@ def decode_instances(sample_dir: Path, shape: tuple[int, int]) -> Instances:
     )
 
 
+def sample_folders(folder: Path) -> list[Path]:
+    """The sub-folders of ``folder`` sorted by name: the samples of the training layout in the
+    one order that training, scoring and prediction all number them in, never the file system's."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir())
+
+
 def list_samples(train_dir: Path) -> list[Path]:
-    """Sample folders sorted by name, so the split never depends on file-system order."""
+    """Sample folders sorted by name (``sample_folders``), each checked to hold its image."""
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
         raise DatasetError(f"{train_dir}: training folder not found; pass --train_dir <dataset>/train.")
-    samples = sorted(p for p in train_dir.iterdir() if p.is_dir())
+    samples = sample_folders(train_dir)
     if not samples:
         raise DatasetError(f"{train_dir}: no sample folders; expected {train_dir}/<sample>/image.tif.")
     for sample in samples:
@@ -398,12 +404,13 @@ def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
 def folder_images(folder: Path) -> list[str]:
     """The images of a folder to predict, as names relative to it: its image files (TIFF, PNG,
     JPEG) sorted by file name, or, where it holds none, each ``<sample>/image.tif`` (the
-    training layout) in ``list_samples``' order, so a labelled held-out folder predicts as it
-    is and scores with ``evaluate.py``, whose default ids number its samples in that order."""
+    training layout) in ``sample_folders``' order, so a labelled held-out folder predicts as it
+    is and scores with ``evaluate.py``, whose default ids number its samples in that order; a
+    folder without an image is skipped, not an error as in training."""
     files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if files:
         return files
-    return [f"{p.name}/{IMAGE_FILE}" for p in sorted(folder.iterdir()) if (p / IMAGE_FILE).is_file()]
+    return [f"{p.name}/{IMAGE_FILE}" for p in sample_folders(folder) if (p / IMAGE_FILE).is_file()]
 
 
 def sample_name(file_name: str) -> str:

@@ -206,9 +206,10 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor,
     (``benchmarks/merge_scaling.py``). With the boxes sorted by x1, the boxes that can overlap
     box p are those after it that start before its right edge (``searchsorted``), so only
     those candidate pairs are built, in chunks of about ``chunk`` pairs, and then tested
-    exactly."""
+    exactly. A NaN key ranks last, as the lowest score would."""
     n = len(boxes)
     b = boxes.float()
+    key = torch.nan_to_num(key, nan=-math.inf)  # NaN compares false both ways: it would orient pairs arbitrarily
     order = torch.argsort(b[:, 0], stable=True)
     starts = b[order, 0].contiguous()
     stop = torch.searchsorted(starts, b[order, 2].contiguous(), side="left")  # first sorted box starting at x2 or later

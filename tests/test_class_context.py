@@ -54,8 +54,8 @@ def test_a_cell_among_others_of_a_class_ranks_that_class_first() -> None:
     # a 3 x 3 grid of class-1 cells, and in the middle one cell with a class-2 hypothesis scoring
     # higher than its class-1 one; far away, a lone cell with the same two hypotheses
     grid = [(x, y) for x in (0, 30, 60) for y in (0, 30, 60) if (x, y) != (30, 30)]
-    boxes = torch.tensor([[x, y, x + 12, y + 12] for x, y in grid] + [[30, 30, 42, 42]] * 2 + [[500, 500, 512, 512]] * 2,
-                         dtype=torch.float32)
+    corners = grid + [(30, 30)] * 2 + [(500, 500)] * 2
+    boxes = torch.tensor([[x, y, x + 12, y + 12] for x, y in corners], dtype=torch.float32)
     labels = torch.tensor([1] * 8 + [2, 1, 2, 1])
     scores = torch.tensor([0.9] * 8 + [0.6, 0.4, 0.6, 0.4])
     out = rescore(boxes, labels, scores, 4, 1.0)

@@ -9,7 +9,7 @@ import tifffile
 import torch
 
 from conftest import mask_boxes, shared
-from dataloader import (DatasetError, UnlabelledImages, LabelledImages, decode_instances, list_samples,
+from dataloader import (DatasetError, UnlabelledImages, LabelledImages, decode_instances, folder_images, list_samples,
                         read_id_map, read_image, sample_groups, split_samples)
 from synthetic import write_rgba_lzw
 
@@ -136,9 +136,17 @@ def test_grouped_split_holds_out_whole_groups(tmp_path: Path) -> None:
 
 
 def test_missing_image(tmp_path: Path) -> None:
-    (tmp_path / "train" / "a").mkdir(parents=True)
+    """Training stops on a sample folder without its image; prediction skips it, numbering the
+    others in the same order as training."""
+    for name in ("b", "a", "c"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    for name in ("b", "c"):
+        write_rgba_lzw(tmp_path / "train" / name / "image.tif", np.zeros((8, 8, 3), np.uint8))
+    assert folder_images(tmp_path / "train") == ["b/image.tif", "c/image.tif"]
     with pytest.raises(DatasetError, match=r"a: missing image.tif"):
         list_samples(tmp_path / "train")
+    write_rgba_lzw(tmp_path / "train" / "a" / "image.tif", np.zeros((8, 8, 3), np.uint8))
+    assert [f"{p.name}/image.tif" for p in list_samples(tmp_path / "train")] == folder_images(tmp_path / "train")
 
 
 def test_truncated_tiff_named(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ edge come back cut, flipped views come back flipped.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -216,20 +217,22 @@ def test_greedy_mask_merge_equals_the_one_at_a_time_greedy() -> None:
 
 def test_rival_pairs_sweep_finds_every_overlapping_pair_of_a_class_in_merge_order() -> None:
     """The x sweep (no N x N matrix) against all pairs checked one by one, with shared x edges,
-    tied keys, empty boxes, and chunks down to one candidate pair."""
+    tied and NaN keys, empty boxes, and chunks down to one candidate pair."""
     rng = np.random.default_rng(3)
     n = 60
     corner = rng.integers(0, 40, (n, 2))
     boxes = torch.from_numpy(np.concatenate([corner, corner + rng.integers(0, 12, (n, 2))], axis=1))
     labels = torch.from_numpy(rng.integers(1, 3, n))
     key = torch.from_numpy(rng.integers(0, 4, n).astype(np.float32))
+    key[::9] = math.nan  # ranks last, as -inf
+    rank = key.nan_to_num(nan=-math.inf)
     expected = []
     for i in range(n):
         for j in range(n):
             x1, y1, x2, y2 = boxes[i].tolist()
             u1, v1, u2, v2 = boxes[j].tolist()
             overlap = x1 < u2 and u1 < x2 and y1 < v2 and v1 < y2
-            earlier = key[i] > key[j] or (key[i] == key[j] and i < j)
+            earlier = rank[i] > rank[j] or (rank[i] == rank[j] and i < j)
             if overlap and earlier and labels[i] == labels[j]:
                 expected.append((i, j))
     assert len(expected) > 30
