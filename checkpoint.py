@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from errors import CheckpointError
-from model import (ARCH_KEYS, DEFAULT_CONFIG, HEADS, apply_runtime_settings, build_model, saved_config,
+from model import (ARCH_FLAGS, ARCH_KEYS, DEFAULT_CONFIG, HEADS, apply_runtime_settings, arch_flags, build_model, saved_config,
                    weights_to_be_loaded)
 
 
@@ -124,15 +124,13 @@ def load_model(path: Path, overrides: dict[str, Any] | None = None) -> tuple[nn.
     return model, config, state
 
 
-def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, config: dict) -> None:
-    """Strict load whose error says which architecture the checkpoint holds."""
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, config: dict,
+                 saved: dict[str, Any] | None = None) -> None:
+    """Strict load, except that a head the checkpoint lacks (``HEADS``: fine-tuning into
+    ``--mask_iou`` or ``--cascade``) starts fresh. Where the weights do not fit, the error names
+    every architecture flag in which the checkpoint's config ``saved`` (fine-tuning: the
+    checkpoint's, not the flags') differs from the model's ``config``, and how to fix it."""
     own = model.state_dict()
-    has_attn = any(k.startswith("backbone.neck.") for k in weights)
-    wants_attn = any(k.startswith("backbone.neck.") for k in own)
-    if has_attn != wants_attn:
-        trained = "with" if has_attn else "without"
-        raise CheckpointError(f"{path}: checkpoint was trained {trained} --use_attn but the model is built "
-                              f"{'with' if wants_attn else 'without'} it; {'drop' if wants_attn else 'add'} --use_attn.")
     for key, prefix in HEADS.items():
         flag = f"--{key}"
         has_head = any(k.startswith(prefix) for k in weights)
@@ -141,15 +139,15 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
                                   f"add {flag}.")
         if not has_head:  # the head added to a model trained without it: it starts fresh
             weights = {**{k: v for k, v in own.items() if k.startswith(prefix)}, **weights}
-    fc6 = "roi_heads.box_head.fc6.weight"  # --context_roi doubles its inputs
-    if fc6 in weights and fc6 in own and weights[fc6].shape[1] != own[fc6].shape[1]:
-        wider = weights[fc6].shape[1] > own[fc6].shape[1]
-        fix = "pass the --context_roi it was trained with" if wider else "drop --context_roi"
-        raise CheckpointError(f"{path}: checkpoint was trained {'with' if wider else 'without'} --context_roi but "
-                              f"the model is built {'without' if wider else 'with'} it; {fix}.")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
+        differ = [k for k in ("backbone", *ARCH_FLAGS) if k not in HEADS and k in (saved or {})
+                  and saved[k] != config.get(k)]
+        if differ:
+            raise CheckpointError(f"{path}: checkpoint trained with {arch_flags(saved, differ)}, model built with "
+                                  f"{arch_flags(config, differ)}; fine-tune with the checkpoint's (the train script of "
+                                  "its backbone, these flags as it had them).") from err
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{path}: weights do not fit a {config['backbone']} model with "
                               f"num_classes={config['num_classes']} ({first}); pass a checkpoint of this model.") from err

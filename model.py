@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +75,23 @@ LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7]
 HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade."}
 
 
+def arch_flags(config: dict[str, Any], keys: Sequence[str]) -> str:
+    """``keys`` of ``config`` as the train scripts' flags spell them ("no --use_attn" for a switch
+    off; keys without a flag as key=value), for errors about an architecture mismatch."""
+    parts = []
+    for key in keys:
+        value = config.get(key)
+        if key == "attn":  # the attention modules' settings, derived from --use_attn
+            continue
+        if key not in ARCH_FLAGS:
+            parts.append(f"{key}={value}")
+        elif isinstance(value, bool):
+            parts.append(f"--{key}" if value else f"no --{key}")
+        else:
+            parts.append(f"--{key} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return ", ".join(parts)
+
+
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config, completed with what it was trained with for keys added since:
     an old run must not pick up a later default (it would predict or resume at another scale)."""
@@ -83,6 +100,7 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
 ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "attn", "anchor_sizes",
              "aspect_ratios", "effnet_taps", "effnet_frozen")
+ARCH_FLAGS = ("num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "anchor_sizes")  # of them, the flags
 
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
 # The paper's FPN taps 2/3/4/6 (Table 3's 54.16 M); checkpoints from before it tapped 2/3/5/7.

@@ -31,7 +31,7 @@ from files import writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
 from history import write_history
-from model import ARCH_KEYS, HEADS, add_model_args, build_model, config_from_args, saved_config
+from model import ARCH_KEYS, HEADS, add_model_args, arch_flags, build_model, config_from_args, saved_config
 from inference import predict_folder
 from optimisation import LRSchedule, Optimisation, enable_tf32, fused_adamw
 from sampling import balanced_class_weights, class_repeat_factors, train_sampler
@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     train_set, val_set = _datasets(args, out, info)
     model = build_model(config, load_weights=resume is None and start is None).to(device)
     if start is not None:
-        load_weights(model, start["model"], Path(args.checkpoint), config)
+        load_weights(model, start["model"], Path(args.checkpoint), config, saved_config(start["config"]))
         del start  # the optimizer and EMA states it also holds are not needed
     optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad], args.lr, args.weight_decay)
     if args.class_balance:
@@ -263,7 +263,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
     differing = [k for k in ARCH_KEYS if (k in saved or k in HEADS) and trained[k] != config[k]]
     if differing:
         raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
-                              f"({', '.join(f'{k}: {trained[k]} vs {config[k]}' for k in differing)}); "
+                              f"(trained with {arch_flags(trained, differing)}, now {arch_flags(config, differing)}); "
                               "resume with the original flags or start a new --output_dir.")
     return {**config, **trained}
 

@@ -64,10 +64,13 @@ def test_context_weights_into_a_model_without_it_name_the_flag(tmp_path: Path, s
     torch.manual_seed(0)
     weights = build_model(CONFIG).state_dict()
     plain = {**CONFIG, "context_roi": 0.0}
-    with pytest.raises(CheckpointError, match="trained with --context_roi .* pass the --context_roi"):
-        load_weights(build_model(plain), weights, tmp_path / "c.pth", plain)
-    with pytest.raises(CheckpointError, match="trained without --context_roi .* drop --context_roi"):
-        load_weights(build_model(CONFIG), build_model(plain).state_dict(), tmp_path / "c.pth", CONFIG)
+    with pytest.raises(CheckpointError, match=r"trained with --context_roi 2.0, model built with --context_roi 0.0;"):
+        load_weights(build_model(plain), weights, tmp_path / "c.pth", plain, CONFIG)
+    anchors = {"anchor_sizes": [8, 16, 32, 64, 128]}  # a second difference, named beside the first
+    with pytest.raises(CheckpointError, match=r"trained with --context_roi 0.0, --anchor_sizes 8 16 32 64 128, "
+                                              r"model built with --context_roi 2.0, --anchor_sizes 16 32 64 128 256;"):
+        load_weights(build_model(CONFIG), build_model(plain).state_dict(), tmp_path / "c.pth",
+                     {**CONFIG, "anchor_sizes": [16, 32, 64, 128, 256]}, {**plain, **anchors})
 
 
 def test_cal_param_counts_the_wider_first_layer(shallow: None) -> None:

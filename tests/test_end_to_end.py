@@ -114,7 +114,7 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
         inference.main(["--checkpoint", str(out / "last.pth"), "--backbone", "effnet", *test_args])
     with pytest.raises(CheckpointError, match="use_attn"):
         inference.main(["--checkpoint", str(out / "last.pth"), "--use_attn", *test_args])
-    with pytest.raises(CheckpointError, match="trained without --use_attn but the model is built with it"):
+    with pytest.raises(CheckpointError, match="trained with no --use_attn, model built with --use_attn"):
         _train(train_resnet, data, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--use_attn",
                "--checkpoint", str(out / "last.pth"))
     # a random-init run fine-tuned without repeating --weights none: its GroupNorm layout is kept, nothing downloaded
