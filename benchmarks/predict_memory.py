@@ -6,8 +6,9 @@ Each (image side, variant) runs in a fresh process that predicts one generated i
 - ``kept_mb``: the most feature bytes held at once between the detection and the mask passes
   (``predictor.state_bytes`` of the states kept, plus one redetected chunk), what lives on
   the GPU there;
-- ``peak_rss_mb``: the process's peak resident memory (``ru_maxrss``) less its size with the
-  model loaded and the image generated, what a CPU run needs on top.
+- ``peak_rss_mb``: the process's peak resident memory from the prediction's start
+  (``common.reset_peak_rss_kb``) less its size with the model loaded and the image generated,
+  what a CPU run needs on top.
 
 Variants: ``unbounded`` keeps every view's features until the mask pass (the path before
 ``Settings.feature_budget``); ``budget`` keeps at most ``--budget_mb`` and detects the rest
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
@@ -32,7 +32,8 @@ from typing import Any, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import base_parser, environment, print_table, ratio, seed_all, write_results  # noqa: E402
+from benchmarks.common import (base_parser, environment, peak_rss_kb, print_table, ratio,  # noqa: E402
+                               reset_peak_rss_kb, seed_all, write_results)
 
 NAME = "predict_memory"
 VARIANTS = ("unbounded", "budget")
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _in_fresh_process(argv: Sequence[str], size: int, variant: str) -> dict[str, Any]:
-    """One measurement in its own process, so ``ru_maxrss`` is this variant's peak alone."""
+    """One measurement in its own process, so no other variant's memory stays resident in it."""
     cmd = [sys.executable, __file__, *[a for a in argv if a != "--one"], "--one", str(size), variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -110,7 +111,7 @@ def measure_one(args: argparse.Namespace, size: int, variant: str) -> dict[str, 
     budget = int(args.budget_mb * 2 ** 20) if variant == "budget" else 1 << 62
     settings = Settings(tile=args.tile, tta_scales=TTA_SCALES, batch_size=args.batch_size, feature_budget=budget)
     peak = _FeaturePeak(predictor, budget)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = reset_peak_rss_kb()
     start = time.perf_counter()
     with torch.no_grad(), peak:
         merged = predict_images([model], [image], settings)[0]
@@ -118,7 +119,7 @@ def measure_one(args: argparse.Namespace, size: int, variant: str) -> dict[str, 
     digest = [merged["scores"].tolist(), merged["labels"].tolist(), int(merged["masks"].data.sum())]
     return {"size": size, "variant": variant, "views": peak.chunks_seen * args.batch_size,
             "kept_mb": round(peak.most / 2 ** 20, 1),
-            "peak_rss_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, 1),
+            "peak_rss_mb": round((peak_rss_kb() - base) / 1024, 1),
             "seconds": round(seconds, 1), "detections": len(merged["scores"]), "digest": digest}
 
 

@@ -10,8 +10,8 @@ full-image mask) and ``detector.SlicedMatcher`` (anchor matching without the [ce
 matrix). Both run at scale 1.0 from the same seed, so every loss component must agree.
 
 Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
-on a CPU the step's peak is ``ru_maxrss`` after the step minus the resident size just before
-the sample's target is built (so stock's full-size masks count); on CUDA it is
+on a CPU the step's peak is the process's resident high-water mark, reset just before the
+sample's target is built (``common.reset_peak_rss_kb``), minus the resident size then (so stock's full-size masks count); on CUDA it is
 ``max_memory_allocated`` minus the memory allocated at that point.
 
     python benchmarks/train_memory.py                      # 100, 400, 800 cells at 1000x1000
@@ -27,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -40,8 +38,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform  # n
 from torchvision.models.detection._utils import Matcher  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
-from benchmarks.common import (add_launcher_arg, base_parser, environment, print_table, ratio, seed_all,  # noqa: E402
-                               setup, synchronize, worker_script, write_results)
+from benchmarks.common import (add_launcher_arg, base_parser, environment, peak_rss_kb, print_table,  # noqa: E402
+                               ratio, reset_peak_rss_kb, seed_all, setup, synchronize, worker_script, write_results)
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import build_model  # noqa: E402
@@ -247,20 +245,18 @@ def _step_time(result: dict[str, Any]) -> float:
 
 
 def _memory_now(device: torch.device) -> float:
-    """MB in use now: resident set size on a CPU, allocated tensors on CUDA (peak reset)."""
+    """MB in use now, the peak reset: resident set size on a CPU, allocated tensors on CUDA."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/statm") as handle:
-        resident_pages = int(handle.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return reset_peak_rss_kb() / 2**10  # the peak count starts here too
 
 
 def _memory_peak(device: torch.device) -> float:
-    """Peak MB of the process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak MB since ``_memory_now``: of the process's resident set on a CPU, of tensors on CUDA."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return peak_rss_kb() / 2**10
 
 
 if __name__ == "__main__":
