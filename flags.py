@@ -63,9 +63,9 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                        help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                             "one view count once (0: best score alone)")
     group.add_argument("--class_context", type=non_negative, default=0.0, metavar="STRENGTH",
-                       help="weigh each detection's score by how much the cells around it are detected as its "
-                            "class, to this power: cell types cluster in tissue, and the classifier sees only the "
-                            "cell (0: off; 1: score x agreement)")
+                       help="move each cell's score between its class hypotheses toward the classes the cells "
+                            "around it are detected as (a Bayes update with the neighbours' classes as the prior, "
+                            "to this power): cell types cluster in tissue, the classifier sees only the cell (0: off)")
     group.add_argument("--class_context_reach", type=positive, default=3.0, metavar="SIDES",
                        help="with --class_context: how far the neighbours count, in sides of the cell's box (a "
                             "Gaussian weight of the distance between box centres)")

@@ -48,8 +48,8 @@ class Settings:
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
     # With a --mask_iou model: rank by class probability x predicted mask IoU (False: by the former alone).
     mask_scoring: bool = True
-    # --class_context: scores times the neighbours' agreement with each class to this power (0: off),
-    # neighbours within about context_reach cell sides (``class_context.rescore``).
+    # --class_context: each cell's score moved between its class hypotheses by its neighbours' classes,
+    # to this power (0: off), neighbours within about context_reach cell sides (``class_context.rescore``).
     class_context: float = 0.0
     context_reach: float = 3.0
     # Bytes of features kept between an image's detection pass and its mask pass; the views past

@@ -23,15 +23,17 @@ def _one_at_a_time(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tens
     for k in range(len(scores)):
         cx, cy = (boxes[k, 0] + boxes[k, 2]) / 2, (boxes[k, 1] + boxes[k, 3]) / 2
         radius = reach * math.sqrt(float((boxes[k, 2] - boxes[k, 0]) * (boxes[k, 3] - boxes[k, 1])))
-        own = total = 0.0
+        evidence, cell = [0.0] * classes, [0.0] * classes
         for j in range(len(scores)):
+            c = int(labels[j]) - 1
             if iou[k, j] >= SAME_CELL:
+                cell[c] += float(scores[j])
                 continue
             dx, dy = (boxes[j, 0] + boxes[j, 2]) / 2 - cx, (boxes[j, 1] + boxes[j, 3]) / 2 - cy
-            w = math.exp(-float(dx * dx + dy * dy) / (2 * radius ** 2)) * float(scores[j])
-            total += w
-            own += w if labels[j] == labels[k] else 0.0
-        out.append(float(scores[k]) * ((own + 1 / classes) / (total + 1)) ** strength)
+            evidence[c] += math.exp(-float(dx * dx + dy * dy) / (2 * radius ** 2)) * float(scores[j])
+        prior = [((e + 1 / classes) / (sum(evidence) + 1)) ** strength for e in evidence]
+        expected = sum(m * p for m, p in zip(cell, prior)) / sum(cell)
+        out.append(float(scores[k]) * prior[int(labels[k]) - 1] / expected)
     return out
 
 
@@ -50,7 +52,7 @@ def test_rescore_equals_the_formula_one_detection_at_a_time(monkeypatch: pytest.
     assert len(rescore(boxes[:0], labels[:0], scores[:0], 4, 1.0)) == 0
 
 
-def test_a_cell_among_others_of_a_class_ranks_that_class_first() -> None:
+def test_a_cell_among_others_of_a_class_moves_its_score_to_that_class() -> None:
     # a 3 x 3 grid of class-1 cells, and in the middle one cell with a class-2 hypothesis scoring
     # higher than its class-1 one; far away, a lone cell with the same two hypotheses
     grid = [(x, y) for x in (0, 30, 60) for y in (0, 30, 60) if (x, y) != (30, 30)]
@@ -60,8 +62,9 @@ def test_a_cell_among_others_of_a_class_ranks_that_class_first() -> None:
     scores = torch.tensor([0.9] * 8 + [0.6, 0.4, 0.6, 0.4])
     out = rescore(boxes, labels, scores, 4, 1.0)
     assert out[9] > out[8]  # the neighbours turn the middle cell's ranking to class 1
-    assert torch.allclose(out[10:], scores[10:] / 4)  # a lone cell: no neighbours, both hypotheses x 1/C
-    assert (out <= scores).all()
+    assert float(out[8] + out[9]) == pytest.approx(1.0)  # the cell keeps its total, moved between classes
+    assert torch.allclose(out[10:], scores[10:])  # a lone cell: no neighbours, nothing moves
+    assert torch.allclose(out[:8], scores[:8])  # a cell with one hypothesis has nothing to move
 
 
 def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
