@@ -3,9 +3,9 @@ classes the cells around it are detected as.
 
 Cells of one type cluster in tissue (epithelium in glands, lymphocytes in infiltrates,
 spindle cells in stroma), while the box head classifies each cell from a 7 x 7 window of its
-own features. On held-out CoNSeP, giving the same detections their true classes would lift
-class-mean AP50 from 0.22 to 0.36 (``benchmarks/accuracy.py --post ...+trueclass``), so the
-classes, not the cells, are what is missing; this uses what the image itself says about them.
+own features. On held-out CoNSeP, the same detections given their true classes score far higher
+(``benchmarks/accuracy.py --post ...+trueclass``, benchmarks/RESULTS.md): the classes, not the
+cells, are what is missing, and this uses what the image itself says about them.
 
 Every detection is one class hypothesis of a cell: the model keeps each RoI once per class
 above ``--box_score_thresh``, and the merge drops duplicates of a class only. Detections with
@@ -19,9 +19,10 @@ prior for it. Each hypothesis then gets its share of its cell's mass under the p
 with w_jk = exp(-d_jk^2 / 2 (reach r_k)^2), d the distance between box centres, r_k the
 geometric mean side of k's box (so the neighbourhood scales with the cell, the same at any
 input scale), share_k(c) the part of k's cell's score mass in class c, and a the strength.
-A cell's hypotheses keep their total, moved between classes: an isolated cell (prior 1 / C
-for every class, the pseudo-count) and a cell with one hypothesis are unchanged, and a score
-above 1 cannot arise from scores that summed to at most 1.
+Where a cell's hypotheses share one box (and so one prior) they keep their total, moved between
+classes; an isolated cell (prior 1 / C for every class, the pseudo-count) and a cell with one
+hypothesis are unchanged. Computed in fp32 whatever the autocast, so ``--use_amp`` and the
+benchmark's rescoring of saved detections agree; a NaN score counts as no mass.
 """
 from __future__ import annotations
 
@@ -40,20 +41,30 @@ def rescore(boxes: Tensor, labels: Tensor, scores: Tensor, classes: int, strengt
     the power ``strength`` (0: unchanged). All on the detections' device, without a host sync."""
     if strength == 0 or len(scores) == 0:
         return scores
-    boxes = boxes.float()
+    with torch.autocast(scores.device.type, enabled=False):
+        return scores * _factors(boxes.float(), labels, scores.float().nan_to_num(0.0), classes, strength,
+                                 reach).to(scores.dtype)
+
+
+def _factors(boxes: Tensor, labels: Tensor, scores: Tensor, classes: int, strength: float, reach: float) -> Tensor:
+    """Each detection's posterior over prior share (``rescore``), in fp32."""
+    n, device = len(scores), scores.device
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     sides = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
     radius = reach * sides.prod(dim=1).sqrt()
-    mass = torch.zeros((len(scores), classes), device=scores.device)
-    mass[torch.arange(len(scores), device=scores.device), labels - 1] = scores.float()  # [N, C]: each hypothesis
+    mass = torch.zeros((n, classes), device=device)
+    mass[torch.arange(n, device=device), labels - 1] = scores  # [N, C]: each hypothesis
     factors = []
-    for start in range(0, len(scores), CHUNK):  # chunks of detections: N is a shape, no sync
+    for start in range(0, n, CHUNK):  # chunks of detections: N is a shape, no sync
         part = slice(start, start + CHUNK)
-        same = box_iou(boxes[part], boxes) >= SAME_CELL  # [chunk, N], k's own hypotheses included
-        near = torch.exp(-torch.cdist(centres[part], centres).square() / (2 * radius[part, None].square()))
+        rows = torch.arange(start, min(start + CHUNK, n), device=device)
+        same = box_iou(boxes[part], boxes) >= SAME_CELL  # [chunk, N]
+        same[torch.arange(len(rows), device=device), rows] = True  # its own hypothesis, even for an empty box
+        gap = (centres[part, None] - centres[None]).square().sum(dim=-1)  # exact squared distances
+        near = torch.exp(-gap / (2 * radius[part, None].square()))
         evidence = (near * ~same) @ mass  # [chunk, C]: the neighbours' score mass per class
         prior = ((evidence + 1 / classes) / (evidence.sum(dim=1, keepdim=True) + 1)).pow(strength)
         cell = same.float() @ mass  # [chunk, C]: k's cell's score mass per class
         expected = (cell * prior).sum(dim=1) / cell.sum(dim=1).clamp(min=1e-12)
         factors.append(prior.gather(1, (labels[part] - 1)[:, None]).squeeze(1) / expected.clamp(min=1e-12))
-    return scores * torch.cat(factors).to(scores.dtype)
+    return torch.cat(factors)

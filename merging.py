@@ -209,7 +209,7 @@ def _rival_pairs(boxes: torch.Tensor, labels: torch.Tensor, key: torch.Tensor,
     exactly. A NaN key ranks last, as the lowest score would."""
     n = len(boxes)
     b = boxes.float()
-    key = torch.nan_to_num(key, nan=-math.inf)  # NaN compares false both ways: it would orient pairs arbitrarily
+    key = key.masked_fill(key.isnan(), -math.inf)  # NaN compares false both ways: it would orient pairs arbitrarily
     order = torch.argsort(b[:, 0], stable=True)
     starts = b[order, 0].contiguous()
     stop = torch.searchsorted(starts, b[order, 2].contiguous(), side="left")  # first sorted box starting at x2 or later

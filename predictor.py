@@ -301,7 +301,8 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
 
 class MaskRCNNStages:
     """A torchvision Mask R-CNN split where the merge needs it: ``detect`` runs the backbone,
-    RPN and box head and keeps the features; ``masks`` runs the mask head on chosen detections."""
+    RPN and box head and keeps the features; ``masks`` runs the mask head on chosen detections;
+    ``num_classes`` (without the background) serves ``Settings.class_context``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,7 @@ from coco import build_coco_gt  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
-from predictor import Settings, predict  # noqa: E402
+from predictor import MaskRCNNStages, Settings, predict  # noqa: E402
 from scoring import score  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
@@ -110,9 +111,13 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
     if limits:
         return {**post_settings(name, crop), **limits}
     head, _, last = name.rpartition("+")
-    if head and last.startswith("ctx"):  # +ctxS or +ctxSrR: --class_context S (--class_context_reach R)
-        strength, _, reach = last.removeprefix("ctx").partition("r")
-        return {**post_settings(head, crop), "class_context": float(strength), "context_reach": float(reach or 3.0)}
+    context = re.fullmatch(r"ctx(\d+(?:\.\d+)?)(?:r(\d*\.?\d+))?", last)
+    if head and context:  # +ctxS or +ctxSrR: --class_context S (--class_context_reach R, > 0)
+        strength, reach = float(context[1]), float(context[2] or Settings.context_reach)
+        rest = post_settings(head, crop)
+        if reach <= 0 or "class_context" in rest:
+            raise ValueError(f"{name}: one +ctx, its reach above 0")
+        return {**rest, "class_context": strength, "context_reach": reach}
     tile = {"tile": crop, "tile_overlap": 0.25}
     flips = {"tta_scales": TTA_SCALES}  # inference.py --tta's views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": (0.8, 1.0, 1.2)},
@@ -288,14 +293,14 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     predicted: dict[Settings, tuple[list[dict], float]] = {}  # variants differing only in scoring share one
     for post in args.post:
         settings = Settings(**post_settings(post, args.crop))
-        plain = replace(settings, class_context=0.0)
+        plain = replace(settings, class_context=0.0, context_reach=Settings.context_reach)
         if plain not in predicted:
             start = time.time()
             results = predict(models, loader, torch.device("cpu"), plain, desc=f"held-out {post}")
             predicted[plain] = results, (time.time() - start) / max(len(dataset), 1)
         results, seconds = predicted[plain]
         if settings.class_context:  # what predict would return with it: the same rescoring of the merged cells
-            results = context_rescored(results, settings)
+            results = context_rescored(results, settings, max(MaskRCNNStages(m).num_classes for m in models))
         if "+oracle" in post:
             results = truth_ranked(coco_gt, results)
         if "+trueclass" in post:
@@ -304,9 +309,10 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     return rows
 
 
-def context_rescored(results: list[dict], settings: Settings) -> list[dict]:
-    """COCO results rescored by their neighbours' classes (``class_context.rescore``) as
-    ``predict`` would with ``settings.class_context``, from the same detections, image by image."""
+def context_rescored(results: list[dict], settings: Settings, classes: int) -> list[dict]:
+    """COCO results rescored by their neighbours' classes (``class_context.rescore``, of
+    ``classes`` classes) as ``predict`` would with ``settings.class_context``, from the same
+    detections, image by image."""
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
@@ -315,7 +321,7 @@ def context_rescored(results: list[dict], settings: Settings) -> list[dict]:
         xywh = torch.tensor([d["bbox"] for d in dets], dtype=torch.float32)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         labels = torch.tensor([d["category_id"] for d in dets])
-        scores = rescore(boxes, labels, torch.tensor([d["score"] for d in dets]), NUM_CLASSES,
+        scores = rescore(boxes, labels, torch.tensor([d["score"] for d in dets]), classes,
                          settings.class_context, settings.context_reach)
         rescored.extend({**d, "score": float(s)} for d, s in zip(dets, scores.tolist()))
     return rescored

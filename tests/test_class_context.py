@@ -2,6 +2,7 @@
 and for the benchmark that measures it."""
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -68,7 +69,7 @@ def test_a_cell_among_others_of_a_class_moves_its_score_to_that_class() -> None:
 
 
 def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
-    from benchmarks.accuracy import context_rescored, post_settings
+    from benchmarks.accuracy import context_rescored, post_name, post_settings
 
     oracle = CellOracle()
     oracle.num_classes = 4
@@ -79,6 +80,9 @@ def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
     assert asked == {"tile": 96, "tile_overlap": 0.25, "class_context": 2.0, "context_reach": 4.0,
                      "detections_per_class": 50}
     assert post_settings("tile+ctx0.5", 96)["context_reach"] == 3.0
+    for bad in ("tile+ctx1r", "tile+ctx-1", "tile+ctxnan", "tile+ctx1r0", "tile+ctx1+ctx2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            post_name(bad)
     context = predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, batch_size=3, class_context=2.0,
                                                       context_reach=4.0))
     results = []
@@ -93,8 +97,25 @@ def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
         return r["image_id"], tuple(r["bbox"]), r["category_id"], r["segmentation"]["counts"]
 
     benchmark = {key(r): r["score"]
-                 for r in context_rescored(results, Settings(class_context=2.0, context_reach=4.0))}
+                 for r in context_rescored(results, Settings(class_context=2.0, context_reach=4.0), 4)}
     predicted = [r for i, dets in enumerate(context) for r in detections_to_coco(dets, i + 1)]
     assert len(benchmark) == len(predicted)
     for r in predicted:
         assert benchmark[key(r)] == pytest.approx(r["score"], rel=1e-3)  # same masks, same new scores
+
+
+def test_rescore_ignores_autocast_and_keeps_a_nan_or_an_empty_box_to_itself() -> None:
+    g = torch.Generator().manual_seed(1)
+    corners = torch.rand(30, 2, generator=g) * 1500  # large coordinates: distances stay exact
+    boxes = torch.cat([corners, corners + 10 + torch.rand(30, 2, generator=g) * 10], dim=1)
+    boxes = torch.cat([boxes, boxes + 0.5])
+    labels, scores = torch.randint(1, 5, (60,), generator=g), torch.rand(60, generator=g)
+    plain = rescore(boxes, labels, scores, 4, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rescore(boxes, labels, scores, 4, 1.0), plain)  # --use_amp ranks as fp32 does
+    broken = scores.clone()
+    broken[3] = math.nan
+    out = rescore(boxes, labels, broken, 4, 1.0)
+    assert out[3].isnan() and out[torch.arange(60) != 3].isfinite().all()  # one NaN stays its own
+    boxes[5, 2:] = boxes[5, :2]  # an empty box: no IoU with anything, itself included
+    assert torch.isfinite(rescore(boxes, labels, scores, 4, 1.0)).all()
