@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from errors import CheckpointError
-from model import (ARCH_FLAGS, ARCH_KEYS, DEFAULT_CONFIG, HEADS, apply_runtime_settings, arch_flags, build_model, saved_config,
-                   weights_to_be_loaded)
+from model import (ARCH_KEYS, DEFAULT_CONFIG, HEADS, apply_runtime_settings, arch_flags, build_model, saved_config,
+                   shape_differences, weights_to_be_loaded)
 
 
 def build_checkpoint(model: nn.Module, config: dict[str, Any], optimisation: dict[str, Any], run: dict[str, Any],
@@ -128,8 +128,9 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
                  saved: dict[str, Any] | None = None) -> None:
     """Strict load, except that a head the checkpoint lacks (``HEADS``: fine-tuning into
     ``--mask_iou`` or ``--cascade``) starts fresh. Where the weights do not fit, the error names
-    every architecture flag in which the checkpoint's config ``saved`` (fine-tuning: the
-    checkpoint's, not the flags') differs from the model's ``config``, and how to fix it."""
+    every architecture setting that changes a weight's shape in which the checkpoint's config
+    ``saved`` (fine-tuning: the checkpoint's, not the flags') differs from the model's
+    ``config`` (``model.shape_differences``), and how to fix it."""
     own = model.state_dict()
     for key, prefix in HEADS.items():
         flag = f"--{key}"
@@ -142,8 +143,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        differ = [k for k in ("backbone", *ARCH_FLAGS) if k not in HEADS and k in (saved or {})
-                  and saved[k] != config.get(k)]
+        differ = shape_differences(saved or {}, config)
         if differ:
             raise CheckpointError(f"{path}: checkpoint trained with {arch_flags(saved, differ)}, model built with "
                                   f"{arch_flags(config, differ)}; fine-tune with the checkpoint's (the train script of "

@@ -73,6 +73,32 @@ LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7]
 # The optional heads: each one's config key (its flag) and where its weights sit in a state dict.
 # A checkpoint from before one existed was trained without it.
 HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade."}
+# Keys that change the architecture (or which weights train): a checkpoint's values always win.
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "attn", "anchor_sizes",
+             "aspect_ratios", "effnet_taps", "effnet_frozen")
+ARCH_FLAGS = ("num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "anchor_sizes")  # of them, the flags
+
+
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config, completed with what it was trained with for keys added since:
+    an old run must not pick up a later default (it would predict or resume at another scale)."""
+    return {**LEGACY_CONFIG, **saved}
+
+
+def shape_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The architecture keys in which a checkpoint's config ``saved`` and a model's ``config``
+    differ in a way that changes a weight's shape (anchor sizes and --context_roi's factor do
+    not; whether there is a context branch does). The heads of ``HEADS`` are not among them:
+    a model may add one to weights trained without it."""
+    keys = ["backbone", "num_classes", "use_attn", "context_roi"]
+    if saved.get("backbone") == config.get("backbone") == "effnet_v2_m":
+        keys.append("effnet_taps")
+    shape = {"context_roi": bool}  # what of the value decides the shapes
+
+    def differs(key: str) -> bool:
+        of = shape.get(key, lambda v: v)
+        return of(saved[key]) != of(config.get(key))
+    return [k for k in keys if k in saved and differs(k)]
 
 
 def arch_flags(config: dict[str, Any], keys: Sequence[str]) -> str:
@@ -81,7 +107,7 @@ def arch_flags(config: dict[str, Any], keys: Sequence[str]) -> str:
     parts = []
     for key in keys:
         value = config.get(key)
-        if key == "attn":  # the attention modules' settings, derived from --use_attn
+        if key == "attn" and "use_attn" in keys:  # the attention modules' settings, derived from --use_attn
             continue
         if key not in ARCH_FLAGS:
             parts.append(f"{key}={value}")
@@ -91,16 +117,6 @@ def arch_flags(config: dict[str, Any], keys: Sequence[str]) -> str:
             parts.append(f"--{key} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
     return ", ".join(parts)
 
-
-def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's config, completed with what it was trained with for keys added since:
-    an old run must not pick up a later default (it would predict or resume at another scale)."""
-    return {**LEGACY_CONFIG, **saved}
-
-# Keys that change the architecture (or which weights train): a checkpoint's values always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "attn", "anchor_sizes",
-             "aspect_ratios", "effnet_taps", "effnet_frozen")
-ARCH_FLAGS = ("num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "anchor_sizes")  # of them, the flags
 
 # Output channels of EfficientNetV2-M's `features` blocks 2..7 (strides 4, 8, 16, 16, 32, 32).
 # The paper's FPN taps 2/3/4/6 (Table 3's 54.16 M); checkpoints from before it tapped 2/3/5/7.
