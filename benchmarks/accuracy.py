@@ -137,7 +137,7 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
 
 
 def post_name(text: str) -> str:
-    """argparse type of --post: a known variant, with optional +imgN / +clsN limits."""
+    """argparse type of --post: a known variant, with optional +ctxS[rR], +imgN and +clsN."""
     try:
         post_settings(text, 256)
     except (KeyError, ValueError):
