@@ -52,7 +52,9 @@ import train_resnet  # noqa: E402
 import training  # noqa: E402
 from class_context import rescore  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
+from cli import run_cli  # noqa: E402
 from coco import build_coco_gt  # noqa: E402
+from errors import UsageError  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
@@ -264,13 +266,21 @@ def _history_metrics(row: dict, prefix: str) -> dict[str, float]:
 
 def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> bool:
     """Whether ``out`` holds a run trained with exactly ``args`` up to its last epoch. A flag
-    the train scripts gained after the run counts as equal at its default: it changed nothing."""
+    the train scripts gained after the run counts as equal at its default: it changed nothing.
+    A finished run with other flags is never trained over (hours lost to a changed default):
+    the error names the flags that differ."""
     if not (out / "last.pth").is_file():
         return False
     state = load_checkpoint(out / "last.pth")
     saved = saved_args(state)
     expected = {k: v for k, v in args.items() if k in saved or v != parser.get_default(k)}
-    return saved == expected and state.get("epoch") == args["epochs"] and not state.get("partial")
+    complete = state.get("epoch") == saved.get("epochs") and not state.get("partial")
+    if complete and saved != expected:
+        differ = sorted(k for k in {*saved, *expected} if saved.get(k) != expected.get(k))
+        raise UsageError(f"{out}: a finished run trained with other flags ("
+                         + ", ".join(f"--{k} {saved.get(k)} there, {expected.get(k)} here" for k in differ)
+                         + "); pass its values after --extra to score it again, or another --keep_dir to train anew.")
+    return complete and state.get("epoch") == args["epochs"]
 
 
 def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
@@ -399,4 +409,4 @@ def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, 
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,6 +13,7 @@ from pycocotools import mask as mask_util
 from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, merge_scaling, postprocess,
                         predict_memory, prediction_caps, step_time, streaming, train_memory)
 from checkpoint import load_checkpoint, save_checkpoint
+from errors import UsageError
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
 # Worker processes build the shallow ResNet of tests/shallow.py: the benchmarks start them through it.
@@ -194,6 +195,13 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     save_checkpoint(runs / "cells_0/last.pth", state)
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
     assert set(study()["mean"]) == {"cells", "cells+ema"}  # no --post: the whole images only
+    assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
+    state["args"]["detections_per_class"] = 0  # trained before a default changed: named, never trained over
+    save_checkpoint(runs / "cells_0/last.pth", state)
+    stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
+    with pytest.raises(UsageError, match=r"cells_0: a finished run trained with other flags \(--detections_per_class "
+                                         r"0 there, 100 here\); pass its values after --extra"):
+        study()
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
 
 
