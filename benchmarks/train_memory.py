@@ -11,8 +11,9 @@ matrix). Both run at scale 1.0 from the same seed, so every loss component must 
 
 Each configuration runs in a fresh process (the script re-invokes itself with ``--worker``):
 on a CPU the step's peak is the process's resident high-water mark, reset just before the
-sample's target is built (``common.reset_peak_rss_kb``), minus the resident size then (so stock's full-size masks count); on CUDA it is
-``max_memory_allocated`` minus the memory allocated at that point.
+sample's target is built (``common.reset_peak_rss_kb``), minus the resident size then (so
+stock's full-size masks count); on CUDA it is ``max_memory_allocated`` minus the memory
+allocated at that point.
 
     python benchmarks/train_memory.py                      # 100, 400, 800 cells at 1000x1000
     python benchmarks/train_memory.py --train_dir ../shared/data/cpm15_hw3/train
