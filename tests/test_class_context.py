@@ -92,7 +92,8 @@ def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
         assert torch.allclose(after["scores"], expected[order])  # the same cells, reordered by the new scores
         assert torch.equal(after["boxes"], before["boxes"][order])
         results.extend(detections_to_coco(before, i + 1))
-    assert not torch.equal(context[0]["scores"], plain[0]["scores"])
+    assert not torch.equal(context[0]["scores"], plain[0]["scores"])  # cells overlapping as one: scores move
+
     def key(r: dict) -> tuple:  # a detection: its image, box, class and mask
         return r["image_id"], tuple(r["bbox"]), r["category_id"], r["segmentation"]["counts"]
 
