@@ -57,9 +57,8 @@ def _factors(boxes: Tensor, labels: Tensor, scores: Tensor, classes: int, streng
     factors = []
     for start in range(0, n, CHUNK):  # chunks of detections: N is a shape, no sync
         part = slice(start, start + CHUNK)
-        rows = torch.arange(start, min(start + CHUNK, n), device=device)
         same = box_iou(boxes[part], boxes) >= SAME_CELL  # [chunk, N]
-        same[torch.arange(len(rows), device=device), rows] = True  # its own hypothesis, even for an empty box
+        same[:, part].fill_diagonal_(True)  # its own hypothesis, even for an empty box
         gap = (centres[part, None] - centres[None]).square().sum(dim=-1)  # exact squared distances
         near = torch.exp(-gap / (2 * radius[part, None].square()))
         evidence = (near * ~same) @ mass  # [chunk, C]: the neighbours' score mass per class

@@ -93,12 +93,10 @@ def shape_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str
     keys = ["backbone", "num_classes", "use_attn", "context_roi"]
     if saved.get("backbone") == config.get("backbone") == "effnet_v2_m":
         keys.append("effnet_taps")
-    shape = {"context_roi": bool}  # what of the value decides the shapes
 
-    def differs(key: str) -> bool:
-        of = shape.get(key, lambda v: v)
-        return of(saved[key]) != of(config.get(key))
-    return [k for k in keys if k in saved and differs(k)]
+    def shaping(key: str, value: Any) -> Any:  # what of the value decides the shapes
+        return bool(value) if key == "context_roi" else value
+    return [k for k in keys if k in saved and shaping(k, saved[k]) != shaping(k, config.get(k))]
 
 
 def arch_flags(config: dict[str, Any], keys: Sequence[str]) -> str:

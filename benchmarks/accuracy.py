@@ -280,7 +280,7 @@ def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -
         raise UsageError(f"{out}: a finished run trained with other flags ("
                          + ", ".join(f"--{k} {saved.get(k)} there, {expected.get(k)} here" for k in differ)
                          + "); pass its values after --extra to score it again, or another --keep_dir to train anew.")
-    return complete and state.get("epoch") == args["epochs"]
+    return complete  # the same flags: the same --epochs, reached
 
 
 def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
@@ -301,6 +301,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     predicted: dict[Settings, tuple[list[dict], float]] = {}  # variants differing only in scoring share one
+    classes = max(MaskRCNNStages(m).num_classes for m in models)
     for post in args.post:
         settings = Settings(**post_settings(post, args.crop))
         plain = replace(settings, class_context=0.0, context_reach=Settings.context_reach)
@@ -310,7 +311,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
             predicted[plain] = results, (time.time() - start) / max(len(dataset), 1)
         results, seconds = predicted[plain]
         if settings.class_context:  # what predict would return with it: the same rescoring of the merged cells
-            results = context_rescored(results, settings, max(MaskRCNNStages(m).num_classes for m in models))
+            results = context_rescored(results, settings, classes)
         if "+oracle" in post:
             results = truth_ranked(coco_gt, results)
         if "+trueclass" in post:
@@ -323,11 +324,8 @@ def context_rescored(results: list[dict], settings: Settings, classes: int) -> l
     """COCO results rescored by their neighbours' classes (``class_context.rescore``, of
     ``classes`` classes) as ``predict`` would with ``settings.class_context``, from the same
     detections, image by image."""
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        by_image.setdefault(r["image_id"], []).append(r)
     rescored = []
-    for dets in by_image.values():
+    for dets in _by_image(results).values():
         xywh = torch.tensor([d["bbox"] for d in dets], dtype=torch.float32)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         labels = torch.tensor([d["category_id"] for d in dets])
@@ -382,15 +380,20 @@ def truth_classed(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5) -
 
 def _truth_ious(coco_gt: COCO, results: list[dict]) -> Iterator[tuple[list[dict], list[dict], np.ndarray]]:
     """Per image: its detections, its true cells and their mask IoUs [detections, cells]."""
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        by_image.setdefault(r["image_id"], []).append(r)
-    for image_id, dets in by_image.items():
+    for image_id, dets in _by_image(results).items():
         truth = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
         iou = (np.asarray(mask_util.iou([d["segmentation"] for d in dets], [t["segmentation"] for t in truth],
                                         [0] * len(truth))).reshape(len(dets), len(truth))
                if truth else np.zeros((len(dets), 0)))
         yield dets, truth, iou
+
+
+def _by_image(results: list[dict]) -> dict[int, list[dict]]:
+    """COCO results grouped by their image, in their order."""
+    grouped: dict[int, list[dict]] = {}
+    for r in results:
+        grouped.setdefault(r["image_id"], []).append(r)
+    return grouped
 
 
 def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, float]],
