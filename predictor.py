@@ -121,8 +121,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     get masks, from the features kept of their view (detected again past
     ``Settings.feature_budget``); then duplicates are dropped by mask overlap.
     """
-    stages = [m if hasattr(m, "detect") else MaskRCNNStages(m)
-              for m in (models if isinstance(models, (list, tuple)) else [models])]
+    stages = as_stages(models)
     cap, per_class = limits(stages, settings)
     shown = views(settings.tta_scales, settings.dihedral)
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
@@ -148,7 +147,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         for pick, iou in zip(picks, quality):
             pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
-    classes = max(s.num_classes for s in stages) if settings.class_context else 0
+    classes = class_count(stages) if settings.class_context else 0
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes)
             for image, pick, prob in zip(images, picks, probs)]
 
@@ -156,12 +155,24 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 def limits(models: Any, settings: Settings) -> tuple[int, int]:
     """(per image, per image and class) detection caps of ``settings``, or where None the
     models' own (an ensemble: its strictest); 0 per class: none."""
-    stages = [m if hasattr(m, "detect") else MaskRCNNStages(getattr(m, "module", m))
-              for m in (models if isinstance(models, (list, tuple)) else [models])]
+    stages = as_stages(models)
     cap = (min(s.detections_per_img for s in stages) if settings.detections_per_img is None
            else image_cap(settings.detections_per_img))
     own = [c for c in (getattr(s, "detections_per_class", 0) for s in stages) if c > 0]
     return cap, min(own, default=0) if settings.detections_per_class is None else settings.detections_per_class
+
+
+def as_stages(models: Any) -> list["MaskRCNNStages"]:
+    """One model, a list (an ensemble) or their stages, as a list of ``MaskRCNNStages`` (a
+    DistributedDataParallel wrapper unwrapped)."""
+    return [m if hasattr(m, "detect") else MaskRCNNStages(getattr(m, "module", m))
+            for m in (models if isinstance(models, (list, tuple)) else [models])]
+
+
+def class_count(models: Any) -> int:
+    """Classes (without the background) that ``models`` tell apart: an ensemble's largest.
+    ``Settings.class_context`` weighs every class, seen or not in an image."""
+    return max(s.num_classes for s in as_stages(models))
 
 
 def state_bytes(state: Any) -> int:

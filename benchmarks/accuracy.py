@@ -58,7 +58,7 @@ from errors import UsageError  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
-from predictor import MaskRCNNStages, Settings, predict  # noqa: E402
+from predictor import Settings, class_count, predict  # noqa: E402
 from scoring import score  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
@@ -301,7 +301,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     predicted: dict[Settings, tuple[list[dict], float]] = {}  # variants differing only in scoring share one
-    classes = max(MaskRCNNStages(m).num_classes for m in models)
+    classes = class_count(models)
     for post in args.post:
         settings = Settings(**post_settings(post, args.crop))
         plain = replace(settings, class_context=0.0, context_reach=Settings.context_reach)
@@ -311,7 +311,9 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
             predicted[plain] = results, (time.time() - start) / max(len(dataset), 1)
         results, seconds = predicted[plain]
         if settings.class_context:  # what predict would return with it: the same rescoring of the merged cells
+            start = time.time()
             results = context_rescored(results, settings, classes)
+            seconds += (time.time() - start) / max(len(dataset), 1)  # the row's time includes its rescoring
         if "+oracle" in post:
             results = truth_ranked(coco_gt, results)
         if "+trueclass" in post:

@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 import class_context
 from class_context import SAME_CELL, rescore
 from coco import detections_to_coco
-from predictor import Settings, predict_images
+from predictor import Settings, class_count, predict_images
 from test_prediction import CellOracle, _scene
 
 
@@ -120,3 +120,14 @@ def test_rescore_ignores_autocast_and_keeps_a_nan_or_an_empty_box_to_itself() ->
     assert out[3].isnan() and out[torch.arange(60) != 3].isfinite().all()  # one NaN stays its own
     boxes[5, 2:] = boxes[5, :2]  # an empty box: no IoU with anything, itself included
     assert torch.isfinite(rescore(boxes, labels, scores, 4, 1.0)).all()
+
+
+def test_class_count_reads_each_models_classifier_and_takes_an_ensembles_largest() -> None:
+    from torch import nn
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    four, one = (maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=n) for n in (5, 2))
+    wrapped = nn.Module()
+    wrapped.module = four  # what DistributedDataParallel hands over
+    assert class_count(one) == 1
+    assert class_count([one, wrapped]) == 4  # the context weighs every class any model predicts
