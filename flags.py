@@ -62,6 +62,11 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vote_boost", type=non_negative, default=0.0,
                        help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                             "one view count once (0: best score alone)")
+    group.add_argument("--consensus", action="store_true",
+                       help="with --tta or an ensemble: a cell's score is the mean over every view and model of "
+                            "its class's probability there (its best copy of that class in each, 0 where one found "
+                            "none), not its best copy's, so a class the views agree on outranks one a single view "
+                            "was sure of (default: off, the best copy's score)")
     group.add_argument("--class_context", type=non_negative, default=0.0, metavar="STRENGTH",
                        help="move each cell's score between its class hypotheses toward the classes the cells "
                             "around it are detected as (a Bayes update with the neighbours' classes as the prior, "
@@ -122,6 +127,7 @@ def prediction_settings(args: argparse.Namespace) -> Settings:
                     batch_size=args.batch_size, use_amp=args.use_amp, detections_per_img=args.detections_per_img,
                     detections_per_class=args.detections_per_class,
                     dihedral=not one_view and args.tta == "dihedral", vote_boost=args.vote_boost, merge=args.merge,
+                    consensus=args.consensus,
                     class_context=args.class_context, context_reach=args.class_context_reach)
 
 

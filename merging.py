@@ -254,6 +254,16 @@ def _any_into(n: int, index: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32, device=flags.device).index_add_(0, index, flags.int()) > 0
 
 
+def consensus(cell: torch.Tensor, source: torch.Tensor, scores: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
+    """Each of ``cells`` cells' score averaged over all ``n_sources`` sources (model x view):
+    the best of its copies in each (``scores`` of the ``same_cell_pairs`` detections, whose
+    ``source`` they came from), 0 where a source found no copy of its class. Averaging class
+    probabilities over views is what test-time augmentation does for a classifier: a class the
+    views agree on outranks one that a single view was sure of."""
+    best = scores.new_zeros(cells * n_sources).scatter_reduce(0, cell * n_sources + source, scores, "amax")
+    return best.view(cells, n_sources).mean(dim=1)
+
+
 def votes(cell: torch.Tensor, source: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
     """How many sources (model x view) detected each of ``cells`` cells, from its
     ``same_cell_pairs`` (``source`` of each pair's detection); tiles of one view count once."""

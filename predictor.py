@@ -21,8 +21,8 @@ from coco import detections_to_coco, paste_masks
 from class_context import rescore
 from detector import detect_boxes
 from devices import autocast, counts, prediction_batch, scale_boxes
-from merging import (average_masks, greedy_mask_merge, mask_areas, merge_order, same_cell_copies, same_cell_pairs,
-                     select_candidates, take, votes)
+from merging import (average_masks, consensus, greedy_mask_merge, mask_areas, merge_order, same_cell_copies,
+                     same_cell_pairs, select_candidates, take, votes)
 from model import image_cap
 from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
@@ -45,6 +45,7 @@ class Settings:
     match_thresh: float = 0.5
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
+    consensus: bool = False  # a cell scores its mean over views and models (``merging.consensus``), not its best
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
     # With a --mask_iou model: rank by class probability x predicted mask IoU (False: by the former alone).
     mask_scoring: bool = True
@@ -210,7 +211,8 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
 
 def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_class: int, settings: Settings) -> dict:
     """The image's candidates as (job, index within the job's detections), in selection order,
-    and under ``vote_boost`` their ``votes``, the sources that found each. When masks are averaged
+    and under ``vote_boost`` their ``votes``, the sources that found each; under ``consensus``
+    their ``scores`` are their means over the sources (``merging.consensus``). When masks are averaged
     (``Settings.averages``), ``job`` and ``index`` go on past the candidates (``scores`` and
     ``boxes`` stop there) with their copies, ``copy_of`` naming each copy's candidate."""
     mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
@@ -229,10 +231,14 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_cl
     n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
-    if len(mine) > 1 and (settings.vote_boost or settings.averages):  # one view: no copies, one vote
+    if len(mine) > 1 and (settings.vote_boost or settings.averages or settings.consensus):  # one view: no copies
         cell, other = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
         if settings.vote_boost:
             pick["votes"] = votes(cell, source[other], len(keep), n_sources)
+        if settings.consensus and n_sources > 1:  # each candidate counts itself, even where its box matches nothing (empty)
+            own = torch.arange(len(keep), device=boxes.device)
+            pick["scores"] = consensus(torch.cat([own, cell]), torch.cat([source[keep], source[other]]),
+                                       torch.cat([scores[keep], scores[other]]), len(keep), n_sources)
         if settings.averages:
             cell, other = same_cell_copies(cell, other, scores, source, cut, source[keep], n_sources)
             pick.update(job=torch.cat([pick["job"], job_of[other]]), index=torch.cat([pick["index"], index[other]]),

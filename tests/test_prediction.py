@@ -7,6 +7,7 @@ edge come back cut, flipped views come back flipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -19,7 +20,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from coco import encode_packed, paste_masks
 from conftest import mask_boxes
 from masks import PackedMasks
-from merging import (_rival_pairs, average_masks, greedy_mask_merge, pair_intersections, resample_masks,
+from merging import (_rival_pairs, average_masks, consensus, greedy_mask_merge, pair_intersections, resample_masks,
                      same_cell_copies, same_cell_pairs, select_candidates, take)
 from predictor import Settings, predict_images, state_bytes
 from synthetic import synth_image
@@ -272,13 +273,17 @@ def test_dihedral_views_map_back_to_the_same_cells() -> None:
     assert sum(oracle.detect_calls) == 8 * len(tile_grid(120, 150, 96, 0.4))
 
 
-class Confident(CellOracle):
-    """Sees only the cells scoring at least 0.6: a second model that misses some."""
+class Partial(CellOracle):
+    """Sees only the cells whose score passes ``sees``: a second model that misses some."""
+
+    def __init__(self, sees: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.sees = sees
 
     def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
         state, dets = super().detect(crops, cap)
         for k, d in enumerate(dets):
-            keep = d["scores"] >= 0.6
+            keep = self.sees(d["scores"])
             state[k] = (state[k][0][keep], state[k][1][keep])
             dets[k] = {key: value[keep] for key, value in d.items()}
         return state, dets
@@ -288,12 +293,36 @@ def test_an_ensemble_votes_cells_up_by_the_views_and_models_that_found_them() ->
     image = _scene(5, (120, 150))
     whole = predict_images(CellOracle(), [image], Settings())[0]
     base = {cell: score for cell, score in zip(_cells_list(whole), whole["scores"].tolist())}
-    boosted = predict_images([CellOracle(), Confident()], [image], Settings(tta_scales=(1.0,), vote_boost=0.1))[0]
+    boosted = predict_images([CellOracle(), Partial(lambda s: s >= 0.6)], [image], Settings(tta_scales=(1.0,), vote_boost=0.1))[0]
     assert set(_cells_list(boosted)) == set(base)  # the union of both models' cells, each once
     for cell, score in zip(_cells_list(boosted), boosted["scores"].tolist()):
         sources = 8 if base[cell] >= 0.6 else 4  # 4 flips of one model, or of both
         assert score == pytest.approx(base[cell] * (1 + 0.1 * (sources - 1)), rel=1e-5), cell
     assert torch.all(boosted["scores"][:-1] >= boosted["scores"][1:])
+
+
+def test_consensus_averages_each_cells_class_score_over_every_view_and_model() -> None:
+    image = _scene(5, (120, 150))
+    whole = predict_images(CellOracle(), [image], Settings())[0]
+    base = {cell: score for cell, score in zip(_cells_list(whole), whole["scores"].tolist())}
+    assert torch.equal(predict_images(CellOracle(), [image], Settings(consensus=True))[0]["scores"],
+                       whole["scores"])  # one view of one model: nothing to average
+    unsure = Partial(lambda s: s < 0.6)  # misses the surest cells
+    mean = predict_images([CellOracle(), unsure], [image], Settings(tta_scales=(1.0,), consensus=True))[0]
+    assert set(_cells_list(mean)) == set(base)
+    for cell, score in zip(_cells_list(mean), mean["scores"].tolist()):
+        found = 8 if base[cell] < 0.6 else 4  # of 8 sources (4 flips x 2 models); the others count 0
+        assert score == pytest.approx(base[cell] * found / 8, rel=1e-5), cell
+    assert torch.all(mean["scores"][:-1] >= mean["scores"][1:])  # ranked by the mean: agreement first
+    order = [base[c] for c in _cells_list(mean)]
+    assert order != sorted(order, reverse=True)
+
+
+def test_consensus_takes_each_sources_best_copy_and_zero_where_it_has_none() -> None:
+    cell = torch.tensor([0, 0, 0, 1, 1])
+    source = torch.tensor([0, 1, 1, 0, 2])
+    scores = torch.tensor([0.9, 0.3, 0.6, 0.2, 0.5])
+    assert torch.allclose(consensus(cell, source, scores, 3, 3), torch.tensor([0.5, 0.7 / 3, 0.0]))
 
 
 def _cells_list(out: dict) -> list:
