@@ -66,7 +66,9 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                        help="with --tta or an ensemble: a cell's score is the mean over every view and model of "
                             "its class's probability there (its best copy of that class in each, 0 where one found "
                             "none), not its best copy's, so a class the views agree on outranks one a single view "
-                            "was sure of (default: off, the best copy's score)")
+                            "was sure of. It re-ranks the cells the caps chose by their best copy; --vote_boost, "
+                            "a --mask_iou model's predicted IoU and --class_context multiply onto it; no effect "
+                            "with one view of one model (default: off, the best copy's score)")
     group.add_argument("--class_context", type=non_negative, default=0.0, metavar="STRENGTH",
                        help="move each cell's score between its class hypotheses toward the classes the cells "
                             "around it are detected as (a Bayes update with the neighbours' classes as the prior, "

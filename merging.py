@@ -15,7 +15,9 @@ batched on the model's device:
 
 ``--merge avg`` (the default with TTA views) adds a step between them: each candidate's copies
 from the other views and models (``same_cell_copies``) get masks too, which are resampled into
-the candidate's box and averaged with its own (``average_masks``).
+the candidate's box and averaged with its own (``average_masks``). Between them too, the
+candidates' scores may count how many views and models found each (``votes``, ``--vote_boost``)
+or become its mean over them (``consensus``, ``--consensus``).
 """
 from __future__ import annotations
 
@@ -256,8 +258,9 @@ def _any_into(n: int, index: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 
 def consensus(cell: torch.Tensor, source: torch.Tensor, scores: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
     """Each of ``cells`` cells' score averaged over all ``n_sources`` sources (model x view):
-    the best of its copies in each (``scores`` of the ``same_cell_pairs`` detections, whose
-    ``source`` they came from), 0 where a source found no copy of its class. Averaging class
+    the best of its copies in each (``scores`` of its ``same_cell_pairs`` detections and of
+    itself, each pair's ``cell`` and ``source``), 0 where a source found no copy of its class;
+    tiles of one view count once. Averaging class
     probabilities over views is what test-time augmentation does for a classifier: a class the
     views agree on outranks one that a single view was sure of."""
     best = scores.new_zeros(cells * n_sources).scatter_reduce(0, cell * n_sources + source, scores, "amax")
@@ -267,6 +270,5 @@ def consensus(cell: torch.Tensor, source: torch.Tensor, scores: torch.Tensor, ce
 def votes(cell: torch.Tensor, source: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
     """How many sources (model x view) detected each of ``cells`` cells, from its
     ``same_cell_pairs`` (``source`` of each pair's detection); tiles of one view count once."""
-    seen = torch.zeros((cells, n_sources), dtype=torch.bool, device=cell.device)
-    seen[cell, source] = True
-    return seen.sum(dim=1).clamp(min=1).to(torch.float32)
+    found = consensus(cell, source, torch.ones(len(cell), device=cell.device), cells, n_sources)
+    return (found * n_sources).round().clamp(min=1)

@@ -103,7 +103,8 @@ def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: to
 
 class Job(NamedTuple):
     """One forward pass input: a window of an image, seen through a view by a model;
-    ``source`` numbers the (model, view) pairs, the voters of ``vote_boost``."""
+    ``source`` numbers the (model, view) pairs, whose agreement ``vote_boost`` and
+    ``consensus`` count."""
 
     image: int
     window: Window

@@ -121,8 +121,11 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
         if reach <= 0 or "class_context" in rest:
             raise ValueError(f"{name}: one +ctx, its reach above 0")
         return {**rest, "class_context": strength, "context_reach": reach}
-    if name.endswith("+consensus"):  # --consensus: scores averaged over the views
-        return {**post_settings(name.removesuffix("+consensus"), crop), "consensus": True}
+    if name.endswith("+consensus"):  # --consensus: scores averaged over the views (and models)
+        rest = post_settings(name.removesuffix("+consensus"), crop)
+        if "consensus" in rest:  # on one view it changes nothing, unless the runs are an --ensemble
+            raise ValueError(f"{name}: one +consensus")
+        return {**rest, "consensus": True}
     tile = {"tile": crop, "tile_overlap": 0.25}
     flips = {"tta_scales": TTA_SCALES}  # inference.py --tta's views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": (0.8, 1.0, 1.2)},

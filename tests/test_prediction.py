@@ -21,7 +21,7 @@ from coco import encode_packed, paste_masks
 from conftest import mask_boxes
 from masks import PackedMasks
 from merging import (_rival_pairs, average_masks, consensus, greedy_mask_merge, pair_intersections, resample_masks,
-                     same_cell_copies, same_cell_pairs, select_candidates, take)
+                     same_cell_copies, same_cell_pairs, select_candidates, take, votes)
 from predictor import Settings, predict_images, state_bytes
 from synthetic import synth_image
 from tiling import max_cover, tile_grid
@@ -301,14 +301,16 @@ def test_an_ensemble_votes_cells_up_by_the_views_and_models_that_found_them() ->
     assert torch.all(boosted["scores"][:-1] >= boosted["scores"][1:])
 
 
-def test_consensus_averages_each_cells_class_score_over_every_view_and_model() -> None:
+@pytest.mark.parametrize("tile", [0, 96])
+def test_consensus_averages_each_cells_class_score_over_every_view_and_model(tile: int) -> None:
     image = _scene(5, (120, 150))
     whole = predict_images(CellOracle(), [image], Settings())[0]
     base = {cell: score for cell, score in zip(_cells_list(whole), whole["scores"].tolist())}
     assert torch.equal(predict_images(CellOracle(), [image], Settings(consensus=True))[0]["scores"],
                        whole["scores"])  # one view of one model: nothing to average
     unsure = Partial(lambda s: s < 0.6)  # misses the surest cells
-    mean = predict_images([CellOracle(), unsure], [image], Settings(tta_scales=(1.0,), consensus=True))[0]
+    settings = Settings(tile=tile, tile_overlap=0.4, tta_scales=(1.0,), consensus=True)
+    mean = predict_images([CellOracle(), unsure], [image], settings)[0]  # tiles of a view count once
     assert set(_cells_list(mean)) == set(base)
     for cell, score in zip(_cells_list(mean), mean["scores"].tolist()):
         found = 8 if base[cell] < 0.6 else 4  # of 8 sources (4 flips x 2 models); the others count 0
@@ -323,6 +325,16 @@ def test_consensus_takes_each_sources_best_copy_and_zero_where_it_has_none() -> 
     source = torch.tensor([0, 1, 1, 0, 2])
     scores = torch.tensor([0.9, 0.3, 0.6, 0.2, 0.5])
     assert torch.allclose(consensus(cell, source, scores, 3, 3), torch.tensor([0.5, 0.7 / 3, 0.0]))
+    assert torch.equal(votes(cell, source, 3, 3), torch.tensor([2.0, 2.0, 1.0]))  # sources that found each
+
+
+def test_consensus_pairs_copies_of_the_same_class_only() -> None:
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [1, 0, 10, 10], [0, 0, 10, 10]])
+    labels = torch.tensor([1, 2, 1, 2])
+    source = torch.tensor([0, 0, 1, 1])  # source 1 saw the cell as class 1 and as class 2
+    scores = torch.tensor([0.8, 0.4, 0.2, 0.6])
+    cell, other = same_cell_pairs(boxes[:2], labels[:2], boxes, labels)
+    assert torch.allclose(consensus(cell, source[other], scores[other], 2, 2), torch.tensor([0.5, 0.5]))
 
 
 def _cells_list(out: dict) -> list:
