@@ -62,13 +62,15 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vote_boost", type=non_negative, default=0.0,
                        help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
                             "one view count once (0: best score alone)")
-    group.add_argument("--consensus", action="store_true",
+    group.add_argument("--consensus", action="store_const", const=True, default=None,
                        help="with --tta or an ensemble: a cell's score is the mean over every view and model of "
                             "its class's probability there (its best copy of that class in each, 0 where one found "
                             "none), not its best copy's, so a class the views agree on outranks one a single view "
                             "was sure of. It re-ranks the cells the caps chose by their best copy; --vote_boost, "
                             "a --mask_iou model's predicted IoU and --class_context multiply onto it; no effect "
-                            "with one view of one model (default: off, the best copy's score)")
+                            "with one view of one model (default: on with --tta, off for an ensemble's one view)")
+    group.add_argument("--no_consensus", dest="consensus", action="store_const", const=False,
+                       help="a cell scores its best copy's probability, even with --tta")
     group.add_argument("--class_context", type=non_negative, default=0.0, metavar="STRENGTH",
                        help="move each cell's score between its class hypotheses toward the classes the cells "
                             "around it are detected as (a Bayes update with the neighbours' classes as the prior, "

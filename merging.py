@@ -256,13 +256,14 @@ def _any_into(n: int, index: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32, device=flags.device).index_add_(0, index, flags.int()) > 0
 
 
-def consensus(cell: torch.Tensor, source: torch.Tensor, scores: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
+def consensus(cell: torch.Tensor, source: torch.Tensor, scores: torch.Tensor, cells: int,
+              n_sources: int) -> torch.Tensor:
     """Each of ``cells`` cells' score averaged over all ``n_sources`` sources (model x view):
     the best of its copies in each (``scores`` of its ``same_cell_pairs`` detections and of
     itself, each pair's ``cell`` and ``source``), 0 where a source found no copy of its class;
-    tiles of one view count once. Averaging class
-    probabilities over views is what test-time augmentation does for a classifier: a class the
-    views agree on outranks one that a single view was sure of."""
+    tiles of one view count once. Averaging class probabilities over views is what test-time
+    augmentation does for a classifier: a class the views agree on outranks one that a single
+    view was sure of."""
     best = scores.new_zeros(cells * n_sources).scatter_reduce(0, cell * n_sources + source, scores, "amax")
     return best.view(cells, n_sources).mean(dim=1)
 

@@ -45,7 +45,9 @@ class Settings:
     match_thresh: float = 0.5
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
     vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
-    consensus: bool = False  # a cell scores its mean over views and models (``merging.consensus``), not its best
+    # A cell's score: its mean over views and models (``merging.consensus``) or its best copy's; None: the mean
+    # with TTA views, the best copy's otherwise (``means_scores``).
+    consensus: bool | None = None
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
     # With a --mask_iou model: rank by class probability x predicted mask IoU (False: by the former alone).
     mask_scoring: bool = True
@@ -63,6 +65,12 @@ class Settings:
         """Whether a cell's mask is the mean of its copies': ``merge="avg"``, or by default with
         TTA views (the measurements behind it: benchmarks/RESULTS.md)."""
         return self.merge == "avg" or (self.merge is None and self.tta_scales is not None)
+
+    @property
+    def means_scores(self) -> bool:
+        """Whether a cell scores its mean over views and models: ``consensus``, or by default
+        with TTA views (4 of 4 held-out four-class runs: benchmarks/RESULTS.md)."""
+        return self.consensus or (self.consensus is None and self.tta_scales is not None)
 
     def resolved(self, device: torch.device, state: dict[str, Any] | None = None) -> "Settings":
         """These settings with ``tile`` and ``batch_size`` decided for ``device`` and the
@@ -212,10 +220,11 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
 
 def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_class: int, settings: Settings) -> dict:
     """The image's candidates as (job, index within the job's detections), in selection order,
-    and under ``vote_boost`` their ``votes``, the sources that found each; under ``consensus``
-    their ``scores`` are their means over the sources (``merging.consensus``). When masks are averaged
-    (``Settings.averages``), ``job`` and ``index`` go on past the candidates (``scores`` and
-    ``boxes`` stop there) with their copies, ``copy_of`` naming each copy's candidate."""
+    and under ``vote_boost`` their ``votes``, the sources that found each; under
+    ``Settings.means_scores`` their ``scores`` are their means over the sources
+    (``merging.consensus``). When masks are averaged (``Settings.averages``), ``job`` and
+    ``index`` go on past the candidates (``scores`` and ``boxes`` stop there) with their copies,
+    ``copy_of`` naming each copy's candidate."""
     mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
     parts = [found[k] for k in mine]
     boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
@@ -232,12 +241,12 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_cl
     n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
-    if len(mine) > 1 and (settings.vote_boost or settings.averages or settings.consensus):  # one view: no copies
+    if len(mine) > 1 and (settings.vote_boost or settings.averages or settings.means_scores):  # one view: no copies
         cell, other = same_cell_pairs(boxes[keep], labels[keep], boxes, labels, settings.match_thresh)
         if settings.vote_boost:
             pick["votes"] = votes(cell, source[other], len(keep), n_sources)
-        if settings.consensus and n_sources > 1:  # each candidate counts itself, even where its box matches nothing (empty)
-            own = torch.arange(len(keep), device=boxes.device)
+        if settings.means_scores and n_sources > 1:
+            own = torch.arange(len(keep), device=boxes.device)  # each candidate counts, even an empty box
             pick["scores"] = consensus(torch.cat([own, cell]), torch.cat([source[keep], source[other]]),
                                        torch.cat([scores[keep], scores[other]]), len(keep), n_sources)
         if settings.averages:

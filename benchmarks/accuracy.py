@@ -103,9 +103,9 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6",
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
     """The ``predictor.Settings`` fields of one inference-time addition. Any of them may end in
-    ``+consensus`` (``--consensus``), then ``+ctxS`` or ``+ctxSrR`` (``--class_context S``,
-    ``--class_context_reach R``), then ``+imgN``
-    (at most N detections an image) and ``+clsN`` (at most N an image and class)."""
+    ``+consensus`` or ``+best`` (``--consensus``, ``--no_consensus``), then ``+ctxS`` or
+    ``+ctxSrR`` (``--class_context S``, ``--class_context_reach R``), then ``+imgN`` (at most N
+    detections an image) and ``+clsN`` (at most N an image and class)."""
     limits = {}
     for token, field in (("img", "detections_per_img"), ("cls", "detections_per_class")):
         head, _, last = name.rpartition("+")
@@ -121,11 +121,12 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
         if reach <= 0 or "class_context" in rest:
             raise ValueError(f"{name}: one +ctx, its reach above 0")
         return {**rest, "class_context": strength, "context_reach": reach}
-    if name.endswith("+consensus"):  # --consensus: scores averaged over the views (and models)
-        rest = post_settings(name.removesuffix("+consensus"), crop)
-        if "consensus" in rest:  # on one view it changes nothing, unless the runs are an --ensemble
-            raise ValueError(f"{name}: one +consensus")
-        return {**rest, "consensus": True}
+    for token, on in (("+consensus", True), ("+best", False)):  # --consensus / --no_consensus
+        if name.endswith(token):  # on one view they change nothing, unless the runs are an --ensemble
+            rest = post_settings(name.removesuffix(token), crop)
+            if "consensus" in rest:
+                raise ValueError(f"{name}: one +consensus or +best")
+            return {**rest, "consensus": on}
     tile = {"tile": crop, "tile_overlap": 0.25}
     flips = {"tta_scales": TTA_SCALES}  # inference.py --tta's views
     settings = {"tile": tile, "tta": flips, "tta_scales": {"tta_scales": (0.8, 1.0, 1.2)},
@@ -150,7 +151,7 @@ def post_name(text: str) -> str:
         post_settings(text, 256)
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"unknown --post {text!r}; choose from {', '.join(POST)} "
-                                          "(+consensus, +ctxS[rR], +imgN, +clsN optional)") from None
+                                          "(+consensus or +best, +ctxS[rR], +imgN, +clsN optional)") from None
     return text
 
 

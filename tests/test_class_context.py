@@ -80,11 +80,12 @@ def test_predictor_and_benchmark_rescore_the_same_merged_cells() -> None:
     assert asked == {"tile": 96, "tile_overlap": 0.25, "class_context": 2.0, "context_reach": 4.0,
                      "detections_per_class": 50}
     assert post_settings("tile+ctx0.5", 96)["context_reach"] == 3.0
+    assert post_settings("tile+tta+best", 96)["consensus"] is False
     assert post_settings("tile+tta+consensus+ctx1+cls100", 96) == {  # every addition composes
         "tile": 96, "tile_overlap": 0.25, "tta_scales": (1.0,), "consensus": True, "class_context": 1.0,
         "context_reach": 3.0, "detections_per_class": 100}
     for bad in ("tile+ctx1r", "tile+ctx-1", "tile+ctxnan", "tile+ctx1r0", "tile+ctx1+ctx2",
-                "tile+tta+consensus+consensus"):
+                "tile+tta+consensus+consensus", "tile+tta+best+consensus"):
         with pytest.raises(argparse.ArgumentTypeError):
             post_name(bad)
     context = predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, batch_size=3, class_context=2.0,

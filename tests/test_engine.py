@@ -243,8 +243,9 @@ def test_inference_prediction_flags() -> None:
     context = prediction_settings(parse(["--checkpoint", "x", "--class_context", "1", "--class_context_reach", "2"]))
     assert (context.class_context, context.context_reach) == (1.0, 2.0)
     assert prediction_settings(parse(["--checkpoint", "x"])).class_context == 0.0
-    assert prediction_settings(parse(["--checkpoint", "x", "--tta", "--consensus"])).consensus
-    assert not prediction_settings(parse(["--checkpoint", "x", "--tta"])).consensus
+    scored = lambda *flags: prediction_settings(parse(["--checkpoint", "x", *flags])).means_scores  # noqa: E731
+    assert scored("--tta") and scored("--tta", "--consensus") and not scored("--tta", "--no_consensus")
+    assert not scored() and not scored("--tta", "--no_tta")  # one view: its own scores
     for bad in (["--mask_thresh", "1"], ["--class_context", "-1"], ["--class_context_reach", "0"]):
         with pytest.raises(SystemExit):
             parse(["--checkpoint", "x", *bad])

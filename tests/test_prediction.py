@@ -293,7 +293,9 @@ def test_an_ensemble_votes_cells_up_by_the_views_and_models_that_found_them() ->
     image = _scene(5, (120, 150))
     whole = predict_images(CellOracle(), [image], Settings())[0]
     base = {cell: score for cell, score in zip(_cells_list(whole), whole["scores"].tolist())}
-    boosted = predict_images([CellOracle(), Partial(lambda s: s >= 0.6)], [image], Settings(tta_scales=(1.0,), vote_boost=0.1))[0]
+    confident = Partial(lambda s: s >= 0.6)  # misses some cells
+    boosted = predict_images([CellOracle(), confident], [image], Settings(tta_scales=(1.0,), vote_boost=0.1,
+                                                                           consensus=False))[0]
     assert set(_cells_list(boosted)) == set(base)  # the union of both models' cells, each once
     for cell, score in zip(_cells_list(boosted), boosted["scores"].tolist()):
         sources = 8 if base[cell] >= 0.6 else 4  # 4 flips of one model, or of both
@@ -372,6 +374,8 @@ def test_merge_avg_averages_each_cells_mask_with_its_copies(tile: int) -> None:
 
 def test_masks_are_averaged_by_default_with_tta_views_only() -> None:
     assert Settings(tta_scales=(1.0,)).averages and not Settings().averages
+    assert Settings(tta_scales=(1.0,)).means_scores and not Settings(tta_scales=(1.0,), consensus=False).means_scores
+    assert not Settings().means_scores and Settings(consensus=True).means_scores  # an ensemble's one view: asked
     assert not Settings(tta_scales=(1.0,), merge="max").averages and Settings(merge="avg").averages
     image = _scene(8, (120, 150))
     pair = [CellOracle(), Blank()]
