@@ -271,5 +271,6 @@ def consensus(cell: torch.Tensor, source: torch.Tensor, scores: torch.Tensor, ce
 def votes(cell: torch.Tensor, source: torch.Tensor, cells: int, n_sources: int) -> torch.Tensor:
     """How many sources (model x view) detected each of ``cells`` cells, from its
     ``same_cell_pairs`` (``source`` of each pair's detection); tiles of one view count once."""
-    found = consensus(cell, source, torch.ones(len(cell), device=cell.device), cells, n_sources)
-    return (found * n_sources).round().clamp(min=1)
+    seen = torch.zeros((cells, n_sources), dtype=torch.bool, device=cell.device)
+    seen[cell, source] = True
+    return seen.sum(dim=1).clamp(min=1).to(torch.float32)
