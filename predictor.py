@@ -151,7 +151,11 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
         kept += state_bytes(state)
         passes.append((jobs[chunk[0]].model, state if kept <= settings.feature_budget else None, chunk))
         del state  # a dropped state is freed before the next chunk is detected
-    picks = [_candidates(found, jobs, i, cap, per_class, settings) for i in range(len(images))]
+    by_image: list[list[int]] = [[] for _ in images]  # each image's jobs: a pass over views, not detections
+    for k, job in enumerate(jobs):
+        by_image[job.image].append(k)
+    n_sources = len(stages) * len(shown)
+    picks = [_candidates(found, jobs, mine, n_sources, cap, per_class, settings) for mine in by_image]
     masks, quality = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
     if quality is not None and settings.mask_scoring:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
         for pick, iou in zip(picks, quality):
@@ -218,14 +222,15 @@ def _to_image(dets: dict, job: Job, view_size: tuple[int, int], size: tuple[int,
             "cut": cut_flags(boxes, job.window, tuple(size))}
 
 
-def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_class: int, settings: Settings) -> dict:
-    """The image's candidates as (job, index within the job's detections), in selection order,
-    and under ``vote_boost`` their ``votes``, the sources that found each; under
+def _candidates(found: list[dict], jobs: list[Job], mine: list[int], n_sources: int, cap: int, per_class: int,
+                settings: Settings) -> dict:
+    """The candidates of one image, whose jobs are ``mine`` (``n_sources``: views times models),
+    as (job, index within the job's detections), in selection order, and under ``vote_boost``
+    their ``votes``, the sources that found each; under
     ``Settings.means_scores`` their ``scores`` are their means over the sources
     (``merging.consensus``). When masks are averaged (``Settings.averages``), ``job`` and
     ``index`` go on past the candidates (``scores`` and ``boxes`` stop there) with their copies,
     ``copy_of`` naming each copy's candidate."""
-    mine = [k for k, job in enumerate(jobs) if job.image == image]  # a loop over views, not detections
     parts = [found[k] for k in mine]
     boxes, scores, labels, cut = (torch.cat([p[key] for p in parts]) for key in ("boxes", "scores", "labels", "cut"))
     job_of = torch.cat([torch.full((len(p["scores"]),), k, dtype=torch.int64, device=boxes.device)
@@ -238,7 +243,6 @@ def _candidates(found: list[dict], jobs: list[Job], image: int, cap: int, per_cl
     else:
         copies = max_cover([jobs[k].window for k in mine]) * len({jobs[k].source for k in mine})
         keep = select_candidates(boxes, scores, labels, cut, cap, copies, settings.match_thresh, per_class)
-    n_sources = max(job.source for job in jobs) + 1
     pick = {"job": job_of[keep], "index": index[keep], "boxes": boxes[keep], "scores": scores[keep],
             "labels": labels[keep], "cut": cut[keep], "views": len(mine)}
     if len(mine) > 1 and (settings.vote_boost or settings.averages or settings.means_scores):  # one view: no copies
