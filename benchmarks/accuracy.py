@@ -292,6 +292,14 @@ def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -
     return complete  # the same flags: the same --epochs, reached
 
 
+def prediction_key(settings: Settings, n_models: int) -> Settings:
+    """What ``predict`` must be run with for ``settings``: variants with the same key share one
+    prediction. ``+ctx`` rescoring is applied afterwards, and on one model and one view
+    ``+consensus`` and ``+best`` have nothing to average."""
+    key = replace(settings, class_context=0.0, context_reach=Settings.context_reach)
+    return replace(key, consensus=None) if n_models == 1 and settings.tta_scales is None else key
+
+
 def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
                 with_ceiling: bool = False) -> dict[str, dict[str, float]]:
     """Held-out metrics of the final raw weights of the runs ``outs`` (one run, or several as an
@@ -313,7 +321,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     classes = class_count(models)
     for post in args.post:
         settings = Settings(**post_settings(post, args.crop))
-        plain = replace(settings, class_context=0.0, context_reach=Settings.context_reach)
+        plain = prediction_key(settings, len(models))
         if plain not in predicted:
             start = time.time()
             results = predict(models, loader, torch.device("cpu"), plain, desc=f"held-out {post}")

@@ -136,3 +136,20 @@ def test_class_count_reads_each_models_classifier_and_takes_an_ensembles_largest
     wrapped.module = four  # what DistributedDataParallel hands over
     assert class_count(one) == 1
     assert class_count([one, wrapped]) == 4  # the context weighs every class any model predicts
+
+
+def test_benchmark_shares_a_prediction_only_where_scoring_cannot_differ() -> None:
+    from benchmarks.accuracy import post_settings, prediction_key
+
+    def key(post: str, n_models: int) -> Settings:
+        return prediction_key(Settings(**post_settings(post, 96)), n_models)
+
+    assert key("tile+consensus", 1) == key("tile+best", 1) == key("tile+ctx2", 1) == key("tile", 1)
+    assert key("tile+consensus", 2) != key("tile+best", 2)  # an ensemble's copies are averaged
+    assert key("tile+tta+consensus", 1) != key("tile+tta+best", 1)  # so are the views'
+    assert key("tile+img50", 1) != key("tile", 1)
+    oracle = CellOracle()  # what the shared key claims: one model, tiles and no views, the same cells either way
+    images = [_scene(5, (200, 260), 60)]
+    mean, best = (predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, consensus=c))[0]
+                  for c in (True, False))
+    assert torch.equal(mean["scores"], best["scores"]) and torch.equal(mean["boxes"], best["boxes"])
