@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
 import training  # noqa: E402
+from cell_types import CellTypeClassifier, cell_features, rescored  # noqa: E402
 from class_context import rescore  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
@@ -100,7 +101,8 @@ CONFIGS: dict[str, list[str]] = {
 # ("tile" is the training --crop, what inference.py does by default).
 POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6", "tile+dihedral",
         "tile+tta+vote0.05", "tile+tta+vote0.1", "tile+tta+vote0.2", "tile+avg", "tile+tta+avg", "tile+dihedral+avg",
-        "tile+tta+max", "tile+dihedral+max", "tile+oracle", "tile+trueclass", "tile+noiou")
+        "tile+tta+max", "tile+dihedral+max", "tile+oracle", "tile+trueclass", "tile+noiou", "tile+types",
+        "tile+tta+types", "tile+dihedral+types")
 
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
@@ -139,7 +141,8 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
     for merge in ("avg", "max"):  # --merge (default: avg with TTA views); tile+avg averages an ensemble's models
         if name.endswith(f"+{merge}"):
             return {**settings[name.removesuffix(f"+{merge}")], "merge": merge}
-    for oracle in ("+oracle", "+trueclass"):  # predicted like the rest, then ranked or classed by the truth
+    # predicted like the rest, then ranked or classed by the truth, or rescored by the cells' shape and stain
+    for oracle in ("+oracle", "+trueclass", "+types"):
         if name.endswith(oracle):
             return settings[name.removesuffix(oracle)]
     if name.endswith("+noiou"):  # a --mask_iou model ranked by class probability alone
@@ -319,6 +322,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     predicted: dict[Settings, tuple[list[dict], float]] = {}  # variants differing only in scoring share one
     classes = class_count(models)
+    typer = None
     for post in args.post:
         settings = Settings(**post_settings(post, args.crop))
         plain = prediction_key(settings, len(models))
@@ -335,8 +339,58 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
             results = truth_ranked(coco_gt, results)
         if "+trueclass" in post:
             results = truth_classed(coco_gt, results)
+        if "+types" in post:
+            start = time.time()
+            if typer is None:
+                train = [p for p in samples if p.name in set(split["train"])] if "train" in split else samples
+                typer = fitted_cell_types(train, dataset, classes)
+            results = types_rescored(results, typer, dataset)
+            seconds += (time.time() - start) / max(len(dataset), 1)
         rows[f"{name}+{post}"] = {**_scored(coco_gt, results), "seconds_per_image": round(seconds, 3)}
     return rows
+
+
+def _cell_features(dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cell_types.cell_features`` of every true cell of ``dataset``, and their 0-based classes."""
+    features, labels = [], []
+    for i in range(len(dataset)):
+        image, inst = dataset.raw(i)
+        features.append(cell_features(image, torch.from_numpy(inst.masks()).bool()))
+        labels.append(torch.from_numpy(inst.labels) - 1)
+    return torch.cat(features), torch.cat(labels)
+
+
+def fitted_cell_types(train: list[Path], held_out: LabelledImages, classes: int) -> CellTypeClassifier:
+    """The cell-type classifier fitted on the true cells of the training samples ``train``;
+    its accuracy per class on the held-out true cells is printed (how good the second opinion
+    is on its own)."""
+    features, labels = _cell_features(LabelledImages(train, range(1, len(train) + 1), desc="training cells"))
+    typer = CellTypeClassifier(classes)
+    loss = typer.fit(features, labels)
+    test, truth = _cell_features(held_out)
+    with torch.no_grad():
+        guessed = typer(test).argmax(1)
+    recall = [f"{float((guessed[truth == c] == c).float().mean()):.3f}" if (truth == c).any() else "-"
+              for c in range(classes)]
+    print(f"cell types: {len(labels)} training cells, loss {loss:.3f}; held-out accuracy "
+          f"{float((guessed == truth).float().mean()):.3f}, recall per class {' / '.join(recall)}", flush=True)
+    return typer
+
+
+def types_rescored(results: list[dict], typer: CellTypeClassifier, dataset: LabelledImages) -> list[dict]:
+    """COCO results with each score times the cell-type classifier's probability of its class,
+    measured on its mask (``cell_types.rescored``)."""
+    position = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    out = []
+    for image_id, dets in _by_image(results).items():
+        image, _ = dataset.raw(position[image_id])
+        masks = torch.from_numpy(mask_util.decode([d["segmentation"] for d in dets])).permute(2, 0, 1).bool()
+        with torch.no_grad():
+            probs = typer(cell_features(image, masks))
+        scores = rescored(torch.tensor([d["score"] for d in dets]), torch.tensor([d["category_id"] for d in dets]),
+                          probs)
+        out.extend({**d, "score": float(s)} for d, s in zip(dets, scores))
+    return out
 
 
 def context_rescored(results: list[dict], settings: Settings, classes: int) -> list[dict]:

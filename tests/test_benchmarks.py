@@ -186,10 +186,11 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     assert present <= set(result["mean"]["cells+tile"])  # the per-class keys, at both maxDets, on the post rows
     assert {"segm_AP50_class1", "f1_class1"} <= set(result["mean"]["cells"])  # the history row: at --eval_max_dets
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns  # --keep_dir keeps the run...
-    again = study("tile+mask0.6", "tile+tta+avg")
+    again = study("tile+mask0.6", "tile+tta+avg", "tile+types")
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp  # ...and scores it again without training
     assert again["mean"]["cells"] == result["mean"]["cells"]
-    assert {"cells+tile+mask0.6", "cells+tile+tta+avg"} < set(again["mean"])
+    assert {"cells+tile+mask0.6", "cells+tile+tta+avg", "cells+tile+types"} < set(again["mean"])
+    assert 0.0 <= again["mean"]["cells+tile+types"]["segm_AP50"] <= 1.0  # the same cells, rescored by their types
     state = load_checkpoint(runs / "cells_0/last.pth")
     del state["args"]["repeat_thresh"]  # a run from before the flag existed, which is at its default
     save_checkpoint(runs / "cells_0/last.pth", state)
