@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
 import training  # noqa: E402
-from cell_types import CellTypeClassifier, cell_features, rescored  # noqa: E402
+from benchmarks.cell_types import CellTypeClassifier, cell_features, rescored  # noqa: E402
 from class_context import rescore  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from cell_types import FEATURES, CellTypeClassifier, cell_features, rescored
+from benchmarks.cell_types import FEATURES, CellTypeClassifier, cell_features, rescored
 
 
 def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> torch.Tensor:

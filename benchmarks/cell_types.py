@@ -1,4 +1,5 @@
-"""A second opinion on each detected cell's class, from its shape and stain.
+"""A second opinion on each detected cell's class, from its shape and stain: the experiment
+behind ``accuracy.py``'s ``+types`` (benchmarks/RESULTS.md: it lost, so it is no option).
 
 ``+trueclass`` (benchmarks/RESULTS.md) showed that the four-class gap is classification: the
 model finds the rare cells and calls them something else. Cell types differ in what a few
