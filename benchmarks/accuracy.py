@@ -297,8 +297,9 @@ def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -
 
 def prediction_key(settings: Settings, n_models: int) -> Settings:
     """What ``predict`` must be run with for ``settings``: variants with the same key share one
-    prediction. ``+ctx`` rescoring is applied afterwards, and on one model and one view
-    ``+consensus`` and ``+best`` have nothing to average."""
+    prediction. ``+ctx`` rescoring is applied afterwards, and with one model and one view there
+    is one source, so ``+consensus`` and ``+best`` predict the same (``predictor._candidates``
+    averages over sources only when there are several: a cell's tile copies share one)."""
     key = replace(settings, class_context=0.0, context_reach=Settings.context_reach)
     return replace(key, consensus=None) if n_models == 1 and settings.tta_scales is None else key
 
@@ -342,8 +343,12 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
         if "+types" in post:
             start = time.time()
             if typer is None:
-                train = [p for p in samples if p.name in set(split["train"])] if "train" in split else samples
-                typer = fitted_cell_types(train, dataset, classes)
+                if "train" not in split:
+                    raise UsageError(f"{outs[0] / 'split.json'}: no training list; +types needs a run that "
+                                     "trained with this code")
+                trained = set(split["train"])  # from --train_dir, also where --val_dir held out another folder
+                typer = fitted_cell_types([p for p in list_samples(Path(args.train_dir)) if p.name in trained],
+                                          dataset, classes)
             results = types_rescored(results, typer, dataset)
             seconds += (time.time() - start) / max(len(dataset), 1)
         rows[f"{name}+{post}"] = {**_scored(coco_gt, results), "seconds_per_image": round(seconds, 3)}

@@ -23,11 +23,15 @@ RING = 3  # pixels of surroundings measured around each cell (its contrast with 
 FEATURES = 19
 
 
-def cell_features(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def cell_features(image: torch.Tensor, masks: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """[N, FEATURES] shape and stain measurements of the cells ``masks`` (bool [N, H, W]) of
-    ``image`` (float [3, H, W], 0-1): log area, elongation, log axes, ellipse fill, circularity,
-    mean RGB, intensity spread, mean optical density (the linear span of H&E's stains) inside
-    and in a ring around each cell, and their difference. Batched over cells: no loop."""
+    ``image`` (float [3, H, W], 0-1), in this order: log area, elongation (minor / major axis),
+    log variances along the two axes, ellipse fill, circularity, intensity spread, mean RGB,
+    and mean optical density (the linear span of H&E's stains) inside each cell, in a ring
+    around it, and their difference. Batched over ``chunk`` cells at a time: each full-image
+    temporary holds ``chunk`` masks, not N."""
+    if len(masks) > chunk:
+        return torch.cat([cell_features(image, masks[k:k + chunk], chunk) for k in range(0, len(masks), chunk)])
     n, h, w = masks.shape
     if n == 0:
         return image.new_zeros((0, FEATURES))
@@ -44,6 +48,7 @@ def cell_features(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     disc = (half * half - det).clamp(min=0).sqrt()
     major, minor = (half + disc).clamp(min=1 / 12), (half - disc).clamp(min=1 / 12)  # a pixel's own variance
     eroded = -F.max_pool2d(-m[:, None], 3, 1, 1)[:, 0]
+    # boundary pixels, not edges: a large disc's circularity is about pi^2 / 16, a tiny cell's more
     perimeter = (m - eroded).sum((1, 2)).clamp(min=1.0)
     ring = F.max_pool2d(m[:, None], 2 * RING + 1, 1, RING)[:, 0] - m
     ring_area = ring.sum((1, 2)).clamp(min=1.0)

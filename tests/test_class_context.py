@@ -148,8 +148,19 @@ def test_benchmark_shares_a_prediction_only_where_scoring_cannot_differ() -> Non
     assert key("tile+consensus", 2) != key("tile+best", 2)  # an ensemble's copies are averaged
     assert key("tile+tta+consensus", 1) != key("tile+tta+best", 1)  # so are the views'
     assert key("tile+img50", 1) != key("tile", 1)
-    oracle = CellOracle()  # what the shared key claims: one model, tiles and no views, the same cells either way
-    images = [_scene(5, (200, 260), 60)]
-    mean, best = (predict_images(oracle, images, Settings(tile=96, tile_overlap=0.4, consensus=c))[0]
+    class CutOracle(CellOracle):  # a copy cut by its tile's edge scores higher: tile copies differ
+        def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
+            state, dets = super().detect(crops, cap, per_class)
+            for crop, d in zip(crops, dets):
+                b = d["boxes"]
+                cut = (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= crop.shape[-1]) | (b[:, 3] >= crop.shape[-2])
+                d["scores"] = d["scores"] + 0.05 * cut
+            return state, dets
+
+    images = [_scene(5, (200, 260), 60)]  # what the shared key claims: one model, tiles and no views
+    mean, best = (predict_images(CutOracle(), images, Settings(tile=96, tile_overlap=0.4, consensus=c))[0]
                   for c in (True, False))
     assert torch.equal(mean["scores"], best["scores"]) and torch.equal(mean["boxes"], best["boxes"])
+    two = [CutOracle(), CutOracle()]  # two sources: the tile copies' scores now enter the means
+    assert not torch.equal(*(predict_images(two, images, Settings(tile=96, tile_overlap=0.4, consensus=c))[0]["scores"]
+                             for c in (True, False)))
