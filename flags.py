@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from argtypes import chance, class_count, non_negative, non_negative_int, positive, positive_int, probability, share
 from dataloader import ID_MAP_FILE, NUM_CLASSES
 from devices import GPU_BATCH
@@ -18,9 +20,29 @@ TTA_SCALES = (1.0,)  # --tta's views: the flips at the input scale
 DEFAULT_CLASS_NAMES = [f"class{c}" for c in range(1, NUM_CLASSES + 1)]
 
 
+def device_name(text: str) -> str:
+    """An argparse type for ``--device``: a CPU or a CUDA device this machine has, so ``--device gpu``
+    or ``--device cuda:3`` on a one-GPU machine stops while parsing, not as a traceback at the first
+    ``.to(device)``."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA GPU; use cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return str(device)
+
+
 def add_device_args(parser: argparse.ArgumentParser | Any) -> None:
     """--device and --use_amp, for training and prediction alike."""
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cuda, cuda:1, cpu (default: CUDA when present)")
     parser.add_argument("--use_amp", action="store_true",
                         help="mixed precision: fp16 on CUDA (with a gradient scaler when training), bf16 on a CPU")
 

@@ -169,6 +169,29 @@ def test_out_of_range_flags_stop_while_parsing(script: str, argv: list[str], cap
     assert exit_info.value.code == 2 and "must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, expected", [
+    ("gpu", "use cpu, cuda or cuda:N"), ("meta", "not supported"), ("cuda", "no usable CUDA GPU"),
+    ("cuda:4", "has 2 GPU(s), cuda:0 to cuda:1"),
+])
+def test_a_device_this_machine_lacks_stops_while_parsing(device: str, expected: str, capsys,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import inference
+    import training
+
+    if device == "cuda:4":  # a two-GPU machine, whatever this one has
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for parser, argv in ((training.build_parser("resnet101", "train"), []),
+                         (inference.build_parser(), ["--checkpoint", "x"])):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([*argv, "--device", device])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err and "--device" in err, err
+    assert inference.build_parser().parse_args(["--checkpoint", "x", "--device", "cpu"]).device == "cpu"
+
+
 def test_help_shows_defaults_of_zero() -> None:
     import training
 
