@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             writable_dir(getattr(args, flag), f"--{flag}")
     if args.save_csv:
         writable_dir(Path(args.save_csv).parent, "--save_csv")
+    for flag, path, name in (("--output", args.output, "test-results.json"), ("--save_csv", args.save_csv, "cells.csv")):
+        if path and Path(path).is_dir():  # else the whole prediction runs, then the final rename fails
+            parser.error(f"{flag} {path} is a folder; pass a file path, e.g. {Path(path) / name}")
     if args.output and args.output_dir:
         parser.error("--output and --output_dir both name where the submission goes; pass one of them")
     overrides = checkpoint_overrides(args)

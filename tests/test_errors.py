@@ -110,6 +110,11 @@ def test_bad_id_map_checkpoint_and_output_folder(data: dict, tmp_path: Path, cap
     line = run_script("inference.py", ["--checkpoint", str(truncated), "--output_dir", str(blocker / "o"), *ids,
                                        *test], capsys, monkeypatch)
     assert "not writable" in line and "--output_dir" in line
+    for flag in ("--output", "--save_csv"):  # refused before the checkpoint is even read
+        monkeypatch.setattr(sys, "argv", ["inference.py", "--checkpoint", "none.pth", *test, flag, str(tmp_path)])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / "inference.py"), run_name="__main__")
+        assert exit_info.value.code == 2 and f"{flag} {tmp_path} is a folder" in capsys.readouterr().err
     line = run_script("plot_curve.py", ["--output_dir", str(tmp_path)], capsys, monkeypatch)
     assert "history.json: not found; train first" in line
     line = run_script("train_effnet_v2.py", ["--train_dir", str(data["train_dir"]), "--output_dir", str(tmp_path / "w"),
