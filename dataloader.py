@@ -442,12 +442,14 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
         raise DatasetError(f"{test_dir}: test folder not found; pass --test_dir <dataset>/test_release.")
     try:
         entries = json.loads(id_map_json.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a TIFF passed by mistake is not UTF-8
         raise DatasetError(f"{id_map_json}: not valid JSON ({err}); fix the file or pass another --id_map_json.") from err
     if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and "file_name" in e and "id" in e for e in entries
+        isinstance(e, dict) and "file_name" in e and isinstance(e.get("id"), int) and not isinstance(e["id"], bool)
+        for e in entries
     ):
-        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
+        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects with integer "
+                           "ids; pass the "
                            "competition's test_image_name_to_ids.json.")
     named = {e["file_name"] for e in entries}
     files = set(folder_images(test_dir))

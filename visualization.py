@@ -162,7 +162,13 @@ def validation_split(split_json: Path) -> dict[str, Any]:
     if not split_json.is_file():
         raise FileNotFoundError(f"{split_json}: not found; training writes split.json next to its checkpoints. "
                                 "Pass --split_json, or draw test images with --mode test.")
-    split = json.loads(split_json.read_text())
+    try:
+        split = json.loads(split_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{split_json}: not valid JSON ({err}); pass the split.json training wrote.") from err
+    if not isinstance(split, dict):
+        raise DatasetError(f"{split_json}: not a split.json (expected an object with \"val\"); pass the one "
+                           "training wrote beside its checkpoints.")
     if not split.get("val"):
         raise DatasetError(f"{split_json}: no validation images (trained with --val_split 0?); use --mode test.")
     return split

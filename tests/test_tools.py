@@ -23,7 +23,7 @@ import check_stats  # noqa: E402
 import plot_curve  # noqa: E402
 import visualization  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from dataloader import CLASS_FILES, list_samples, split_samples, write_split  # noqa: E402
+from dataloader import CLASS_FILES, DatasetError, list_samples, split_samples, write_split  # noqa: E402
 from history import LOSS_KEYS, write_history  # noqa: E402
 from predictor import Settings, predict_images  # noqa: E402
 from model import build_model  # noqa: E402
@@ -232,6 +232,14 @@ def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[
     with pytest.raises(FileNotFoundError, match="split.json"):
         visualization.main(["--checkpoint", str(run[0]), "--split_json", str(tmp_path / "split.json"),
                             "--vis_dir", str(tmp_path / "vis")])
+
+
+def test_a_split_json_that_is_not_one_names_the_file(tmp_path: Path) -> None:
+    for text in ("{not json", json.dumps([{"file_name": "a.tif", "id": 1}])):
+        path = tmp_path / "split.json"
+        path.write_text(text)
+        with pytest.raises(DatasetError, match="split.json"):
+            visualization.validation_split(path)
 
 
 def _history(with_val: bool) -> list[dict]:
