@@ -121,13 +121,16 @@ def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool)
                              f"out (0: no class limit; default: {cls})")
 
 
-def add_id_map_arg(parser: argparse.ArgumentParser | Any) -> None:
-    """--id_map_json: which id each predicted image has in the submission."""
+def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: bool = True) -> None:
+    """--id_map_json: which id each predicted image has in the submission (in visualization.py,
+    which writes none: in the PNGs' names)."""
+    numbered = ("and that map is written beside the submission as "
+                f"{ID_MAP_FILE}, or as <submission>_ids.json where another map is there already"
+                if writes_submission else "which name the PNGs")
     parser.add_argument("--id_map_json", default=None,
-                        help="list of {file_name, id, height, width} naming the submission's image ids (default: "
+                        help="list of {file_name, id, height, width} naming each test image's id (default: "
                              f"{ID_MAP_FILE} beside --test_dir where it names exactly that folder's images; "
-                             "else the images sorted by name get ids 1..N, and that map is written beside the "
-                             f"submission as {ID_MAP_FILE})")
+                             f"else the images sorted by name get ids 1..N, {numbered})")
 
 
 def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:

@@ -7,6 +7,7 @@ needed:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -168,14 +169,27 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
             _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
                     submission, writer, cell_outputs.score_thresh)
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
-        write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
-        print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
+        numbered = numbered_map_path(Path(output), dataset.entries)
+        write_json(numbered, dataset.entries, indent=1)
+        print(f"no id map: {len(dataset)} images numbered by file name -> {numbered}")
     if writer:
         report_cell_outputs(len(dataset), cell_outputs.score_thresh, *cell_outputs.paths)
     seconds = time.time() - start
     print(f"{submission.count} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
+
+
+def numbered_map_path(output: Path, entries: list[dict]) -> Path:
+    """Where the map of images numbered by name goes: ``test_image_name_to_ids.json`` beside the
+    submission, unless another map is there already (the task's own, when ``--output_dir`` is the
+    dataset folder), which is never overwritten: then ``<submission>_ids.json``."""
+    path = output.parent / ID_MAP_FILE
+    try:
+        same = not path.exists() or json.loads(path.read_text()) == entries
+    except (ValueError, OSError):
+        same = False
+    return path if same else output.with_name(f"{output.stem}_ids.json")
 
 
 def report_caps(results: list[dict], cap: int, per_class: int) -> None:

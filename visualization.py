@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train/val split (default: split.json next to the checkpoint)")
     parser.add_argument("--test_dir", default=None,
                         help="test folder (default: the checkpoint's, else dataset/test_release)")
-    add_id_map_arg(parser)  # --mode test; without --test_dir, the checkpoint's run's map comes first
+    add_id_map_arg(parser, writes_submission=False)  # --mode test; without --test_dir, the checkpoint's run's map comes first
     parser.add_argument("--max_labels", type=non_negative_int, default=150,
                         help="most class:score labels per image, best first")
     parser.add_argument("--min_label_side", type=non_negative, default=8.0,

@@ -77,6 +77,18 @@ def test_a_folder_without_id_map_is_numbered_by_file_name(tmp_path: Path) -> Non
         number_images(tmp_path / "empty")
 
 
+def test_the_numbered_map_never_overwrites_another_map(tmp_path: Path) -> None:
+    from inference import numbered_map_path
+
+    entries = [{"file_name": "a.png", "id": 1, "height": 4, "width": 5}]
+    output = tmp_path / "test-results.json"
+    assert numbered_map_path(output, entries) == tmp_path / ID_MAP_FILE  # none there yet
+    (tmp_path / ID_MAP_FILE).write_text(json.dumps(entries))
+    assert numbered_map_path(output, entries) == tmp_path / ID_MAP_FILE  # the same map: a rerun
+    (tmp_path / ID_MAP_FILE).write_text(json.dumps([{**entries[0], "file_name": "task.tif"}]))
+    assert numbered_map_path(output, entries) == tmp_path / "test-results_ids.json"
+
+
 def test_inference_on_a_png_folder_writes_the_ids_it_used(tmp_path: Path, shallow: None) -> None:
     """PNG copies of labelled images, no id map: the submission numbers them by name, writes
     that map beside itself, evaluate.py scores it with that map, and --save_labels writes the
