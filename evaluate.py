@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         results = read_labels(Path(args.labels), samples, ids, [(i.height, i.width) for i in truth.instances])
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
     metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh)
-    print_table(metrics)
+    print_table(metrics, args.iou_thresh)
     if args.json:
         write_json(Path(args.json), metrics, indent=1)
     return metrics

@@ -97,7 +97,8 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
     return results
 
 
-def print_table(metrics: dict[str, float]) -> None:
+def print_table(metrics: dict[str, float], iou_thresh: float = 0.5) -> None:
+    """The metrics as evaluate.py prints them; ``iou_thresh``: the IoU its F1/PQ matching used."""
     print(f"{'':<8}" + "".join(f"{m:>10}" for m in ("AP", "AP50", "AP75", "AP50@1000")))
     for iou_type in IOU_TYPES:
         row = [metrics[f"{iou_type}_{m}"] for m in ("AP", "AP50", "AP75")] + [metrics[f"{iou_type}_AP50_1000"]]
@@ -106,7 +107,7 @@ def print_table(metrics: dict[str, float]) -> None:
                        ("F1", "f1_class{}")):
         print(f"{label + ' per class:':<25}" + "  ".join(f"class{c['id']} {metrics[key.format(c['id'])]:.4f}"
                                                       for c in CATEGORIES))
-    print("matching at IoU 0.5: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("f1", "precision", "recall", "pq")))
+    print(f"matching at IoU {iou_thresh:g}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("f1", "precision", "recall", "pq")))
 
 
 def _rle_box(segmentation: dict) -> list[float]:

@@ -111,6 +111,15 @@ def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) ->
     assert from_labels["segm_AP50"] == pytest.approx(kept_json["segm_AP50"], abs=0.05)  # up to the overlaps
 
 
+def test_the_table_names_the_matching_iou_used(scored: dict, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--data_dir", str(scored["train"]), "--submission", str(scored["submission"])]
+    loose = evaluate.main(argv)
+    assert "matching at IoU 0.5: " in capsys.readouterr().out
+    strict = evaluate.main([*argv, "--iou_thresh", "0.75"])
+    assert "matching at IoU 0.75: " in capsys.readouterr().out
+    assert strict["f1"] < loose["f1"]  # the flag reached the matching, not only the printout
+
+
 def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, tmp_path: Path) -> None:
     """A model that drew no cell above --label_thresh wrote empty label images: a valid
     prediction scoring zero, not an error; a folder without any label image is the error."""
