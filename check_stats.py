@@ -9,18 +9,20 @@ against its id map, so a bad dataset is found before a day of training:
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tifffile
+from PIL import Image
 from tqdm import tqdm
 
 from argtypes import HelpFormatter
 from cli import run_cli
-from dataloader import (CLASS_FILES, IMAGE_FILE, Instances, decode_instances, list_samples,
-                        read_id_map)
+from dataloader import (CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
+                        list_samples, read_id_map)
 from errors import DatasetError
 from files import write_json
 
@@ -49,6 +51,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_json(Path(args.json), stats, indent=1)
         print(f"saved {args.json}")
     return stats
+
+
+def found_problems(stats: dict[str, Any]) -> int:
+    """How many problems ``main``'s survey found: unreadable training samples, and 1 for a test
+    folder that does not fit its id map. The script exits with status 1 when there is any, so a
+    job or a shell ``&&`` stops before training on a bad dataset."""
+    return len(stats["train"]["problems"]) + int("test" in stats and not stats["test"]["consistent"])
+
+
+def cli_main(argv: Sequence[str] | None = None) -> None:
+    """``main``, with the exit status of a check: 0 for a clean dataset, 1 where problems were found."""
+    problems = found_problems(main(argv))
+    if problems:
+        print(f"{problems} problem(s) found: fix them before training", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def train_stats(train_dir: Path) -> dict[str, Any]:
@@ -98,9 +115,13 @@ def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
         return {"test_dir": str(test_dir), "consistent": False, "error": str(err)}
     ids = Counter(e["id"] for e in entries)
     duplicates = sorted(i for i, n in ids.items() if n > 1)
-    mismatches, hw, modes = [], [], Counter()
+    mismatches, hw, modes, unreadable = [], [], Counter(), {}
     for entry in tqdm(entries, desc="read test headers", leave=False, disable=None):
-        info = tiff_info(test_dir / entry["file_name"])
+        try:
+            info = header_info(test_dir / entry["file_name"])
+        except DatasetError as err:  # one bad file is reported with the rest, not a stop
+            unreadable[entry["file_name"]] = str(err)
+            continue
         hw.append((info["height"], info["width"]))
         modes[info["mode"]] += 1
         expected = (entry.get("height"), entry.get("width"))
@@ -109,10 +130,11 @@ def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
                                "file": [info["height"], info["width"]]})
     return {
         "test_dir": str(test_dir),
-        "consistent": not duplicates and not mismatches,
+        "consistent": not duplicates and not mismatches and not unreadable,
         "images": len(entries),
         "duplicate_ids": duplicates,
         "size_mismatches": mismatches,
+        "unreadable": unreadable,
         "image_height": summary([h for h, _ in hw], ("min", "median", "max")),
         "image_width": summary([w for _, w in hw], ("min", "median", "max")),
         "image_modes": dict(modes),
@@ -124,6 +146,16 @@ def survey_sample(sample: Path) -> tuple[dict[str, Any], list[str], Instances]:
     info = tiff_info(sample / IMAGE_FILE)
     dtypes = [tiff_info(sample / name)["dtype"] for name in CLASS_FILES.values() if (sample / name).exists()]
     return info, dtypes, decode_instances(sample, (info["height"], info["width"]))
+
+
+def header_info(path: Path) -> dict[str, Any]:
+    """``tiff_info`` for a TIFF; for the PNG and JPEG files inference.py also predicts, the size
+    and PIL's mode from the header."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return tiff_info(path)
+    height, width = image_size(path)
+    with Image.open(path) as image:
+        return {"height": height, "width": width, "mode": f"{image.format} {image.mode}"}
 
 
 def tiff_info(path: Path) -> dict[str, Any]:
@@ -187,6 +219,8 @@ def _print_test(test: dict[str, Any]) -> None:
           f"{len(test['size_mismatches'])} size mismatches")
     for bad in test["size_mismatches"][:5]:
         print(f"  {bad['file_name']}: id map says {bad['id_map']}, file is {bad['file']}")
+    for problem in list(test["unreadable"].values())[:5]:
+        print(f"  unreadable: {problem}")
     print(f"test image height: {_fmt(test['image_height'])} | width: {_fmt(test['image_width'])}")
     print(f"test image modes: {test['image_modes']}")
 
@@ -204,4 +238,4 @@ def _pcts(values: dict[str, float | None]) -> str:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(cli_main)

@@ -99,6 +99,42 @@ def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], 
     assert not sizes["consistent"] and [m["file_name"] for m in sizes["size_mismatches"]] == [entries[0]["file_name"]]
     short = check_stats.test_stats(Path(data["test_dir"]), tmp_path / "short.json")
     assert not short["consistent"] and entries[0]["file_name"] in short["error"]
+    for id_map, status in (("short.json", 1), (data["id_map_json"], None)):  # as a shell sees the script
+        assert _check_stats_exit(["--train_dir", str(data["train_dir"]), "--test_dir", str(data["test_dir"]),
+                                  "--id_map_json", str(tmp_path / id_map)]) == status
+
+
+def test_check_stats_reads_a_png_test_folder(data: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    entries = []
+    for i, path in enumerate(sorted(Path(data["test_dir"]).iterdir()), start=1):
+        pixels = tifffile.imread(path)[..., :3]
+        Image.fromarray(pixels).save(pngs / f"{path.stem}.png")
+        entries.append({"file_name": f"{path.stem}.png", "id": i, "height": pixels.shape[0], "width": pixels.shape[1]})
+    (pngs / "broken.png").write_bytes(b"\x89PNG not an image")
+    entries.append({"file_name": "broken.png", "id": len(entries) + 1, "height": 1, "width": 1})
+    (tmp_path / "ids.json").write_text(json.dumps(entries))
+    stats = check_stats.test_stats(pngs, tmp_path / "ids.json")
+    assert stats["image_modes"] == {"PNG RGB": len(entries) - 1} and stats["size_mismatches"] == []
+    assert list(stats["unreadable"]) == ["broken.png"] and not stats["consistent"]
+
+
+def _check_stats_exit(argv: list[str]) -> int | None:
+    """check_stats.py's exit status as ``python check_stats.py ...`` ends (None: it returned, status 0)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = ["check_stats.py", *argv]
+    try:
+        runpy.run_path(str(Path(check_stats.__file__)), run_name="__main__")
+    except SystemExit as done:
+        return done.code
+    finally:
+        sys.argv = old
+    return None
 
 
 def _module_counts(*modules: torch.nn.Module) -> dict[str, int]:
