@@ -18,6 +18,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_util  # pycocotools' API, without its numpy-2 DeprecationWarnings
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
@@ -208,7 +209,7 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
         by_image.setdefault(int(r["image_id"]), []).append(r)
     counts: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(3, dtype=np.int64))  # tp, fp, fn per class
     matched_iou = 0.0
-    for image_id in coco_gt.getImgIds():
+    for image_id in tqdm(coco_gt.getImgIds(), desc="match cells", leave=False, disable=None):
         info = coco_gt.imgs[image_id]
         preds = rasterise(by_image.get(image_id, []), info["height"], info["width"], score_thresh)
         truth = coco_gt.imgToAnns.get(image_id, [])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
 from dataloader import CLASS_FILES, IMAGE_FILE, read_label_image, sample_name
@@ -72,7 +73,8 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
     cells best first, so id order is score order)."""
     results: list[dict] = []
     found = 0  # label files read: empty ones are a valid prediction of no cell, scoring zero
-    for sample, image_id, (height, width) in zip(samples, ids, shapes):
+    for sample, image_id, (height, width) in tqdm(list(zip(samples, ids, shapes)), desc="read labels", leave=False,
+                                                  disable=None):
         for class_id, name in CLASS_FILES.items():
             path = folder / sample.name / name
             if not path.exists():
