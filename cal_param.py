@@ -28,13 +28,14 @@ MISSING_ATTN = "n/a (attention_modules.py missing)"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--backbone", type=backbone_name, default="resnet101", help="resnet or effnet")
+    parser.add_argument("--backbone", type=backbone_name, default=None, help="resnet or effnet (default: resnet)")
     parser.add_argument("--use_attn", action="store_true", help="with the FPNTransformer neck and mask-head attention")
     parser.add_argument("--mask_iou", action="store_true", help="with the Mask Scoring head (mask_scoring.py)")
     parser.add_argument("--cascade", action="store_true", help="with the two later Cascade box stages (cascade.py)")
     parser.add_argument("--context_roi", type=context_factor, default=0.0, metavar="F",
                         help="with the box heads pooling each RoI's surroundings too (train scripts' --context_roi)")
-    parser.add_argument("--all", action="store_true", help="all four backbone x attention configurations")
+    parser.add_argument("--all", action="store_true",
+                        help="all four backbone x attention configurations (instead of --backbone and --use_attn)")
     parser.add_argument("--num_classes", type=class_count, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
     parser.add_argument("--weights", choices=("imagenet", "none"), default="imagenet",
@@ -44,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
-    configs = ALL_CONFIGS if args.all else ((args.backbone, args.use_attn),)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.all and (args.backbone or args.use_attn):
+        parser.error("--all counts every backbone with and without attention; drop --backbone and --use_attn, "
+                     "or drop --all")
+    configs = ALL_CONFIGS if args.all else ((args.backbone or "resnet101", args.use_attn),)
     rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade,
                          args.context_roi)
             for backbone, attn in configs]

@@ -20,6 +20,7 @@ from coco import evaluate, matching_metrics
 from detector import check_boxes
 from devices import autocast
 from distributed import DistInfo, StopRequest, any_rank, broadcast, gather_lists, sum_across
+from errors import DeviceMemoryError
 from flags import validation_settings
 from history import LOGGED_LOSSES
 from masks import PackedMasks
@@ -227,7 +228,8 @@ def _forward_losses(model: nn.Module, images: list, targets: list, device: torch
         names = [dataset.name_of(t["image_id"]) for t in targets]
         sizes = [f"{img.shape[-2]}x{img.shape[-1]}" for img in images]
         counts = [len(t["labels"]) for t in targets]
-        raise RuntimeError(f"out of memory on {names} (sizes {sizes}, instances {counts}); try a smaller "
+        raise DeviceMemoryError(f"{', '.join(names)}: out of memory in a training step (sizes {sizes}, instances "
+                                f"{counts}); try a smaller "
                            "--max_size, --batch_size 1, fewer --rpn_post_nms_top_n_train or "
                            "--box_batch_size_per_image, or --use_amp.") from err
 

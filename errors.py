@@ -21,4 +21,9 @@ class WeightsError(RuntimeError):
     """Pretrained weights that cannot be used (download, file)."""
 
 
-EXPECTED_ERRORS = (UsageError, DatasetError, CheckpointError, WeightsError)
+class DeviceMemoryError(RuntimeError):
+    """A training step that does not fit the device's memory: the fix is a flag (smaller images,
+    fewer RoIs, AMP), so it is reported in one line like bad input."""
+
+
+EXPECTED_ERRORS = (UsageError, DatasetError, CheckpointError, WeightsError, DeviceMemoryError)

@@ -432,3 +432,22 @@ def test_training_flags_are_range_checked_when_read(flags: list[str], capsys: py
         build_parser("resnet101", "x").parse_args(flags)
     assert stop.value.code == 2
     assert flags[0] in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_images_in_one_line() -> None:
+    from cli import describe
+    from errors import EXPECTED_ERRORS
+
+    class Exhausted(nn.Module):
+        def forward(self, images, targets):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    class Names:
+        def name_of(self, image_id: int) -> str:
+            return f"sample_{image_id}"
+
+    targets = [{"image_id": 3, "labels": torch.ones(5)}, {"image_id": 7, "labels": torch.ones(2)}]
+    with pytest.raises(EXPECTED_ERRORS) as raised:
+        engine._forward_losses(Exhausted(), [torch.zeros(3, 40, 50)] * 2, targets, torch.device("cpu"), False, Names())
+    line = describe(raised.value)
+    assert line.startswith("sample_3, sample_7: out of memory") and "--batch_size 1" in line and "\n" not in line

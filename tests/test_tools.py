@@ -158,6 +158,13 @@ def test_cal_param_matches_torchvision_modules(tmp_path: Path) -> None:
     assert row["total"]["trainable"] < row["total"]["total"]  # pretrained layout freezes the stem and layer1
 
 
+def test_cal_param_all_refuses_one_configuration_s_flags(capsys: pytest.CaptureFixture) -> None:
+    for extra in (["--backbone", "effnet"], ["--use_attn"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cal_param.main(["--all", *extra])
+        assert exit_info.value.code == 2 and "drop --backbone and --use_attn" in capsys.readouterr().err
+
+
 def test_cal_param_all_configurations(tmp_path: Path) -> None:
     rows = cal_param.main(["--all", "--weights", "none", "--json", str(tmp_path / "all.json")])
     assert json.loads((tmp_path / "all.json").read_text())["configs"] == rows
