@@ -88,6 +88,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); "
                               "use last.pth/best.pth from a finished epoch.") from err
+    except (ImportError, AttributeError) as err:  # pickled objects of another code base
+        raise CheckpointError(f"{path}: not a checkpoint of this project (it needs code that is not here: {err}); "
+                              "pass the best.pth or last.pth a train script wrote.") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config'); pass the "
                               "best.pth or last.pth a train script wrote.")

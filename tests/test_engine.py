@@ -451,3 +451,22 @@ def test_out_of_memory_names_the_images_in_one_line() -> None:
         engine._forward_losses(Exhausted(), [torch.zeros(3, 40, 50)] * 2, targets, torch.device("cpu"), False, Names())
     line = describe(raised.value)
     assert line.startswith("sample_3, sample_7: out of memory") and "--batch_size 1" in line and "\n" not in line
+
+
+def test_a_checkpoint_of_another_code_base_is_refused_in_one_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    ghost = types.ModuleType("ghost_detector")
+
+    class Head:
+        pass
+
+    Head.__module__, Head.__qualname__ = "ghost_detector", "Head"
+    ghost.Head = Head
+    monkeypatch.setitem(sys.modules, "ghost_detector", ghost)
+    torch.save({"model": Head(), "config": {}}, tmp_path / "other.pth")
+    monkeypatch.delitem(sys.modules, "ghost_detector")
+    with pytest.raises(CheckpointError, match="other.pth: not a checkpoint of this project .*ghost_detector"):
+        load_checkpoint(tmp_path / "other.pth")
