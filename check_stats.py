@@ -54,17 +54,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def found_problems(stats: dict[str, Any]) -> int:
-    """How many problems ``main``'s survey found: unreadable training samples, and 1 for a test
-    folder that does not fit its id map. The script exits with status 1 when there is any, so a
-    job or a shell ``&&`` stops before training on a bad dataset."""
-    return len(stats["train"]["problems"]) + int("test" in stats and not stats["test"]["consistent"])
+    """How many problems ``main``'s survey found: unreadable training samples; in the test folder,
+    duplicate ids, size mismatches and unreadable images, or 1 for an id map that does not fit it.
+    The script exits with status 1 when there is any, so a job or a shell ``&&`` stops before
+    training on a bad dataset."""
+    test = stats.get("test")
+    if test is None or test["consistent"]:
+        found_in_test = 0
+    elif "error" in test:
+        found_in_test = 1
+    else:
+        found_in_test = len(test["duplicate_ids"]) + len(test["size_mismatches"]) + len(test["unreadable"])
+    return len(stats["train"]["problems"]) + found_in_test
 
 
 def cli_main(argv: Sequence[str] | None = None) -> None:
     """``main``, with the exit status of a check: 0 for a clean dataset, 1 where problems were found."""
     problems = found_problems(main(argv))
     if problems:
-        print(f"{problems} problem(s) found: fix them before training", file=sys.stderr)
+        print(f"check_stats: {problems} problem(s) found, listed above; fix them before training", file=sys.stderr)
         raise SystemExit(1)
 
 
@@ -108,7 +116,7 @@ def train_stats(train_dir: Path) -> dict[str, Any]:
 
 def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
     """The id map checked against the files (names both ways, unique ids, height and width
-    from the TIFF headers); inconsistencies are reported, not raised."""
+    from the image headers); inconsistencies are reported, not raised, so one run lists them all."""
     try:
         entries = read_id_map(id_map_json, test_dir)
     except DatasetError as err:

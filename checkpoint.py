@@ -89,8 +89,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); "
                               "use last.pth/best.pth from a finished epoch.") from err
     except (ImportError, AttributeError) as err:  # pickled objects of another code base
-        raise CheckpointError(f"{path}: not a checkpoint of this project (it needs code that is not here: {err}); "
-                              "pass the best.pth or last.pth a train script wrote.") from err
+        raise CheckpointError(f"{path}: needs code that is not installed here ({err}); install the package "
+                              "versions it was written with (requirements.txt), or pass a best.pth or last.pth "
+                              "a train script of this project wrote.") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config'); pass the "
                               "best.pth or last.pth a train script wrote.")

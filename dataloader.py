@@ -441,16 +441,13 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     if not test_dir.is_dir():
         raise DatasetError(f"{test_dir}: test folder not found; pass --test_dir <dataset>/test_release.")
     try:
-        entries = json.loads(id_map_json.read_text())
+        entries = json.loads(id_map_json.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a TIFF passed by mistake is not UTF-8
         raise DatasetError(f"{id_map_json}: not valid JSON ({err}); fix the file or pass another --id_map_json.") from err
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and "file_name" in e and isinstance(e.get("id"), int) and not isinstance(e["id"], bool)
-        for e in entries
-    ):
-        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects with integer "
-                           "ids; pass the "
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
+        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
                            "competition's test_image_name_to_ids.json.")
+    entries = [{**e, "id": _whole_id(e, id_map_json)} for e in entries]
     named = {e["file_name"] for e in entries}
     files = set(folder_images(test_dir))
     without_id = sorted(files - named)
@@ -462,6 +459,18 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
         raise DatasetError(f"{id_map_json}: {len(without_file)} id(s) name files missing from {test_dir}: "
                            f"{_few(without_file)}; pass the test folder of this id map.")
     return sorted(entries, key=lambda e: e["id"])
+
+
+def _whole_id(entry: dict, id_map_json: Path) -> int:
+    """An entry's id as the int the submission writes: tools that write maps from a table give
+    ``1.0`` or ``"1"``, which name the same image; anything else cannot be an image id."""
+    value = entry["id"]
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        return int(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise DatasetError(f"{id_map_json}: the id of {entry['file_name']!r} is {value!r}, not a whole number; "
+                       "give every image an integer id.")
 
 
 def collate_fn(batch: list) -> tuple:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -152,11 +153,14 @@ def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequen
                meter: EpochMeter, device: torch.device, use_amp: bool, dataset: Any = None) -> None:
     """One optimisation step; its losses go to ``meter`` (still on the device)."""
     images, targets = to_device(images, targets, device)
-    losses = _forward_losses(model, images, targets, device, use_amp, dataset)
-    loss = sum(losses.values())
-    # A non-finite loss makes every gradient NaN (on every DDP rank after the all-reduce, where
-    # a zeroed loss would let the other ranks step alone), so the optimizer skips the update.
-    skipped = opt.step(model, loss * torch.where(torch.isfinite(loss), 1.0, math.nan))
+    try:  # the backward pass holds the most memory: it runs out there as often as in the forward
+        losses = _forward_losses(model, images, targets, device, use_amp)
+        loss = sum(losses.values())
+        # A non-finite loss makes every gradient NaN (on every DDP rank after the all-reduce, where
+        # a zeroed loss would let the other ranks step alone), so the optimizer skips the update.
+        skipped = opt.step(model, loss * torch.where(torch.isfinite(loss), 1.0, math.nan))
+    except torch.OutOfMemoryError as err:
+        raise memory_error(err, images, targets, dataset) from err
     meter.add(losses, loss, [t["image_id"] for t in targets], skipped)
 
 
@@ -218,20 +222,23 @@ class losses_mode:
         self.model.train(self.was_training)
 
 
-def _forward_losses(model: nn.Module, images: list, targets: list, device: torch.device, use_amp: bool,
-                    dataset: Any) -> dict[str, torch.Tensor]:
-    """Training forward; out-of-memory names the images and what to change."""
-    try:
-        with autocast(device, use_amp):
-            return model(images, targets)
-    except torch.OutOfMemoryError as err:
-        names = [dataset.name_of(t["image_id"]) for t in targets]
-        sizes = [f"{img.shape[-2]}x{img.shape[-1]}" for img in images]
-        counts = [len(t["labels"]) for t in targets]
-        raise DeviceMemoryError(f"{', '.join(names)}: out of memory in a training step (sizes {sizes}, instances "
-                                f"{counts}); try a smaller "
-                           "--max_size, --batch_size 1, fewer --rpn_post_nms_top_n_train or "
-                           "--box_batch_size_per_image, or --use_amp.") from err
+def _forward_losses(model: nn.Module, images: list, targets: list, device: torch.device,
+                    use_amp: bool) -> dict[str, torch.Tensor]:
+    """The training forward, under autocast with ``--use_amp``; a seam the fault tests wrap."""
+    with autocast(device, use_amp):
+        return model(images, targets)
+
+
+def memory_error(err: torch.OutOfMemoryError, images: Sequence[torch.Tensor], targets: Sequence[dict],
+                 dataset: Any) -> DeviceMemoryError:
+    """Out of memory as one line: which images (their size and cells), how much was asked for,
+    and the flags that shrink a step; the traceback would name only a kernel."""
+    asked = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", str(err))
+    shown = ", ".join(f"{dataset.name_of(t['image_id']) if dataset is not None else t['image_id']} "
+                      f"({img.shape[-2]}x{img.shape[-1]}, {len(t['labels'])} cells)" for img, t in zip(images, targets))
+    return DeviceMemoryError(f"{shown}: out of memory in a training step{f' ({asked.group(0)})' if asked else ''}; "
+                             "try a smaller --max_size, --batch_size 1, fewer --rpn_post_nms_top_n_train or "
+                             "--box_batch_size_per_image, or --use_amp.")
 
 
 def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device) -> tuple[list, list]:

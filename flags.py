@@ -124,8 +124,7 @@ def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool)
 def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: bool = True) -> None:
     """--id_map_json: which id each predicted image has in the submission (in visualization.py,
     which writes none: in the PNGs' names)."""
-    numbered = ("and that map is written beside the submission as "
-                f"{ID_MAP_FILE}, or as <submission>_ids.json where another map is there already"
+    numbered = (f"and that map is written beside the submission as {ID_MAP_FILE}, never over a map of other images"
                 if writes_submission else "which name the PNGs")
     parser.add_argument("--id_map_json", default=None,
                         help="list of {file_name, id, height, width} naming each test image's id (default: "

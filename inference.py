@@ -131,6 +131,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     (``streaming.py``); the others are predicted whole, their results written first."""
     id_map = find_id_map(Path(test_dir), id_map_json)
     dataset = UnlabelledImages(Path(test_dir), id_map)  # fails on a bad id map before the model loads
+    if id_map is None:
+        check_numbered_map(Path(output).parent / ID_MAP_FILE, dataset.entries)
     sizes = [image_size(dataset.test_dir / e["file_name"]) for e in dataset.entries]
     streamed = [i for i, size in enumerate(sizes) if window and max(size) > window]
     whole = sorted(set(range(len(sizes))) - set(streamed))
@@ -169,9 +171,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
             _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
                     submission, writer, cell_outputs.score_thresh)
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
-        numbered = numbered_map_path(Path(output), dataset.entries)
-        write_json(numbered, dataset.entries, indent=1)
-        print(f"no id map: {len(dataset)} images numbered by file name -> {numbered}")
+        write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
+        print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
     if writer:
         report_cell_outputs(len(dataset), cell_outputs.score_thresh, *cell_outputs.paths)
     seconds = time.time() - start
@@ -180,16 +181,17 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     return Path(output)
 
 
-def numbered_map_path(output: Path, entries: list[dict]) -> Path:
-    """Where the map of images numbered by name goes: ``test_image_name_to_ids.json`` beside the
-    submission, unless another map is there already (the task's own, when ``--output_dir`` is the
-    dataset folder), which is never overwritten: then ``<submission>_ids.json``."""
-    path = output.parent / ID_MAP_FILE
+def check_numbered_map(path: Path, entries: list[dict]) -> None:
+    """Refuse, before any prediction, to write the numbered id map over a map of other images
+    (the task's own, when ``--output_dir`` is the dataset folder); the same numbering is a rerun."""
     try:
-        same = not path.exists() or json.loads(path.read_text()) == entries
+        same = not path.exists() or json.loads(path.read_text(encoding="utf-8")) == entries
     except (ValueError, OSError):
         same = False
-    return path if same else output.with_name(f"{output.stem}_ids.json")
+    if not same:
+        raise UsageError(f"{path}: an id map of other images is there, and numbering this folder's images would "
+                         "overwrite it; pass another --output_dir or --output, or delete the file if an earlier "
+                         "inference.py run wrote it.")
 
 
 def report_caps(results: list[dict], cap: int, per_class: int) -> None:

@@ -99,7 +99,7 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
     return results
 
 
-def print_table(metrics: dict[str, float], iou_thresh: float = 0.5) -> None:
+def print_table(metrics: dict[str, float], iou_thresh: float) -> None:
     """The metrics as evaluate.py prints them; ``iou_thresh``: the IoU its F1/PQ matching used."""
     print(f"{'':<8}" + "".join(f"{m:>10}" for m in ("AP", "AP50", "AP75", "AP50@1000")))
     for iou_type in IOU_TYPES:

@@ -188,12 +188,16 @@ def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
     extra.write_text(json.dumps(entries + [{"file_name": "ghost.tif", "id": 99}]))
     with pytest.raises(DatasetError, match="ghost.tif"):
         read_id_map(extra, tiny_dataset["test_dir"])
-    text_ids = tmp_path / "text_ids.json"
-    text_ids.write_text(json.dumps([{**e, "id": str(e["id"])} for e in entries]))
-    with pytest.raises(DatasetError, match="integer ids"):
-        read_id_map(text_ids, tiny_dataset["test_dir"])
+    for form in (str, float):  # maps written from a table: the same ids
+        other = tmp_path / f"{form.__name__}_ids.json"
+        other.write_text(json.dumps([{**e, "id": form(e["id"])} for e in entries]))
+        assert read_id_map(other, tiny_dataset["test_dir"]) == sorted(entries, key=lambda e: e["id"])
+    fraction = tmp_path / "fraction.json"
+    fraction.write_text(json.dumps([{**entries[0], "id": 1.5}] + entries[1:]))
+    with pytest.raises(DatasetError, match=f"the id of '{entries[0]['file_name']}' is 1.5, not a whole number"):
+        read_id_map(fraction, tiny_dataset["test_dir"])
     a_tiff = tmp_path / "image.json"
-    a_tiff.write_bytes(b"II*\x00\x08\x00\x00\x00\xff\xfe\x80")  # a TIFF passed by mistake: not UTF-8
+    a_tiff.write_bytes(b"II*\x00\x08\x00\x00\x00\xff\xfe\x80")  # a TIFF passed by mistake: never UTF-8
     with pytest.raises(DatasetError, match="not valid JSON"):
         read_id_map(a_tiff, tiny_dataset["test_dir"])
 

@@ -120,6 +120,11 @@ def test_check_stats_reads_a_png_test_folder(data: dict[str, Path], tmp_path: Pa
     stats = check_stats.test_stats(pngs, tmp_path / "ids.json")
     assert stats["image_modes"] == {"PNG RGB": len(entries) - 1} and stats["size_mismatches"] == []
     assert list(stats["unreadable"]) == ["broken.png"] and not stats["consistent"]
+    entries[0]["width"] += 1
+    (tmp_path / "ids.json").write_text(json.dumps(entries))
+    stats = check_stats.test_stats(pngs, tmp_path / "ids.json")
+    assert [m["file_name"] for m in stats["size_mismatches"]] == [entries[0]["file_name"]]
+    assert check_stats.found_problems({"train": {"problems": {}}, "test": stats}) == 2
 
 
 def _check_stats_exit(argv: list[str]) -> int | None:

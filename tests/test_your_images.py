@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from PIL import Image
 import evaluate
 import inference
 from cell_outputs import write_cell_outputs
-from checkpoint import save_checkpoint
+from checkpoint import CheckpointError, save_checkpoint
 from dataloader import (ID_MAP_FILE, IMAGE_FILE, DatasetError, UnlabelledImages, find_id_map, image_size, list_samples,
                         number_images, read_image)
+from errors import UsageError
 from model import build_model
 from shallow import shallow_resnet
 from synthetic import make_dataset
@@ -78,15 +80,22 @@ def test_a_folder_without_id_map_is_numbered_by_file_name(tmp_path: Path) -> Non
 
 
 def test_the_numbered_map_never_overwrites_another_map(tmp_path: Path) -> None:
-    from inference import numbered_map_path
-
-    entries = [{"file_name": "a.png", "id": 1, "height": 4, "width": 5}]
-    output = tmp_path / "test-results.json"
-    assert numbered_map_path(output, entries) == tmp_path / ID_MAP_FILE  # none there yet
-    (tmp_path / ID_MAP_FILE).write_text(json.dumps(entries))
-    assert numbered_map_path(output, entries) == tmp_path / ID_MAP_FILE  # the same map: a rerun
-    (tmp_path / ID_MAP_FILE).write_text(json.dumps([{**entries[0], "file_name": "task.tif"}]))
-    assert numbered_map_path(output, entries) == tmp_path / "test-results_ids.json"
+    """The task's map in the output folder is refused before the checkpoint is read (this one does
+    not exist); the same numbering, as a rerun writes it, is not."""
+    data = make_dataset(tmp_path / "data", n_train=0, n_test=2, size=(32, 40), cells=(1, 2), seed=3)
+    mine = tmp_path / "mine"
+    shutil.copytree(data["test_dir"], mine)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(data["id_map_json"], out / ID_MAP_FILE)
+    task_map = (out / ID_MAP_FILE).read_text()
+    argv = ["--checkpoint", str(tmp_path / "none.pth"), "--test_dir", str(mine), "--output_dir", str(out)]
+    with pytest.raises(UsageError, match=f"{out / ID_MAP_FILE}: an id map of other images is there"):
+        inference.main(argv)
+    assert (out / ID_MAP_FILE).read_text() == task_map
+    (out / ID_MAP_FILE).write_text(json.dumps(number_images(mine)))  # an earlier run's numbering
+    with pytest.raises(CheckpointError, match="none.pth: checkpoint not found"):
+        inference.main(argv)
 
 
 def test_inference_on_a_png_folder_writes_the_ids_it_used(tmp_path: Path, shallow: None) -> None:
