@@ -447,7 +447,7 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
         raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
                            "competition's test_image_name_to_ids.json.")
-    entries = [{**e, "id": _whole_id(e, id_map_json)} for e in entries]
+    entries = [{**e, "id": whole_id(e, id_map_json)} for e in entries]
     named = {e["file_name"] for e in entries}
     files = set(folder_images(test_dir))
     without_id = sorted(files - named)
@@ -461,9 +461,10 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     return sorted(entries, key=lambda e: e["id"])
 
 
-def _whole_id(entry: dict, id_map_json: Path) -> int:
-    """An entry's id as the int the submission writes: tools that write maps from a table give
-    ``1.0`` or ``"1"``, which name the same image; anything else cannot be an image id."""
+def whole_id(entry: dict, id_map_json: Path) -> int:
+    """An id map entry's id as the int the submission writes, in inference.py and evaluate.py
+    alike: tools that write maps from a table give ``1.0`` or ``"1"``, which name the same
+    image; anything else (``1.5``, ``"a"``) cannot be an image id."""
     value = entry["id"]
     if isinstance(value, str) and value.strip().lstrip("+").isdigit():
         return int(value)

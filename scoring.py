@@ -13,7 +13,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, IMAGE_FILE, read_label_image, sample_name
+from dataloader import CLASS_FILES, IMAGE_FILE, read_label_image, sample_name, whole_id
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -38,8 +38,10 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
         return list(range(1, len(samples) + 1))
     path = Path(id_map_json)
     try:
-        entries = json.loads(path.read_text())
-        by_sample = {sample_name(e["file_name"]): int(e["id"]) for e in entries}
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        by_sample = {sample_name(e["file_name"]): whole_id(e, path) for e in entries}
+    except DatasetError:  # an id that is not a whole number, named by whole_id
+        raise
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise DatasetError(f"{path}: not a list of {{file_name, id}} objects ({type(err).__name__}); "
                            "pass the id map the submission was written with.") from err

@@ -143,3 +143,16 @@ def _as_test_set(scored: dict, name: str) -> UnlabelledImages:
         entries.append({"file_name": f"{sample.name}.tif", "id": image_id})
     (scored["root"] / f"{name}.json").write_text(json.dumps(entries))
     return UnlabelledImages(test_dir, scored["root"] / f"{name}.json")
+
+
+def test_evaluate_reads_ids_as_inference_writes_them(scored: dict, tmp_path: Path) -> None:
+    from scoring import image_ids
+
+    samples = scored["samples"]
+    as_floats = tmp_path / "floats.json"
+    as_floats.write_text(json.dumps([{"file_name": f"{s.name}.tif", "id": float(i)} for i, s in enumerate(samples, 5)]))
+    assert image_ids(samples, str(as_floats)) == [5, 6, 7]
+    halves = tmp_path / "halves.json"
+    halves.write_text(json.dumps([{"file_name": f"{s.name}.tif", "id": i + 0.5} for i, s in enumerate(samples)]))
+    with pytest.raises(DatasetError, match="is 0.5, not a whole number"):
+        image_ids(samples, str(halves))
