@@ -11,7 +11,7 @@ import json
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -31,7 +31,9 @@ from errors import UsageError
 from files import JsonArrayWriter, writable_dir, write_json
 from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
                    checkpoint_overrides, prediction_settings)
-from predictor import Settings, limits, predict
+from journal import SUFFIX as JOURNAL_SUFFIX
+from journal import PredictionJournal, run_key
+from predictor import Settings, limits, predict_each
 from streaming import LazyImage, model_predictor, stream_image, window_count, window_spans
 
 
@@ -148,15 +150,36 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     # Tiles and views of one image fill a batch already; whole images of different sizes are
     # batched (padded together) only when asked.
     together = not (resolved.tile or resolved.tta_scales) and settings.batch_size is not None
-    loader = DataLoader(Subset(dataset, whole), batch_size=resolved.batch_size if together else 1, shuffle=False,
-                        collate_fn=collate_fn, num_workers=num_workers, pin_memory=torch_device.type == "cuda")
+    per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
+                         detections_per_class=settings.detections_per_class or 0)
+    journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
+        paths, images=[(e["file_name"], e["id"]) for e in dataset.entries], test_dir=Path(test_dir).resolve(),
+        settings=asdict(resolved), per_window=asdict(per_window), window=window, score_thresh=score_thresh,
+        overrides=overrides, device=str(torch_device)))
+    ids = [int(e["id"]) for e in dataset.entries]
+    earlier = {i for i in whole if ids[i] in journal.done}
+    if not cell_outputs.requested:  # a streamed image's cell outputs are painted window by window as it is predicted
+        earlier |= {i for i in streamed if ids[i] in journal.done}
+    if journal.stale:
+        print(f"{journal.path}: a partial run with other checkpoints, images or settings; starting over")
+    elif journal.done:
+        print(f"resuming: {len(earlier)} of {len(dataset)} images were predicted by an earlier run of this command "
+              f"({journal.path}; delete it to start over)")
+    loader = DataLoader(Subset(dataset, [i for i in whole if i not in earlier]),
+                        batch_size=resolved.batch_size if together else 1, shuffle=False, collate_fn=collate_fn,
+                        num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES
     start = time.time()
     with ExitStack() as stack:
+        stack.enter_context(journal)
         submission = stack.enter_context(JsonArrayWriter(Path(output)))
         writer = (stack.enter_context(CellWriter(names, *cell_outputs.paths)) if cell_outputs.requested else None)
         if whole:
-            results = predict(models, loader, torch_device, resolved, desc="inference")
+            results = [r for part in journal.replay({ids[i] for i in whole if i in earlier}) for r in part]
+            for image_id, found in predict_each(models, loader, torch_device, resolved, desc="inference"):
+                journal.add(image_id, found)
+                journal.finish(image_id)
+                results.extend(found)
             report_caps(results, *limits(models, resolved))
             results = [r for r in results if r["score"] >= score_thresh]
             submission.extend(results)
@@ -165,11 +188,14 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
                                             cell_outputs.score_thresh):
                     writer.add(image)
             del results
-        per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
-                             detections_per_class=settings.detections_per_class or 0)
         for i in streamed:
+            if i in earlier:
+                for part in journal.replay({ids[i]}):
+                    submission.extend(part)
+                continue
             _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
-                    submission, writer, cell_outputs.score_thresh)
+                    submission, writer, cell_outputs.score_thresh, journal)
+    journal.discard()  # the submission is complete
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
         write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
         print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
@@ -211,7 +237,7 @@ def report_caps(results: list[dict], cap: int, per_class: int) -> None:
 
 def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.device, settings: Settings,
             window: int, score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None,
-            label_thresh: float) -> None:
+            label_thresh: float, journal: PredictionJournal) -> None:
     """One large image predicted window by window, each window's cells written before the next is read."""
     path = test_dir / entry["file_name"]
     with LazyImage(path) as image:
@@ -225,13 +251,15 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
         parts = stream_image(image, model_predictor(models, device, settings, image), window, settings.tile,
                              settings.tile_overlap)
         for part in tqdm(parts, total=windows, desc=entry["file_name"], leave=False, disable=None):
-            submission.extend([r for r in detections_to_coco(part.cells(image.size), int(entry["id"]))
-                               if r["score"] >= score_thresh])
+            kept = [r for r in detections_to_coco(part.cells(image.size), int(entry["id"])) if r["score"] >= score_thresh]
+            submission.extend(kept)
+            journal.add(int(entry["id"]), kept)
             if writer:  # the per-cell outputs hold cells the submission holds
                 cells = painted_window(entry["file_name"], int(entry["id"]), path, part.pixels, part.origin, part.dets,
                                        part.core.numpy(), max(label_thresh, score_thresh), numbered + 1)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
+    journal.finish(int(entry["id"]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +84,6 @@ def training_tile(state: dict[str, Any]) -> int:
     return int((state.get("args") or {}).get("crop") or 0)
 
 
-@torch.no_grad()
 def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device,
             settings: Settings = Settings(), desc: str = "predict") -> list[dict]:
     """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
@@ -95,18 +94,24 @@ def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: to
     flips, of one or several images) go through a network together; each image keeps at most
     ``detections_per_img`` detections (default: the models' limit) after all merges.
     """
+    return [r for _, found in predict_each(model, loader, device, settings, desc) for r in found]
+
+
+@torch.no_grad()
+def predict_each(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device,
+                 settings: Settings = Settings(), desc: str = "predict") -> Iterator[tuple[int, list[dict]]]:
+    """``predict``, one ``(image_id, results)`` per image as soon as its batch is done (an image
+    without cells too), so a caller can record each image before the next is predicted."""
     settings = settings.resolved(device)
     models = [getattr(m, "module", m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     for net in models:  # DDP: predict with the wrapped model, no gradient sync
         net.eval()
-    results: list[dict] = []
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
         images = [img.to(device, non_blocking=True) for img in images]
         with autocast(device, settings.use_amp):
             merged = predict_images(models, images, settings)
         for dets, target in zip(merged, targets):
-            results.extend(detections_to_coco(dets, target["image_id"]))
-    return results
+            yield target["image_id"], detections_to_coco(dets, target["image_id"])
 
 
 class Job(NamedTuple):
