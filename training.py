@@ -125,10 +125,13 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
     args = parser.parse_args(argv)
     if args.val_dir and args.split_groups:
         parser.error("--val_dir names the held-out samples, --split_groups chooses them from --train_dir; pass one")
+    typed = typed_flags(parser, sys.argv[1:] if argv is None else argv, args)
     if args.demo:
         from synthetic import apply_demo_settings
 
-        apply_demo_settings(args, typed_flags(parser, sys.argv[1:] if argv is None else argv, args))
+        apply_demo_settings(args, typed)
+    if args.resume and "output_dir" not in typed:  # the resumed run's folder, not another run's
+        args.output_dir = str(Path(args.resume).parent)
     if args.tile is None:
         args.tile = args.crop
     summary = train(args, backbone)
@@ -164,8 +167,11 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     enable_tf32(device)
     torch.manual_seed(args.seed)
     resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None and not {"optimizer", "rng"} <= resume.keys():
+        raise CheckpointError(f"{args.resume}: holds weights only, no training state to resume; pass it as "
+                              f"--checkpoint {args.resume} to train from its weights in a new run.")
     start = load_checkpoint(args.checkpoint) if args.checkpoint and not resume else None
-    config = _run_config(args, backbone, resume)
+    config = _run_config(args, backbone, resume, info)
     if start is not None:
         config = _fine_tune_config(config, start, info)
     train_set, val_set = _datasets(args, out, info)
@@ -254,7 +260,20 @@ def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistI
         write_history(out / "history.json", history)
 
 
-def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) -> dict[str, Any]:
+# Flags a resumed run keeps: they decide the split, the sampler's order and steps per epoch, or
+# what "best" means, so a change would mix two runs into one history.
+RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric", "batch_size",
+             "repeat_thresh")
+# Model limits a resumed run may change, as the out-of-memory advice asks: no weight depends on them.
+RESUME_LIMITS = ("max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                 "rpn_post_nms_top_n_test", "box_batch_size_per_image", "detections_per_img", "detections_per_class",
+                 "box_score_thresh", "box_nms_thresh")
+
+
+def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None,
+                info: DistInfo = DistInfo()) -> dict[str, Any]:
+    """The model config: from the flags, or for ``--resume`` the checkpoint's, refusing flags that
+    would change its architecture or its data and taking the limits of ``RESUME_LIMITS`` given now."""
     config = config_from_args(args, backbone)
     if resume is None:
         return config
@@ -265,7 +284,27 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None) ->
         raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
                               f"(trained with {arch_flags(trained, differing)}, now {arch_flags(config, differing)}); "
                               "resume with the original flags or start a new --output_dir.")
-    return {**config, **trained}
+    original = resume.get("args") or {}
+    changed = [k for k in RUN_FLAGS if k in original and not _same_flag(original[k], getattr(args, k))]
+    if changed:
+        was = " ".join(f"--{k} {original[k]}" for k in changed)
+        now = " ".join(f"--{k} {getattr(args, k)}" for k in changed)
+        raise CheckpointError(f"{args.resume}: --resume with other data or selection flags (trained with {was}, now "
+                              f"{now}); resume with the original flags or start a new --output_dir.")
+    limits = {k: config[k] for k in RESUME_LIMITS
+              if k in original and getattr(args, k, None) is not None and original[k] != getattr(args, k)}
+    if limits:
+        _log(info, "note: resumed with " + ", ".join(f"--{k} {v} (was {trained.get(k)})" for k, v in limits.items()))
+    return {**config, **trained, **limits}
+
+
+def _same_flag(before: Any, now: Any) -> bool:
+    """A flag's value then and now; two spellings of one folder are the same."""
+    if before == now:
+        return True
+    if isinstance(before, str) and isinstance(now, str):
+        return Path(before).resolve() == Path(now).resolve()
+    return False
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace) -> set[str]:

@@ -482,3 +482,38 @@ def test_a_checkpoint_of_another_code_base_is_refused_in_one_line(tmp_path: Path
     monkeypatch.delitem(sys.modules, "ghost_detector")
     with pytest.raises(CheckpointError, match="other.pth: needs code that is not installed here .*ghost_detector"):
         load_checkpoint(tmp_path / "other.pth")
+
+
+def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.CaptureFixture) -> None:
+    from model import config_from_args
+
+    parser = build_parser("resnet101", "")
+    first = parser.parse_args(["--train_dir", "data/train", "--val_split", "0.2", "--max_size", "1024"])
+    resume = {"config": config_from_args(first, "resnet101"), "args": vars(first)}
+
+    def resumed(*flags: str) -> dict:
+        return _run_config(parser.parse_args(["--resume", "r/last.pth", *flags]), "resnet101", resume)
+
+    with pytest.raises(CheckpointError, match="trained with --val_split 0.2, now --val_split 0.3"):
+        resumed("--train_dir", "data/train", "--val_split", "0.3", "--max_size", "1024")
+    with pytest.raises(CheckpointError, match="--batch_size 2, now --batch_size 4"):
+        resumed("--train_dir", "data/train", "--max_size", "1024", "--batch_size", "4")
+    same = resumed("--train_dir", "./data/../data/train", "--max_size", "1024")  # one folder, spelled twice
+    assert same["max_size"] == 1024 and "note" not in capsys.readouterr().out
+    smaller = resumed("--train_dir", "data/train", "--max_size", "512")  # the out-of-memory advice
+    assert smaller["max_size"] == 512 and "--max_size 512 (was 1024)" in capsys.readouterr().out
+
+
+def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(training, "train", lambda args, backbone: seen.append(args.output_dir) or {"interrupted": 0})
+    training.main(["--train_dir", "x", "--resume", str(tmp_path / "a" / "last.pth")], "resnet101", "")
+    training.main(["--train_dir", "x", "--resume", str(tmp_path / "a" / "last.pth"), "--output_dir", "b"],
+                  "resnet101", "")
+    assert seen == [str(tmp_path / "a"), "b"]
+    monkeypatch.undo()
+    save_checkpoint(tmp_path / "weights.pth", {"model": {}, "config": dict(DEFAULT_CONFIG)})
+    with pytest.raises(CheckpointError, match="holds weights only.*--checkpoint"):
+        training.main(["--train_dir", "x", "--output_dir", str(tmp_path / "c"), "--resume",
+                       str(tmp_path / "weights.pth")], "resnet101", "")
