@@ -26,7 +26,7 @@ from dataloader import LabelledImages, collate_fn, list_samples, sample_groups, 
 from distributed import DistInfo, StopRequest, cleanup, decorrelate_ranks, init_distributed
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
-from errors import CheckpointError, DatasetError
+from errors import CheckpointError, DatasetError, UsageError
 from files import writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
@@ -346,16 +346,23 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
     train_set = LabelledImages([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                desc="decode train labels", crop_window=build_crop_window(args),
                                cache_images=not args.no_cache_images)
+    val_set = LabelledImages(val_samples, val_ids, desc="decode val labels",
+                              cache_images=not args.no_cache_images)
+    present = max((int(i.labels.max()) for ds in (train_set, val_set) for i in ds.instances if len(i)), default=0)
+    if present >= args.num_classes:  # else an index error in the sampler, a device assert in the loss on CUDA
+        raise UsageError(f"{args.train_dir}: cells of class {present} but --num_classes {args.num_classes} "
+                         f"(background included); pass --num_classes {present + 1} or more.")
     weights = (balanced_class_weights([i.labels for i in train_set.instances], args.num_classes)
                if args.copy_paste_rare else [1.0] * args.num_classes)
     train_set.transforms = build_train_transforms(args, Donors(train_set.donor, weights))
-    val_set = LabelledImages(val_samples, val_ids, desc="decode val labels",
-                              cache_images=not args.no_cache_images)
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.empty:
             _log(info, f"note: {len(ds.empty)} {name} sample(s) have no instances (kept as background): {ds.empty[:5]}")
     if sum(len(i) for i in train_set.instances) == 0:
         raise DatasetError(f"{args.train_dir}: no instances in any training sample; check the class*.tif files.")
+    if not len(val_set):
+        _log(info, "note: no validation samples: best.pth, --early_stop and the plateau schedule follow the "
+                   "training loss")
     _log(info, f"data: {len(train_set)} train / {len(val_set)} val samples, "
                f"{sum(len(i) for i in train_set.instances)} train instances")
     return train_set, val_set

@@ -517,3 +517,11 @@ def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: P
     with pytest.raises(CheckpointError, match="holds weights only.*--checkpoint"):
         training.main(["--train_dir", "x", "--output_dir", str(tmp_path / "c"), "--resume",
                        str(tmp_path / "weights.pth")], "resnet101", "")
+
+
+def test_fewer_classes_than_the_labels_hold_stop_before_training(tiny_dataset: dict, tmp_path: Path) -> None:
+    from errors import UsageError
+
+    with pytest.raises(UsageError, match=r"cells of class \d but --num_classes 2 .*pass --num_classes [3-5]"):
+        training.main(["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(tmp_path / "o"),
+                       "--num_classes", "2", "--num_workers", "0", "--weights", "none"], "resnet101", "")
