@@ -124,7 +124,8 @@ class ResumableSampler(DistributedSampler):
 
 class StopRequest:
     """SIGTERM (a preempted job) or Ctrl-C asks the loop to stop after the current step and
-    save; a second Ctrl-C stops at once."""
+    save (during validation: once it ends, so the epoch's result is kept); a second Ctrl-C stops
+    at once, losing the steps since the last save."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -143,4 +144,5 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after the current step...", flush=True)
+        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after the current step (during "
+              "validation: when it ends); a second Ctrl-C stops at once, without saving", flush=True)
