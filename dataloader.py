@@ -212,10 +212,13 @@ def sample_folders(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_dir())
 
 
-def list_samples(train_dir: Path) -> list[Path]:
-    """Sample folders sorted by name (``sample_folders``), each checked to hold its image."""
+def list_samples(train_dir: Path, flag: str = "--train_dir") -> list[Path]:
+    """Sample folders sorted by name (``sample_folders``), each checked to hold its image;
+    ``flag``: the option that named the folder, which a missing one's message asks to fix."""
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
+        if flag != "--train_dir":
+            raise DatasetError(f"{train_dir}: folder not found; pass {flag} <a folder of <sample>/image.tif>.")
         raise DatasetError(f"{train_dir}: training folder not found; pass --train_dir <dataset>/train.")
     samples = sample_folders(train_dir)
     if not samples:

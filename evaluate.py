@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     from dataloader import LabelledImages, list_samples
     from scoring import image_ids, print_table, read_labels, read_submission, score
 
-    samples = list_samples(Path(args.data_dir))
+    samples = list_samples(Path(args.data_dir), "--data_dir")
     ids = image_ids(samples, args.id_map_json)
     truth = LabelledImages(samples, ids, desc="decode ground truth", cache_images=False)
     coco_gt = build_coco_gt(truth.instances, ids)

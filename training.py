@@ -333,7 +333,7 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
     by_name = {p.name: p for p in samples}
     split_seed = args.seed if args.split_seed is None else args.split_seed
     if args.val_dir:  # an explicit held-out folder, numbered 1..N as evaluate.py numbers it
-        val_samples = list_samples(Path(args.val_dir))
+        val_samples = list_samples(Path(args.val_dir), "--val_dir")
         train_names, val_names = list(by_name), [p.name for p in val_samples]
         val_ids = list(range(1, len(val_samples) + 1))
     else:

@@ -238,3 +238,10 @@ def test_window_renders_only_what_it_sees(tiny_dataset: dict) -> None:
     cropped = LabelledImages(samples[:1], [1], crop_window=RandomWindow(64))
     assert cropped[0][0].shape == (3, 64, 64)
     assert LabelledImages(samples[:1], [1], crop_window=RandomWindow(500))[0][0].shape == image.shape
+
+
+def test_a_missing_folder_names_the_flag_that_named_it(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="training folder not found; pass --train_dir"):
+        list_samples(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="nowhere: folder not found; pass --val_dir"):
+        list_samples(tmp_path / "nowhere", "--val_dir")

@@ -156,3 +156,8 @@ def test_evaluate_reads_ids_as_inference_writes_them(scored: dict, tmp_path: Pat
     halves.write_text(json.dumps([{"file_name": f"{s.name}.tif", "id": i + 0.5} for i, s in enumerate(samples)]))
     with pytest.raises(DatasetError, match="is 0.5, not a whole number"):
         image_ids(samples, str(halves))
+
+
+def test_a_missing_data_folder_names_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="nowhere: folder not found; pass --data_dir"):
+        evaluate.main(["--data_dir", str(tmp_path / "nowhere"), "--submission", str(tmp_path / "s.json")])
