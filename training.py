@@ -166,6 +166,8 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     out = writable_dir(args.output_dir) if info.is_main else Path(args.output_dir)
     enable_tf32(device)
     torch.manual_seed(args.seed)
+    for note in schedule_notes(args):
+        _log(info, note)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None and not {"optimizer", "rng"} <= resume.keys():
         raise CheckpointError(f"{args.resume}: holds weights only, no training state to resume; pass it as "
@@ -268,6 +270,21 @@ RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", 
 RESUME_LIMITS = ("max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                  "rpn_post_nms_top_n_test", "box_batch_size_per_image", "detections_per_img", "detections_per_class",
                  "box_score_thresh", "box_nms_thresh")
+
+
+def schedule_notes(args: argparse.Namespace) -> list[str]:
+    """Flag combinations that run but defeat one another, said at the start rather than found in
+    the curves after a day of training."""
+    notes = []
+    if args.warmup_epochs >= args.epochs:
+        notes.append(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
+                     "rises for the whole run and never reaches --lr; pass fewer --warmup_epochs")
+    validations_to_lower = (args.patience + 1) * args.eval_every
+    if not args.use_cosine and 0 < args.early_stop <= validations_to_lower:
+        notes.append(f"note: --early_stop {args.early_stop} stops the run before the plateau schedule can lower the "
+                     f"learning rate ({args.patience + 1} validations without improvement, --patience "
+                     f"{args.patience}, every {args.eval_every} epoch(s)); pass a larger --early_stop or --use_cosine")
+    return notes
 
 
 def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None,

@@ -525,3 +525,14 @@ def test_fewer_classes_than_the_labels_hold_stop_before_training(tiny_dataset: d
     with pytest.raises(UsageError, match=r"cells of class \d but --num_classes 2 .*pass --num_classes [3-5]"):
         training.main(["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(tmp_path / "o"),
                        "--num_classes", "2", "--num_workers", "0", "--weights", "none"], "resnet101", "")
+
+
+def test_flags_that_defeat_each_other_are_noted() -> None:
+    parser = build_parser("resnet101", "")
+    assert training.schedule_notes(parser.parse_args(["--train_dir", "x"])) == []
+    short = training.schedule_notes(parser.parse_args(["--train_dir", "x", "--epochs", "3"]))
+    assert len(short) == 1 and "--warmup_epochs 5 >= --epochs 3" in short[0]
+    early = training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "4"]))
+    assert len(early) == 1 and "--early_stop 4 stops the run before the plateau" in early[0]
+    assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "4", "--use_cosine"])) == []
+    assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "5"])) == []
