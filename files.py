@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def writable_dir(path: str | Path, flag: str = "--output_dir") -> Path:
@@ -21,6 +22,25 @@ def writable_dir(path: str | Path, flag: str = "--output_dir") -> Path:
         raise PermissionError(f"{out}: not writable ({(err.strerror or str(err)).lower()}); pass another {flag} "
                               "or change its permissions.") from err
     return out
+
+
+def set_aside(folder: Path, names: Sequence[str]) -> Path | None:
+    """Move the files ``names`` present in ``folder`` into a new ``folder/previous-<time>``, so a
+    fresh run in a used folder replaces no earlier result (links between them stay links);
+    returns that folder, or None when none of them was there."""
+    present = [name for name in names if (Path(folder) / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = Path(folder) / f"previous-{stamp}"
+    n = 1
+    while aside.exists():  # two fresh runs within a second
+        n += 1
+        aside = Path(folder) / f"previous-{stamp}-{n}"
+    aside.mkdir()
+    for name in present:
+        os.replace(Path(folder) / name, aside / name)
+    return aside
 
 
 def write_json(path: Path, payload: Any, indent: int | None = None) -> None:

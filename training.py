@@ -27,7 +27,7 @@ from distributed import DistInfo, StopRequest, cleanup, decorrelate_ranks, init_
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError, UsageError
-from files import writable_dir
+from files import set_aside, writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
 from history import write_history
@@ -164,6 +164,10 @@ def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
 def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torch.device,
            stop: StopRequest) -> dict[str, Any]:
     out = writable_dir(args.output_dir) if info.is_main else Path(args.output_dir)
+    if info.is_main and not args.resume:
+        aside = set_aside(out, RUN_FILES)
+        if aside is not None:
+            _log(info, f"note: {out} held another run; its files are kept in {aside}")
     enable_tf32(device)
     torch.manual_seed(args.seed)
     for note in schedule_notes(args):
@@ -262,6 +266,8 @@ def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistI
         write_history(out / "history.json", history)
 
 
+# What a run writes into --output_dir: a fresh run sets an earlier run's aside, never over it.
+RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results.json")
 # Flags a resumed run keeps: they decide the split, the sampler's order and steps per epoch, or
 # what "best" means, so a change would mix two runs into one history.
 RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric", "batch_size",

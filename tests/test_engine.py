@@ -536,3 +536,19 @@ def test_flags_that_defeat_each_other_are_noted() -> None:
     assert len(early) == 1 and "--early_stop 4 stops the run before the plateau" in early[0]
     assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "4", "--use_cosine"])) == []
     assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "5"])) == []
+
+
+def test_a_fresh_run_sets_an_earlier_run_aside(tiny_dataset: dict, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from errors import UsageError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"earlier weights")
+    (out / "history.json").write_text("[]")
+    with pytest.raises(UsageError):  # stops on its data, after the folder was made safe
+        training.main(["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(out), "--num_classes", "2",
+                       "--num_workers", "0", "--weights", "none"], "resnet101", "")
+    (aside,) = out.glob("previous-*")
+    assert (aside / "last.pth").read_bytes() == b"earlier weights" and (aside / "history.json").exists()
+    assert not (out / "last.pth").exists() and f"its files are kept in {aside}" in capsys.readouterr().out
