@@ -17,6 +17,24 @@ from synthetic import make_dataset  # noqa: E402
 from shallow import shallow_resnet  # noqa: E402
 
 
+# A model that predicts a small image in a fraction of a second: few proposals, few detections.
+TINY_PREDICTOR = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 128, "input_scale": 0.0,
+                  "detections_per_img": 20, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
+
+
+def random_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A checkpoint file of a shallow ``TINY_PREDICTOR`` model with seeded random weights, for
+    tests that run the prediction tools end to end."""
+    from checkpoint import save_checkpoint
+    from model import build_model
+
+    torch.manual_seed(seed)
+    with shallow_resnet():
+        model = build_model(TINY_PREDICTOR, load_weights=False)
+    save_checkpoint(path, {"model": model.state_dict(), "config": TINY_PREDICTOR, "args": {}})
+    return path
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (pytest.ini's ``-n``), each worker gets its share of the cores, and so
     do the processes its tests start: more threads than cores make every test slower."""

@@ -8,14 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 import inference
-from checkpoint import save_checkpoint
+from conftest import random_checkpoint
 from journal import PredictionJournal, run_key
-from model import build_model
-from shallow import shallow_resnet
 
 
 def test_the_journal_keeps_finished_images_of_its_own_key(tmp_path: Path) -> None:
@@ -65,13 +62,7 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path: Path, shallow: None,
     tifffile.imwrite(folder / "big.tif", rng.integers(0, 255, (300, 340, 3), dtype=np.uint8))  # streamed
     for name in ("a.png", "b.png"):
         Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(folder / name)
-    tiny = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 128, "input_scale": 0.0,
-            "detections_per_img": 20, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
-    torch.manual_seed(0)
-    with shallow_resnet():
-        model = build_model(tiny, load_weights=False)
-    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": tiny, "args": {}})
-    common = ["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder), "--num_workers", "0",
+    common = ["--checkpoint", str(random_checkpoint(tmp_path / "best.pth")), "--test_dir", str(folder), "--num_workers", "0",
               "--window", "300", "--box_score_thresh", "0"]
     reference = _items(inference.main([*common, "--output", str(tmp_path / "ref" / "sub.json")]))
     assert {i for i, *_ in reference} == {1, 2, 3}

@@ -14,14 +14,12 @@ from PIL import Image
 
 import inference
 from cell_outputs import CellWriter, painted_window
-from checkpoint import save_checkpoint
 from coco import detections_to_coco, paint
+from conftest import random_checkpoint
 from dataloader import CLASS_FILES, read_image, read_raw_image, to_float_rgb
 from errors import UsageError
 from files import JsonArrayWriter
 from masks import PackedMasks
-from model import build_model
-from shallow import shallow_resnet
 from streaming import CELL_MARGIN, LazyImage, stream_image, window_spans
 from synthetic import cell_grid, id_image, oracle_window
 
@@ -194,13 +192,7 @@ def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shall
     tifffile.imwrite(folder / "big.tif", rng.integers(0, 255, (300, 340, 3), dtype=np.uint8), compression="zlib",
                      tile=(64, 64))
     Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(folder / "small.png")
-    tiny = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 128, "input_scale": 0.0,
-            "detections_per_img": 20, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
-    torch.manual_seed(0)
-    with shallow_resnet():
-        model = build_model(tiny, load_weights=False)
-    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": tiny, "args": {}})
-    common = ["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder), "--num_workers", "0"]
+    common = ["--checkpoint", str(random_checkpoint(tmp_path / "best.pth")), "--test_dir", str(folder), "--num_workers", "0"]
     submission = inference.main([*common, "--output", str(tmp_path / "out" / "sub.json"), "--window", "300",
                                  "--save_geojson", str(tmp_path / "geo"), "--save_csv", str(tmp_path / "cells.csv"),
                                  "--save_labels", str(tmp_path / "lab"), "--label_thresh", "0"])

@@ -9,22 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 import evaluate
 import inference
 from cell_outputs import write_cell_outputs
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError
+from conftest import random_checkpoint
 from dataloader import (ID_MAP_FILE, IMAGE_FILE, DatasetError, UnlabelledImages, find_id_map, image_size, list_samples,
                         number_images, read_image)
 from errors import UsageError
-from model import build_model
-from shallow import shallow_resnet
 from synthetic import make_dataset
 
-TINY = {"backbone": "resnet101", "weights": "none", "min_size": 64, "max_size": 128, "input_scale": 0.0,
-        "detections_per_img": 20, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
 
 
 def test_png_jpeg_and_tiff_decode_to_the_same_pixels(tmp_path: Path) -> None:
@@ -154,11 +150,7 @@ def test_a_labelled_folder_predicts_as_it_is_and_scores_without_an_id_map(tmp_pa
 def _predict_with_labels(folder: Path, tmp_path: Path, *extra: str) -> Path:
     """inference.py with a random-weight checkpoint on ``folder``: submission and id map in
     tmp_path/out, label images of every cell in tmp_path/lab."""
-    torch.manual_seed(0)
-    with shallow_resnet():
-        model = build_model(TINY, load_weights=False)
-    save_checkpoint(tmp_path / "best.pth", {"model": model.state_dict(), "config": TINY, "args": {}})
-    return inference.main(["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(folder), "--output_dir",
+    return inference.main(["--checkpoint", str(random_checkpoint(tmp_path / "best.pth")), "--test_dir", str(folder), "--output_dir",
                            str(tmp_path / "out"), "--num_workers", "0", "--save_labels", str(tmp_path / "lab"),
                            "--label_thresh", "0", *extra])
 
