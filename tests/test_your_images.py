@@ -22,7 +22,6 @@ from errors import UsageError
 from synthetic import make_dataset
 
 
-
 def test_png_jpeg_and_tiff_decode_to_the_same_pixels(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
