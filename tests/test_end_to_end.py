@@ -155,7 +155,7 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
     _train(train_resnet, data, out, "--epochs", "1", "--crop", "64", "--class_balance", "--transpose_p", "0.5",
            "--hed_p", "0.5", "--copy_paste", "1", "--copy_paste_rare")  # the rare-class levers train too
     assert tiles == [64] and views == [None]  # validation: one view, cheap enough for every epoch
-    monkeypatch.setattr(inference, "predict", record)
+    monkeypatch.setattr(inference, "predict_each", lambda *args, **kwargs: iter(record(*args, **kwargs)))
     test_args = _test_args(data, tmp_path / "r.json")
     inference.main(["--checkpoint", str(out / "last.pth"), *test_args])
     inference.main(["--checkpoint", str(out / "last.pth"), "--tile", "0", "--tta", *test_args])
