@@ -153,7 +153,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
                          detections_per_class=settings.detections_per_class or 0)
     journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
-        paths, images=[(e["file_name"], e["id"]) for e in dataset.entries], test_dir=Path(test_dir).resolve(),
+        paths, images=[(e["file_name"], e["id"], *_stamp(dataset.test_dir / e["file_name"])) for e in dataset.entries],
+        test_dir=Path(test_dir).resolve(),
         settings=asdict(resolved), per_window=asdict(per_window), window=window, score_thresh=score_thresh,
         overrides=overrides, device=str(torch_device)))
     ids = [int(e["id"]) for e in dataset.entries]
@@ -188,10 +189,10 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
                                             cell_outputs.score_thresh):
                     writer.add(image)
             del results
+        for part in journal.replay({ids[i] for i in streamed if i in earlier}):  # one pass over the record
+            submission.extend(part)
         for i in streamed:
             if i in earlier:
-                for part in journal.replay({ids[i]}):
-                    submission.extend(part)
                 continue
             _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
                     submission, writer, cell_outputs.score_thresh, journal)
@@ -205,6 +206,12 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     print(f"{submission.count} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """An image file's size and modification time: a file replaced under its name is another image."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def check_numbered_map(path: Path, entries: list[dict]) -> None:

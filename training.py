@@ -22,8 +22,8 @@ from augment import Donors, add_augment_args, build_crop_window, build_train_tra
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint,
                         set_rng_state)
 from coco import build_coco_gt
-from dataloader import LabelledImages, collate_fn, list_samples, sample_groups, split_samples, write_split
-from distributed import DistInfo, StopRequest, cleanup, decorrelate_ranks, init_distributed
+from dataloader import ID_MAP_FILE, LabelledImages, collate_fn, list_samples, sample_groups, split_samples, write_split
+from distributed import DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, init_distributed
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError, UsageError
@@ -33,6 +33,7 @@ from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_lim
 from history import write_history
 from model import ARCH_KEYS, HEADS, add_model_args, arch_flags, build_model, config_from_args, saved_config
 from inference import predict_folder
+from journal import SUFFIX as JOURNAL_SUFFIX
 from optimisation import LRSchedule, Optimisation, enable_tf32, fused_adamw
 from sampling import balanced_class_weights, class_repeat_factors, train_sampler
 
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         args.output_dir = str(Path(args.resume).parent)
     if args.tile is None:
         args.tile = args.crop
-    summary = train(args, backbone)
+    summary = train(args, backbone, typed)
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)
     if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # one process predicts after torchrun
@@ -151,23 +152,20 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
     return summary
 
 
-def train(args: argparse.Namespace, backbone: str) -> dict[str, Any]:
-    """Single-process or torchrun-distributed training; only rank 0 writes files."""
+def train(args: argparse.Namespace, backbone: str, typed: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Single-process or torchrun-distributed training; only rank 0 writes files. ``typed``: the
+    flags given on the command line (``typed_flags``), which a resumed run may take over its own."""
     info, device = init_distributed(args.device)
     try:
         with StopRequest() as stop:
-            return _train(args, backbone, info, device, stop)
+            return _train(args, backbone, info, device, stop, typed)
     finally:
         cleanup()
 
 
 def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torch.device,
-           stop: StopRequest) -> dict[str, Any]:
+           stop: StopRequest, typed: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     out = writable_dir(args.output_dir) if info.is_main else Path(args.output_dir)
-    if info.is_main and not args.resume:
-        aside = set_aside(out, RUN_FILES)
-        if aside is not None:
-            _log(info, f"note: {out} held another run; its files are kept in {aside}")
     enable_tf32(device)
     torch.manual_seed(args.seed)
     for note in schedule_notes(args):
@@ -177,9 +175,14 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         raise CheckpointError(f"{args.resume}: holds weights only, no training state to resume; pass it as "
                               f"--checkpoint {args.resume} to train from its weights in a new run.")
     start = load_checkpoint(args.checkpoint) if args.checkpoint and not resume else None
-    config = _run_config(args, backbone, resume, info)
+    config = _run_config(args, backbone, resume, info, typed)
     if start is not None:
         config = _fine_tune_config(config, start, info)
+    broadcast(None, info)  # every rank has read its checkpoint (maybe a file in ``out``) before files move
+    if info.is_main and (resume is None or Path(args.resume).resolve().parent != out.resolve()):
+        aside = set_aside(out, RUN_FILES)
+        if aside is not None:
+            _log(info, f"note: {out} held another run; its files are kept in {aside}")
     train_set, val_set = _datasets(args, out, info)
     model = build_model(config, load_weights=resume is None and start is None).to(device)
     if start is not None:
@@ -216,11 +219,13 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
         sampler.set_epoch(epoch)  # same order whether resumed or not
-        sampler.skip = partial["batches"] * args.batch_size if partial else 0
+        # the samples this rank had trained on, at the batch size it had then (--batch_size may change on resume)
+        sampler.skip = partial["batches"] * partial.get("batch_size", args.batch_size) if partial else 0
         meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
         row = run_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info)
         if row is None:  # stopped by a signal: keep the steps done so far
-            state["partial"] = {"epoch": epoch, "batches": meter.batches, "meter": asdict(meter)}
+            state["partial"] = {"epoch": epoch, "batches": meter.batches, "batch_size": args.batch_size,
+                                "meter": asdict(meter)}
             if info.is_main:
                 save_checkpoint(out / "last.pth", snapshot())
             _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {out / 'last.pth'}")
@@ -267,10 +272,11 @@ def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistI
 
 
 # What a run writes into --output_dir: a fresh run sets an earlier run's aside, never over it.
-RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results.json")
+RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results.json",
+             f"test-results.json{JOURNAL_SUFFIX}", ID_MAP_FILE)
 # Flags a resumed run keeps: they decide the split, the sampler's order and steps per epoch, or
 # what "best" means, so a change would mix two runs into one history.
-RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric", "batch_size",
+RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric",
              "repeat_thresh")
 # Model limits a resumed run may change, as the out-of-memory advice asks: no weight depends on them.
 RESUME_LIMITS = ("max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
@@ -293,10 +299,10 @@ def schedule_notes(args: argparse.Namespace) -> list[str]:
     return notes
 
 
-def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None,
-                info: DistInfo = DistInfo()) -> dict[str, Any]:
+def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, info: DistInfo = DistInfo(),
+                typed: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """The model config: from the flags, or for ``--resume`` the checkpoint's, refusing flags that
-    would change its architecture or its data and taking the limits of ``RESUME_LIMITS`` given now."""
+    would change its architecture or its data and taking the limits of ``RESUME_LIMITS`` typed now."""
     config = config_from_args(args, backbone)
     if resume is None:
         return config
@@ -308,17 +314,23 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None,
                               f"(trained with {arch_flags(trained, differing)}, now {arch_flags(config, differing)}); "
                               "resume with the original flags or start a new --output_dir.")
     original = resume.get("args") or {}
-    changed = [k for k in RUN_FLAGS if k in original and not _same_flag(original[k], getattr(args, k))]
+    now = {**vars(args), "split_seed": _split_seed(vars(args))}
+    changed = [k for k in RUN_FLAGS if k in original and not _same_flag(
+        _split_seed(original) if k == "split_seed" else original[k], now[k])]
     if changed:
-        was = " ".join(f"--{k} {original[k]}" for k in changed)
-        now = " ".join(f"--{k} {getattr(args, k)}" for k in changed)
+        was = " ".join(f"--{k} {_split_seed(original) if k == 'split_seed' else original[k]}" for k in changed)
+        given = " ".join(f"--{k} {now[k]}" for k in changed)
         raise CheckpointError(f"{args.resume}: --resume with other data or selection flags (trained with {was}, now "
-                              f"{now}); resume with the original flags or start a new --output_dir.")
-    limits = {k: config[k] for k in RESUME_LIMITS
-              if k in original and getattr(args, k, None) is not None and original[k] != getattr(args, k)}
+                              f"{given}); resume with the original flags or start a new --output_dir.")
+    limits = {k: config[k] for k in RESUME_LIMITS if k in typed and k in original and original[k] != getattr(args, k)}
     if limits:
         _log(info, "note: resumed with " + ", ".join(f"--{k} {v} (was {trained.get(k)})" for k, v in limits.items()))
     return {**config, **trained, **limits}
+
+
+def _split_seed(flags: dict[str, Any]) -> Any:
+    """The seed the split was drawn with: ``--split_seed``, else ``--seed``."""
+    return flags.get("seed") if flags.get("split_seed") is None else flags["split_seed"]
 
 
 def _same_flag(before: Any, now: Any) -> bool:

@@ -492,22 +492,24 @@ def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.C
     resume = {"config": config_from_args(first, "resnet101"), "args": vars(first)}
 
     def resumed(*flags: str) -> dict:
-        return _run_config(parser.parse_args(["--resume", "r/last.pth", *flags]), "resnet101", resume)
+        argv = ["--resume", "r/last.pth", *flags]
+        args = parser.parse_args(argv)
+        return _run_config(args, "resnet101", resume, typed=training.typed_flags(parser, argv, args))
 
     with pytest.raises(CheckpointError, match="trained with --val_split 0.2, now --val_split 0.3"):
-        resumed("--train_dir", "data/train", "--val_split", "0.3", "--max_size", "1024")
-    with pytest.raises(CheckpointError, match="--batch_size 2, now --batch_size 4"):
-        resumed("--train_dir", "data/train", "--max_size", "1024", "--batch_size", "4")
-    same = resumed("--train_dir", "./data/../data/train", "--max_size", "1024")  # one folder, spelled twice
-    assert same["max_size"] == 1024 and "note" not in capsys.readouterr().out
-    smaller = resumed("--train_dir", "data/train", "--max_size", "512")  # the out-of-memory advice
+        resumed("--train_dir", "data/train", "--val_split", "0.3")
+    with pytest.raises(CheckpointError, match=f"--split_seed {first.seed}, now --split_seed 7"):
+        resumed("--train_dir", "data/train", "--split_seed", "7")
+    same = resumed("--train_dir", "./data/../data/train", "--split_seed", str(first.seed))  # the same split
+    assert same["max_size"] == 1024 and "note" not in capsys.readouterr().out  # not typed: the run's own
+    smaller = resumed("--train_dir", "data/train", "--max_size", "512", "--batch_size", "1")  # the out-of-memory advice
     assert smaller["max_size"] == 512 and "--max_size 512 (was 1024)" in capsys.readouterr().out
 
 
 def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    monkeypatch.setattr(training, "train", lambda args, backbone: seen.append(args.output_dir) or {"interrupted": 0})
+    monkeypatch.setattr(training, "train", lambda args, *_: seen.append(args.output_dir) or {"interrupted": 0})
     training.main(["--train_dir", "x", "--resume", str(tmp_path / "a" / "last.pth")], "resnet101", "")
     training.main(["--train_dir", "x", "--resume", str(tmp_path / "a" / "last.pth"), "--output_dir", "b"],
                   "resnet101", "")
@@ -544,11 +546,12 @@ def test_a_fresh_run_sets_an_earlier_run_aside(tiny_dataset: dict, tmp_path: Pat
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "last.pth").write_bytes(b"earlier weights")
+    save_checkpoint(out / "best.pth", {"model": {}, "config": dict(DEFAULT_CONFIG), "epoch": 7})
     (out / "history.json").write_text("[]")
-    with pytest.raises(UsageError):  # stops on its data, after the folder was made safe
+    with pytest.raises(UsageError):  # fine-tunes from the earlier best.pth; stops on its data, after the files moved
         training.main(["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(out), "--num_classes", "2",
-                       "--num_workers", "0", "--weights", "none"], "resnet101", "")
+                       "--num_workers", "0", "--weights", "none", "--checkpoint", str(out / "best.pth")],
+                      "resnet101", "")
     (aside,) = out.glob("previous-*")
-    assert (aside / "last.pth").read_bytes() == b"earlier weights" and (aside / "history.json").exists()
-    assert not (out / "last.pth").exists() and f"its files are kept in {aside}" in capsys.readouterr().out
+    assert load_checkpoint(aside / "best.pth")["epoch"] == 7 and (aside / "history.json").exists()
+    assert not (out / "best.pth").exists() and f"its files are kept in {aside}" in capsys.readouterr().out
