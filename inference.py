@@ -130,7 +130,9 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     in the (first) checkpoint, ``settings.batch_size`` None takes the device's default.
     ``id_map_json`` None: the map beside the folder, else the images numbered by name (and that
     map written beside the submission). An image with a side over ``window`` (> 0) is streamed
-    (``streaming.py``); the others are predicted whole, their results written first."""
+    (``streaming.py``); the others are predicted whole, their results written first. Each finished
+    image is recorded in ``<output>.partial`` (``journal.py``): the same call after a crash
+    predicts only the images still missing."""
     id_map = find_id_map(Path(test_dir), id_map_json)
     dataset = UnlabelledImages(Path(test_dir), id_map)  # fails on a bad id map before the model loads
     if id_map is None:
