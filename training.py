@@ -383,10 +383,11 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
                                cache_images=not args.no_cache_images)
     val_set = LabelledImages(val_samples, val_ids, desc="decode val labels",
                               cache_images=not args.no_cache_images)
-    present = max((int(i.labels.max()) for ds in (train_set, val_set) for i in ds.instances if len(i)), default=0)
-    if present >= args.num_classes:  # else an index error in the sampler, a device assert in the loss on CUDA
-        raise UsageError(f"{args.train_dir}: cells of class {present} but --num_classes {args.num_classes} "
-                         f"(background included); pass --num_classes {present + 1} or more.")
+    for folder, ds in ((args.val_dir, val_set), (args.train_dir, train_set)):
+        present = max((int(i.labels.max()) for i in ds.instances if len(i)), default=0)
+        if present >= args.num_classes:  # else an index error in the sampler, a device assert in the loss on CUDA
+            raise UsageError(f"{folder or args.train_dir}: cells of class {present} but --num_classes "
+                             f"{args.num_classes} (background included); pass --num_classes {present + 1} or more.")
     weights = (balanced_class_weights([i.labels for i in train_set.instances], args.num_classes)
                if args.copy_paste_rare else [1.0] * args.num_classes)
     train_set.transforms = build_train_transforms(args, Donors(train_set.donor, weights))
