@@ -1,6 +1,6 @@
 """Images per second from a test folder to a finished test-results.json: ours vs a plain loop.
 
-Ours is ``inference.predict_folder`` (``inference.predict``: batched forward, masks pasted only
+Ours is ``inference.predict_folder`` (``predictor.predict_each``: batched forward, masks pasted only
 inside their boxes in one batch, RLE from the crops, compact JSON), at each batch size with and without
 ``--use_amp`` (bf16 on a CPU). The plain loop runs one image per forward, lets torchvision
 paste every mask at full image size, thresholds and ``pycocotools``-encodes the masks one by
