@@ -32,7 +32,8 @@ CATEGORIES = [{"id": c, "name": f"class{c}"} for c in range(1, NUM_CLASSES + 1)]
 def build_coco_gt(instances: Sequence[Instances], image_ids: Sequence[int]) -> COCO:
     """COCO ground truth from cached instances; built once per run, not per epoch."""
     images, annotations = [], []
-    for inst, image_id in tqdm(list(zip(instances, image_ids)), desc="encode true cells", leave=False, disable=None):
+    for inst, image_id in tqdm(zip(instances, image_ids), total=len(instances), desc="encode true cells", leave=False,
+                               disable=None):
         images.append({"id": int(image_id), "height": inst.height, "width": inst.width})
         canvas = np.zeros((inst.height, inst.width), dtype=np.uint8, order="F")
         for label, box, crop in zip(inst.labels, inst.boxes, inst.crops):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tifffile
@@ -443,10 +443,7 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
         raise DatasetError(f"{id_map_json}: id map not found; pass --id_map_json <dataset>/test_image_name_to_ids.json.")
     if not test_dir.is_dir():
         raise DatasetError(f"{test_dir}: test folder not found; pass --test_dir <dataset>/test_release.")
-    try:
-        entries = json.loads(id_map_json.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a TIFF passed by mistake is not UTF-8
-        raise DatasetError(f"{id_map_json}: not valid JSON ({err}); fix the file or pass another --id_map_json.") from err
+    entries = read_json(id_map_json, "fix the file or pass another --id_map_json")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
         raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
                            "competition's test_image_name_to_ids.json.")
@@ -462,6 +459,15 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
         raise DatasetError(f"{id_map_json}: {len(without_file)} id(s) name files missing from {test_dir}: "
                            f"{_few(without_file)}; pass the test folder of this id map.")
     return sorted(entries, key=lambda e: e["id"])
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON file the user named; one that is not JSON (or not text: a TIFF passed by mistake)
+    stops with the one-line error and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err}); {fix}.") from err
 
 
 def whole_id(entry: dict, id_map_json: Path) -> int:

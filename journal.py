@@ -50,19 +50,23 @@ class PredictionJournal:
             self._load()
 
     def _load(self) -> None:
+        for item in self._records():
+            if "key" in item:
+                if item["key"] != self.key:
+                    self.stale, self.done, self._runs = True, {}, 0
+                    return
+                self._runs += 1
+            elif "done" in item:
+                self.done[int(item["done"])] = int(item["run"])
+
+    def _records(self) -> Iterator[dict]:
+        """The record's lines, read one at a time; a line cut off by a crash is skipped."""
         with open(self.path, encoding="utf-8") as handle:
             for line in handle:
                 try:
-                    item = json.loads(line)
-                except ValueError:  # cut off by the crash that ended its run
+                    yield json.loads(line)
+                except ValueError:
                     continue
-                if "key" in item:
-                    if item["key"] != self.key:
-                        self.stale, self.done, self._runs = True, {}, 0
-                        return
-                    self._runs += 1
-                elif "done" in item:
-                    self.done[int(item["done"])] = int(item["run"])
 
     def __enter__(self) -> "PredictionJournal":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,14 +87,9 @@ class PredictionJournal:
         wanted = {i: self.done[i] for i in ids if i in self.done}
         if not wanted:
             return
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    continue
-                if "results" in item and wanted.get(int(item["image"])) == item["run"]:
-                    yield item["results"]
+        for item in self._records():
+            if "results" in item and wanted.get(int(item["image"])) == item["run"]:
+                yield item["results"]
 
     def add(self, image_id: int, results: list[dict]) -> None:
         """Results of one image, or of one window of a streamed image."""

@@ -75,8 +75,8 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
     cells best first, so id order is score order)."""
     results: list[dict] = []
     found = 0  # label files read: empty ones are a valid prediction of no cell, scoring zero
-    for sample, image_id, (height, width) in tqdm(list(zip(samples, ids, shapes)), desc="read labels", leave=False,
-                                                  disable=None):
+    for sample, image_id, (height, width) in tqdm(zip(samples, ids, shapes), total=len(samples), desc="read labels",
+                                                  leave=False, disable=None):
         for class_id, name in CLASS_FILES.items():
             path = folder / sample.name / name
             if not path.exists():

@@ -314,11 +314,11 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
                               f"(trained with {arch_flags(trained, differing)}, now {arch_flags(config, differing)}); "
                               "resume with the original flags or start a new --output_dir.")
     original = resume.get("args") or {}
+    then = {**original, "split_seed": _split_seed(original)}
     now = {**vars(args), "split_seed": _split_seed(vars(args))}
-    changed = [k for k in RUN_FLAGS if k in original and not _same_flag(
-        _split_seed(original) if k == "split_seed" else original[k], now[k])]
+    changed = [k for k in RUN_FLAGS if k in original and not _same_flag(then[k], now[k])]
     if changed:
-        was = " ".join(f"--{k} {_split_seed(original) if k == 'split_seed' else original[k]}" for k in changed)
+        was = " ".join(f"--{k} {then[k]}" for k in changed)
         given = " ".join(f"--{k} {now[k]}" for k in changed)
         raise CheckpointError(f"{args.resume}: --resume with other data or selection flags (trained with {was}, now "
                               f"{given}); resume with the original flags or start a new --output_dir.")
@@ -366,7 +366,7 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
     samples = list_samples(Path(args.train_dir))
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     by_name = {p.name: p for p in samples}
-    split_seed = args.seed if args.split_seed is None else args.split_seed
+    split_seed = _split_seed(vars(args))
     if args.val_dir:  # an explicit held-out folder, numbered 1..N as evaluate.py numbers it
         val_samples = list_samples(Path(args.val_dir), "--val_dir")
         train_names, val_names = list(by_name), [p.name for p in val_samples]

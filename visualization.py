@@ -11,7 +11,6 @@ checkpoint's config, so no architecture flag is needed:
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +33,7 @@ from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
 from devices import autocast, default_device  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, decode_instances,  # noqa: E402
-                        find_id_map, list_samples, read_image)
+                        find_id_map, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir  # noqa: E402
 from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
@@ -162,10 +161,7 @@ def validation_split(split_json: Path) -> dict[str, Any]:
     if not split_json.is_file():
         raise FileNotFoundError(f"{split_json}: not found; training writes split.json next to its checkpoints. "
                                 "Pass --split_json, or draw test images with --mode test.")
-    try:
-        split = json.loads(split_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{split_json}: not valid JSON ({err}); pass the split.json training wrote.") from err
+    split = read_json(split_json, "pass the split.json training wrote")
     if not isinstance(split, dict):
         raise DatasetError(f"{split_json}: not a split.json (expected an object with \"val\"); pass the one "
                            "training wrote beside its checkpoints.")

@@ -14,6 +14,7 @@ import predictor
 import inference
 from checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint, saved_args
 from engine import losses_mode
+from errors import UsageError
 from flags import prediction_settings
 from optimisation import LRSchedule, warmup_cosine
 from training import _run_config, build_parser
@@ -522,8 +523,6 @@ def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: P
 
 
 def test_fewer_classes_than_the_labels_hold_stop_before_training(tiny_dataset: dict, tmp_path: Path) -> None:
-    from errors import UsageError
-
     with pytest.raises(UsageError, match=r"cells of class \d but --num_classes 2 .*pass --num_classes [3-5]"):
         training.main(["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(tmp_path / "o"),
                        "--num_classes", "2", "--num_workers", "0", "--weights", "none"], "resnet101", "")
@@ -542,8 +541,6 @@ def test_flags_that_defeat_each_other_are_noted() -> None:
 
 def test_a_fresh_run_sets_an_earlier_run_aside(tiny_dataset: dict, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
-    from errors import UsageError
-
     out = tmp_path / "run"
     out.mkdir()
     save_checkpoint(out / "best.pth", {"model": {}, "config": dict(DEFAULT_CONFIG), "epoch": 7})

@@ -90,7 +90,8 @@ def test_check_stats_match_label_files(data: dict[str, Path], tmp_path: Path) ->
     assert saved["test"]["consistent"] and saved["test"]["images"] == 2
 
 
-def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], tmp_path: Path) -> None:
+def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     entries = json.loads(Path(data["id_map_json"]).read_text())
     wrong_size = [dict(entries[0], height=entries[0]["height"] + 1)] + entries[1:]
     (tmp_path / "sizes.json").write_text(json.dumps(wrong_size))
@@ -101,7 +102,7 @@ def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], 
     assert not short["consistent"] and entries[0]["file_name"] in short["error"]
     for id_map, status in (("short.json", 1), (data["id_map_json"], None)):  # as a shell sees the script
         assert _check_stats_exit(["--train_dir", str(data["train_dir"]), "--test_dir", str(data["test_dir"]),
-                                  "--id_map_json", str(tmp_path / id_map)]) == status
+                                  "--id_map_json", str(tmp_path / id_map)], monkeypatch) == status
 
 
 def test_check_stats_reads_a_png_test_folder(data: dict[str, Path], tmp_path: Path) -> None:
@@ -127,18 +128,15 @@ def test_check_stats_reads_a_png_test_folder(data: dict[str, Path], tmp_path: Pa
     assert check_stats.found_problems({"train": {"problems": {}}, "test": stats}) == 2
 
 
-def _check_stats_exit(argv: list[str]) -> int | None:
+def _check_stats_exit(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int | None:
     """check_stats.py's exit status as ``python check_stats.py ...`` ends (None: it returned, status 0)."""
     import runpy
 
-    old = sys.argv
-    sys.argv = ["check_stats.py", *argv]
+    monkeypatch.setattr(sys, "argv", ["check_stats.py", *argv])
     try:
         runpy.run_path(str(Path(check_stats.__file__)), run_name="__main__")
     except SystemExit as done:
         return done.code
-    finally:
-        sys.argv = old
     return None
 
 
