@@ -85,6 +85,7 @@ CONFIGS: dict[str, list[str]] = {
     "cells+mask_iou": [*NATIVE, *CELL_ANCHORS, "--mask_iou"],
     "defaults+mask_iou": ["--mask_iou"],  # the CPM-15 protocol's configuration with a Mask Scoring head
     "cells+cascade": [*NATIVE, *CELL_ANCHORS, "--cascade"],
+    "cells+mask_iou+cascade": [*NATIVE, *CELL_ANCHORS, "--mask_iou", "--cascade"],  # both ranking heads together
     "cells+context": [*NATIVE, *CELL_ANCHORS, "--context_roi", "2"],  # the box heads see each cell's surroundings
     "defaults+cascade": ["--cascade"],  # the CPM-15 protocol's configuration with Cascade box stages
     # the same trained on whole images (--crop 0), same steps
