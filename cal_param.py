@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cascade", action="store_true", help="with the two later Cascade box stages (cascade.py)")
     parser.add_argument("--context_roi", type=context_factor, default=0.0, metavar="F",
                         help="with the box heads pooling each RoI's surroundings too (train scripts' --context_roi)")
+    parser.add_argument("--type_map", action="store_true", help="with the cell-type map head (type_map.py)")
     parser.add_argument("--all", action="store_true",
                         help="all four backbone x attention configurations (instead of --backbone and --use_attn)")
     parser.add_argument("--num_classes", type=class_count, default=DEFAULT_CONFIG["num_classes"],
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                      "or drop --all")
     configs = ALL_CONFIGS if args.all else ((args.backbone or "resnet101", args.use_attn),)
     rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade,
-                         args.context_roi)
+                         args.context_roi, args.type_map)
             for backbone, attn in configs]
     print(f"parameters in millions (--weights {args.weights}, num_classes {args.num_classes})")
     print(format_table(rows))
@@ -63,13 +64,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 def count_config(backbone: str, use_attn: bool, num_classes: int, weights: str,
-                 mask_iou: bool = False, cascade: bool = False, context_roi: float = 0.0) -> dict[str, Any]:
+                 mask_iou: bool = False, cascade: bool = False, context_roi: float = 0.0,
+                 type_map: bool = False) -> dict[str, Any]:
     """One table column; an attention model whose module file is absent gets a status line
     instead of counts, so the other columns still print."""
     row: dict[str, Any] = {"backbone": backbone, "use_attn": use_attn, "mask_iou": mask_iou, "cascade": cascade,
-                           "context_roi": context_roi}
+                           "context_roi": context_roi, "type_map": type_map}
     config = {"backbone": backbone, "use_attn": use_attn, "num_classes": num_classes, "weights": weights,
-              "mask_iou": mask_iou, "cascade": cascade, "context_roi": context_roi}
+              "mask_iou": mask_iou, "cascade": cascade, "context_roi": context_roi,
+              "type_map": 0.5 if type_map else 0.0}  # W changes no parameter
     try:
         with weights_to_be_loaded():  # counted, never used
             model = build_model(config, load_weights=False)
@@ -95,10 +98,12 @@ def count_parts(model: MaskRCNN, use_attn: bool) -> dict[str, Any]:
         modules["mask IoU head"] = [model.roi_heads.mask_iou_head]
     if getattr(model.roi_heads, "cascade", None) is not None:
         modules["cascade stages"] = [model.roi_heads.cascade]
+    if getattr(model.roi_heads, "type_head", None) is not None:
+        modules["type map"] = [model.roi_heads.type_head]
     parts = {name: count(_params(mods).values()) for name, mods in modules.items()}
     inner = _params([fpn_backbone])
     parts["neck attention"] = count(p for p in model.backbone.parameters() if id(p) not in inner)
-    parts = {name: parts[name] for name in (*PARTS, "mask IoU head", "cascade stages") if name in parts}
+    parts = {name: parts[name] for name in (*PARTS, "mask IoU head", "cascade stages", "type map") if name in parts}
     counted = _params([model.backbone, *(m for mods in modules.values() for m in mods)])
     rest = count(p for p in model.parameters() if id(p) not in counted)
     if rest["total"]:
@@ -119,7 +124,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(c) + 2, 10) for c in columns]
     names = [(f"{row['backbone']}{' +attn' if row['use_attn'] else ''}{' +iou' if row.get('mask_iou') else ''}"
               f"{' +cascade' if row.get('cascade') else ''}"
-              f"{' +context' if row.get('context_roi') else ''}") for row in rows]
+              f"{' +context' if row.get('context_roi') else ''}{' +types' if row.get('type_map') else ''}")
+             for row in rows]
     first = max(19, *(len(n) + 2 for n in names))
     lines = [f"{'configuration':<{first}}{'count':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
     for row, name in zip(rows, names):

@@ -53,6 +53,7 @@ from devices import counts as level_counts
 from devices import scale_boxes
 from mask_scoring import mask_iou_loss, mask_iou_targets
 from masks import PackedMasks
+from type_map import rescore, type_loss
 
 # Boxes per NMS call: one host sync per call, and the IoU bit mask of a call grows with its square.
 NMS_CHUNK = 8192
@@ -388,7 +389,7 @@ class LeanRoIHeads(RoIHeads):
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list, dict[str, Tensor]]:
         cascade = getattr(self, "cascade", None)
         if not self.training:
-            if cascade is None:
+            if cascade is None and getattr(self, "type_head", None) is None:
                 return super().forward(features, proposals, image_shapes, targets)
             return self.predict(features, proposals, image_shapes), {}
         proposals, matched_idxs, labels, regression_targets, weights, num_pos = \
@@ -415,6 +416,9 @@ class LeanRoIHeads(RoIHeads):
         if scorer is not None:  # Mask Scoring (--mask_iou): the IoU each mask reaches, learnt on the same RoIs
             losses["loss_mask_iou"] = mask_iou_loss(scorer(mask_pooled, chosen, mask_labels),
                                                     mask_iou_targets(chosen, mask_targets))
+        types = getattr(self, "type_head", None)
+        if types is not None:  # the cell-type map (--type_map): every pixel of every cell, on the finest level
+            losses["loss_types"] = type_loss(types(features), targets, image_shapes)
         if cascade is not None:  # Cascade (--cascade): the later box stages, on the refined boxes of these RoIs
             losses["loss_cascade"] = cascade.losses(self, features, proposals, image_shapes, targets, class_logits,
                                                     box_regression, labels, weights)
@@ -512,16 +516,23 @@ class LeanRoIHeads(RoIHeads):
 def detect_boxes(heads: RoIHeads, features: dict[str, Tensor], proposals: list[Tensor],
                  image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Each image's detections (boxes, scores, labels) from the box head, or with a cascade
-    (``--cascade``) from its stages: their mean class probabilities, the last stage's boxes.
-    ``heads`` may be torchvision's own (a benchmark's baseline), which has no cascade."""
+    (``--cascade``) from its stages: their mean class probabilities, the last stage's boxes;
+    with a cell-type map (``--type_map``) the probabilities re-weighed by it first.
+    ``heads`` may be torchvision's own (a benchmark's baseline), which has neither."""
     class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals,
                                                                                           image_shapes)))
-    cascade = getattr(heads, "cascade", None)
-    if cascade is None:
+    cascade, types = getattr(heads, "cascade", None), getattr(heads, "type_head", None)
+    if cascade is None and types is None:
         return heads.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-    probs, boxes = cascade.refine(heads, features, proposals, image_shapes, class_logits, box_regression)
-    return heads.select_detections(probs, boxes[:, None].expand(-1, probs.shape[-1], -1),
-                                   [len(p) for p in proposals], image_shapes)
+    if cascade is None:
+        probs = F.softmax(class_logits, -1)
+        boxes = heads.box_coder.decode(box_regression, proposals)
+    else:
+        probs, boxes = cascade.refine(heads, features, proposals, image_shapes, class_logits, box_regression)
+        boxes = boxes[:, None].expand(-1, probs.shape[-1], -1)
+    if types is not None:
+        probs = rescore(probs, types(features), proposals, image_shapes, types.weight)
+    return heads.select_detections(probs, boxes, [len(p) for p in proposals], image_shapes)
 
 
 class ContextRoIAlign(nn.Module):

@@ -27,6 +27,7 @@ from cascade import CascadeHeads
 from detector import CellTransform, ContextRoIAlign, FrozenBatchNorm2d, use_cell_detector
 from errors import WeightsError
 from mask_scoring import MaskIoUHead
+from type_map import TypeMapHead
 
 BACKBONES = ("resnet101", "effnet_v2_m")
 BACKBONE_ALIASES = {"resnet": "resnet101", "effnet": "effnet_v2_m", "resnet101": "resnet101",
@@ -43,6 +44,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "mask_iou": False,
     "cascade": False,
     "context_roi": 0.0,
+    "type_map": 0.0,
     "attn": {},
     "min_size": 1024,
     "max_size": 2048,
@@ -69,14 +71,15 @@ UNLIMITED = 1 << 40  # "no limit" as a count: top-k and slicing take it as it is
 # What a checkpoint written before a key existed was trained with (its config lacks the key).
 LEGACY_CONFIG: dict[str, Any] = {"input_scale": 0.0, "effnet_taps": [2, 3, 5, 7], "effnet_frozen": 3,
                                   "detections_per_class": 0, "mask_iou": False, "cascade": False,
-                                  "context_roi": 0.0}
+                                  "context_roi": 0.0, "type_map": 0.0}
 # The optional heads: each one's config key (its flag) and where its weights sit in a state dict.
 # A checkpoint from before one existed was trained without it.
-HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade."}
+HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade.", "type_map": "roi_heads.type_head."}
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
-ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "attn", "anchor_sizes",
-             "aspect_ratios", "effnet_taps", "effnet_frozen")
-ARCH_FLAGS = ("num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "anchor_sizes")  # of them, the flags
+ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "type_map", "attn",
+             "anchor_sizes", "aspect_ratios", "effnet_taps", "effnet_frozen")
+# of them, the flags
+ARCH_FLAGS = ("num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "type_map", "anchor_sizes")
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +150,10 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
                        help="the box heads also pool each RoI's box enlarged F times about its centre (its "
                             "surroundings: cell type depends on them), concatenated with its own features; +12.8 M "
                             "parameters at 256 channels (0: off)")
+    group.add_argument("--type_map", type=chance, default=d["type_map"], metavar="W",
+                       help="a cell-type map: a head on the finest pyramid level learns every pixel's class, and "
+                            "each detection's class probabilities become the box classifier's and the map's in its "
+                            "box, mixed as p_box^(1-W) x p_map^W (0: off; type_map.py)")
     group.add_argument("--min_size", type=positive_int, default=d["min_size"],
                        help="with --input_scale 0: shorter side is scaled to this (never up beyond --max_upscale)")
     group.add_argument("--max_size", type=positive_int, default=d["max_size"],
@@ -290,6 +297,8 @@ def build_model(config: dict[str, Any], load_weights: bool = True) -> MaskRCNN:
         model.roi_heads.box_head = TwoMLPHead(box_features, model.roi_heads.box_head.fc7.out_features)
     if config["cascade"]:
         model.roi_heads.cascade = CascadeHeads(box_features, config["num_classes"])
+    if config.get("type_map"):
+        model.roi_heads.type_head = TypeMapHead(backbone.out_channels, config["num_classes"], weight=config["type_map"])
     if config["init_detector"] and load_weights:
         init_detector(model, config["init_detector"])
     return model

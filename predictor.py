@@ -51,6 +51,8 @@ class Settings:
     merge: str | None = None  # a cell's mask: its best copy's ("max") or the mean of its copies' ("avg")
     # With a --mask_iou model: rank by class probability x predicted mask IoU (False: by the former alone).
     mask_scoring: bool = True
+    # With a --type_map model: its W, how much the map decides each detection's class (None: the checkpoint's).
+    type_weight: float | None = None
     # --class_context: each cell's score moved between its class hypotheses by its neighbours' classes,
     # to this power (0: off), neighbours within about context_reach cell sides (``class_context.rescore``).
     class_context: float = 0.0
@@ -145,7 +147,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 
     def detect(chunk: list[int]) -> tuple[Any, list[dict]]:
         crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
-        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap, per_class)
+        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap, per_class, settings.type_weight)
         return state, [_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
                        for d, k, crop in zip(dets, chunk, crops)]
 
@@ -352,9 +354,10 @@ class MaskRCNNStages:
         the smallest anchor side, the smallest cell the anchors serve; never more than ``cap``."""
         return min(cap, math.ceil(input_size[0] * input_size[1] / self.smallest_anchor ** 2))
 
-    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[dict, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0,
+               type_weight: float | None = None) -> tuple[dict, list[dict]]:
         """Boxes, scores and labels of each crop, at most ``cap`` (and ``per_class`` of a class),
-        and the state ``masks`` needs."""
+        and the state ``masks`` needs; ``type_weight`` replaces a ``--type_map`` model's W."""
         model, heads = self.model, self.model.roi_heads
         batch, _ = model.transform(crops)
         features = model.backbone(batch.tensors)
@@ -362,10 +365,16 @@ class MaskRCNNStages:
         caps = [self.view_cap(size, cap) for size in batch.image_sizes]
         limits = heads.detections_per_img, getattr(heads, "detections_per_class", 0)
         heads.detections_per_img, heads.detections_per_class = max(caps), per_class
+        types = getattr(heads, "type_head", None)
+        weight = None if types is None else types.weight
+        if types is not None and type_weight is not None:
+            types.weight = type_weight
         try:
             boxes, scores, labels = detect_boxes(heads, features, proposals, batch.image_sizes)
         finally:
             heads.detections_per_img, heads.detections_per_class = limits
+            if types is not None:
+                types.weight = weight
         boxes, scores, labels = ([t[:c] for t, c in zip(ts, caps)] for ts in (boxes, scores, labels))
         state = {"features": features, "image_sizes": batch.image_sizes, "boxes": boxes, "labels": labels}
         dets = [{"boxes": scale_boxes(b, crop.shape[-1] / size[1], crop.shape[-2] / size[0]), "scores": s, "labels": lab}

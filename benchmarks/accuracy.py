@@ -87,6 +87,7 @@ CONFIGS: dict[str, list[str]] = {
     "cells+cascade": [*NATIVE, *CELL_ANCHORS, "--cascade"],
     "cells+mask_iou+cascade": [*NATIVE, *CELL_ANCHORS, "--mask_iou", "--cascade"],  # both ranking heads together
     "cells+context": [*NATIVE, *CELL_ANCHORS, "--context_roi", "2"],  # the box heads see each cell's surroundings
+    "cells+type_map": [*NATIVE, *CELL_ANCHORS, "--type_map", "0.5"],  # a per-pixel cell-type map re-weighs the classes
     "defaults+cascade": ["--cascade"],  # the CPM-15 protocol's configuration with Cascade box stages
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
@@ -108,6 +109,7 @@ POST = ("tile", "tta", "tta_scales", "tile+tta", "tile+mask0.4", "tile+mask0.6",
 
 def post_settings(name: str, crop: int) -> dict[str, Any]:
     """The ``predictor.Settings`` fields of one inference-time addition. Any of them may end in
+    ``+mapW`` (a ``--type_map`` model's W replaced), then
     ``+consensus`` or ``+best`` (``--consensus``, ``--no_consensus``), then ``+ctxS`` or
     ``+ctxSrR`` (``--class_context S``, ``--class_context_reach R``), then ``+imgN`` (at most N
     detections an image) and ``+clsN`` (at most N an image and class)."""
@@ -148,6 +150,10 @@ def post_settings(name: str, crop: int) -> dict[str, Any]:
             return settings[name.removesuffix(oracle)]
     if name.endswith("+noiou"):  # a --mask_iou model ranked by class probability alone
         return {**settings[name.removesuffix("+noiou")], "mask_scoring": False}
+    head, _, last = name.rpartition("+")
+    weight = re.fullmatch(r"map(\d*\.?\d+)", last)
+    if head and weight and float(weight[1]) <= 1:  # +mapW: a --type_map model with W replaced
+        return {**post_settings(head, crop), "type_weight": float(weight[1])}
     return settings[name]
 
 
@@ -157,7 +163,7 @@ def post_name(text: str) -> str:
         post_settings(text, 256)
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"unknown --post {text!r}; choose from {', '.join(POST)} "
-                                          "(+consensus or +best, +ctxS[rR], +imgN, +clsN optional)") from None
+                                          "(+mapW, +consensus or +best, +ctxS[rR], +imgN, +clsN optional)") from None
     return text
 
 

@@ -177,11 +177,11 @@ def test_degenerate_boxes_are_refused_on_the_host() -> None:
         check_boxes([{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 3.0, 2.0, 5.0]]), "image_id": 7}])
 
 
-@pytest.mark.parametrize("mask_iou", [False, True])
-def test_a_training_step_reads_the_device_a_fixed_number_of_times(mask_iou: bool, shallow: None) -> None:
+@pytest.mark.parametrize("heads", [{}, {"mask_iou": True}, {"type_map": 0.5}])
+def test_a_training_step_reads_the_device_a_fixed_number_of_times(heads: dict, shallow: None) -> None:
     from benchmarks.host_syncs import SyncCounter
 
-    model = build_model({**CONFIG, "mask_iou": mask_iou}).train()
+    model = build_model({**CONFIG, **heads}).train()
     images, targets = _batch(torch.Generator().manual_seed(0), (1, 1))
     model(images, targets)  # the poolers work out their scales once, on the first call
     counts = []
@@ -190,7 +190,7 @@ def test_a_training_step_reads_the_device_a_fixed_number_of_times(mask_iou: bool
         with SyncCounter(torch.device("cpu")) as counter:
             sum(model(images, targets).values()).backward()
         counts.append(counter.total())
-    assert counts[0] == counts[1] <= 6  # 1 NMS chunk, RPN counts, 2 poolings, positives: none for the IoU head
+    assert counts[0] == counts[1] <= 6  # NMS chunk, RPN counts, 2 poolings, positives; none for the added heads
 
 
 def test_boxes_are_decoded_in_float32_under_autocast() -> None:
