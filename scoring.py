@@ -5,7 +5,6 @@ maxDets 100, and at 1000 where hundreds of cells fill an image) and as the cell 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, IMAGE_FILE, read_label_image, sample_name, whole_id
+from dataloader import CLASS_FILES, IMAGE_FILE, read_json, read_label_image, sample_name, whole_id
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -37,14 +36,14 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
     if not id_map_json:
         return list(range(1, len(samples) + 1))
     path = Path(id_map_json)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        by_sample = {sample_name(e["file_name"]): whole_id(e, path) for e in entries}
-    except DatasetError:  # an id that is not a whole number, named by whole_id
-        raise
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise DatasetError(f"{path}: not a list of {{file_name, id}} objects ({type(err).__name__}); "
-                           "pass the id map the submission was written with.") from err
+    fix = "pass the id map the submission was written with"
+    if not path.is_file():
+        raise DatasetError(f"{path}: id map not found; {fix}.")
+    entries = read_json(path, fix)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e
+                                                for e in entries):
+        raise DatasetError(f"{path}: not a list of {{file_name, id}} objects; {fix}.")
+    by_sample = {sample_name(e["file_name"]): whole_id(e, path) for e in entries}
     missing = [p.name for p in samples if p.name not in by_sample]
     if missing:
         raise DatasetError(f"{path}: no id for sample(s) {missing[:5]}; each sample X needs an entry 'X.tif' or "
@@ -53,10 +52,10 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
 
 
 def read_submission(path: Path, ids: set[int]) -> list[dict]:
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: unreadable submission ({type(err).__name__}); pass inference.py's JSON.") from err
+    fix = "pass inference.py's JSON"
+    if not path.is_file():
+        raise DatasetError(f"{path}: submission not found; {fix}.")
+    results = read_json(path, fix)
     keys = {"image_id", "category_id", "score", "segmentation"}
     if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
         raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}.")

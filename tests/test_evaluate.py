@@ -158,6 +158,27 @@ def test_evaluate_reads_ids_as_inference_writes_them(scored: dict, tmp_path: Pat
         image_ids(samples, str(halves))
 
 
+def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: dict, tmp_path: Path) -> None:
+    from scoring import image_ids, read_submission
+
+    samples, broken, scalar = scored["samples"], tmp_path / "broken.json", tmp_path / "scalar.json"
+    broken.write_text("{not json")
+    scalar.write_text("3")
+    with pytest.raises(DatasetError, match="broken.json: not valid JSON .*; pass the id map the submission"):
+        image_ids(samples, str(broken))
+    with pytest.raises(DatasetError, match="scalar.json: not a list of {file_name, id} objects; pass the id map"):
+        image_ids(samples, str(scalar))
+    with pytest.raises(DatasetError, match="absent.json: id map not found; pass the id map"):
+        image_ids(samples, str(tmp_path / "absent.json"))
+    with pytest.raises(DatasetError, match="broken.json: not valid JSON .*; pass inference.py's JSON"):
+        read_submission(broken, {1, 2, 3})
+    with pytest.raises(DatasetError, match="absent.json: submission not found; pass inference.py's JSON"):
+        read_submission(tmp_path / "absent.json", {1, 2, 3})
+    with pytest.raises(DatasetError, match="scalar.json: expected a list of COCO results"):
+        read_submission(scalar, {1, 2, 3})
+    assert len(read_submission(scored["submission"], {1, 2, 3})) == len(scored["results"])
+
+
 def test_a_missing_data_folder_names_data_dir(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="nowhere: folder not found; pass --data_dir"):
         evaluate.main(["--data_dir", str(tmp_path / "nowhere"), "--submission", str(tmp_path / "s.json")])
