@@ -34,7 +34,7 @@ from synthetic import make_dataset  # noqa: E402
 
 NAME = "step_time"
 BASELINE = ("resnet101", False, "none")
-HEADS = ("none", "mask_iou", "cascade", "mask_iou+cascade")
+HEADS = ("none", "mask_iou", "cascade", "mask_iou+cascade", "type_map")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES))
     parser.add_argument("--attn", choices=("off", "on", "both"), default="both", help="which --use_attn settings to time")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=["none"],
-                        help="optional heads to time: the Mask Scoring head, the Cascade box stages, both")
+                        help="optional heads to time: the Mask Scoring head, the Cascade box stages, both, "
+                             "the cell-type map")
     parser.add_argument("--batch_size", type=int, default=1, help="copies of the image per step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -84,7 +85,8 @@ def measure(backbone: str, use_attn: bool, heads: str, image: torch.Tensor, targ
               "min_size": min(height, width), "max_size": max(height, width), "input_scale": 0.0,
               "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
               "box_batch_size_per_image": args.box_batch_size_per_image,
-              "mask_iou": "mask_iou" in heads, "cascade": "cascade" in heads}
+              "mask_iou": "mask_iou" in heads, "cascade": "cascade" in heads,
+              "type_map": 0.5 if "type_map" in heads else 0.0}
     torch.manual_seed(args.seed)
     model = build_model(config).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
