@@ -522,7 +522,7 @@ def detect_boxes(heads: RoIHeads, features: dict[str, Tensor], proposals: list[T
     class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals,
                                                                                           image_shapes)))
     cascade, types = getattr(heads, "cascade", None), getattr(heads, "type_head", None)
-    if cascade is None and types is None:
+    if cascade is None and (types is None or types.weight <= 0):
         return heads.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
     if cascade is None:
         probs = F.softmax(class_logits, -1)
@@ -530,7 +530,7 @@ def detect_boxes(heads: RoIHeads, features: dict[str, Tensor], proposals: list[T
     else:
         probs, boxes = cascade.refine(heads, features, proposals, image_shapes, class_logits, box_regression)
         boxes = boxes[:, None].expand(-1, probs.shape[-1], -1)
-    if types is not None:
+    if types is not None and types.weight > 0:  # W = 0: the box classifier alone, the map not even computed
         probs = rescore(probs, types(features), proposals, image_shapes, types.weight)
     return heads.select_detections(probs, boxes, [len(p) for p in proposals], image_shapes)
 

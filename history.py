@@ -13,7 +13,7 @@ HISTORY_FILE = "history.json"
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 # Every term a history row logs: torchvision's, the Mask Scoring head's and the later cascade
 # stages' (each 0 for a model without it).
-LOGGED_LOSSES = (*LOSS_KEYS, "loss_mask_iou", "loss_cascade")
+LOGGED_LOSSES = (*LOSS_KEYS, "loss_mask_iou", "loss_cascade", "loss_types")
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -27,6 +27,9 @@ from torchvision.ops import roi_align
 from devices import to_device
 from masks import PackedMasks
 
+# The transform pads every batch to a multiple of this (torchvision's GeneralizedRCNNTransform default).
+SIZE_DIVISIBLE = 32
+
 
 class TypeMapHead(nn.Module):
     """Per-pixel class logits [B, classes, h, w] (background first) from the finest FPN level."""
@@ -54,15 +57,17 @@ def finest(features: dict[str, Tensor]) -> Tensor:
     return next(iter(features.values()))
 
 
-def feature_scale(feature: Tensor, image_shapes: list[tuple[int, int]]) -> float:
-    """The level's size over the input's, a power of two (torchvision's pooler infers it the same way)."""
-    approx = feature.shape[-2] / max(h for h, _ in image_shapes)
-    return 2.0 ** round(math.log2(approx))
+def level_stride(feature: Tensor, image_shapes: list[tuple[int, int]]) -> int:
+    """Input pixels per cell of the level: the batch is padded to a multiple of ``SIZE_DIVISIBLE``
+    (torchvision's transform), so its padded height over the level's is exact whatever the
+    image sizes (the unpadded height misleads on images of a few dozen pixels)."""
+    padded = math.ceil(max(h for h, _ in image_shapes) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+    return max(1, round(padded / feature.shape[-2]))
 
 
 def type_targets(targets: list[dict[str, Tensor]], size: tuple[int, int], stride: int) -> Tensor:
-    """Each pixel's class [B, h, w] on the level's grid (``size``, one sample every ``stride``
-    input pixels, at its centre): the label of the cell covering it, 0 for background. Painted
+    """Each pixel's class [B, h, w] on the level's grid (``size``): the label of the cell covering
+    input pixel (``stride`` i, ``stride`` j), where ``roi_align`` reads cell (i, j), 0 for background. Painted
     from the packed masks in one scatter for the batch; pixel coordinates come from the boxes
     and offsets, which live on the host."""
     height, width = size[0] * stride, size[1] * stride
@@ -74,7 +79,8 @@ def type_targets(targets: list[dict[str, Tensor]], size: tuple[int, int], stride
         if len(masks) == 0:
             continue
         if not isinstance(masks, PackedMasks):  # torchvision's [N, H, W] masks: the map from them directly
-            full = (masks.to(torch.int64) * target["labels"].to(device)[:, None, None]).amax(dim=0)
+            labels = target["labels"].to(device=device, dtype=torch.uint8)[:, None, None]
+            full = torch.where(masks > 0, labels, 0).amax(dim=0).long()  # masks' own size and dtype, then one map
             rows = torch.arange(full.shape[0], device=device)[:, None]
             cols = torch.arange(full.shape[1], device=device)[None, :]
             places.append(((b * height + rows) * width + cols).flatten())
@@ -90,14 +96,12 @@ def type_targets(targets: list[dict[str, Tensor]], size: tuple[int, int], stride
         values.append(torch.where(masks.data > 0, target["labels"].to(device)[to_device(owner, device)], 0))
     if places:
         canvas.scatter_reduce_(0, torch.cat(places), torch.cat(values), reduce="amax")
-    start = stride // 2
-    return canvas.view(len(targets), height, width)[:, start::stride, start::stride]
+    return canvas.view(len(targets), height, width)[:, ::stride, ::stride]
 
 
 def type_loss(logits: Tensor, targets: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]]) -> Tensor:
     """Mean per-pixel cross-entropy of the map against ``type_targets`` on the level's grid."""
-    stride = round(1 / feature_scale(logits, image_shapes))
-    truth = type_targets(targets, tuple(logits.shape[-2:]), stride)
+    truth = type_targets(targets, tuple(logits.shape[-2:]), level_stride(logits, image_shapes))
     return F.cross_entropy(logits.float(), truth)
 
 
@@ -110,7 +114,7 @@ def rescore(probs: Tensor, logits: Tensor, boxes: list[Tensor], image_shapes: li
         return probs
     maps = F.softmax(logits.float(), dim=1)
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-    pooled = roi_align(maps, rois.float(), (7, 7), feature_scale(logits, image_shapes), sampling_ratio=2)
+    pooled = roi_align(maps, rois.float(), (7, 7), 1.0 / level_stride(logits, image_shapes), sampling_ratio=2)
     mass = pooled[:, 1:].sum(dim=(2, 3))
     shares = mass / mass.sum(dim=1, keepdim=True).clamp(min=1e-12)
     foreground = probs[:, 1:].float()

@@ -12,7 +12,7 @@ from conftest import assert_cli_predicts_like_the_model
 from masks import PackedMasks
 from model import build_model
 from predictor import Settings, predict_images
-from type_map import TypeMapHead, rescore, type_targets
+from type_map import TypeMapHead, level_stride, rescore, type_targets
 
 CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
           "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "type_map": 0.5}
@@ -42,7 +42,7 @@ def test_type_targets_equal_the_label_image_painted_cell_by_cell_and_sampled_eve
         painted = torch.zeros(64, 64, dtype=torch.int64)  # the batch's padded size
         for i in range(n):  # by hand: the highest label where cells overlap (the scatter's amax)
             painted[:40, :56] = torch.maximum(painted[:40, :56], full[i].long() * labels[i])
-        expected.append(painted[2::4, 2::4])
+        expected.append(painted[::4, ::4])
     got = type_targets(targets, (16, 16), 4)
     assert got.shape == (3, 16, 16) and torch.equal(got, torch.stack(expected))
     assert got[0].max() > 0 and got[1].max() == 0
@@ -50,6 +50,13 @@ def test_type_targets_equal_the_label_image_painted_cell_by_cell_and_sampled_eve
     full_targets = [{"masks": packed.full(), "labels": t["labels"]} for t, packed in
                     zip(targets, (t["masks"] for t in targets))]
     assert torch.equal(type_targets(full_targets, (16, 16), 4), got)
+
+
+def test_the_level_stride_comes_from_the_padded_batch() -> None:
+    level = torch.zeros(1, 256, 24, 24)  # a 65 px image is padded to 96: stride 4, not 65 / 24
+    assert level_stride(level, [(65, 70)]) == 4
+    assert level_stride(torch.zeros(1, 256, 64, 64), [(256, 256), (200, 256)]) == 4
+    assert level_stride(torch.zeros(1, 256, 32, 32), [(256, 250)]) == 8
 
 
 def test_rescoring_moves_foreground_between_classes_and_keeps_the_background() -> None:
@@ -73,11 +80,12 @@ def test_a_training_step_trains_the_map_including_an_image_without_cells(shallow
     torch.manual_seed(0)
     model = build_model(CONFIG).train()
     assert isinstance(model.roi_heads.type_head, TypeMapHead)
-    packed, _ = _cells(np.random.default_rng(1), 6, 64, 72)
+    # 65 px: padded to 96, where the unpadded height alone would suggest a stride of 2
+    packed, _ = _cells(np.random.default_rng(1), 6, 65, 70)
     with_cells = {"boxes": packed.boxes.float(), "labels": torch.tensor([1, 2, 3, 4, 4, 1]), "masks": packed}
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "masks": PackedMasks.from_crops([], np.zeros((0, 4)), (64, 72))}
-    losses = model([torch.rand(3, 64, 72), torch.rand(3, 64, 72)], [with_cells, empty])
+             "masks": PackedMasks.from_crops([], np.zeros((0, 4)), (65, 70))}
+    losses = model([torch.rand(3, 65, 70), torch.rand(3, 65, 70)], [with_cells, empty])
     assert "loss_types" in losses and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grad = model.roi_heads.type_head.logits.weight.grad
@@ -104,7 +112,8 @@ def test_the_map_changes_classes_and_scores_not_boxes(shallow: None) -> None:
     assert len(boxes0) == len(boxes1) == len(proposals[0]) * 4
 
     def by_box_and_class(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.argsort(boxes[:, 0] * 1e6 + boxes[:, 1] * 1e2 + labels.float(), stable=True)
+        keys = np.concatenate([labels[None].numpy(), boxes.numpy().T[::-1]])  # lexsort: last key first
+        return torch.from_numpy(np.lexsort(keys))
 
     order0, order1 = by_box_and_class(boxes0, labels0), by_box_and_class(boxes1, labels1)
     assert torch.equal(boxes0[order0], boxes1[order1]) and torch.equal(labels0[order0], labels1[order1])
