@@ -137,7 +137,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
     ``config`` (``model.shape_differences``), and how to fix it."""
     own = model.state_dict()
     for key, prefix in HEADS.items():
-        flag = f"--{key}"
+        flag = arch_flags(saved, [key]) if saved and saved.get(key) else f"--{key}"  # with its value: --type_map W
         has_head = any(k.startswith(prefix) for k in weights)
         if has_head and not any(k.startswith(prefix) for k in own):
             raise CheckpointError(f"{path}: checkpoint was trained with {flag} but the model is built without it; "

@@ -462,10 +462,14 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
 
 
 def read_json(path: Path, fix: str) -> Any:
-    """A JSON file the user named; one that is not JSON (or not text: a TIFF passed by mistake)
-    stops with the one-line error and ``fix``."""
+    """A JSON file the user named; one that is missing, unreadable (a folder, no permission) or
+    not JSON (or not text: a TIFF passed by mistake) stops with the one-line error and ``fix``."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path}: file not found; {fix}.") from err
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); {fix}.") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: not valid JSON ({err}); {fix}.") from err
 

@@ -37,11 +37,9 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
         return list(range(1, len(samples) + 1))
     path = Path(id_map_json)
     fix = "pass the id map the submission was written with"
-    if not path.is_file():
-        raise DatasetError(f"{path}: id map not found; {fix}.")
     entries = read_json(path, fix)
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e
-                                                for e in entries):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("file_name"), str)
+                                                and "id" in e for e in entries):
         raise DatasetError(f"{path}: not a list of {{file_name, id}} objects; {fix}.")
     by_sample = {sample_name(e["file_name"]): whole_id(e, path) for e in entries}
     missing = [p.name for p in samples if p.name not in by_sample]
@@ -52,10 +50,7 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
 
 
 def read_submission(path: Path, ids: set[int]) -> list[dict]:
-    fix = "pass inference.py's JSON"
-    if not path.is_file():
-        raise DatasetError(f"{path}: submission not found; {fix}.")
-    results = read_json(path, fix)
+    results = read_json(path, "pass inference.py's JSON")
     keys = {"image_id", "category_id", "score", "segmentation"}
     if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
         raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}.")

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: skip)")
     parser.add_argument("--rpn_post_nms_top_n_test", type=int, default=2000, help="the prediction's proposals per view")
     parser.add_argument("--detections_per_img", type=int, default=1000, help="the prediction's cap")
-    for head, text in (("mask_iou", "the Mask Scoring head"), ("cascade", "the Cascade box stages")):
+    for head, text in (("mask_iou", "the Mask Scoring head"), ("cascade", "the Cascade box stages"),
+                       ("type_map", "the cell-type map (W 0.5)")):
         parser.add_argument(f"--{head}", action="store_true",
                             help=f"build every model with {text} (only ours uses it: the baselines keep torchvision's "
                                  "RoI heads)")
@@ -179,7 +180,7 @@ def measure_prediction(args: argparse.Namespace, device: torch.device, tmp: Path
     seed_all(args.seed)
     ours = build_model({"backbone": args.backbone, "weights": "none", "detections_per_img": args.detections_per_img,
                         "rpn_post_nms_top_n_test": args.rpn_post_nms_top_n_test, "mask_iou": args.mask_iou,
-                        "cascade": args.cascade}).to(device).eval()
+                        "cascade": args.cascade, "type_map": 0.5 if args.type_map else 0.0}).to(device).eval()
     stock = copy.deepcopy(ours)
     use_torchvision_detector(stock)
     for prefix in HEADS.values():  # torchvision's RoI heads predict without ours ("roi_heads.<name>.")
@@ -251,7 +252,7 @@ def make_step(variant: str, image: torch.Tensor, target: dict, args: argparse.Na
               "max_size": round(scale * max(height, width)), "input_scale": args.input_scale,
               "rpn_post_nms_top_n_train": args.rpn_post_nms_top_n_train,
               "box_batch_size_per_image": args.box_batch_size_per_image, "mask_iou": args.mask_iou,
-              "cascade": args.cascade}
+              "cascade": args.cascade, "type_map": 0.5 if args.type_map else 0.0}
     if args.take_all:
         config.update(rpn_batch_size_per_image=10 ** 6, box_batch_size_per_image=10 ** 6)
     seed_all(args.seed)

@@ -168,11 +168,17 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
         image_ids(samples, str(broken))
     with pytest.raises(DatasetError, match="scalar.json: not a list of {file_name, id} objects; pass the id map"):
         image_ids(samples, str(scalar))
-    with pytest.raises(DatasetError, match="absent.json: id map not found; pass the id map"):
+    with pytest.raises(DatasetError, match="absent.json: file not found; pass the id map"):
         image_ids(samples, str(tmp_path / "absent.json"))
+    with pytest.raises(DatasetError, match=": cannot be read .*; pass the id map"):
+        image_ids(samples, str(tmp_path))  # a folder
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps([{"file_name": 3, "id": 1}]))
+    with pytest.raises(DatasetError, match="unnamed.json: not a list of {file_name, id} objects"):
+        image_ids(samples, str(unnamed))
     with pytest.raises(DatasetError, match="broken.json: not valid JSON .*; pass inference.py's JSON"):
         read_submission(broken, {1, 2, 3})
-    with pytest.raises(DatasetError, match="absent.json: submission not found; pass inference.py's JSON"):
+    with pytest.raises(DatasetError, match="absent.json: file not found; pass inference.py's JSON"):
         read_submission(tmp_path / "absent.json", {1, 2, 3})
     with pytest.raises(DatasetError, match="scalar.json: expected a list of COCO results"):
         read_submission(scalar, {1, 2, 3})

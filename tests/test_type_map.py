@@ -148,3 +148,18 @@ def test_the_flag_refuses_a_weight_outside_0_to_1(weight: str) -> None:
     assert parser.parse_args(["--type_map", "0.3"]).type_map == 0.3
     with pytest.raises(SystemExit):
         parser.parse_args(["--type_map", weight])
+
+
+def test_type_map_weights_into_a_model_without_it_name_the_flag_with_its_weight(tmp_path: Path,
+                                                                                shallow: None) -> None:
+    from checkpoint import load_weights
+    from errors import CheckpointError
+
+    torch.manual_seed(0)
+    plain = {**CONFIG, "type_map": 0.0}
+    with pytest.raises(CheckpointError, match=r"trained with --type_map 0.5 but the model is built without it; "
+                                              r"add --type_map 0.5\."):
+        load_weights(build_model(plain), build_model(CONFIG).state_dict(), tmp_path / "t.pth", plain, CONFIG)
+    model = build_model(CONFIG)  # fine-tuning into the map: it starts fresh, the rest loads
+    load_weights(model, build_model(plain).state_dict(), tmp_path / "t.pth", CONFIG, plain)
+    assert model.roi_heads.type_head.logits.weight.abs().sum() > 0
