@@ -11,8 +11,8 @@ from files import write_json
 HISTORY_FILE = "history.json"
 # The Mask R-CNN loss terms, each a column of every row (the summed ``loss`` beside them).
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-# Every term a history row logs: torchvision's, the Mask Scoring head's and the later cascade
-# stages' (each 0 for a model without it).
+# Every term a history row logs: torchvision's, the Mask Scoring head's, the later cascade
+# stages' and the cell-type map's (each 0 for a model without it).
 LOGGED_LOSSES = (*LOSS_KEYS, "loss_mask_iou", "loss_cascade", "loss_types")
 
 

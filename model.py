@@ -78,7 +78,7 @@ HEADS = {"mask_iou": "roi_heads.mask_iou_head.", "cascade": "roi_heads.cascade."
 # Keys that change the architecture (or which weights train): a checkpoint's values always win.
 ARCH_KEYS = ("backbone", "num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "type_map", "attn",
              "anchor_sizes", "aspect_ratios", "effnet_taps", "effnet_frozen")
-# of them, the flags
+# Of ARCH_KEYS, those the train scripts take as flags.
 ARCH_FLAGS = ("num_classes", "use_attn", "mask_iou", "cascade", "context_roi", "type_map", "anchor_sizes")
 
 
