@@ -139,6 +139,9 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     ``Settings.feature_budget``); then duplicates are dropped by mask overlap.
     """
     stages = as_stages(models)
+    for stage in stages:
+        if isinstance(stage, MaskRCNNStages):
+            stage.type_weight = settings.type_weight
     cap, per_class = limits(stages, settings)
     shown = views(settings.tta_scales, settings.dihedral)
     jobs = [Job(i, window, view, m, m * len(shown) + v) for m in range(len(stages)) for i, image in enumerate(images)
@@ -147,7 +150,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 
     def detect(chunk: list[int]) -> tuple[Any, list[dict]]:
         crops = [apply_view(_window(images[jobs[k].image], jobs[k].window), jobs[k].view) for k in chunk]
-        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap, per_class, settings.type_weight)
+        state, dets = stages[jobs[chunk[0]].model].detect(crops, cap, per_class)
         return state, [_to_image(d, jobs[k], crop.shape[-2:], images[jobs[k].image].shape[-2:])
                        for d, k, crop in zip(dets, chunk, crops)]
 
@@ -348,16 +351,17 @@ class MaskRCNNStages:
         self.detections_per_class = int(getattr(model.roi_heads, "detections_per_class", 0))
         self.smallest_anchor = min(min(sizes) for sizes in model.rpn.anchor_generator.sizes)
         self.num_classes = int(model.roi_heads.box_predictor.cls_score.out_features) - 1  # without the background
+        self.type_weight: float | None = None  # a --type_map model's W for the prediction under way (None: its own)
 
     def view_cap(self, input_size: tuple[int, int], cap: int) -> int:
         """What a view of ``input_size`` (network input pixels) can hold: one cell per square of
         the smallest anchor side, the smallest cell the anchors serve; never more than ``cap``."""
         return min(cap, math.ceil(input_size[0] * input_size[1] / self.smallest_anchor ** 2))
 
-    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0,
-               type_weight: float | None = None) -> tuple[dict, list[dict]]:
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[dict, list[dict]]:
         """Boxes, scores and labels of each crop, at most ``cap`` (and ``per_class`` of a class),
-        and the state ``masks`` needs; ``type_weight`` replaces a ``--type_map`` model's W."""
+        and the state ``masks`` needs; ``type_weight`` (``Settings.type_weight``, set by
+        ``predict_images``) replaces a ``--type_map`` model's W meanwhile."""
         model, heads = self.model, self.model.roi_heads
         batch, _ = model.transform(crops)
         features = model.backbone(batch.tensors)
@@ -367,8 +371,8 @@ class MaskRCNNStages:
         heads.detections_per_img, heads.detections_per_class = max(caps), per_class
         types = getattr(heads, "type_head", None)
         weight = None if types is None else types.weight
-        if types is not None and type_weight is not None:
-            types.weight = type_weight
+        if types is not None and self.type_weight is not None:
+            types.weight = self.type_weight
         try:
             boxes, scores, labels = detect_boxes(heads, features, proposals, batch.image_sizes)
         finally:
