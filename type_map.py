@@ -113,8 +113,8 @@ def rescore(probs: Tensor, logits: Tensor, boxes: list[Tensor], image_shapes: li
     if weight <= 0 or probs.shape[0] == 0:  # shapes and a host number: no read
         return probs
     maps = F.softmax(logits.float(), dim=1)
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-    pooled = roi_align(maps, rois.float(), (7, 7), 1.0 / level_stride(logits, image_shapes), sampling_ratio=2)
+    pooled = roi_align(maps, [b.float() for b in boxes], (7, 7), 1.0 / level_stride(logits, image_shapes),
+                       sampling_ratio=2)  # roi_align numbers each image's boxes itself
     mass = pooled[:, 1:].sum(dim=(2, 3))
     shares = mass / mass.sum(dim=1, keepdim=True).clamp(min=1e-12)
     foreground = probs[:, 1:].float()
