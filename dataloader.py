@@ -439,15 +439,9 @@ def number_images(folder: Path) -> list[dict]:
 def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     """The id map, checked against the test folder in both directions."""
     id_map_json, test_dir = Path(id_map_json), Path(test_dir)
-    if not id_map_json.exists():
-        raise DatasetError(f"{id_map_json}: id map not found; pass --id_map_json <dataset>/test_image_name_to_ids.json.")
     if not test_dir.is_dir():
         raise DatasetError(f"{test_dir}: test folder not found; pass --test_dir <dataset>/test_release.")
-    entries = read_json(id_map_json, "fix the file or pass another --id_map_json")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
-        raise DatasetError(f"{id_map_json}: expected a list of {{file_name, id, height, width}} objects; pass the "
-                           "competition's test_image_name_to_ids.json.")
-    entries = [{**e, "id": whole_id(e, id_map_json)} for e in entries]
+    entries = read_id_entries(id_map_json, "pass --id_map_json <dataset>/test_image_name_to_ids.json")
     named = {e["file_name"] for e in entries}
     files = set(folder_images(test_dir))
     without_id = sorted(files - named)
@@ -472,6 +466,16 @@ def read_json(path: Path, fix: str) -> Any:
         raise DatasetError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); {fix}.") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: not valid JSON ({err}); {fix}.") from err
+
+
+def read_id_entries(path: Path, fix: str) -> list[dict]:
+    """An id map's entries with whole-number ids: the one check of its shape (a list of
+    ``{file_name, id}`` objects) for inference.py and evaluate.py, each giving its own ``fix``."""
+    entries = read_json(path, fix)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("file_name"), str)
+                                                and "id" in e for e in entries):
+        raise DatasetError(f"{path}: not a list of {{file_name, id}} objects; {fix}.")
+    return [{**e, "id": whole_id(e, path)} for e in entries]
 
 
 def whole_id(entry: dict, id_map_json: Path) -> int:

@@ -12,7 +12,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, IMAGE_FILE, read_json, read_label_image, sample_name, whole_id
+from dataloader import CLASS_FILES, IMAGE_FILE, read_id_entries, read_json, read_label_image, sample_name
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -36,12 +36,8 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
     if not id_map_json:
         return list(range(1, len(samples) + 1))
     path = Path(id_map_json)
-    fix = "pass the id map the submission was written with"
-    entries = read_json(path, fix)
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("file_name"), str)
-                                                and "id" in e for e in entries):
-        raise DatasetError(f"{path}: not a list of {{file_name, id}} objects; {fix}.")
-    by_sample = {sample_name(e["file_name"]): whole_id(e, path) for e in entries}
+    entries = read_id_entries(path, "pass the id map the submission was written with")
+    by_sample = {sample_name(e["file_name"]): e["id"] for e in entries}
     missing = [p.name for p in samples if p.name not in by_sample]
     if missing:
         raise DatasetError(f"{path}: no id for sample(s) {missing[:5]}; each sample X needs an entry 'X.tif' or "

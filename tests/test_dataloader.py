@@ -200,6 +200,13 @@ def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
     a_tiff.write_bytes(b"II*\x00\x08\x00\x00\x00\xff\xfe\x80")  # a TIFF passed by mistake: never UTF-8
     with pytest.raises(DatasetError, match="not valid JSON"):
         read_id_map(a_tiff, tiny_dataset["test_dir"])
+    fix = r"pass --id_map_json <dataset>/test_image_name_to_ids.json\.$"
+    with pytest.raises(DatasetError, match="absent.json: file not found; " + fix):
+        read_id_map(tmp_path / "absent.json", tiny_dataset["test_dir"])
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps([{"id": 1}]))
+    with pytest.raises(DatasetError, match=r"unnamed.json: not a list of \{file_name, id\} objects; " + fix):
+        read_id_map(unnamed, tiny_dataset["test_dir"])
 
 
 def test_real_hw3_sample() -> None:
