@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from argtypes import HelpFormatter, non_negative, non_negative_int, positive_int, share
 from augment import Donors, add_augment_args, build_crop_window, build_train_transforms
-from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint,
+from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint, saved_args,
                         set_rng_state)
 from coco import build_coco_gt
 from dataloader import ID_MAP_FILE, LabelledImages, collate_fn, list_samples, sample_groups, split_samples, write_split
@@ -101,7 +101,8 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run.add_argument("--eval_max_dets", type=positive_int, default=100,
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
     add_tile_args(run)
-    run.add_argument("--resume", default=None, help="last.pth to continue a run (optimizer, schedule, history...)")
+    run.add_argument("--resume", default=None, help="last.pth to continue a run: its weights, optimizer, schedule, history and flags; a "
+                          "flag typed now overrides the run's own (--epochs to train longer)")
     run.add_argument("--checkpoint", default=None,
                      help="weights to fine-tune from in a fresh run (ignored with --resume)")
     run.add_argument("--early_stop", type=non_negative_int, default=0, metavar="N",
@@ -167,13 +168,15 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
            stop: StopRequest, typed: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     out = writable_dir(args.output_dir) if info.is_main else Path(args.output_dir)
     enable_tf32(device)
-    torch.manual_seed(args.seed)
-    for note in schedule_notes(args):
-        _log(info, note)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None and not {"optimizer", "rng"} <= resume.keys():
         raise CheckpointError(f"{args.resume}: holds weights only, no training state to resume; pass it as "
                               f"--checkpoint {args.resume} to train from its weights in a new run.")
+    if resume is not None:
+        resume_flags(args, saved_args(resume), typed, info)
+    torch.manual_seed(args.seed)
+    for note in schedule_notes(args):
+        _log(info, note)
     start = load_checkpoint(args.checkpoint) if args.checkpoint and not resume else None
     config = _run_config(args, backbone, resume, info, typed)
     if start is not None:
@@ -278,6 +281,8 @@ RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results
 # what "best" means, so a change would mix two runs into one history.
 RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric",
              "repeat_thresh")
+# Flags that name this invocation, not the run: a resumed run takes them from today's command.
+INVOCATION_FLAGS = ("resume", "output_dir", "checkpoint", "device")
 # Model limits a resumed run may change, as the out-of-memory advice asks: no weight depends on them.
 RESUME_LIMITS = ("max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                  "rpn_post_nms_top_n_test", "box_batch_size_per_image", "detections_per_img", "detections_per_class",
@@ -297,6 +302,20 @@ def schedule_notes(args: argparse.Namespace) -> list[str]:
                      f"learning rate ({args.patience + 1} validations without improvement, --patience "
                      f"{args.patience}, every {args.eval_every} epoch(s)); pass a larger --early_stop or --use_cosine")
     return notes
+
+
+def resume_flags(args: argparse.Namespace, original: dict[str, Any], typed: set[str] | frozenset[str],
+                 info: DistInfo = DistInfo()) -> None:
+    """``--resume`` continues the run it names: every flag not typed now takes that run's value
+    (its schedule, learning rate, EMA, augmentation, epochs), so the command the interruption
+    message prints goes on as if never stopped; a typed flag overrides (``--epochs 60`` to train
+    longer), within what ``_run_config`` allows."""
+    taken = {k: v for k, v in original.items()
+             if k in vars(args) and k not in typed and k not in INVOCATION_FLAGS and getattr(args, k) != v}
+    for key, value in taken.items():
+        setattr(args, key, value)
+    if taken:
+        _log(info, "resumed with the run's own " + " ".join(f"--{k} {v}" for k, v in sorted(taken.items())))
 
 
 def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, info: DistInfo = DistInfo(),

@@ -507,6 +507,22 @@ def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.C
     assert smaller["max_size"] == 512 and "--max_size 512 (was 1024)" in capsys.readouterr().out
 
 
+def test_resume_takes_the_run_s_own_flags_unless_typed(capsys: pytest.CaptureFixture) -> None:
+    parser = build_parser("resnet101", "")
+    first = parser.parse_args(["--train_dir", "d", "--use_cosine", "--lr", "0.001", "--ema_decay", "0",
+                               "--output_dir", "r", "--hflip_p", "0"])
+    argv = ["--resume", "r/last.pth", "--epochs", "60", "--output_dir", "elsewhere"]
+    args = parser.parse_args(argv)
+    training.resume_flags(args, vars(first), training.typed_flags(parser, argv, args))
+    assert (args.use_cosine, args.lr, args.ema_decay, args.hflip_p, args.train_dir) == (True, 0.001, 0, 0, "d")
+    assert (args.epochs, args.resume, args.output_dir) == (60, "r/last.pth", "elsewhere")  # typed, or this call's
+    assert "--use_cosine True" in capsys.readouterr().out
+    argv = ["--resume", "r/last.pth", "--lr", "0.0005"]
+    args = parser.parse_args(argv)
+    training.resume_flags(args, vars(first), training.typed_flags(parser, argv, args))
+    assert (args.lr, args.use_cosine, args.epochs) == (0.0005, True, first.epochs)
+
+
 def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
