@@ -415,8 +415,12 @@ def _load_state(source: str, enum: Any) -> dict[str, torch.Tensor]:
             ) from err
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{source}: no such weights file; pass 'imagenet'/'coco', 'none' or a state-dict path.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise WeightsError(f"{source}: no such weights file; pass 'imagenet'/'coco', 'none' or a state-dict path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or pickled objects weights_only refuses
+        raise WeightsError(f"{source}: not a readable state dict ({type(err).__name__}); pass a torch.save'd state "
+                           "dict, or a best.pth/last.pth of this project as --checkpoint.") from err
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 

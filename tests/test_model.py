@@ -6,6 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import resnet101
@@ -14,6 +15,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from detector import CellTransform, PairwiseIoU, SlicedMatcher
+from errors import WeightsError
 from model import add_model_args, build_model, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +85,15 @@ def test_effnet_taps_the_papers_blocks_and_old_checkpoints_keep_theirs(tmp_path:
 
 
 def test_bad_weights_file_is_explained(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such weights file"):
+    with pytest.raises(WeightsError, match="no such weights file"):
         build_model({"backbone": "resnet101", "weights": str(tmp_path / "missing.pth")})
+    run_file = tmp_path / "best.pth"  # a checkpoint of this project: numpy RNG state, refused as weights only
+    torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, run_file)
+    with pytest.raises(WeightsError, match="best.pth: not a readable state dict.*as --checkpoint"):
+        build_model({"backbone": "resnet101", "weights": str(run_file)})
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(WeightsError, match="cut.pth: not a readable state dict"):
+        build_model({"backbone": "resnet101", "init_detector": str(tmp_path / "cut.pth"), "weights": "none"})
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
     with pytest.raises(RuntimeError, match="missing keys"):
