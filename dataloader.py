@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -475,7 +476,14 @@ def read_id_entries(path: Path, fix: str) -> list[dict]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("file_name"), str)
                                                 and "id" in e for e in entries):
         raise DatasetError(f"{path}: not a list of {{file_name, id}} objects; {fix}.")
-    return [{**e, "id": whole_id(e, path)} for e in entries]
+    entries = [{**e, "id": whole_id(e, path)} for e in entries]
+    for key in ("file_name", "id"):  # two images under one id would merge in the submission
+        counts = Counter(e[key] for e in entries)
+        twice = sorted(str(v) for v, n in counts.items() if n > 1)
+        if twice:
+            raise DatasetError(f"{path}: {len(twice)} {key}(s) listed more than once: {_few(twice)}; give each image "
+                               "one entry and its own id.")
+    return entries
 
 
 def whole_id(entry: dict, id_map_json: Path) -> int:

@@ -207,6 +207,13 @@ def test_id_map_checked_both_ways(tiny_dataset: dict, tmp_path: Path) -> None:
     unnamed.write_text(json.dumps([{"id": 1}]))
     with pytest.raises(DatasetError, match=r"unnamed.json: not a list of \{file_name, id\} objects; " + fix):
         read_id_map(unnamed, tiny_dataset["test_dir"])
+    twice = tmp_path / "twice.json"  # the same id for two images, as "1" and 1.0
+    twice.write_text(json.dumps([{**entries[0], "id": "7"}, {**entries[1], "id": 7.0}, *entries[2:]]))
+    with pytest.raises(DatasetError, match=r"twice.json: 1 id\(s\) listed more than once: 7; give each image"):
+        read_id_map(twice, tiny_dataset["test_dir"])
+    twice.write_text(json.dumps([*entries, {**entries[0], "id": 99}]))
+    with pytest.raises(DatasetError, match=f"file_name\\(s\\) listed more than once: {entries[0]['file_name']}"):
+        read_id_map(twice, tiny_dataset["test_dir"])
 
 
 def test_real_hw3_sample() -> None:
