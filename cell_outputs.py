@@ -11,6 +11,7 @@ window of an image streamed in windows (``streaming.py``, ``painted_window``).
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from coco import paint, paint_packed
 from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image, sample_name
-from files import JsonArrayWriter
+from files import JsonArrayWriter, hidden, hidden_folder, publish_folder
 
 # Measured per cell (regionprops_table names); the CSV's columns (a grey image fills one intensity).
 PROPERTIES = ("area", "perimeter", "centroid", "bbox", "eccentricity", "intensity_mean")
@@ -91,9 +92,10 @@ def _numbered(kept: list[dict], canvas: np.ndarray) -> tuple[list[dict], np.ndar
 
 def write_label_sample(image: PaintedImage, folder: Path) -> None:
     """``folder/<sample>/``: the image and one label image per class (uint16, or uint32 for
-    an image of more than 65,535 cells)."""
-    out = folder / sample_name(image.name)
-    out.mkdir(parents=True, exist_ok=True)
+    an image of more than 65,535 cells), written in a hidden folder renamed when complete:
+    training and ``evaluate.py --labels`` read a missing class file as no cells of that class."""
+    final = folder / sample_name(image.name)
+    out = hidden_folder(final)
     if image.source.suffix.lower() in TIFF_SUFFIXES:
         shutil.copyfile(image.source, out / IMAGE_FILE)
     else:  # the training layout holds TIFFs: a PNG or JPEG is written as one, its pixels as stored
@@ -102,6 +104,7 @@ def write_label_sample(image: PaintedImage, folder: Path) -> None:
     for class_id, name in CLASS_FILES.items():
         dtype = np.uint16 if len(image.cells) <= np.iinfo(np.uint16).max else np.uint32
         tifffile.imwrite(out / name, np.where(classes == class_id, image.labels, 0).astype(dtype))
+    publish_folder(out, final)
 
 
 def pixel_classes(image: PaintedImage) -> np.ndarray:
@@ -173,22 +176,27 @@ class CellWriter:
         self._current: str | None = None
         self._geojson: JsonArrayWriter | None = None  # the current image's
         self._canvases: dict[str, np.ndarray] = {}  # memory-mapped label TIFFs of a streamed image
+        self._label_folder: Path | None = None  # where they go when the image is complete
 
     def __enter__(self) -> "CellWriter":
         if self.geojson_dir:
             self.geojson_dir.mkdir(parents=True, exist_ok=True)
         if self.csv_path:
             self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-            self._table = csv.DictWriter(self._stack.enter_context(open(self.csv_path, "w", newline="")),
+            self._table = csv.DictWriter(self._stack.enter_context(open(hidden(self.csv_path), "w", newline="")),
                                          fieldnames=COLUMNS)
             self._table.writeheader()
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
+        """The CSV, like the submission, takes its name only when every image is in it; after a
+        failure its rows so far stay in ``.<name>.tmp``."""
         try:
             self._finish_image(kind)
         finally:
             self._stack.close()
+        if self.csv_path and kind is None:
+            os.replace(hidden(self.csv_path), self.csv_path)
 
     def add(self, image: PaintedImage, size: tuple[int, int] | None = None) -> None:
         """Write ``image``'s cells; ``size``: the whole image's (H, W) when ``image`` is one
@@ -216,9 +224,9 @@ class CellWriter:
         """A streamed image's label folder: uint32 label TIFFs memory-mapped on disk, filled window
         by window with each window's own cells (``painted_window``; only where predictions of two
         windows disagree at their boundary could a later window's cell take a pixel)."""
-        out = self.labels / sample_name(image.name)
         if not self._canvases:
-            out.mkdir(parents=True, exist_ok=True)
+            self._label_folder = self.labels / sample_name(image.name)
+            out = hidden_folder(self._label_folder)
             if image.source.suffix.lower() in TIFF_SUFFIXES:
                 shutil.copyfile(image.source, out / IMAGE_FILE)
             else:
@@ -240,7 +248,10 @@ class CellWriter:
             self._geojson = None
         for canvas in self._canvases.values():
             canvas.flush()
-        self._canvases = {}
+        self._canvases = {}  # the maps closed before their folder is renamed
+        if self._label_folder is not None and failure is None:
+            publish_folder(hidden(self._label_folder), self._label_folder)
+        self._label_folder = None
 
 
 def write_cell_outputs(results: list[dict], dataset: UnlabelledImages, score_thresh: float,

@@ -209,8 +209,9 @@ def decode_instances(sample_dir: Path, shape: tuple[int, int]) -> Instances:
 
 def sample_folders(folder: Path) -> list[Path]:
     """The sub-folders of ``folder`` sorted by name: the samples of the training layout in the
-    one order that training, scoring and prediction all number them in, never the file system's."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_dir())
+    one order that training, scoring and prediction all number them in, never the file system's.
+    Hidden folders are none (``.<sample>.tmp``: a label folder a crashed prediction left)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def list_samples(train_dir: Path, flag: str = "--train_dir") -> list[Path]:

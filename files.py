@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,11 +44,33 @@ def set_aside(folder: Path, names: Sequence[str]) -> Path | None:
     return aside
 
 
+def hidden(path: Path) -> Path:
+    """Where ``path`` is written until it is complete: ``.<name>.tmp`` beside it."""
+    return Path(path).with_name(f".{Path(path).name}.tmp")
+
+
+def hidden_folder(final: Path) -> Path:
+    """An empty ``hidden(final)`` to write a folder's files into (a crashed run's removed)."""
+    tmp = hidden(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """A folder written under ``tmp`` becomes ``final``, an earlier ``final`` (the same command's
+    last output) removed first, so a folder of files only ever appears complete."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
     """JSON written atomically: a crash never leaves half a submission or history."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = hidden(path)
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=indent, separators=None if indent else (",", ":"))
     os.replace(tmp, path)
@@ -61,7 +84,7 @@ class JsonArrayWriter:
 
     def __init__(self, path: Path, head: str = "[", tail: str = "]") -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.tmp = hidden(self.path)
         self.head, self.tail = head, tail
         self.count = 0
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import inference
-from cell_outputs import CellWriter, painted_window
+from cell_outputs import CellWriter, PaintedImage, painted_window
 from coco import detections_to_coco, paint
 from conftest import random_checkpoint
-from dataloader import CLASS_FILES, read_image, read_raw_image, to_float_rgb
+from dataloader import CLASS_FILES, read_image, read_raw_image, sample_folders, to_float_rgb
 from errors import UsageError
 from files import JsonArrayWriter
 from masks import PackedMasks
@@ -211,3 +211,34 @@ def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shall
     assert all(r["score"] >= 0.6 for r in kept) and len(kept) < len(results)  # dropped inside the model
     with pytest.raises(UsageError, match="--window 100 is too small"):
         inference.main([*common, "--output", str(tmp_path / "out" / "sub2.json"), "--window", "100"])
+
+
+def test_cell_outputs_appear_only_complete_and_a_crash_leaves_hidden_parts(tmp_path: Path) -> None:
+    """The CSV and each label folder (whole or streamed) take their names when complete; after a
+    failure the parts keep hidden names, which no tool reads as a sample, and the rerun replaces them."""
+    path = tmp_path / "a.png"
+    pixels = np.full((40, 50, 3), 128, np.uint8)
+    Image.fromarray(pixels).save(path)
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:15, 5:15], labels[20:30, 30:45] = 1, 2
+    cells = [{"category_id": 4, "score": 0.9}, {"category_id": 2, "score": 0.5}]
+    whole = PaintedImage("a.png", 1, path, pixels, cells, labels)
+    window = PaintedImage("b.png", 2, path, pixels, cells, labels)
+    outputs = (tmp_path / "lab", None, tmp_path / "cells.csv")
+    with pytest.raises(KeyboardInterrupt):
+        with CellWriter(list("wxyz"), *outputs) as writer:
+            writer.add(whole)
+            writer.add(window, (40, 50))  # one window of a streamed image, cut short
+            raise KeyboardInterrupt
+    assert not (tmp_path / "cells.csv").exists() and (tmp_path / ".cells.csv.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == [".b.tmp", "a"]
+    assert [p.name for p in sample_folders(tmp_path / "lab")] == ["a"]
+    with CellWriter(list("wxyz"), *outputs) as writer:
+        writer.add(whole)
+        writer.add(window, (40, 50))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["a", "b"]
+    for sample in ("a", "b"):
+        assert tifffile.imread(tmp_path / "lab" / sample / CLASS_FILES[4]).max() == 1
+        assert tifffile.imread(tmp_path / "lab" / sample / CLASS_FILES[2]).max() == 2
+    assert [r["image"] for r in csv.DictReader(open(tmp_path / "cells.csv"))] == ["a.png"] * 2 + ["b.png"] * 2
