@@ -21,7 +21,7 @@ from coco import evaluate, matching_metrics
 from detector import check_boxes
 from devices import autocast
 from distributed import DistInfo, StopRequest, any_rank, broadcast, gather_lists, sum_across
-from errors import DeviceMemoryError
+from errors import DeviceMemoryError, DivergenceError
 from flags import validation_settings
 from history import LOGGED_LOSSES
 from masks import PackedMasks
@@ -116,8 +116,8 @@ class EpochMeter:
             print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
                   f"{ {k: round(v, 4) for k, v in zip(LOGGED_LOSSES, row)} }")
             if self.bad_in_row >= MAX_BAD_STEPS:
-                raise RuntimeError(f"{self.bad_in_row} non-finite losses in a row: lower --lr, drop --use_amp "
-                                   "or check the images named above.")
+                raise DivergenceError(f"epoch {epoch}: {self.bad_in_row} non-finite losses in a row; lower --lr, "
+                                      "drop --use_amp or check the images named above.")
         self._pending.clear()
         return last
 

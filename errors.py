@@ -26,4 +26,9 @@ class DeviceMemoryError(RuntimeError):
     fewer RoIs, AMP), so it is reported in one line like bad input."""
 
 
-EXPECTED_ERRORS = (UsageError, DatasetError, CheckpointError, WeightsError, DeviceMemoryError)
+class DivergenceError(RuntimeError):
+    """Training whose loss stays non-finite: the fix is a flag (a lower --lr, no --use_amp) or an
+    image, so it is reported in one line, the steps before it kept for --resume."""
+
+
+EXPECTED_ERRORS = (UsageError, DatasetError, CheckpointError, WeightsError, DeviceMemoryError, DivergenceError)

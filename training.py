@@ -26,7 +26,7 @@ from dataloader import ID_MAP_FILE, LabelledImages, collate_fn, list_samples, sa
 from distributed import DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, init_distributed
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
-from errors import CheckpointError, DatasetError, UsageError
+from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
 from files import set_aside, writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
@@ -225,13 +225,22 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         # the samples this rank had trained on, at the batch size it had then (--batch_size may change on resume)
         sampler.skip = partial["batches"] * partial.get("batch_size", args.batch_size) if partial else 0
         meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
-        row = run_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info)
-        if row is None:  # stopped by a signal: keep the steps done so far
+
+        def keep_steps() -> Path:
+            """last.pth holding this epoch's steps so far, for --resume."""
             state["partial"] = {"epoch": epoch, "batches": meter.batches, "batch_size": args.batch_size,
                                 "meter": asdict(meter)}
             if info.is_main:
                 save_checkpoint(out / "last.pth", snapshot())
-            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {out / 'last.pth'}")
+            return out / "last.pth"
+
+        try:
+            row = run_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info)
+        except (DeviceMemoryError, DivergenceError) as err:  # the fix is a flag: keep the steps it cost
+            raise type(err)(f"{str(err).rstrip('.')}; the steps so far are kept: rerun with that fix and "
+                            f"--resume {keep_steps()}.") from err
+        if row is None:  # stopped by a signal: keep the steps done so far
+            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps()}")
             return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
         state["partial"] = None
         state["history"].append(row)

@@ -16,6 +16,7 @@ import engine
 import training
 import train_resnet
 from checkpoint import load_checkpoint
+from errors import DivergenceError
 from conftest import ROOT
 from synthetic import make_dataset
 
@@ -92,8 +93,11 @@ def test_many_non_finite_losses_stop_the_run(data: dict, tmp_path: Path, monkeyp
     monkeypatch.setattr(engine, "MAX_BAD_STEPS", 2)
     monkeypatch.setattr(engine, "_forward_losses",
                         lambda *a, **k: {k2: v * float("inf") for k2, v in real(*a, **k).items()})
-    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+    with pytest.raises(DivergenceError, match=r"non-finite losses in a row; lower --lr.*the steps so far are kept: "
+                                              r"rerun with that fix and --resume .*inf/last.pth\.$"):
         train_resnet.main(_args(data, tmp_path / "inf", "--epochs", "1", "--val_split", "0"))
+    stopped = load_checkpoint(tmp_path / "inf" / "last.pth")
+    assert stopped["partial"]["batches"] >= 2 and stopped["epoch"] == 0
 
 
 def test_unwritable_output_dir(data: dict, tmp_path: Path) -> None:
