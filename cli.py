@@ -44,4 +44,8 @@ def describe(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None:
         fix = next((text for kind, text in _PATH_ERRORS.items() if isinstance(err, kind)), "check the path")
         return f"{err.filename}: {(err.strerror or str(err)).lower()}; {fix}."
-    return " ".join(str(err).split())
+    text = str(err)
+    if "\nOriginal Traceback" in text:  # raised again by a DataLoader worker: its own message is the last line
+        last = text.rstrip().splitlines()[-1]  # "errors.DatasetError: <message>"
+        text = last.split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -136,6 +136,22 @@ def test_python_oserrors_name_the_path_and_the_fix() -> None:
         assert describe(err) == "/nonexistent/x.json: no such file or directory; check the path."
 
 
+def test_an_error_in_a_data_loader_worker_is_its_own_one_line() -> None:
+    """A DataLoader worker's error is raised again in the main process (``ExceptionWrapper``,
+    what every worker uses) with the worker's traceback as its text; the line printed is the
+    worker's own message. (A real worker process is not used: under pytest-xdist its shutdown
+    after the error is interrupted.)"""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise DatasetError("a.tif: pixels cut short; export the image again.")
+    except DatasetError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DatasetError, match="Original Traceback") as raised:
+        wrapped.reraise()
+    assert describe(raised.value) == "a.tif: pixels cut short; export the image again."
+
+
 def test_debug_variable_shows_the_traceback(data: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["check_stats.py", "--train_dir", str(tmp_path / "nowhere")])
     monkeypatch.setenv(DEBUG_ENV, "1")
