@@ -14,6 +14,7 @@ from errors import EXPECTED_ERRORS
 
 DEBUG_ENV = "CELLSEG_DEBUG"
 EXIT_USAGE = 2
+EXIT_INTERRUPT = 130  # a shell's status for a command stopped by Ctrl-C
 
 
 # OSErrors of the user's paths; any other exception is a bug and keeps its traceback.
@@ -27,10 +28,17 @@ _PATH_ERRORS: dict[type[OSError], str] = {
 EXPECTED = (*EXPECTED_ERRORS, *_PATH_ERRORS)
 
 
-def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """Run a script's ``main``; an expected error becomes ``error: <message>`` and exit 2."""
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
+            on_interrupt: str = "") -> None:
+    """Run a script's ``main``; an expected error becomes ``error: <message>`` and exit 2, Ctrl-C
+    the line ``interrupted`` (with ``on_interrupt``, what a rerun does) and exit 130."""
     try:
         main(argv)
+    except KeyboardInterrupt:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPT) from None
     except EXPECTED as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

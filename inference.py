@@ -27,7 +27,7 @@ from cli import run_cli
 from coco import detections_to_coco
 from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, image_size
 from devices import default_device
-from errors import UsageError
+from errors import DeviceMemoryError, UsageError
 from files import JsonArrayWriter, writable_dir, write_json
 from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
                    checkpoint_overrides, prediction_settings)
@@ -95,12 +95,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         writable_dir(args.output_dir or Path(args.output).parent, "--output_dir" if args.output_dir else "--output")
     folder = Path(args.output_dir or Path(args.checkpoint[0]).parent)
     output = Path(args.output) if args.output else folder / "test-results.json"
-    return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),
-                          device=args.device, overrides=overrides, score_thresh=args.score_thresh,
-                          num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
-                                                                                 args.save_csv, args.label_thresh,
-                                                                                 args.class_names),
-                          window=args.window)
+    try:
+        return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),
+                              device=args.device, overrides=overrides, score_thresh=args.score_thresh,
+                              num_workers=args.num_workers,
+                              cell_outputs=CellOutputs(args.save_labels, args.save_geojson, args.save_csv,
+                                                       args.label_thresh, args.class_names),
+                              window=args.window)
+    except torch.OutOfMemoryError as err:  # the fix is a flag: said in one line, not a kernel's traceback
+        raise DeviceMemoryError(f"{args.test_dir}: out of memory predicting; pass --batch_size 1, a smaller "
+                                "--tile, no --tta, or a smaller --window (large images predicted in windows).") from err
 
 
 class CellOutputs(NamedTuple):
@@ -272,4 +276,4 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, on_interrupt="run the same command again: the images already predicted are kept")

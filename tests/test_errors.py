@@ -152,6 +152,29 @@ def test_an_error_in_a_data_loader_worker_is_its_own_one_line() -> None:
     assert describe(raised.value) == "a.tif: pixels cut short; export the image again."
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, torch.OutOfMemoryError])
+def test_inference_interrupted_or_out_of_memory_says_so_in_one_line(failure: type, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    import inference
+    from cli import run_cli
+
+    def predict_folder(*args, **kwargs):
+        raise failure("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(inference, "predict_folder", predict_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(inference.main, ["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(tmp_path / "test")],
+                on_interrupt="run the same command again")
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "Traceback" not in line
+    if failure is KeyboardInterrupt:
+        assert exit_info.value.code == 130 and line == "interrupted; run the same command again"
+    else:
+        assert exit_info.value.code == 2 and line.startswith(f"error: {tmp_path / 'test'}: out of memory predicting; "
+                                                             "pass --batch_size 1")
+
+
 def test_debug_variable_shows_the_traceback(data: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["check_stats.py", "--train_dir", str(tmp_path / "nowhere")])
     monkeypatch.setenv(DEBUG_ENV, "1")
