@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     truth = LabelledImages(samples, ids, desc="decode ground truth", cache_images=False)
     coco_gt = build_coco_gt(truth.instances, ids)
     if args.submission:
-        results = read_submission(Path(args.submission), set(ids))
+        shapes = {image_id: (t.height, t.width) for image_id, t in zip(ids, truth.instances)}
+        results = read_submission(Path(args.submission), shapes)
     else:
         results = read_labels(Path(args.labels), samples, ids, [(i.height, i.width) for i in truth.instances])
     # Every cell of a label image was drawn as found; its id only ranks it for AP.

@@ -5,6 +5,7 @@ maxDets 100, and at 1000 where hundreds of cells fill an image) and as the cell 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +46,49 @@ def image_ids(samples: list[Path], id_map_json: str | None) -> list[int]:
     return [by_sample[p.name] for p in samples]
 
 
-def read_submission(path: Path, ids: set[int]) -> list[dict]:
+def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict]:
+    """The results of ``path`` on the images of ``shapes`` (image id: height, width), each checked
+    as COCO's loader needs it, so a wrong file stops with the first bad result named rather than
+    a traceback from inside the scorer; results of other images are left out."""
     results = read_json(path, "pass inference.py's JSON")
     keys = {"image_id", "category_id", "score", "segmentation"}
     if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
         raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}.")
-    if results and not any(int(r["image_id"]) in ids for r in results):
+    for n, r in enumerate(results):
+        problem = _result_problem(r, shapes)
+        if problem:
+            raise DatasetError(f"{path}: result {n} (image_id {r['image_id']!r}) {problem}; write the submission "
+                               "with inference.py, or as COCO results with RLE masks.")
+    kept = [r for r in results if r["image_id"] in shapes]
+    if results and not kept:
         raise DatasetError(f"{path}: no detection refers to an image of the data folder; pass --id_map_json "
                            "with the ids the submission was written with.")
-    for r in results:
+    for r in kept:
         if "bbox" not in r:  # COCO's loader needs one; the mask's box is the submission's
             x, y, w, h = (float(v) for v in _rle_box(r["segmentation"]))
             r["bbox"] = [x, y, w, h]
-    return [r for r in results if int(r["image_id"]) in ids]
+    return kept
+
+
+def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:
+    """What keeps one COCO result from being scored ("" when nothing)."""
+    categories = {c["id"] for c in CATEGORIES}
+    image_id, category, score, mask = (result[k] for k in ("image_id", "category_id", "score", "segmentation"))
+    if not _whole(image_id):
+        return "has an image_id that is not an integer"
+    if not _whole(category) or category not in categories:
+        return f"has category_id {category!r}, not one of {sorted(categories)}"
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"has score {score!r}, not a finite number"
+    if not isinstance(mask, dict) or not {"size", "counts"} <= set(mask):
+        return "has a segmentation that is not an RLE {size, counts} (polygons are not scored)"
+    if image_id in shapes and list(mask["size"]) != list(shapes[image_id]):
+        return f"has a mask of size {mask['size']} on an image of {list(shapes[image_id])} (height, width)"
+    return ""
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[tuple[int, int]]) -> list[dict]:

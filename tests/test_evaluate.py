@@ -176,13 +176,26 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
     unnamed.write_text(json.dumps([{"file_name": 3, "id": 1}]))
     with pytest.raises(DatasetError, match="unnamed.json: not a list of {file_name, id} objects"):
         image_ids(samples, str(unnamed))
+    shapes = {i: (t.height, t.width) for i, t in zip([1, 2, 3], scored["truth"].instances)}
     with pytest.raises(DatasetError, match="broken.json: not valid JSON .*; pass inference.py's JSON"):
-        read_submission(broken, {1, 2, 3})
+        read_submission(broken, shapes)
     with pytest.raises(DatasetError, match="absent.json: file not found; pass inference.py's JSON"):
-        read_submission(tmp_path / "absent.json", {1, 2, 3})
+        read_submission(tmp_path / "absent.json", shapes)
     with pytest.raises(DatasetError, match="scalar.json: expected a list of COCO results"):
-        read_submission(scalar, {1, 2, 3})
-    assert len(read_submission(scored["submission"], {1, 2, 3})) == len(scored["results"])
+        read_submission(scalar, shapes)
+    assert len(read_submission(scored["submission"], shapes)) == len(scored["results"])
+    good = scored["results"][0]
+    polygon = [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]]
+    for change, problem in (({"image_id": "1"}, "image_id '1'.* not an integer"),
+                            ({"category_id": 7}, r"category_id 7, not one of \[1, 2, 3, 4\]"),
+                            ({"score": None}, "score None, not a finite number"),
+                            ({"segmentation": polygon}, r"not an RLE .*\(polygons are not scored\)"),
+                            ({"segmentation": {**good["segmentation"], "size": [32, 32]}},
+                             rf"mask of size \[32, 32\] on an image of \[{shapes[1][0]}, {shapes[1][1]}\] \(height, width\)")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps([good, {**good, **change}]))
+        with pytest.raises(DatasetError, match=f"bad.json: result 1 .*{problem}; write the submission with inference"):
+            read_submission(bad, shapes)
 
 
 def test_a_missing_data_folder_names_data_dir(tmp_path: Path) -> None:
