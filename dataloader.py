@@ -320,7 +320,15 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.sample_dirs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """Sample ``key``, or ``(index, seed)``: its window and augmentation drawn from torch's
+        generator seeded with ``seed`` (``sampling.SeededDraws``), the caller's left as it was."""
+        if isinstance(key, tuple):
+            index, seed = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self[index]
+        index = key
         inst = self.instances[index]
         window = self.crop_window(inst.height, inst.width) if self.crop_window else None
         image, inst = self.raw(index, window)

@@ -28,6 +28,26 @@ def train_sampler(dataset: LabelledImages, info: DistInfo, seed: int,
     return RepeatFactorSampler(repeat_factors(labels, repeat_thresh), info, seed)
 
 
+class SeededDraws(Sampler[tuple[int, int]]):
+    """The training sampler's indices, each paired with the seed its augmentation draws from
+    (``LabelledImages.__getitem__``), made of (seed, epoch, rank, place in the epoch): a
+    resumed epoch, and any ``--num_workers``, augment every sample as an uninterrupted run does.
+    The workers' own generators could not: they are seeded once per run, from the main
+    process's. ``sampler``'s epoch and ``skip`` are read at each iteration."""
+
+    def __init__(self, sampler: ResumableSampler | RepeatFactorSampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.sampler
+        for place, index in enumerate(s, start=s.skip):
+            entropy = [self.seed & 0xFFFFFFFF, s.epoch, s.rank, place]
+            yield index, int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def class_repeat_factors(image_labels: Sequence[Sequence[int]], thresh: float) -> dict[int, float]:
     """r_c per class present, so a run can log how much each class is oversampled."""
     if not image_labels:

@@ -35,7 +35,7 @@ from model import ARCH_KEYS, HEADS, add_model_args, arch_flags, build_model, con
 from inference import predict_folder
 from journal import SUFFIX as JOURNAL_SUFFIX
 from optimisation import LRSchedule, Optimisation, enable_tf32, fused_adamw
-from sampling import balanced_class_weights, class_repeat_factors, train_sampler
+from sampling import SeededDraws, balanced_class_weights, class_repeat_factors, train_sampler
 
 SELECT_METRICS = tuple(f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP50", "AP", "AP75"))
 
@@ -436,7 +436,8 @@ def _loaders(args: argparse.Namespace, train_set: LabelledImages, val_set: Label
              sampler: Sampler[int], info: DistInfo, device: torch.device) -> dict[str, DataLoader]:
     common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
               "persistent_workers": args.num_workers > 0}
-    loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **common)}
+    loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, sampler=SeededDraws(sampler, args.seed),
+                                   **common)}
     if len(val_set):
         shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))  # no duplicates in the metric
         loaders["val"] = DataLoader(shard, batch_size=args.batch_size, shuffle=False, **common)

@@ -275,3 +275,43 @@ def test_class_weighted_classification_loss() -> None:
     used = torch.tensor([1, 0, 3, 0, 2, 2, 0])  # the RoIs of weight 1
     expected = F.cross_entropy(logits[:7], used, weight=class_weights)  # torch's weighted mean
     assert torch.allclose(weighted[0], expected) and torch.equal(weighted[1], plain[1])
+
+
+def test_seeded_draws_augment_alike_with_any_workers_and_after_a_resume(tiny_dataset: dict) -> None:
+    """Each sample's window and augmentation come from (seed, epoch, rank, place): two workers
+    give the batches one process gives, and an epoch resumed after its first samples gives the
+    rest of them, as in the uninterrupted epoch."""
+    import argparse
+
+    from torch.utils.data import DataLoader
+
+    from augment import RandomWindow, add_augment_args, build_train_transforms
+    from dataloader import LabelledImages, collate_fn, list_samples
+    from sampling import SeededDraws
+
+    samples = list_samples(tiny_dataset["train_dir"])
+    parser = argparse.ArgumentParser()
+    add_augment_args(parser)
+    dataset = LabelledImages(samples, list(range(1, len(samples) + 1)), build_train_transforms(parser.parse_args([])),
+                             crop_window=RandomWindow(24))
+    sampler = ResumableSampler(dataset, DistInfo(), shuffle=True, seed=3)
+
+    def epoch(workers: int = 0, skip: int = 0, number: int = 2) -> list:
+        sampler.set_epoch(number)
+        sampler.skip = skip
+        loader = DataLoader(dataset, batch_size=1, sampler=SeededDraws(sampler, 5), num_workers=workers,
+                            collate_fn=collate_fn)
+        return [(image[0], target[0]["boxes"]) for image, target in loader]
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+    before = torch.get_rng_state()
+    first = dataset[(0, 7)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator untouched
+    assert torch.equal(dataset[(0, 7)][0], first[0])
+    alone = epoch()
+    assert len(alone) == len(samples) >= 3
+    assert same(epoch(workers=2), alone) and same(epoch(), alone)
+    assert same(epoch(skip=2), alone[2:])
+    assert not same(epoch(number=3), alone)  # another epoch, other draws
