@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from coco import paint, paint_packed
 from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image, sample_name
+from errors import UsageError
 from files import JsonArrayWriter, hidden, hidden_folder, publish_folder
 
 # Measured per cell (regionprops_table names); the CSV's columns (a grey image fills one intensity).
@@ -204,6 +205,9 @@ class CellWriter:
         if image.name != self._current:
             self._finish_image()
             self._current = image.name
+            if self.labels and (self.labels / sample_name(image.name)).resolve() in image.source.resolve().parents:
+                raise UsageError(f"{self.labels}: --save_labels would replace the folder of the image "
+                                 f"{image.source} it labels; pass another folder.")
         if self.labels:
             if size is None:
                 write_label_sample(image, self.labels)

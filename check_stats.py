@@ -64,7 +64,7 @@ def found_problems(stats: dict[str, Any]) -> int:
     elif "error" in test:
         found_in_test = 1
     else:
-        found_in_test = len(test["duplicate_ids"]) + len(test["size_mismatches"]) + len(test["unreadable"])
+        found_in_test = len(test["size_mismatches"]) + len(test["unreadable"])
     return len(stats["train"]["problems"]) + found_in_test
 
 
@@ -115,14 +115,13 @@ def train_stats(train_dir: Path) -> dict[str, Any]:
 
 
 def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
-    """The id map checked against the files (names both ways, unique ids, height and width
-    from the image headers); inconsistencies are reported, not raised, so one run lists them all."""
+    """The id map checked against the files (names both ways and unique ids, by ``read_id_map``;
+    height and width from the image headers); the size mismatches and unreadable files are
+    reported, not raised, so one run lists them all."""
     try:
         entries = read_id_map(id_map_json, test_dir)
     except DatasetError as err:
         return {"test_dir": str(test_dir), "consistent": False, "error": str(err)}
-    ids = Counter(e["id"] for e in entries)
-    duplicates = sorted(i for i, n in ids.items() if n > 1)
     mismatches, hw, modes, unreadable = [], [], Counter(), {}
     for entry in tqdm(entries, desc="read test headers", leave=False, disable=None):
         try:
@@ -138,9 +137,8 @@ def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
                                "file": [info["height"], info["width"]]})
     return {
         "test_dir": str(test_dir),
-        "consistent": not duplicates and not mismatches and not unreadable,
+        "consistent": not mismatches and not unreadable,
         "images": len(entries),
-        "duplicate_ids": duplicates,
         "size_mismatches": mismatches,
         "unreadable": unreadable,
         "image_height": summary([h for h, _ in hw], ("min", "median", "max")),
@@ -223,8 +221,7 @@ def _print_test(test: dict[str, Any]) -> None:
         print(f"test: INCONSISTENT: {test['error']}")
         return
     state = "consistent" if test["consistent"] else "INCONSISTENT"
-    print(f"test: {test['images']} images, id map {state}; {len(test['duplicate_ids'])} duplicate ids, "
-          f"{len(test['size_mismatches'])} size mismatches")
+    print(f"test: {test['images']} images, id map {state}; {len(test['size_mismatches'])} size mismatches")
     for bad in test["size_mismatches"][:5]:
         print(f"  {bad['file_name']}: id map says {bad['id_map']}, file is {bad['file']}")
     for problem in list(test["unreadable"].values())[:5]:

@@ -32,15 +32,16 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             on_interrupt: str = "") -> None:
     """Run a script's ``main``; an expected error becomes ``error: <message>`` and exit 2, Ctrl-C
     the line ``interrupted`` (with ``on_interrupt``, what a rerun does) and exit 130."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         main(argv)
     except KeyboardInterrupt:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debug:
             raise
         print("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPT) from None
     except EXPECTED as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debug:
             raise
         print(f"error: {describe(err)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -325,8 +325,8 @@ class LabelledImages(Dataset):
         generator seeded with ``seed`` (``sampling.SeededDraws``), the caller's left as it was."""
         if isinstance(key, tuple):
             index, seed = key
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: augmentation's
+                torch.default_generator.manual_seed(seed)
                 return self[index]
         index = key
         inst = self.instances[index]

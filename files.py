@@ -59,11 +59,17 @@ def hidden_folder(final: Path) -> Path:
 
 
 def publish_folder(tmp: Path, final: Path) -> None:
-    """A folder written under ``tmp`` becomes ``final``, an earlier ``final`` (the same command's
-    last output) removed first, so a folder of files only ever appears complete."""
+    """A folder written under ``tmp`` becomes ``final``, so a folder of files only ever appears
+    complete; an earlier ``final`` (the same command's last output) is renamed aside first and
+    removed only after the swap."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def write_json(path: Path, payload: Any, indent: int | None = None) -> None:

@@ -7,13 +7,15 @@ needed:
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import time
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -95,16 +97,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         writable_dir(args.output_dir or Path(args.output).parent, "--output_dir" if args.output_dir else "--output")
     folder = Path(args.output_dir or Path(args.checkpoint[0]).parent)
     output = Path(args.output) if args.output else folder / "test-results.json"
-    try:
-        return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),
-                              device=args.device, overrides=overrides, score_thresh=args.score_thresh,
-                              num_workers=args.num_workers,
-                              cell_outputs=CellOutputs(args.save_labels, args.save_geojson, args.save_csv,
-                                                       args.label_thresh, args.class_names),
-                              window=args.window)
-    except torch.OutOfMemoryError as err:  # the fix is a flag: said in one line, not a kernel's traceback
-        raise DeviceMemoryError(f"{args.test_dir}: out of memory predicting; pass --batch_size 1, a smaller "
-                                "--tile, no --tta, or a smaller --window (large images predicted in windows).") from err
+    return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),
+                          device=args.device, overrides=overrides, score_thresh=args.score_thresh,
+                          num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
+                                                                                 args.save_csv, args.label_thresh,
+                                                                                 args.class_names),
+                          window=args.window)
 
 
 class CellOutputs(NamedTuple):
@@ -125,6 +123,22 @@ class CellOutputs(NamedTuple):
         return tuple(Path(p) if p else None for p in (self.labels, self.geojson, self.csv))
 
 
+def _out_of_memory_in_one_line(predict: Callable[..., Path]) -> Callable[..., Path]:
+    """Out of memory while predicting a folder becomes one line naming the flags that shrink
+    prediction (in inference.py, and for the test folder a training run predicts at its end)."""
+    @functools.wraps(predict)
+    def wrapper(*args: Any, **kwargs: Any) -> Path:
+        try:
+            return predict(*args, **kwargs)
+        except torch.OutOfMemoryError as err:  # the fix is a flag, not a kernel's traceback
+            test_dir = inspect.signature(predict).bind(*args, **kwargs).arguments["test_dir"]
+            raise DeviceMemoryError(f"{test_dir}: out of memory predicting; pass --batch_size 1, a smaller --tile or "
+                                    "--max_size, --use_amp, no --tta, or a smaller --window (large images predicted "
+                                    "in windows); the images already predicted are kept.") from err
+    return wrapper
+
+
+@_out_of_memory_in_one_line
 def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path | None,
                    output: Path, settings: Settings = Settings(tile=None, batch_size=None), device: str | None = None,
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0, num_workers: int = 0,

@@ -120,12 +120,19 @@ class LRSchedule:
             self.plateau.step(metric)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "plateau": self.plateau.state_dict()}
+        return {"steps": self.steps, "plateau": self.plateau.state_dict(), "base_lr": self.base_lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The saved place in the schedule. A ``--lr`` given on resume takes effect in the plateau
+        phase too, where the optimizer's saved rate would otherwise stay: the rate is scaled by
+        new / saved, keeping the reductions the plateau made."""
         self.steps = state["steps"]
         self.plateau.load_state_dict(state["plateau"])
         self.plateau.patience = self.patience  # --patience given on resume wins over the saved one
+        saved = state.get("base_lr")  # absent from runs saved before it was recorded
+        if saved and saved != self.base_lr and not self.cosine and self.steps > self.warmup_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.base_lr / saved
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float, eta_min: float) -> float:

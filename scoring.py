@@ -53,7 +53,7 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
     results = read_json(path, "pass inference.py's JSON")
     keys = {"image_id", "category_id", "score", "segmentation"}
     if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
-        raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}.")
+        raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}; pass inference.py's JSON.")
     for n, r in enumerate(results):
         problem = _result_problem(r, shapes)
         if problem:
@@ -80,9 +80,11 @@ def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:
         return f"has category_id {category!r}, not one of {sorted(categories)}"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"has score {score!r}, not a finite number"
-    if not isinstance(mask, dict) or not {"size", "counts"} <= set(mask):
+    if not isinstance(mask, dict) or not {"size", "counts"} <= set(mask) or not isinstance(mask["counts"], (str, list)):
         return "has a segmentation that is not an RLE {size, counts} (polygons are not scored)"
-    if image_id in shapes and list(mask["size"]) != list(shapes[image_id]):
+    if not isinstance(mask["size"], list) or len(mask["size"]) != 2 or not all(map(_whole, mask["size"])):
+        return f"has an RLE size {mask['size']!r}, not [height, width]"
+    if image_id in shapes and mask["size"] != list(shapes[image_id]):
         return f"has a mask of size {mask['size']} on an image of {list(shapes[image_id])} (height, width)"
     return ""
 

@@ -101,8 +101,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     run.add_argument("--eval_max_dets", type=positive_int, default=100,
                      help="COCOeval maxDets (pycocotools' default 100 is what leaderboards use)")
     add_tile_args(run)
-    run.add_argument("--resume", default=None, help="last.pth to continue a run: its weights, optimizer, schedule, history and flags; a "
-                          "flag typed now overrides the run's own (--epochs to train longer)")
+    run.add_argument("--resume", default=None,
+                     help="last.pth to continue a run: its weights, optimizer, schedule, history and flags; a flag "
+                          "typed now overrides the run's own (--epochs to train longer)")
     run.add_argument("--checkpoint", default=None,
                      help="weights to fine-tune from in a fresh run (ignored with --resume)")
     run.add_argument("--early_stop", type=non_negative_int, default=0, metavar="N",
@@ -236,9 +237,14 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
 
         try:
             row = run_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info)
-        except (DeviceMemoryError, DivergenceError) as err:  # the fix is a flag: keep the steps it cost
-            raise type(err)(f"{str(err).rstrip('.')}; the steps so far are kept: rerun with that fix and "
-                            f"--resume {keep_steps()}.") from err
+        except DeviceMemoryError as err:  # the fix is a flag: keep the steps it cost
+            raise DeviceMemoryError(f"{str(err).rstrip('.')}; the steps so far are kept: rerun with that fix and "
+                                    f"--resume {keep_steps()}.") from err
+        except DivergenceError as err:  # weights that diverged never replace the last good ones
+            if not (out / "last.pth").exists():
+                raise
+            raise DivergenceError(f"{str(err).rstrip('.')}; then --resume {out / 'last.pth'} continues from "
+                                  "its last finished epoch.") from err
         if row is None:  # stopped by a signal: keep the steps done so far
             _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps()}")
             return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
@@ -290,8 +296,10 @@ RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results
 # what "best" means, so a change would mix two runs into one history.
 RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric",
              "repeat_thresh")
-# Flags that name this invocation, not the run: a resumed run takes them from today's command.
-INVOCATION_FLAGS = ("resume", "output_dir", "checkpoint", "device")
+# Flags of this invocation and machine, not of the run: a resumed run takes them from today's
+# command (so --use_amp, an out-of-memory fix, can also be dropped on resume).
+INVOCATION_FLAGS = ("resume", "output_dir", "checkpoint", "device", "use_amp", "num_workers", "decode_workers",
+                    "no_cache_images")
 # Model limits a resumed run may change, as the out-of-memory advice asks: no weight depends on them.
 RESUME_LIMITS = ("max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                  "rpn_post_nms_top_n_test", "box_batch_size_per_image", "detections_per_img", "detections_per_class",
@@ -324,7 +332,9 @@ def resume_flags(args: argparse.Namespace, original: dict[str, Any], typed: set[
     for key, value in taken.items():
         setattr(args, key, value)
     if taken:
-        _log(info, "resumed with the run's own " + " ".join(f"--{k} {v}" for k, v in sorted(taken.items())))
+        shown = (f"--{k}" if v is True else f"no --{k}" if v is False else f"--{k} {v}"
+                 for k, v in sorted(taken.items()))
+        _log(info, "resumed with the run's own " + ", ".join(shown))
 
 
 def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, info: DistInfo = DistInfo(),
@@ -340,7 +350,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     if differing:
         raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
                               f"(trained with {arch_flags(trained, differing)}, now {arch_flags(config, differing)}); "
-                              "resume with the original flags or start a new --output_dir.")
+                              "drop the typed flags to continue the run as it was, or start a new --output_dir.")
     original = resume.get("args") or {}
     then = {**original, "split_seed": _split_seed(original)}
     now = {**vars(args), "split_seed": _split_seed(vars(args))}
@@ -348,8 +358,9 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     if changed:
         was = " ".join(f"--{k} {then[k]}" for k in changed)
         given = " ".join(f"--{k} {now[k]}" for k in changed)
-        raise CheckpointError(f"{args.resume}: --resume with other data or selection flags (trained with {was}, now "
-                              f"{given}); resume with the original flags or start a new --output_dir.")
+        raise CheckpointError(f"{args.resume}: --resume with other data or selection flags (trained with {was}, "
+                              f"now {given}); drop the typed flags to continue the run as it was, or start a new "
+                              "--output_dir.")
     limits = {k: config[k] for k in RESUME_LIMITS if k in typed and k in original and original[k] != getattr(args, k)}
     if limits:
         _log(info, "note: resumed with " + ", ".join(f"--{k} {v} (was {trained.get(k)})" for k, v in limits.items()))

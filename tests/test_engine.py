@@ -59,6 +59,25 @@ def test_schedule_state_round_trip_and_plateau() -> None:
     assert popt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
+def test_lr_given_on_resume_scales_the_plateau_rate() -> None:
+    plateau, popt = _schedule(cosine=False)
+    for _ in range(6):
+        plateau.step()
+    for _ in range(5):
+        plateau.epoch_end(0.1)  # halved once: 5e-4
+    state, saved_optimizer = plateau.state_dict(), popt.state_dict()
+    again = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    args = argparse.Namespace(lr=2e-4, eta_min=1e-5, use_cosine=False, warmup_epochs=1, epochs=4, patience=3)
+    resumed = LRSchedule(again, args, steps_per_epoch=5)
+    again.load_state_dict(saved_optimizer)  # as Optimisation.load_state_dict: the optimizer's saved rate first
+    resumed.load_state_dict(state)
+    assert again.param_groups[0]["lr"] == pytest.approx(1e-4)  # the typed 2e-4, halved as the run had been
+    same, same_opt = _schedule(cosine=False)
+    same_opt.load_state_dict(saved_optimizer)
+    same.load_state_dict(state)
+    assert same_opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 def test_patience_is_the_plateau_patience_and_wins_on_resume() -> None:
     def halvings(patience: int, state: dict | None = None) -> tuple[list[float], dict]:
         sched, opt = _schedule(cosine=False, patience=patience)
@@ -510,13 +529,14 @@ def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.C
 def test_resume_takes_the_run_s_own_flags_unless_typed(capsys: pytest.CaptureFixture) -> None:
     parser = build_parser("resnet101", "")
     first = parser.parse_args(["--train_dir", "d", "--use_cosine", "--lr", "0.001", "--ema_decay", "0",
-                               "--output_dir", "r", "--hflip_p", "0"])
+                               "--output_dir", "r", "--hflip_p", "0", "--use_amp", "--num_workers", "8"])
     argv = ["--resume", "r/last.pth", "--epochs", "60", "--output_dir", "elsewhere"]
     args = parser.parse_args(argv)
     training.resume_flags(args, vars(first), training.typed_flags(parser, argv, args))
     assert (args.use_cosine, args.lr, args.ema_decay, args.hflip_p, args.train_dir) == (True, 0.001, 0, 0, "d")
     assert (args.epochs, args.resume, args.output_dir) == (60, "r/last.pth", "elsewhere")  # typed, or this call's
-    assert "--use_cosine True" in capsys.readouterr().out
+    assert (args.use_amp, args.num_workers) == (False, parser.get_default("num_workers"))  # this machine's
+    assert "resumed with the run's own --hflip_p 0.0, --lr 0.001, --train_dir d, --use_cosine" in capsys.readouterr().out
     argv = ["--resume", "r/last.pth", "--lr", "0.0005"]
     args = parser.parse_args(argv)
     training.resume_flags(args, vars(first), training.typed_flags(parser, argv, args))

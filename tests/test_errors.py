@@ -159,10 +159,13 @@ def test_inference_interrupted_or_out_of_memory_says_so_in_one_line(failure: typ
     import inference
     from cli import run_cli
 
-    def predict_folder(*args, **kwargs):
+    def load_model(*args, **kwargs):  # the first step of predict_folder after the id map
         raise failure("CUDA out of memory. Tried to allocate 8.00 GiB")
 
-    monkeypatch.setattr(inference, "predict_folder", predict_folder)
+    test = tmp_path / "test"
+    test.mkdir()
+    tifffile.imwrite(test / "a.tif", np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(inference, "load_model", load_model)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(inference.main, ["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(tmp_path / "test")],
                 on_interrupt="run the same command again")

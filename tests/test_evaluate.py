@@ -190,6 +190,7 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
                             ({"category_id": 7}, r"category_id 7, not one of \[1, 2, 3, 4\]"),
                             ({"score": None}, "score None, not a finite number"),
                             ({"segmentation": polygon}, r"not an RLE .*\(polygons are not scored\)"),
+                            ({"segmentation": {**good["segmentation"], "size": 64}}, r"RLE size 64, not \[height, width\]"),
                             ({"segmentation": {**good["segmentation"], "size": [32, 32]}},
                              rf"mask of size \[32, 32\] on an image of \[{shapes[1][0]}, {shapes[1][1]}\] \(height, width\)")):
         bad = tmp_path / "bad.json"

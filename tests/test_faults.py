@@ -90,14 +90,23 @@ def test_non_finite_loss_is_skipped_and_counted(data: dict, tmp_path: Path, monk
 def test_many_non_finite_losses_stop_the_run(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              shallow: None) -> None:
     real = engine._forward_losses
+    calls = iter(range(1_000))
+    steps_per_epoch = 4  # 4 samples, none held out, batch 1
     monkeypatch.setattr(engine, "MAX_BAD_STEPS", 2)
-    monkeypatch.setattr(engine, "_forward_losses",
-                        lambda *a, **k: {k2: v * float("inf") for k2, v in real(*a, **k).items()})
-    with pytest.raises(DivergenceError, match=r"non-finite losses in a row; lower --lr.*the steps so far are kept: "
-                                              r"rerun with that fix and --resume .*inf/last.pth\.$"):
-        train_resnet.main(_args(data, tmp_path / "inf", "--epochs", "1", "--val_split", "0"))
-    stopped = load_checkpoint(tmp_path / "inf" / "last.pth")
-    assert stopped["partial"]["batches"] >= 2 and stopped["epoch"] == 0
+    def losses(*args, **kwargs) -> dict:  # epoch 1 finite, then infinite
+        scale = 1.0 if next(calls) < steps_per_epoch else float("inf")
+        return {key: value * scale for key, value in real(*args, **kwargs).items()}
+
+    monkeypatch.setattr(engine, "_forward_losses", losses)
+    out = tmp_path / "inf"
+    with pytest.raises(DivergenceError, match=r"epoch 2: 2 non-finite losses in a row; lower --lr.*; then --resume "
+                                              r".*inf/last.pth continues from its last finished epoch\.$"):
+        train_resnet.main(_args(data, out, "--epochs", "2", "--val_split", "0"))
+    kept = load_checkpoint(out / "last.pth")  # the diverged weights did not replace epoch 1's
+    assert kept["epoch"] == 1 and kept["partial"] is None
+    calls = iter(range(steps_per_epoch, 1_000))  # every loss infinite: no epoch to fall back on
+    with pytest.raises(DivergenceError, match=r"epoch 1: 2 non-finite losses in a row; .*named above\.$"):
+        train_resnet.main(_args(data, tmp_path / "inf0", "--epochs", "1", "--val_split", "0"))
 
 
 def test_unwritable_output_dir(data: dict, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import inference
 from cell_outputs import CellWriter, PaintedImage, painted_window
 from coco import detections_to_coco, paint
 from conftest import random_checkpoint
-from dataloader import CLASS_FILES, read_image, read_raw_image, sample_folders, to_float_rgb
+from dataloader import CLASS_FILES, IMAGE_FILE, read_image, read_raw_image, sample_folders, to_float_rgb
 from errors import UsageError
 from files import JsonArrayWriter
 from masks import PackedMasks
@@ -242,3 +242,15 @@ def test_cell_outputs_appear_only_complete_and_a_crash_leaves_hidden_parts(tmp_p
         assert tifffile.imread(tmp_path / "lab" / sample / CLASS_FILES[4]).max() == 1
         assert tifffile.imread(tmp_path / "lab" / sample / CLASS_FILES[2]).max() == 2
     assert [r["image"] for r in csv.DictReader(open(tmp_path / "cells.csv"))] == ["a.png"] * 2 + ["b.png"] * 2
+    (tmp_path / "lab" / "a" / "notes.txt").write_text("x")  # a rerun replaces the whole folder
+    with CellWriter(list("wxyz"), tmp_path / "lab") as writer:
+        writer.add(whole)
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["a", "b"]
+    assert not (tmp_path / "lab" / "a" / "notes.txt").exists()
+    source = tmp_path / "data" / "s" / IMAGE_FILE  # a folder in the training layout, labelled into itself
+    source.parent.mkdir(parents=True)
+    tifffile.imwrite(source, pixels)
+    with pytest.raises(UsageError, match="data: --save_labels would replace the folder of the image .*image.tif"):
+        with CellWriter(list("wxyz"), tmp_path / "data") as writer:
+            writer.add(PaintedImage("s.tif", 1, source, pixels, cells, labels))
+    assert source.exists()
