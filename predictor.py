@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from coco import detections_to_coco, paste_masks
 from class_context import rescore
-from detector import detect_boxes
+from detector import detect_boxes, group_ranks
 from devices import autocast, counts, prediction_batch, scale_boxes
 from merging import (average_masks, consensus, greedy_mask_merge, mask_areas, merge_order, same_cell_copies,
                      same_cell_pairs, select_candidates, take, votes)
@@ -165,15 +165,22 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     for k, job in enumerate(jobs):
         by_image[job.image].append(k)
     n_sources = len(stages) * len(shown)
-    picks = [_candidates(found, jobs, mine, n_sources, cap, per_class, settings) for mine in by_image]
+    picks = [_candidates(found, jobs, mine, n_sources, cap, per_class * CLASS_POOL, settings) for mine in by_image]
     masks, quality = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
     if quality is not None and settings.mask_scoring:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
         for pick, iou in zip(picks, quality):
             pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
     classes = class_count(stages) if settings.class_context else 0
-    return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes)
+    return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes, per_class)
             for image, pick, prob in zip(images, picks, probs)]
+
+
+# Candidates of a class that get masks, as a multiple of the per-class cap: the mask merge then
+# drops fragments lying inside a kept cell (a box NMS keeps them), and the cap applies after it,
+# so a dense image still submits its cap of whole cells (a cap before the merge cost held-out
+# CPM-15 0.024 AP50: benchmarks/RESULTS.md).
+CLASS_POOL = 2
 
 
 def limits(models: Any, settings: Settings) -> tuple[int, int]:
@@ -319,9 +326,11 @@ def _averaged(pick: dict, probs: torch.Tensor) -> torch.Tensor:
     return average_masks(probs[:kept], pick["boxes"], probs[kept:], pick["copy_boxes"], pick["copy_of"])
 
 
-def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings, classes: int) -> dict:
+def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings, classes: int,
+           per_class: int = 0) -> dict:
     """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
-    raised by their votes and weighed by their neighbours' classes (of ``classes``), best first."""
+    raised by their votes and weighed by their neighbours' classes (of ``classes``), best first,
+    at most ``per_class`` of a class (0: no limit)."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
     if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
         kept = torch.arange(len(pick["scores"]), device=probs.device)
@@ -335,8 +344,11 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     scores = rescore(pick["boxes"][kept], pick["labels"][kept], scores, classes, settings.class_context,
                      settings.context_reach)
     order = torch.argsort(scores, descending=True)
-    kept = kept[order]
-    return {"boxes": pick["boxes"][kept], "scores": scores[order], "labels": pick["labels"][kept],
+    kept, scores = kept[order], scores[order]
+    if per_class > 0 and pick["views"] > 1:  # one view: the model's own cap already holds
+        within = (group_ranks(scores, pick["labels"][kept]) < per_class).nonzero().flatten()  # host sync: per image
+        kept, scores = kept[within], scores[within]
+    return {"boxes": pick["boxes"][kept], "scores": scores, "labels": pick["labels"][kept],
             "masks": take(masks, kept), "image_size": size}
 
 

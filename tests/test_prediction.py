@@ -153,6 +153,37 @@ def test_each_image_keeps_its_best_detections_up_to_the_cap() -> None:
         assert sum(oracle.mask_calls) == 2 * 12 * copies  # masks: the candidates (and their copies) only
 
 
+class FragmentOracle(CellOracle):
+    """Each cell comes back twice: whole, and its left third scoring just below it, as a real
+    model's fragment. A box NMS keeps both (box IoU about 1/3); the mask merge drops the third."""
+
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
+        state, dets = super().detect(crops, cap, per_class)
+        for k, ((masks, boxes), found) in enumerate(zip(state, dets)):
+            thirds, parts = boxes.clone(), masks.clone()
+            thirds[:, 2] = boxes[:, 0] + ((boxes[:, 2] - boxes[:, 0]) / 3).ceil()
+            columns = torch.arange(masks.shape[-1])
+            parts &= columns[None, None, :] < thirds[:, 2, None, None]
+            state[k] = (torch.cat([masks, parts]), torch.cat([boxes, thirds]))
+            dets[k] = {"boxes": torch.cat([boxes, thirds]), "scores": torch.cat([found["scores"], found["scores"] - 1e-3]),
+                       "labels": torch.cat([found["labels"], found["labels"]])}
+        return state, dets
+
+
+def test_the_class_cap_holds_whole_cells_after_the_merge_drops_fragments() -> None:
+    """With a fragment scoring just below each cell, a class cap taken before the mask merge would
+    submit half its cells; taken after it, each class holds its best whole cells up to the cap."""
+    image = _scene(5, (200, 260), 60)
+    whole = predict_images(CellOracle(), [image], Settings())[0]
+    out = predict_images(FragmentOracle(), [image], Settings(tile=96, tile_overlap=0.4, detections_per_class=4))[0]
+    for label in range(1, 5):
+        best = whole["labels"] == label
+        mine = out["labels"] == label
+        assert int(mine.sum()) == min(4, int(best.sum())) > 0
+        assert torch.allclose(out["scores"][mine], whole["scores"][best][:4])  # the class's best cells, whole
+    assert _cells(out) <= _cells(whole)
+
+
 def test_candidates_prefer_whole_copies_and_respect_the_cap() -> None:
     boxes = torch.tensor([[0., 0, 10, 10], [0, 0, 10, 6], [20, 20, 30, 30], [21, 20, 30, 30], [50, 50, 60, 60]])
     scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.6])
