@@ -28,7 +28,7 @@ class DeviceMemoryError(RuntimeError):
 
 class DivergenceError(RuntimeError):
     """Training whose loss stays non-finite: the fix is a flag (a lower --lr, no --use_amp) or an
-    image, so it is reported in one line, the steps before it kept for --resume."""
+    image, so it is reported in one line; last.pth stays the last finished epoch, for --resume."""
 
 
 EXPECTED_ERRORS = (UsageError, DatasetError, CheckpointError, WeightsError, DeviceMemoryError, DivergenceError)
