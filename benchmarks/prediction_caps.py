@@ -6,7 +6,8 @@ the scorer counts (100 a class), so far fewer masks are computed, pasted and enc
 
 - ``image 1000``: the image cap alone (before the class cap was the default);
 - ``image 400``: a smaller image cap (what users were told to pass);
-- ``image 1000, class 100``: today's defaults.
+- ``image 1000, class 100``: today's defaults (the class cap after the mask merge, on twice its candidates);
+- ``class 100 before the merge``: the class cap on as many candidates as it keeps (the defaults before).
 
 The variants run interleaved ``--repeats`` times (the median is reported), through
 ``inference.predict_folder`` as the CLI runs it.
@@ -32,12 +33,16 @@ from benchmarks.common import base_parser, environment, print_table, ratio, setu
 from benchmarks.inference import make_test_folder, random_checkpoint  # noqa: E402
 from dataloader import read_id_map  # noqa: E402
 from inference import predict_folder  # noqa: E402
+import predictor  # noqa: E402
 from predictor import Settings  # noqa: E402
 
 NAME = "prediction_caps"
 VARIANTS = {"image 1000": {"detections_per_img": 1000, "detections_per_class": 0},
             "image 400": {"detections_per_img": 400, "detections_per_class": 0},
-            "image 1000, class 100": {"detections_per_img": 1000, "detections_per_class": 100}}
+            "image 1000, class 100": {"detections_per_img": 1000, "detections_per_class": 100},
+            # the class cap taken before the mask merge, on as many candidates as it keeps (the code until
+            # predictor.CLASS_POOL): what the twice-as-many candidates of a tiled image cost
+            "class 100 before the merge": {"detections_per_img": 1000, "detections_per_class": 100, "class_pool": 1}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.detections_per_img = 1000  # the random checkpoint's own cap: the variants override it
     device = setup(args)
     seconds: dict[str, list[float]] = {name: [] for name in args.variants}
+    pool = predictor.CLASS_POOL
     detections: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench_caps_") as tmp:
         tmp = Path(tmp)
@@ -72,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for _ in range(args.repeats):
             for name in args.variants:
                 out = tmp / f"{name}.json"
+                caps = dict(VARIANTS[name])
+                predictor.CLASS_POOL = caps.pop("class_pool", pool)
                 _, took = timed(lambda: predict_folder(checkpoint, test_dir, id_map, out,
                                                        Settings(tile=args.tile, batch_size=None), device=str(device),
-                                                       overrides=VARIANTS[name]), device)
+                                                       overrides=caps), device)
+                predictor.CLASS_POOL = pool
                 seconds[name].append(took)
                 detections[name] = len(json.loads(out.read_text()))
     first = args.variants[0]

@@ -258,6 +258,7 @@ def test_prediction_caps_runs_each_cap_through_the_cli_path(tmp_path: Path, shal
     capped = rows["image 1000, class 100"]["detections_per_image"]
     assert 0 < capped <= min(400, rows["image 1000"]["detections_per_image"])
     assert all(r["seconds_per_image"] > 0 for r in rows.values())
+    assert 0 < rows["class 100 before the merge"]["detections_per_image"] <= capped  # never more after the merge
 
 
 def test_streaming_keeps_every_known_cell_once_as_the_whole_image_does(tmp_path: Path) -> None:
