@@ -57,6 +57,11 @@ class Settings:
     # to this power (0: off), neighbours within about context_reach cell sides (``class_context.rescore``).
     class_context: float = 0.0
     context_reach: float = 3.0
+    # Candidates of a class that get masks, as a multiple of the per-class cap: the mask merge then
+    # drops fragments lying inside a kept cell (a box NMS keeps them), and the cap applies after it,
+    # so a dense image still submits its cap of whole cells (1, the cap before the merge, cost
+    # held-out CPM-15 0.024 AP50: benchmarks/RESULTS.md).
+    class_pool: int = 2
     # Bytes of features kept between an image's detection pass and its mask pass; the views past
     # it are detected again for their masks, so a large image, --tta or an ensemble needs no more
     # device memory than this plus one batch.
@@ -165,7 +170,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     for k, job in enumerate(jobs):
         by_image[job.image].append(k)
     n_sources = len(stages) * len(shown)
-    picks = [_candidates(found, jobs, mine, n_sources, cap, per_class * CLASS_POOL, settings) for mine in by_image]
+    picks = [_candidates(found, jobs, mine, n_sources, cap, per_class * settings.class_pool, settings)
+             for mine in by_image]
     masks, quality = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
     if quality is not None and settings.mask_scoring:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
         for pick, iou in zip(picks, quality):
@@ -174,13 +180,6 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     classes = class_count(stages) if settings.class_context else 0
     return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes, per_class)
             for image, pick, prob in zip(images, picks, probs)]
-
-
-# Candidates of a class that get masks, as a multiple of the per-class cap: the mask merge then
-# drops fragments lying inside a kept cell (a box NMS keeps them), and the cap applies after it,
-# so a dense image still submits its cap of whole cells (a cap before the merge cost held-out
-# CPM-15 0.024 AP50: benchmarks/RESULTS.md).
-CLASS_POOL = 2
 
 
 def limits(models: Any, settings: Settings) -> tuple[int, int]:

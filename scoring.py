@@ -70,17 +70,20 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
     return kept
 
 
+CATEGORY_IDS = frozenset(c["id"] for c in CATEGORIES)  # the classes a result may name
+
+
 def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:
     """What keeps one COCO result from being scored ("" when nothing)."""
-    categories = {c["id"] for c in CATEGORIES}
     image_id, category, score, mask = (result[k] for k in ("image_id", "category_id", "score", "segmentation"))
     if not _whole(image_id):
         return "has an image_id that is not an integer"
-    if not _whole(category) or category not in categories:
-        return f"has category_id {category!r}, not one of {sorted(categories)}"
+    if not _whole(category) or category not in CATEGORY_IDS:
+        return f"has category_id {category!r}, not one of {sorted(CATEGORY_IDS)}"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"has score {score!r}, not a finite number"
-    if not isinstance(mask, dict) or not {"size", "counts"} <= set(mask) or not isinstance(mask["counts"], (str, list)):
+    rle = isinstance(mask, dict) and {"size", "counts"} <= set(mask) and isinstance(mask["counts"], (str, list))
+    if not rle:
         return "has a segmentation that is not an RLE {size, counts} (polygons are not scored)"
     if not isinstance(mask["size"], list) or len(mask["size"]) != 2 or not all(map(_whole, mask["size"])):
         return f"has an RLE size {mask['size']!r}, not [height, width]"

@@ -33,7 +33,6 @@ from benchmarks.common import base_parser, environment, print_table, ratio, setu
 from benchmarks.inference import make_test_folder, random_checkpoint  # noqa: E402
 from dataloader import read_id_map  # noqa: E402
 from inference import predict_folder  # noqa: E402
-import predictor  # noqa: E402
 from predictor import Settings  # noqa: E402
 
 NAME = "prediction_caps"
@@ -41,7 +40,7 @@ VARIANTS = {"image 1000": {"detections_per_img": 1000, "detections_per_class": 0
             "image 400": {"detections_per_img": 400, "detections_per_class": 0},
             "image 1000, class 100": {"detections_per_img": 1000, "detections_per_class": 100},
             # the class cap taken before the mask merge, on as many candidates as it keeps (the code until
-            # predictor.CLASS_POOL): what the twice-as-many candidates of a tiled image cost
+            # Settings.class_pool): what the twice-as-many candidates of a tiled image cost
             "class 100 before the merge": {"detections_per_img": 1000, "detections_per_class": 100, "class_pool": 1}}
 
 
@@ -68,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.detections_per_img = 1000  # the random checkpoint's own cap: the variants override it
     device = setup(args)
     seconds: dict[str, list[float]] = {name: [] for name in args.variants}
-    pool = predictor.CLASS_POOL
     detections: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench_caps_") as tmp:
         tmp = Path(tmp)
@@ -79,11 +77,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for name in args.variants:
                 out = tmp / f"{name}.json"
                 caps = dict(VARIANTS[name])
-                predictor.CLASS_POOL = caps.pop("class_pool", pool)
-                _, took = timed(lambda: predict_folder(checkpoint, test_dir, id_map, out,
-                                                       Settings(tile=args.tile, batch_size=None), device=str(device),
+                pool = caps.pop("class_pool", Settings.class_pool)
+                settings = Settings(tile=args.tile, batch_size=None, class_pool=pool)
+                _, took = timed(lambda: predict_folder(checkpoint, test_dir, id_map, out, settings, device=str(device),
                                                        overrides=caps), device)
-                predictor.CLASS_POOL = pool
                 seconds[name].append(took)
                 detections[name] = len(json.loads(out.read_text()))
     first = args.variants[0]
