@@ -53,6 +53,7 @@ from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from model import BACKBONES, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 NAME = "gpu_check"
 RESULT_MARK = "DDP_RESULT "
@@ -159,7 +160,7 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
                 device: torch.device) -> dict[str, Any]:
     seed_all(0)
     config = {"backbone": backbone, "weights": "imagenet", "use_attn": use_attn, **sizes["config"]}
-    model = build_model(config, load_weights=False).to(device).train()  # the frozen-BN layout; values do not matter
+    model = calibrated(build_model(config, load_weights=False), image).to(device).train()  # the frozen-BN layout
     opt = _optimisation(model, device)
     meter = engine.EpochMeter()
     images, targets = [image, image], [target, target]  # the default --batch_size 2
@@ -237,7 +238,7 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     image, target = _train_sample(sizes, tmp)
     seed_all(0)
     model = build_model({"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}, load_weights=False)
-    model = model.to(device).train()
+    model = calibrated(model, image).to(device).train()
     opt, meter = _optimisation(model, device), engine.EpochMeter()
     step = lambda: engine.train_step(model, [image, image], [target, target], opt, meter, device, True)  # noqa: E731
     step()  # warm-up: optimizer state, anchors, pooler scales
@@ -300,7 +301,8 @@ def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> di
     seed_all(0)
     config = {"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}
     checkpoint = tmp / "random.pth"
-    save_checkpoint(checkpoint, {"model": build_model(config, load_weights=False).state_dict(), "config": config,
+    model = calibrated(build_model(config, load_weights=False), torch.rand(3, height, width))
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "config": config,
                                  "args": {"crop": augment_defaults().crop}})
     argv = ["--checkpoint", str(checkpoint), "--test_dir", str(paths["test_dir"]), "--id_map_json",
             str(paths["id_map_json"]), "--output", str(tmp / "test-results.json"), "--device", device.type,
@@ -348,6 +350,30 @@ def resume_amp(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     history = json.loads((tmp / "run" / "history.json").read_text())
     return {"epochs": len(history), "loss_scale": history[-1].get("loss_scale"),
             "skipped_steps": history[-1]["skipped_steps"], "best_epoch": summary["best_epoch"]}
+
+
+def calibrated(model: torch.nn.Module, image: torch.Tensor) -> torch.nn.Module:
+    """The model with each frozen BatchNorm's statistics taken from one float32 pass over ``image``.
+
+    Random weights in the layout ImageNet weights load into normalise nothing: ResNet-101's
+    features then reach ~1.5e5, past fp16's 65504, so every AMP step was skipped and prediction
+    found no cell (the first H100 run). Fitting the statistics layer by layer, in forward order,
+    gives activations of the scale real weights give, so step times, memory and syncs are
+    those of a training that learns."""
+    def fit(norm: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        norm.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        norm.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    handles = [m.register_forward_pre_hook(fit) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval().backbone(model.transform([image.float()])[0].tensors)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return model.train(was_training)
 
 
 def _optimisation(model: torch.nn.Module, device: torch.device, use_amp: bool = True) -> "optimisation.Optimisation":

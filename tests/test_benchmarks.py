@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_util
 
 from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, merge_scaling, postprocess,
                         predict_memory, prediction_caps, step_time, streaming, train_memory)
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import UsageError
+from model import build_model
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
 # Worker processes build the shallow ResNet of tests/shallow.py: the benchmarks start them through it.
@@ -278,6 +280,20 @@ def test_merge_scaling_finds_the_same_pairs_both_ways_and_skips_dense_past_its_c
     rows = {r["detections"]: r for r in _written(out, "rows")["rows"]}
     assert rows[300]["same"] and rows[300]["pairs"] > 300  # 8 copies a cell overlap
     assert "dense_s" not in rows[900] and rows[900]["pairs"] > rows[300]["pairs"] and rows[900]["merge_s"] >= 0
+
+
+def test_gpu_check_calibrates_frozen_norms_into_fp16_range() -> None:
+    # Random weights in the ImageNet layout overflow fp16 (every AMP step skipped on the H100);
+    # the check's calibrated model keeps its features well inside it.
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet101", "weights": "imagenet"}, load_weights=False).eval()
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        tensors = model.transform([image])[0].tensors
+        raw = max(float(v.abs().max()) for v in model.backbone(tensors).values())
+        fitted = max(float(v.abs().max()) for v in gpu_check.calibrated(model, image).backbone(tensors).values())
+    assert raw > torch.finfo(torch.float16).max > 1000 * fitted
+    assert not model.training
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
