@@ -14,7 +14,8 @@ from conftest import assert_cli_predicts_like_the_model
 from model import build_model
 
 CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
-          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "cascade": True}
+          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
+          "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32, "cascade": True}
 
 
 def _batch() -> tuple[list[torch.Tensor], list[dict]]:

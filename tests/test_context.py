@@ -12,7 +12,8 @@ from detector import ContextRoIAlign
 from model import build_model
 
 CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
-          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "context_roi": 2.0}
+          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
+          "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32, "context_roi": 2.0}
 
 
 def test_context_pooling_is_the_roi_and_its_enlarged_box_clipped_to_the_image(shallow: None) -> None:

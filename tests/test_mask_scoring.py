@@ -14,7 +14,8 @@ from model import build_model
 from predictor import Settings, predict_images
 
 CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
-          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "mask_iou": True}
+          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
+          "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32, "mask_iou": True}
 
 
 def test_mask_iou_targets_equal_a_direct_iou() -> None:

@@ -15,7 +15,8 @@ from predictor import Settings, predict_images
 from type_map import TypeMapHead, level_stride, rescore, type_targets
 
 CONFIG = {"weights": "none", "input_scale": 0.0, "min_size": 64, "max_size": 96, "detections_per_img": 30,
-          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "type_map": 0.5}
+          "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
+          "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32, "type_map": 0.5}
 
 
 def _cells(generator: np.random.Generator, n: int, height: int, width: int) -> tuple[PackedMasks, torch.Tensor]:
