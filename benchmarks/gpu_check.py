@@ -35,6 +35,7 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -258,9 +259,9 @@ def _syncs_of(fn: Callable[[], Any], device: torch.device, device_tensors: list[
     if device.type == "cuda":
         sites: Counter[str] = Counter()
 
-        def record(message: Any, *_: Any, **__: Any) -> None:  # each sync's warning, where our code made it
-            if "synchroniz" in str(message):
-                sites[_project_site()] += 1
+        def record(message: Any, category: Any, filename: str, lineno: int, *_: Any, **__: Any) -> None:
+            if "synchroniz" in str(message):  # each sync's warning, where our code made it
+                sites[_project_site(f"{filename}:{lineno}")] += 1
 
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -278,8 +279,10 @@ def _syncs_of(fn: Callable[[], Any], device: torch.device, device_tensors: list[
             "sites": {**reads.top_sites(), **dict(copies.sites.most_common(8))}}
 
 
-def _project_site() -> str:
-    """file:line function of the innermost frame in the project's own code (not this script)."""
+def _project_site(warned_at: str) -> str:
+    """file:line function of the innermost frame in the project's own code (not this script);
+    with none on the stack (the first H100 run found one such sync a step), where the warning
+    says it was raised and on which thread (autograd's backward runs on a thread of its own)."""
     root = str(Path(__file__).resolve().parents[1])
     frame = sys._getframe(1)
     while frame is not None:
@@ -287,7 +290,7 @@ def _project_site() -> str:
         if path.startswith(root) and ".venv" not in path and not path.endswith(("gpu_check.py", "common.py")):
             return f"{path[len(root) + 1:]}:{frame.f_lineno} {frame.f_code.co_name}"
         frame = frame.f_back
-    return "?"
+    return f"? warned at {warned_at}, thread {threading.current_thread().name}"
 
 
 def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
