@@ -161,7 +161,7 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
                 device: torch.device) -> dict[str, Any]:
     seed_all(0)
     config = {"backbone": backbone, "weights": "imagenet", "use_attn": use_attn, **sizes["config"]}
-    model = calibrated(build_model(config, load_weights=False), image).to(device).train()  # the frozen-BN layout
+    model = calibrate_norms(build_model(config, load_weights=False), image).to(device).train()  # the frozen-BN layout
     opt = _optimisation(model, device)
     meter = engine.EpochMeter()
     images, targets = [image, image], [target, target]  # the default --batch_size 2
@@ -176,6 +176,7 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
             "input": list(image.shape[-2:]), "step_s": statistics.median(seconds), "all_s": seconds,
             "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             "mean_loss": meter.sums["loss"] / max(meter.steps, 1), "skipped": meter.skipped,
+            "trained_steps": sizes["warmup"] + sizes["steps"] - meter.skipped,  # 0: forward and backward, no update
             "loss_scale": opt.scaler.get_scale() if opt.scaler.is_enabled() else None}
 
 
@@ -239,7 +240,7 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     image, target = _train_sample(sizes, tmp)
     seed_all(0)
     model = build_model({"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}, load_weights=False)
-    model = calibrated(model, image).to(device).train()
+    model = calibrate_norms(model, image).to(device).train()
     opt, meter = _optimisation(model, device), engine.EpochMeter()
     step = lambda: engine.train_step(model, [image, image], [target, target], opt, meter, device, True)  # noqa: E731
     step()  # warm-up: optimizer state, anchors, pooler scales
@@ -304,7 +305,7 @@ def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> di
     seed_all(0)
     config = {"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}
     checkpoint = tmp / "random.pth"
-    model = calibrated(build_model(config, load_weights=False), torch.rand(3, height, width))
+    model = calibrate_norms(build_model(config, load_weights=False), torch.rand(3, height, width))
     save_checkpoint(checkpoint, {"model": model.state_dict(), "config": config,
                                  "args": {"crop": augment_defaults().crop}})
     argv = ["--checkpoint", str(checkpoint), "--test_dir", str(paths["test_dir"]), "--id_map_json",
@@ -355,14 +356,15 @@ def resume_amp(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
             "skipped_steps": history[-1]["skipped_steps"], "best_epoch": summary["best_epoch"]}
 
 
-def calibrated(model: torch.nn.Module, image: torch.Tensor) -> torch.nn.Module:
-    """The model with each frozen BatchNorm's statistics taken from one float32 pass over ``image``.
+def calibrate_norms(model: torch.nn.Module, image: torch.Tensor) -> torch.nn.Module:
+    """Sets each frozen BatchNorm's statistics from one float32 pass over ``image`` (in place;
+    the model is returned for chaining).
 
     Random weights in the layout ImageNet weights load into normalise nothing: ResNet-101's
     features then reach ~1.5e5, past fp16's 65504, so every AMP step was skipped and prediction
-    found no cell (the first H100 run). Fitting the statistics layer by layer, in forward order,
-    gives activations of the scale real weights give, so step times, memory and syncs are
-    those of a training that learns."""
+    found no cell (the first H100 run). Fitted layer by layer, in forward order, its features
+    stay near 30 and its AMP steps train. EfficientNetV2-M's random heads still gave losses in
+    the hundreds and skipped steps on the H100: ``amp_train`` reports how many steps trained."""
     def fit(norm: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].float()
         norm.running_mean.copy_(x.mean(dim=(0, 2, 3)))

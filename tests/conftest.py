@@ -1,7 +1,6 @@
 """Shared fixtures: the repo root on sys.path and small generated datasets in the real formats."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -26,9 +25,13 @@ TINY_PREDICTOR = {"backbone": "resnet101", "weights": "none", "min_size": 64, "m
 
 
 def _has_room(folder: Path) -> bool:
+    """A writable folder with MEMORY_NEEDED free, on a machine with that much memory available."""
     try:
-        return folder.is_dir() and os.access(folder, os.W_OK) and shutil.disk_usage(folder).free >= MEMORY_DISK_NEEDED
-    except OSError:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+        return (folder.is_dir() and os.access(folder, os.W_OK) and shutil.disk_usage(folder).free >= MEMORY_NEEDED
+                and available >= MEMORY_NEEDED)
+    except (OSError, StopIteration, ValueError, IndexError):
         return False
 
 
@@ -46,23 +49,20 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 MEMORY_DISK = Path("/dev/shm")
-MEMORY_DISK_NEEDED = 6 * 2**30  # what the suite holds at once, with room to spare
+MEMORY_NEEDED = 6 * 2**30  # what the suite holds at once, with room to spare
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own tmp_path factory reads --basetemp
+@pytest.hookimpl(tryfirst=True)  # before pytest's own tmp_path factory is made
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (pytest.ini's ``-n``), each worker gets its share of the cores, and so
     do the processes its tests start: more threads than cores make every test slower.
 
-    Where a memory file system has room (Linux's /dev/shm) and no ``--basetemp`` was given,
+    Where a memory file system has room (Linux's /dev/shm, and that much memory available),
     temporary files go there: the suite writes ~20 GB of checkpoints, and on a slow disk
-    writing them was half of a training test's time. One folder per checkout, cleared by
-    pytest at the next run's start."""
+    writing them was half of a training test's time. Only the temporary root moves: pytest
+    still numbers, locks and removes its own folders in it (``pytest-of-<user>``)."""
     if config.option.basetemp is None and _has_room(MEMORY_DISK):
-        base = MEMORY_DISK / f"cellseg-tests-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]}"
-        (base / "tmp").mkdir(parents=True, exist_ok=True)
-        config.option.basetemp = str(base / "pytest")
-        os.environ["TMPDIR"] = str(base / "tmp")  # tempfile's folder here and in every process tests start
+        os.environ["TMPDIR"] = str(MEMORY_DISK)  # tempfile's root here and in every process tests start
         tempfile.tempdir = None
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:

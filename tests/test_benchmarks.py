@@ -288,14 +288,14 @@ def test_gpu_check_calibrates_frozen_norms_into_fp16_range() -> None:
     # Random weights in the ImageNet layout overflow fp16 (every AMP step skipped on the H100);
     # the check's calibrated model keeps its features well inside it.
     torch.manual_seed(0)
-    model = build_model({"backbone": "resnet101", "weights": "imagenet"}, load_weights=False).eval()
+    model = build_model({"backbone": "resnet101", "weights": "imagenet"}, load_weights=False).train()
     image = torch.rand(3, 64, 64)
     with torch.no_grad():
         tensors = model.transform([image])[0].tensors
         raw = max(float(v.abs().max()) for v in model.backbone(tensors).values())
-        fitted = max(float(v.abs().max()) for v in gpu_check.calibrated(model, image).backbone(tensors).values())
+        assert gpu_check.calibrate_norms(model, image) is model and model.training  # its mode is kept
+        fitted = max(float(v.abs().max()) for v in model.backbone(tensors).values())
     assert raw > torch.finfo(torch.float16).max > 1000 * fitted
-    assert not model.training
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
@@ -307,6 +307,7 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> 
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert {(r["backbone"], r["use_attn"]) for r in sections["amp_train"]["result"]} == {
         (b, a) for b in ("resnet101", "effnet_v2_m") for a in (False, True)}
+    assert all(r["trained_steps"] > 0 for r in sections["amp_train"]["result"])  # bf16: no scaler to skip steps
     assert sections["ddp"]["result"]["backend"] == "gloo" and sections["ddp"]["result"]["all_reduce_ok"]
     assert sections["syncs"]["result"]["train_step"]["copies"] == 0
     assert sections["syncs"]["result"]["train_step"]["syncs"] <= 10
