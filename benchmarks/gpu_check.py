@@ -42,6 +42,7 @@ from collections import Counter  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 import engine  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
@@ -54,7 +55,6 @@ from checkpoint import save_checkpoint  # noqa: E402
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from model import BACKBONES, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
-from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 NAME = "gpu_check"
 RESULT_MARK = "DDP_RESULT "

@@ -24,6 +24,10 @@ TINY_PREDICTOR = {"backbone": "resnet101", "weights": "none", "min_size": 64, "m
                   "detections_per_img": 20, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
 
 
+MEMORY_DISK = Path("/dev/shm")
+MEMORY_NEEDED = 6 * 2**30  # what the suite holds at once, with room to spare
+
+
 def _has_room(folder: Path) -> bool:
     """A writable folder with MEMORY_NEEDED free, on a machine with that much memory available."""
     try:
@@ -46,10 +50,6 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
         model = build_model(TINY_PREDICTOR, load_weights=False)
     save_checkpoint(path, {"model": model.state_dict(), "config": TINY_PREDICTOR, "args": {}})
     return path
-
-
-MEMORY_DISK = Path("/dev/shm")
-MEMORY_NEEDED = 6 * 2**30  # what the suite holds at once, with room to spare
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own tmp_path factory is made
