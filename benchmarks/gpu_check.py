@@ -12,7 +12,8 @@ an out-of-memory in one cannot fail the next) and is written as soon as it ends:
    ``torch.cuda.set_sync_debug_mode``: every sync (reads and blocking copies) by call site
    (on a CPU: ``host_syncs.py``'s counters);
 4. ``predict_memory``: peak device memory of ``inference.py --use_amp --tta`` on one
-   2500x735 image (the task's largest) and its images/s;
+   2500x735 image (the task's largest) and its seconds; then the seconds of one view,
+   ``--tta`` and ``--tta dihedral`` at the default precision;
 5. ``nms``: float64 against float32 NMS on 8192 boxes, time and agreement;
 6. ``resume_amp``: a run trained without AMP, resumed with ``--use_amp`` (end to end).
 
@@ -296,7 +297,9 @@ def _project_site(warned_at: str) -> str:
 
 def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
     """Peak device memory and seconds of ``inference.py --use_amp --tta`` on one image of the
-    task's largest size, from a random-weight checkpoint in the ImageNet layout."""
+    task's largest size, from a random-weight checkpoint in the ImageNet layout; and the seconds
+    of the default precision with one view, ``--tta`` and ``--tta dihedral`` on the same image,
+    which is what deciding ``--tta dihedral`` as a default needs (11x one view on 2 CPU cores)."""
     import inference
 
     height, width = sizes["predict_size"]
@@ -308,14 +311,20 @@ def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> di
     model = calibrate_norms(build_model(config, load_weights=False), torch.rand(3, height, width))
     save_checkpoint(checkpoint, {"model": model.state_dict(), "config": config,
                                  "args": {"crop": augment_defaults().crop}})
+    output = tmp / "test-results.json"
     argv = ["--checkpoint", str(checkpoint), "--test_dir", str(paths["test_dir"]), "--id_map_json",
-            str(paths["id_map_json"]), "--output", str(tmp / "test-results.json"), "--device", device.type,
-            "--use_amp", "--tta", "--num_workers", "0"]
+            str(paths["id_map_json"]), "--output", str(output), "--device", device.type, "--num_workers", "0"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, seconds = timed(lambda: inference.main(argv), device)
-    return {"image": [height, width], "seconds": seconds, "detections": len(json.loads((tmp / "test-results.json").read_text())),
-            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    _, seconds = timed(lambda: inference.main([*argv, "--use_amp", "--tta"]), device)
+    out = {"image": [height, width], "seconds": seconds, "detections": len(json.loads(output.read_text())),
+           "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    views = {"one_view": [], "flips": ["--tta"], "dihedral": ["--tta", "dihedral"]}
+    out["fp32_seconds"] = {name: timed(lambda: inference.main([*argv, *flags]), device)[1]
+                           for name, flags in views.items()}  # the AMP run above warmed the kernels up
+    out["fp32_vs_one_view"] = {name: s / max(out["fp32_seconds"]["one_view"], 1e-9)
+                               for name, s in out["fp32_seconds"].items()}
+    return out
 
 
 def nms_precision(sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:

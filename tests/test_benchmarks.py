@@ -312,6 +312,8 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> 
     assert sections["syncs"]["result"]["train_step"]["copies"] == 0
     assert sections["syncs"]["result"]["train_step"]["syncs"] <= 10
     assert sections["predict_memory"]["result"]["detections"] > 0
+    assert set(sections["predict_memory"]["result"]["fp32_vs_one_view"]) == {"one_view", "flips", "dihedral"}
+    assert all(s > 0 for s in sections["predict_memory"]["result"]["fp32_seconds"].values())
     assert sections["nms"]["result"]["same_kept"]
     assert sections["resume_amp"]["result"]["epochs"] == 2
     assert not list(tmp_path.glob("gpu_check.*.json"))  # the sections' own files are folded in
