@@ -18,7 +18,7 @@ an out-of-memory in one cannot fail the next) and is written as soon as it ends:
 6. ``resume_amp``: a run trained without AMP, resumed with ``--use_amp`` (end to end).
 
 ``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL, bf16), so the test
-suite knows it starts.
+suite knows it starts; ``--in_process`` spares each section its process start there.
 
     python benchmarks/gpu_check.py                      # on a GPU machine: benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --dry_run --json /tmp/gpu_check.json
@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry_run", action="store_true", help="CPU, tiny sizes: checks that the script runs")
     parser.add_argument("--json", default=None, help=f"results file (default: {RESULTS_DIR}/{NAME}.json)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    parser.add_argument("--timeout", type=int, default=300, help="seconds one section may take")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds one section may take (in a process of its own)")
+    parser.add_argument("--in_process", action="store_true",
+                        help="run the sections one after another in this process, without their startup "
+                             "(a crash or a sticky CUDA error in one then ends the run; --timeout is not applied)")
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section here (the child)
     add_launcher_arg(parser)
     parser.add_argument("--ddp_worker", default=None, help=argparse.SUPPRESS)
@@ -110,21 +113,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
-    """One section in a fresh process: its result, wall time, and its error if it failed."""
-    command = [sys.executable, *worker_script(args.launcher, __file__), "--section", name, "--json", str(part),
-               *(["--dry_run"] if args.dry_run else []), *(["--launcher", args.launcher] if args.launcher else [])]
+    """One section, in a fresh process unless ``--in_process``: its result, wall time, and its
+    error if it failed."""
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
-        if done.returncode == 0 and part.is_file():
-            result = {"ok": True, "result": json.loads(part.read_text())}
-        else:
-            result = {"ok": False, "error": (done.stdout[-1000:] + done.stderr[-3000:]).strip()}
-    except subprocess.TimeoutExpired:
-        result = {"ok": False, "error": f"timed out after {args.timeout} s"}
+    if args.in_process:
+        threads = torch.get_num_threads()  # run_here may lower it for the CPU
+        try:
+            run_here(name, torch.device("cpu" if args.dry_run else "cuda"), part, args.launcher)
+            result = {"ok": True, "result": json.loads(part.read_text())}  # as a child's, read back
+        except Exception as error:  # a failed section is its row, as it is from a child process
+            result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        result = _in_child(name, args, part)
     part.unlink(missing_ok=True)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _in_child(name: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
+    command = [sys.executable, *worker_script(args.launcher, __file__), "--section", name, "--json", str(part),
+               *(["--dry_run"] if args.dry_run else []), *(["--launcher", args.launcher] if args.launcher else [])]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {args.timeout} s"}
+    if done.returncode == 0 and part.is_file():
+        return {"ok": True, "result": json.loads(part.read_text())}
+    return {"ok": False, "error": (done.stdout[-1000:] + done.stderr[-3000:]).strip()}
 
 
 def run_here(name: str, device: torch.device, path: Path, launcher: str | None = None) -> dict[str, Any]:

@@ -300,7 +300,11 @@ def test_gpu_check_calibrates_frozen_norms_into_fp16_range() -> None:
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> None:
     out = tmp_path / "gpu_check.json"
-    gpu_check.main(["--dry_run", "--json", str(out), "--launcher", SHALLOW_LAUNCHER])
+    gpu_check.main(["--dry_run", "--json", str(out), "--launcher", SHALLOW_LAUNCHER, "--sections", "nms"])
+    assert json.loads(out.read_text())["sections"]["nms"]["ok"]  # a section in a process of its own
+    threads = torch.get_num_threads()
+    gpu_check.main(["--dry_run", "--json", str(out), "--launcher", SHALLOW_LAUNCHER, "--in_process"])
+    assert torch.get_num_threads() == threads  # the sections' single thread is theirs only
     payload = json.loads(out.read_text())
     sections = payload["sections"]
     assert set(sections) == set(gpu_check.SECTIONS)
