@@ -89,6 +89,7 @@ CONFIGS: dict[str, list[str]] = {
     "cells+context": [*NATIVE, *CELL_ANCHORS, "--context_roi", "2"],  # the box heads see each cell's surroundings
     "cells+type_map": [*NATIVE, *CELL_ANCHORS, "--type_map", "0.5"],  # a per-pixel cell-type map re-weighs the classes
     "defaults+cascade": ["--cascade"],  # the CPM-15 protocol's configuration with Cascade box stages
+    "defaults+mask_iou+cascade": ["--mask_iou", "--cascade"],  # and with both ranking heads
     # the same trained on whole images (--crop 0), same steps
     "cells_whole": [*NATIVE, *CELL_ANCHORS, "--crop", "0"],
     # our detection limits at torchvision's scale (256 px crops become 800 px) with anchors to match;
