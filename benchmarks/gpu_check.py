@@ -18,7 +18,7 @@ an out-of-memory in one cannot fail the next) and is written as soon as it ends:
 6. ``resume_amp``: a run trained without AMP, resumed with ``--use_amp`` (end to end).
 
 ``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL, bf16), so the test
-suite knows it starts; ``--in_process`` spares each section its process start there.
+suite knows it starts; with it, ``--in_process`` spares each section its process start.
 
     python benchmarks/gpu_check.py                      # on a GPU machine: benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --dry_run --json /tmp/gpu_check.json
@@ -33,15 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
@@ -82,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--timeout", type=int, default=300, help="seconds one section may take (in a process of its own)")
     parser.add_argument("--in_process", action="store_true",
-                        help="run the sections one after another in this process, without their startup "
-                             "(a crash or a sticky CUDA error in one then ends the run; --timeout is not applied)")
+                        help="with --dry_run: run the sections one after another in this process, without "
+                             "their start-up (a hard crash in one then ends the run; --timeout is not applied)")
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section here (the child)
     add_launcher_arg(parser)
     parser.add_argument("--ddp_worker", default=None, help=argparse.SUPPRESS)
@@ -91,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.in_process and not args.dry_run:  # on a GPU a section's out-of-memory or sticky error must stay its own
+        parser.error("--in_process is for --dry_run only")
     if args.ddp_worker:
         return ddp_worker(json.loads(args.ddp_worker))
     if not args.dry_run and not torch.cuda.is_available():
@@ -117,14 +123,17 @@ def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, An
     error if it failed."""
     start = time.perf_counter()
     if args.in_process:
-        threads = torch.get_num_threads()  # run_here may lower it for the CPU
+        threads, states = torch.get_num_threads(), (random.getstate(), np.random.get_state())
         try:
-            run_here(name, torch.device("cpu" if args.dry_run else "cuda"), part, args.launcher)
+            with torch.random.fork_rng(devices=[]):  # the sections seed; the caller's draws stay its own
+                run_here(name, torch.device("cpu"), part, args.launcher)
             result = {"ok": True, "result": json.loads(part.read_text())}  # as a child's, read back
-        except Exception as error:  # a failed section is its row, as it is from a child process
-            result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        except (Exception, SystemExit):  # a failed section is its row, as it is from a child process
+            result = {"ok": False, "error": traceback.format_exc()[-3000:]}
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # run_here lowers it for the CPU
+            random.setstate(states[0])
+            np.random.set_state(states[1])
     else:
         result = _in_child(name, args, part)
     part.unlink(missing_ok=True)
@@ -145,7 +154,8 @@ def _in_child(name: str, args: argparse.Namespace, part: Path) -> dict[str, Any]
 
 
 def run_here(name: str, device: torch.device, path: Path, launcher: str | None = None) -> dict[str, Any]:
-    """The child: one section, its result written to ``path``."""
+    """One section here (in its child process, or in the caller with ``--in_process``), its
+    result written to ``path``."""
     optimisation.enable_tf32(device)
     if device.type == "cpu":  # two busy-waiting threads on a shared small CPU can be many times slower than one
         torch.set_num_threads(1)
@@ -315,8 +325,8 @@ def _project_site(warned_at: str) -> str:
 def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
     """Peak device memory and seconds of ``inference.py --use_amp --tta`` on one image of the
     task's largest size, from a random-weight checkpoint in the ImageNet layout; and the seconds
-    of the default precision with one view, ``--tta`` and ``--tta dihedral`` on the same image,
-    which is what deciding ``--tta dihedral`` as a default needs (11x one view on 2 CPU cores)."""
+    of predicting it with one view, ``--tta`` and ``--tta dihedral`` (``view_seconds``): what
+    deciding ``--tta dihedral`` as a default needs (11x one view's time on 2 CPU cores)."""
     import inference
 
     height, width = sizes["predict_size"]
@@ -333,15 +343,43 @@ def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> di
             str(paths["id_map_json"]), "--output", str(output), "--device", device.type, "--num_workers", "0"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, seconds = timed(lambda: inference.main([*argv, "--use_amp", "--tta"]), device)
+    _, seconds = timed(lambda: inference.main([*argv, "--use_amp", "--tta"]), device)  # a whole run: loading too
     out = {"image": [height, width], "seconds": seconds, "detections": len(json.loads(output.read_text())),
            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    views = {"one_view": [], "flips": ["--tta"], "dihedral": ["--tta", "dihedral"]}
-    out["fp32_seconds"] = {name: timed(lambda: inference.main([*argv, *flags]), device)[1]
-                           for name, flags in views.items()}  # the AMP run above warmed the kernels up
-    out["fp32_vs_one_view"] = {name: s / max(out["fp32_seconds"]["one_view"], 1e-9)
-                               for name, s in out["fp32_seconds"].items()}
+    out.update(view_seconds(checkpoint, argv, next(paths["test_dir"].glob("*.tif")), device))
     return out
+
+
+def view_seconds(checkpoint: Path, argv: list[str], image_path: Path, device: torch.device) -> dict[str, Any]:
+    """Seconds of predicting one image (detection, merge and COCO encoding: what
+    ``inference.py`` does per image, without its model load and file writes) with one view,
+    ``--tta`` and ``--tta dihedral``, at ``inference.py``'s default precision (TF32 matmuls off,
+    as PyTorch leaves them; this script turns them on for training). A random model's detections
+    differ from a trained one's in number, and with them the merge's share."""
+    import inference
+    from checkpoint import load_model
+    from dataloader import read_image
+    from flags import prediction_settings
+    from predictor import predict_each
+
+    model, _, state = load_model(checkpoint)
+    model = model.to(device).eval()
+    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1).contiguous()
+    parser = inference.build_parser()
+    seconds: dict[str, float] = {}
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, flags in (("warm_up", []), ("one_view", []), ("flips", ["--tta"]),
+                            ("dihedral", ["--tta", "dihedral"])):
+            settings = prediction_settings(parser.parse_args([*argv, *flags])).resolved(device, state)
+            predict = lambda: list(predict_each(model, [([image], [{"image_id": 1}])], device, settings))  # noqa: E731
+            seconds[name] = timed(predict, device)[1]  # the first call loads the fp32 kernels: not reported
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    del seconds["warm_up"]
+    return {"fp32_seconds": seconds,
+            "fp32_vs_one_view": {name: s / max(seconds["one_view"], 1e-9) for name, s in seconds.items()}}
 
 
 def nms_precision(sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:

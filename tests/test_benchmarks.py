@@ -302,9 +302,12 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> 
     out = tmp_path / "gpu_check.json"
     gpu_check.main(["--dry_run", "--json", str(out), "--launcher", SHALLOW_LAUNCHER, "--sections", "nms"])
     assert json.loads(out.read_text())["sections"]["nms"]["ok"]  # a section in a process of its own
-    threads = torch.get_num_threads()
+    threads, draws = torch.get_num_threads(), torch.get_rng_state()
     gpu_check.main(["--dry_run", "--json", str(out), "--launcher", SHALLOW_LAUNCHER, "--in_process"])
-    assert torch.get_num_threads() == threads  # the sections' single thread is theirs only
+    assert torch.get_num_threads() == threads  # the sections' single thread and seeds are theirs only
+    assert torch.equal(torch.get_rng_state(), draws)
+    with pytest.raises(SystemExit):  # on a GPU each section keeps its own process
+        gpu_check.main(["--in_process", "--json", str(out)])
     payload = json.loads(out.read_text())
     sections = payload["sections"]
     assert set(sections) == set(gpu_check.SECTIONS)
