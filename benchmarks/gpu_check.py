@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -44,7 +43,6 @@ import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
@@ -55,8 +53,8 @@ import devices  # noqa: E402
 from benchmarks import host_syncs  # noqa: E402
 from benchmarks.common import (RESULTS_DIR, _jsonable, add_launcher_arg, augment_defaults, environment,  # noqa: E402
                                seed_all, timed, worker_script)
-from checkpoint import save_checkpoint  # noqa: E402
-from dataloader import LabelledImages, list_samples  # noqa: E402
+from checkpoint import rng_state, save_checkpoint, set_rng_state  # noqa: E402
+from dataloader import LabelledImages, UnlabelledImages, list_samples  # noqa: E402
 from model import BACKBONES, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
@@ -83,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry_run", action="store_true", help="CPU, tiny sizes: checks that the script runs")
     parser.add_argument("--json", default=None, help=f"results file (default: {RESULTS_DIR}/{NAME}.json)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    parser.add_argument("--timeout", type=int, default=300, help="seconds one section may take (in a process of its own)")
+    parser.add_argument("--timeout", type=int, default=300,
+                        help="seconds one section may take (in a process of its own)")
     parser.add_argument("--in_process", action="store_true",
                         help="with --dry_run: run the sections one after another in this process, without "
                              "their start-up (a hard crash in one then ends the run; --timeout is not applied)")
@@ -123,17 +122,15 @@ def run_section(name: str, args: argparse.Namespace, part: Path) -> dict[str, An
     error if it failed."""
     start = time.perf_counter()
     if args.in_process:
-        threads, states = torch.get_num_threads(), (random.getstate(), np.random.get_state())
+        threads, draws = torch.get_num_threads(), rng_state()  # the sections seed; the caller's draws stay its own
         try:
-            with torch.random.fork_rng(devices=[]):  # the sections seed; the caller's draws stay its own
-                run_here(name, torch.device("cpu"), part, args.launcher)
+            run_here(name, torch.device("cpu"), part, args.launcher)
             result = {"ok": True, "result": json.loads(part.read_text())}  # as a child's, read back
         except (Exception, SystemExit):  # a failed section is its row, as it is from a child process
             result = {"ok": False, "error": traceback.format_exc()[-3000:]}
         finally:
             torch.set_num_threads(threads)  # run_here lowers it for the CPU
-            random.setstate(states[0])
-            np.random.set_state(states[1])
+            set_rng_state(draws)
     else:
         result = _in_child(name, args, part)
     part.unlink(missing_ok=True)
@@ -346,11 +343,12 @@ def predict_memory(sizes: dict[str, Any], device: torch.device, tmp: Path) -> di
     _, seconds = timed(lambda: inference.main([*argv, "--use_amp", "--tta"]), device)  # a whole run: loading too
     out = {"image": [height, width], "seconds": seconds, "detections": len(json.loads(output.read_text())),
            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    out.update(view_seconds(checkpoint, argv, next(paths["test_dir"].glob("*.tif")), device))
+    out.update(view_seconds(checkpoint, argv, UnlabelledImages(paths["test_dir"], paths["id_map_json"])[0], device))
     return out
 
 
-def view_seconds(checkpoint: Path, argv: list[str], image_path: Path, device: torch.device) -> dict[str, Any]:
+def view_seconds(checkpoint: Path, argv: list[str], sample: tuple[torch.Tensor, dict],
+                 device: torch.device) -> dict[str, Any]:
     """Seconds of predicting one image (detection, merge and COCO encoding: what
     ``inference.py`` does per image, without its model load and file writes) with one view,
     ``--tta`` and ``--tta dihedral``, at ``inference.py``'s default precision (TF32 matmuls off,
@@ -358,13 +356,12 @@ def view_seconds(checkpoint: Path, argv: list[str], image_path: Path, device: to
     differ from a trained one's in number, and with them the merge's share."""
     import inference
     from checkpoint import load_model
-    from dataloader import read_image
     from flags import prediction_settings
     from predictor import predict_each
 
     model, _, state = load_model(checkpoint)
     model = model.to(device).eval()
-    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1).contiguous()
+    image, target = sample  # read as inference.py reads it, once: the timings hold no file reads
     parser = inference.build_parser()
     seconds: dict[str, float] = {}
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -373,7 +370,7 @@ def view_seconds(checkpoint: Path, argv: list[str], image_path: Path, device: to
         for name, flags in (("warm_up", []), ("one_view", []), ("flips", ["--tta"]),
                             ("dihedral", ["--tta", "dihedral"])):
             settings = prediction_settings(parser.parse_args([*argv, *flags])).resolved(device, state)
-            predict = lambda: list(predict_each(model, [([image], [{"image_id": 1}])], device, settings))  # noqa: E731
+            predict = lambda: list(predict_each(model, [([image], [target])], device, settings))  # noqa: E731
             seconds[name] = timed(predict, device)[1]  # the first call loads the fp32 kernels: not reported
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
