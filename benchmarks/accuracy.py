@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results, rewritten after every run")
     parser.add_argument("--keep_dir", default=None,
                         help="keep each run in DIR/<config>_<seed> (default: a temporary folder); a finished run "
-                             "there with the same flags is scored again, not retrained")
+                             "there with the same flags is scored again, not retrained, and a stopped one (killed, "
+                             "Ctrl-C) is continued from its last.pth")
     return parser
 
 
@@ -266,9 +267,13 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
             *(["--split_groups", args.split_groups] if args.split_groups else []),
             *(["--val_dir", args.val_dir] if args.val_dir else []), *flags, *args.extra]
     parser = training.build_parser(backbone, "")
-    if finished(out, vars(parser.parse_args(argv)), parser):
+    state = run_state(out, vars(parser.parse_args(argv)), parser)
+    if state == "finished":
         print(f"{out}: a finished run with these flags, scored again without training", flush=True)
     else:
+        if state == "stopped":
+            print(f"{out}: a stopped run with these flags, continued from its last.pth", flush=True)
+            argv += ["--resume", str(out / "last.pth")]
         (train_resnet if backbone == "resnet101" else train_effnet_v2).main(argv)
     last = json.loads((out / "history.json").read_text())[-1]
     name = out.name.rsplit("_", 1)[0]
@@ -284,23 +289,27 @@ def _history_metrics(row: dict, prefix: str) -> dict[str, float]:
             for m in (*METRICS, *CLASS_METRICS) if prefix + m in row}
 
 
-def finished(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> bool:
-    """Whether ``out`` holds a run trained with exactly ``args`` up to its last epoch. A flag
+def run_state(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> str:
+    """What ``out`` holds: "new" (nothing, or a stopped run with other flags, which a fresh run
+    moves aside), "stopped" (a run with exactly ``args`` short of its last epoch: continued, so
+    a benchmark killed with its session loses at most the epoch under way) or "finished". A flag
     the train scripts gained after the run counts as equal at its default: it changed nothing.
     A finished run with other flags is never trained over (hours lost to a changed default):
     the error names the flags that differ."""
     if not (out / "last.pth").is_file():
-        return False
+        return "new"
     state = load_checkpoint(out / "last.pth")
-    saved = saved_args(state)
-    expected = {k: v for k, v in args.items() if k in saved or v != parser.get_default(k)}
+    saved = {k: v for k, v in saved_args(state).items() if k != "resume"}  # how it was reached, not what
+    expected = {k: v for k, v in args.items() if k != "resume" and (k in saved or v != parser.get_default(k))}
     complete = state.get("epoch") == saved.get("epochs") and not state.get("partial")
-    if complete and saved != expected:
+    if saved == expected:
+        return "finished" if complete else "stopped"
+    if complete:
         differ = sorted(k for k in {*saved, *expected} if saved.get(k) != expected.get(k))
         raise UsageError(f"{out}: a finished run trained with other flags ("
                          + ", ".join(f"--{k} {saved.get(k)} there, {expected.get(k)} here" for k in differ)
                          + "); pass its values after --extra to score it again, or another --keep_dir to train anew.")
-    return complete  # the same flags: the same --epochs, reached
+    return "new"
 
 
 def prediction_key(settings: Settings, n_models: int) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, infere
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import UsageError
 from model import build_model
+import training
 
 TINY_ROIS = ["--rpn_post_nms_top_n_train", "100", "--box_batch_size_per_image", "32"]
 # Worker processes build the shallow ResNet of tests/shallow.py: the benchmarks start them through it.
@@ -205,6 +207,48 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     with pytest.raises(UsageError, match=r"cells_0: a finished run trained with other flags \(--detections_per_class "
                                          r"0 there, 100 here\); pass its values after --extra"):
         study()
+    assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
+
+
+def test_accuracy_continues_a_stopped_run_rather_than_training_it_again(tmp_path: Path, shallow: None,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import accuracy
+    from synthetic import make_dataset
+
+    tiny_dataset = make_dataset(tmp_path / "data", n_train=3, n_test=1, size=(64, 64), cells=(4, 8), seed=6)
+    runs = tmp_path / "runs"
+    argv = ["--train_dir", str(tiny_dataset["train_dir"]), "--configs", "cells", "--seeds", "0", "--epochs", "2",
+            "--crop", "64", "--json", str(tmp_path / "accuracy.json"), "--keep_dir", str(runs), "--ema_decay", "0",
+            "--extra", "--min_size", "64", "--max_size", "128", "--detections_per_img", "20",
+            "--rpn_post_nms_top_n_test", "100", *TINY_ROIS]
+    real_epoch = training.run_epoch
+
+    def stopped_in_epoch_2(*args: Any) -> dict | None:
+        epoch, stop = args[5], args[8]
+        stop.requested = stop.requested or epoch == 2  # as if SIGTERM came at the second epoch's start
+        return real_epoch(*args)
+
+    monkeypatch.setattr(training, "run_epoch", stopped_in_epoch_2)
+    with pytest.raises(SystemExit) as stopped:
+        accuracy.main(argv)
+    assert stopped.value.code == training.EXIT_INTERRUPTED
+    first = load_checkpoint(runs / "cells_0/last.pth")
+    assert first["epoch"] == 1 and first["partial"]["epoch"] == 2
+    epoch_1 = json.loads((runs / "cells_0/history.json").read_text())
+    assert [row["epoch"] for row in epoch_1] == [1]
+
+    monkeypatch.setattr(training, "run_epoch", real_epoch)
+    capsys.readouterr()
+    result = accuracy.main(argv)
+    assert "a stopped run with these flags, continued" in capsys.readouterr().out
+    history = json.loads((runs / "cells_0/history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2] and history[0] == epoch_1[0]  # epoch 1 not trained again
+    assert not list(runs.glob("cells_0/previous-*"))  # nothing moved aside: the same run
+    assert load_checkpoint(runs / "cells_0/last.pth")["epoch"] == 2
+    assert 0.0 <= result["mean"]["cells"]["segm_AP50"] <= 1.0
+    stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
+    accuracy.main(argv)  # the continued run, saved with --resume, is a finished run with these flags
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
 
 
