@@ -9,7 +9,9 @@ import torch
 
 from checkpoint import load_model, save_checkpoint
 from conftest import predicted_through_cli
+from detector import project_masks_on_boxes
 from mask_scoring import MaskIoUHead, mask_iou_targets
+from masks import PackedMasks, mask_areas
 from model import build_model
 from predictor import Settings, predict_images
 
@@ -30,6 +32,26 @@ def test_mask_iou_targets_equal_a_direct_iou() -> None:
         union = np.logical_or(pred, truth).sum()
         expected = np.logical_and(pred, truth).sum() / union if union else 0.0
         assert got[i].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_mask_iou_targets_count_the_cell_outside_the_roi(packed: bool) -> None:
+    # One 30 x 20 px cell (600 px) and four RoIs whose masks fill their frames: what each would
+    # score pasted on the image, where a box around half the cell shows only half of it.
+    cell = np.zeros((64, 64), dtype=bool)
+    cell[10:30, 10:40] = True
+    masks = PackedMasks.from_crops([cell[10:30, 10:40]], np.array([[10, 10, 40, 30]]), (64, 64))
+    gt = masks if packed else masks.full()
+    boxes = torch.tensor([[10.0, 10, 25, 30], [10, 10, 40, 30], [0, 0, 40, 30], [25, 10, 55, 30]])
+    matched = torch.zeros(4, dtype=torch.int64)
+    frames = project_masks_on_boxes(gt, boxes, matched, 28, aligned=True)  # as pasting counts pixels
+    filled = torch.full((4, 28, 28), 5.0)
+    got = mask_iou_targets(filled, frames, boxes, mask_areas(gt)[matched])
+    # left half: 300 / 600; the cell's own box: 1; a box twice the cell: 600 / 1200; the right
+    # half and as much empty: 300 / (600 + 600 - 300)
+    assert got.tolist() == pytest.approx([0.5, 1.0, 0.5, 1 / 3], abs=0.03)
+    in_frame = mask_iou_targets(filled, frames)  # the frame alone sees a whole cell in the first RoI
+    assert in_frame[0].item() == pytest.approx(1.0, abs=0.03) and in_frame[3].item() == pytest.approx(0.5, abs=0.03)
 
 
 def test_the_head_reads_each_roi_class() -> None:
