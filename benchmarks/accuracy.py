@@ -299,8 +299,9 @@ def run_state(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) 
     if not (out / "last.pth").is_file():
         return "new"
     state = load_checkpoint(out / "last.pth")
-    saved = {k: v for k, v in saved_args(state).items() if k != "resume"}  # how it was reached, not what
-    expected = {k: v for k, v in args.items() if k != "resume" and (k in saved or v != parser.get_default(k))}
+    where = ("resume", "output_dir")  # how the run was reached and where it lies, not what it trained
+    saved = {k: v for k, v in saved_args(state).items() if k not in where}
+    expected = {k: v for k, v in args.items() if k not in where and (k in saved or v != parser.get_default(k))}
     complete = state.get("epoch") == saved.get("epochs") and not state.get("partial")
     if saved == expected:
         return "finished" if complete else "stopped"

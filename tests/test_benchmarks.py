@@ -250,6 +250,10 @@ def test_accuracy_continues_a_stopped_run_rather_than_training_it_again(tmp_path
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns
     accuracy.main(argv)  # the continued run, saved with --resume, is a finished run with these flags
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked/cells_0").symlink_to(runs / "cells_0")  # the same run seen from another --keep_dir
+    accuracy.main([*argv[:argv.index("--keep_dir") + 1], str(tmp_path / "linked"), *argv[argv.index("--keep_dir") + 2:]])
+    assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
 
 
 def test_host_syncs_do_not_grow_with_instances_and_losses_agree(tmp_path: Path, shallow: None) -> None:
