@@ -52,7 +52,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, 
 from devices import counts as level_counts
 from devices import scale_boxes
 from mask_scoring import mask_iou_loss, mask_iou_targets
-from masks import PackedMasks, mask_areas
+from masks import PackedMasks, mask_areas, paste_frames
 from type_map import rescore, type_loss
 
 # Boxes per NMS call: one host sync per call, and the IoU bit mask of a call grows with its square.
@@ -255,8 +255,8 @@ def project_masks_on_boxes(gt_masks: torch.Tensor | PackedMasks, boxes: torch.Te
     a canvas the size of the largest box (``PackedMasks.canvases``): no loop over instances and
     no host sync. ``gt_masks`` is the packed crops the dataset produces or torchvision's
     [N, H, W] tensor (then each RoI's canvas is its whole mask, as in torchvision).
-    ``aligned``: pixel k spans [k, k + 1), as when a mask is pasted into its box at prediction;
-    the mask head's targets keep torchvision's convention (centred on k, half a pixel off).
+    ``aligned``: pixel k spans [k, k + 1), as a pasted mask covers it (``masks.paste_frames``);
+    the mask head's targets keep torchvision's convention (pixel k centred on k).
     """
     if isinstance(gt_masks, PackedMasks):
         canvas, origin = gt_masks.canvases(matched_idxs)
@@ -416,12 +416,13 @@ class LeanRoIHeads(RoIHeads):
                   "loss_mask": mask_loss(mask_logits, chosen, mask_targets)}
         scorer = getattr(self, "mask_iou_head", None)
         if scorer is not None:  # Mask Scoring (--mask_iou): the IoU each mask reaches, learnt on the same RoIs
-            # each cell as the predicted mask will be pasted and scored on the image: its pixels in
-            # the box as pasting counts them, and its whole area
-            cells = torch.cat([project_masks_on_boxes(t["masks"], p, m, size, aligned=True)
-                               for t, p, m in zip(targets, mask_proposals, mask_matched)])
+            # each cell read where the predicted mask's bins will land once pasted (``paste_frames``),
+            # and its whole area: the IoU the mask will score on the image
+            frames = [paste_frames(p, size) for p in mask_proposals]
+            cells = torch.cat([project_masks_on_boxes(t["masks"], f, m, size, aligned=True)
+                               for t, f, m in zip(targets, frames, mask_matched)])
             cell_areas = torch.cat([mask_areas(t["masks"])[m] for t, m in zip(targets, mask_matched)])
-            targets_iou = mask_iou_targets(chosen, cells, torch.cat(mask_proposals), cell_areas)
+            targets_iou = mask_iou_targets(chosen, cells, torch.cat(frames), cell_areas)
             losses["loss_mask_iou"] = mask_iou_loss(scorer(mask_pooled, chosen, mask_labels), targets_iou)
         types = getattr(self, "type_head", None)
         if types is not None:  # the cell-type map (--type_map): every pixel of every cell, on the finest level

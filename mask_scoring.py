@@ -9,10 +9,11 @@ the RoI's class (28 x 28, max-pooled to 14 x 14): four 3 x 3 convolutions (the l
 stride 2), two fully connected layers and one IoU per class. It trains with an L2 loss
 against the IoU of the binarised predicted mask with its whole cell, on the positive RoIs
 the mask head trains on; the predicted mask is detached, so the mask head learns only from
-its own loss. The target is counted in the RoI's 28 x 28 frame, but the cell's part outside
-the RoI counts in the union (as Huang et al. do, through the share of the cell inside the
-proposal): a box around half a cell, its mask filling the box, scores about 0.5, not 1. The
-ranking the head serves is of masks on the image, where that half is missing.
+its own loss. The target is the IoU the mask will score once pasted on the image: the cell
+is read over the region the pasted mask's bins cover, and its part outside that region counts
+in the union (as Huang et al. do, through the share of the cell inside the proposal). A box
+around half a cell, its mask filling the box, scores about 0.5, not 1: the ranking the head
+serves is of masks on the image, where that half is missing.
 """
 from __future__ import annotations
 
@@ -55,17 +56,17 @@ def mask_iou_targets(mask_logits: Tensor, mask_targets: Tensor, boxes: Tensor | 
     """IoU of each binarised predicted mask (logit > 0: probability > 0.5) with its cell, the
     target (> 0.5) in the RoI's M x M frame; 0 where both are empty.
 
-    ``boxes`` [R, 4] (the RoIs, image pixels) and ``cell_areas`` [R] (each RoI's whole cell, in
-    pixels) count the cell's pixels outside the RoI in the union: the cell covers
-    ``cell_area * M * M / box_area`` of the frame's units, at least what the frame shows of it.
-    Without them the frame is taken to hold the whole cell."""
+    ``boxes`` [R, 4] (the image region each frame covers, in pixels: ``masks.paste_frames``) and
+    ``cell_areas`` [R] (each RoI's whole cell, in pixels) count the cell's pixels outside the
+    frame in the union: the cell covers ``cell_area * M * M / frame_area`` of the frame's units,
+    at least what the frame shows of it. Without them the frame is taken to hold the whole cell."""
     predicted = mask_logits.detach() > 0
     truth = mask_targets > 0.5
     overlap = (predicted & truth).flatten(1).sum(dim=1).float()
     shown = truth.flatten(1).sum(dim=1).float()
     cell = shown
     if boxes is not None and cell_areas is not None:
-        sides = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)  # roi_align's frame (aligned=False)
+        sides = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)
         units = mask_targets.shape[-1] * mask_targets.shape[-2] / (sides[:, 0] * sides[:, 1])
         cell = torch.maximum(shown, cell_areas.to(units.dtype) * units)
     union = predicted.flatten(1).sum(dim=1).float() + cell - overlap

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.models.detection import roi_heads
 
 from devices import to_device
 
@@ -92,13 +93,6 @@ class PackedMasks:
         origin = torch.stack([ox, oy], dim=1).reshape(-1, 2)
         return pixels * inside, origin
 
-    def areas(self) -> torch.Tensor:
-        """Pixels of each mask, [N] int64 on the data's device: a cumulative sum read at the crop
-        offsets (host numbers, copied without blocking): no loop over instances, no host sync."""
-        total = torch.cat([self.data.new_zeros(1, dtype=torch.int64), self.data.cumsum(0)])
-        ends = to_device(self.offsets.numpy(), self.device)
-        return total[ends[1:]] - total[ends[:-1]]
-
     def full(self) -> torch.Tensor:
         """The contract's uint8 [N, H, W] tensor."""
         out = self.data.new_zeros(self.shape)
@@ -160,6 +154,32 @@ def pixel_chunks(counts: torch.Tensor, budget: int) -> list[tuple[int, int, int]
     return [(a, b, int(ends[b - 1] - (ends[a - 1] if a else 0))) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+
 def mask_areas(masks: torch.Tensor | PackedMasks) -> torch.Tensor:
-    """Pixels of each instance mask, packed or [N, H, W], as int64 [N] on their device."""
-    return masks.areas() if isinstance(masks, PackedMasks) else masks.flatten(1).sum(dim=1, dtype=torch.int64)
+    """Pixels of each instance mask, packed or [N, H, W], as int64 [N] on the pixels' device.
+    Packed: one cumulative sum read at the crop offsets, which a dataset's masks keep on the
+    host (copied without blocking) and predicted ones on the device: no per-mask work, no host
+    sync."""
+    if not isinstance(masks, PackedMasks):
+        return masks.flatten(1).sum(dim=1, dtype=torch.int64)
+    total = torch.cat([masks.data.new_zeros(1, dtype=torch.int64), masks.data.cumsum(0, dtype=torch.int64)])
+    ends = masks.offsets if masks.offsets.device == masks.data.device else to_device(masks.offsets, masks.device)
+    return total[ends[1:]] - total[ends[:-1]]
+
+
+def paste_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """The pixel boxes, int64 with x2 and y2 inclusive, that a ``mask_size`` square mask padded
+    by one bin a side is resized into when pasted (torchvision's ``paste_masks_in_image``,
+    ``coco.paste_masks``): each box expanded by (M + 2) / M about its centre, truncated."""
+    return roi_heads.expand_boxes(boxes.detach().float(), (mask_size + 2) / mask_size).to(torch.int64)
+
+
+def paste_frames(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """Where the M x M bins of a mask pasted into each box land on the image: [x1, y1, x2, y2)
+    in continuous pixels, pixel k spanning [k, k + 1) (``roi_align(aligned=True)``'s reading).
+    The padded mask's M + 2 bins stretch over the ``paste_boxes`` pixels, so the inner M start
+    one bin in: about half a pixel wider than the box on each side, give or take the truncation."""
+    full = paste_boxes(boxes, mask_size).to(boxes.dtype)
+    span = full[:, 2:] - full[:, :2] + 1
+    return torch.cat([full[:, :2] + span / (mask_size + 2), full[:, :2] + span * (mask_size + 1) / (mask_size + 2)],
+                     dim=1)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, nms
 
 from detector import group_ranks
-from masks import PackedMasks, pixel_chunks
+from masks import PackedMasks, mask_areas, pixel_chunks
 
 
 def select_candidates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor,
@@ -157,12 +157,6 @@ def take(masks: PackedMasks, index: torch.Tensor) -> PackedMasks:
     owner = torch.repeat_interleave(torch.arange(len(index), device=counts.device), counts)
     source = masks.offsets[index][owner] + torch.arange(len(owner), device=counts.device) - offsets[owner]
     return PackedMasks(masks.data[source], masks.boxes[index], offsets, masks.size)
-
-
-def mask_areas(masks: PackedMasks) -> torch.Tensor:
-    """Pixel count of each packed mask, from one cumulative sum (no per-mask work)."""
-    total = torch.cat([masks.data.new_zeros(1, dtype=torch.int64), masks.data.to(torch.int64).cumsum(0)])
-    return total[masks.offsets[1:]] - total[masks.offsets[:-1]]
 
 
 def pair_intersections(masks: PackedMasks, first: torch.Tensor, second: torch.Tensor,

@@ -21,7 +21,8 @@ from coco import detections_to_coco, paste_masks
 from class_context import rescore
 from detector import detect_boxes, group_ranks
 from devices import autocast, counts, prediction_batch, scale_boxes
-from merging import (average_masks, consensus, greedy_mask_merge, mask_areas, merge_order, same_cell_copies,
+from masks import mask_areas
+from merging import (average_masks, consensus, greedy_mask_merge, merge_order, same_cell_copies,
                      same_cell_pairs, select_candidates, take, votes)
 from model import image_cap
 from tiling import Window, cut_flags, max_cover, tile_grid

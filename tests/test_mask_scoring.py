@@ -11,7 +11,8 @@ from checkpoint import load_model, save_checkpoint
 from conftest import predicted_through_cli
 from detector import project_masks_on_boxes
 from mask_scoring import MaskIoUHead, mask_iou_targets
-from masks import PackedMasks, mask_areas
+from coco import paste_masks
+from masks import PackedMasks, mask_areas, paste_frames
 from model import build_model
 from predictor import Settings, predict_images
 
@@ -35,23 +36,29 @@ def test_mask_iou_targets_equal_a_direct_iou() -> None:
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_mask_iou_targets_count_the_cell_outside_the_roi(packed: bool) -> None:
-    # One 30 x 20 px cell (600 px) and four RoIs whose masks fill their frames: what each would
-    # score pasted on the image, where a box around half the cell shows only half of it.
+def test_mask_iou_targets_are_the_iou_of_the_pasted_mask_with_its_whole_cell(packed: bool) -> None:
+    # One 30 x 20 px cell (600 px), RoIs around all of it, half of it, twice it, and half of it
+    # with as much empty: each mask (filling its frame, or an ellipse) pasted on the image as
+    # prediction pastes it (coco.paste_masks), then its IoU with the whole cell.
     cell = np.zeros((64, 64), dtype=bool)
     cell[10:30, 10:40] = True
     masks = PackedMasks.from_crops([cell[10:30, 10:40]], np.array([[10, 10, 40, 30]]), (64, 64))
     gt = masks if packed else masks.full()
-    boxes = torch.tensor([[10.0, 10, 25, 30], [10, 10, 40, 30], [0, 0, 40, 30], [25, 10, 55, 30]])
-    matched = torch.zeros(4, dtype=torch.int64)
-    frames = project_masks_on_boxes(gt, boxes, matched, 28, aligned=True)  # as pasting counts pixels
-    filled = torch.full((4, 28, 28), 5.0)
-    got = mask_iou_targets(filled, frames, boxes, mask_areas(gt)[matched])
-    # left half: 300 / 600; the cell's own box: 1; a box twice the cell: 600 / 1200; the right
-    # half and as much empty: 300 / (600 + 600 - 300)
-    assert got.tolist() == pytest.approx([0.5, 1.0, 0.5, 1 / 3], abs=0.03)
-    in_frame = mask_iou_targets(filled, frames)  # the frame alone sees a whole cell in the first RoI
-    assert in_frame[0].item() == pytest.approx(1.0, abs=0.03) and in_frame[3].item() == pytest.approx(0.5, abs=0.03)
+    boxes = torch.tensor([[10.0, 10, 40, 30], [10, 10, 25, 30], [0, 0, 40, 30], [25, 10, 55, 30], [12, 8, 37, 33]])
+    matched = torch.zeros(len(boxes), dtype=torch.int64)
+    v, u = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    logits = torch.full((len(boxes), 28, 28), 5.0)
+    logits[4] = torch.where(u ** 2 + v ** 2 < 0.8, 5.0, -5.0)  # an ellipse inside its box
+    pasted = paste_masks(logits.sigmoid(), boxes, (64, 64)).full().bool().numpy()
+    truth = [(np.logical_and(p, cell).sum() / np.logical_or(p, cell).sum()).item() for p in pasted]
+    frames = paste_frames(boxes, 28)
+    got = mask_iou_targets(logits, project_masks_on_boxes(gt, frames, matched, 28, aligned=True), frames,
+                           mask_areas(gt)[matched])
+    # the target counts binarised bins, pasting thresholds after a bilinear resize: a curved edge differs by a few px
+    assert got.tolist() == pytest.approx(truth, abs=0.03)
+    assert truth[1] < 0.55 and truth[3] < 0.4  # where the frame alone would see a whole cell in its box
+    in_frame = mask_iou_targets(logits, project_masks_on_boxes(gt, boxes, matched, 28))  # the old target
+    assert in_frame[1].item() > 0.9 and in_frame[0].item() > truth[0] + 0.02
 
 
 def test_the_head_reads_each_roi_class() -> None:
