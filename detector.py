@@ -228,7 +228,8 @@ class CellTransform(GeneralizedRCNNTransform):
         if target is None:
             return image, target
         target = dict(target)
-        target["boxes"] = scale_boxes(target["boxes"], image.shape[-1] / width, image.shape[-2] / height)
+        target["resize"] = (image.shape[-1] / width, image.shape[-2] / height)  # --mask_iou's paste frames
+        target["boxes"] = scale_boxes(target["boxes"], *target["resize"])
         if isinstance(target.get("masks"), PackedMasks):
             target["masks"] = target["masks"].resized(tuple(image.shape[-2:]))
         elif "masks" in target:
@@ -418,7 +419,7 @@ class LeanRoIHeads(RoIHeads):
         if scorer is not None:  # Mask Scoring (--mask_iou): the IoU each mask reaches, learnt on the same RoIs
             # each cell read where the predicted mask's bins will land once pasted (``paste_frames``),
             # and its whole area: the IoU the mask will score on the image
-            frames = [paste_frames(p, size) for p in mask_proposals]
+            frames = [paste_frames(p, size, t.get("resize", (1.0, 1.0))) for t, p in zip(targets, mask_proposals)]
             cells = torch.cat([project_masks_on_boxes(t["masks"], f, m, size, aligned=True)
                                for t, f, m in zip(targets, frames, mask_matched)])
             cell_areas = torch.cat([mask_areas(t["masks"])[m] for t, m in zip(targets, mask_matched)])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection import roi_heads
 
-from devices import to_device
+from devices import scale_boxes, to_device
 
 
 class PackedMasks:
@@ -174,12 +174,16 @@ def paste_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
     return roi_heads.expand_boxes(boxes.detach().float(), (mask_size + 2) / mask_size).to(torch.int64)
 
 
-def paste_frames(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+def paste_frames(boxes: torch.Tensor, mask_size: int, scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Where the M x M bins of a mask pasted into each box land on the image: [x1, y1, x2, y2)
     in continuous pixels, pixel k spanning [k, k + 1) (``roi_align(aligned=True)``'s reading).
     The padded mask's M + 2 bins stretch over the ``paste_boxes`` pixels, so the inner M start
-    one bin in: about half a pixel wider than the box on each side, give or take the truncation."""
-    full = paste_boxes(boxes, mask_size).to(boxes.dtype)
+    one bin in: about half a pixel wider than the box on each side, give or take the truncation.
+    ``scale`` (x, y): the factor from the image's own pixels to the boxes' (the model's input
+    scale); prediction pastes at the image's own resolution, so the frame is found there."""
+    sx, sy = scale
+    full = paste_boxes(scale_boxes(boxes, 1.0 / sx, 1.0 / sy), mask_size).to(boxes.dtype)
     span = full[:, 2:] - full[:, :2] + 1
-    return torch.cat([full[:, :2] + span / (mask_size + 2), full[:, :2] + span * (mask_size + 1) / (mask_size + 2)],
-                     dim=1)
+    frame = torch.cat([full[:, :2] + span / (mask_size + 2), full[:, :2] + span * (mask_size + 1) / (mask_size + 2)],
+                      dim=1)
+    return scale_boxes(frame, sx, sy)

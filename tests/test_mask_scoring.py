@@ -59,6 +59,8 @@ def test_mask_iou_targets_are_the_iou_of_the_pasted_mask_with_its_whole_cell(pac
     assert truth[1] < 0.55 and truth[3] < 0.4  # where the frame alone would see a whole cell in its box
     in_frame = mask_iou_targets(logits, project_masks_on_boxes(gt, boxes, matched, 28))  # the old target
     assert in_frame[1].item() > 0.9 and in_frame[0].item() > truth[0] + 0.02
+    # at --input_scale 2 the model sees the image twice as large, but prediction pastes at its own size
+    assert torch.allclose(paste_frames(boxes * 2, 28, (2.0, 2.0)), frames * 2)
 
 
 def test_the_head_reads_each_roi_class() -> None:
