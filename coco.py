@@ -22,7 +22,7 @@ from tqdm import tqdm
 from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
-from masks import PackedMasks, paste_boxes, pixel_chunks
+from masks import PASTE_PADDING, PackedMasks, paste_boxes, pixel_chunks
 
 IOU_TYPES = ("segm", "bbox")
 METRICS = ("AP", "AP50", "AP75")
@@ -82,7 +82,7 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
     pixel of every crop in one batch (chunks of about ``chunk_pixels``), on probs' device.
     """
     height, width = image_size
-    padded, _ = roi_heads.expand_masks(probs.detach().float(), padding=1)
+    padded, _ = roi_heads.expand_masks(probs.detach().float(), padding=PASTE_PADDING)
     full = paste_boxes(boxes.to(padded.device), probs.shape[-1])
     lo = torch.stack([full[:, 0].clamp(min=0), full[:, 1].clamp(min=0)], dim=1)
     hi = torch.maximum(torch.stack([(full[:, 2] + 1).clamp(max=width), (full[:, 3] + 1).clamp(max=height)], dim=1), lo)

@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection import roi_heads
 
 from devices import scale_boxes, to_device
 
@@ -154,6 +153,8 @@ def pixel_chunks(counts: torch.Tensor, budget: int) -> list[tuple[int, int, int]
     return [(a, b, int(ends[b - 1] - (ends[a - 1] if a else 0))) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+PASTE_PADDING = 1  # bins of zeros around a mask before it is resized into its box (torchvision's)
+
 
 def mask_areas(masks: torch.Tensor | PackedMasks) -> torch.Tensor:
     """Pixels of each instance mask, packed or [N, H, W], as int64 [N] on the pixels' device.
@@ -163,15 +164,20 @@ def mask_areas(masks: torch.Tensor | PackedMasks) -> torch.Tensor:
     if not isinstance(masks, PackedMasks):
         return masks.flatten(1).sum(dim=1, dtype=torch.int64)
     total = torch.cat([masks.data.new_zeros(1, dtype=torch.int64), masks.data.cumsum(0, dtype=torch.int64)])
-    ends = masks.offsets if masks.offsets.device == masks.data.device else to_device(masks.offsets, masks.device)
+    ends = masks.offsets  # host offsets go without blocking; device ones (predicted masks) stay or move
+    ends = to_device(ends, masks.device) if ends.device.type == "cpu" else ends.to(masks.device)
     return total[ends[1:]] - total[ends[:-1]]
 
 
 def paste_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
     """The pixel boxes, int64 with x2 and y2 inclusive, that a ``mask_size`` square mask padded
-    by one bin a side is resized into when pasted (torchvision's ``paste_masks_in_image``,
-    ``coco.paste_masks``): each box expanded by (M + 2) / M about its centre, truncated."""
-    return roi_heads.expand_boxes(boxes.detach().float(), (mask_size + 2) / mask_size).to(torch.int64)
+    by ``PASTE_PADDING`` bins a side is resized into when pasted (torchvision's
+    ``paste_masks_in_image``, ``coco.paste_masks``): each box expanded by (M + 2 padding) / M
+    about its centre, truncated."""
+    boxes = boxes.detach().float()
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) * 0.5, (boxes[:, 2:] - boxes[:, :2]) * 0.5
+    half = half * ((mask_size + 2 * PASTE_PADDING) / mask_size)
+    return torch.cat([centre - half, centre + half], dim=1).to(torch.int64)
 
 
 def paste_frames(boxes: torch.Tensor, mask_size: int, scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
@@ -183,7 +189,7 @@ def paste_frames(boxes: torch.Tensor, mask_size: int, scale: tuple[float, float]
     scale); prediction pastes at the image's own resolution, so the frame is found there."""
     sx, sy = scale
     full = paste_boxes(scale_boxes(boxes, 1.0 / sx, 1.0 / sy), mask_size).to(boxes.dtype)
-    span = full[:, 2:] - full[:, :2] + 1
-    frame = torch.cat([full[:, :2] + span / (mask_size + 2), full[:, :2] + span * (mask_size + 1) / (mask_size + 2)],
+    span, bins = full[:, 2:] - full[:, :2] + 1, mask_size + 2 * PASTE_PADDING
+    frame = torch.cat([full[:, :2] + span * PASTE_PADDING / bins, full[:, :2] + span * (bins - PASTE_PADDING) / bins],
                       dim=1)
     return scale_boxes(frame, sx, sy)

@@ -354,7 +354,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     original = resume.get("args") or {}
     then = {**original, "split_seed": _split_seed(original)}
     now = {**vars(args), "split_seed": _split_seed(vars(args))}
-    changed = [k for k in RUN_FLAGS if k in original and not _same_flag(then[k], now[k])]
+    changed = [k for k in RUN_FLAGS if k in original and not same_flag(then[k], now[k])]
     if changed:
         was = " ".join(f"--{k} {then[k]}" for k in changed)
         given = " ".join(f"--{k} {now[k]}" for k in changed)
@@ -372,7 +372,7 @@ def _split_seed(flags: dict[str, Any]) -> Any:
     return flags.get("seed") if flags.get("split_seed") is None else flags["split_seed"]
 
 
-def _same_flag(before: Any, now: Any) -> bool:
+def same_flag(before: Any, now: Any) -> bool:
     """A flag's value then and now; two spellings of one folder are the same."""
     if before == now:
         return True

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results, rewritten after every run")
     parser.add_argument("--keep_dir", default=None,
                         help="keep each run in DIR/<config>_<seed> (default: a temporary folder); a finished run "
-                             "there with the same flags is scored again, not retrained, and a stopped one (killed, "
-                             "Ctrl-C) is continued from its last.pth")
+                             "there with the same flags is scored again, not retrained; a stopped one (killed, Ctrl-C) "
+                             "of the same data and model is continued from its last.pth")
     return parser
 
 
@@ -272,8 +272,8 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
         print(f"{out}: a finished run with these flags, scored again without training", flush=True)
     else:
         if state == "stopped":
-            print(f"{out}: a stopped run with these flags, continued from its last.pth", flush=True)
-            argv += ["--resume", str(out / "last.pth")]
+            print(f"{out}: a stopped run of the same data and model, continued from its last.pth", flush=True)
+            argv = ["--resume", str(out / "last.pth"), *argv]
         (train_resnet if backbone == "resnet101" else train_effnet_v2).main(argv)
     last = json.loads((out / "history.json").read_text())[-1]
     name = out.name.rsplit("_", 1)[0]
@@ -289,28 +289,36 @@ def _history_metrics(row: dict, prefix: str) -> dict[str, float]:
             for m in (*METRICS, *CLASS_METRICS) if prefix + m in row}
 
 
-def run_state(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> str:
-    """What ``out`` holds: "new" (nothing, or a stopped run with other flags, which a fresh run
-    moves aside), "stopped" (a run with exactly ``args`` short of its last epoch: continued, so
-    a benchmark killed with its session loses at most the epoch under way) or "finished". A flag
-    the train scripts gained after the run counts as equal at its default: it changed nothing.
-    A finished run with other flags is never trained over (hours lost to a changed default):
-    the error names the flags that differ."""
+def run_state(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) -> Literal["new", "stopped", "finished"]:
+    """What ``out`` holds: "new" (nothing, or a stopped run with other data or model flags, which
+    a fresh run moves aside), "stopped" (short of its last epoch: continued, so a benchmark
+    killed with its session loses at most the epoch under way) or "finished" (its last epoch,
+    or stopped early by ``--early_stop``).
+
+    A stopped run continues wherever ``--resume`` would take it: the same data and model, two
+    spellings of one folder alike, the memory limits and invocation flags free (the
+    out-of-memory advice is a flag after ``--extra`` and the same run). A finished run is scored
+    only with exactly ``args``: one with other flags is never trained over (hours lost to a
+    changed default), and the error names them. A flag the train scripts gained after the run
+    counts as equal at its default: it changed nothing."""
     if not (out / "last.pth").is_file():
         return "new"
     state = load_checkpoint(out / "last.pth")
     where = ("resume", "output_dir")  # how the run was reached and where it lies, not what it trained
     saved = {k: v for k, v in saved_args(state).items() if k not in where}
     expected = {k: v for k, v in args.items() if k not in where and (k in saved or v != parser.get_default(k))}
-    complete = state.get("epoch") == saved.get("epochs") and not state.get("partial")
-    if saved == expected:
-        return "finished" if complete else "stopped"
-    if complete:
+    epoch, patience = state.get("epoch") or 0, saved.get("early_stop") or 0
+    early = patience > 0 and epoch - (state.get("best_epoch") or 0) >= patience
+    if not state.get("partial") and (epoch == saved.get("epochs") or early):
+        if saved == expected:
+            return "finished"
         differ = sorted(k for k in {*saved, *expected} if saved.get(k) != expected.get(k))
         raise UsageError(f"{out}: a finished run trained with other flags ("
                          + ", ".join(f"--{k} {saved.get(k)} there, {expected.get(k)} here" for k in differ)
                          + "); pass its values after --extra to score it again, or another --keep_dir to train anew.")
-    return "new"
+    free = {*training.INVOCATION_FLAGS, *training.RESUME_LIMITS, *where}
+    same = all(training.same_flag(saved.get(k), expected.get(k)) for k in {*saved, *expected} - free)
+    return "stopped" if same else "new"
 
 
 def prediction_key(settings: Settings, n_models: int) -> Settings:

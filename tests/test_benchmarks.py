@@ -229,22 +229,28 @@ def test_accuracy_continues_a_stopped_run_rather_than_training_it_again(tmp_path
         stop.requested = stop.requested or epoch == 2  # as if SIGTERM came at the second epoch's start
         return real_epoch(*args)
 
-    monkeypatch.setattr(training, "run_epoch", stopped_in_epoch_2)
-    with pytest.raises(SystemExit) as stopped:
-        accuracy.main(argv)
-    assert stopped.value.code == training.EXIT_INTERRUPTED
+    def stop_in_epoch_2(run_argv: list[str]) -> None:
+        with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+            patch.setattr(training, "run_epoch", stopped_in_epoch_2)
+            accuracy.main(run_argv)
+        assert stopped.value.code == training.EXIT_INTERRUPTED
+
+    other_crop = [*argv[:argv.index("--crop") + 1], "48", *argv[argv.index("--crop") + 2:]]
+    stop_in_epoch_2(other_crop)
+    stop_in_epoch_2(argv)  # a stopped run of other data is moved aside, the new one trained from its start
+    assert len(list(runs.glob("cells_0/previous-*"))) == 1
     first = load_checkpoint(runs / "cells_0/last.pth")
-    assert first["epoch"] == 1 and first["partial"]["epoch"] == 2
+    assert first["epoch"] == 1 and first["partial"]["epoch"] == 2 and first["args"]["crop"] == 64
     epoch_1 = json.loads((runs / "cells_0/history.json").read_text())
     assert [row["epoch"] for row in epoch_1] == [1]
 
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
     capsys.readouterr()
+    argv += ["--box_nms_thresh", "0.6"]  # a limit --resume takes (as the out-of-memory advice asks): the same run
     result = accuracy.main(argv)
-    assert "a stopped run with these flags, continued" in capsys.readouterr().out
+    assert "a stopped run of the same data and model, continued" in capsys.readouterr().out
     history = json.loads((runs / "cells_0/history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2] and history[0] == epoch_1[0]  # epoch 1 not trained again
-    assert not list(runs.glob("cells_0/previous-*"))  # nothing moved aside: the same run
+    assert len(list(runs.glob("cells_0/previous-*"))) == 1  # nothing more moved aside: the same run
     assert load_checkpoint(runs / "cells_0/last.pth")["epoch"] == 2
     assert 0.0 <= result["mean"]["cells"]["segm_AP50"] <= 1.0
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns

@@ -121,6 +121,7 @@ def test_input_scale_resizes_crops_and_whole_images_by_one_factor() -> None:
     _, (scaled,) = transform([torch.rand(3, 40, 40)], [target])
     assert scaled["masks"].shape[-2:] == (100, 100)
     assert torch.allclose(scaled["boxes"], target["boxes"] * 2.5)
+    assert scaled["resize"] == (2.5, 2.5)  # what --mask_iou's targets find the paste frames with
     assert float(scaled["masks"].sum()) == pytest.approx(float(masks.sum()) * 2.5 ** 2, rel=0.1)
 
 
