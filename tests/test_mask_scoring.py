@@ -72,16 +72,21 @@ def test_the_head_reads_each_roi_class() -> None:
     assert torch.allclose(head(features, logits, labels), every[torch.arange(4), labels])
 
 
-def test_a_training_step_has_a_finite_mask_iou_loss_with_and_without_cells(shallow: None) -> None:
+@pytest.mark.parametrize("input_scale", [0.0, 2.0])  # 2: packed masks, resized, paste frames at the image's size
+def test_a_training_step_has_a_finite_mask_iou_loss_with_and_without_cells(input_scale: float, shallow: None) -> None:
     torch.manual_seed(0)
-    model = build_model(CONFIG).train()
+    model = build_model({**CONFIG, "input_scale": input_scale, "max_size": 192}).train()
     images = [torch.rand(3, 64, 72), torch.rand(3, 64, 72)]
     boxes = torch.tensor([[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 50.0, 44.0]])
     masks = torch.zeros(2, 64, 72, dtype=torch.uint8)
     masks[0, 4:18, 4:20] = masks[1, 30:44, 30:50] = 1
+    no_masks = torch.zeros(0, 64, 72, dtype=torch.uint8)
+    if input_scale:
+        masks = PackedMasks.from_crops([masks[0, 4:18, 4:20].numpy(), masks[1, 30:44, 30:50].numpy()],
+                                       boxes.numpy().astype(np.int64), (64, 72))
+        no_masks = PackedMasks.from_crops([], np.zeros((0, 4), dtype=np.int64), (64, 72))
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 3]), "masks": masks},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                "masks": torch.zeros(0, 64, 72, dtype=torch.uint8)}]
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": no_masks}]
     losses = model(images, targets)
     assert "loss_mask_iou" in losses and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
