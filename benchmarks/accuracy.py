@@ -316,7 +316,7 @@ def run_state(out: Path, args: dict[str, Any], parser: argparse.ArgumentParser) 
         raise UsageError(f"{out}: a finished run trained with other flags ("
                          + ", ".join(f"--{k} {saved.get(k)} there, {expected.get(k)} here" for k in differ)
                          + "); pass its values after --extra to score it again, or another --keep_dir to train anew.")
-    free = {*training.INVOCATION_FLAGS, *training.RESUME_LIMITS, *where}
+    free = {*training.INVOCATION_FLAGS, *training.RESUME_LIMITS}  # what --resume lets differ
     same = all(training.same_flag(saved.get(k), expected.get(k)) for k in {*saved, *expected} - free)
     return "stopped" if same else "new"
 
