@@ -29,7 +29,6 @@ probability = checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusiv
 positive = checked(float, lambda v: v > 0.0, "above 0")
 chance = checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an augmentation is applied
 overlap = checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")  # an IoU a match needs
-class_count = checked(int, lambda v: v >= 2, "at least 2 (the background and one class)")  # --num_classes
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

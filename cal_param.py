@@ -16,8 +16,9 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from argtypes import HelpFormatter, class_count
+from argtypes import HelpFormatter
 from cli import run_cli
+from dataloader import class_count
 from files import write_json
 from model import DEFAULT_CONFIG, backbone_name, build_model, context_factor, weights_to_be_loaded
 

@@ -91,6 +91,18 @@ def _numbered(kept: list[dict], canvas: np.ndarray) -> tuple[list[dict], np.ndar
     return [kept[i] for i in shown], rank[canvas]
 
 
+def check_sample_names(file_names: Sequence[str]) -> None:
+    """Label folders and GeoJSON files are named by each image's sample (``x`` for ``x.tif``):
+    two images of one name (``x.tif`` and ``x.png``) would write over each other, so the
+    folder is refused before prediction, naming both."""
+    seen: dict[str, str] = {}
+    for name in file_names:
+        first = seen.setdefault(sample_name(name), name)
+        if first != name:
+            raise UsageError(f"{first} and {name} would write the same label folder and GeoJSON file "
+                             f"({sample_name(name)}); rename one of them.")
+
+
 def write_label_sample(image: PaintedImage, folder: Path) -> None:
     """``folder/<sample>/``: the image and one label image per class (uint16, or uint32 for
     an image of more than 65,535 cells), written in a hidden folder renamed when complete:

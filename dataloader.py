@@ -26,11 +26,16 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from argtypes import checked
 from errors import DatasetError
 from masks import PackedMasks
 
 NUM_CLASSES = 4
 CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
+# --num_classes: the background and at least one class, at most one per class file (a class of
+# its own beyond them would never see a cell and would name no output)
+class_count = checked(int, lambda v: 2 <= v <= NUM_CLASSES + 1,
+                      f"2 to {NUM_CLASSES + 1} (the background and classes of class1..class{NUM_CLASSES}.tif)")
 IMAGE_FILE = "image.tif"
 ID_MAP_FILE = "test_image_name_to_ids.json"
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -399,28 +404,32 @@ class UnlabelledImages(Dataset):
 
 def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
     """The id map to use: the one given, else ``test_image_name_to_ids.json`` beside the test
-    folder (the task's layout) where it names exactly that folder's images, else None (the
+    folder (the task's layout) where it names any of that folder's images, else None (the
     images get numbered): a folder of one's own beside the task's test folder is not mapped
-    by the task's map."""
+    by the task's map. A map beside the folder that names some of its images but not exactly
+    them is refused by ``read_id_map`` (which names the differences), never silently replaced
+    by numbering: the submission's ids would all be wrong."""
     if id_map_json:
         return Path(id_map_json)
     beside = Path(test_dir).parent / ID_MAP_FILE
     if not beside.is_file() or not Path(test_dir).is_dir():
         return None
-    try:
-        named = {e["file_name"] for e in json.loads(beside.read_text())}
-    except (ValueError, TypeError, KeyError):
+    fix = "mend it, or pass --id_map_json with this folder's map"
+    named = {e["file_name"] for e in read_id_entries(beside, fix)}
+    if not named & set(folder_images(Path(test_dir))):
         return None
-    return beside if named == set(folder_images(Path(test_dir))) else None
+    read_id_map(beside, Path(test_dir))  # the same images, or a one-line error naming the differences
+    return beside
 
 
 def folder_images(folder: Path) -> list[str]:
     """The images of a folder to predict, as names relative to it: its image files (TIFF, PNG,
-    JPEG) sorted by file name, or, where it holds none, each ``<sample>/image.tif`` (the
+    JPEG, hidden ones left out) sorted by file name, or, where it holds none, each ``<sample>/image.tif`` (the
     training layout) in ``sample_folders``' order, so a labelled held-out folder predicts as it
     is and scores with ``evaluate.py``, whose default ids number its samples in that order; a
     folder without an image is skipped, not an error as in training."""
-    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p.name for p in folder.iterdir()  # hidden files (macOS's ._x.tif) are not images
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if files:
         return files
     return [f"{p.name}/{IMAGE_FILE}" for p in sample_folders(folder) if (p / IMAGE_FILE).is_file()]
@@ -562,12 +571,21 @@ def _read_pixels(path: Path) -> np.ndarray:
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
                 image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
             return np.asarray(image)
+    except Image.DecompressionBombError as err:
+        raise _too_many_pixels(path, err) from err
     except Exception as err:  # tifffile and Pillow raise many types for corrupt files
         hint = " Install imagecodecs (pip install imagecodecs) to read compressed TIFFs." if "imagecodecs" in str(err) else ""
         raise DatasetError(
             f"{path}: cannot decode {'TIFF' if tiff else 'image'} ({type(err).__name__}: {err}); the file may be "
             f"truncated or of another format. Re-export it or remove it.{hint}"
         ) from err
+
+
+def _too_many_pixels(path: Path, err: Exception) -> DatasetError:
+    """Pillow's guard against decompression bombs stops a PNG or JPEG of a whole slide; the fix
+    is a TIFF, which prediction reads window by window (the guard stays as Pillow sets it)."""
+    return DatasetError(f"{path}: more pixels than Pillow opens in a PNG or JPEG ({err}); save it as a TIFF "
+                        "(tiled, for a whole slide), which is read window by window.")
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -579,6 +597,8 @@ def image_size(path: Path) -> tuple[int, int]:
                 return (shape[-2], shape[-1]) if channels_first(shape) else (shape[0], shape[1])
         with Image.open(path) as image:
             return image.height, image.width
+    except Image.DecompressionBombError as err:
+        raise _too_many_pixels(path, err) from err
     except Exception as err:
         raise DatasetError(f"{path}: cannot read the image header ({type(err).__name__}: {err}); re-export it "
                            "or remove it.") from err

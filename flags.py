@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from argtypes import chance, class_count, non_negative, non_negative_int, positive, positive_int, probability, share
-from dataloader import ID_MAP_FILE, NUM_CLASSES
+from argtypes import chance, non_negative, non_negative_int, positive, positive_int, probability, share
+from dataloader import ID_MAP_FILE, NUM_CLASSES, class_count
 from devices import GPU_BATCH
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from predictor import Settings

@@ -3,6 +3,7 @@ reads. Standard library only, so the plotting tool starts without the model stac
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -21,3 +22,13 @@ def write_history(path: Path, history: list[dict]) -> None:
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
              for row in history]
     write_json(path, clean, indent=1)
+
+
+def recorded_epochs(output_dir: Path) -> int:
+    """How many epochs a run folder's ``history.json`` records (0 where it has none or cannot be
+    read): ``--resume`` of an earlier checkpoint into that folder would overwrite the later ones."""
+    try:
+        history = json.loads((Path(output_dir) / HISTORY_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(history) if isinstance(history, list) else 0

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from argtypes import HelpFormatter, chance, non_negative_int
-from cell_outputs import CellWriter, painted_images, painted_window, report_cell_outputs
+from cell_outputs import CellWriter, check_sample_names, painted_images, painted_window, report_cell_outputs
 from checkpoint import load_model, saved_args
 from cli import run_cli
 from coco import detections_to_coco
@@ -155,6 +155,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     dataset = UnlabelledImages(Path(test_dir), id_map)  # fails on a bad id map before the model loads
     if id_map is None:
         check_numbered_map(Path(output).parent / ID_MAP_FILE, dataset.entries)
+    if cell_outputs.labels or cell_outputs.geojson:
+        check_sample_names([e["file_name"] for e in dataset.entries])
     sizes = [image_size(dataset.test_dir / e["file_name"]) for e in dataset.entries]
     streamed = [i for i, size in enumerate(sizes) if window and max(size) > window]
     whole = sorted(set(range(len(sizes))) - set(streamed))

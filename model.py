@@ -22,8 +22,9 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from argtypes import chance, checked, class_count, positive, positive_int
+from argtypes import chance, checked, positive, positive_int
 from cascade import CascadeHeads
+from dataloader import class_count
 from detector import CellTransform, ContextRoIAlign, FrozenBatchNorm2d, use_cell_detector
 from errors import WeightsError
 from mask_scoring import MaskIoUHead

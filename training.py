@@ -6,6 +6,7 @@ stop, and prediction of a test folder at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -30,7 +31,7 @@ from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceE
 from files import set_aside, writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, validation_settings)
-from history import write_history
+from history import recorded_epochs, write_history
 from model import ARCH_KEYS, HEADS, add_model_args, arch_flags, build_model, config_from_args, saved_config
 from inference import predict_folder
 from journal import SUFFIX as JOURNAL_SUFFIX
@@ -173,6 +174,12 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     if resume is not None and not {"optimizer", "rng"} <= resume.keys():
         raise CheckpointError(f"{args.resume}: holds weights only, no training state to resume; pass it as "
                               f"--checkpoint {args.resume} to train from its weights in a new run.")
+    if resume is not None and Path(args.resume).resolve().parent == out.resolve() \
+            and recorded_epochs(out) > resume["epoch"]:  # best.pth of a run that went on: its later epochs are kept
+        raise CheckpointError(f"{args.resume}: epoch {resume['epoch']} of a run that {out / 'history.json'} records to "
+                              f"epoch {recorded_epochs(out)}; resuming it would overwrite the later epochs. Continue "
+                              f"the run with --resume {out / 'last.pth'} (--epochs N to train longer), or fine-tune "
+                              f"its weights in a new run: --checkpoint {args.resume} --output_dir NEW_DIR.")
     if resume is not None:
         resume_flags(args, saved_args(resume), typed, info)
     torch.manual_seed(args.seed)
@@ -289,6 +296,8 @@ def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistI
         write_history(out / "history.json", history)
 
 
+# The train script of each backbone, which a resumed run of the other one is sent to.
+TRAIN_SCRIPTS = {"resnet101": "train_resnet.py", "effnet_v2_m": "train_effnet_v2.py"}
 # What a run writes into --output_dir: a fresh run sets an earlier run's aside, never over it.
 RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results.json",
              f"test-results.json{JOURNAL_SUFFIX}", ID_MAP_FILE)
@@ -296,6 +305,9 @@ RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results
 # what "best" means, so a change would mix two runs into one history.
 RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric",
              "repeat_thresh")
+# Where the samples are read from: another path holding the same samples, split alike, is the same
+# data (a dataset moved or mounted elsewhere).
+DATA_PATHS = ("train_dir", "val_dir", "split_groups")
 # Flags of this invocation and machine, not of the run: a resumed run takes them from today's
 # command (so --use_amp, an out-of-memory fix, can also be dropped on resume).
 INVOCATION_FLAGS = ("resume", "output_dir", "checkpoint", "device", "use_amp", "num_workers", "decode_workers",
@@ -318,6 +330,9 @@ def schedule_notes(args: argparse.Namespace) -> list[str]:
         notes.append(f"note: --early_stop {args.early_stop} stops the run before the plateau schedule can lower the "
                      f"learning rate ({args.patience + 1} validations without improvement, --patience "
                      f"{args.patience}, every {args.eval_every} epoch(s)); pass a larger --early_stop or --use_cosine")
+    if args.copy_paste_rare and not args.copy_paste:
+        notes.append("note: --copy_paste_rare picks which cells --copy_paste pastes, and --copy_paste is 0: nothing "
+                     "is pasted; pass --copy_paste P (e.g. 0.5)")
     return notes
 
 
@@ -347,6 +362,9 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     saved = resume["config"]
     trained = saved_config(saved)  # a head missing from an older run's config: trained without it
     differing = [k for k in ARCH_KEYS if (k in saved or k in HEADS) and trained[k] != config[k]]
+    if trained["backbone"] != backbone:  # no flag chooses the backbone: the script does
+        raise CheckpointError(f"{args.resume}: trained with the {trained['backbone']} backbone; continue it with "
+                              f"{TRAIN_SCRIPTS[trained['backbone']]} --resume {args.resume}.")
     if differing:
         raise CheckpointError(f"{args.resume}: --resume into a run with other settings "
                               f"(trained with {arch_flags(trained, differing)}, now {arch_flags(config, differing)}); "
@@ -355,6 +373,9 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     then = {**original, "split_seed": _split_seed(original)}
     now = {**vars(args), "split_seed": _split_seed(vars(args))}
     changed = [k for k in RUN_FLAGS if k in original and not same_flag(then[k], now[k])]
+    if changed and set(changed) <= set(DATA_PATHS) and _same_split(args, Path(args.resume).parent / "split.json"):
+        _log(info, "note: resumed with the run's samples read from " + ", ".join(f"--{k} {now[k]}" for k in changed))
+        changed = []  # the data moved: the same samples, split alike
     if changed:
         was = " ".join(f"--{k} {then[k]}" for k in changed)
         given = " ".join(f"--{k} {now[k]}" for k in changed)
@@ -365,6 +386,30 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     if limits:
         _log(info, "note: resumed with " + ", ".join(f"--{k} {v} (was {trained.get(k)})" for k, v in limits.items()))
     return {**config, **trained, **limits}
+
+
+def _same_split(args: argparse.Namespace, split_json: Path) -> bool:
+    """Whether the flags split the samples as the run's ``split.json`` records (False without one)."""
+    try:
+        saved = json.loads(split_json.read_text())
+    except (OSError, ValueError):
+        return False
+    _, train_names, val_names, _ = split_of(args)
+    return isinstance(saved, dict) and (saved.get("train"), saved.get("val")) == (train_names, val_names)
+
+
+def split_of(args: argparse.Namespace) -> tuple[list[Path], list[str], list[str], list[Path]]:
+    """The samples of ``--train_dir``, the names trained on and held out, and the held-out samples
+    (of ``--val_dir``, or chosen from ``--train_dir`` by ``--split_groups`` / ``--val_split``)."""
+    samples = list_samples(Path(args.train_dir))
+    names = [p.name for p in samples]
+    if args.val_dir:  # an explicit held-out folder
+        val_samples = list_samples(Path(args.val_dir), "--val_dir")
+        return samples, names, [p.name for p in val_samples], val_samples
+    groups = sample_groups(args.split_groups, names) if args.split_groups else None
+    train_names, val_names = split_samples(names, args.val_split, _split_seed(vars(args)), groups)
+    by_name = dict(zip(names, samples))
+    return samples, train_names, val_names, [by_name[n] for n in val_names]
 
 
 def _split_seed(flags: dict[str, Any]) -> Any:
@@ -402,20 +447,13 @@ def _fine_tune_config(config: dict[str, Any], start: dict, info: DistInfo) -> di
 
 
 def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[LabelledImages, LabelledImages]:
-    samples = list_samples(Path(args.train_dir))
+    samples, train_names, val_names, val_samples = split_of(args)
     ids = {p.name: i + 1 for i, p in enumerate(samples)}
     by_name = {p.name: p for p in samples}
-    split_seed = _split_seed(vars(args))
-    if args.val_dir:  # an explicit held-out folder, numbered 1..N as evaluate.py numbers it
-        val_samples = list_samples(Path(args.val_dir), "--val_dir")
-        train_names, val_names = list(by_name), [p.name for p in val_samples]
-        val_ids = list(range(1, len(val_samples) + 1))
-    else:
-        groups = sample_groups(args.split_groups, list(by_name)) if args.split_groups else None
-        train_names, val_names = split_samples(list(by_name), args.val_split, split_seed, groups)
-        val_samples, val_ids = [by_name[n] for n in val_names], [ids[n] for n in val_names]
+    # an explicit held-out folder is numbered 1..N, as evaluate.py numbers it
+    val_ids = list(range(1, len(val_samples) + 1)) if args.val_dir else [ids[n] for n in val_names]
     if info.is_main:
-        write_split(out / "split.json", train_names, val_names, split_seed, args.val_split,
+        write_split(out / "split.json", train_names, val_names, _split_seed(vars(args)), args.val_split,
                     split_groups=args.split_groups, val_dir=args.val_dir and str(Path(args.val_dir).resolve()))
     train_set = LabelledImages([by_name[n] for n in train_names], [ids[n] for n in train_names],
                                desc="decode train labels", crop_window=build_crop_window(args),

@@ -105,7 +105,7 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
     row = json.loads((out / "history.json").read_text())[0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0  # bf16 on a CPU
     assert (out / "best.pth").exists()  # without validation the training loss selects it
-    with pytest.raises(CheckpointError, match="other settings"):
+    with pytest.raises(CheckpointError, match="resnet101 backbone; continue it with train_resnet.py"):
         _train(train_effnet_v2, data, out, "--epochs", "2", "--resume", str(out / "last.pth"))
     with pytest.raises(CheckpointError, match="use_attn"):
         _train(train_resnet, data, out, "--epochs", "2", "--resume", str(out / "last.pth"), "--use_attn")

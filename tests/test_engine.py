@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import optimisation
 import predictor
 import inference
 from checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint, saved_args
+from dataloader import write_split
 from engine import losses_mode
 from errors import UsageError
 from flags import prediction_settings
@@ -195,6 +197,7 @@ def test_early_stop_ends_the_run_n_epochs_after_the_best(tmp_path: Path, monkeyp
     assert state["scheduler"]["plateau"]["patience"] == 5 and state["args"]["early_stop"] == 2
     old = {**state, "args": {**state["args"], "early_stop": True, "patience": 10}, "epoch": 1, "history": []}
     save_checkpoint(out / "old.pth", old)  # a run from before --early_stop N resumes
+    (out / "history.json").write_text('[{"epoch": 1}]')  # its own history: later epochs would be refused
     scores = iter([0.5, 0.6])
     training.main([*argv[:-6], "--epochs", "3", "--resume", str(out / "old.pth")], "resnet101", "x")
     assert load_checkpoint(out / "last.pth")["epoch"] == 3
@@ -526,6 +529,26 @@ def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.C
     assert smaller["max_size"] == 512 and "--max_size 512 (was 1024)" in capsys.readouterr().out
 
 
+def test_a_moved_dataset_resumes_when_its_samples_split_alike(tiny_dataset: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    parser = build_parser("resnet101", "")
+    shutil.copytree(tiny_dataset["train_dir"], tmp_path / "old" / "train")
+    first = parser.parse_args(["--train_dir", str(tmp_path / "old" / "train"), "--val_split", "0.34"])
+    (tmp_path / "run").mkdir()
+    _, train_names, val_names, _ = training.split_of(first)
+    write_split(tmp_path / "run" / "split.json", train_names, val_names, first.seed, first.val_split)
+    resume = {"config": config_from_args(first, "resnet101"), "args": vars(first)}
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = tmp_path / "new" / "train"
+    args = parser.parse_args(["--resume", str(tmp_path / "run" / "last.pth"), "--train_dir", str(moved),
+                              "--val_split", "0.34"])
+    _run_config(args, "resnet101", resume)
+    assert f"samples read from --train_dir {moved}" in capsys.readouterr().out
+    shutil.rmtree(moved / val_names[0])  # one held-out sample fewer: other data
+    with pytest.raises(CheckpointError, match="other data .*--train_dir"):
+        _run_config(args, "resnet101", resume)
+
+
 def test_resume_takes_the_run_s_own_flags_unless_typed(capsys: pytest.CaptureFixture) -> None:
     parser = build_parser("resnet101", "")
     first = parser.parse_args(["--train_dir", "d", "--use_cosine", "--lr", "0.001", "--ema_decay", "0",
@@ -543,6 +566,14 @@ def test_resume_takes_the_run_s_own_flags_unless_typed(capsys: pytest.CaptureFix
     assert (args.lr, args.use_cosine, args.epochs) == (0.0005, True, first.epochs)
 
 
+def test_a_run_of_the_other_backbone_is_sent_to_its_script() -> None:
+    args = build_parser("resnet101", "").parse_args(["--train_dir", "x", "--resume", "r/last.pth"])
+    resume = {"config": {**DEFAULT_CONFIG, "backbone": "effnet_v2_m"}, "args": {}}
+    with pytest.raises(CheckpointError, match="effnet_v2_m backbone; continue it with train_effnet_v2.py --resume r/"):
+        training._run_config(args, "resnet101", resume)
+    assert training._run_config(args, "effnet_v2_m", resume)["backbone"] == "effnet_v2_m"
+
+
 def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
@@ -556,12 +587,27 @@ def test_resume_writes_into_the_resumed_run_and_refuses_weights_only(tmp_path: P
     with pytest.raises(CheckpointError, match="holds weights only.*--checkpoint"):
         training.main(["--train_dir", "x", "--output_dir", str(tmp_path / "c"), "--resume",
                        str(tmp_path / "weights.pth")], "resnet101", "")
+    run = tmp_path / "run"  # best.pth of epoch 2 in a run whose history goes on to epoch 3
+    run.mkdir()
+    save_checkpoint(run / "best.pth", {"model": {}, "config": dict(DEFAULT_CONFIG), "epoch": 2, "optimizer": {},
+                                       "rng": {}})
+    (run / "history.json").write_text('[{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]')
+    with pytest.raises(CheckpointError, match=r"epoch 2 of a run .* to epoch 3; .*--resume \S+last.pth"):
+        training.main(["--train_dir", "x", "--resume", str(run / "best.pth")], "resnet101", "")
+    assert (run / "history.json").read_text().count("epoch") == 3  # nothing rewound
 
 
 def test_fewer_classes_than_the_labels_hold_stop_before_training(tiny_dataset: dict, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"cells of class \d but --num_classes 2 .*pass --num_classes [3-5]"):
         training.main(["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(tmp_path / "o"),
                        "--num_classes", "2", "--num_workers", "0", "--weights", "none"], "resnet101", "")
+
+
+def test_more_classes_than_the_class_files_are_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):  # a class6 would never see a cell, and would name no output
+        build_parser("resnet101", "").parse_args(["--train_dir", "x", "--num_classes", "6"])
+    assert "must be 2 to 5 (the background and classes of class1..class4.tif), got 6" in capsys.readouterr().err
+    assert build_parser("resnet101", "").parse_args(["--train_dir", "x", "--num_classes", "5"]).num_classes == 5
 
 
 def test_flags_that_defeat_each_other_are_noted() -> None:
@@ -573,6 +619,10 @@ def test_flags_that_defeat_each_other_are_noted() -> None:
     assert len(early) == 1 and "--early_stop 4 stops the run before the plateau" in early[0]
     assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "4", "--use_cosine"])) == []
     assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--early_stop", "5"])) == []
+    (rare,) = training.schedule_notes(parser.parse_args(["--train_dir", "x", "--copy_paste_rare", "--use_cosine"]))
+    assert "--copy_paste is 0: nothing is pasted" in rare
+    assert training.schedule_notes(parser.parse_args(["--train_dir", "x", "--copy_paste_rare", "--copy_paste", "0.5",
+                                                      "--use_cosine"])) == []
 
 
 def test_a_fresh_run_sets_an_earlier_run_aside(tiny_dataset: dict, tmp_path: Path,

@@ -50,6 +50,26 @@ def test_png_jpeg_and_tiff_decode_to_the_same_pixels(tmp_path: Path) -> None:
         read_image(tmp_path / "broken.png")
 
 
+def test_a_png_over_pillow_s_pixel_guard_is_sent_to_tiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "slide.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses twice this: 400 px
+    for read in (image_size, read_image):
+        with pytest.raises(DatasetError, match="slide.png: more pixels than Pillow opens .*save it as a TIFF"):
+            read(tmp_path / "slide.png")
+
+
+def test_two_images_of_one_name_are_refused_before_prediction_when_outputs_are_named_by_it(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "x.png")
+    tifffile.imwrite(folder / "x.tif", np.zeros((8, 8, 3), np.uint8))
+    argv = ["--checkpoint", str(tmp_path / "never_read.pth"), "--test_dir", str(folder), "--output_dir", str(tmp_path)]
+    with pytest.raises(UsageError, match="x.png and x.tif would write the same label folder and GeoJSON file"):
+        inference.main([*argv, "--save_geojson", str(tmp_path / "cells")])
+    with pytest.raises(CheckpointError):  # the submission and CSV name images in full: the checkpoint is next
+        inference.main([*argv, "--save_csv", str(tmp_path / "cells.csv")])
+
+
 def test_a_folder_without_id_map_is_numbered_by_file_name(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -69,6 +89,15 @@ def test_a_folder_without_id_map_is_numbered_by_file_name(tmp_path: Path) -> Non
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "other" / "x.png")
     assert find_id_map(tmp_path / "other", None) is None  # a map of another folder beside it is not this one's
     assert find_id_map(folder, "given.json") == Path("given.json")
+    (folder / "._a.jpg").write_bytes(b"\0\5\26\7")  # macOS's resource fork: hidden, not an image
+    assert find_id_map(folder, None) == tmp_path / ID_MAP_FILE
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(folder / "d.png")  # one image more than the map names
+    with pytest.raises(DatasetError, match=r"mine: 1 test file\(s\) have no id in .*: d.png"):
+        find_id_map(folder, None)  # refused, not numbered 1..N under ids that differ from the map's
+    (folder / "d.png").unlink()
+    (tmp_path / ID_MAP_FILE).write_text("[{")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        find_id_map(folder, None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="empty: no image"):
         number_images(tmp_path / "empty")
