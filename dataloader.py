@@ -145,7 +145,26 @@ def read_image(path: Path) -> np.ndarray:
 def read_raw_image(path: Path) -> np.ndarray:
     """The image's pixels in their stored dtype, [H, W, 1] (grey) or [H, W, 3]: the compact
     form the training set keeps in memory (alpha carries no stain information)."""
-    return raw_pixels(_read_pixels(path), path)
+    pixels = raw_pixels(_read_pixels(path), path)
+    note_dim_pixels(pixels, path)
+    return pixels
+
+
+_DIM_NOTED: set[str] = set()  # the dtypes already noted in this process: one line, not one per image
+
+
+def note_dim_pixels(pixels: np.ndarray, path: Path) -> None:
+    """Say once per dtype when a whole image of more than 8 bits uses under 1/16 of its range
+    (a 12-bit camera's pixels in uint16): integer pixels are scaled by their type's range,
+    every image alike, so such images reach the model nearly black, with no other sign."""
+    if not np.issubdtype(pixels.dtype, np.integer) or pixels.dtype.itemsize == 1 or not pixels.size:
+        return
+    top, peak = np.iinfo(pixels.dtype).max, int(pixels.max())
+    if peak < top / 16 and pixels.dtype.name not in _DIM_NOTED:
+        _DIM_NOTED.add(pixels.dtype.name)
+        print(f"note: {path}: {pixels.dtype} pixels peak at {peak} of {top}, so they are scaled to at most "
+              f"{peak / top:.3f} and look dark to the model (said once); rescale such images to their type's full "
+              "range (or save them 8-bit) for training and prediction alike")
 
 
 def raw_pixels(array: np.ndarray, path: Path) -> np.ndarray:

@@ -8,6 +8,7 @@ import pytest
 import tifffile
 import torch
 
+import dataloader
 from conftest import mask_boxes, shared
 from dataloader import (DatasetError, UnlabelledImages, LabelledImages, decode_instances, folder_images, list_samples,
                         read_id_map, read_image, sample_groups, split_samples)
@@ -43,6 +44,19 @@ def test_grey_and_16bit_scale_by_dtype(tmp_path: Path, dtype: type, peak: int) -
     assert out.shape == (8, 9, 3)
     assert out[4, 4].tolist() == [1.0, 1.0, 1.0]
     assert abs(out[2, 3, 0] - (peak // 2) / peak) < 1e-6
+
+
+def test_a_12_bit_image_in_uint16_is_noted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(dataloader, "_DIM_NOTED", set())
+    for name, peak in (("full.tif", 65535), ("camera.tif", 4095), ("again.tif", 4000)):
+        tifffile.imwrite(tmp_path / name, np.full((4, 5), peak, np.uint16))
+        assert read_image(tmp_path / name)[0, 0, 0] == pytest.approx(peak / 65535)  # scaled alike, dark or not
+    out = capsys.readouterr().out
+    assert "camera.tif: uint16 pixels peak at 4095 of 65535" in out and out.count("note:") == 1
+    tifffile.imwrite(tmp_path / "dark8.tif", np.full((4, 5), 3, np.uint8))  # an 8-bit image is what it is
+    read_image(tmp_path / "dark8.tif")
+    assert capsys.readouterr().out == ""
 
 
 def test_float64_labels_noncontiguous_ids_and_one_pixel_instances(tmp_path: Path) -> None:
