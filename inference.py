@@ -132,10 +132,22 @@ def _out_of_memory_in_one_line(predict: Callable[..., Path]) -> Callable[..., Pa
             return predict(*args, **kwargs)
         except torch.OutOfMemoryError as err:  # the fix is a flag, not a kernel's traceback
             test_dir = inspect.signature(predict).bind(*args, **kwargs).arguments["test_dir"]
-            raise DeviceMemoryError(f"{test_dir}: out of memory predicting; pass --batch_size 1, a smaller --tile or "
-                                    "--max_size, --use_amp, no --tta, or a smaller --window (large images predicted "
-                                    "in windows); the images already predicted are kept.") from err
+            raise DeviceMemoryError(f"{test_dir}: out of memory predicting; pass --batch_size 1 or --use_amp, which "
+                                    "keep the images already predicted, else a smaller --tile or --max_size, no --tta, "
+                                    "or a smaller --window (large images predicted in windows), which predict every "
+                                    "image anew.") from err
     return wrapper
+
+
+# Settings of how a run computes, not of what it predicts: a run changing them (the out-of-memory
+# fixes, another device) continues an earlier run's record of finished images.
+HOW_IT_RUNS = ("batch_size", "use_amp", "feature_budget")
+
+
+def what_it_predicts(settings: Settings) -> dict[str, Any]:
+    """The prediction settings that decide the results (``HOW_IT_RUNS`` left out), for the key
+    of the crash record (``journal.run_key``)."""
+    return {k: v for k, v in asdict(settings).items() if k not in HOW_IT_RUNS}
 
 
 @_out_of_memory_in_one_line
@@ -177,8 +189,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
         paths, images=[(e["file_name"], e["id"], *_stamp(dataset.test_dir / e["file_name"])) for e in dataset.entries],
         test_dir=Path(test_dir).resolve(),
-        settings=asdict(resolved), per_window=asdict(per_window), window=window, score_thresh=score_thresh,
-        overrides=overrides, device=str(torch_device)))
+        settings=what_it_predicts(resolved), per_window=what_it_predicts(per_window), window=window,
+        score_thresh=score_thresh, overrides=overrides))
     ids = [int(e["id"]) for e in dataset.entries]
     earlier = {i for i in whole if ids[i] in journal.done}
     if not cell_outputs.requested:  # a streamed image's cell outputs are painted window by window as it is predicted

@@ -6,7 +6,8 @@ The record is ``<submission>.partial``, JSON Lines beside the submission, append
 as the run goes: a header per run, the results of each image (a streamed image: one line per
 window, never all of a slide's cells in memory), and a line marking the image finished. A line
 cut off by the crash is skipped. The record is used only by a run with the same checkpoints
-(path, size, time), images and settings (``run_key``); any other run starts over. It is deleted
+(path, size, time), images and settings (``run_key``; how the run computes, its batch size, AMP
+or device, may differ: those are the out-of-memory fixes); any other run starts over. It is deleted
 once the submission is complete.
 Standard library only.
 """

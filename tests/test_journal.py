@@ -89,7 +89,8 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path: Path, shallow: None,
     predicted.clear()
     monkeypatch.setattr(inference, "_stream", lambda *a, **k: (streamed.append(a[0]["id"]), real_stream(*a, **k)))
     monkeypatch.setattr(PredictionJournal, "discard", lambda self: None)  # as if it stopped before its last step
-    assert _items(inference.main([*common, "--output", str(output)])) == reference
+    # another --batch_size (the out-of-memory fix) continues the run: it changes how, not what, it predicts
+    assert _items(inference.main([*common, "--output", str(output), "--batch_size", "2"])) == reference
     assert predicted == [] and streamed == [3]  # only the slide was predicted
 
     predicted.clear()
