@@ -4,6 +4,7 @@ work starts, JSON replaced atomically. Standard library only, for fast tool star
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -73,13 +74,26 @@ def publish_folder(tmp: Path, final: Path) -> None:
 
 
 def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
-    """JSON written atomically: a crash never leaves half a submission or history."""
+    """Strict JSON written atomically: a crash never leaves half a submission or history, and a
+    metric that is NaN (a class absent from the data) is written null, which every JSON reader
+    (jq, a browser) parses, where Python's bare NaN is not JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = hidden(path)
     with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=indent, separators=None if indent else (",", ":"))
+        json.dump(_finite(payload), handle, indent=indent, separators=None if indent else (",", ":"), allow_nan=False)
     os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float inside lists and dicts made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class JsonArrayWriter:

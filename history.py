@@ -4,7 +4,6 @@ reads. Standard library only, so the plotting tool starts without the model stac
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from files import write_json
@@ -18,10 +17,8 @@ LOGGED_LOSSES = (*LOSS_KEYS, "loss_mask_iou", "loss_cascade", "loss_types")
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    """history.json, strict JSON (NaN for a class absent from validation becomes null)."""
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-             for row in history]
-    write_json(path, clean, indent=1)
+    """history.json, strict JSON (NaN for a class absent from validation becomes null: ``write_json``)."""
+    write_json(path, history, indent=1)
 
 
 def recorded_epochs(output_dir: Path) -> int:
