@@ -486,10 +486,10 @@ def read_id_map(id_map_json: Path, test_dir: Path) -> list[dict]:
     without_file = sorted(named - files)
     if without_id:
         raise DatasetError(f"{test_dir}: {len(without_id)} test file(s) have no id in {id_map_json.name}: "
-                           f"{_few(without_id)}; pass the id map of this test folder.")
+                           f"{few(without_id)}; pass the id map of this test folder.")
     if without_file:
         raise DatasetError(f"{id_map_json}: {len(without_file)} id(s) name files missing from {test_dir}: "
-                           f"{_few(without_file)}; pass the test folder of this id map.")
+                           f"{few(without_file)}; pass the test folder of this id map.")
     return sorted(entries, key=lambda e: e["id"])
 
 
@@ -518,7 +518,7 @@ def read_id_entries(path: Path, fix: str) -> list[dict]:
         counts = Counter(e[key] for e in entries)
         twice = sorted(str(v) for v, n in counts.items() if n > 1)
         if twice:
-            raise DatasetError(f"{path}: {len(twice)} {key}(s) listed more than once: {_few(twice)}; give each image "
+            raise DatasetError(f"{path}: {len(twice)} {key}(s) listed more than once: {few(twice)}; give each image "
                                "one entry and its own id.")
     return entries
 
@@ -653,5 +653,6 @@ def _scale_by_dtype(array: np.ndarray, path: Path, peak: float | None = None) ->
     raise DatasetError(f"{path}: unsupported image dtype {array.dtype}; save it as 8/16-bit or float.")
 
 
-def _few(names: list[str], k: int = 5) -> str:
-    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+def few(names: Sequence[Any], k: int = 5) -> str:
+    """The first ``k`` of a list for a one-line message, and how many more."""
+    return ", ".join(map(str, names[:k])) + (f" and {len(names) - k} more" if len(names) > k else "")

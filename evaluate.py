@@ -41,18 +41,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).
     from coco import build_coco_gt
-    from dataloader import LabelledImages, list_samples
-    from scoring import image_ids, print_table, read_labels, read_submission, score
+    from dataloader import CLASS_FILES, LabelledImages, list_samples
+    from errors import DatasetError
+    from scoring import image_ids, print_table, read_labels, read_submission, score, unscored_notes
 
     samples = list_samples(Path(args.data_dir), "--data_dir")
     ids = image_ids(samples, args.id_map_json)
     truth = LabelledImages(samples, ids, desc="decode ground truth", cache_images=False)
+    if not any(len(i) for i in truth.instances):  # COCOeval would print AP -1, its "no ground truth"
+        raise DatasetError(f"{args.data_dir}: no labelled cell in any sample (<sample>/{CLASS_FILES[1]} ... "
+                           f"{CLASS_FILES[len(CLASS_FILES)]}, one id per cell); pass the labelled folder as --data_dir.")
     coco_gt = build_coco_gt(truth.instances, ids)
     if args.submission:
         shapes = {image_id: (t.height, t.width) for image_id, t in zip(ids, truth.instances)}
         results = read_submission(Path(args.submission), shapes)
     else:
         results = read_labels(Path(args.labels), samples, ids, [(i.height, i.width) for i in truth.instances])
+    for note in unscored_notes(samples, ids, results, args.submission or args.labels):
+        print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
     metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh)
     print_table(metrics, args.iou_thresh)

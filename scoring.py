@@ -13,7 +13,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, IMAGE_FILE, read_id_entries, read_json, read_label_image, sample_name
+from dataloader import CLASS_FILES, IMAGE_FILE, few, read_id_entries, read_json, read_label_image, sample_name
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -57,12 +57,16 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
     for n, r in enumerate(results):
         problem = _result_problem(r, shapes)
         if problem:
-            raise DatasetError(f"{path}: result {n} (image_id {r['image_id']!r}) {problem}; write the submission "
-                               "with inference.py, or as COCO results with RLE masks.")
+            fix = (OTHER_IMAGES if "on an image of" in problem else
+                   "write the submission with inference.py, or as COCO results with RLE masks")
+            raise DatasetError(f"{path}: result {n} (image_id {r['image_id']!r}) {problem}; {fix}.")
     kept = [r for r in results if r["image_id"] in shapes]
     if results and not kept:
-        raise DatasetError(f"{path}: no detection refers to an image of the data folder; pass --id_map_json "
-                           "with the ids the submission was written with.")
+        raise DatasetError(f"{path}: no detection refers to an image of the data folder; {OTHER_IMAGES}.")
+    others = sorted({r["image_id"] for r in results} - set(shapes))
+    if others:
+        print(f"note: {path}: {len(results) - len(kept)} results of image ids not in the data folder "
+              f"({few(others)}) are left out")
     for r in kept:
         if "bbox" not in r:  # COCO's loader needs one; the mask's box is the submission's
             x, y, w, h = (float(v) for v in _rle_box(r["segmentation"]))
@@ -71,6 +75,22 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
 
 
 CATEGORY_IDS = frozenset(c["id"] for c in CATEGORIES)  # the classes a result may name
+# What a submission of other images (or of other ids) needs.
+OTHER_IMAGES = ("it is of other images, or numbers them otherwise: pass the --data_dir it was predicted on, or "
+                "--id_map_json with the ids it was written with")
+
+
+def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], source: str) -> list[str]:
+    """Notes on the data folder's images that ``results`` say nothing about: each scores as all
+    its cells missed, right for a model that found none, wrong for a submission of other images."""
+    found = {r["image_id"] for r in results}
+    missing = [s.name for s, i in zip(samples, ids) if i not in found]
+    if not results:
+        return [f"note: {source} holds no detection: every score is 0"]
+    if missing:
+        return [f"note: {len(missing)} of {len(samples)} images have no detection in {source} ({few(missing)}): "
+                f"each scores as all its cells missed; if that is not what was predicted, {OTHER_IMAGES}"]
+    return []
 
 
 def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:

@@ -187,17 +187,43 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
     assert len(read_submission(scored["submission"], shapes)) == len(scored["results"])
     good = scored["results"][0]
     polygon = [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]]
-    for change, problem in (({"image_id": "1"}, "image_id '1'.* not an integer"),
-                            ({"category_id": 7}, r"category_id 7, not one of \[1, 2, 3, 4\]"),
-                            ({"score": None}, "score None, not a finite number"),
-                            ({"segmentation": polygon}, r"not an RLE .*\(polygons are not scored\)"),
-                            ({"segmentation": {**good["segmentation"], "size": 64}}, r"RLE size 64, not \[height, width\]"),
-                            ({"segmentation": {**good["segmentation"], "size": [32, 32]}},
-                             rf"mask of size \[32, 32\] on an image of \[{shapes[1][0]}, {shapes[1][1]}\] \(height, width\)")):
+    rewrite = "write the submission with inference"
+    for change, problem in (({"image_id": "1"}, f"image_id '1'.* not an integer; {rewrite}"),
+                            ({"category_id": 7}, rf"category_id 7, not one of \[1, 2, 3, 4\]; {rewrite}"),
+                            ({"score": None}, f"score None, not a finite number; {rewrite}"),
+                            ({"segmentation": polygon}, rf"not an RLE .*\(polygons are not scored\); {rewrite}"),
+                            ({"segmentation": {**good["segmentation"], "size": 64}},
+                             rf"RLE size 64, not \[height, width\]; {rewrite}"),
+                            ({"segmentation": {**good["segmentation"], "size": [32, 32]}},  # another image's mask
+                             rf"mask of size \[32, 32\] on an image of \[{shapes[1][0]}, {shapes[1][1]}\] \(height, "
+                             r"width\); it is of other images, .*pass the --data_dir it was predicted on")):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps([good, {**good, **change}]))
-        with pytest.raises(DatasetError, match=f"bad.json: result 1 .*{problem}; write the submission with inference"):
+        with pytest.raises(DatasetError, match=f"bad.json: result 1 .*{problem}"):
             read_submission(bad, shapes)
+
+
+def test_images_a_submission_says_nothing_about_are_noted_and_a_folder_without_cells_refused(
+        scored: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = ["--data_dir", str(scored["train"]), "--submission"]
+    shifted = tmp_path / "shifted.json"  # image 1's results under id 7, an image the data folder lacks
+    shifted.write_text(json.dumps([{**r, "image_id": 7} if r["image_id"] == 1 else r for r in scored["results"]]))
+    evaluate.main([*data, str(shifted)])
+    out = capsys.readouterr().out
+    n = sum(r["image_id"] == 1 for r in scored["results"])
+    assert f"shifted.json: {n} results of image ids not in the data folder (7) are left out" in out
+    assert f"1 of 3 images have no detection in {shifted} ({scored['samples'][0].name})" in out
+    (tmp_path / "none.json").write_text("[]")
+    assert evaluate.main([*data, str(tmp_path / "none.json")])["segm_AP50"] == 0
+    assert "none.json holds no detection: every score is 0" in capsys.readouterr().out
+    evaluate.main([*data, str(scored["submission"])])
+    assert "note" not in capsys.readouterr().out
+    empty = make_dataset(tmp_path / "empty", n_train=2, n_test=0, size=(32, 32), cells=(1, 2), seed=1)["train_dir"]
+    for label in empty.glob("*/class*.tif"):
+        label.unlink()  # absent class files: no cells of any class
+    with pytest.raises(DatasetError, match=r"empty/train: no labelled cell in any sample \(<sample>/class1.tif ... "
+                                           r"class4.tif, one id per cell\); pass the labelled folder as --data_dir"):
+        evaluate.main(["--data_dir", str(empty), "--submission", str(tmp_path / "none.json")])
 
 
 def test_a_missing_data_folder_names_data_dir(tmp_path: Path) -> None:
