@@ -211,8 +211,19 @@ def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return label.astype(np.int64, copy=False)
 
 
+# A file named like a class's label image: one that is not exactly a CLASS_FILES name is refused,
+# not read as "no cells of that class" (its cells would train as background).
+LABEL_LIKE = re.compile(r"^class[ _-]?\d+\.(tiff?|png)$", re.IGNORECASE)
+
+
 def decode_instances(sample_dir: Path, shape: tuple[int, int]) -> Instances:
-    """All instances of one sample, across its class files (missing class files are fine)."""
+    """All instances of one sample, across its class files (missing class files are fine; a
+    label image under another name is refused, ``LABEL_LIKE``)."""
+    read = [sample_dir / name for name in CLASS_FILES.values() if (sample_dir / name).exists()]
+    for path in sample_dir.iterdir():
+        if LABEL_LIKE.match(path.name) and not any(path.samefile(r) for r in read):  # macOS: Class1.tif is class1.tif
+            raise DatasetError(f"{path}: not read: label images are named {CLASS_FILES[1]} ... "
+                               f"{CLASS_FILES[NUM_CLASSES]}, one per class; rename it (or move it out of the folder).")
     labels, boxes, crops = [], [], []
     for class_id, name in CLASS_FILES.items():
         path = sample_dir / name

@@ -177,6 +177,18 @@ def test_label_size_mismatch_named(tmp_path: Path) -> None:
         LabelledImages([sample], [1])
 
 
+@pytest.mark.parametrize("name", ["class4.tiff", "Class2.tif", "class_1.tif", "class5.tif"])
+def test_a_label_image_under_another_name_is_refused_not_read_as_no_cells(tmp_path: Path, name: str) -> None:
+    sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {1: np.ones((10, 12))})
+    if name == "class5.tif":  # a fifth class: the layout has four
+        tifffile.imwrite(sample / name, np.ones((10, 12)))
+    else:
+        (sample / "class1.tif").rename(sample / name)
+    (sample / "notes_class.txt").write_text("not a label")
+    with pytest.raises(DatasetError, match=rf"{name}: not read: label images are named class1.tif ... class4.tif"):
+        LabelledImages([sample], [1])
+
+
 def test_non_integer_labels_named(tmp_path: Path) -> None:
     sample = _sample(tmp_path, np.zeros((10, 12, 3), np.uint8), {3: np.full((10, 12), 0.5)})
     with pytest.raises(DatasetError, match=r"class3.tif: label image has non-integer values"):

@@ -98,6 +98,9 @@ def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], 
     (tmp_path / "short.json").write_text(json.dumps(entries[1:]))
     sizes = check_stats.test_stats(Path(data["test_dir"]), tmp_path / "sizes.json")
     assert not sizes["consistent"] and [m["file_name"] for m in sizes["size_mismatches"]] == [entries[0]["file_name"]]
+    (tmp_path / "unsized.json").write_text(json.dumps([{"file_name": e["file_name"], "id": e["id"]} for e in entries]))
+    unsized = check_stats.test_stats(Path(data["test_dir"]), tmp_path / "unsized.json")  # sizes are optional
+    assert unsized["consistent"] and unsized["entries_without_size"] == len(entries)
     short = check_stats.test_stats(Path(data["test_dir"]), tmp_path / "short.json")
     assert not short["consistent"] and entries[0]["file_name"] in short["error"]
     for id_map, status in (("short.json", 1), (data["id_map_json"], None)):  # as a shell sees the script
