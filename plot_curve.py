@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path | None]:
     print(f"{len(history)} epochs in {Path(args.output_dir) / HISTORY_FILE}")
     best = best_epoch(history)
     if best:
-        print(f"best {BEST_METRIC} {best[1]:.4f} at epoch {best[0]}")
+        print(f"best.pth: epoch {best[0]}, {best[1]} {best[2]:.4f}")
     for name, path in paths.items():
         print(f"  {name:>7}: {path if path else 'skipped (no validation metrics in the history)'}")
     return paths
@@ -112,16 +112,16 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
     best = best_epoch(history)
     for ax in axes[0]:
         if best:
-            ax.axvline(best[0], color="grey", linestyle=":", label=f"best {BEST_METRIC} (epoch {best[0]})")
+            ax.axvline(best[0], color="grey", linestyle=":", label=f"best.pth (epoch {best[0]}, {best[1]})")
         ax.set_xlabel("epoch")
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if best:
-        axes[0][0].annotate(f"{best[1]:.3f}", (best[0], best[1]), textcoords="offset points", xytext=(4, 6),
-                            fontsize=8)
-        axes[0][0].plot([best[0]], [best[1]], "*", color="red", markersize=12)
+    if best and best[1].removeprefix("ema_") in (f"{t}_{m}" for t in IOU_TYPES[:1] for m in AP_NAMES):
+        axes[0][0].annotate(f"{best[2]:.3f}", (best[0], best[2]), textcoords="offset points", xytext=(4, 6),
+                            fontsize=8)  # a segm metric: a point of the first panel
+        axes[0][0].plot([best[0]], [best[2]], "*", color="red", markersize=12)
     return _save(fig, path)
 
 
@@ -140,10 +140,20 @@ def plot_lr(history: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def best_epoch(history: list[dict[str, Any]]) -> tuple[int, float] | None:
-    """(epoch, value) of the highest segm AP50, the metric the competition scores."""
-    scored = [(row["epoch"], row[BEST_METRIC]) for row in history if _finite(row.get(BEST_METRIC))]
-    return max(scored, key=lambda item: item[1]) if scored else None
+def best_epoch(history: list[dict[str, Any]]) -> tuple[int, str, float] | None:
+    """(epoch, metric, value) of the weights ``best.pth`` holds, as training recorded them
+    (``best_epoch`` and ``--select_metric`` in each row; the EMA's value where it scored higher,
+    as training chose); for a history from before that record, the highest segm AP50."""
+    marked = [row for row in history if "best_epoch" in row]
+    if marked:
+        epoch, metric = marked[-1]["best_epoch"], marked[-1]["select_metric"]
+        row = next((r for r in history if r.get("epoch") == epoch), {})
+        values = [(row[k], k) for k in (metric, f"ema_{metric}") if _finite(row.get(k))]
+        if values:
+            value, key = max(values)
+            return epoch, key, float(value)
+    scored = [(row["epoch"], BEST_METRIC, row[BEST_METRIC]) for row in history if _finite(row.get(BEST_METRIC))]
+    return max(scored, key=lambda item: item[2]) if scored else None
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[float]:

@@ -269,6 +269,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         improved = metric > state["best_metric"]
         if improved:
             state["best_metric"], state["best_epoch"] = metric, epoch
+        row.update(best_epoch=state["best_epoch"], select_metric=args.select_metric)  # what plot_curve.py marks
         schedule.epoch_end(raw_metric)  # the plateau schedule follows the weights being trained
         ckpt = snapshot()
         if info.is_main and improved:  # best.pth holds whichever weights scored higher; inference reads "model"

@@ -193,6 +193,7 @@ def test_early_stop_ends_the_run_n_epochs_after_the_best(tmp_path: Path, monkeyp
     summary = training.main(argv, "resnet101", "x")
     state = load_checkpoint(out / "last.pth")
     assert summary["best_epoch"] == 2 and state["epoch"] == 4  # epochs 3 and 4 brought nothing: stop
+    assert [row["best_epoch"] for row in state["history"]] == [1, 2, 2, 2]  # what plot_curve.py marks
     assert load_checkpoint(out / "best.pth")["epoch"] == 2 and not (out / "best.pth").samefile(out / "last.pth")
     assert state["scheduler"]["plateau"]["patience"] == 5 and state["args"]["early_stop"] == 2
     old = {**state, "args": {**state["args"], "early_stop": True, "patience": 10}, "epoch": 1, "history": []}
