@@ -50,6 +50,16 @@ def hidden(path: Path) -> Path:
     return Path(path).with_name(f".{Path(path).name}.tmp")
 
 
+def write_figure(fig: Any, path: Path, **savefig: Any) -> Path:
+    """A matplotlib figure saved under ``hidden(path)`` and renamed: a crash or Ctrl-C while it
+    is written never leaves a truncated PNG under the final name."""
+    path = Path(path)
+    tmp = hidden(path)
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig)
+    os.replace(tmp, path)
+    return path
+
+
 def hidden_folder(final: Path) -> Path:
     """An empty ``hidden(final)`` to write a folder's files into (a crashed run's removed)."""
     tmp = hidden(final)

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
 from cli import run_cli  # noqa: E402
 from errors import UsageError  # noqa: E402
-from files import writable_dir  # noqa: E402
+from files import writable_dir, write_figure  # noqa: E402
 from history import HISTORY_FILE, LOGGED_LOSSES, LOSS_KEYS  # noqa: E402
 
 LOSS_PANELS = ("loss",) + LOSS_KEYS
@@ -171,7 +171,7 @@ def _finite(value: Any) -> bool:
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 

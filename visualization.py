@@ -35,7 +35,7 @@ from devices import autocast, default_device  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, decode_instances,  # noqa: E402
                         find_id_map, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
-from files import writable_dir  # noqa: E402
+from files import writable_dir, write_figure  # noqa: E402
 from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
                    prediction_settings)
 from predictor import Settings, predict_images  # noqa: E402
@@ -204,7 +204,7 @@ def save_figure(image: np.ndarray, layers: list[Layer], path: Path, args: argpar
     for i, layer in enumerate(layers):
         ax = fig.add_axes(((gap + i * (panel_w + gap)) / fig_w, bottom / fig_h, panel_w / fig_w, panel_h / fig_h))
         draw_layer(ax, image, layer, scale, args)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.05)
+    write_figure(fig, path, dpi=DPI, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     return path
 

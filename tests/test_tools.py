@@ -319,6 +319,21 @@ def test_plot_curve_writes_three_pngs(tmp_path: Path) -> None:
     assert plot_curve.best_epoch(history) == (3, "ema_bbox_AP75", 0.45)
     write_history(tmp_path / "history.json", history)
     assert plot_curve.main(["--output_dir", str(tmp_path)])["metrics"] == tmp_path / "map_curve.png"
+    assert not list(tmp_path.glob(".*.tmp"))  # written under a hidden name, then renamed
+
+
+def test_a_figure_that_fails_while_written_leaves_no_png(tmp_path: Path) -> None:
+    from files import write_figure
+
+    class Failing:
+        def savefig(self, path: Path, **kwargs) -> None:
+            Path(path).write_bytes(b"\x89PNG half")
+            raise KeyboardInterrupt
+
+    (tmp_path / "map_curve.png").write_bytes(b"earlier")
+    with pytest.raises(KeyboardInterrupt):
+        write_figure(Failing(), tmp_path / "map_curve.png")
+    assert (tmp_path / "map_curve.png").read_bytes() == b"earlier"  # the earlier figure, never half a new one
 
 
 def test_plot_curve_without_validation(tmp_path: Path) -> None:
