@@ -33,7 +33,7 @@ from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
 from devices import autocast, default_device  # noqa: E402
 from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, decode_instances,  # noqa: E402
-                        find_id_map, list_samples, read_image, read_json)
+                        find_id_map, image_size, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
 from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
@@ -124,6 +124,7 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
     if missing:
         raise DatasetError(f"{train_dir}: validation sample(s) {missing[:5]} from {split_json} are missing; "
                            "pass the --train_dir the model was trained on.")
+    names = [n for n in names if drawable(samples[n] / IMAGE_FILE)]
     paths, shown = [], {"gt": 0, "pred": 0}
     for name in tqdm(names, desc="draw val", disable=None):
         image = read_image(samples[name] / IMAGE_FILE)
@@ -144,7 +145,8 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     # the run's id map belongs to the run's test folder, not to another one given here
     id_map = find_id_map(Path(test_dir), args.id_map_json or (train_args.get("id_map_json") if runs_folder else None))
     dataset = UnlabelledImages(Path(test_dir), id_map)
-    indices = _first(list(range(len(dataset))), args.num_images)
+    indices = [i for i in _first(list(range(len(dataset))), args.num_images)
+               if drawable(dataset.test_dir / dataset.entries[i]["file_name"])]
     paths, shown = [], {"gt": 0, "pred": 0}
     for index in tqdm(indices, desc="draw test", disable=None):
         tensor, meta = dataset[index]
@@ -154,6 +156,21 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
         paths.append(save_figure(image, [pred], vis_dir / f"{meta['image_id']}.png", args))
         shown["pred"] += len(pred.labels)
     return paths, shown
+
+
+# A figure shows a whole image; one over this side (a whole slide) is skipped with a note, not read
+# whole into memory (inference.py streams such images; QuPath draws its GeoJSON).
+MAX_DRAWN_SIDE = 4096
+
+
+def drawable(path: Path) -> bool:
+    """Whether an image is small enough to draw whole (its header read only); else a note says why not."""
+    height, width = image_size(path)
+    if max(height, width) <= MAX_DRAWN_SIDE:
+        return True
+    print(f"note: {path}: {height} x {width} px, too large to draw whole (over {MAX_DRAWN_SIDE} px a side); skipped. "
+          "Open the GeoJSON of inference.py --save_geojson in QuPath to see its cells.")
+    return False
 
 
 def validation_split(split_json: Path) -> dict[str, Any]:

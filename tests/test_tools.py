@@ -228,15 +228,21 @@ def test_visualization_takes_inference_overrides(run: tuple[Path, list[str]], tm
 
 
 def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: tuple[Path, list[str]],
-                                                   tmp_path: Path, shallow: None) -> None:
+                                                   tmp_path: Path, shallow: None, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
     checkpoint, _ = run
-    visualization.main(["--checkpoint", str(checkpoint), "--mode", "test", "--test_dir", str(data["test_dir"]),
-                        "--id_map_json", str(data["id_map_json"]), "--score_thresh", "0.0",
-                        "--vis_dir", str(tmp_path / "vis"), "--device", "cpu"])
+    argv = ["--checkpoint", str(checkpoint), "--mode", "test", "--test_dir", str(data["test_dir"]),
+            "--id_map_json", str(data["id_map_json"]), "--score_thresh", "0.0", "--device", "cpu"]
+    visualization.main([*argv, "--vis_dir", str(tmp_path / "vis")])
     ids = {e["id"] for e in json.loads(Path(data["id_map_json"]).read_text())}
     assert {p.name for p in (tmp_path / "vis").glob("*.png")} == {f"{i}.png" for i in ids}
     for path in (tmp_path / "vis").glob("*.png"):
         assert_png(path)
+    capsys.readouterr()
+    monkeypatch.setattr(visualization, "MAX_DRAWN_SIDE", 16)  # as a whole slide is: skipped, never read whole
+    monkeypatch.setattr(visualization, "predict_layer", pytest.fail)
+    assert visualization.main([*argv, "--vis_dir", str(tmp_path / "slides")]) == []
+    assert capsys.readouterr().out.count("too large to draw whole (over 16 px a side); skipped") == len(ids)
 
 
 def test_visualization_test_uses_the_runs_id_map_only_for_the_runs_folder(data: dict[str, Path],
