@@ -454,8 +454,8 @@ def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
 
 def folder_images(folder: Path) -> list[str]:
     """The images of a folder to predict, as names relative to it: its image files (TIFF, PNG,
-    JPEG, hidden ones left out) sorted by file name, or, where it holds none, each ``<sample>/image.tif`` (the
-    training layout) in ``sample_folders``' order, so a labelled held-out folder predicts as it
+    JPEG; hidden ones are none) sorted by file name, or, where it holds none, each
+    ``<sample>/image.tif`` (the training layout) in ``sample_folders``' order, so a labelled held-out folder predicts as it
     is and scores with ``evaluate.py``, whose default ids number its samples in that order; a
     folder without an image is skipped, not an error as in training."""
     files = sorted(p.name for p in folder.iterdir()  # hidden files (macOS's ._x.tif) are not images

@@ -49,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ids = image_ids(samples, args.id_map_json)
     truth = LabelledImages(samples, ids, desc="decode ground truth", cache_images=False)
     if not any(len(i) for i in truth.instances):  # COCOeval would print AP -1, its "no ground truth"
-        raise DatasetError(f"{args.data_dir}: no labelled cell in any sample (<sample>/{CLASS_FILES[1]} ... "
-                           f"{CLASS_FILES[len(CLASS_FILES)]}, one id per cell); pass the labelled folder as --data_dir.")
+        last = CLASS_FILES[len(CLASS_FILES)]
+        raise DatasetError(f"{args.data_dir}: no labelled cell in any sample (<sample>/{CLASS_FILES[1]} ... {last}, "
+                           "one id per cell); pass the labelled folder as --data_dir.")
     coco_gt = build_coco_gt(truth.instances, ids)
     if args.submission:
         shapes = {image_id: (t.height, t.width) for image_id, t in zip(ids, truth.instances)}
