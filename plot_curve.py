@@ -93,8 +93,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """COCO AP, AP50 and AP75 for masks and boxes with the best segm AP50 epoch marked;
-    None (nothing written) for a run without validation."""
+    """COCO AP, AP50 and AP75 for masks and boxes (dashed: the EMA weights', with --ema_decay),
+    the epoch ``best.pth`` holds marked; None (nothing written) for a run without validation."""
     if not any(_has_values(_series(history, f"{t}_{m}")) for t in IOU_TYPES for m in AP_NAMES):
         return None
     class_keys = sorted({k for row in history for k in row if k.startswith(f"{BEST_METRIC}_class")})
@@ -103,7 +103,10 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
     epochs = _series(history, "epoch")
     for ax, iou_type in zip(axes[0], IOU_TYPES):
         for name in AP_NAMES:
-            ax.plot(epochs, _series(history, f"{iou_type}_{name}"), "-o", markersize=3, label=name)
+            line, = ax.plot(epochs, _series(history, f"{iou_type}_{name}"), "-o", markersize=3, label=name)
+            ema = _series(history, f"ema_{iou_type}_{name}")
+            if _has_values(ema):  # best.pth may hold the EMA's weights: its curve is beside the raw one
+                ax.plot(epochs, ema, "--", color=line.get_color(), label=f"{name} (EMA)")
         ax.set_title(f"{iou_type} AP")
     if class_keys:
         for key in class_keys:
