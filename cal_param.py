@@ -18,7 +18,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 from argtypes import HelpFormatter
 from cli import run_cli
-from dataloader import class_count
+from dataloader import num_classes_arg
 from files import write_json
 from model import DEFAULT_CONFIG, backbone_name, build_model, context_factor, weights_to_be_loaded
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--type_map", action="store_true", help="with the cell-type map head (type_map.py)")
     parser.add_argument("--all", action="store_true",
                         help="all four backbone x attention configurations (instead of --backbone and --use_attn)")
-    parser.add_argument("--num_classes", type=class_count, default=DEFAULT_CONFIG["num_classes"],
+    parser.add_argument("--num_classes", type=num_classes_arg, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
     parser.add_argument("--weights", choices=("imagenet", "none"), default="imagenet",
                         help="layout to count: pretrained (frozen stages) or from scratch (all trainable)")

@@ -96,8 +96,8 @@ def check_sample_names(file_names: Sequence[str]) -> None:
     two images of one name (``x.tif`` and ``x.png``) would write over each other, so the
     folder is refused before prediction, naming both."""
     seen: dict[str, str] = {}
-    for name in file_names:
-        first = seen.setdefault(sample_name(name), name)
+    for name in file_names:  # a.tif and A.png share a folder on macOS and Windows
+        first = seen.setdefault(sample_name(name).casefold(), name)
         if first != name:
             raise UsageError(f"{first} and {name} would write the same label folder and GeoJSON file "
                              f"({sample_name(name)}); rename one of them.")

@@ -34,7 +34,7 @@ NUM_CLASSES = 4
 CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
 # --num_classes: the background and at least one class, at most one per class file (a class of
 # its own beyond them would never see a cell and would name no output)
-class_count = checked(int, lambda v: 2 <= v <= NUM_CLASSES + 1,
+num_classes_arg = checked(int, lambda v: 2 <= v <= NUM_CLASSES + 1,
                       f"2 to {NUM_CLASSES + 1} (the background and classes of class1..class{NUM_CLASSES}.tif)")
 IMAGE_FILE = "image.tif"
 ID_MAP_FILE = "test_image_name_to_ids.json"
@@ -157,10 +157,11 @@ def note_dim_pixels(pixels: np.ndarray, path: Path) -> None:
     """Say once per dtype when a whole image of more than 8 bits uses under 1/16 of its range
     (a 12-bit camera's pixels in uint16): integer pixels are scaled by their type's range,
     every image alike, so such images reach the model nearly black, with no other sign."""
-    if not np.issubdtype(pixels.dtype, np.integer) or pixels.dtype.itemsize == 1 or not pixels.size:
-        return
+    if not np.issubdtype(pixels.dtype, np.integer) or pixels.dtype.itemsize == 1 or not pixels.size \
+            or pixels.dtype.name in _DIM_NOTED or torch.utils.data.get_worker_info() is not None:
+        return  # a loader's worker: the main process reads the same images (or says nothing)
     top, peak = np.iinfo(pixels.dtype).max, int(pixels.max())
-    if peak < top / 16 and pixels.dtype.name not in _DIM_NOTED:
+    if peak < top / 16:
         _DIM_NOTED.add(pixels.dtype.name)
         print(f"note: {path}: {pixels.dtype} pixels peak at {peak} of {top}, so they are scaled to at most "
               f"{peak / top:.3f} and look dark to the model (said once); rescale such images to their type's full "
@@ -444,19 +445,24 @@ def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
     beside = Path(test_dir).parent / ID_MAP_FILE
     if not beside.is_file() or not Path(test_dir).is_dir():
         return None
-    fix = "mend it, or pass --id_map_json with this folder's map"
+    fix = f"it was found beside {test_dir} and is used by default: mend it or move it away"
     named = {e["file_name"] for e in read_id_entries(beside, fix)}
     if not named & set(folder_images(Path(test_dir))):
         return None
-    read_id_map(beside, Path(test_dir))  # the same images, or a one-line error naming the differences
+    try:
+        read_id_map(beside, Path(test_dir))  # the same images, or a one-line error naming the differences
+    except DatasetError as err:
+        raise DatasetError(f"{str(err).rstrip('.')} ({beside} was found beside the folder and is used by default: "
+                           "pass --id_map_json with this folder's map, or move the map or the folder away to "
+                           "number the images 1..N).") from err
     return beside
 
 
 def folder_images(folder: Path) -> list[str]:
     """The images of a folder to predict, as names relative to it: its image files (TIFF, PNG,
     JPEG; hidden ones are none) sorted by file name, or, where it holds none, each
-    ``<sample>/image.tif`` (the training layout) in ``sample_folders``' order, so a labelled held-out folder predicts as it
-    is and scores with ``evaluate.py``, whose default ids number its samples in that order; a
+    ``<sample>/image.tif`` (the training layout) in ``sample_folders``' order, so a labelled
+    held-out folder predicts as it is and scores with ``evaluate.py``, whose default ids number its samples in that order; a
     folder without an image is skipped, not an error as in training."""
     files = sorted(p.name for p in folder.iterdir()  # hidden files (macOS's ._x.tif) are not images
                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     from coco import build_coco_gt
     from dataloader import CLASS_FILES, LabelledImages, list_samples
     from errors import DatasetError
-    from scoring import image_ids, print_table, read_labels, read_submission, score, unscored_notes
+    from scoring import OTHER_IMAGES, image_ids, print_table, read_labels, read_submission, score, unscored_notes
 
     samples = list_samples(Path(args.data_dir), "--data_dir")
     ids = image_ids(samples, args.id_map_json)
@@ -58,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         results = read_submission(Path(args.submission), shapes)
     else:
         results = read_labels(Path(args.labels), samples, ids, [(i.height, i.width) for i in truth.instances])
-    for note in unscored_notes(samples, ids, results, args.submission or args.labels):
+    fix = OTHER_IMAGES if args.submission else ("label folders are matched to samples by name (<labels>/<sample>/), "
+                                                "as inference.py --save_labels writes them: pass the folder it wrote "
+                                                "for this data")
+    for note in unscored_notes(samples, ids, results, args.submission or args.labels, fix):
         print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
     metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh)

@@ -55,7 +55,11 @@ def write_figure(fig: Any, path: Path, **savefig: Any) -> Path:
     is written never leaves a truncated PNG under the final name."""
     path = Path(path)
     tmp = hidden(path)
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from argtypes import chance, non_negative, non_negative_int, positive, positive_int, probability, share
-from dataloader import ID_MAP_FILE, NUM_CLASSES, class_count
+from dataloader import ID_MAP_FILE, NUM_CLASSES, num_classes_arg
 from devices import GPU_BATCH
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from predictor import Settings
@@ -128,8 +128,8 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: boo
                 if writes_submission else "which name the PNGs")
     parser.add_argument("--id_map_json", default=None,
                         help="list of {file_name, id, height, width} naming each test image's id (default: "
-                             f"{ID_MAP_FILE} beside --test_dir where it names exactly that folder's images; "
-                             f"else the images sorted by name get ids 1..N, {numbered})")
+                             f"{ID_MAP_FILE} beside --test_dir where it names any of that folder's images, and then it "
+                             f"must name exactly them; else the images sorted by name get ids 1..N, {numbered})")
 
 
 def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:
@@ -167,7 +167,7 @@ def add_checkpoint_checks(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backbone", type=backbone_name, default=None,
                        help="resnet or effnet, only checked against the checkpoint")
     group.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
-    group.add_argument("--num_classes", type=class_count, default=None, help="only checked against the checkpoint")
+    group.add_argument("--num_classes", type=num_classes_arg, default=None, help="only checked against the checkpoint")
     group.add_argument("--min_size", type=positive_int, default=None,
                        help="override the checkpoint's shorter side (only where its --input_scale is 0)")
     group.add_argument("--max_size", type=positive_int, default=None, help="override the checkpoint's longest side")

@@ -28,4 +28,5 @@ def recorded_epochs(output_dir: Path) -> int:
         history = json.loads((Path(output_dir) / HISTORY_FILE).read_text())
     except (OSError, ValueError):
         return 0
-    return len(history) if isinstance(history, list) else 0
+    epochs = [row.get("epoch") for row in history if isinstance(row, dict)] if isinstance(history, list) else []
+    return max((e for e in epochs if isinstance(e, int)), default=0)

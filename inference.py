@@ -139,8 +139,9 @@ def _out_of_memory_in_one_line(predict: Callable[..., Path]) -> Callable[..., Pa
     return wrapper
 
 
-# Settings of how a run computes, not of what it predicts: a run changing them (the out-of-memory
-# fixes, another device) continues an earlier run's record of finished images.
+# Settings of how a run computes rather than of what it predicts (AMP's rounding, and the padding
+# of whole images batched together, move results only slightly): a run changing them (the
+# out-of-memory fixes, another device) continues an earlier run's record of finished images.
 HOW_IT_RUNS = ("batch_size", "use_amp", "feature_budget")
 
 

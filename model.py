@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from argtypes import chance, checked, positive, positive_int
 from cascade import CascadeHeads
-from dataloader import class_count
+from dataloader import num_classes_arg
 from detector import CellTransform, ContextRoIAlign, FrozenBatchNorm2d, use_cell_detector
 from errors import WeightsError
 from mask_scoring import MaskIoUHead
@@ -132,7 +132,8 @@ def add_model_args(parser: argparse.ArgumentParser, backbone: str | None = None)
     if backbone is None:
         group.add_argument("--backbone", type=backbone_name, default=None,
                            help="resnet or effnet (inference/visualisation: must match the checkpoint if given)")
-    group.add_argument("--num_classes", type=class_count, default=d["num_classes"], help="classes including background")
+    group.add_argument("--num_classes", type=num_classes_arg, default=d["num_classes"],
+                       help="classes including background")
     group.add_argument("--weights", default=d["weights"],
                        help="backbone init: 'imagenet' (torchvision download), 'none' (random, trainable "
                             "GroupNorm) or a path to a local ImageNet state dict of the backbone")

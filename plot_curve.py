@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path | None]:
     print(f"{len(history)} epochs in {Path(args.output_dir) / HISTORY_FILE}")
     best = best_epoch(history)
     if best:
-        print(f"best.pth: epoch {best[0]}, {best[1]} {best[2]:.4f}")
+        print(f"{best_label(history)}: epoch {best[0]}, {best[1]} {best[2]:.4f}")
     for name, path in paths.items():
         print(f"  {name:>7}: {path if path else 'skipped (no validation metrics in the history)'}")
     return paths
@@ -115,7 +115,8 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
     best = best_epoch(history)
     for ax in axes[0]:
         if best:
-            ax.axvline(best[0], color="grey", linestyle=":", label=f"best.pth (epoch {best[0]}, {best[1]})")
+            ax.axvline(best[0], color="grey", linestyle=":",
+                       label=f"{best_label(history)} (epoch {best[0]}, {best[1]})")
         ax.set_xlabel("epoch")
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -157,6 +158,12 @@ def best_epoch(history: list[dict[str, Any]]) -> tuple[int, str, float] | None:
             return epoch, key, float(value)
     scored = [(row["epoch"], BEST_METRIC, row[BEST_METRIC]) for row in history if _finite(row.get(BEST_METRIC))]
     return max(scored, key=lambda item: item[2]) if scored else None
+
+
+def best_label(history: list[dict[str, Any]]) -> str:
+    """What the marked epoch is: the one ``best.pth`` holds where training recorded it, else
+    (an older history) only the highest segm AP50, which ``best.pth`` need not hold."""
+    return "best.pth" if any("best_epoch" in row for row in history) else f"best {BEST_METRIC}"
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[float]:

@@ -80,16 +80,17 @@ OTHER_IMAGES = ("it is of other images, or numbers them otherwise: pass the --da
                 "--id_map_json with the ids it was written with")
 
 
-def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], source: str) -> list[str]:
+def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], source: str, fix: str) -> list[str]:
     """Notes on the data folder's images that ``results`` say nothing about: each scores as all
-    its cells missed, right for a model that found none, wrong for a submission of other images."""
+    its cells missed, right for a model that found none, wrong for results of other images
+    (``fix``: what to pass then)."""
     found = {r["image_id"] for r in results}
     missing = [s.name for s, i in zip(samples, ids) if i not in found]
     if not results:
         return [f"note: {source} holds no detection: every score is 0"]
     if missing:
         return [f"note: {len(missing)} of {len(samples)} images have no detection in {source} ({few(missing)}): "
-                f"each scores as all its cells missed; if that is not what was predicted, {OTHER_IMAGES}"]
+                f"each scores as all its cells missed; if that is not what was predicted, {fix}"]
     return []
 
 

@@ -23,7 +23,8 @@ from augment import Donors, add_augment_args, build_crop_window, build_train_tra
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint, saved_args,
                         set_rng_state)
 from coco import build_coco_gt
-from dataloader import ID_MAP_FILE, LabelledImages, collate_fn, list_samples, sample_groups, split_samples, write_split
+from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, find_id_map, list_samples,
+                        sample_groups, split_samples, write_split)
 from distributed import DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, init_distributed
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
@@ -138,6 +139,8 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         args.output_dir = str(Path(args.resume).parent)
     if args.tile is None:
         args.tile = args.crop
+    if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # its id map is checked now, not after training
+        UnlabelledImages(Path(args.test_dir), find_id_map(Path(args.test_dir), args.id_map_json))
     summary = train(args, backbone, typed)
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)
@@ -176,10 +179,10 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
                               f"--checkpoint {args.resume} to train from its weights in a new run.")
     if resume is not None and Path(args.resume).resolve().parent == out.resolve() \
             and recorded_epochs(out) > resume["epoch"]:  # best.pth of a run that went on: its later epochs are kept
-        raise CheckpointError(f"{args.resume}: epoch {resume['epoch']} of a run that {out / 'history.json'} records to "
-                              f"epoch {recorded_epochs(out)}; resuming it would overwrite the later epochs. Continue "
-                              f"the run with --resume {out / 'last.pth'} (--epochs N to train longer), or fine-tune "
-                              f"its weights in a new run: --checkpoint {args.resume} --output_dir NEW_DIR.")
+        raise CheckpointError(f"{args.resume}: epoch {resume['epoch']} of a run that {out / 'history.json'} records "
+                              f"to epoch {recorded_epochs(out)}; resuming it would overwrite the later epochs. "
+                              f"Continue the run with --resume {out / 'last.pth'} (--epochs N to train longer), or "
+                              f"branch from it in a new folder: --resume {args.resume} --output_dir NEW_DIR.")
     if resume is not None:
         resume_flags(args, saved_args(resume), typed, info)
     torch.manual_seed(args.seed)
@@ -306,8 +309,8 @@ RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results
 # what "best" means, so a change would mix two runs into one history.
 RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric",
              "repeat_thresh")
-# Where the samples are read from: another path holding the same samples, split alike, is the same
-# data (a dataset moved or mounted elsewhere).
+# Where the samples are read from: where the recorded path is gone, another path holding the same
+# samples, split alike, is the same data (a dataset moved or mounted elsewhere).
 DATA_PATHS = ("train_dir", "val_dir", "split_groups")
 # Flags of this invocation and machine, not of the run: a resumed run takes them from today's
 # command (so --use_amp, an out-of-memory fix, can also be dropped on resume).
@@ -363,7 +366,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     saved = resume["config"]
     trained = saved_config(saved)  # a head missing from an older run's config: trained without it
     differing = [k for k in ARCH_KEYS if (k in saved or k in HEADS) and trained[k] != config[k]]
-    if trained["backbone"] != backbone:  # no flag chooses the backbone: the script does
+    if trained.get("backbone", backbone) != backbone:  # no flag chooses the backbone: the script does
         raise CheckpointError(f"{args.resume}: trained with the {trained['backbone']} backbone; continue it with "
                               f"{TRAIN_SCRIPTS[trained['backbone']]} --resume {args.resume}.")
     if differing:
@@ -374,7 +377,8 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
     then = {**original, "split_seed": _split_seed(original)}
     now = {**vars(args), "split_seed": _split_seed(vars(args))}
     changed = [k for k in RUN_FLAGS if k in original and not same_flag(then[k], now[k])]
-    if changed and set(changed) <= set(DATA_PATHS) and _same_split(args, Path(args.resume).parent / "split.json"):
+    moved = set(changed) <= set(DATA_PATHS) and not any(then[k] and Path(then[k]).exists() for k in changed)
+    if changed and moved and _same_split(args, Path(args.resume).parent / "split.json"):
         _log(info, "note: resumed with the run's samples read from " + ", ".join(f"--{k} {now[k]}" for k in changed))
         changed = []  # the data moved: the same samples, split alike
     if changed:

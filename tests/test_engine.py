@@ -539,6 +539,11 @@ def test_a_moved_dataset_resumes_when_its_samples_split_alike(tiny_dataset: dict
     _, train_names, val_names, _ = training.split_of(first)
     write_split(tmp_path / "run" / "split.json", train_names, val_names, first.seed, first.val_split)
     resume = {"config": config_from_args(first, "resnet101"), "args": vars(first)}
+    shutil.copytree(tmp_path / "old", tmp_path / "copy")
+    args = parser.parse_args(["--resume", str(tmp_path / "run" / "last.pth"), "--train_dir",
+                              str(tmp_path / "copy" / "train"), "--val_split", "0.34"])
+    with pytest.raises(CheckpointError, match="other data"):  # the run's own folder is still there: another one
+        _run_config(args, "resnet101", resume)
     (tmp_path / "old").rename(tmp_path / "new")
     moved = tmp_path / "new" / "train"
     args = parser.parse_args(["--resume", str(tmp_path / "run" / "last.pth"), "--train_dir", str(moved),

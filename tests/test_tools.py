@@ -320,9 +320,11 @@ def test_plot_curve_writes_three_pngs(tmp_path: Path) -> None:
     history = plot_curve.load_history(tmp_path)
     assert history[0]["segm_AP50_class2"] is None
     assert plot_curve.best_epoch(history) == (2, "segm_AP50", 0.5)  # a history from before the record
+    assert plot_curve.best_label(history) == "best segm_AP50"  # a guess, not said to be best.pth
     for row, ema in zip(history, (0.1, 0.3, 0.45)):  # selected by bbox AP75, epoch 3's EMA weights the better
         row.update(best_epoch=3, select_metric="bbox_AP75", ema_bbox_AP75=ema)
     assert plot_curve.best_epoch(history) == (3, "ema_bbox_AP75", 0.45)
+    assert plot_curve.best_label(history) == "best.pth"
     write_history(tmp_path / "history.json", history)
     assert plot_curve.main(["--output_dir", str(tmp_path)])["metrics"] == tmp_path / "map_curve.png"
     assert not list(tmp_path.glob(".*.tmp"))  # written under a hidden name, then renamed

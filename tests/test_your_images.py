@@ -13,6 +13,7 @@ from PIL import Image
 
 import evaluate
 import inference
+import training
 from cell_outputs import write_cell_outputs
 from checkpoint import CheckpointError
 from conftest import random_checkpoint
@@ -61,10 +62,10 @@ def test_a_png_over_pillow_s_pixel_guard_is_sent_to_tiff(tmp_path: Path, monkeyp
 def test_two_images_of_one_name_are_refused_before_prediction_when_outputs_are_named_by_it(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "x.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "X.png")  # one folder on macOS and Windows
     tifffile.imwrite(folder / "x.tif", np.zeros((8, 8, 3), np.uint8))
     argv = ["--checkpoint", str(tmp_path / "never_read.pth"), "--test_dir", str(folder), "--output_dir", str(tmp_path)]
-    with pytest.raises(UsageError, match="x.png and x.tif would write the same label folder and GeoJSON file"):
+    with pytest.raises(UsageError, match="X.png and x.tif would write the same label folder and GeoJSON file"):
         inference.main([*argv, "--save_geojson", str(tmp_path / "cells")])
     with pytest.raises(CheckpointError):  # the submission and CSV name images in full: the checkpoint is next
         inference.main([*argv, "--save_csv", str(tmp_path / "cells.csv")])
@@ -94,6 +95,8 @@ def test_a_folder_without_id_map_is_numbered_by_file_name(tmp_path: Path) -> Non
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(folder / "d.png")  # one image more than the map names
     with pytest.raises(DatasetError, match=r"mine: 1 test file\(s\) have no id in .*: d.png"):
         find_id_map(folder, None)  # refused, not numbered 1..N under ids that differ from the map's
+    with pytest.raises(DatasetError, match=r"found beside the folder and is used by default: pass --id_map_json"):
+        training.main(["--train_dir", "never_read", "--test_dir", str(folder)], "resnet101", "")  # before training
     (folder / "d.png").unlink()
     (tmp_path / ID_MAP_FILE).write_text("[{")
     with pytest.raises(DatasetError, match="not valid JSON"):
