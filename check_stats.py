@@ -22,7 +22,7 @@ from tqdm import tqdm
 from argtypes import HelpFormatter
 from cli import run_cli
 from dataloader import (CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
-                        list_samples, read_id_map)
+                        is_whole, list_samples, read_id_map)
 from errors import DatasetError
 from files import write_json
 
@@ -132,7 +132,7 @@ def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
         hw.append((info["height"], info["width"]))
         modes[info["mode"]] += 1
         expected = (entry.get("height"), entry.get("width"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in expected):
+        if not all(map(is_whole, expected)):
             unsized += 1  # sizes are optional: prediction and scoring read them from the images
         elif expected != (info["height"], info["width"]):
             mismatches.append({"file_name": entry["file_name"], "id_map": list(expected),

@@ -540,6 +540,11 @@ def read_id_entries(path: Path, fix: str) -> list[dict]:
     return entries
 
 
+def is_whole(value: object) -> bool:
+    """A JSON whole number (an int, never a bool): an image id, a category, a size."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def whole_id(entry: dict, id_map_json: Path) -> int:
     """An id map entry's id as the int the submission writes, in inference.py and evaluate.py
     alike: tools that write maps from a table give ``1.0`` or ``"1"``, which name the same

@@ -13,7 +13,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
-from dataloader import CLASS_FILES, IMAGE_FILE, few, read_id_entries, read_json, read_label_image, sample_name
+from dataloader import (CLASS_FILES, IMAGE_FILE, few, is_whole, read_id_entries, read_json, read_label_image,
+                        sample_name)
 from errors import DatasetError
 from masks import PackedMasks
 
@@ -97,24 +98,20 @@ def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], sou
 def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:
     """What keeps one COCO result from being scored ("" when nothing)."""
     image_id, category, score, mask = (result[k] for k in ("image_id", "category_id", "score", "segmentation"))
-    if not _whole(image_id):
+    if not is_whole(image_id):
         return "has an image_id that is not an integer"
-    if not _whole(category) or category not in CATEGORY_IDS:
+    if not is_whole(category) or category not in CATEGORY_IDS:
         return f"has category_id {category!r}, not one of {sorted(CATEGORY_IDS)}"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"has score {score!r}, not a finite number"
     rle = isinstance(mask, dict) and {"size", "counts"} <= set(mask) and isinstance(mask["counts"], (str, list))
     if not rle:
         return "has a segmentation that is not an RLE {size, counts} (polygons are not scored)"
-    if not isinstance(mask["size"], list) or len(mask["size"]) != 2 or not all(map(_whole, mask["size"])):
+    if not isinstance(mask["size"], list) or len(mask["size"]) != 2 or not all(map(is_whole, mask["size"])):
         return f"has an RLE size {mask['size']!r}, not [height, width]"
     if image_id in shapes and mask["size"] != list(shapes[image_id]):
         return f"has a mask of size {mask['size']} on an image of {list(shapes[image_id])} (height, width)"
     return ""
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
