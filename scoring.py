@@ -56,10 +56,13 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
     if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
         raise DatasetError(f"{path}: expected a list of COCO results with {sorted(keys)}; pass inference.py's JSON.")
     for n, r in enumerate(results):
-        problem = _result_problem(r, shapes)
+        problem = _result_problem(r)
+        fix = "write the submission with inference.py, or as COCO results with RLE masks"
+        if not problem and r["image_id"] in shapes and r["segmentation"]["size"] != list(shapes[r["image_id"]]):
+            problem = (f"has a mask of size {r['segmentation']['size']} on an image of "
+                       f"{list(shapes[r['image_id']])} (height, width)")
+            fix = OTHER_IMAGES  # a well-formed result of another image
         if problem:
-            fix = (OTHER_IMAGES if "on an image of" in problem else
-                   "write the submission with inference.py, or as COCO results with RLE masks")
             raise DatasetError(f"{path}: result {n} (image_id {r['image_id']!r}) {problem}; {fix}.")
     kept = [r for r in results if r["image_id"] in shapes]
     if results and not kept:
@@ -95,8 +98,8 @@ def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], sou
     return []
 
 
-def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:
-    """What keeps one COCO result from being scored ("" when nothing)."""
+def _result_problem(result: dict) -> str:
+    """What keeps one COCO result from being scored as COCO results are ("" when nothing)."""
     image_id, category, score, mask = (result[k] for k in ("image_id", "category_id", "score", "segmentation"))
     if not is_whole(image_id):
         return "has an image_id that is not an integer"
@@ -109,8 +112,6 @@ def _result_problem(result: dict, shapes: dict[int, tuple[int, int]]) -> str:
         return "has a segmentation that is not an RLE {size, counts} (polygons are not scored)"
     if not isinstance(mask["size"], list) or len(mask["size"]) != 2 or not all(map(is_whole, mask["size"])):
         return f"has an RLE size {mask['size']!r}, not [height, width]"
-    if image_id in shapes and mask["size"] != list(shapes[image_id]):
-        return f"has a mask of size {mask['size']} on an image of {list(shapes[image_id])} (height, width)"
     return ""
 
 

@@ -177,10 +177,10 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     if resume is not None and not {"optimizer", "rng"} <= resume.keys():
         raise CheckpointError(f"{args.resume}: holds weights only, no training state to resume; pass it as "
                               f"--checkpoint {args.resume} to train from its weights in a new run.")
-    if resume is not None and Path(args.resume).resolve().parent == out.resolve() \
-            and recorded_epochs(out) > resume["epoch"]:  # best.pth of a run that went on: its later epochs are kept
+    later = recorded_epochs(out) if resume is not None and Path(args.resume).resolve().parent == out.resolve() else 0
+    if resume is not None and later > resume["epoch"]:  # best.pth of a run that went on: its later epochs are kept
         raise CheckpointError(f"{args.resume}: epoch {resume['epoch']} of a run that {out / 'history.json'} records "
-                              f"to epoch {recorded_epochs(out)}; resuming it would overwrite the later epochs. "
+                              f"to epoch {later}; resuming it would overwrite the later epochs. "
                               f"Continue the run with --resume {out / 'last.pth'} (--epochs N to train longer), or "
                               f"branch from it in a new folder: --resume {args.resume} --output_dir NEW_DIR.")
     if resume is not None:
