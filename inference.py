@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -139,18 +139,6 @@ def _out_of_memory_in_one_line(predict: Callable[..., Path]) -> Callable[..., Pa
     return wrapper
 
 
-# Settings of how a run computes rather than of what it predicts (AMP's rounding, and the padding
-# of whole images batched together, move results only slightly): a run changing them (the
-# out-of-memory fixes, another device) continues an earlier run's record of finished images.
-HOW_IT_RUNS = ("batch_size", "use_amp", "feature_budget")
-
-
-def what_it_predicts(settings: Settings) -> dict[str, Any]:
-    """The prediction settings that decide the results (``HOW_IT_RUNS`` left out), for the key
-    of the crash record (``journal.run_key``)."""
-    return {k: v for k, v in asdict(settings).items() if k not in HOW_IT_RUNS}
-
-
 @_out_of_memory_in_one_line
 def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str | Path, id_map_json: str | Path | None,
                    output: Path, settings: Settings = Settings(tile=None, batch_size=None), device: str | None = None,
@@ -190,7 +178,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
         paths, images=[(e["file_name"], e["id"], *_stamp(dataset.test_dir / e["file_name"])) for e in dataset.entries],
         test_dir=Path(test_dir).resolve(),
-        settings=what_it_predicts(resolved), per_window=what_it_predicts(per_window), window=window,
+        settings=resolved.what_it_predicts(), per_window=per_window.what_it_predicts(), window=window,
         score_thresh=score_thresh, overrides=overrides))
     ids = [int(e["id"]) for e in dataset.entries]
     earlier = {i for i in whole if ids[i] in journal.done}

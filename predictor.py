@@ -10,7 +10,7 @@ their view; duplicates are then dropped by mask overlap.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -27,6 +27,12 @@ from merging import (average_masks, consensus, greedy_mask_merge, merge_order, s
 from model import image_cap
 from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
+
+
+# Settings of how a run computes rather than of what it predicts (AMP's rounding, and the padding
+# of whole images batched together, move results only slightly): a run changing them (the
+# out-of-memory fixes, another device) continues an earlier run's record of finished images.
+HOW_IT_RUNS = ("batch_size", "use_amp", "feature_budget")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,11 @@ class Settings:
         """Whether a cell scores its mean over views and models: ``consensus``, or by default
         with TTA views (4 of 4 held-out four-class runs: benchmarks/RESULTS.md)."""
         return self.consensus or (self.consensus is None and self.tta_scales is not None)
+
+    def what_it_predicts(self) -> dict[str, Any]:
+        """The settings that decide the results (``HOW_IT_RUNS`` left out): the key under which a
+        stopped run's finished images are kept (``journal.run_key``; inference.py, visualization.py)."""
+        return {k: v for k, v in asdict(self).items() if k not in HOW_IT_RUNS}
 
     def resolved(self, device: torch.device, state: dict[str, Any] | None = None) -> "Settings":
         """These settings with ``tile`` and ``batch_size`` decided for ``device`` and the

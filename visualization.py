@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -38,6 +38,8 @@ from errors import DatasetError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
 from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
                    prediction_settings)
+from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
+from journal import PredictionJournal, run_key  # noqa: E402
 from predictor import Settings, predict_images  # noqa: E402
 from masks import PackedMasks  # noqa: E402
 from merging import take  # noqa: E402
@@ -125,16 +127,18 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
         raise DatasetError(f"{train_dir}: validation sample(s) {missing[:5]} from {split_json} are missing; "
                            "pass the --train_dir the model was trained on.")
     names = [n for n in names if drawable(samples[n] / IMAGE_FILE)]
-    paths, shown = [], {"gt": 0, "pred": 0}
-    for name in tqdm(names, desc="draw val", disable=None):
-        image = read_image(samples[name] / IMAGE_FILE)
-        gt = ground_truth_layer(decode_instances(samples[name], image.shape[:2]), args.draw_gt_mask)
+    paths = [vis_dir / f"{name}.png" for name in names]
+
+    def draw(i: int) -> dict[str, int]:
+        image = read_image(samples[names[i]] / IMAGE_FILE)
+        gt = ground_truth_layer(decode_instances(samples[names[i]], image.shape[:2]), args.draw_gt_mask)
         pred = predict_layer(model, image, device, args.score_thresh, args.settings)
-        gt.title = f"{name}: ground truth, {len(gt.labels)} instances"
-        paths.append(save_figure(image, [gt, pred], vis_dir / f"{name}.png", args))
-        shown["gt"] += len(gt.labels)
-        shown["pred"] += len(pred.labels)
-    return paths, shown
+        gt.title = f"{names[i]}: ground truth, {len(gt.labels)} instances"
+        save_figure(image, [gt, pred], paths[i], args)
+        return {"gt": len(gt.labels), "pred": len(pred.labels)}
+
+    images = [str((samples[n] / IMAGE_FILE).resolve()) for n in names]
+    return paths, draw_all(paths, draw, drawing_key(args, images), vis_dir, "draw val")
 
 
 def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
@@ -147,15 +151,55 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     dataset = UnlabelledImages(Path(test_dir), id_map)
     indices = [i for i in _first(list(range(len(dataset))), args.num_images)
                if drawable(dataset.test_dir / dataset.entries[i]["file_name"])]
-    paths, shown = [], {"gt": 0, "pred": 0}
-    for index in tqdm(indices, desc="draw test", disable=None):
-        tensor, meta = dataset[index]
+    entries = [dataset.entries[i] for i in indices]
+    paths = [vis_dir / f"{entry['id']}.png" for entry in entries]
+
+    def draw(i: int) -> dict[str, int]:
+        tensor, meta = dataset[indices[i]]
         image = tensor.permute(1, 2, 0).numpy()
         pred = predict_layer(model, image, device, args.score_thresh, args.settings)
         pred.title = f"{meta['file_name']} (id {meta['image_id']}): {pred.title}"
-        paths.append(save_figure(image, [pred], vis_dir / f"{meta['image_id']}.png", args))
-        shown["pred"] += len(pred.labels)
-    return paths, shown
+        save_figure(image, [pred], paths[i], args)
+        return {"gt": 0, "pred": len(pred.labels)}
+
+    images = [[str((dataset.test_dir / e["file_name"]).resolve()), e["id"]] for e in entries]
+    return paths, draw_all(paths, draw, drawing_key(args, images), vis_dir, "draw test")
+
+
+# The record of a drawing run's finished images (journal.py) in the PNGs' folder: the same command
+# after a crash or a Ctrl-C draws only the images still missing. Deleted once every image is drawn.
+RECORD = f".drawing{JOURNAL_SUFFIX}"
+
+
+def drawing_key(args: argparse.Namespace, images: list) -> str:
+    """What makes two drawing runs' PNGs interchangeable: the checkpoint as it is on disk, the
+    images and every setting that changes a figure (how it computes, batch size, AMP, device, not)."""
+    return run_key([args.checkpoint], mode=args.mode, images=images, score_thresh=args.score_thresh,
+                   draw_gt_mask=args.draw_gt_mask, max_labels=args.max_labels,
+                   min_label_side=args.min_label_side, settings=args.settings.what_it_predicts())
+
+
+def draw_all(paths: list[Path], draw: Callable[[int], dict[str, int]], key: str, vis_dir: Path,
+             desc: str) -> dict[str, int]:
+    """``draw(i)`` writes ``paths[i]`` and returns what it showed; the images an earlier run of
+    the same command finished (recorded, and their PNG still there) are not drawn again. Returns
+    the instances shown over all the images, the earlier run's included."""
+    shown = {"gt": 0, "pred": 0}
+    with PredictionJournal(vis_dir / RECORD, key) as record:
+        earlier = {i for i in record.done if i < len(paths) and paths[i].is_file()}
+        if earlier:
+            print(f"{len(earlier)} of {len(paths)} image(s) were drawn by this command before it stopped; "
+                  f"drawing the other {len(paths) - len(earlier)} ({record.path}; delete it to draw all again)")
+        for part in record.replay(earlier):
+            shown = {k: shown[k] + part[0][k] for k in shown}
+        for i in tqdm([i for i in range(len(paths)) if i not in earlier], desc=desc, disable=None,
+                      total=len(paths), initial=len(earlier)):
+            counts = draw(i)
+            shown = {k: shown[k] + counts[k] for k in shown}
+            record.add(i, [counts])
+            record.finish(i)
+    record.discard()  # every image is drawn
+    return shown
 
 
 # A figure shows a whole image; one over this side (a whole slide) is skipped with a note, not read

@@ -203,6 +203,47 @@ def test_visualization_val_draws_each_validation_image(run: tuple[Path, list[str
     assert f"wrote {len(val)} PNG(s)" in capsys.readouterr().out
 
 
+def test_visualization_continues_a_stopped_run(run: tuple[Path, list[str]], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                              shallow: None) -> None:
+    """A Ctrl-C after the first figure: the same command draws only the second, and reports the
+    instances of both; a finished run, or other settings, draw everything again."""
+    checkpoint, val = run
+    argv = ["--checkpoint", str(checkpoint), "--num_images", "0", "--score_thresh", "0", "--vis_dir",
+            str(tmp_path), "--device", "cpu"]
+    real, drawn = visualization.save_figure, []
+
+    def save(image: np.ndarray, layers: list, path: Path, args: object, stop_at: int = 0) -> Path:
+        drawn.append(path.name)
+        if len(drawn) == stop_at:
+            raise KeyboardInterrupt
+        return real(image, layers, path, args)
+
+    visualization.main(argv)
+    whole = capsys.readouterr().out.splitlines()[-1]
+    for changed in ([], ["--score_thresh", "0.5"]):
+        monkeypatch.setattr(visualization, "save_figure", lambda *a: save(*a, stop_at=2))
+        drawn.clear()
+        with pytest.raises(KeyboardInterrupt):
+            visualization.main(argv)
+        assert (tmp_path / visualization.RECORD).is_file()
+        monkeypatch.setattr(visualization, "save_figure", save)
+        drawn.clear()
+        capsys.readouterr()
+        paths = visualization.main(argv + changed)
+        assert sorted(p.name for p in paths) == sorted(f"{n}.png" for n in val)
+        assert not (tmp_path / visualization.RECORD).exists()
+        out = capsys.readouterr().out
+        if changed:  # other settings: the record is another run's
+            assert len(drawn) == 2 and "drawn by this command" not in out
+        else:
+            assert drawn == [f"{val[1]}.png"] and "1 of 2 image(s) were drawn by this command" in out
+            assert out.splitlines()[-1] == whole  # the earlier run's instances counted
+    drawn.clear()
+    visualization.main(argv)  # a finished run's record is gone: drawn again
+    assert len(drawn) == 2
+
+
 def test_visualization_val_reads_the_runs_val_dir(data: dict[str, Path], run: tuple[Path, list[str]],
                                                   tmp_path: Path, shallow: None) -> None:
     """A run given --val_dir held out another folder's samples: they are drawn from there."""
