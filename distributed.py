@@ -100,11 +100,12 @@ def broadcast(obj: Any, info: DistInfo) -> Any:
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank: every rank must call it at the same point."""
     if not info.enabled:
         return flag
-    tensor = torch.tensor([int(flag)], device=device)
+    tensor = torch.full((1,), int(flag), device=device)  # filled on the device: no host-to-device copy
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return bool(tensor.item())  # host sync: the ranks' answer, read where the caller agreed to wait
 
 
 class ResumableSampler(DistributedSampler):

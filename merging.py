@@ -150,13 +150,23 @@ def resample_masks(probs: torch.Tensor, boxes: torch.Tensor, target_boxes: torch
                          align_corners=False)[:, 0]
 
 
-def take(masks: PackedMasks, index: torch.Tensor) -> PackedMasks:
-    """The packed masks ``index`` selects, in that order, gathered in one indexing step."""
+def take(masks: PackedMasks, index: torch.Tensor, pixels: int | None = None) -> PackedMasks:
+    """The packed masks ``index`` selects, in that order, gathered in one indexing step.
+    ``pixels``, their pixel total where the caller knows it (``selected``), spares the read of
+    it from the device (a host sync on a GPU)."""
     counts = masks.offsets.diff()[index]
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    owner = torch.repeat_interleave(torch.arange(len(index), device=counts.device), counts)
+    owner = torch.repeat_interleave(torch.arange(len(index), device=counts.device), counts, output_size=pixels)
     source = masks.offsets[index][owner] + torch.arange(len(owner), device=counts.device) - offsets[owner]
     return PackedMasks(masks.data[source], masks.boxes[index], offsets, masks.size)
+
+
+def selected(chosen: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The indices where bool ``chosen`` is set, and the pixel total of their masks (``sizes``,
+    each mask's pixels), read from the device together: the one host sync that both the
+    selection's length and ``take``'s output size need."""
+    count, pixels = torch.stack([chosen.sum(), (sizes * chosen).sum()]).tolist()  # host sync: once per call
+    return torch.nonzero_static(chosen, size=int(count)).flatten(), int(pixels)
 
 
 def pair_intersections(masks: PackedMasks, first: torch.Tensor, second: torch.Tensor,

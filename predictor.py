@@ -21,9 +21,9 @@ from coco import detections_to_coco, paste_masks
 from class_context import rescore
 from detector import detect_boxes, group_ranks
 from devices import autocast, counts, prediction_batch, scale_boxes
-from masks import mask_areas
+from masks import PackedMasks, mask_areas
 from merging import (average_masks, consensus, greedy_mask_merge, merge_order, same_cell_copies,
-                     same_cell_pairs, select_candidates, take, votes)
+                     same_cell_pairs, select_candidates, selected, take, votes)
 from model import image_cap
 from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
@@ -129,8 +129,26 @@ def predict_each(model: nn.Module | Sequence[nn.Module], loader: Iterable, devic
         images = [img.to(device, non_blocking=True) for img in images]
         with autocast(device, settings.use_amp):
             merged = predict_images(models, images, settings)
-        for dets, target in zip(merged, targets):
+        for dets, target in zip(on_host(merged), targets):
             yield target["image_id"], detections_to_coco(dets, target["image_id"])
+
+
+def on_host(found: list[dict]) -> list[dict]:
+    """Merged detections (``predict_images``) moved to the host to be written: on CUDA every
+    copy is queued at once (into pinned memory) and waited for once. Read one tensor at a time,
+    a batch waited six times an image, each time behind all the work still queued."""
+    device = found[0]["boxes"].device if found else torch.device("cpu")
+    queued = device.type == "cuda"
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t.to("cpu", non_blocking=queued)
+
+    moved = [{**d, "boxes": host(d["boxes"].float()), "scores": host(d["scores"].float()), "labels": host(d["labels"]),
+              "masks": PackedMasks(host(d["masks"].data), host(d["masks"].boxes), host(d["masks"].offsets),
+                                   d["masks"].size)} for d in found]
+    if queued:
+        torch.cuda.synchronize(device)  # host sync: the batch's results, once per batch
+    return moved
 
 
 class Job(NamedTuple):
@@ -343,12 +361,13 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     raised by their votes and weighed by their neighbours' classes (of ``classes``), best first,
     at most ``per_class`` of a class (0: no limit)."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
+    sizes = masks.offsets.diff()
     if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
-        kept = torch.arange(len(pick["scores"]), device=probs.device)
+        kept, pixels = torch.arange(len(pick["scores"]), device=probs.device), masks.data.numel()
     else:
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
         keep = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh)
-        kept = keep.nonzero().flatten()  # host sync: how many cells the image keeps, once per image
+        kept, pixels = selected(keep, sizes)  # host sync: the cells the image keeps and their pixels, once per image
     scores = pick["scores"][kept]
     if "votes" in pick:
         scores = scores * (1 + settings.vote_boost * (pick["votes"][kept] - 1))
@@ -357,10 +376,10 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     order = torch.argsort(scores, descending=True)
     kept, scores = kept[order], scores[order]
     if per_class > 0 and pick["views"] > 1:  # one view: the model's own cap already holds
-        within = (group_ranks(scores, pick["labels"][kept]) < per_class).nonzero().flatten()  # host sync: per image
+        within, pixels = selected(group_ranks(scores, pick["labels"][kept]) < per_class, sizes[kept])  # host sync: per image
         kept, scores = kept[within], scores[within]
     return {"boxes": pick["boxes"][kept], "scores": scores, "labels": pick["labels"][kept],
-            "masks": take(masks, kept), "image_size": size}
+            "masks": take(masks, kept, pixels), "image_size": size}
 
 
 class MaskRCNNStages:

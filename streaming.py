@@ -36,7 +36,7 @@ from devices import autocast
 from errors import DatasetError, UsageError
 from masks import PackedMasks
 from merging import take
-from predictor import Settings, predict_images
+from predictor import Settings, on_host, predict_images
 from tiling import tile_stride
 
 # Beyond the tile, how far a window's core stays from its inner edges: half the widest cell kept whole.
@@ -160,7 +160,7 @@ def stream_image(image: LazyImage, predict_window: Callable[[np.ndarray], dict],
     for ys in window_spans(height, window, tile, overlap):
         for xs in window_spans(width, window, tile, overlap):
             pixels = image.read(ys.start, xs.start, ys.stop, xs.stop)
-            dets = _on_host(predict_window(pixels))
+            dets = on_host([predict_window(pixels)])[0]
             yield Part((ys.start, xs.start), pixels, dets, core_of(dets["boxes"], ys, xs))
             del pixels, dets
             _return_freed_memory()
@@ -208,14 +208,6 @@ def _libc() -> Any:
         return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
-
-
-def _on_host(dets: dict) -> dict:
-    """A window's detections moved to the host at once, for writing (host sync: once per window)."""
-    masks = dets["masks"]
-    return {"boxes": dets["boxes"].float().cpu(), "scores": dets["scores"].float().cpu(), "labels": dets["labels"].cpu(),
-            "masks": PackedMasks(masks.data.cpu(), masks.boxes.cpu(), masks.offsets.cpu(), masks.size),
-            "image_size": dets["image_size"]}
 
 
 def _shifted(boxes: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -21,8 +21,8 @@ from coco import encode_packed, paste_masks
 from conftest import mask_boxes
 from masks import PackedMasks
 from merging import (_rival_pairs, average_masks, consensus, greedy_mask_merge, pair_intersections, resample_masks,
-                     same_cell_copies, same_cell_pairs, select_candidates, take, votes)
-from predictor import Settings, predict_images, state_bytes
+                     same_cell_copies, same_cell_pairs, select_candidates, selected, take, votes)
+from predictor import Settings, on_host, predict_images, state_bytes
 from synthetic import synth_image
 from tiling import max_cover, tile_grid
 
@@ -228,6 +228,27 @@ def test_pair_intersections_and_take_are_pixel_exact() -> None:
     assert torch.equal(pair_intersections(packed, first, second, chunk_pixels=50), expected)  # many chunks
     index = torch.tensor([5, 0, 29, 5])
     assert torch.equal(take(packed, index).full(), packed.full()[index])
+    chosen = torch.from_numpy(rng.random(30) < 0.5)
+    picked, pixels = selected(chosen, packed.offsets.diff())
+    assert torch.equal(picked, chosen.nonzero().flatten())
+    assert pixels == sum(int(c.numel()) for c in (packed.crop(i) for i in picked.tolist())) > 0
+    given = take(packed, picked, pixels)  # the total given, not read back
+    assert torch.equal(given.data, take(packed, picked).data) and torch.equal(given.full(), full[picked].to(torch.uint8))
+    none, nothing = selected(torch.zeros(30, dtype=torch.bool), packed.offsets.diff())
+    assert len(none) == 0 and nothing == 0 and len(take(packed, none, nothing)) == 0
+
+
+def test_results_moved_to_the_host_are_the_same_detections() -> None:
+    """``on_host`` copies every field of a batch's detections (here host to host: the values)."""
+    rng = np.random.default_rng(3)
+    packed = _random_packed(rng, 6, (20, 24))
+    dets = {"boxes": torch.rand(6, 4, dtype=torch.float16), "scores": torch.rand(6), "labels": torch.arange(6),
+            "masks": packed, "image_size": (20, 24)}
+    (moved,) = on_host([dets])
+    assert moved["boxes"].dtype == torch.float32 and torch.equal(moved["boxes"], dets["boxes"].float())
+    assert torch.equal(moved["scores"], dets["scores"]) and torch.equal(moved["labels"], dets["labels"])
+    assert torch.equal(moved["masks"].full(), packed.full()) and moved["image_size"] == (20, 24)
+    assert on_host([]) == []
 
 
 def test_greedy_mask_merge_equals_the_one_at_a_time_greedy() -> None:
