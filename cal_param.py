@@ -19,7 +19,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from argtypes import HelpFormatter
 from cli import run_cli
 from dataloader import num_classes_arg
-from files import write_json
+from files import writable_file, write_json
 from model import DEFAULT_CONFIG, backbone_name, build_model, context_factor, weights_to_be_loaded
 
 PARTS = ("backbone body", "FPN", "neck attention", "RPN", "box head", "mask head")
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json:  # checked before the work, not at its end
+        writable_file(args.json, "--json", "params.json")
     if args.all and (args.backbone or args.use_attn):
         parser.error("--all counts every backbone with and without attention; drop --backbone and --use_attn, "
                      "or drop --all")

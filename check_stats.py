@@ -24,7 +24,7 @@ from cli import run_cli
 from dataloader import (CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
                         is_whole, list_samples, read_id_map)
 from errors import DatasetError
-from files import write_json
+from files import writable_file, write_json
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json:  # checked before the work, not at its end
+        writable_file(args.json, "--json", "stats.json")
     if (args.test_dir is None) != (args.id_map_json is None):
         parser.error("--test_dir and --id_map_json go together: the test check compares one with the other")
     stats: dict[str, Any] = {"train": train_stats(Path(args.train_dir))}

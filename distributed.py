@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from devices import default_device
+from errors import UsageError
 
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 
@@ -45,6 +46,12 @@ def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
     info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
     if use_cuda:
+        if info.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started {info.local_rank + 1} or more processes on this node, which has "
+                             f"{torch.cuda.device_count()} GPU(s); pass --nproc_per_node {torch.cuda.device_count()}.")
+        if device_arg not in (None, "cuda", f"cuda:{info.local_rank}"):
+            print(f"note: rank {info.rank}: --device {device_arg} is not used under torchrun; each process "
+                  f"takes the GPU of its local rank (cuda:{info.local_rank}).")
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         # Rank 0 alone scores validation (COCOeval) while the others wait in a broadcast: allow
@@ -121,6 +128,19 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(super().__len__() - self.skip, 0)
+
+
+def epoch_samples_done(partial: dict[str, Any] | None, batch_size: int, world_size: int) -> int:
+    """The samples each rank skips to continue a stopped epoch (``partial``, saved by training).
+    The samplers shard the epoch's order ``rank::world_size``, so the ranks' first ``batches`` x
+    ``batch_size`` samples each were its first ``batches`` x ``batch_size`` x ``world_size``. With
+    another ``--batch_size`` or number of processes each rank skips its share of those, rounded
+    down: a sample or so a rank is trained twice, none left out, and every rank skips alike (DDP
+    keeps them in step)."""
+    if not partial:
+        return 0
+    done = partial["batches"] * partial.get("batch_size", batch_size) * partial.get("world_size", world_size)
+    return done // world_size
 
 
 class StopRequest:

@@ -58,7 +58,8 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
 def validation_metrics(model: nn.Module, loader: DataLoader, coco_gt: Any, device: torch.device,
                        args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     """COCO metrics of the validation split, predicted in shards and scored on rank 0."""
-    results = gather_lists(predict(model, loader, device, validation_settings(args), desc="val predict"), info)
+    desc = "val predict" if info.is_main else None  # one bar, as for training
+    results = gather_lists(predict(model, loader, device, validation_settings(args), desc=desc), info)
     metrics = {**evaluate(coco_gt, results, max_dets=args.eval_max_dets),
                **matching_metrics(coco_gt, results)} if info.is_main else None
     return broadcast(metrics, info)
@@ -125,7 +126,8 @@ class EpochMeter:
         totals = sum_across({**self.sums, "_steps": self.steps, "_skipped": self.skipped}, info, device)
         steps = max(totals.pop("_steps"), 1)
         row = {f"train_{k}": v / steps for k, v in totals.items() if k != "_skipped"}
-        row["skipped_steps"] = int(totals["_skipped"])
+        # an update is skipped on every rank together (the gradients are all-reduced): counted once
+        row["skipped_steps"] = int(round(totals["_skipped"] / info.world_size))
         row["step_seconds"] = round(self.seconds / max(self.batches, 1), 3)
         return row
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from argtypes import HelpFormatter, chance, overlap
 from cli import run_cli
-from files import write_json
+from files import writable_file, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
+    if args.json:  # checked before the work, not at its end
+        writable_file(args.json, "--json", "metrics.json")
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).
     from coco import build_coco_gt
     from dataloader import CLASS_FILES, LabelledImages, list_samples

@@ -26,6 +26,17 @@ def writable_dir(path: str | Path, flag: str = "--output_dir") -> Path:
     return out
 
 
+def writable_file(path: str | Path, flag: str, example: str) -> Path:
+    """An output file's path, checked before any work: not a folder, in a writable folder.
+    Otherwise the work runs first and the final rename fails on a hidden temporary name.
+    ``example``: the file name suggested inside a folder given by mistake."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{flag} {target} is a folder; pass a file path, e.g. {target / example}")
+    writable_dir(target.parent, flag)
+    return target
+
+
 def set_aside(folder: Path, names: Sequence[str]) -> Path | None:
     """Move the files ``names`` present in ``folder`` into a new ``folder/previous-<time>``, so a
     fresh run in a used folder replaces no earlier result (links between them stay links);
@@ -94,9 +105,13 @@ def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = hidden(path)
-    with open(tmp, "w") as handle:
-        json.dump(_finite(payload), handle, indent=indent, separators=None if indent else (",", ":"), allow_nan=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(_finite(payload), handle, indent=indent, separators=None if indent else (",", ":"),
+                      allow_nan=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure; after the rename it is gone already
 
 
 def _finite(value: Any) -> Any:

@@ -30,7 +30,7 @@ from coco import detections_to_coco
 from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, image_size
 from devices import default_device
 from errors import DeviceMemoryError, UsageError
-from files import JsonArrayWriter, writable_dir, write_json
+from files import JsonArrayWriter, writable_dir, writable_file, write_json
 from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
                    checkpoint_overrides, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX
@@ -82,19 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output and args.output_dir:
+        parser.error("--output and --output_dir both name where the submission goes; pass one of them")
     for flag in ("save_labels", "save_geojson"):  # checked before minutes of prediction
         if getattr(args, flag):
             writable_dir(getattr(args, flag), f"--{flag}")
-    if args.save_csv:
-        writable_dir(Path(args.save_csv).parent, "--save_csv")
     for flag, path, name in (("--output", args.output, "test-results.json"), ("--save_csv", args.save_csv, "cells.csv")):
-        if path and Path(path).is_dir():  # else the whole prediction runs, then the final rename fails
-            parser.error(f"{flag} {path} is a folder; pass a file path, e.g. {Path(path) / name}")
-    if args.output and args.output_dir:
-        parser.error("--output and --output_dir both name where the submission goes; pass one of them")
+        if path:
+            writable_file(path, flag, name)
     overrides = checkpoint_overrides(args)
-    if args.output or args.output_dir:  # checked before minutes of prediction
-        writable_dir(args.output_dir or Path(args.output).parent, "--output_dir" if args.output_dir else "--output")
+    if args.output_dir:
+        writable_dir(args.output_dir, "--output_dir")
     folder = Path(args.output_dir or Path(args.checkpoint[0]).parent)
     output = Path(args.output) if args.output else folder / "test-results.json"
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),

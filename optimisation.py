@@ -99,6 +99,7 @@ class LRSchedule:
         self.base_lr = args.lr
         self.eta_min = args.eta_min
         self.cosine = args.use_cosine
+        self.steps_per_epoch = steps_per_epoch
         self.warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
         self.total_steps = args.epochs * steps_per_epoch
         self.steps = 0
@@ -120,13 +121,19 @@ class LRSchedule:
             self.plateau.step(metric)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "plateau": self.plateau.state_dict(), "base_lr": self.base_lr}
+        return {"steps": self.steps, "plateau": self.plateau.state_dict(), "base_lr": self.base_lr,
+                "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The saved place in the schedule. A ``--lr`` given on resume takes effect in the plateau
         phase too, where the optimizer's saved rate would otherwise stay: the rate is scaled by
-        new / saved, keeping the reductions the plateau made."""
+        new / saved, keeping the reductions the plateau made. A run resumed with another
+        ``--batch_size`` or number of processes takes more or fewer steps an epoch: its step count
+        is rescaled to the same place in the epochs, where warm-up and cosine are set."""
+        saved_per_epoch = state.get("steps_per_epoch")  # absent from runs saved before it was recorded
         self.steps = state["steps"]
+        if saved_per_epoch and saved_per_epoch != self.steps_per_epoch:
+            self.steps = round(self.steps * self.steps_per_epoch / saved_per_epoch)
         self.plateau.load_state_dict(state["plateau"])
         self.plateau.patience = self.patience  # --patience given on resume wins over the saved one
         saved = state.get("base_lr")  # absent from runs saved before it was recorded

@@ -76,12 +76,10 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
     extra = [k for k in LOGGED_LOSSES if k not in LOSS_KEYS and any(row.get(f"train_{k}") for row in history)]
     panels = LOSS_PANELS + tuple(extra)  # a term only a model with its head has (--mask_iou), where it trained
     fig, axes = plt.subplots(2, math.ceil(len(panels) / 2), figsize=(13, 7), sharex=True, squeeze=False)
-    epochs = _series(history, "epoch")
     for ax, key in zip(axes.flat, panels):
         for prefix, style in (("train_", "-o"), ("val_", "--s")):
-            values = _series(history, prefix + key)
-            if _has_values(values):
-                ax.plot(epochs, values, style, markersize=3, label=prefix.rstrip("_"))
+            if _has_values(history, prefix + key):
+                ax.plot(*_points(history, prefix + key), style, markersize=3, label=prefix.rstrip("_"))
         ax.set_title(key.replace("loss_", "") if key != "loss" else "total loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -95,22 +93,20 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
 def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
     """COCO AP, AP50 and AP75 for masks and boxes (dashed: the EMA weights', with --ema_decay),
     the epoch ``best.pth`` holds marked; None (nothing written) for a run without validation."""
-    if not any(_has_values(_series(history, f"{t}_{m}")) for t in IOU_TYPES for m in AP_NAMES):
+    if not any(_has_values(history, f"{t}_{m}") for t in IOU_TYPES for m in AP_NAMES):
         return None
     class_keys = sorted({k for row in history for k in row if k.startswith(f"{BEST_METRIC}_class")})
-    class_keys = [k for k in class_keys if _has_values(_series(history, k))]
+    class_keys = [k for k in class_keys if _has_values(history, k)]
     fig, axes = plt.subplots(1, 3 if class_keys else 2, figsize=(15 if class_keys else 10, 4.5), squeeze=False)
-    epochs = _series(history, "epoch")
     for ax, iou_type in zip(axes[0], IOU_TYPES):
         for name in AP_NAMES:
-            line, = ax.plot(epochs, _series(history, f"{iou_type}_{name}"), "-o", markersize=3, label=name)
-            ema = _series(history, f"ema_{iou_type}_{name}")
-            if _has_values(ema):  # best.pth may hold the EMA's weights: its curve is beside the raw one
-                ax.plot(epochs, ema, "--", color=line.get_color(), label=f"{name} (EMA)")
+            line, = ax.plot(*_points(history, f"{iou_type}_{name}"), "-o", markersize=3, label=name)
+            if _has_values(history, f"ema_{iou_type}_{name}"):  # best.pth may hold the EMA's weights: beside the raw
+                ax.plot(*_points(history, f"ema_{iou_type}_{name}"), "--", color=line.get_color(), label=f"{name} (EMA)")
         ax.set_title(f"{iou_type} AP")
     if class_keys:
         for key in class_keys:
-            axes[0][2].plot(epochs, _series(history, key), "-o", markersize=3, label=key.rsplit("_", 1)[1])
+            axes[0][2].plot(*_points(history, key), "-o", markersize=3, label=key.rsplit("_", 1)[1])
         axes[0][2].set_title(f"{BEST_METRIC} per class")
     best = best_epoch(history)
     for ax in axes[0]:
@@ -133,7 +129,7 @@ def plot_lr(history: list[dict[str, Any]], path: Path) -> Path:
     """The learning rate each epoch ended with, to check that warm-up, cosine decay or plateau
     halvings happened as asked."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(_series(history, "epoch"), _series(history, "lr"), "-o", markersize=3)
+    ax.plot(*_points(history, "lr"), "-o", markersize=3)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("learning rate (end of epoch)")
@@ -166,13 +162,16 @@ def best_label(history: list[dict[str, Any]]) -> str:
     return "best.pth" if any("best_epoch" in row for row in history) else f"best {BEST_METRIC}"
 
 
-def _series(history: list[dict[str, Any]], key: str) -> list[float]:
-    """One column, with missing or null values as NaN so the line breaks there."""
-    return [float(row[key]) if _finite(row.get(key)) else math.nan for row in history]
+def _points(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """The epochs where ``key`` has a value, and those values: a metric scored every few epochs
+    (``--eval_every``) is still drawn as a line through them, not as dots between gaps."""
+    pairs = [(float(row["epoch"]), float(row[key])) for row in history
+             if _finite(row.get(key)) and _finite(row.get("epoch"))]
+    return [epoch for epoch, _ in pairs], [value for _, value in pairs]
 
 
-def _has_values(values: list[float]) -> bool:
-    return any(not math.isnan(v) for v in values)
+def _has_values(history: list[dict[str, Any]], key: str) -> bool:
+    return any(_finite(row.get(key)) for row in history)
 
 
 def _finite(value: Any) -> bool:

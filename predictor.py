@@ -104,7 +104,7 @@ def training_tile(state: dict[str, Any]) -> int:
 
 
 def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device,
-            settings: Settings = Settings(), desc: str = "predict") -> list[dict]:
+            settings: Settings = Settings(), desc: str | None = "predict") -> list[dict]:
     """COCO results (RLE) for every image of ``loader``; targets need only ``image_id``.
 
     ``settings.tile`` > 0 predicts images larger than a tile tile by tile (each tile then
@@ -118,14 +118,15 @@ def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: to
 
 @torch.no_grad()
 def predict_each(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device,
-                 settings: Settings = Settings(), desc: str = "predict") -> Iterator[tuple[int, list[dict]]]:
+                 settings: Settings = Settings(), desc: str | None = "predict") -> Iterator[tuple[int, list[dict]]]:
     """``predict``, one ``(image_id, results)`` per image as soon as its batch is done (an image
-    without cells too), so a caller can record each image before the next is predicted."""
+    without cells too), so a caller can record each image before the next is predicted.
+    ``desc`` names the progress bar; None shows none (torchrun's other ranks)."""
     settings = settings.resolved(device)
     models = [getattr(m, "module", m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     for net in models:  # DDP: predict with the wrapped model, no gradient sync
         net.eval()
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if desc else True):
         images = [img.to(device, non_blocking=True) for img in images]
         with autocast(device, settings.use_amp):
             merged = predict_images(models, images, settings)

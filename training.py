@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load
 from coco import build_coco_gt
 from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, find_id_map, list_samples,
                         sample_groups, split_samples, write_split)
-from distributed import DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, init_distributed
+from distributed import (DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
+                         init_distributed)
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
@@ -83,7 +84,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                            "budget)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
-    optim.add_argument("--batch_size", type=positive_int, default=2, help="training images per step and rank")
+    optim.add_argument("--batch_size", type=positive_int, default=2,
+                       help="training images per step and rank; also the tiles a pass when training predicts its "
+                            "held-out images and --test_dir")
     optim.add_argument("--lr", type=non_negative, default=2e-4, help="AdamW peak learning rate")
     optim.add_argument("--weight_decay", type=non_negative, default=1e-4, help="AdamW weight decay")
     optim.add_argument("--warmup_epochs", type=non_negative, default=5, help="linear warm-up from 0, per step")
@@ -146,11 +149,15 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         raise SystemExit(EXIT_INTERRUPTED)
     if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # one process predicts after torchrun
         id_map = args.id_map_json  # None: beside --test_dir, else the images numbered (inference.predict_folder)
-        summary["submission"] = str(predict_folder(
-            Path(args.output_dir) / "best.pth", args.test_dir, id_map,
-            Path(args.output_dir) / "test-results.json",
-            validation_settings(args),
-            device=args.device))
+        best, output = Path(args.output_dir) / "best.pth", Path(args.output_dir) / "test-results.json"
+        try:
+            summary["submission"] = str(predict_folder(best, args.test_dir, id_map, output, validation_settings(args),
+                                                       device=args.device))
+        except DeviceMemoryError as err:  # the train command again would train anew: send the user to inference.py
+            map_flag = f" --id_map_json {id_map}" if id_map else ""
+            raise DeviceMemoryError(f"{str(err).rstrip('.')}. Training is finished and saved: predict with python "
+                                    f"inference.py --checkpoint {best} --test_dir {args.test_dir}{map_flag} --output "
+                                    f"{output} and that fix (the train command would train again).") from err
     print("outputs:")
     for key, value in summary.items():
         if key.endswith(("pth", "json", "dir", "submission")):
@@ -233,14 +240,13 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
         sampler.set_epoch(epoch)  # same order whether resumed or not
-        # the samples this rank had trained on, at the batch size it had then (--batch_size may change on resume)
-        sampler.skip = partial["batches"] * partial.get("batch_size", args.batch_size) if partial else 0
+        sampler.skip = epoch_samples_done(partial, args.batch_size, info.world_size)
         meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
 
         def keep_steps() -> Path:
             """last.pth holding this epoch's steps so far, for --resume."""
             state["partial"] = {"epoch": epoch, "batches": meter.batches, "batch_size": args.batch_size,
-                                "meter": asdict(meter)}
+                                "world_size": info.world_size, "meter": asdict(meter)}
             if info.is_main:
                 save_checkpoint(out / "last.pth", snapshot())
             return out / "last.pth"
@@ -248,8 +254,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         try:
             row = run_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info)
         except DeviceMemoryError as err:  # the fix is a flag: keep the steps it cost
-            raise DeviceMemoryError(f"{str(err).rstrip('.')}; the steps so far are kept: rerun with that fix and "
-                                    f"--resume {keep_steps()}.") from err
+            raise DeviceMemoryError(f"{str(err).rstrip('.')}; {_memory_resume(keep_steps, out, info)}") from err
         except DivergenceError as err:  # weights that diverged never replace the last good ones
             if not (out / "last.pth").exists():
                 raise
@@ -286,6 +291,17 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
             "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
             "split.json": out / "split.json", "output_dir": out}
+
+
+def _memory_resume(keep_steps: Callable[[], Path], out: Path, info: DistInfo) -> str:
+    """How to continue after running out of memory. Rank 0 saves the epoch's steps; another
+    rank cannot (only rank 0 writes, and it is waiting for this one), so it names what is saved."""
+    if info.is_main:
+        return f"the steps so far are kept: rerun with that fix and --resume {keep_steps()}."
+    if (out / "last.pth").exists():
+        return (f"on rank {info.rank} (only rank 0 saves: this epoch's steps are lost): rerun with that fix and "
+                f"--resume {out / 'last.pth'}, its last finished epoch.")
+    return f"on rank {info.rank}, before any epoch was saved: rerun with that fix."
 
 
 def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistInfo,

@@ -61,6 +61,27 @@ def test_schedule_state_round_trip_and_plateau() -> None:
     assert popt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
+def test_resume_with_more_steps_an_epoch_keeps_the_place_in_the_schedule() -> None:
+    """Stopped after 1.4 of 4 epochs at 5 steps an epoch, resumed at 20 (a quarter of the batch
+    size, or a quarter of the GPUs): the rates are those of an uninterrupted run at 20 steps."""
+    sched, _ = _schedule(cosine=True)
+    for _ in range(7):
+        sched.step()
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    args = argparse.Namespace(lr=1e-3, eta_min=1e-5, use_cosine=True, warmup_epochs=1, epochs=4, patience=3)
+    resumed, straight = LRSchedule(opt, args, steps_per_epoch=20), LRSchedule(opt, args, steps_per_epoch=20)
+    resumed.load_state_dict(sched.state_dict())
+    for _ in range(28):
+        straight.step()
+    assert resumed.steps == straight.steps == 28
+    resumed.step()
+    expected = warmup_cosine(29, 20, 80, 1e-3, 1e-5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected) and expected < 1e-3  # past warm-up, decaying
+    older = {k: v for k, v in sched.state_dict().items() if k != "steps_per_epoch"}  # saved before it was recorded
+    resumed.load_state_dict(older)
+    assert resumed.steps == 7
+
+
 def test_lr_given_on_resume_scales_the_plateau_rate() -> None:
     plateau, popt = _schedule(cosine=False)
     for _ in range(6):

@@ -128,3 +128,59 @@ def test_checkpoint_from_another_model_is_refused(data: dict, tmp_path: Path, sh
 
     with pytest.raises(CheckpointError, match="weights do not fit"):
         train_resnet.main(_args(data, tmp_path / "ft", "--epochs", "1", "--checkpoint", str(bad)))
+
+
+def test_out_of_memory_on_another_rank_names_what_is_saved(tmp_path: Path) -> None:
+    """Rank 0 saves the epoch's steps; another rank cannot, and says what --resume will find."""
+    from distributed import DistInfo
+
+    saved = []
+    main = training._memory_resume(lambda: saved.append(1) or tmp_path / "last.pth", tmp_path, DistInfo())
+    assert saved == [1] and f"--resume {tmp_path / 'last.pth'}" in main and "kept" in main
+    other = DistInfo(rank=1, world_size=2)
+    assert "before any epoch was saved" in training._memory_resume(pytest.fail, tmp_path, other)
+    (tmp_path / "last.pth").touch()
+    message = training._memory_resume(pytest.fail, tmp_path, other)
+    assert "steps are lost" in message and f"--resume {tmp_path / 'last.pth'}, its last finished epoch" in message
+
+
+def test_out_of_memory_predicting_after_training_points_to_inference(data: dict, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train command again would train anew: the error gives the inference.py command."""
+    from errors import DeviceMemoryError
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise DeviceMemoryError(f"{data['test_dir']}: out of memory predicting; pass --batch_size 1.")
+
+    monkeypatch.setattr(training, "train", lambda *a: {"best.pth": tmp_path / "best.pth"})
+    monkeypatch.setattr(training, "predict_folder", out_of_memory)
+    with pytest.raises(DeviceMemoryError) as caught:
+        train_resnet.main(_args(data, tmp_path, "--test_dir", str(data["test_dir"])))
+    message = str(caught.value)
+    assert "pass --batch_size 1. Training is finished and saved" in message
+    assert (f"python inference.py --checkpoint {tmp_path / 'best.pth'} --test_dir {data['test_dir']} --output "
+            f"{tmp_path / 'test-results.json'} and that fix") in message
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed import init_distributed
+    from errors import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", pytest.fail)
+    with pytest.raises(UsageError, match="this node, which has 2 GPU"):
+        init_distributed(None)
+
+
+def test_a_skipped_update_counts_once_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank skips the update together: two ranks' sums count one skipped step."""
+    from distributed import DistInfo
+
+    meter = engine.EpochMeter(sums={"loss": 3.0}, steps=3, skipped=1, batches=3)
+    monkeypatch.setattr(engine, "sum_across", lambda values, info, device: {k: 2 * v for k, v in values.items()})
+    row = meter.summary(DistInfo(rank=0, world_size=2), torch.device("cpu"))
+    assert row["skipped_steps"] == 1 and row["train_loss"] == pytest.approx(1.0)

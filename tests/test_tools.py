@@ -391,7 +391,17 @@ def test_plot_curve_without_validation(tmp_path: Path) -> None:
     assert paths["metrics"] is None and not (tmp_path / "plots" / "map_curve.png").exists()
     assert_png(tmp_path / "plots" / "loss_curve.png")
     assert_png(tmp_path / "plots" / "lr_curve.png")
-    assert math.isnan(plot_curve._series(plot_curve.load_history(tmp_path), "val_loss")[0])
+    assert not plot_curve._has_values(plot_curve.load_history(tmp_path), "val_loss")
+
+
+def test_plot_curve_joins_metrics_scored_every_few_epochs(tmp_path: Path) -> None:
+    """--eval_every 2: the metric's line runs through the epochs that have one, not dots between gaps."""
+    history = _history(with_val=True)
+    history[0] = {k: v for k, v in history[0].items() if not k.startswith(("segm_", "bbox_", "val_"))}
+    write_history(tmp_path / "history.json", history)
+    assert plot_curve._points(plot_curve.load_history(tmp_path), "segm_AP50") == ([2.0, 3.0], [0.5, 0.4])
+    assert plot_curve._points(plot_curve.load_history(tmp_path), "segm_AP50_class2") == ([], [])
+    assert_png(plot_curve.main(["--output_dir", str(tmp_path)])["metrics"])
 
 
 def test_plot_curve_without_history_says_train_first(tmp_path: Path) -> None:
@@ -410,3 +420,18 @@ def test_tool_help_loads_no_model_stack(tool: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert "--help" in done.stdout or "usage:" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("script,argv,example", [
+    (check_stats, ["--train_dir", "{missing}"], "stats.json"),
+    (cal_param, [], "params.json"),
+])
+def test_json_output_that_is_a_folder_is_refused_before_the_work(script: object, argv: list[str], example: str,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json naming a folder stops at once (the survey or count never starts) and leaves nothing."""
+    monkeypatch.setattr(cal_param, "count_config", pytest.fail)
+    monkeypatch.setattr(check_stats, "train_stats", pytest.fail)
+    with pytest.raises(IsADirectoryError, match=f"--json {tmp_path} is a folder; pass a file path, e.g. "
+                                                f"{tmp_path / example}"):
+        script.main([a.format(missing=tmp_path / "nothing") for a in argv] + ["--json", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
