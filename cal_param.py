@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.json:  # checked before the work, not at its end
-        writable_file(args.json, "--json", "params.json")
     if args.all and (args.backbone or args.use_attn):
         parser.error("--all counts every backbone with and without attention; drop --backbone and --use_attn, "
                      "or drop --all")
+    if args.json:  # checked before the work, not at its end
+        writable_file(args.json, "--json", "params.json")
     configs = ALL_CONFIGS if args.all else ((args.backbone or "resnet101", args.use_attn),)
     rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade,
                          args.context_roi, args.type_map)

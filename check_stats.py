@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.json:  # checked before the work, not at its end
-        writable_file(args.json, "--json", "stats.json")
     if (args.test_dir is None) != (args.id_map_json is None):
         parser.error("--test_dir and --id_map_json go together: the test check compares one with the other")
+    if args.json:  # checked before the work, not at its end
+        writable_file(args.json, "--json", "stats.json")
     stats: dict[str, Any] = {"train": train_stats(Path(args.train_dir))}
     if args.test_dir:
         stats["test"] = test_stats(Path(args.test_dir), Path(args.id_map_json))

@@ -131,16 +131,22 @@ class ResumableSampler(DistributedSampler):
 
 
 def epoch_samples_done(partial: dict[str, Any] | None, batch_size: int, world_size: int) -> int:
-    """The samples each rank skips to continue a stopped epoch (``partial``, saved by training).
-    The samplers shard the epoch's order ``rank::world_size``, so the ranks' first ``batches`` x
-    ``batch_size`` samples each were its first ``batches`` x ``batch_size`` x ``world_size``. With
-    another ``--batch_size`` or number of processes each rank skips its share of those, rounded
-    down: a sample or so a rank is trained twice, none left out, and every rank skips alike (DDP
-    keeps them in step)."""
+    """The samples each rank skips to continue a stopped epoch (``partial``, saved by training:
+    ``samples``, the epoch's samples trained over all ranks). The samplers shard the epoch's order
+    ``rank::world_size``, so those were the order's first ``samples``. With another
+    ``--batch_size`` or number of processes each rank skips its share of them, rounded down: a
+    sample or so a rank is trained twice, none left out, and every rank skips alike (DDP keeps
+    them in step). A record from before ``samples``: ``batches`` of its ``batch_size`` a rank."""
     if not partial:
         return 0
-    done = partial["batches"] * partial.get("batch_size", batch_size) * partial.get("world_size", world_size)
+    done = partial.get("samples", partial["batches"] * partial.get("batch_size", batch_size) * world_size)
     return done // world_size
+
+
+def samples_trained(skipped: int, batches: int, batch_size: int, world_size: int) -> int:
+    """The epoch's samples trained over all ranks, for ``epoch_samples_done``: each rank skipped
+    ``skipped`` (trained before this process started), then trained ``batches`` of ``batch_size``."""
+    return (skipped + batches * batch_size) * world_size
 
 
 class StopRequest:

@@ -34,7 +34,7 @@ from files import JsonArrayWriter, writable_dir, writable_file, write_json
 from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
                    checkpoint_overrides, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX
-from journal import PredictionJournal, run_key
+from journal import PredictionJournal, file_stamp, run_key
 from predictor import Settings, limits, predict_each
 from streaming import LazyImage, model_predictor, stream_image, window_count, window_spans
 
@@ -174,7 +174,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
                          detections_per_class=settings.detections_per_class or 0)
     journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
-        paths, images=[(e["file_name"], e["id"], *_stamp(dataset.test_dir / e["file_name"])) for e in dataset.entries],
+        paths, images=[(e["file_name"], e["id"], *file_stamp(dataset.test_dir / e["file_name"])) for e in dataset.entries],
         test_dir=Path(test_dir).resolve(),
         settings=resolved.what_it_predicts(), per_window=per_window.what_it_predicts(), window=window,
         score_thresh=score_thresh, overrides=overrides))
@@ -227,12 +227,6 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     print(f"{submission.count} detections on {len(dataset)} images in {seconds:.1f}s "
           f"({seconds / max(len(dataset), 1):.2f}s/image) -> {output}")
     return Path(output)
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    """An image file's size and modification time: a file replaced under its name is another image."""
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
 
 
 def check_numbered_map(path: Path, entries: list[dict]) -> None:

@@ -8,7 +8,8 @@ window, never all of a slide's cells in memory), and a line marking the image fi
 cut off by the crash is skipped. The record is used only by a run with the same checkpoints
 (path, size, time), images and settings (``run_key``; how the run computes, its batch size, AMP
 or device, may differ: those are the out-of-memory fixes); any other run starts over. It is deleted
-once the submission is complete.
+once the submission is complete. ``visualization.py`` keeps its record of drawn images
+(``.drawing.partial`` beside the PNGs) the same way.
 Standard library only.
 """
 from __future__ import annotations
@@ -24,13 +25,20 @@ SUFFIX = ".partial"
 SYNC_SECONDS = 5.0
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """An input file's size and modification time: a file replaced under its name is another input."""
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def run_key(checkpoints: list[str | Path], **settings: Any) -> str:
     """What makes two runs' results interchangeable: each checkpoint file as it is on disk and
     every setting given (images, prediction settings, thresholds), as one digest."""
     files = []
     for path in checkpoints:
-        stat = Path(path).stat()
-        files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+        files.append([str(Path(path).resolve()), *file_stamp(path)])
+    if "overrides" in settings:  # checkpoint overrides: a flag not given (None), or none at all, is no override
+        settings["overrides"] = {k: v for k, v in (settings["overrides"] or {}).items() if v is not None}
     text = json.dumps({"checkpoints": files, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from coco import build_coco_gt
 from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, find_id_map, list_samples,
                         sample_groups, split_samples, write_split)
 from distributed import (DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
-                         init_distributed)
+                         init_distributed, samples_trained)
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
@@ -154,10 +155,10 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
             summary["submission"] = str(predict_folder(best, args.test_dir, id_map, output, validation_settings(args),
                                                        device=args.device))
         except DeviceMemoryError as err:  # the train command again would train anew: send the user to inference.py
-            map_flag = f" --id_map_json {id_map}" if id_map else ""
-            raise DeviceMemoryError(f"{str(err).rstrip('.')}. Training is finished and saved: predict with python "
-                                    f"inference.py --checkpoint {best} --test_dir {args.test_dir}{map_flag} --output "
-                                    f"{output} and that fix (the train command would train again).") from err
+            command = ["python", "inference.py", "--checkpoint", str(best), "--test_dir", str(args.test_dir),
+                       *(["--id_map_json", str(id_map)] if id_map else []), "--output", str(output), "--window", "0"]
+            raise DeviceMemoryError(f"{str(err).rstrip('.')}. Training is finished and saved: predict with "
+                                    f"{shlex.join(command)} and that fix (the train command would train again).") from err
     print("outputs:")
     for key, value in summary.items():
         if key.endswith(("pth", "json", "dir", "submission")):
@@ -242,11 +243,12 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         sampler.set_epoch(epoch)  # same order whether resumed or not
         sampler.skip = epoch_samples_done(partial, args.batch_size, info.world_size)
         meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
+        resumed_at = (sampler.skip, meter.batches)  # this epoch's samples and steps before this process
 
         def keep_steps() -> Path:
             """last.pth holding this epoch's steps so far, for --resume."""
-            state["partial"] = {"epoch": epoch, "batches": meter.batches, "batch_size": args.batch_size,
-                                "world_size": info.world_size, "meter": asdict(meter)}
+            samples = samples_trained(resumed_at[0], meter.batches - resumed_at[1], args.batch_size, info.world_size)
+            state["partial"] = {"epoch": epoch, "batches": meter.batches, "samples": samples, "meter": asdict(meter)}
             if info.is_main:
                 save_checkpoint(out / "last.pth", snapshot())
             return out / "last.pth"

@@ -39,9 +39,8 @@ from files import writable_dir, write_figure  # noqa: E402
 from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
                    prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
-from journal import PredictionJournal, run_key  # noqa: E402
-from predictor import Settings, predict_images  # noqa: E402
-from masks import PackedMasks  # noqa: E402
+from journal import PredictionJournal, file_stamp, run_key  # noqa: E402
+from predictor import Settings, on_host, predict_images  # noqa: E402
 from merging import take  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
@@ -137,8 +136,7 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
         save_figure(image, [gt, pred], paths[i], args)
         return {"gt": len(gt.labels), "pred": len(pred.labels)}
 
-    images = [str((samples[n] / IMAGE_FILE).resolve()) for n in names]
-    return paths, draw_all(paths, draw, drawing_key(args, images), vis_dir, "draw val")
+    return paths, draw_all(paths, draw, drawing_key(args, [samples[n] / IMAGE_FILE for n in names]), vis_dir, "draw val")
 
 
 def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
@@ -162,8 +160,8 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
         save_figure(image, [pred], paths[i], args)
         return {"gt": 0, "pred": len(pred.labels)}
 
-    images = [[str((dataset.test_dir / e["file_name"]).resolve()), e["id"]] for e in entries]
-    return paths, draw_all(paths, draw, drawing_key(args, images), vis_dir, "draw test")
+    images = [dataset.test_dir / e["file_name"] for e in entries]
+    return paths, draw_all(paths, draw, drawing_key(args, images, [e["id"] for e in entries]), vis_dir, "draw test")
 
 
 # The record of a drawing run's finished images (journal.py) in the PNGs' folder: the same command
@@ -171,12 +169,15 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
 RECORD = f".drawing{JOURNAL_SUFFIX}"
 
 
-def drawing_key(args: argparse.Namespace, images: list) -> str:
-    """What makes two drawing runs' PNGs interchangeable: the checkpoint as it is on disk, the
-    images and every setting that changes a figure (how it computes, batch size, AMP, device, not)."""
-    return run_key([args.checkpoint], mode=args.mode, images=images, score_thresh=args.score_thresh,
-                   draw_gt_mask=args.draw_gt_mask, max_labels=args.max_labels,
-                   min_label_side=args.min_label_side, settings=args.settings.what_it_predicts())
+def drawing_key(args: argparse.Namespace, images: list[Path], names: list[int] | None = None) -> str:
+    """What makes two drawing runs' PNGs interchangeable: the checkpoint and the images as they
+    are on disk, the PNGs' names, and every setting that changes a figure (how it computes,
+    batch size, AMP, device, not)."""
+    return run_key([args.checkpoint], mode=args.mode, names=names,
+                   images=[(str(Path(p).resolve()), *file_stamp(p)) for p in images],
+                   score_thresh=args.score_thresh, draw_gt_mask=args.draw_gt_mask, max_labels=args.max_labels,
+                   min_label_side=args.min_label_side, settings=args.settings.what_it_predicts(),
+                   overrides=checkpoint_overrides(args))
 
 
 def draw_all(paths: list[Path], draw: Callable[[int], dict[str, int]], key: str, vis_dir: Path,
@@ -243,16 +244,14 @@ def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, sco
     (``predictor.predict_images``: tile by tile when ``settings.tile`` > 0, the same cap)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     with autocast(device, settings.use_amp):
-        output = predict_images(model, [tensor], settings)[0]
-    keep = (output["scores"] >= score_thresh).nonzero().flatten()
-    picked = take(output["masks"], keep)
-    packed = PackedMasks(picked.data.cpu(), picked.boxes.cpu(), picked.offsets.cpu(), picked.size)
+        output = on_host(predict_images(model, [tensor], settings))[0]  # host sync: once per image
+    keep = (output["scores"] >= score_thresh).nonzero().flatten()  # on the host from here: drawing is per cell anyway
+    packed = take(output["masks"], keep)
     masks = [(int(packed.boxes[i, 0]), int(packed.boxes[i, 1]), packed.crop(i).numpy().astype(bool))
-             for i in range(len(packed))]  # drawing is per cell anyway
-    scores = output["scores"][keep].cpu().numpy()
+             for i in range(len(packed))]
+    scores = output["scores"][keep].numpy()
     title = f"prediction, {len(scores)} with score >= {score_thresh:g}"
-    return Layer(title, output["labels"][keep].cpu().numpy(), output["boxes"][keep].cpu().numpy(), masks,
-                 scores=scores)
+    return Layer(title, output["labels"][keep].numpy(), output["boxes"][keep].numpy(), masks, scores=scores)
 
 
 def save_figure(image: np.ndarray, layers: list[Layer], path: Path, args: argparse.Namespace) -> Path:

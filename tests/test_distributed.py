@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint, load_model
 from coco import build_coco_gt, evaluate
 from conftest import ROOT
 from dataloader import LabelledImages, collate_fn
-from distributed import DistInfo, ResumableSampler, epoch_samples_done
+from distributed import DistInfo, ResumableSampler, epoch_samples_done, samples_trained
 from predictor import predict
 from synthetic import make_dataset
 
@@ -33,29 +33,29 @@ def test_ranks_see_disjoint_samples_covering_the_epoch() -> None:
     assert list(again) == seen[0][2:] and len(again) == len(seen[0]) - 2
 
 
-@pytest.mark.parametrize("before,after", [((4, 2), (3, 2)), ((2, 2), (1, 1)), ((1, 1), (2, 3)), ((3, 1), (3, 2))])
-def test_a_stopped_epoch_continues_on_other_ranks_and_batches(before: tuple[int, int], after: tuple[int, int]) -> None:
-    """(world size, batch size) before the stop and after: the samples skipped on resume are the
-    ones trained; none is left out, fewer than a batch a rank trained twice, every rank alike."""
+@pytest.mark.parametrize("runs", [[(4, 2), (3, 2)], [(2, 2), (1, 1)], [(1, 1), (2, 3)], [(3, 1), (3, 2), (1, 2)],
+                                  [(4, 2), (3, 1), (2, 2), (1, 1)]])
+def test_a_stopped_epoch_continues_on_other_ranks_and_batches(runs: list[tuple[int, int]]) -> None:
+    """(world size, batch size) of each process until it stops, 3 batches a rank, then resumed by
+    the next: the samples skipped are the ones trained; none is left out, fewer than a batch a
+    rank trained twice at each resume, every rank alike."""
     data, batches = list(range(48)), 3  # a multiple of every world size: no padding repeats a sample
-
-    def ranks(world: int) -> list[ResumableSampler]:
+    partial, trained, twice = None, [], 0
+    for n, (world, batch) in enumerate(runs):
+        skip = epoch_samples_done(partial, batch, world)
         samplers = [ResumableSampler(data, DistInfo(rank=r, world_size=world), shuffle=True, seed=5) for r in range(world)]
+        now = []
         for sampler in samplers:
             sampler.set_epoch(2)
-        return samplers
-
-    (world, batch), (new_world, new_batch) = before, after
-    trained = [i for s in ranks(world) for i in list(s)[:batches * batch]]
-    skip = epoch_samples_done({"batches": batches, "batch_size": batch, "world_size": world}, new_batch, new_world)
-    rest = []
-    for sampler in ranks(new_world):
-        sampler.skip = skip
-        rest.extend(sampler)
-    assert set(trained) | set(rest) == set(data)
-    assert len(set(trained) & set(rest)) < new_world
+            sampler.skip = skip
+            now.extend(list(sampler)[:batches * batch] if n < len(runs) - 1 else sampler)
+        twice += len(set(trained) & set(now))
+        trained += now
+        partial = {"batches": 0, "samples": samples_trained(skip, batches, batch, world)}
+    assert set(trained) == set(data)
+    assert twice < sum(world for world, _ in runs[1:])
     assert epoch_samples_done(None, 2, 2) == 0
-    assert epoch_samples_done({"batches": 3, "batch_size": 2}, 1, 2) == 6  # saved before world_size was recorded
+    assert epoch_samples_done({"batches": 3, "batch_size": 2}, 1, 2) == 6  # saved before samples were recorded
 
 
 def test_torchrun_two_gloo_processes(tmp_path: Path, shallow: None) -> None:

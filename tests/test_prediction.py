@@ -251,6 +251,17 @@ def test_results_moved_to_the_host_are_the_same_detections() -> None:
     assert on_host([]) == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the queued copies and their one wait need CUDA")
+def test_results_moved_from_cuda_are_pinned_and_complete() -> None:
+    packed = _random_packed(np.random.default_rng(4), 500, (200, 240))
+    on_device = PackedMasks(packed.data.cuda(), packed.boxes.cuda(), packed.offsets.cuda(), packed.size)
+    dets = {"boxes": torch.rand(500, 4, device="cuda"), "scores": torch.rand(500, device="cuda"),
+            "labels": torch.arange(500, device="cuda"), "masks": on_device, "image_size": (200, 240)}
+    (moved,) = on_host([dets])
+    assert moved["boxes"].device.type == "cpu" and moved["masks"].data.is_pinned()
+    assert torch.equal(moved["boxes"], dets["boxes"].cpu()) and torch.equal(moved["masks"].full(), packed.full())
+
+
 def test_greedy_mask_merge_equals_the_one_at_a_time_greedy() -> None:
     rng = np.random.default_rng(1)
     for _ in range(5):
