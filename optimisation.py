@@ -61,6 +61,8 @@ class Optimisation:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+            # its warm-up ramp, like the schedule's, at the same place in the epochs
+            self.ema.updates = self.schedule.same_place(self.ema.updates, state["scheduler"])
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -120,6 +122,12 @@ class LRSchedule:
         if not self.cosine and self.steps > self.warmup_steps:
             self.plateau.step(metric)
 
+    def same_place(self, count: int, saved: dict[str, Any]) -> int:
+        """A step count of the run that saved ``saved`` (this schedule's state), at the same place
+        in the epochs at this run's steps per epoch (unchanged for a record from before they were saved)."""
+        before = saved.get("steps_per_epoch")
+        return round(count * self.steps_per_epoch / before) if before and before != self.steps_per_epoch else count
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "plateau": self.plateau.state_dict(), "base_lr": self.base_lr,
                 "steps_per_epoch": self.steps_per_epoch}
@@ -130,10 +138,7 @@ class LRSchedule:
         new / saved, keeping the reductions the plateau made. A run resumed with another
         ``--batch_size`` or number of processes takes more or fewer steps an epoch: its step count
         is rescaled to the same place in the epochs, where warm-up and cosine are set."""
-        saved_per_epoch = state.get("steps_per_epoch")  # absent from runs saved before it was recorded
-        self.steps = state["steps"]
-        if saved_per_epoch and saved_per_epoch != self.steps_per_epoch:
-            self.steps = round(self.steps * self.steps_per_epoch / saved_per_epoch)
+        self.steps = self.same_place(state["steps"], state)
         self.plateau.load_state_dict(state["plateau"])
         self.plateau.patience = self.patience  # --patience given on resume wins over the saved one
         saved = state.get("base_lr")  # absent from runs saved before it was recorded

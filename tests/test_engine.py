@@ -19,6 +19,7 @@ from engine import losses_mode
 from errors import UsageError
 from flags import prediction_settings
 from optimisation import LRSchedule, warmup_cosine
+from ema import ModelEMA
 from training import _run_config, build_parser
 from history import LOSS_KEYS
 from model import DEFAULT_CONFIG, build_model, config_from_args
@@ -80,6 +81,12 @@ def test_resume_with_more_steps_an_epoch_keeps_the_place_in_the_schedule() -> No
     older = {k: v for k, v in sched.state_dict().items() if k != "steps_per_epoch"}  # saved before it was recorded
     resumed.load_state_dict(older)
     assert resumed.steps == 7
+    model = nn.Linear(2, 2)
+    ema = ModelEMA(model, 0.9, warmup_steps=resumed.warmup_steps)
+    whole = optimisation.Optimisation(opt, resumed, torch.amp.GradScaler("cuda", enabled=False), ema, 0.0)
+    whole.load_state_dict({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": None,
+                           "ema": {"module": model.state_dict(), "updates": 7}})
+    assert ema.updates == 28  # the EMA's warm-up ramp moved with the schedule
 
 
 def test_lr_given_on_resume_scales_the_plateau_rate() -> None:
