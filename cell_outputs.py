@@ -22,12 +22,12 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 from skimage import measure
-from tqdm import tqdm
 
 from coco import paint, paint_packed
 from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image, sample_name
 from errors import UsageError
 from files import JsonArrayWriter, hidden, hidden_folder, publish_folder
+from progress import progress
 
 # Measured per cell (regionprops_table names); the CSV's columns (a grey image fills one intensity).
 PROPERTIES = ("area", "perimeter", "centroid", "bbox", "eccentricity", "intensity_mean")
@@ -58,7 +58,7 @@ def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
-    for entry in tqdm(entries, desc="cell outputs", leave=False, disable=None):
+    for entry in progress(entries, "cell outputs"):
         source = Path(test_dir) / entry["file_name"]
         pixels = read_raw_image(source)
         kept, canvas = paint(by_image.get(int(entry["id"]), []), *pixels.shape[:2], score_thresh)

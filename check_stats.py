@@ -17,7 +17,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tifffile
 from PIL import Image
-from tqdm import tqdm
 
 from argtypes import HelpFormatter
 from cli import run_cli
@@ -25,6 +24,7 @@ from dataloader import (CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, Instances, decod
                         is_whole, list_samples, read_id_map)
 from errors import DatasetError
 from files import writable_file, write_json
+from progress import progress
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -86,7 +86,7 @@ def train_stats(train_dir: Path) -> dict[str, Any]:
     areas: dict[int, list[float]] = {c: [] for c in CLASS_FILES}
     sides: dict[int, list[float]] = {c: [] for c in CLASS_FILES}
     empty = []
-    for sample in tqdm(samples, desc="read labels", leave=False, disable=None):
+    for sample in progress(samples, "read labels"):
         try:
             info, dtypes, inst = survey_sample(sample)
         except DatasetError as err:
@@ -125,7 +125,7 @@ def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
     except DatasetError as err:
         return {"test_dir": str(test_dir), "consistent": False, "error": str(err)}
     mismatches, hw, modes, unreadable, unsized = [], [], Counter(), {}, 0
-    for entry in tqdm(entries, desc="read test headers", leave=False, disable=None):
+    for entry in progress(entries, "read test headers"):
         try:
             info = header_info(test_dir / entry["file_name"])
         except DatasetError as err:  # one bad file is reported with the rest, not a stop

@@ -18,11 +18,11 @@ from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_util  # pycocotools' API, without its numpy-2 DeprecationWarnings
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
-from tqdm import tqdm
 from torchvision.models.detection import roi_heads
 
 from dataloader import NUM_CLASSES, Instances
 from masks import PASTE_PADDING, PackedMasks, paste_boxes, pixel_chunks
+from progress import progress
 
 IOU_TYPES = ("segm", "bbox")
 METRICS = ("AP", "AP50", "AP75")
@@ -32,8 +32,7 @@ CATEGORIES = [{"id": c, "name": f"class{c}"} for c in range(1, NUM_CLASSES + 1)]
 def build_coco_gt(instances: Sequence[Instances], image_ids: Sequence[int]) -> COCO:
     """COCO ground truth from cached instances; built once per run, not per epoch."""
     images, annotations = [], []
-    for inst, image_id in tqdm(zip(instances, image_ids), total=len(instances), desc="encode true cells", leave=False,
-                               disable=None):
+    for inst, image_id in progress(zip(instances, image_ids), "encode true cells", total=len(instances)):
         images.append({"id": int(image_id), "height": inst.height, "width": inst.width})
         canvas = np.zeros((inst.height, inst.width), dtype=np.uint8, order="F")
         for label, box, crop in zip(inst.labels, inst.boxes, inst.crops):
@@ -210,7 +209,7 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
         by_image.setdefault(int(r["image_id"]), []).append(r)
     counts: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(3, dtype=np.int64))  # tp, fp, fn per class
     matched_iou = 0.0
-    for image_id in tqdm(coco_gt.getImgIds(), desc="match cells", leave=False, disable=None):
+    for image_id in progress(coco_gt.getImgIds(), "match cells"):
         info = coco_gt.imgs[image_id]
         preds = rasterise(by_image.get(image_id, []), info["height"], info["width"], score_thresh)
         truth = coco_gt.imgToAnns.get(image_id, [])

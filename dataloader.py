@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from argtypes import checked
 from errors import DatasetError
 from masks import PackedMasks
+from progress import progress
 
 NUM_CLASSES = 4
 CLASS_FILES = {c: f"class{c}.tif" for c in range(1, NUM_CLASSES + 1)}
@@ -348,7 +348,7 @@ class LabelledImages(Dataset):
         decode = partial(_decode_sample, keep_image=cache_images)
         with ThreadPoolExecutor(max(1, decode_workers)) as pool:
             jobs = pool.map(decode, self.sample_dirs)
-            decoded = list(tqdm(jobs, total=len(self.sample_dirs), desc=desc, leave=False, disable=None))
+            decoded = list(progress(jobs, desc, total=len(self.sample_dirs)))
         self.images: list[np.ndarray | None] = [image for image, _ in decoded]
         self.instances: list[Instances] = [inst for _, inst in decoded]
         self.empty = [p.name for p, inst in zip(self.sample_dirs, self.instances) if len(inst) == 0]

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from coco import evaluate, matching_metrics
 from detector import check_boxes
@@ -27,6 +26,7 @@ from history import LOGGED_LOSSES
 from masks import PackedMasks
 from optimisation import Optimisation
 from predictor import predict
+from progress import progress
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
 READ_EVERY = 10  # steps between reads of the losses (a host sync) and, under torchrun, stop-flag checks
@@ -138,7 +138,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, opt: "Optimisation", d
     """Train steps until the loader ends or a stop is requested; no host sync per step but
     the model's own (the losses are read every READ_EVERY steps, see ``EpochMeter``)."""
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None if info.is_main else True)
+    bar = progress(loader, f"epoch {epoch}/{args.epochs}", show=info.is_main)
     for images, targets in bar:
         if _stop_requested(stop, meter.batches, info, device):
             break
@@ -174,7 +174,7 @@ def _stop_requested(stop: StopRequest, batches: int, info: DistInfo, device: tor
     return batches % READ_EVERY == 0 and any_rank(stop.requested, info, device)
 
 
-def _show_loss(bar: tqdm, loss: float | None) -> None:
+def _show_loss(bar: Any, loss: float | None) -> None:
     if loss is not None:
         bar.set_postfix(loss=f"{loss:.3f}")
 
@@ -188,7 +188,7 @@ def validation_loss(model: nn.Module, loader: DataLoader, device: torch.device, 
     image would never join."""
     per_batch = []
     with losses_mode(getattr(model, "module", model)) as model:
-        for images, targets in tqdm(loader, desc="val loss", leave=False, disable=None if info.is_main else True):
+        for images, targets in progress(loader, "val loss", show=info.is_main):
             images, targets = to_device(images, targets, device)
             with autocast(device, use_amp):
                 losses = model(images, targets)

@@ -20,7 +20,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from argtypes import HelpFormatter, chance, non_negative_int
 from cell_outputs import CellWriter, check_sample_names, painted_images, painted_window, report_cell_outputs
@@ -36,6 +35,7 @@ from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_a
 from journal import SUFFIX as JOURNAL_SUFFIX
 from journal import PredictionJournal, file_stamp, run_key
 from predictor import Settings, limits, predict_each
+from progress import progress
 from streaming import LazyImage, model_predictor, stream_image, window_count, window_spans
 
 
@@ -272,7 +272,7 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
         numbered = 0
         parts = stream_image(image, model_predictor(models, device, settings, image), window, settings.tile,
                              settings.tile_overlap)
-        for part in tqdm(parts, total=windows, desc=entry["file_name"], leave=False, disable=None):
+        for part in progress(parts, entry["file_name"], total=windows):
             kept = [r for r in detections_to_coco(part.cells(image.size), int(entry["id"])) if r["score"] >= score_thresh]
             submission.extend(kept)
             journal.add(int(entry["id"]), kept)

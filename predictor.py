@@ -15,7 +15,6 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from coco import detections_to_coco, paste_masks
 from class_context import rescore
@@ -25,6 +24,7 @@ from masks import PackedMasks, mask_areas
 from merging import (average_masks, consensus, greedy_mask_merge, merge_order, same_cell_copies,
                      same_cell_pairs, select_candidates, selected, take, votes)
 from model import image_cap
+from progress import progress
 from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
 
@@ -126,7 +126,7 @@ def predict_each(model: nn.Module | Sequence[nn.Module], loader: Iterable, devic
     models = [getattr(m, "module", m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     for net in models:  # DDP: predict with the wrapped model, no gradient sync
         net.eval()
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if desc else True):
+    for images, targets in progress(loader, desc or "", show=desc is not None):
         images = [img.to(device, non_blocking=True) for img in images]
         with autocast(device, settings.use_amp):
             merged = predict_images(models, images, settings)

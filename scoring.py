@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
 from dataloader import (CLASS_FILES, IMAGE_FILE, few, is_whole, read_id_entries, read_json, read_label_image,
                         sample_name)
 from errors import DatasetError
 from masks import PackedMasks
+from progress import progress
 
 MAX_DETS = (100, 1000)
 
@@ -120,8 +120,8 @@ def read_labels(folder: Path, samples: list[Path], ids: list[int], shapes: list[
     cells best first, so id order is score order)."""
     results: list[dict] = []
     found = 0  # label files read: empty ones are a valid prediction of no cell, scoring zero
-    for sample, image_id, (height, width) in tqdm(zip(samples, ids, shapes), total=len(samples), desc="read labels",
-                                                  leave=False, disable=None):
+    for sample, image_id, (height, width) in progress(zip(samples, ids, shapes), "read labels",
+                                                      total=len(samples)):
         for class_id, name in CLASS_FILES.items():
             path = folder / sample.name / name
             if not path.exists():

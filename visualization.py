@@ -26,7 +26,6 @@ from matplotlib.colors import to_hex, to_rgba  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from argtypes import HelpFormatter, chance, non_negative, non_negative_int  # noqa: E402
 from checkpoint import load_model, saved_args  # noqa: E402
@@ -42,6 +41,7 @@ from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
 from journal import PredictionJournal, file_stamp, run_key  # noqa: E402
 from predictor import Settings, on_host, predict_images  # noqa: E402
 from merging import take  # noqa: E402
+from progress import progress  # noqa: E402
 
 # Bright colours that stand out on pink/purple stains; more classes cycle through tab10.
 CLASS_COLOURS = ("#00ff7f", "#ffd700", "#00bfff", "#ff4500")
@@ -193,8 +193,8 @@ def draw_all(paths: list[Path], draw: Callable[[int], dict[str, int]], key: str,
                   f"drawing the other {len(paths) - len(earlier)} ({record.path}; delete it to draw all again)")
         for part in record.replay(earlier):
             shown = {k: shown[k] + part[0][k] for k in shown}
-        for i in tqdm([i for i in range(len(paths)) if i not in earlier], desc=desc, disable=None,
-                      total=len(paths), initial=len(earlier)):
+        for i in progress([i for i in range(len(paths)) if i not in earlier], desc, total=len(paths),
+                          initial=len(earlier)):
             counts = draw(i)
             shown = {k: shown[k] + counts[k] for k in shown}
             record.add(i, [counts])
