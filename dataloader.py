@@ -179,6 +179,15 @@ def raw_pixels(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def float_peak(array: np.ndarray) -> float | None:
+    """The brightest finite value of float pixels, which decides their scale (``to_float_rgb``);
+    None for integer pixels, scaled by their dtype's range."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return None
+    finite = array[np.isfinite(array)]
+    return float(finite.max()) if finite.size else 0.0
+
+
 def to_float_rgb(array: np.ndarray, path: Path, peak: float | None = None) -> np.ndarray:
     """Raw pixels to float32 [H, W, 3] in [0, 1], scaled by dtype; grey repeated to RGB. Float
     pixels are scaled by their ``peak`` (default: this array's), which a window of a larger
@@ -209,7 +218,28 @@ def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise DatasetError(f"{path}: unsupported label dtype {label.dtype}; save it as integers (or integer-valued floats).")
     if label.min() < 0:
         raise DatasetError(f"{path}: label image has negative values; use 0 for background and ids above 0.")
+    if label.size and label.min() > 0:
+        raise DatasetError(f"{path}: label image has no 0 (background) pixel, so its background would train as one "
+                           "cell; use 0 for background and ids above 0.")
+    _refuse_binary_mask(label, path)
     return label.astype(np.int64, copy=False)
+
+
+# One value in this many separate regions is a mask of all the cells, not one cell's id.
+BINARY_MASK_PIECES = 3
+
+
+def _refuse_binary_mask(label: np.ndarray, path: Path) -> None:
+    """A class file holding one value (0/1, 0/255, bool: a semantic mask) would train every cell
+    of the class as a single instance, whose box covers them all."""
+    cells = label[label != 0]
+    if not cells.size or cells.min() != cells.max():
+        return
+    _, pieces = ndimage.label(label != 0)
+    if pieces >= BINARY_MASK_PIECES:
+        raise DatasetError(f"{path}: one value ({cells.max()}) marks {pieces} separate regions: a mask of all the "
+                           "cells, not one id per cell; give each cell its own id (e.g. skimage.measure.label) "
+                           "and save it again.")
 
 
 # A file named like a class's label image: one that is not exactly a CLASS_FILES name is refused,
@@ -395,10 +425,12 @@ class LabelledImages(Dataset):
         image = self.images[index]
         if image is None:
             image = read_raw_image(self.sample_dirs[index] / IMAGE_FILE)
+        peak = None
         if window is not None:
+            peak = float_peak(image)  # a float image's crops are scaled as the whole image is, at prediction too
             inst = inst.in_window(*window)
             image = image[window[0]:window[2], window[1]:window[3]]
-        image = to_float_rgb(image, self.sample_dirs[index] / IMAGE_FILE)
+        image = to_float_rgb(image, self.sample_dirs[index] / IMAGE_FILE, peak)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), inst
 
 
@@ -667,9 +699,9 @@ def _scale_by_dtype(array: np.ndarray, path: Path, peak: float | None = None) ->
     if np.issubdtype(array.dtype, np.integer):
         return (array.astype(np.float32) / np.iinfo(array.dtype).max).clip(0, 1)
     if np.issubdtype(array.dtype, np.floating):
-        array = np.nan_to_num(array.astype(np.float32))
         if peak is None:
-            peak = float(array.max()) if array.size else 0.0
+            peak = float_peak(array)
+        array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)  # no value: dark
         scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
         return (array / scale).clip(0, 1)
     raise DatasetError(f"{path}: unsupported image dtype {array.dtype}; save it as 8/16-bit or float.")

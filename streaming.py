@@ -31,7 +31,7 @@ import tifffile
 import torch
 import zarr
 
-from dataloader import TIFF_SUFFIXES, channels_first, raw_pixels, read_raw_image, to_float_rgb
+from dataloader import TIFF_SUFFIXES, channels_first, float_peak, raw_pixels, read_raw_image, to_float_rgb
 from devices import autocast
 from errors import DatasetError, UsageError
 from masks import PackedMasks
@@ -110,7 +110,7 @@ class LazyImage:
         if self._peak is None and np.issubdtype(self._array.dtype, np.floating):
             height, width = self.size
             band = max(1, (1 << 26) // max(width, 1))
-            self._peak = max(float(np.nan_to_num(self.read(y, 0, min(y + band, height), width)).max())
+            self._peak = max(float_peak(self.read(y, 0, min(y + band, height), width)) or 0.0
                              for y in range(0, height, band))
         return self._peak
 

@@ -46,6 +46,44 @@ def test_grey_and_16bit_scale_by_dtype(tmp_path: Path, dtype: type, peak: int) -
     assert abs(out[2, 3, 0] - (peak // 2) / peak) < 1e-6
 
 
+def test_a_float_images_crops_are_scaled_as_the_whole_image(tmp_path: Path) -> None:
+    """A float32 image in 0..4095 (a 12-bit image converted): a training crop whose own peak is
+    under 255 gets the whole image's scale, the one prediction uses; an infinite pixel darkens
+    nothing else."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 200, (40, 50)).astype(np.float32)
+    image[35:, 45:] = 4095.0
+    image[0, 0] = np.inf
+    label = np.zeros((40, 50), np.uint16)
+    label[5:12, 5:12] = 1
+    sample = _sample(tmp_path, image, {1: label})
+    whole = read_image(sample / "image.tif")
+    np.testing.assert_allclose(whole[1:30, 1:30, 0], image[1:30, 1:30] / 65535.0, rtol=1e-6)
+    assert whole[0, 0, 0] == 0.0
+    data = LabelledImages([sample], [1], desc="t")
+    crop, _ = data.raw(0, (0, 0, 30, 30))  # peaks under 255 in itself
+    np.testing.assert_allclose(crop[0].numpy(), whole[:30, :30, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bool", "0/255", "background 7"])
+def test_a_class_file_that_is_not_instance_ids_is_refused(tmp_path: Path, kind: str) -> None:
+    """A semantic mask (one value, many separate cells) or a label without 0 background would
+    train as one huge cell: refused, naming the file; one cell in two pieces is still one cell."""
+    mask = np.zeros((30, 40), bool)
+    for x in (2, 12, 22):
+        mask[5:10, x:x + 5] = True
+    label = {"bool": mask, "0/255": mask.astype(np.uint8) * 255,
+             "background 7": np.where(mask, 3, 7).astype(np.uint16)}[kind]
+    sample = _sample(tmp_path, np.zeros((30, 40, 3), np.uint8), {1: label})
+    with pytest.raises(DatasetError, match="class1.tif: " + ("label image has no 0" if kind == "background 7"
+                                                              else "one value .* marks 3 separate regions")):
+        decode_instances(sample, (30, 40))
+    two = np.zeros((30, 40), np.uint8)
+    two[5:10, 2:7] = two[5:10, 12:17] = 9  # one cell cut in two by the annotation
+    tifffile.imwrite(sample / "class1.tif", two)
+    assert len(decode_instances(sample, (30, 40))) == 1
+
+
 def test_a_12_bit_image_in_uint16_is_noted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(dataloader, "_DIM_NOTED", set())
