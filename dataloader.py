@@ -171,7 +171,12 @@ def note_dim_pixels(pixels: np.ndarray, path: Path) -> None:
 def raw_pixels(array: np.ndarray, path: Path) -> np.ndarray:
     """Decoded pixels (2-D, channels last or, as some TIFFs store them, first) as
     ``read_raw_image`` returns them; also serves one window of an image read lazily."""
+    planes = channels_first(array.shape)
     array = _to_hwc(array, path)
+    if planes and array.shape[2] == 2 and array[:, :, 1].min() != array[:, :, 1].max():
+        raise DatasetError(f"{path}: 2 channels stored as planes (a 2-channel stack, e.g. ImageJ's CYX), not grey + "
+                           "alpha; the model reads colour (RGB) or grey images: save the channel to segment, or an "
+                           "RGB composite, as the image.")
     if array.shape[2] == 2:  # grey + alpha
         array = array[:, :, :1]
     elif array.shape[2] > 3:

@@ -84,6 +84,17 @@ def test_a_class_file_that_is_not_instance_ids_is_refused(tmp_path: Path, kind: 
     assert len(decode_instances(sample, (30, 40))) == 1
 
 
+def test_a_two_channel_stack_is_refused_not_read_as_grey_and_alpha(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 65535, (2, 20, 30), dtype=np.uint16)  # nuclear + membrane planes
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    with pytest.raises(DatasetError, match="stack.tif: 2 channels stored as planes"):
+        read_image(tmp_path / "stack.tif")
+    stack[1] = 65535  # an opaque alpha plane: grey + alpha, read as grey
+    tifffile.imwrite(tmp_path / "grey.tif", stack)
+    np.testing.assert_allclose(read_image(tmp_path / "grey.tif")[:, :, 1], stack[0] / 65535, rtol=1e-6)
+
+
 def test_a_12_bit_image_in_uint16_is_noted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(dataloader, "_DIM_NOTED", set())
