@@ -64,4 +64,28 @@ def autocast(device: torch.device, enabled: bool) -> Any:
     or nothing."""
     if not enabled:
         return nullcontext()
+    if device.type == "cpu":
+        note_slow_bf16()
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+_BF16_NOTED: list[bool] = []  # said once a process
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without, bf16 runs
+    far slower than float32 (an AVX2 AMD EPYC: ``benchmarks/step_time.py --compare_amp``,
+    benchmarks/RESULTS.md)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # another torch: assume it does, as before this check
+        return True
+
+
+def note_slow_bf16() -> None:
+    """Say once when ``--use_amp`` on this CPU slows work down instead of speeding it up."""
+    if _BF16_NOTED or native_bf16() or torch.utils.data.get_worker_info() is not None:
+        return
+    _BF16_NOTED.append(True)
+    print("note: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so --use_amp makes its "
+          "convolutions many times slower, not faster; drop --use_amp on this machine (said once)")

@@ -65,9 +65,9 @@ SECTIONS = ("amp_train", "ddp", "syncs", "predict_memory", "nms", "resume_amp")
 # warm-up steps (the defaults on a GPU, tiny ones for the dry run).
 SIZES = {
     "gpu": {"train_size": 256, "cells": 300, "steps": 5, "predict_size": [735, 2500], "predict_cells": 700,
-            "nms_boxes": 8192, "config": {}, "warmup": 1, "resume_size": 128},
+            "nms_boxes": 8192, "config": {}, "warmup": 1, "resume_size": 128, "tta_tiles": 2},
     "dry": {"train_size": 40, "cells": 4, "steps": 1, "predict_size": [48, 96], "predict_cells": 6,
-            "nms_boxes": 256, "warmup": 0, "resume_size": 40,
+            "nms_boxes": 256, "warmup": 0, "resume_size": 40, "tta_tiles": 1,
             "config": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
                        "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 16, "detections_per_img": 10,
                        "attn": {"neck": {"pool_size": 4}}}},  # 80 attention tokens, not 980
@@ -261,6 +261,7 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     on a CPU what host_syncs.py's counters see."""
     from flags import TTA_SCALES
     from predictor import Settings, predict_images
+    from tiling import tile_grid
 
     image, target = _train_sample(sizes, tmp)
     seed_all(0)
@@ -271,13 +272,14 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     step()  # warm-up: optimizer state, anchors, pooler scales
     out = {"train_step": _syncs_of(step, device, [*model.parameters(), *model.buffers()])}
     model.eval()
-    picture = torch.rand(3, sizes["train_size"] * 2, sizes["train_size"] * 2, device=device)
+    side = sizes["train_size"] * sizes["tta_tiles"]  # 2 x the tile: 3 x 3 tiles; the dry run: 1
+    picture = torch.rand(3, side, side, device=device)
     settings = Settings(tile=sizes["train_size"], tta_scales=TTA_SCALES, batch_size=8)
     with torch.no_grad(), devices.autocast(device, True):
         predict = lambda: predict_images([model], [picture], settings)  # noqa: E731
         predict()
         out["predict_tta"] = _syncs_of(predict, device, [*model.parameters(), *model.buffers(), picture])
-    out["predict_tta"]["views"] = 9 * len(TTA_SCALES) * 4  # 3 x 3 tiles x 4 flips
+    out["predict_tta"]["views"] = len(tile_grid(side, side, settings.tile, settings.tile_overlap)) * len(TTA_SCALES) * 4
     return out
 
 

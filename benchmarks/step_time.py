@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from dataloader import LabelledImages, list_samples  # noqa: E402
-from devices import autocast  # noqa: E402
+from devices import autocast, native_bf16  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--use_amp", action="store_true", help="autocast as in training (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--compare_amp", action="store_true",
+                        help="time each row also under --use_amp, on the same model: amp_vs_fp32 (a CPU without "
+                             "bf16 instructions computes bf16 slowly)")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=DEFAULT_CONFIG["rpn_post_nms_top_n_train"])
     parser.add_argument("--box_batch_size_per_image", type=int, default=DEFAULT_CONFIG["box_batch_size_per_image"])
     return parser
@@ -92,13 +95,21 @@ def measure(backbone: str, use_attn: bool, heads: str, image: torch.Tensor, targ
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     images, targets = to_device([image] * args.batch_size, [target] * args.batch_size, device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, args.use_amp), device)
-        if step >= args.warmup:
-            times.append(seconds)
-    return {"backbone": backbone, "use_attn": use_attn, "heads": heads, "params_m": sum(p.numel() for p in params) / 1e6,
-            "step_s": statistics.mean(times), "std_s": statistics.pstdev(times), "all_s": times}
+    def steps(use_amp: bool) -> list[float]:
+        times = []
+        for step in range(args.warmup + args.steps):
+            _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, use_amp), device)
+            if step >= args.warmup:
+                times.append(seconds)
+        return times
+
+    times = steps(args.use_amp and not args.compare_amp)
+    row = {"backbone": backbone, "use_attn": use_attn, "heads": heads, "params_m": sum(p.numel() for p in params) / 1e6,
+           "step_s": statistics.mean(times), "std_s": statistics.pstdev(times), "all_s": times}
+    if args.compare_amp:
+        amp = steps(True)
+        row.update(amp_step_s=statistics.mean(amp), amp_all_s=amp, amp_vs_fp32=statistics.mean(amp) / row["step_s"])
+    return row
 
 
 def attention_unavailable() -> str | None:
@@ -117,11 +128,12 @@ def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict], 
         row["ratio_vs_resnet101"] = ratio(row.get("step_s"), base["step_s"] if base else None)
     title = (f"training step, {size[0]}x{size[1]}, {instances} instances, batch {args.batch_size}, "
              f"mean of {args.steps} after {args.warmup} warm-up")
-    print_table(title, rows, ["backbone", "use_attn", "heads", "params_m", "step_s", "std_s", "ratio_vs_resnet101"])
+    amp = ["amp_step_s", "amp_vs_fp32"] if args.compare_amp else []
+    print_table(title, rows, ["backbone", "use_attn", "heads", "params_m", "step_s", "std_s", "ratio_vs_resnet101", *amp])
     for row in rows:
         if "note" in row:
             print(f"{row['backbone']} --use_attn {row['note']}")
-    return {"benchmark": NAME, "environment": environment(device),
+    return {"benchmark": NAME, "environment": {**environment(device), "native_bf16": native_bf16()},
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "sample": {"instances": instances, "size": list(size)}, "attention_error": attention_error, "rows": rows}
 

@@ -155,6 +155,11 @@ def test_step_time_rows_and_ratios(tmp_path: Path, shallow: None) -> None:
         assert "skipped" in rows[2]["note"]
     else:
         assert rows[2]["step_s"] > 0 and rows[2]["ratio_vs_resnet101"] is not None
+    step_time.main(["--size", "32", "32", "--cells", "2", "--backbones", "resnet101", "--attn", "off", "--warmup", "0",
+                    "--steps", "1", "--device", "cpu", "--compare_amp", *TINY_ROIS, "--json", str(out)])
+    (row,) = _written(out, "rows")["rows"]
+    assert len(row["amp_all_s"]) == 1 and row["amp_vs_fp32"] == pytest.approx(row["amp_step_s"] / row["step_s"])
+    assert isinstance(json.loads(out.read_text())["environment"]["native_bf16"], bool)
 
 
 def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None) -> None:

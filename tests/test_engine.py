@@ -672,3 +672,19 @@ def test_a_fresh_run_sets_an_earlier_run_aside(tiny_dataset: dict, tmp_path: Pat
     (aside,) = out.glob("previous-*")
     assert load_checkpoint(aside / "best.pth")["epoch"] == 7 and (aside / "history.json").exists()
     assert not (out / "best.pth").exists() and f"its files are kept in {aside}" in capsys.readouterr().out
+
+
+def test_use_amp_on_a_cpu_without_bf16_instructions_is_noted_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    import devices
+
+    cpu = torch.device("cpu")
+    for native, said in ((True, 0), (False, 1)):
+        monkeypatch.setattr(devices, "_BF16_NOTED", [])
+        monkeypatch.setattr(devices, "native_bf16", lambda: native)
+        for _ in range(3):
+            with devices.autocast(cpu, True):
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        with devices.autocast(cpu, False):
+            assert not torch.is_autocast_enabled("cpu")
+        assert capsys.readouterr().out.count("no bfloat16 instructions") == said
