@@ -17,8 +17,9 @@ an out-of-memory in one cannot fail the next) and is written as soon as it ends:
 5. ``nms``: float64 against float32 NMS on 8192 boxes, time and agreement;
 6. ``resume_amp``: a run trained without AMP, resumed with ``--use_amp`` (end to end).
 
-``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL, bf16), so the test
-suite knows it starts; with it, ``--in_process`` spares each section its process start.
+``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL, bf16; float32 training
+steps in sections 1 and 3 on a CPU without bf16 instructions), so the test suite knows it starts;
+with it, ``--in_process`` spares each section its process start.
 
     python benchmarks/gpu_check.py                      # on a GPU machine: benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --dry_run --json /tmp/gpu_check.json
@@ -157,10 +158,13 @@ def run_here(name: str, device: torch.device, path: Path, launcher: str | None =
     if device.type == "cpu":  # two busy-waiting threads on a shared small CPU can be many times slower than one
         torch.set_num_threads(1)
     sizes = SIZES["dry" if device.type == "cpu" else "gpu"]
+    # A CPU without bf16 instructions computes autocast's bf16 many times slower than float32: the
+    # dry run's training steps then run in float32 (the same code, without the casts; "amp" says which).
+    amp = device.type == "cuda" or devices.native_bf16()
     sections: dict[str, Callable[[Path], Any]] = {
-        "amp_train": lambda tmp: amp_train(sizes, device, tmp),
+        "amp_train": lambda tmp: amp_train(sizes, device, tmp, amp),
         "ddp": lambda tmp: ddp_step(sizes, device, tmp, launcher),
-        "syncs": lambda tmp: sync_sites(sizes, device, tmp),
+        "syncs": lambda tmp: sync_sites(sizes, device, tmp, amp),
         "predict_memory": lambda tmp: predict_memory(sizes, device, tmp),
         "nms": lambda tmp: nms_precision(sizes, device),
         "resume_amp": lambda tmp: resume_amp(sizes, device, tmp),
@@ -171,19 +175,20 @@ def run_here(name: str, device: torch.device, path: Path, launcher: str | None =
     return result
 
 
-def amp_train(sizes: dict[str, Any], device: torch.device, tmp: Path) -> list[dict[str, Any]]:
-    """Step time, peak memory and the scaler per backbone and --use_attn, AMP on (fp16 on CUDA, bf16 on a CPU)."""
+def amp_train(sizes: dict[str, Any], device: torch.device, tmp: Path, amp: bool = True) -> list[dict[str, Any]]:
+    """Step time, peak memory and the scaler per backbone and --use_attn, AMP on (fp16 on CUDA, bf16 on a CPU
+    with bf16 instructions; ``amp`` False: float32)."""
     image, target = _train_sample(sizes, tmp)
     rows = []
     for backbone in BACKBONES:
         for use_attn in (False, True):
-            rows.append(train_steps(backbone, use_attn, image, target, sizes, device))
+            rows.append({**train_steps(backbone, use_attn, image, target, sizes, device, amp), "amp": amp})
             print(f"  {rows[-1]}", flush=True)
     return rows
 
 
 def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict, sizes: dict[str, Any],
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, amp: bool = True) -> dict[str, Any]:
     seed_all(0)
     config = {"backbone": backbone, "weights": "imagenet", "use_attn": use_attn, **sizes["config"]}
     model = calibrate_norms(build_model(config, load_weights=False), image).to(device).train()  # the frozen-BN layout
@@ -191,10 +196,10 @@ def train_steps(backbone: str, use_attn: bool, image: torch.Tensor, target: dict
     meter = engine.EpochMeter()
     images, targets = [image, image], [target, target]  # the default --batch_size 2
     for _ in range(sizes["warmup"]):  # cuDNN picks its kernels
-        engine.train_step(model, images, targets, opt, meter, device, True)
+        engine.train_step(model, images, targets, opt, meter, device, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = [timed(lambda: engine.train_step(model, images, targets, opt, meter, device, True), device)[1]
+    seconds = [timed(lambda: engine.train_step(model, images, targets, opt, meter, device, amp), device)[1]
                for _ in range(sizes["steps"])]
     meter.read(0)
     return {"backbone": backbone, "use_attn": use_attn, "layout": "frozen BatchNorm", "batch": len(images),
@@ -255,7 +260,7 @@ def ddp_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
+def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path, amp: bool = True) -> dict[str, Any]:
     """Syncs of one AMP training step (batch 2) and of one ``--tta`` prediction, by call site:
     on CUDA every one ``torch.cuda.set_sync_debug_mode`` reports (reads and blocking copies);
     on a CPU what host_syncs.py's counters see."""
@@ -268,18 +273,19 @@ def sync_sites(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[s
     model = build_model({"backbone": "resnet101", "weights": "imagenet", **sizes["config"]}, load_weights=False)
     model = calibrate_norms(model, image).to(device).train()
     opt, meter = _optimisation(model, device), engine.EpochMeter()
-    step = lambda: engine.train_step(model, [image, image], [target, target], opt, meter, device, True)  # noqa: E731
+    step = lambda: engine.train_step(model, [image, image], [target, target], opt, meter, device, amp)  # noqa: E731
     step()  # warm-up: optimizer state, anchors, pooler scales
     out = {"train_step": _syncs_of(step, device, [*model.parameters(), *model.buffers()])}
     model.eval()
     side = sizes["train_size"] * sizes["tta_tiles"]  # 2 x the tile: 3 x 3 tiles; the dry run: 1
     picture = torch.rand(3, side, side, device=device)
     settings = Settings(tile=sizes["train_size"], tta_scales=TTA_SCALES, batch_size=8)
-    with torch.no_grad(), devices.autocast(device, True):
+    with torch.no_grad(), devices.autocast(device, amp):
         predict = lambda: predict_images([model], [picture], settings)  # noqa: E731
         predict()
         out["predict_tta"] = _syncs_of(predict, device, [*model.parameters(), *model.buffers(), picture])
     out["predict_tta"]["views"] = len(tile_grid(side, side, settings.tile, settings.tile_overlap)) * len(TTA_SCALES) * 4
+    out["amp"] = amp
     return out
 
 
