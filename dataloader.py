@@ -221,9 +221,10 @@ def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
             )
     elif not np.issubdtype(label.dtype, np.integer) and label.dtype != bool:
         raise DatasetError(f"{path}: unsupported label dtype {label.dtype}; save it as integers (or integer-valued floats).")
-    if label.min() < 0:
+    lowest = label.min() if label.size else 0
+    if lowest < 0:
         raise DatasetError(f"{path}: label image has negative values; use 0 for background and ids above 0.")
-    if label.size and label.min() > 0:
+    if lowest > 0:
         raise DatasetError(f"{path}: label image has no 0 (background) pixel, so its background would train as one "
                            "cell; use 0 for background and ids above 0.")
     _refuse_binary_mask(label, path)
@@ -237,10 +238,11 @@ BINARY_MASK_PIECES = 3
 def _refuse_binary_mask(label: np.ndarray, path: Path) -> None:
     """A class file holding one value (0/1, 0/255, bool: a semantic mask) would train every cell
     of the class as a single instance, whose box covers them all."""
-    cells = label[label != 0]
+    inside = label != 0
+    cells = label[inside]
     if not cells.size or cells.min() != cells.max():
         return
-    _, pieces = ndimage.label(label != 0)
+    _, pieces = ndimage.label(inside)
     if pieces >= BINARY_MASK_PIECES:
         raise DatasetError(f"{path}: one value ({cells.max()}) marks {pieces} separate regions: a mask of all the "
                            "cells, not one id per cell; give each cell its own id (e.g. skimage.measure.label) "
@@ -384,8 +386,10 @@ class LabelledImages(Dataset):
         with ThreadPoolExecutor(max(1, decode_workers)) as pool:
             jobs = pool.map(decode, self.sample_dirs)
             decoded = list(progress(jobs, desc, total=len(self.sample_dirs)))
-        self.images: list[np.ndarray | None] = [image for image, _ in decoded]
-        self.instances: list[Instances] = [inst for _, inst in decoded]
+        self.images: list[np.ndarray | None] = [image for image, _, _ in decoded]
+        self.instances: list[Instances] = [inst for _, inst, _ in decoded]
+        # a float image's brightest value: its crops are scaled as the whole image is, at prediction too
+        self.peaks: list[float | None] = [peak for _, _, peak in decoded]
         self.empty = [p.name for p, inst in zip(self.sample_dirs, self.instances) if len(inst) == 0]
 
     def __len__(self) -> int:
@@ -430,12 +434,10 @@ class LabelledImages(Dataset):
         image = self.images[index]
         if image is None:
             image = read_raw_image(self.sample_dirs[index] / IMAGE_FILE)
-        peak = None
         if window is not None:
-            peak = float_peak(image)  # a float image's crops are scaled as the whole image is, at prediction too
             inst = inst.in_window(*window)
             image = image[window[0]:window[2], window[1]:window[3]]
-        image = to_float_rgb(image, self.sample_dirs[index] / IMAGE_FILE, peak)
+        image = to_float_rgb(image, self.sample_dirs[index] / IMAGE_FILE, self.peaks[index])
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), inst
 
 
@@ -609,9 +611,10 @@ def write_split(path: Path, train: list[str], val: list[str], seed: int, val_spl
     Path(path).write_text(json.dumps(payload, indent=1))
 
 
-def _decode_sample(sample_dir: Path, keep_image: bool) -> tuple[np.ndarray | None, Instances]:
+def _decode_sample(sample_dir: Path, keep_image: bool) -> tuple[np.ndarray | None, Instances, float | None]:
+    """The image (when kept), its instances and, for float pixels, the peak that scales them."""
     image = read_raw_image(sample_dir / IMAGE_FILE)
-    return (image if keep_image else None), decode_instances(sample_dir, image.shape[:2])
+    return (image if keep_image else None), decode_instances(sample_dir, image.shape[:2]), float_peak(image)
 
 
 def _tight(crop: np.ndarray, x0: int, y0: int) -> tuple[tuple[int, int, int, int] | None, np.ndarray | None]:

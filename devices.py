@@ -8,6 +8,7 @@ constants from Python scalars or caches them on the device, and moves host-compu
 """
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from typing import Any
 
@@ -72,6 +73,7 @@ def autocast(device: torch.device, enabled: bool) -> Any:
 _BF16_NOTED: list[bool] = []  # said once a process
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without, bf16 runs
     far slower than float32 (an AVX2 AMD EPYC: ``benchmarks/step_time.py --compare_amp``,

@@ -86,6 +86,7 @@ class DecodeEveryAccess(LabelledImages):
         self.shapes = [_tiff_shape(p / IMAGE_FILE) for p in self.sample_dirs]
         self.instances = [None] * len(self.sample_dirs)
         self.images = [None] * len(self.sample_dirs)
+        self.peaks = [None] * len(self.sample_dirs)  # none decoded: a float image's crop scales by its own peak
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         self.instances[index] = decode_instances(self.sample_dirs[index], self.shapes[index])
