@@ -60,14 +60,26 @@ def counts(index: torch.Tensor, length: int) -> list[int]:
     return found.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int64)).tolist()
 
 
-def autocast(device: torch.device, enabled: bool) -> Any:
-    """Mixed precision for ``--use_amp``: fp16 on CUDA, bf16 on a CPU (no fp16 kernels there),
-    or nothing."""
+def amp_dtype(device: torch.device, enabled: bool = True, even_if_slow: bool = False) -> torch.dtype | None:
+    """What ``--use_amp`` computes in on ``device``: fp16 on CUDA; bf16 on a CPU with bf16
+    instructions (there are no fp16 kernels on a CPU); None (float32) without the flag, and on a
+    CPU without bf16 instructions, where bf16 is several times slower than float32 (9.3x a
+    training step on an AVX2 EPYC: benchmarks/RESULTS.md) and the flag would only cost time.
+    ``even_if_slow`` measures that cost (``benchmarks/step_time.py --compare_amp``)."""
     if not enabled:
-        return nullcontext()
-    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and not (even_if_slow or native_bf16()):
         note_slow_bf16()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool, even_if_slow: bool = False) -> Any:
+    """Mixed precision for ``--use_amp`` (``amp_dtype``), or nothing."""
+    dtype = amp_dtype(device, enabled, even_if_slow)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 _BF16_NOTED: list[bool] = []  # said once a process
@@ -85,9 +97,9 @@ def native_bf16() -> bool:
 
 
 def note_slow_bf16() -> None:
-    """Say once when ``--use_amp`` on this CPU slows work down instead of speeding it up."""
-    if _BF16_NOTED or native_bf16() or torch.utils.data.get_worker_info() is not None:
+    """Say once that ``--use_amp`` runs float32 on this CPU, and why."""
+    if _BF16_NOTED or torch.utils.data.get_worker_info() is not None:
         return
     _BF16_NOTED.append(True)
-    print("note: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so --use_amp makes its "
-          "convolutions many times slower, not faster; drop --use_amp on this machine (said once)")
+    print("note: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where bf16 runs many times slower "
+          "than float32, so --use_amp computes in float32 here (said once)")

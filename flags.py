@@ -44,7 +44,9 @@ def add_device_args(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--device", type=device_name, default=None,
                         help="cuda, cuda:1, cpu (default: CUDA when present)")
     parser.add_argument("--use_amp", action="store_true",
-                        help="mixed precision: fp16 on CUDA (with a gradient scaler when training), bf16 on a CPU")
+                        help="mixed precision: fp16 on CUDA (with a gradient scaler when training), bf16 on a CPU "
+                             "with bf16 instructions (AVX512-BF16 or AMX); float32 on other CPUs, where bf16 is "
+                             "several times slower (said once)")
 
 
 def add_tile_args(parser: argparse.ArgumentParser | Any) -> None:

@@ -46,7 +46,7 @@ class Settings:
     tta_scales: tuple[float, ...] | None = None
     mask_thresh: float = 0.5
     batch_size: int | None = 1  # None: ``devices.prediction_batch`` of the device
-    use_amp: bool = False  # fp16 on CUDA, bf16 on a CPU
+    use_amp: bool = False  # devices.amp_dtype: fp16 on CUDA, bf16 on a CPU with bf16 instructions
     detections_per_img: int | None = None  # None: the model's own limit
     detections_per_class: int | None = None  # per image and class (0: none); None: the model's own
     match_thresh: float = 0.5

@@ -158,9 +158,9 @@ def run_here(name: str, device: torch.device, path: Path, launcher: str | None =
     if device.type == "cpu":  # two busy-waiting threads on a shared small CPU can be many times slower than one
         torch.set_num_threads(1)
     sizes = SIZES["dry" if device.type == "cpu" else "gpu"]
-    # A CPU without bf16 instructions computes autocast's bf16 many times slower than float32: the
-    # dry run's training steps then run in float32 (the same code, without the casts; "amp" says which).
-    amp = device.type == "cuda" or devices.native_bf16()
+    # On a CPU without bf16 instructions --use_amp computes in float32 (devices.amp_dtype): the dry
+    # run's training steps then run without the casts; "amp" says which.
+    amp = devices.amp_dtype(device) is not None
     sections: dict[str, Callable[[Path], Any]] = {
         "amp_train": lambda tmp: amp_train(sizes, device, tmp, amp),
         "ddp": lambda tmp: ddp_step(sizes, device, tmp, launcher),

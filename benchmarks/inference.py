@@ -2,7 +2,7 @@
 
 Ours is ``inference.predict_folder`` (``predictor.predict_each``: batched forward, masks pasted only
 inside their boxes in one batch, RLE from the crops, compact JSON), at each batch size with and without
-``--use_amp`` (bf16 on a CPU). The plain loop runs one image per forward, lets torchvision
+``--use_amp`` (``devices.amp_dtype``). The plain loop runs one image per forward, lets torchvision
 paste every mask at full image size, thresholds and ``pycocotools``-encodes the masks one by
 one in fp32 and writes indented JSON. Both start from the same checkpoint; at fp32 batch 1
 they must write the same detections, and the other settings report how many they match.

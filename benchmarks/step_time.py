@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="copies of the image per step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
-    parser.add_argument("--use_amp", action="store_true", help="autocast as in training (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--use_amp", action="store_true", help="autocast as in training (devices.amp_dtype: fp16 on CUDA, bf16 on a CPU "
+                             "with bf16 instructions, float32 on other CPUs)")
     parser.add_argument("--compare_amp", action="store_true",
-                        help="time each row also under --use_amp, on the same model: amp_vs_fp32 (a CPU without "
-                             "bf16 instructions computes bf16 slowly)")
+                        help="time each row also under autocast, on the same model: amp_vs_fp32; bf16 even on a "
+                             "CPU without bf16 instructions, where --use_amp runs float32 (what it would cost)")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=DEFAULT_CONFIG["rpn_post_nms_top_n_train"])
     parser.add_argument("--box_batch_size_per_image", type=int, default=DEFAULT_CONFIG["box_batch_size_per_image"])
     return parser
@@ -95,10 +96,11 @@ def measure(backbone: str, use_attn: bool, heads: str, image: torch.Tensor, targ
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     images, targets = to_device([image] * args.batch_size, [target] * args.batch_size, device)
-    def steps(use_amp: bool) -> list[float]:
+    def steps(use_amp: bool, even_if_slow: bool = False) -> list[float]:
         times = []
         for step in range(args.warmup + args.steps):
-            _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, use_amp), device)
+            _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, use_amp, even_if_slow),
+                                 device)
             if step >= args.warmup:
                 times.append(seconds)
         return times
@@ -107,7 +109,7 @@ def measure(backbone: str, use_attn: bool, heads: str, image: torch.Tensor, targ
     row = {"backbone": backbone, "use_attn": use_attn, "heads": heads, "params_m": sum(p.numel() for p in params) / 1e6,
            "step_s": statistics.mean(times), "std_s": statistics.pstdev(times), "all_s": times}
     if args.compare_amp:
-        amp = steps(True)
+        amp = steps(True, even_if_slow=True)  # bf16 even where --use_amp would run float32: its cost
         row.update(amp_step_s=statistics.mean(amp), amp_all_s=amp, amp_vs_fp32=statistics.mean(amp) / row["step_s"])
     return row
 
@@ -139,8 +141,8 @@ def summarize(args: argparse.Namespace, device: torch.device, rows: list[dict], 
 
 
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
-                device: torch.device, use_amp: bool) -> None:
-    with autocast(device, use_amp):
+                device: torch.device, use_amp: bool, even_if_slow: bool = False) -> None:
+    with autocast(device, use_amp, even_if_slow):
         losses = model(images, targets)
     optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()

@@ -99,7 +99,11 @@ def test_tiles_of_tta_views_in_the_submission(data: dict, tmp_path: Path, shallo
     assert max(per_image) <= 7  # the cap holds after the tile and view merges
 
 
-def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_path: Path, shallow: None) -> None:
+def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_path: Path, shallow: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)  # bf16 even on a CPU where --use_amp runs float32
     out = tmp_path / "run"
     _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp")
     row = json.loads((out / "history.json").read_text())[0]

@@ -674,8 +674,8 @@ def test_a_fresh_run_sets_an_earlier_run_aside(tiny_dataset: dict, tmp_path: Pat
     assert not (out / "best.pth").exists() and f"its files are kept in {aside}" in capsys.readouterr().out
 
 
-def test_use_amp_on_a_cpu_without_bf16_instructions_is_noted_once(monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_use_amp_on_a_cpu_without_bf16_instructions_runs_float32_and_says_so_once(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import devices
 
     cpu = torch.device("cpu")
@@ -684,7 +684,12 @@ def test_use_amp_on_a_cpu_without_bf16_instructions_is_noted_once(monkeypatch: p
         monkeypatch.setattr(devices, "native_bf16", lambda: native)
         for _ in range(3):
             with devices.autocast(cpu, True):
-                assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+                assert torch.is_autocast_enabled("cpu") == native
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16 or not native
+        with devices.autocast(cpu, True, even_if_slow=True):  # step_time.py --compare_amp measures the cost
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         with devices.autocast(cpu, False):
             assert not torch.is_autocast_enabled("cpu")
-        assert capsys.readouterr().out.count("no bfloat16 instructions") == said
+        assert capsys.readouterr().out.count("so --use_amp computes in float32 here") == said
+    assert devices.amp_dtype(torch.device("cuda")) == torch.float16  # no CUDA needed to decide
+    assert devices.amp_dtype(torch.device("cuda"), enabled=False) is None
