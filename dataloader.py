@@ -641,25 +641,86 @@ def _instances_of(label: np.ndarray):
 
 
 def _read_pixels(path: Path) -> np.ndarray:
-    """The stored pixels of a TIFF (tifffile) or a PNG/JPEG (Pillow, which matplotlib needs anyway)."""
+    """The pixels of a TIFF (tifffile, its stored values as ``tiff_values`` reads them) or a PNG/JPEG
+    (Pillow, which matplotlib needs anyway)."""
     if not path.exists():
         raise DatasetError(f"{path}: file not found; check the dataset folder.")
     tiff = path.suffix.lower() in TIFF_SUFFIXES
     try:
         if tiff:
-            return tifffile.imread(path)
+            with tifffile.TiffFile(path) as stored:
+                as_pixels = tiff_values(stored, path)
+                return as_pixels(stored.asarray())
         with Image.open(path) as image:
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
                 image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
             return np.asarray(image)
     except Image.DecompressionBombError as err:
         raise _too_many_pixels(path, err) from err
+    except DatasetError:
+        raise
     except Exception as err:  # tifffile and Pillow raise many types for corrupt files
-        hint = " Install imagecodecs (pip install imagecodecs) to read compressed TIFFs." if "imagecodecs" in str(err) else ""
-        raise DatasetError(
-            f"{path}: cannot decode {'TIFF' if tiff else 'image'} ({type(err).__name__}: {err}); the file may be "
-            f"truncated or of another format. Re-export it or remove it.{hint}"
-        ) from err
+        raise undecodable(path, err, tiff) from err
+
+
+def undecodable(path: Path, err: Exception, tiff: bool = True) -> DatasetError:
+    """The one-line error for an image file its reader cannot decode."""
+    hint = " Install imagecodecs (pip install imagecodecs) to read compressed TIFFs." if "imagecodecs" in str(err) else ""
+    return DatasetError(f"{path}: cannot decode {'TIFF' if tiff else 'image'} ({type(err).__name__}: {err}); the file "
+                        f"may be truncated or of another format. Re-export it or remove it.{hint}")
+
+
+def tiff_pixels(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``tiff_values`` of a TIFF file, from its header."""
+    try:
+        with tifffile.TiffFile(path) as stored:
+            return tiff_values(stored, path)
+    except DatasetError:
+        raise
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise undecodable(path, err) from err
+
+
+def tiff_values(stored: tifffile.TiffFile, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """How a TIFF's stored values become the pixels a viewer shows, for the whole image or any
+    window of it (``streaming.LazyImage``): tifffile returns what is stored, so a palette image
+    came back as its colour indices, a MinIsWhite one inverted and a CMYK one as four inks, each
+    read without a word as a wrong picture. Those three are converted here; a Z or time stack,
+    whose 2 to 4 planes would be read as colour channels, is refused."""
+    series, page = stored.series[0], stored.pages[0]
+    stack = {axis: n for axis, n in zip(series.axes, series.shape) if axis in "ZT" and n > 1}
+    if stack:
+        raise DatasetError(f"{path}: a stack of {' x '.join(f'{n} {axis}' for axis, n in stack.items())} planes "
+                           f"(axes {series.axes}); the model reads one 2-D colour or grey image: save one plane, or "
+                           "a projection, as the image.")
+    photometric = int(page.photometric)
+    if photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+        colours = np.asarray(page.colormap)  # [3, 2**bits], 16-bit
+        if not (colours % 257).any():  # an 8-bit palette stored in 16 bits, as most are
+            colours = (colours // 257).astype(np.uint8)
+        table = np.ascontiguousarray(colours.T)
+        return lambda indices: table[np.minimum(indices, len(table) - 1)]
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        if page.dtype == np.bool_:
+            return np.logical_not
+        if np.issubdtype(page.dtype, np.unsignedinteger):
+            white = (1 << int(page.bitspersample)) - 1
+            return lambda values: (white - values.clip(0, white)).astype(values.dtype)
+        raise DatasetError(f"{path}: a {page.dtype} MinIsWhite TIFF (0 = white); save it with 0 = black "
+                           "(MinIsBlack), or as RGB.")
+    if photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        if page.samplesperpixel < 4 or getattr(page, "inkset", 1) not in (None, 1) \
+                or not np.issubdtype(page.dtype, np.unsignedinteger):
+            raise DatasetError(f"{path}: a separated (ink) TIFF of {page.samplesperpixel} {page.dtype} inks "
+                               "that is not CMYK; save it as RGB.")
+        full = float((1 << int(page.bitspersample)) - 1)
+
+        def from_cmyk(inks: np.ndarray) -> np.ndarray:
+            inks = inks.astype(np.float32) / full
+            rgb = (1 - inks[..., :3]) * (1 - inks[..., 3:4])
+            return np.rint(rgb * full).astype(page.dtype)
+        return from_cmyk
+    return lambda values: values
 
 
 def _too_many_pixels(path: Path, err: Exception) -> DatasetError:

@@ -31,7 +31,8 @@ import tifffile
 import torch
 import zarr
 
-from dataloader import TIFF_SUFFIXES, channels_first, float_peak, raw_pixels, read_raw_image, to_float_rgb
+from dataloader import (TIFF_SUFFIXES, channels_first, float_peak, raw_pixels, read_raw_image, tiff_pixels,
+                        to_float_rgb)
 from devices import autocast
 from errors import DatasetError, UsageError
 from masks import PackedMasks
@@ -82,9 +83,11 @@ class LazyImage:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._store = None
+        self._as_pixels: Callable[[np.ndarray], np.ndarray] = lambda values: values
         if self.path.suffix.lower() not in TIFF_SUFFIXES:
             self._array: Any = read_raw_image(self.path)
         else:
+            self._as_pixels = tiff_pixels(self.path)
             try:
                 self._array = tifffile.memmap(self.path, mode="r")
             except (ValueError, OSError):  # compressed, tiled or not contiguous: decoded per segment
@@ -102,7 +105,7 @@ class LazyImage:
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """The pixels of [y0, y1) x [x0, x1) as ``dataloader.read_raw_image`` gives a whole image."""
         part = self._array[:, y0:y1, x0:x1] if self._channels_first else self._array[y0:y1, x0:x1]
-        return raw_pixels(np.asarray(part), self.path)
+        return raw_pixels(self._as_pixels(np.asarray(part)), self.path)
 
     def peak(self) -> float | None:
         """The brightest value of a float image (None for integer pixels, scaled by their dtype),

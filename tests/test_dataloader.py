@@ -95,6 +95,39 @@ def test_a_two_channel_stack_is_refused_not_read_as_grey_and_alpha(tmp_path: Pat
     np.testing.assert_allclose(read_image(tmp_path / "grey.tif")[:, :, 1], stack[0] / 65535, rtol=1e-6)
 
 
+def test_palette_min_is_white_and_cmyk_tiffs_read_as_shown_in_whole_and_in_windows(tmp_path: Path) -> None:
+    """tifffile returns stored values: colour indices, inverted grey, inks. Each must reach the
+    model as the picture a viewer shows, whole (training) and window by window (streaming)."""
+    from streaming import LazyImage
+
+    rng = np.random.default_rng(3)
+    indices = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    palette = rng.integers(0, 256, (3, 256)).astype(np.uint16) * 257  # an 8-bit palette, as TIFF stores it
+    grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    inks = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "palette.tif", indices, photometric="palette", colormap=palette)
+    tifffile.imwrite(tmp_path / "white.tif", 255 - grey, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "cmyk.tif", inks, photometric="separated", compression="lzw")
+    cmyk = inks.astype(np.float64) / 255
+    expected = {"palette.tif": palette.T[indices] / 65535, "white.tif": np.repeat(grey[:, :, None], 3, 2) / 255,
+                "cmyk.tif": np.rint((1 - cmyk[..., :3]) * (1 - cmyk[..., 3:]) * 255) / 255}
+    for name, pixels in expected.items():
+        np.testing.assert_allclose(read_image(tmp_path / name), pixels, atol=1e-6, err_msg=name)
+        with LazyImage(tmp_path / name) as lazy:
+            window = dataloader.to_float_rgb(lazy.read(5, 7, 30, 41), tmp_path / name)
+        np.testing.assert_allclose(window, pixels[5:30, 7:41], atol=1e-6, err_msg=name)
+
+
+def test_a_z_stack_is_refused_not_read_as_colour(tmp_path: Path) -> None:
+    planes = np.random.default_rng(4).integers(0, 256, (3, 20, 30), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "z.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "c.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    for read in (read_image, lambda path: __import__("streaming").LazyImage(path)):
+        with pytest.raises(DatasetError, match=r"z.tif: a stack of 3 Z planes \(axes ZYX\).*save one plane"):
+            read(tmp_path / "z.tif")
+    np.testing.assert_allclose(read_image(tmp_path / "c.tif"), np.moveaxis(planes, 0, 2) / 255, atol=1e-6)  # RGB
+
+
 def test_a_12_bit_image_in_uint16_is_noted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(dataloader, "_DIM_NOTED", set())
