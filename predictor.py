@@ -362,8 +362,8 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     raised by their votes and weighed by their neighbours' classes (of ``classes``), best first,
     at most ``per_class`` of a class (0: no limit)."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
-    sizes = masks.offsets.diff()
-    if pick["views"] == 1:  # nothing to merge: one view's detections, as the model returned them
+    sizes = masks.offsets.diff() if pick["views"] > 1 else None  # pixels per mask: what the merges select
+    if sizes is None:  # nothing to merge: one view's detections, as the model returned them
         kept, pixels = torch.arange(len(pick["scores"]), device=probs.device), masks.data.numel()
     else:
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
@@ -376,7 +376,7 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
                      settings.context_reach)
     order = torch.argsort(scores, descending=True)
     kept, scores = kept[order], scores[order]
-    if per_class > 0 and pick["views"] > 1:  # one view: the model's own cap already holds
+    if per_class > 0 and sizes is not None:  # one view: the model's own cap already holds
         within, pixels = selected(group_ranks(scores, pick["labels"][kept]) < per_class, sizes[kept])  # host sync: per image
         kept, scores = kept[within], scores[within]
     return {"boxes": pick["boxes"][kept], "scores": scores, "labels": pick["labels"][kept],

@@ -44,6 +44,7 @@ from benchmarks.common import (add_launcher_arg, base_parser, environment, peak_
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import build_model  # noqa: E402
+from optimisation import fused_adamw  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
 NAME = "train_memory"
@@ -182,7 +183,7 @@ def _model(spec: dict[str, Any], size: Sequence[int], device: torch.device) -> t
     model = build_model(config, load_weights=False).to(device).train()  # memory does not depend on the values
     if spec["variant"] == "stock":
         use_stock_path(model, height, width)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=1e-4)  # training's
     return model, optimizer
 
 
