@@ -143,7 +143,7 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_raw_image(path: Path) -> np.ndarray:
-    """The image's pixels in their stored dtype, [H, W, 1] (grey) or [H, W, 3]: the compact
+    """The image's pixels as shown (``tiff_values``), [H, W, 1] (grey) or [H, W, 3]: the compact
     form the training set keeps in memory (alpha carries no stain information)."""
     pixels = raw_pixels(_read_pixels(path), path)
     note_dim_pixels(pixels, path)
@@ -202,8 +202,9 @@ def to_float_rgb(array: np.ndarray, path: Path, peak: float | None = None) -> np
 
 
 def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """Decode a label image (any integer or integer-valued float dtype) to int64 [H, W]."""
-    label = _read_pixels(path)
+    """Decode a label image (any integer or integer-valued float dtype) to int64 [H, W]: its stored
+    values, which are ids even where a colour table (palette) shows them in colour."""
+    label = _read_pixels(path, shown=False)
     if label.ndim == 3 and 1 in (label.shape[0], label.shape[-1]):
         label = np.squeeze(label)
     if label.ndim != 2:
@@ -640,19 +641,19 @@ def _instances_of(label: np.ndarray):
         yield (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), crop
 
 
-def _read_pixels(path: Path) -> np.ndarray:
-    """The pixels of a TIFF (tifffile, its stored values as ``tiff_values`` reads them) or a PNG/JPEG
-    (Pillow, which matplotlib needs anyway)."""
+def _read_pixels(path: Path, shown: bool = True) -> np.ndarray:
+    """The pixels of a TIFF (tifffile; converted by ``tiff_values`` where ``shown``, stored values
+    for a label image) or a PNG/JPEG (Pillow, which matplotlib needs anyway)."""
     if not path.exists():
         raise DatasetError(f"{path}: file not found; check the dataset folder.")
     tiff = path.suffix.lower() in TIFF_SUFFIXES
     try:
         if tiff:
             with tifffile.TiffFile(path) as stored:
-                as_pixels = tiff_values(stored, path)
+                as_pixels = tiff_values(stored, path) if shown else lambda values: values
                 return as_pixels(stored.asarray())
         with Image.open(path) as image:
-            if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
+            if shown and image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
                 image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
             return np.asarray(image)
     except Image.DecompressionBombError as err:
@@ -681,46 +682,82 @@ def tiff_pixels(path: Path) -> Callable[[np.ndarray], np.ndarray]:
         raise undecodable(path, err) from err
 
 
+# Series axes a 2-D image may have: rows, columns, samples, channels, and tifffile's names for
+# pages of unknown meaning (I, Q: kept, as planes of colour, as before). Any other axis of more
+# than one plane (Z, T, spectral L, mosaic M, ...) is a stack.
+IMAGE_AXES = "YXSCIQ"
+JPEG_COMPRESSIONS = {6, 7, 33007, 34892}  # a YCbCr TIFF of these is decoded to RGB by tifffile
+NOT_RGB = {8: "CIELab", 9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
+
+
 def tiff_values(stored: tifffile.TiffFile, path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """How a TIFF's stored values become the pixels a viewer shows, for the whole image or any
-    window of it (``streaming.LazyImage``): tifffile returns what is stored, so a palette image
-    came back as its colour indices, a MinIsWhite one inverted and a CMYK one as four inks, each
-    read without a word as a wrong picture. Those three are converted here; a Z or time stack,
-    whose 2 to 4 planes would be read as colour channels, is refused."""
-    series, page = stored.series[0], stored.pages[0]
-    stack = {axis: n for axis, n in zip(series.axes, series.shape) if axis in "ZT" and n > 1}
+    """How an image TIFF's stored values become the pixels a viewer shows, for the whole image or
+    any window of it (``streaming.LazyImage``): tifffile returns what is stored, so a palette
+    image came back as its colour indices, a MinIsWhite one inverted, a CMYK one as four inks and
+    a 4-bit one nearly black, each read without a word as a wrong picture. Those are converted
+    (channels last); a stack of planes that are not colours, and colour spaces with no
+    conversion here, are refused. Label images keep their stored values (``read_label_image``)."""
+    series = stored.series[0]
+    page = series.keyframe
+    stack = {axis: n for axis, n in zip(series.axes, series.shape) if axis not in IMAGE_AXES and n > 1}
     if stack:
         raise DatasetError(f"{path}: a stack of {' x '.join(f'{n} {axis}' for axis, n in stack.items())} planes "
                            f"(axes {series.axes}); the model reads one 2-D colour or grey image: save one plane, or "
                            "a projection, as the image.")
-    photometric = int(page.photometric)
-    if photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
-        colours = np.asarray(page.colormap)  # [3, 2**bits], 16-bit
-        if not (colours % 257).any():  # an 8-bit palette stored in 16 bits, as most are
-            colours = (colours // 257).astype(np.uint8)
-        table = np.ascontiguousarray(colours.T)
-        return lambda indices: table[np.minimum(indices, len(table) - 1)]
-    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
-        if page.dtype == np.bool_:
-            return np.logical_not
-        if np.issubdtype(page.dtype, np.unsignedinteger):
-            white = (1 << int(page.bitspersample)) - 1
-            return lambda values: (white - values.clip(0, white)).astype(values.dtype)
-        raise DatasetError(f"{path}: a {page.dtype} MinIsWhite TIFF (0 = white); save it with 0 = black "
-                           "(MinIsBlack), or as RGB.")
+    photometric, dtype, bits = int(page.photometric), page.dtype, int(page.bitspersample)
+    if photometric in NOT_RGB or (photometric == tifffile.PHOTOMETRIC.YCBCR
+                                  and int(page.compression) not in JPEG_COMPRESSIONS):
+        name = NOT_RGB.get(photometric, "uncompressed YCbCr")
+        raise DatasetError(f"{path}: a {name} TIFF, which is not converted here; save it as RGB.")
+    planar = page.samplesperpixel > 1 and int(page.planarconfig) == tifffile.PLANARCONFIG.SEPARATE
+    if photometric == tifffile.PHOTOMETRIC.PALETTE and not stored.is_imagej:  # ImageJ's: a display LUT of grey
+        return _palette_values(page, path)
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
-        if page.samplesperpixel < 4 or getattr(page, "inkset", 1) not in (None, 1) \
-                or not np.issubdtype(page.dtype, np.unsignedinteger):
-            raise DatasetError(f"{path}: a separated (ink) TIFF of {page.samplesperpixel} {page.dtype} inks "
-                               "that is not CMYK; save it as RGB.")
-        full = float((1 << int(page.bitspersample)) - 1)
+        return _cmyk_values(page, path, planar)
+    if dtype == np.bool_:
+        return np.logical_not if photometric == tifffile.PHOTOMETRIC.MINISWHITE else lambda values: values
+    white = (1 << bits) - 1
+    gain = 255 // white if np.issubdtype(dtype, np.unsignedinteger) and bits < 8 else 1  # 2- or 4-bit: to 0..255
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        if not np.issubdtype(dtype, np.unsignedinteger):
+            raise DatasetError(f"{path}: a {dtype} MinIsWhite TIFF (0 = white); save it with 0 = black "
+                               "(MinIsBlack), or as RGB.")
+        return lambda values: ((white - values.clip(0, white)) * gain).astype(values.dtype)
+    return (lambda values: values * np.uint8(gain)) if gain > 1 else (lambda values: values)
 
-        def from_cmyk(inks: np.ndarray) -> np.ndarray:
-            inks = inks.astype(np.float32) / full
-            rgb = (1 - inks[..., :3]) * (1 - inks[..., 3:4])
-            return np.rint(rgb * full).astype(page.dtype)
-        return from_cmyk
-    return lambda values: values
+
+def _palette_values(page: Any, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Colour indices to RGB through the TIFF's colour map, 8-bit where the map holds 8-bit
+    colours (stored x 257 by most writers, x 256 by Pillow, or plain 0..255), else 16-bit."""
+    colours = page.colormap
+    if colours is None or np.ndim(colours) != 2 or len(colours) != 3:
+        raise DatasetError(f"{path}: a palette TIFF without a readable colour map; save it as RGB.")
+    colours = np.asarray(colours)
+    if colours.max() <= 255:
+        colours = colours.astype(np.uint8)
+    elif not (colours % 257).any() or not (colours % 256).any():
+        colours = (colours >> 8).astype(np.uint8)
+    table = np.ascontiguousarray(colours.T)  # [entries, 3]
+
+    def shown(indices: np.ndarray) -> np.ndarray:
+        if indices.ndim == 3:  # an index and an alpha sample: the colour only
+            indices = indices[..., 0]
+        return table[np.minimum(indices, len(table) - 1)]
+    return shown
+
+
+def _cmyk_values(page: Any, path: Path, planar: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """Four CMYK inks (chunky, or planar: channels first) to RGB, channels last."""
+    dtype, inkset = page.dtype, page.tags.valueof(332, 1)  # InkSet: 1 = CMYK
+    if page.samplesperpixel != 4 or inkset != 1 or not np.issubdtype(dtype, np.unsignedinteger):
+        raise DatasetError(f"{path}: a separated (ink) TIFF of {page.samplesperpixel} {dtype} inks that is not "
+                           "plain CMYK; save it as RGB.")
+    full = float((1 << int(page.bitspersample)) - 1)
+
+    def shown(inks: np.ndarray) -> np.ndarray:
+        inks = (np.moveaxis(inks, 0, -1) if planar else inks).astype(np.float32) / full
+        return np.rint((1 - inks[..., :3]) * (1 - inks[..., 3:4]) * full).astype(dtype)
+    return shown
 
 
 def _too_many_pixels(path: Path, err: Exception) -> DatasetError:

@@ -71,14 +71,21 @@ def amp_dtype(device: torch.device, enabled: bool = True, even_if_slow: bool = F
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu" and not (even_if_slow or native_bf16()):
-        note_slow_bf16()
         return None
     return torch.bfloat16
 
 
+def precision(device: torch.device, use_amp: bool) -> str:
+    """What ``--use_amp`` (or its absence) computes in on ``device``, by name, for benchmark rows."""
+    return str(amp_dtype(device, use_amp) or torch.float32).removeprefix("torch.")
+
+
 def autocast(device: torch.device, enabled: bool, even_if_slow: bool = False) -> Any:
-    """Mixed precision for ``--use_amp`` (``amp_dtype``), or nothing."""
+    """Mixed precision for ``--use_amp`` (``amp_dtype``), or nothing; says once where the flag
+    computes in float32."""
     dtype = amp_dtype(device, enabled, even_if_slow)
+    if dtype is None and enabled and device.type == "cpu":
+        _note_float32_amp()
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
@@ -87,17 +94,15 @@ _BF16_NOTED: list[bool] = []  # said once a process
 
 @functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without, bf16 runs
-    far slower than float32 (an AVX2 AMD EPYC: ``benchmarks/step_time.py --compare_amp``,
-    benchmarks/RESULTS.md)."""
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): ``amp_dtype``."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # another torch: assume it does, as before this check
         return True
 
 
-def note_slow_bf16() -> None:
-    """Say once that ``--use_amp`` runs float32 on this CPU, and why."""
+def _note_float32_amp() -> None:
+    """Say once that ``--use_amp`` computes in float32 on this CPU, and why."""
     if _BF16_NOTED or torch.utils.data.get_worker_info() is not None:
         return
     _BF16_NOTED.append(True)

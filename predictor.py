@@ -46,7 +46,7 @@ class Settings:
     tta_scales: tuple[float, ...] | None = None
     mask_thresh: float = 0.5
     batch_size: int | None = 1  # None: ``devices.prediction_batch`` of the device
-    use_amp: bool = False  # devices.amp_dtype: fp16 on CUDA, bf16 on a CPU with bf16 instructions
+    use_amp: bool = False  # autocast as devices.amp_dtype says
     detections_per_img: int | None = None  # None: the model's own limit
     detections_per_class: int | None = None  # per image and class (0: none); None: the model's own
     match_thresh: float = 0.5
@@ -362,10 +362,11 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
     raised by their votes and weighed by their neighbours' classes (of ``classes``), best first,
     at most ``per_class`` of a class (0: no limit)."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
-    sizes = masks.offsets.diff() if pick["views"] > 1 else None  # pixels per mask: what the merges select
-    if sizes is None:  # nothing to merge: one view's detections, as the model returned them
+    merged = pick["views"] > 1
+    if not merged:  # nothing to merge: one view's detections, as the model returned them
         kept, pixels = torch.arange(len(pick["scores"]), device=probs.device), masks.data.numel()
     else:
+        sizes = masks.offsets.diff()  # pixels per mask: what the merges select
         key = merge_order(pick["boxes"], pick["scores"], pick["cut"], mask_areas(masks))
         keep = greedy_mask_merge(masks, pick["labels"], key, pick["cut"], settings.match_thresh)
         kept, pixels = selected(keep, sizes)  # host sync: the cells the image keeps and their pixels, once per image
@@ -376,7 +377,7 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
                      settings.context_reach)
     order = torch.argsort(scores, descending=True)
     kept, scores = kept[order], scores[order]
-    if per_class > 0 and sizes is not None:  # one view: the model's own cap already holds
+    if per_class > 0 and merged:  # one view: the model's own cap already holds
         within, pixels = selected(group_ranks(scores, pick["labels"][kept]) < per_class, sizes[kept])  # host sync: per image
         kept, scores = kept[within], scores[within]
     return {"boxes": pick["boxes"][kept], "scores": scores, "labels": pick["labels"][kept],

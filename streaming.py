@@ -54,9 +54,10 @@ class Span(NamedTuple):
 
 
 class Part(NamedTuple):
-    """One window of an image: its top-left corner ``origin`` (y, x), its ``pixels`` as stored,
-    its detections ``dets`` in window coordinates (``predictor.predict_images``' form, on the
-    host), and ``core``, bool per detection: the cells this window owns."""
+    """One window of an image: its top-left corner ``origin`` (y, x), its ``pixels`` as
+    ``read_raw_image`` gives them, its detections ``dets`` in window coordinates
+    (``predictor.predict_images``' form, on the host), and ``core``, bool per detection: the
+    cells this window owns."""
 
     origin: tuple[int, int]
     pixels: np.ndarray

@@ -17,8 +17,8 @@ an out-of-memory in one cannot fail the next) and is written as soon as it ends:
 5. ``nms``: float64 against float32 NMS on 8192 boxes, time and agreement;
 6. ``resume_amp``: a run trained without AMP, resumed with ``--use_amp`` (end to end).
 
-``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL, bf16; float32 training
-steps in sections 1 and 3 on a CPU without bf16 instructions), so the test suite knows it starts;
+``--dry_run`` runs the same on the CPU at tiny sizes (gloo instead of NCCL; bf16, or float32 on a
+CPU without bf16 instructions, as ``--use_amp`` computes there), so the test suite knows it starts;
 with it, ``--in_process`` spares each section its process start.
 
     python benchmarks/gpu_check.py                      # on a GPU machine: benchmarks/results/gpu_check.json
@@ -182,7 +182,8 @@ def amp_train(sizes: dict[str, Any], device: torch.device, tmp: Path, amp: bool 
     rows = []
     for backbone in BACKBONES:
         for use_attn in (False, True):
-            rows.append({**train_steps(backbone, use_attn, image, target, sizes, device, amp), "amp": amp})
+            rows.append({**train_steps(backbone, use_attn, image, target, sizes, device, amp), "amp": amp,
+                         "precision": devices.precision(device, amp)})
             print(f"  {rows[-1]}", flush=True)
     return rows
 

@@ -28,6 +28,7 @@ from faster_coco_eval.core import mask as mask_util  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402
+from devices import precision  # noqa: E402
 from dataloader import IMAGE_FILE, list_samples, read_id_map, read_image  # noqa: E402
 from inference import predict_folder  # noqa: E402
 from predictor import MaskRCNNStages, Settings  # noqa: E402
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     checkpoint, test_dir, id_map, out, Settings(tile=None, batch_size=batch_size, use_amp=amp),
                     device=str(device), overrides=overrides, num_workers=args.num_workers), device)
                 results = json.loads(out.read_text())
-                rows.append(_row("ours", batch_size, amp, count, ours_seconds, seconds, reference, results))
+                rows.append({**_row("ours", batch_size, amp, count, ours_seconds, seconds, reference, results),
+                             "precision": precision(device, amp)})
     payload = summarize(args, device, count, rows)
     write_results(args, NAME, payload)
     return payload
@@ -153,7 +155,7 @@ def random_checkpoint(args: argparse.Namespace, path: Path) -> Path:
 
 
 def summarize(args: argparse.Namespace, device: torch.device, count: int, rows: list[dict]) -> dict[str, Any]:
-    columns = ["path", "batch", "amp", "images_per_s", "seconds", "speedup", "detections", "identical", "match_rate"]
+    columns = ["path", "batch", "amp", "precision", "images_per_s", "seconds", "speedup", "detections", "identical", "match_rate"]
     print_table(f"inference: {count} images -> test-results.json, {args.detections_per_img} detections/image",
                 rows, columns)
     ours = [r for r in rows if r["path"] == "ours"]

@@ -51,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="copies of the image per step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
-    parser.add_argument("--use_amp", action="store_true", help="autocast as in training (devices.amp_dtype: fp16 on CUDA, bf16 on a CPU "
-                             "with bf16 instructions, float32 on other CPUs)")
+    parser.add_argument("--use_amp", action="store_true", help="autocast as --use_amp (devices.amp_dtype)")
     parser.add_argument("--compare_amp", action="store_true",
                         help="time each row also under autocast, on the same model: amp_vs_fp32; bf16 even on a "
                              "CPU without bf16 instructions, where --use_amp runs float32 (what it would cost)")

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_util
 
 from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, merge_scaling, postprocess,
                         predict_memory, prediction_caps, step_time, streaming, train_memory)
+import devices
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import UsageError
 from model import build_model
@@ -66,7 +67,7 @@ def test_inference_plain_loop_and_ours_identical(tmp_path: Path, shallow: None) 
     plain, floor, ours = payload["rows"]
     assert (plain["path"], floor["path"], ours["path"]) == ("plain loop", "forward only", "ours")
     assert ours["detections"] == plain["detections"] == 30
-    assert ours["identical"] and ours["match_rate"] == 1.0
+    assert ours["identical"] and ours["match_rate"] == 1.0 and ours["precision"] == "float32"
 
 
 def test_inference_agreement_counts_partners() -> None:
@@ -373,7 +374,9 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> 
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert {(r["backbone"], r["use_attn"]) for r in sections["amp_train"]["result"]} == {
         (b, a) for b in ("resnet101", "effnet_v2_m") for a in (False, True)}
-    assert all(r["trained_steps"] > 0 for r in sections["amp_train"]["result"])  # bf16: no scaler to skip steps
+    assert all(r["trained_steps"] > 0 for r in sections["amp_train"]["result"])  # a CPU: no scaler to skip steps
+    assert {r["precision"] for r in sections["amp_train"]["result"]} == {
+        devices.precision(torch.device("cpu"), True)}  # bf16, or float32 without bf16 instructions
     assert sections["ddp"]["result"]["backend"] == "gloo" and sections["ddp"]["result"]["all_reduce_ok"]
     assert sections["syncs"]["result"]["train_step"]["copies"] == 0
     assert sections["syncs"]["result"]["train_step"]["syncs"] <= 10

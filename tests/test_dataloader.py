@@ -95,22 +95,29 @@ def test_a_two_channel_stack_is_refused_not_read_as_grey_and_alpha(tmp_path: Pat
     np.testing.assert_allclose(read_image(tmp_path / "grey.tif")[:, :, 1], stack[0] / 65535, rtol=1e-6)
 
 
-def test_palette_min_is_white_and_cmyk_tiffs_read_as_shown_in_whole_and_in_windows(tmp_path: Path) -> None:
-    """tifffile returns stored values: colour indices, inverted grey, inks. Each must reach the
-    model as the picture a viewer shows, whole (training) and window by window (streaming)."""
+def test_palette_min_is_white_cmyk_and_4_bit_tiffs_read_as_shown_in_whole_and_in_windows(tmp_path: Path) -> None:
+    """tifffile returns stored values: colour indices, inverted grey, inks, 0..15. Each must reach
+    the model as the picture a viewer shows, whole (training) and window by window (streaming)."""
     from streaming import LazyImage
 
     rng = np.random.default_rng(3)
     indices = rng.integers(0, 256, (40, 50), dtype=np.uint8)
-    palette = rng.integers(0, 256, (3, 256)).astype(np.uint16) * 257  # an 8-bit palette, as TIFF stores it
+    palette = rng.integers(0, 256, (3, 256))
     grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)
     inks = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "palette.tif", indices, photometric="palette", colormap=palette)
+    nibbles = rng.integers(0, 16, (40, 50), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "palette.tif", indices, photometric="palette", colormap=palette * 257)
+    tifffile.imwrite(tmp_path / "pillow.tif", indices, photometric="palette", colormap=palette * 256)  # Pillow's
     tifffile.imwrite(tmp_path / "white.tif", 255 - grey, photometric="miniswhite")
     tifffile.imwrite(tmp_path / "cmyk.tif", inks, photometric="separated", compression="lzw")
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(inks, 2, 0), photometric="separated",
+                     planarconfig="separate")
+    tifffile.imwrite(tmp_path / "4bit.tif", nibbles, photometric="minisblack", bitspersample=4)
     cmyk = inks.astype(np.float64) / 255
-    expected = {"palette.tif": palette.T[indices] / 65535, "white.tif": np.repeat(grey[:, :, None], 3, 2) / 255,
-                "cmyk.tif": np.rint((1 - cmyk[..., :3]) * (1 - cmyk[..., 3:]) * 255) / 255}
+    shown_inks = np.rint((1 - cmyk[..., :3]) * (1 - cmyk[..., 3:]) * 255) / 255
+    expected = {"palette.tif": palette.T[indices] / 255, "pillow.tif": palette.T[indices] / 255,
+                "white.tif": np.repeat(grey[:, :, None], 3, 2) / 255, "cmyk.tif": shown_inks,
+                "planar.tif": shown_inks, "4bit.tif": np.repeat(nibbles[:, :, None], 3, 2) * 17 / 255}
     for name, pixels in expected.items():
         np.testing.assert_allclose(read_image(tmp_path / name), pixels, atol=1e-6, err_msg=name)
         with LazyImage(tmp_path / name) as lazy:
@@ -118,13 +125,28 @@ def test_palette_min_is_white_and_cmyk_tiffs_read_as_shown_in_whole_and_in_windo
         np.testing.assert_allclose(window, pixels[5:30, 7:41], atol=1e-6, err_msg=name)
 
 
-def test_a_z_stack_is_refused_not_read_as_colour(tmp_path: Path) -> None:
+def test_a_label_with_a_colour_table_keeps_its_ids_and_an_imagej_lut_keeps_the_grey(tmp_path: Path) -> None:
+    """Label maps saved with a colour table (MorphoLibJ's glasbey) hold ids, not colours; an
+    ImageJ 8-bit image with a display LUT holds intensities."""
+    label = np.zeros((12, 14), np.uint8)
+    label[2:5, 3:7], label[7:10, 1:4] = 3, 200
+    table = np.random.default_rng(5).integers(0, 256, (3, 256)) * 257
+    tifffile.imwrite(tmp_path / "class1.tif", label, photometric="palette", colormap=table)
+    assert np.array_equal(dataloader.read_label_image(tmp_path / "class1.tif", (12, 14)), label)
+    tifffile.imwrite(tmp_path / "lut.tif", label, imagej=True, colormap=table)
+    np.testing.assert_allclose(read_image(tmp_path / "lut.tif")[:, :, 0], label / 255, atol=1e-6)
+
+
+def test_a_stack_of_planes_that_are_not_colours_is_refused(tmp_path: Path) -> None:
     planes = np.random.default_rng(4).integers(0, 256, (3, 20, 30), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "z.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "t.tif", planes[:2], imagej=True, metadata={"axes": "TYX"})
     tifffile.imwrite(tmp_path / "c.tif", planes, imagej=True, metadata={"axes": "CYX"})
     for read in (read_image, lambda path: __import__("streaming").LazyImage(path)):
         with pytest.raises(DatasetError, match=r"z.tif: a stack of 3 Z planes \(axes ZYX\).*save one plane"):
             read(tmp_path / "z.tif")
+        with pytest.raises(DatasetError, match=r"t.tif: a stack of 2 T planes"):
+            read(tmp_path / "t.tif")
     np.testing.assert_allclose(read_image(tmp_path / "c.tif"), np.moveaxis(planes, 0, 2) / 255, atol=1e-6)  # RGB
 
 

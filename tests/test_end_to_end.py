@@ -104,8 +104,11 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
     import devices
 
     monkeypatch.setattr(devices, "native_bf16", lambda: True)  # bf16 even on a CPU where --use_amp runs float32
+    computed, amp_dtype = [], devices.amp_dtype
+    monkeypatch.setattr(devices, "amp_dtype", lambda *args: computed.append(amp_dtype(*args)) or computed[-1])
     out = tmp_path / "run"
     _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp")
+    assert torch.bfloat16 in computed  # the training steps ran under bf16 autocast
     row = json.loads((out / "history.json").read_text())[0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0  # bf16 on a CPU
     assert (out / "best.pth").exists()  # without validation the training loss selects it

@@ -691,5 +691,7 @@ def test_use_amp_on_a_cpu_without_bf16_instructions_runs_float32_and_says_so_onc
         with devices.autocast(cpu, False):
             assert not torch.is_autocast_enabled("cpu")
         assert capsys.readouterr().out.count("so --use_amp computes in float32 here") == said
+        assert devices.precision(cpu, True) == ("bfloat16" if native else "float32")
+        assert capsys.readouterr().out == ""  # a query says nothing
     assert devices.amp_dtype(torch.device("cuda")) == torch.float16  # no CUDA needed to decide
     assert devices.amp_dtype(torch.device("cuda"), enabled=False) is None
