@@ -53,8 +53,8 @@ def add_tile_args(parser: argparse.ArgumentParser | Any) -> None:
     """--tile and --tile_overlap: how images larger than the training crop are predicted."""
     parser.add_argument("--tile", type=non_negative_int, default=None,
                         help="predict images larger than this tile by tile, each tile scaled like a training crop "
-                             "(0: whole images; default: the --crop the model trains or was trained with, the "
-                             "context it knows)")
+                             "(0: whole images; default: the training run's --crop, the context the model knows, or "
+                             "the --tile that run was given)")
     parser.add_argument("--tile_overlap", type=share, default=0.25,
                         help="overlap of neighbouring tiles as a share of --tile, in [0, 1); make it exceed the "
                              "largest cell")

@@ -34,7 +34,7 @@ from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_a
                    checkpoint_overrides, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX
 from journal import PredictionJournal, file_stamp, run_key
-from predictor import Settings, limits, predict_each
+from predictor import Settings, image_batches, limits, predict_each
 from progress import progress
 from streaming import LazyImage, model_predictor, stream_image, window_count, window_spans
 
@@ -143,7 +143,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
                    overrides: dict[str, Any] | None = None, score_thresh: float = 0.0, num_workers: int = 0,
                    cell_outputs: CellOutputs = CellOutputs(), window: int = 0) -> Path:
     """Predict every test image and write the submission; returns its path. Several
-    checkpoints are an ensemble; ``settings.tile`` None tiles at the training crop recorded
+    checkpoints are an ensemble; ``settings.tile`` None tiles at the run's tile recorded
     in the (first) checkpoint, ``settings.batch_size`` None takes the device's default.
     ``id_map_json`` None: the map beside the folder, else the images numbered by name (and that
     map written beside the submission). An image with a side over ``window`` (> 0) is streamed
@@ -165,12 +165,10 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     models = [model.to(torch_device) for model, _, _ in loaded]
     resolved = settings.resolved(torch_device, loaded[0][2])
     if settings.tile is None and resolved.tile:
-        print(f"tiles of {resolved.tile} px, the checkpoint's training --crop (--tile 0 predicts whole images)")
+        print(f"tiles of {resolved.tile} px, the tile the checkpoint's run validated with (--tile 0 predicts whole "
+              "images)")
     if streamed:  # checked before minutes of prediction
         window_spans(window + 1, window, resolved.tile, resolved.tile_overlap)
-    # Tiles and views of one image fill a batch already; whole images of different sizes are
-    # batched (padded together) only when asked.
-    together = not (resolved.tile or resolved.tta_scales) and settings.batch_size is not None
     per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
                          detections_per_class=settings.detections_per_class or 0)
     journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
@@ -187,9 +185,10 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     elif journal.done:
         print(f"resuming: {len(earlier)} of {len(dataset)} images were predicted by an earlier run of this command "
               f"({journal.path}; delete it to start over)")
-    loader = DataLoader(Subset(dataset, [i for i in whole if i not in earlier]),
-                        batch_size=resolved.batch_size if together else 1, shuffle=False, collate_fn=collate_fn,
-                        num_workers=num_workers, pin_memory=torch_device.type == "cuda")
+    todo = [i for i in whole if i not in earlier]
+    batches = image_batches([sizes[i] for i in todo], resolved, len(models), settings.batch_size is not None)
+    loader = DataLoader(Subset(dataset, todo), batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
+                        pin_memory=torch_device.type == "cuda")
     names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES
     start = time.time()
     with ExitStack() as stack:

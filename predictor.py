@@ -41,7 +41,7 @@ class Settings:
     the flags by ``flags.prediction_settings`` (inference.py, visualization.py) and from the
     training flags for validation. ``None`` fields are decided by ``resolved``."""
 
-    tile: int | None = 0  # None: the training crop of the checkpoint (``training_tile``)
+    tile: int | None = 0  # None: the checkpoint's run's tile (``training_tile``)
     tile_overlap: float = 0.25
     tta_scales: tuple[float, ...] | None = None
     mask_thresh: float = 0.5
@@ -99,8 +99,10 @@ class Settings:
 
 
 def training_tile(state: dict[str, Any]) -> int:
-    """The tile a checkpoint predicts best with: its training --crop (0, whole images, if it had none)."""
-    return int((state.get("args") or {}).get("crop") or 0)
+    """The tile a checkpoint predicts best with: the one its run validated with (its ``--tile``,
+    by default its training ``--crop``; 0, whole images, if it had neither)."""
+    args = state.get("args") or {}
+    return int(args["tile"] if args.get("tile") is not None else args.get("crop") or 0)
 
 
 def predict(model: nn.Module | Sequence[nn.Module], loader: Iterable, device: torch.device,
@@ -150,6 +152,29 @@ def on_host(found: list[dict]) -> list[dict]:
     if queued:
         torch.cuda.synchronize(device)  # host sync: the batch's results, once per batch
     return moved
+
+
+def image_batches(sizes: Sequence[tuple[int, int]], settings: Settings, models: int = 1,
+                  whole_together: bool = False) -> list[list[int]]:
+    """Which images (positions in ``sizes``, in order) are predicted together: tiled images are
+    pooled while their tiles x views x models fill at most ``settings.batch_size`` forward inputs,
+    so a folder of images no larger than a tile fills a GPU batch as one large image does (one
+    pass, not one per image). Whole images (``settings.tile`` 0) of different sizes would be padded
+    together: only ``whole_together`` (an explicit ``--batch_size``) batches them, by count."""
+    if not settings.tile:
+        step = settings.batch_size if whole_together and not settings.tta_scales else 1
+        return [list(range(k, min(k + step, len(sizes)))) for k in range(0, len(sizes), step)]
+    per_view = len(views(settings.tta_scales, settings.dihedral)) * models
+    batches: list[list[int]] = []
+    filled = 0
+    for i, (height, width) in enumerate(sizes):
+        jobs = len(tile_grid(height, width, settings.tile, settings.tile_overlap)) * per_view
+        if not batches or filled + jobs > settings.batch_size:
+            batches.append([])
+            filled = 0
+        batches[-1].append(i)
+        filled += jobs
+    return batches
 
 
 class Job(NamedTuple):

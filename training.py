@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
                                                        device=args.device))
         except DeviceMemoryError as err:  # the train command again would train anew: send the user to inference.py
             command = ["python", "inference.py", "--checkpoint", str(best), "--test_dir", str(args.test_dir),
-                       *(["--id_map_json", str(id_map)] if id_map else []), "--output", str(output), "--window", "0"]
+                       *(["--id_map_json", str(id_map)] if id_map else []), "--output", str(output), "--window", "0",
+                       "--tile_overlap", str(args.tile_overlap)]  # the tile: the run's own (predictor.training_tile)
             raise DeviceMemoryError(f"{str(err).rstrip('.')}. Training is finished and saved: predict with "
                                     f"{shlex.join(command)} and that fix (the train command would train again).") from err
     print("outputs:")
@@ -334,9 +335,11 @@ DATA_PATHS = ("train_dir", "val_dir", "split_groups")
 # command (so --use_amp, an out-of-memory fix, can also be dropped on resume).
 INVOCATION_FLAGS = ("resume", "output_dir", "checkpoint", "device", "use_amp", "num_workers", "decode_workers",
                     "no_cache_images")
-# Model limits a resumed run may change, as the out-of-memory advice asks: no weight depends on them.
-RESUME_LIMITS = ("max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
-                 "rpn_post_nms_top_n_test", "box_batch_size_per_image", "detections_per_img", "detections_per_class",
+# Model settings a resumed run may change, as the out-of-memory advice asks (and --resume's help
+# promises for any typed flag): no weight depends on them.
+RESUME_LIMITS = ("max_size", "min_size", "max_upscale", "input_scale", "rpn_pre_nms_top_n_train",
+                 "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+                 "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img", "detections_per_class",
                  "box_score_thresh", "box_nms_thresh")
 
 

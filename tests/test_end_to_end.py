@@ -99,6 +99,28 @@ def test_tiles_of_tta_views_in_the_submission(data: dict, tmp_path: Path, shallo
     assert max(per_image) <= 7  # the cap holds after the tile and view merges
 
 
+def test_images_no_larger_than_a_tile_share_forward_passes(data: dict, tmp_path: Path, shallow: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--batch_size counts tiles x views: two test images of one tile each go through the network
+    together, with the detections they get one at a time."""
+    import predictor
+
+    torch.manual_seed(0)
+    config = {"backbone": "resnet101", "weights": "none", "min_size": 96, "max_size": 128, "input_scale": 0.0,
+              "detections_per_img": 20, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}
+    save_checkpoint(tmp_path / "c.pth", {"model": build_model(config).state_dict(), "config": config})
+    passes, detect = [], predictor.MaskRCNNStages.detect
+    monkeypatch.setattr(predictor.MaskRCNNStages, "detect",
+                        lambda self, crops, *rest: passes.append(len(crops)) or detect(self, crops, *rest))
+    found = {}
+    for batch in ("1", "2"):
+        out = inference.main(["--checkpoint", str(tmp_path / "c.pth"), *_test_args(data, tmp_path / f"b{batch}.json"),
+                              "--tile", "128", "--batch_size", batch])
+        found[batch] = sorted((r["image_id"], r["category_id"], round(r["score"], 4)) for r in _assert_submission(out, data))
+    assert passes == [1, 1, 2]  # one image a pass, then both in one
+    assert found["1"] == found["2"] and found["1"]
+
+
 def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_path: Path, shallow: None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import devices
@@ -169,3 +191,6 @@ def test_tiles_at_the_training_crop_and_one_view_unless_told(
     inference.main(["--checkpoint", str(out / "last.pth"), "--tta", "--merge", "max", *test_args])
     assert tiles == [64, 64, 0, 64] and views == [None, None, (1.0,), (1.0,)]  # submissions: one view unless --tta
     assert merges == [None, None, None, "max"]  # None: Settings decides (averaged with views)
+    from predictor import training_tile  # a run given its own --tile validated with it: inference.py too
+
+    assert training_tile({"args": {"crop": 64, "tile": 96}}) == 96 and training_tile({"args": {"crop": 64}}) == 64

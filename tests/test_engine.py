@@ -556,6 +556,9 @@ def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.C
     assert same["max_size"] == 1024 and "note" not in capsys.readouterr().out  # not typed: the run's own
     smaller = resumed("--train_dir", "data/train", "--max_size", "512", "--batch_size", "1")  # the out-of-memory advice
     assert smaller["max_size"] == 512 and "--max_size 512 (was 1024)" in capsys.readouterr().out
+    native = resumed("--train_dir", "data/train", "--input_scale", "1", "--min_size", "600")  # --resume's help: typed wins
+    assert (native["input_scale"], native["min_size"]) == (1.0, 600)
+    assert f"--input_scale 1.0 (was {resume['config']['input_scale']})" in capsys.readouterr().out
 
 
 def test_a_moved_dataset_resumes_when_its_samples_split_alike(tiny_dataset: dict, tmp_path: Path,

@@ -159,7 +159,7 @@ def test_out_of_memory_predicting_after_training_points_to_inference(data: dict,
     message = str(caught.value)
     assert "pass --batch_size 1. Training is finished and saved" in message
     assert (f"python inference.py --checkpoint {tmp_path / 'best.pth'} --test_dir {data['test_dir']} --output "
-            f"{tmp_path / 'test-results.json'} --window 0 and that fix") in message
+            f"{tmp_path / 'test-results.json'} --window 0 --tile_overlap 0.25 and that fix") in message
 
 
 def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,11 +192,14 @@ def test_the_printed_inference_command_continues_trainings_prediction(data: dict
     import inference
     from flags import checkpoint_overrides, prediction_settings, validation_settings
 
-    trained = training.build_parser("resnet101", "").parse_args(_args(data, tmp_path, "--test_dir", str(data["test_dir"])))
-    trained.tile = trained.crop  # as training.main sets it
-    given = inference.build_parser().parse_args(["--checkpoint", "best.pth", "--test_dir", str(data["test_dir"]),
-                                                 "--output", "x.json", "--window", "0"])
-    state, device = {"args": vars(trained)}, torch.device("cpu")
-    assert (prediction_settings(given).resolved(device, state).what_it_predicts()
-            == validation_settings(trained).resolved(device, state).what_it_predicts())
-    assert given.window == 0 and not any(v is not None for v in checkpoint_overrides(given).values())
+    parser = training.build_parser("resnet101", "")
+    for tiles in ([], ["--tile", "48", "--tile_overlap", "0.4"]):  # the crop's tile; a tile of its own
+        trained = parser.parse_args(_args(data, tmp_path, "--test_dir", str(data["test_dir"]), *tiles))
+        trained.tile = trained.crop if trained.tile is None else trained.tile  # as training.main sets it
+        given = inference.build_parser().parse_args(["--checkpoint", "best.pth", "--test_dir", str(data["test_dir"]),
+                                                     "--output", "x.json", "--window", "0",
+                                                     "--tile_overlap", str(trained.tile_overlap)])
+        state, device = {"args": vars(trained)}, torch.device("cpu")
+        assert (prediction_settings(given).resolved(device, state).what_it_predicts()
+                == validation_settings(trained).resolved(device, state).what_it_predicts())
+        assert given.window == 0 and not any(v is not None for v in checkpoint_overrides(given).values())
