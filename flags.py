@@ -84,8 +84,8 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                             "(more mask-head work; tiles of one view count once). Default: avg with --tta, max "
                             "otherwise")
     group.add_argument("--vote_boost", type=non_negative, default=0.0,
-                       help="a cell found by k of the views and models scores its best x (1 + b (k - 1)); tiles of "
-                            "one view count once (0: best score alone)")
+                       help="a cell found by k of the views and models scores its score (its best copy's, or with "
+                            "--consensus the mean) x (1 + b (k - 1)); tiles of one view count once (0: no boost)")
     group.add_argument("--consensus", action="store_const", const=True, default=None,
                        help="with --tta or an ensemble: a cell's score is the mean over every view and model of "
                             "its class's probability there (its best copy of that class in each, 0 where one found "
@@ -110,7 +110,7 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
 def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool) -> None:
     """How many detections an image keeps: a train script's defaults (recorded in the
     checkpoint), or with ``from_checkpoint`` an override of the checkpoint's at prediction."""
-    img, cls = ("the checkpoint's",) * 2 if from_checkpoint else (DEFAULT_CONFIG["detections_per_img"],
+    img, cls = ("the checkpoint's (an ensemble: the smallest of its checkpoints')",) * 2 if from_checkpoint else (DEFAULT_CONFIG["detections_per_img"],
                                                                    DEFAULT_CONFIG["detections_per_class"])
     parser.add_argument("--detections_per_img", type=non_negative_int, default=None if from_checkpoint else img,
                         help=f"most detections kept per image, after the tile and TTA merges (0: every one, for "
@@ -128,10 +128,11 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: boo
     which writes none: in the PNGs' names)."""
     numbered = (f"and that map is written beside the submission as {ID_MAP_FILE}, never over a map of other images"
                 if writes_submission else "which name the PNGs")
+    runs = "" if writes_submission else "for the training run's own test folder, the map that run was given; else "
     parser.add_argument("--id_map_json", default=None,
                         help="list of {file_name, id, height, width} naming each test image's id (default: "
-                             f"{ID_MAP_FILE} beside --test_dir where it names any of that folder's images, and then it "
-                             f"must name exactly them; else the images sorted by name get ids 1..N, {numbered})")
+                             f"{runs}{ID_MAP_FILE} beside --test_dir where it names any of that folder's images, and "
+                             f"then it must name exactly them; else the images sorted by name get ids 1..N, {numbered})")
 
 
 def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
     parser.add_argument("--mode", choices=("val", "test"), default="val",
                         help="val: ground truth | prediction of held-out images; test: predictions only")
-    parser.add_argument("--num_images", type=non_negative_int, default=5, help="images to draw (0: all)")
+    parser.add_argument("--num_images", type=non_negative_int, default=5, help="images to draw (0: all); one too large to draw whole is skipped and the next one drawn")
     parser.add_argument("--score_thresh", type=chance, default=0.5, help="draw only detections scoring at least this")
     parser.add_argument("--draw_gt_mask", action="store_true",
                         help="fill ground-truth masks (outlines and boxes are always drawn)")
@@ -119,13 +119,12 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
     train_dir = args.train_dir or split.get("val_dir") or train_args.get("train_dir")
     if not train_dir:
         raise DatasetError(f"{args.checkpoint}: the checkpoint does not name its training folder; pass --train_dir.")
-    names = _first(split["val"], args.num_images)
     samples = {p.name: p for p in list_samples(Path(train_dir))}
-    missing = [n for n in names if n not in samples]
+    missing = [n for n in split["val"] if n not in samples]
     if missing:
         raise DatasetError(f"{train_dir}: validation sample(s) {missing[:5]} from {split_json} are missing; "
                            "pass the --train_dir the model was trained on.")
-    names = [n for n in names if drawable(samples[n] / IMAGE_FILE)]
+    names = _first_drawable(split["val"], args.num_images, lambda name: samples[name] / IMAGE_FILE)
     paths = [vis_dir / f"{name}.png" for name in names]
 
     def draw(i: int) -> dict[str, int]:
@@ -147,8 +146,8 @@ def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Names
     # the run's id map belongs to the run's test folder, not to another one given here
     id_map = find_id_map(Path(test_dir), args.id_map_json or (train_args.get("id_map_json") if runs_folder else None))
     dataset = UnlabelledImages(Path(test_dir), id_map)
-    indices = [i for i in _first(list(range(len(dataset))), args.num_images)
-               if drawable(dataset.test_dir / dataset.entries[i]["file_name"])]
+    indices = _first_drawable(list(range(len(dataset))), args.num_images,
+                              lambda i: dataset.test_dir / dataset.entries[i]["file_name"])
     entries = [dataset.entries[i] for i in indices]
     paths = [vis_dir / f"{entry['id']}.png" for entry in entries]
 
@@ -341,8 +340,16 @@ def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _first(items: list, n: int) -> list:
-    return items if n <= 0 else items[:n]
+def _first_drawable(items: list, n: int, path: Callable[[Any], Path]) -> list:
+    """The first ``n`` (0: all) of ``items`` whose image (``path``) can be drawn whole: one too
+    large is skipped (with a note) and the next one taken."""
+    chosen: list = []
+    for item in items:
+        if 0 < n <= len(chosen):
+            break
+        if drawable(path(item)):
+            chosen.append(item)
+    return chosen
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
     computed, amp_dtype = [], devices.amp_dtype
     monkeypatch.setattr(devices, "amp_dtype", lambda *args: computed.append(amp_dtype(*args)) or computed[-1])
     out = tmp_path / "run"
-    _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp")
+    _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp", "--class_names", "e", "l", "n", "m")
     assert torch.bfloat16 in computed  # the training steps ran under bf16 autocast
     row = json.loads((out / "history.json").read_text())[0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0  # bf16 on a CPU
@@ -149,7 +149,9 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
     # a random-init run fine-tuned without repeating --weights none: its GroupNorm layout is kept, nothing downloaded
     _train(train_resnet, data, tmp_path / "ft", "--epochs", "1", "--val_split", "0", "--weights", "imagenet",
            "--checkpoint", str(out / "last.pth"))
-    assert load_checkpoint(tmp_path / "ft" / "last.pth")["config"]["weights"] == "none"
+    fine_tuned = load_checkpoint(tmp_path / "ft" / "last.pth")
+    assert fine_tuned["config"]["weights"] == "none"
+    assert fine_tuned["args"]["class_names"] == ["e", "l", "n", "m"]  # its cells' names, as --class_names' help says
 
 
 def test_ema_repeat_factor_sampling_and_eval_every(data: dict, tmp_path: Path, shallow: None) -> None:

@@ -283,6 +283,15 @@ def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: t
     assert capsys.readouterr().out.count("too large to draw whole (over 16 px a side); skipped") == len(ids)
 
 
+def test_num_images_draws_that_many_replacing_images_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = []
+    monkeypatch.setattr(visualization, "drawable", lambda path: checked.append(path) or not path.name.startswith("big"))
+    names = ["big1", "a", "big2", "b", "c"]
+    assert visualization._first_drawable(names, 2, Path) == ["a", "b"]
+    assert checked == [Path(n) for n in names[:4]]  # no image past the second drawable one is read
+    assert visualization._first_drawable(names, 0, Path) == ["a", "b", "c"]
+
+
 def test_visualization_test_uses_the_runs_id_map_only_for_the_runs_folder(data: dict[str, Path],
                                                                          run: tuple[Path, list[str]],
                                                                          tmp_path: Path, shallow: None) -> None:
