@@ -67,7 +67,9 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     add_device_args(group)
     add_tile_args(group)
     group.add_argument("--batch_size", type=positive_int, default=None,
-                       help=f"tiles x TTA views per forward pass (default: {GPU_BATCH} on a GPU, 1 on a CPU)")
+                       help=f"tiles x TTA views per forward pass, of one image or of several small ones (default: "
+                            f"{GPU_BATCH} on a GPU, 1 on a CPU); whole images (--tile 0), padded together, only when "
+                            "given")
     group.add_argument("--tta", nargs="?", const="flips", default=None, choices=("flips", "dihedral"),
                        help="test-time augmentation, merged with the tiles: 'flips' (the value when none is given), "
                             "the 4 flips x --tta_scales, or 'dihedral', each also turned by 90 degrees (8 views); "

@@ -128,12 +128,25 @@ def predict_each(model: nn.Module | Sequence[nn.Module], loader: Iterable, devic
     models = [getattr(m, "module", m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     for net in models:  # DDP: predict with the wrapped model, no gradient sync
         net.eval()
-    for images, targets in progress(loader, desc or "", show=desc is not None):
-        images = [img.to(device, non_blocking=True) for img in images]
-        with autocast(device, settings.use_amp):
-            merged = predict_images(models, images, settings)
-        for dets, target in zip(on_host(merged), targets):
-            yield target["image_id"], detections_to_coco(dets, target["image_id"])
+    with progress(None, desc or "", total=_image_count(loader), show=desc is not None) as bar:  # images, not batches
+        for images, targets in loader:
+            images = [img.to(device, non_blocking=True) for img in images]
+            with autocast(device, settings.use_amp):
+                merged = predict_images(models, images, settings)
+            for dets, target in zip(on_host(merged), targets):
+                yield target["image_id"], detections_to_coco(dets, target["image_id"])
+            bar.update(len(targets))
+
+
+def _image_count(loader: Iterable) -> int | None:
+    """How many images a loader gives (this rank's, under a distributed sampler), for the bar."""
+    batches = getattr(loader, "batch_sampler", None)
+    if isinstance(batches, list):
+        return sum(map(len, batches))
+    try:
+        return len(getattr(batches, "sampler", None) or loader)  # a plain list of batches: its length
+    except TypeError:
+        return None
 
 
 def on_host(found: list[dict]) -> list[dict]:

@@ -112,12 +112,15 @@ def test_images_no_larger_than_a_tile_share_forward_passes(data: dict, tmp_path:
     passes, detect = [], predictor.MaskRCNNStages.detect
     monkeypatch.setattr(predictor.MaskRCNNStages, "detect",
                         lambda self, crops, *rest: passes.append(len(crops)) or detect(self, crops, *rest))
+    bars, progress = [], predictor.progress
+    monkeypatch.setattr(predictor, "progress", lambda *args, **kwargs: bars.append(progress(*args, **kwargs)) or bars[-1])
     found = {}
     for batch in ("1", "2"):
         out = inference.main(["--checkpoint", str(tmp_path / "c.pth"), *_test_args(data, tmp_path / f"b{batch}.json"),
                               "--tile", "128", "--batch_size", batch])
         found[batch] = sorted((r["image_id"], r["category_id"], round(r["score"], 4)) for r in _assert_submission(out, data))
     assert passes == [1, 1, 2]  # one image a pass, then both in one
+    assert [(bar.total, bar.n) for bar in bars] == [(2, 2), (2, 2)]  # the bar counts images, not batches
     assert found["1"] == found["2"] and found["1"]
 
 
