@@ -117,8 +117,8 @@ class EpochMeter:
             print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
                   f"{ {k: round(v, 4) for k, v in zip(LOGGED_LOSSES, row)} }")
             if self.bad_in_row >= MAX_BAD_STEPS:
-                raise DivergenceError(f"epoch {epoch}: {self.bad_in_row} non-finite losses in a row; lower --lr, "
-                                      "drop --use_amp or check the images named above.")
+                raise DivergenceError(f"epoch {epoch}: {self.bad_in_row} non-finite losses in a row; lower --lr "
+                                      "or check the images named above.")
         self._pending.clear()
         return last
 

@@ -26,6 +26,7 @@ from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load
 from coco import build_coco_gt
 from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, find_id_map, list_samples,
                         sample_groups, split_samples, write_split)
+from devices import amp_dtype, precision
 from distributed import (DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
                          init_distributed, samples_trained)
 from ema import ModelEMA
@@ -261,10 +262,12 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         except DeviceMemoryError as err:  # the fix is a flag: keep the steps it cost
             raise DeviceMemoryError(f"{str(err).rstrip('.')}; {_memory_resume(keep_steps, out, info)}") from err
         except DivergenceError as err:  # weights that diverged never replace the last good ones
-            if not (out / "last.pth").exists():
-                raise
-            raise DivergenceError(f"{str(err).rstrip('.')}; then --resume {out / 'last.pth'} continues from "
-                                  "its last finished epoch.") from err
+            message = str(err).rstrip(".")
+            if amp_dtype(device, args.use_amp) is not None:  # not where --use_amp computes in float32
+                message += f", or drop --use_amp ({precision(device, True)} here)"
+            if (out / "last.pth").exists():
+                message += f"; then --resume {out / 'last.pth'} continues from its last finished epoch"
+            raise DivergenceError(f"{message}.") from err
         if row is None:  # stopped by a signal: keep the steps done so far
             _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps()}")
             return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
