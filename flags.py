@@ -67,9 +67,9 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     add_device_args(group)
     add_tile_args(group)
     group.add_argument("--batch_size", type=positive_int, default=None,
-                       help=f"tiles x TTA views per forward pass, of one image or of several small ones (default: "
-                            f"{GPU_BATCH} on a GPU, 1 on a CPU); whole images (--tile 0), padded together, only when "
-                            "given")
+                       help=f"tiles x TTA views per forward pass, of one image or of several small ones of one "
+                            f"size (default: {GPU_BATCH} on a GPU, 1 on a CPU); whole images (--tile 0), padded "
+                            "together, only when given")
     group.add_argument("--tta", nargs="?", const="flips", default=None, choices=("flips", "dihedral"),
                        help="test-time augmentation, merged with the tiles: 'flips' (the value when none is given), "
                             "the 4 flips x --tta_scales, or 'dihedral', each also turned by 90 degrees (8 views); "
@@ -86,8 +86,9 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                             "(more mask-head work; tiles of one view count once). Default: avg with --tta, max "
                             "otherwise")
     group.add_argument("--vote_boost", type=non_negative, default=0.0,
-                       help="a cell found by k of the views and models scores its score (its best copy's, or with "
-                            "--consensus the mean) x (1 + b (k - 1)); tiles of one view count once (0: no boost)")
+                       help="a cell found by k of the views and models scores its score (the mean over views and "
+                            "models where --consensus is on, by default with --tta; else its best copy's) x "
+                            "(1 + b (k - 1)); tiles of one view count once (0: no boost)")
     group.add_argument("--consensus", action="store_const", const=True, default=None,
                        help="with --tta or an ensemble: a cell's score is the mean over every view and model of "
                             "its class's probability there (its best copy of that class in each, 0 where one found "
@@ -112,8 +113,9 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
 def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool) -> None:
     """How many detections an image keeps: a train script's defaults (recorded in the
     checkpoint), or with ``from_checkpoint`` an override of the checkpoint's at prediction."""
-    img, cls = ("the checkpoint's (an ensemble: the smallest of its checkpoints')",) * 2 if from_checkpoint else (DEFAULT_CONFIG["detections_per_img"],
-                                                                   DEFAULT_CONFIG["detections_per_class"])
+    theirs = "the checkpoint's (an ensemble: the smallest of its checkpoints')"
+    img, cls = ((theirs, theirs) if from_checkpoint
+                else (DEFAULT_CONFIG["detections_per_img"], DEFAULT_CONFIG["detections_per_class"]))
     parser.add_argument("--detections_per_img", type=non_negative_int, default=None if from_checkpoint else img,
                         help=f"most detections kept per image, after the tile and TTA merges (0: every one, for "
                              f"whole slides; default: {img}); each tile or view keeps at most what its area can "

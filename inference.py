@@ -186,7 +186,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
         print(f"resuming: {len(earlier)} of {len(dataset)} images were predicted by an earlier run of this command "
               f"({journal.path}; delete it to start over)")
     todo = [i for i in whole if i not in earlier]
-    batches = image_batches([sizes[i] for i in todo], resolved, len(models), settings.batch_size is not None)
+    batches = image_batches([sizes[i] for i in todo], resolved, settings.batch_size is not None)
     loader = DataLoader(Subset(dataset, todo), batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
                         pin_memory=torch_device.type == "cuda")
     names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES

@@ -167,22 +167,23 @@ def on_host(found: list[dict]) -> list[dict]:
     return moved
 
 
-def image_batches(sizes: Sequence[tuple[int, int]], settings: Settings, models: int = 1,
-                  whole_together: bool = False) -> list[list[int]]:
-    """Which images (positions in ``sizes``, in order) are predicted together: tiled images are
-    pooled while their tiles x views x models fill at most ``settings.batch_size`` forward inputs,
-    so a folder of images no larger than a tile fills a GPU batch as one large image does (one
-    pass, not one per image). Whole images (``settings.tile`` 0) of different sizes would be padded
-    together: only ``whole_together`` (an explicit ``--batch_size``) batches them, by count."""
+def image_batches(sizes: Sequence[tuple[int, int]], settings: Settings, whole_together: bool = False) -> list[list[int]]:
+    """Which images (positions in ``sizes``, in order) are predicted together: consecutive tiled
+    images of one size are pooled while their tiles x views fill at most ``settings.batch_size``
+    forward inputs (each model's passes apart), so a folder of equal patches no larger than a tile
+    fills a GPU batch as one large image does. Images of other sizes are not pooled: padded to the
+    largest, an image's cells would depend on its neighbours in the folder. Whole images
+    (``settings.tile`` 0) are batched by count only with ``whole_together`` (an explicit
+    ``--batch_size``), as asked."""
     if not settings.tile:
         step = settings.batch_size if whole_together and not settings.tta_scales else 1
         return [list(range(k, min(k + step, len(sizes)))) for k in range(0, len(sizes), step)]
-    per_view = len(views(settings.tta_scales, settings.dihedral)) * models
+    per_tile = len(views(settings.tta_scales, settings.dihedral))
     batches: list[list[int]] = []
     filled = 0
-    for i, (height, width) in enumerate(sizes):
-        jobs = len(tile_grid(height, width, settings.tile, settings.tile_overlap)) * per_view
-        if not batches or filled + jobs > settings.batch_size:
+    for i, size in enumerate(sizes):
+        jobs = len(tile_grid(*size, settings.tile, settings.tile_overlap)) * per_tile
+        if not batches or filled + jobs > settings.batch_size or size != sizes[batches[-1][0]]:
             batches.append([])
             filled = 0
         batches[-1].append(i)

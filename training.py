@@ -413,7 +413,7 @@ def _run_config(args: argparse.Namespace, backbone: str, resume: dict | None, in
         raise CheckpointError(f"{args.resume}: --resume with other data or selection flags (trained with {was}, "
                               f"now {given}); drop the typed flags to continue the run as it was, or start a new "
                               "--output_dir.")
-    limits = {k: config[k] for k in RESUME_LIMITS if k in typed and k in original and original[k] != getattr(args, k)}
+    limits = {k: config[k] for k in RESUME_LIMITS if k in typed and config[k] != trained.get(k)}
     if limits:
         _log(info, "note: resumed with " + ", ".join(f"--{k} {v} (was {trained.get(k)})" for k, v in limits.items()))
     return {**config, **trained, **limits}

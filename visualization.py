@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
     parser.add_argument("--mode", choices=("val", "test"), default="val",
                         help="val: ground truth | prediction of held-out images; test: predictions only")
-    parser.add_argument("--num_images", type=non_negative_int, default=5, help="images to draw (0: all); one too large to draw whole is skipped and the next one drawn")
+    parser.add_argument("--num_images", type=non_negative_int, default=5,
+                        help="images to draw (0: all); one too large to draw whole is skipped and the next one drawn")
     parser.add_argument("--score_thresh", type=chance, default=0.5, help="draw only detections scoring at least this")
     parser.add_argument("--draw_gt_mask", action="store_true",
                         help="fill ground-truth masks (outlines and boxes are always drawn)")

@@ -137,15 +137,15 @@ def test_prediction_batch_fills_a_gpu_and_stays_1_on_a_cpu() -> None:
         inference.build_parser().parse_args(["--checkpoint", "x.pth", "--batch_size", "0"])
 
 
-def test_images_are_pooled_while_their_tiles_and_views_fill_a_batch() -> None:
+def test_images_of_one_size_are_pooled_while_their_tiles_and_views_fill_a_batch() -> None:
     from predictor import image_batches
 
-    small, large = (50, 60), (200, 200)  # one 64 px tile; several
+    small, other, large = (50, 60), (50, 61), (200, 200)  # one 64 px tile; one; several
     assert image_batches([small] * 5, Settings(tile=64, batch_size=3)) == [[0, 1, 2], [3, 4]]
-    assert image_batches([small] * 5, Settings(tile=64, batch_size=3), models=2) == [[0], [1], [2], [3], [4]]
     flips = Settings(tile=64, batch_size=8, tta_scales=(1.0,))  # 4 views an image
     assert image_batches([small, small, small, large, small], flips) == [[0, 1], [2], [3], [4]]
     assert len(tile_grid(*large, 64, 0.25)) * 4 > 8  # a large image alone, however many it holds
+    assert image_batches([small, other, other, small], Settings(tile=64, batch_size=8)) == [[0], [1, 2], [3]]
     whole = Settings(tile=0, batch_size=3)  # whole images of other sizes: padded together only when asked
     assert image_batches([small, large, small], whole) == [[0], [1], [2]]
     assert image_batches([small, large, small], whole, whole_together=True) == [[0, 1, 2]]
