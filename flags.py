@@ -139,10 +139,10 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: boo
                              f"then it must name exactly them; else the images sorted by name get ids 1..N, {numbered})")
 
 
-def add_class_names_arg(parser: argparse.ArgumentParser | Any) -> None:
-    """--class_names: what classes 1..4 are called in the per-cell outputs; training records them."""
+def add_class_names_arg(parser: argparse.ArgumentParser | Any, shown_in: str = "the per-cell outputs") -> None:
+    """--class_names: what classes 1..4 are called in ``shown_in``; training records them."""
     parser.add_argument("--class_names", nargs=NUM_CLASSES, default=None, metavar="NAME",
-                        help=f"names of classes 1..{NUM_CLASSES} in the per-cell outputs, e.g. epithelial "
+                        help=f"names of classes 1..{NUM_CLASSES} in {shown_in}, e.g. epithelial "
                              "lymphocyte neutrophil macrophage (default: those the checkpoint's run was given, else "
                              f"{' '.join(DEFAULT_CLASS_NAMES)})")
 

@@ -35,8 +35,8 @@ from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, de
                         find_id_map, image_size, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
-from flags import (add_checkpoint_checks, add_id_map_arg, add_prediction_args, checkpoint_overrides,  # noqa: E402
-                   prediction_settings)
+from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,  # noqa: E402
+                   add_prediction_args, checkpoint_overrides, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
 from journal import PredictionJournal, file_stamp, run_key  # noqa: E402
 from predictor import Settings, on_host, predict_images  # noqa: E402
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most class:score labels per image, best first")
     parser.add_argument("--min_label_side", type=non_negative, default=8.0,
                         help="no label on boxes with a side below this (image pixels)")
+    add_class_names_arg(parser, "the figures' legends")
     add_prediction_args(parser)  # inference.py's, so a figure shows what a submission predicted
     add_checkpoint_checks(parser)
     return parser
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     model, _, state = load_model(Path(args.checkpoint), overrides)
     model.to(device).eval()
     args.settings = prediction_settings(args).resolved(device, state)
+    args.class_names = args.class_names or saved_args(state).get("class_names") or DEFAULT_CLASS_NAMES
     vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint).parent / "vis",
                            "--vis_dir" if args.vis_dir else "--output_dir")
     draw = draw_validation if args.mode == "val" else draw_test
@@ -177,7 +179,7 @@ def drawing_key(args: argparse.Namespace, images: list[Path], names: list[int] |
                    images=[(str(Path(p).resolve()), *file_stamp(p)) for p in images],
                    score_thresh=args.score_thresh, draw_gt_mask=args.draw_gt_mask, max_labels=args.max_labels,
                    min_label_side=args.min_label_side, settings=args.settings.what_it_predicts(),
-                   overrides=checkpoint_overrides(args))
+                   overrides=checkpoint_overrides(args), class_names=list(args.class_names))
 
 
 def draw_all(paths: list[Path], draw: Callable[[int], dict[str, int]], key: str, vis_dir: Path,
@@ -284,7 +286,9 @@ def draw_layer(ax: plt.Axes, image: np.ndarray, layer: Layer, scale: float, args
     ax.set_title(layer.title, fontsize=9)
     ax.set_axis_off()
     classes = sorted({*np.unique(layer.labels).tolist(), *range(1, NUM_CLASSES + 1)})
-    handles = [Patch(facecolor=class_colour(c), label=f"class{c} ({int((layer.labels == c).sum())})") for c in classes]
+    names = dict(enumerate(args.class_names, start=1))
+    handles = [Patch(facecolor=class_colour(c), label=f"{names.get(c, f'class{c}')} ({int((layer.labels == c).sum())})")
+               for c in classes]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=7,
               frameon=False, handlelength=1.0, columnspacing=1.0)
 

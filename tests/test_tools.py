@@ -255,7 +255,8 @@ def test_visualization_val_reads_the_runs_val_dir(data: dict[str, Path], run: tu
 
 
 def test_visualization_takes_inference_overrides(run: tuple[Path, list[str]], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture, shallow: None) -> None:
+                                                 capsys: pytest.CaptureFixture, shallow: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """--box_score_thresh drops detections inside the model, as it does for inference.py."""
     argv = ["--checkpoint", str(run[0]), "--num_images", "1", "--score_thresh", "0", "--vis_dir", str(tmp_path),
             "--device", "cpu"]
@@ -263,6 +264,10 @@ def test_visualization_takes_inference_overrides(run: tuple[Path, list[str]], tm
     assert " 0 predictions" not in capsys.readouterr().out
     visualization.main([*argv, "--box_score_thresh", "1"])
     assert " 0 predictions" in capsys.readouterr().out
+    legend, patch = [], visualization.Patch
+    monkeypatch.setattr(visualization, "Patch", lambda **kwargs: legend.append(kwargs["label"]) or patch(**kwargs))
+    visualization.main([*argv, "--class_names", "epi", "lym", "neu", "mac", "--vis_dir", str(tmp_path / "named")])
+    assert [label.split()[0] for label in legend[:4]] == ["epi", "lym", "neu", "mac"]  # the legend names the classes
 
 
 def test_visualization_test_names_pngs_by_image_id(data: dict[str, Path], run: tuple[Path, list[str]],
