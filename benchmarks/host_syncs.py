@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--steps", type=int, default=3,
                         help="timed steps per variant, interleaved across variants (0: count syncs only)")
-    parser.add_argument("--use_amp", action="store_true", help="autocast as --use_amp (devices.amp_dtype; fp16 + GradScaler on CUDA)")
+    parser.add_argument("--use_amp", action="store_true",
+                        help="autocast as --use_amp (devices.amp_dtype; fp16 + GradScaler on CUDA)")
     parser.add_argument("--part_reps", type=int, default=20, help="interleaved calls of each mask function alone")
     parser.add_argument("--rpn_post_nms_top_n_train", type=int, default=2000)
     parser.add_argument("--box_batch_size_per_image", type=int, default=512)

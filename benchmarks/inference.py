@@ -28,8 +28,8 @@ from faster_coco_eval.core import mask as mask_util  # noqa: E402
 
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402
-from devices import precision  # noqa: E402
 from dataloader import IMAGE_FILE, list_samples, read_id_map, read_image  # noqa: E402
+from devices import precision  # noqa: E402
 from inference import predict_folder  # noqa: E402
 from predictor import MaskRCNNStages, Settings  # noqa: E402
 from model import build_model  # noqa: E402
@@ -155,7 +155,8 @@ def random_checkpoint(args: argparse.Namespace, path: Path) -> Path:
 
 
 def summarize(args: argparse.Namespace, device: torch.device, count: int, rows: list[dict]) -> dict[str, Any]:
-    columns = ["path", "batch", "amp", "precision", "images_per_s", "seconds", "speedup", "detections", "identical", "match_rate"]
+    columns = ["path", "batch", "amp", "precision", "images_per_s", "seconds", "speedup", "detections", "identical",
+               "match_rate"]
     print_table(f"inference: {count} images -> test-results.json, {args.detections_per_img} detections/image",
                 rows, columns)
     ours = [r for r in rows if r["path"] == "ours"]

@@ -2,9 +2,9 @@
 the optional heads (--mask_iou, --cascade).
 
 One image of the given size with the given number of cells, random weights (``--weights
-none``), the default detection settings at native scale, training's fused AdamW; a few warm-up steps, then
-the mean of N timed steps (forward, backward, optimizer step). Every row is reported as a
-ratio to ResNet-101 without attention, measured in the same run.
+none``), the default detection settings at native scale, training's fused AdamW; a few warm-up
+steps, then the mean of N timed steps (forward, backward, optimizer step). Every row is reported
+as a ratio to ResNet-101 without attention, measured in the same run.
 
     python benchmarks/step_time.py                      # 512x512, 300 cells
     python benchmarks/step_time.py --train_dir ../shared/data/cpm15_hw3/train
@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from benchmarks.common import base_parser, environment, print_table, ratio, setup, timed, write_results  # noqa: E402
 from dataloader import LabelledImages, list_samples  # noqa: E402
 from devices import autocast, native_bf16  # noqa: E402
-from optimisation import fused_adamw  # noqa: E402
 from engine import to_device  # noqa: E402
 from model import BACKBONES, DEFAULT_CONFIG, build_model  # noqa: E402
+from optimisation import fused_adamw  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
 NAME = "step_time"
@@ -99,8 +99,8 @@ def measure(backbone: str, use_attn: bool, heads: str, image: torch.Tensor, targ
     def steps(use_amp: bool, even_if_slow: bool = False) -> list[float]:
         times = []
         for step in range(args.warmup + args.steps):
-            _, seconds = timed(lambda: _train_step(model, optimizer, images, targets, device, use_amp, even_if_slow),
-                                 device)
+            step_once = lambda: _train_step(model, optimizer, images, targets, device, use_amp, even_if_slow)  # noqa: E731
+            _, seconds = timed(step_once, device)
             if step >= args.warmup:
                 times.append(seconds)
         return times
