@@ -710,7 +710,7 @@ def tiff_values(stored: tifffile.TiffFile, path: Path) -> Callable[[np.ndarray],
         name = NOT_RGB.get(photometric, "uncompressed YCbCr")
         raise DatasetError(f"{path}: a {name} TIFF, which is not converted here; save it as RGB.")
     planar = page.samplesperpixel > 1 and int(page.planarconfig) == tifffile.PLANARCONFIG.SEPARATE
-    if photometric == tifffile.PHOTOMETRIC.PALETTE and not stored.is_imagej:  # ImageJ's: a display LUT of grey
+    if photometric == tifffile.PHOTOMETRIC.PALETTE and not (stored.is_imagej and _display_ramp(page.colormap)):
         return _palette_values(page, path)
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         return _cmyk_values(page, path, planar)
@@ -724,6 +724,13 @@ def tiff_values(stored: tifffile.TiffFile, path: Path) -> Callable[[np.ndarray],
                                "(MinIsBlack), or as RGB.")
         return lambda values: ((white - values.clip(0, white)) * gain).astype(values.dtype)
     return (lambda values: values * np.uint8(gain)) if gain > 1 else (lambda values: values)
+
+
+def _display_ramp(colours: Any) -> bool:
+    """Whether a colour map only ramps up (ImageJ's Grays, Green, Red... display LUTs of a grey
+    image, whose indices are the intensities), unlike the table of an indexed-colour image (ImageJ's
+    "8-bit Color"), whose indices mean nothing without it."""
+    return colours is not None and np.ndim(colours) == 2 and bool((np.diff(np.asarray(colours, np.int64)) >= 0).all())
 
 
 def _palette_values(page: Any, path: Path) -> Callable[[np.ndarray], np.ndarray]:

@@ -127,14 +127,18 @@ def test_palette_min_is_white_cmyk_and_4_bit_tiffs_read_as_shown_in_whole_and_in
 
 def test_a_label_with_a_colour_table_keeps_its_ids_and_an_imagej_lut_keeps_the_grey(tmp_path: Path) -> None:
     """Label maps saved with a colour table (MorphoLibJ's glasbey) hold ids, not colours; an
-    ImageJ 8-bit image with a display LUT holds intensities."""
+    ImageJ 8-bit image with a display LUT (a ramp) holds intensities, one in "8-bit Color" does not."""
     label = np.zeros((12, 14), np.uint8)
     label[2:5, 3:7], label[7:10, 1:4] = 3, 200
     table = np.random.default_rng(5).integers(0, 256, (3, 256)) * 257
     tifffile.imwrite(tmp_path / "class1.tif", label, photometric="palette", colormap=table)
     assert np.array_equal(dataloader.read_label_image(tmp_path / "class1.tif", (12, 14)), label)
-    tifffile.imwrite(tmp_path / "lut.tif", label, imagej=True, colormap=table)
+    green = np.zeros((3, 256), np.uint16)
+    green[1] = np.arange(256) * 257  # ImageJ's "Green" display LUT: the indices are intensities
+    tifffile.imwrite(tmp_path / "lut.tif", label, imagej=True, colormap=green)
     np.testing.assert_allclose(read_image(tmp_path / "lut.tif")[:, :, 0], label / 255, atol=1e-6)
+    tifffile.imwrite(tmp_path / "indexed.tif", label, imagej=True, colormap=table)  # ImageJ's "8-bit Color"
+    np.testing.assert_allclose(read_image(tmp_path / "indexed.tif"), table.T[label] / 65535, atol=1e-6)
 
 
 def test_a_stack_of_planes_that_are_not_colours_is_refused(tmp_path: Path) -> None:
