@@ -650,7 +650,7 @@ def _read_pixels(path: Path, shown: bool = True) -> np.ndarray:
     try:
         if tiff:
             with tifffile.TiffFile(path) as stored:
-                as_pixels = tiff_values(stored, path) if shown else lambda values: values
+                as_pixels = tiff_values(stored, path) if shown else as_stored
                 return as_pixels(stored.asarray())
         with Image.open(path) as image:
             if shown and image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
@@ -662,6 +662,11 @@ def _read_pixels(path: Path, shown: bool = True) -> np.ndarray:
         raise
     except Exception as err:  # tifffile and Pillow raise many types for corrupt files
         raise undecodable(path, err, tiff) from err
+
+
+def as_stored(values: np.ndarray) -> np.ndarray:
+    """Pixels whose stored values are what a viewer shows (``tiff_values``'s usual answer)."""
+    return values
 
 
 def undecodable(path: Path, err: Exception, tiff: bool = True) -> DatasetError:
@@ -715,7 +720,7 @@ def tiff_values(stored: tifffile.TiffFile, path: Path) -> Callable[[np.ndarray],
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         return _cmyk_values(page, path, planar)
     if dtype == np.bool_:
-        return np.logical_not if photometric == tifffile.PHOTOMETRIC.MINISWHITE else lambda values: values
+        return np.logical_not if photometric == tifffile.PHOTOMETRIC.MINISWHITE else as_stored
     white = (1 << bits) - 1
     gain = 255 // white if np.issubdtype(dtype, np.unsignedinteger) and bits < 8 else 1  # 2- or 4-bit: to 0..255
     if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
@@ -723,7 +728,7 @@ def tiff_values(stored: tifffile.TiffFile, path: Path) -> Callable[[np.ndarray],
             raise DatasetError(f"{path}: a {dtype} MinIsWhite TIFF (0 = white); save it with 0 = black "
                                "(MinIsBlack), or as RGB.")
         return lambda values: ((white - values.clip(0, white)) * gain).astype(values.dtype)
-    return (lambda values: values * np.uint8(gain)) if gain > 1 else (lambda values: values)
+    return (lambda values: values * np.uint8(gain)) if gain > 1 else as_stored
 
 
 def _display_ramp(colours: Any) -> bool:

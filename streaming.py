@@ -31,8 +31,8 @@ import tifffile
 import torch
 import zarr
 
-from dataloader import (TIFF_SUFFIXES, channels_first, float_peak, raw_pixels, read_raw_image, tiff_pixels,
-                        to_float_rgb)
+from dataloader import (TIFF_SUFFIXES, as_stored, channels_first, float_peak, raw_pixels, read_raw_image,
+                        tiff_pixels, to_float_rgb)
 from devices import autocast
 from errors import DatasetError, UsageError
 from masks import PackedMasks
@@ -84,7 +84,7 @@ class LazyImage:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._store = None
-        self._as_pixels: Callable[[np.ndarray], np.ndarray] = lambda values: values
+        self._as_pixels: Callable[[np.ndarray], np.ndarray] = as_stored
         if self.path.suffix.lower() not in TIFF_SUFFIXES:
             self._array: Any = read_raw_image(self.path)
         else:

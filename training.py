@@ -202,8 +202,9 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     config = _run_config(args, backbone, resume, info, typed)
     if start is not None:
         config = _fine_tune_config(config, start, info)
-        if "class_names" not in typed and saved_args(start).get("class_names"):  # the names its cells were taught
-            args.class_names = saved_args(start)["class_names"]
+        taught = saved_args(start).get("class_names")  # the names its cells were taught
+        if "class_names" not in typed and taught:
+            args.class_names = taught
     broadcast(None, info)  # every rank has read its checkpoint (maybe a file in ``out``) before files move
     if info.is_main and (resume is None or Path(args.resume).resolve().parent != out.resolve()):
         aside = set_aside(out, RUN_FILES)
