@@ -13,7 +13,9 @@ from detector import (LevelRoIAlign, _chunks, check_boxes, group_ranks, nms_segm
 from model import build_model
 
 # Every candidate sampled: the random draws of torchvision and ours then pick the same sets.
-TAKE_ALL = {"rpn_batch_size_per_image": 10 ** 6, "box_batch_size_per_image": 10 ** 6}
+# every anchor and proposal sampled, from 100 proposals an image: the mask head, the cost of a
+# CPU step here, then runs on tens of positives rather than hundreds
+TAKE_ALL = {"rpn_batch_size_per_image": 10 ** 6, "box_batch_size_per_image": 10 ** 6, "rpn_post_nms_top_n_train": 100}
 CONFIG = {"weights": "none", "input_scale": 2.0, "max_size": 256, "rpn_post_nms_top_n_train": 300,
           "rpn_pre_nms_top_n_train": 600, "rpn_pre_nms_top_n_test": 600, "rpn_post_nms_top_n_test": 300}
 
@@ -73,7 +75,8 @@ def test_proposals_equal_torchvision_for_a_batch(shallow: None) -> None:
         mine, _ = ours.rpn(batch, features)
         theirs, _ = stock.rpn(batch, features)
     assert [len(b) for b in mine] == [len(b) for b in theirs]
-    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    # the same proposals; with several threads, two of equal objectness may come in either order
+    assert all(sorted(a.tolist()) == sorted(b.tolist()) for a, b in zip(mine, theirs))
     with torch.no_grad():
         mine, theirs = ours(images), stock(images)
     for a, b in zip(mine, theirs):  # the same detections, in the same order up to ties of score
@@ -181,7 +184,7 @@ def test_degenerate_boxes_are_refused_on_the_host() -> None:
 def test_a_training_step_reads_the_device_a_fixed_number_of_times(heads: dict, shallow: None) -> None:
     from benchmarks.host_syncs import SyncCounter
 
-    model = build_model({**CONFIG, **heads}).train()
+    model = build_model({**CONFIG, **heads, "box_batch_size_per_image": 32}).train()  # few RoIs: a quick step
     images, targets = _batch(torch.Generator().manual_seed(0), (1, 1))
     model(images, targets)  # the poolers work out their scales once, on the first call
     counts = []
