@@ -127,6 +127,14 @@ def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool)
                              f"out (0: no class limit; default: {cls})")
 
 
+def add_checkpoint_arg(parser: argparse.ArgumentParser | Any) -> None:
+    """--checkpoint: one run's weights, or several predicted as one ensemble (predictor.py merges
+    the models like TTA views), so a figure can show what an ensemble's submission holds."""
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="best.pth or last.pth written by a train script; several: an ensemble, any backbones, "
+                             "merged like TTA views (the first one's run gives the defaults read from a run)")
+
+
 def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: bool = True) -> None:
     """--id_map_json: which id each predicted image has in the submission (in visualization.py,
     which writes none: in the PNGs' names)."""

@@ -30,8 +30,8 @@ from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, i
 from devices import default_device
 from errors import DeviceMemoryError, UsageError
 from files import JsonArrayWriter, writable_dir, writable_file, write_json
-from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
-                   checkpoint_overrides, prediction_settings)
+from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_arg, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
+                   add_prediction_args, checkpoint_overrides, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX
 from journal import PredictionJournal, file_stamp, run_key
 from predictor import Settings, image_batches, limits, predict_each
@@ -41,9 +41,7 @@ from streaming import LazyImage, model_predictor, stream_image, window_count, wi
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, nargs="+",
-                        help="best.pth or last.pth written by a train script; several: an ensemble, any backbones, "
-                             "merged like TTA views")
+    add_checkpoint_arg(parser)
     parser.add_argument("--test_dir", default="dataset/test_release",
                         help="folder of the images to predict: TIFF, PNG or JPEG; grey, RGB or RGBA; 8 or 16 bit")
     add_id_map_arg(parser)

@@ -3,7 +3,8 @@ r"""Ground truth and predictions drawn side by side, saved as one PNG per image.
 ``--mode val`` draws the validation images of the training run (from the ``split.json``
 written next to the checkpoint), so the pictures show images the model never trained on;
 ``--mode test`` draws predictions only, one PNG per image id. The model is rebuilt from the
-checkpoint's config, so no architecture flag is needed:
+checkpoint's config, so no architecture flag is needed; several checkpoints draw what their
+ensemble predicts, as ``inference.py --checkpoint A B`` does:
     python visualization.py --checkpoint outputs/resnet101/best.pth --mode val --num_images 5
     python visualization.py --checkpoint outputs/resnet101/best.pth --mode test \
         --test_dir dataset/test_release --id_map_json dataset/test_image_name_to_ids.json
@@ -35,8 +36,8 @@ from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, de
                         find_id_map, image_size, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
-from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,  # noqa: E402
-                   add_prediction_args, checkpoint_overrides, prediction_settings)
+from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_arg, add_checkpoint_checks, add_class_names_arg,  # noqa: E402
+                   add_id_map_arg, add_prediction_args, checkpoint_overrides, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
 from journal import PredictionJournal, file_stamp, run_key  # noqa: E402
 from predictor import Settings, on_host, predict_images  # noqa: E402
@@ -65,9 +66,12 @@ class Layer:
     fill: bool = True
 
 
+Models = nn.Module | Sequence[nn.Module]  # one model, or an ensemble's (predicted like TTA views)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="best.pth or last.pth written by a train script")
+    add_checkpoint_arg(parser)
     parser.add_argument("--mode", choices=("val", "test"), default="val",
                         help="val: ground truth | prediction of held-out images; test: predictions only")
     parser.add_argument("--num_images", type=non_negative_int, default=5,
@@ -76,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draw_gt_mask", action="store_true",
                         help="fill ground-truth masks (outlines and boxes are always drawn)")
     parser.add_argument("--vis_dir", default=None,
-                        help="where the PNGs go (default: --output_dir, else <checkpoint folder>/vis)")
+                        help="where the PNGs go (default: --output_dir, else <the first checkpoint's folder>/vis)")
     parser.add_argument("--output_dir", default=None, help="where the PNGs go unless --vis_dir is given")
     parser.add_argument("--train_dir", default=None,
                         help="folder of the held-out samples (default: the run's --val_dir if it had one, else the "
                              "folder it was trained on)")
     parser.add_argument("--split_json", default=None,
-                        help="train/val split (default: split.json next to the checkpoint)")
+                        help="train/val split (default: split.json next to the first checkpoint)")
     parser.add_argument("--test_dir", default=None,
                         help="test folder (default: the checkpoint's, else dataset/test_release)")
     add_id_map_arg(parser, writes_submission=False)  # --mode test; without --test_dir, the checkpoint's run's map comes first
@@ -100,11 +104,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     device = default_device(args.device)
     overrides = checkpoint_overrides(args)
-    model, _, state = load_model(Path(args.checkpoint), overrides)
-    model.to(device).eval()
+    loaded = [load_model(Path(path), overrides) for path in args.checkpoint]
+    model = [net.to(device).eval() for net, _, _ in loaded]  # several: an ensemble, merged like views
+    state = loaded[0][2]
     args.settings = prediction_settings(args).resolved(device, state)
     args.class_names = args.class_names or saved_args(state).get("class_names") or DEFAULT_CLASS_NAMES
-    vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint).parent / "vis",
+    vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint[0]).parent / "vis",
                            "--vis_dir" if args.vis_dir else "--output_dir")
     draw = draw_validation if args.mode == "val" else draw_test
     paths, shown = draw(model, saved_args(state), args, device, vis_dir)
@@ -114,14 +119,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return paths
 
 
-def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
+def draw_validation(model: Models, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
                     vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
     """Ground truth | prediction for the held-out images of the training run."""
-    split_json = Path(args.split_json or Path(args.checkpoint).parent / "split.json")
+    split_json = Path(args.split_json or Path(args.checkpoint[0]).parent / "split.json")
     split = validation_split(split_json)
     train_dir = args.train_dir or split.get("val_dir") or train_args.get("train_dir")
     if not train_dir:
-        raise DatasetError(f"{args.checkpoint}: the checkpoint does not name its training folder; pass --train_dir.")
+        raise DatasetError(f"{args.checkpoint[0]}: the checkpoint does not name its training folder; pass --train_dir.")
     samples = {p.name: p for p in list_samples(Path(train_dir))}
     missing = [n for n in split["val"] if n not in samples]
     if missing:
@@ -141,7 +146,7 @@ def draw_validation(model: nn.Module, train_args: dict[str, Any], args: argparse
     return paths, draw_all(paths, draw, drawing_key(args, [samples[n] / IMAGE_FILE for n in names]), vis_dir, "draw val")
 
 
-def draw_test(model: nn.Module, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
+def draw_test(model: Models, train_args: dict[str, Any], args: argparse.Namespace, device: torch.device,
               vis_dir: Path) -> tuple[list[Path], dict[str, int]]:
     """Predictions on test images, each PNG named by its submission image id."""
     test_dir = args.test_dir or train_args.get("test_dir") or "dataset/test_release"
@@ -175,7 +180,7 @@ def drawing_key(args: argparse.Namespace, images: list[Path], names: list[int] |
     """What makes two drawing runs' PNGs interchangeable: the checkpoint and the images as they
     are on disk, the PNGs' names, and every setting that changes a figure (how it computes,
     batch size, AMP, device, not)."""
-    return run_key([args.checkpoint], mode=args.mode, names=names,
+    return run_key(args.checkpoint, mode=args.mode, names=names,
                    images=[(str(Path(p).resolve()), *file_stamp(p)) for p in images],
                    score_thresh=args.score_thresh, draw_gt_mask=args.draw_gt_mask, max_labels=args.max_labels,
                    min_label_side=args.min_label_side, settings=args.settings.what_it_predicts(),
@@ -240,10 +245,11 @@ def ground_truth_layer(instances: Instances, fill: bool) -> Layer:
 
 
 @torch.no_grad()
-def predict_layer(model: nn.Module, image: np.ndarray, device: torch.device, score_thresh: float,
+def predict_layer(model: Models, image: np.ndarray, device: torch.device, score_thresh: float,
                   settings: Settings = Settings()) -> Layer:
     """Detections scoring at least ``score_thresh``, predicted as the submission is
-    (``predictor.predict_images``: tile by tile when ``settings.tile`` > 0, the same cap)."""
+    (``predictor.predict_images``: tile by tile when ``settings.tile`` > 0, the same cap; a
+    list of models is an ensemble)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     with autocast(device, settings.use_amp):
         output = on_host(predict_images(model, [tensor], settings))[0]  # host sync: once per image

@@ -334,6 +334,30 @@ def test_visualization_predicts_tile_by_tile_like_the_submission(shallow: None) 
     assert 0 < len(whole.labels) == len(whole.masks) <= 4
 
 
+def test_visualization_draws_what_an_ensemble_of_checkpoints_predicts(run: tuple[Path, list[str]], tmp_path: Path,
+                                                                       shallow: None,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from checkpoint import load_checkpoint
+
+    state = load_checkpoint(run[0])
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    other = tmp_path / "other.pth"
+    save_checkpoint(other, state)
+    seen = []
+
+    def record(models: list, images: list, settings: Settings) -> list[dict]:
+        seen.append([next(m.parameters()).sum().item() for m in models])  # which weights predicted
+        return predict_images(models, images, settings)
+
+    monkeypatch.setattr(visualization, "predict_images", record)
+    argv = ["--num_images", "1", "--score_thresh", "0", "--device", "cpu"]
+    one = visualization.main(["--checkpoint", str(run[0]), *argv, "--vis_dir", str(tmp_path / "one")])
+    both = visualization.main(["--checkpoint", str(run[0]), str(other), *argv, "--vis_dir", str(tmp_path / "one")])
+    assert len(one) == len(both) == 1 and len(seen) == 2  # the ensemble's figure is drawn again, not kept
+    assert len(seen[0]) == 1 and len(seen[1]) == 2 and seen[1][0] == seen[0][0] != seen[1][1]
+    assert_png(both[0])
+
+
 def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[str]], tmp_path: Path,
                                                           shallow: None) -> None:
     with pytest.raises(FileNotFoundError, match="split.json"):
