@@ -151,7 +151,7 @@ def add_class_names_arg(parser: argparse.ArgumentParser | Any, shown_in: str = "
     """--class_names: what classes 1..4 are called in ``shown_in``; training records them."""
     parser.add_argument("--class_names", nargs=NUM_CLASSES, default=None, metavar="NAME",
                         help=f"names of classes 1..{NUM_CLASSES} in {shown_in}, e.g. epithelial "
-                             "lymphocyte neutrophil macrophage (default: those the checkpoint's run was given, else "
+                             "lymphocyte neutrophil macrophage (default: those the (first) checkpoint's run was given, else "
                              f"{' '.join(DEFAULT_CLASS_NAMES)})")
 
 
@@ -180,9 +180,9 @@ def add_checkpoint_checks(parser: argparse.ArgumentParser) -> None:
     so ``visualization.py`` draws what ``inference.py`` submitted with the same flags."""
     group = parser.add_argument_group("model (the checkpoint knows it)")
     group.add_argument("--backbone", type=backbone_name, default=None,
-                       help="resnet or effnet, only checked against the checkpoint")
-    group.add_argument("--use_attn", action="store_true", help="only checked against the checkpoint")
-    group.add_argument("--num_classes", type=num_classes_arg, default=None, help="only checked against the checkpoint")
+                       help="resnet or effnet, only checked against each checkpoint")
+    group.add_argument("--use_attn", action="store_true", help="only checked against each checkpoint")
+    group.add_argument("--num_classes", type=num_classes_arg, default=None, help="only checked against each checkpoint")
     group.add_argument("--min_size", type=positive_int, default=None,
                        help="override the checkpoint's shorter side (only where its --input_scale is 0)")
     group.add_argument("--max_size", type=positive_int, default=None, help="override the checkpoint's longest side")

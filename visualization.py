@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the PNGs go (default: --output_dir, else <the first checkpoint's folder>/vis)")
     parser.add_argument("--output_dir", default=None, help="where the PNGs go unless --vis_dir is given")
     parser.add_argument("--train_dir", default=None,
-                        help="folder of the held-out samples (default: the run's --val_dir if it had one, else the "
-                             "folder it was trained on)")
+                        help="folder of the held-out samples (default: the (first) checkpoint's run's --val_dir if it had "
+                             "one, else the folder it was trained on)")
     parser.add_argument("--split_json", default=None,
                         help="train/val split (default: split.json next to the first checkpoint)")
     parser.add_argument("--test_dir", default=None,
-                        help="test folder (default: the checkpoint's, else dataset/test_release)")
+                        help="test folder (default: the (first) checkpoint's run's, else dataset/test_release)")
     add_id_map_arg(parser, writes_submission=False)  # --mode test; without --test_dir, the checkpoint's run's map comes first
     parser.add_argument("--max_labels", type=non_negative_int, default=150,
                         help="most class:score labels per image, best first")
@@ -124,6 +124,8 @@ def draw_validation(model: Models, train_args: dict[str, Any], args: argparse.Na
     """Ground truth | prediction for the held-out images of the training run."""
     split_json = Path(args.split_json or Path(args.checkpoint[0]).parent / "split.json")
     split = validation_split(split_json)
+    for other in args.checkpoint[1:]:
+        warn_trained_on(split["val"], Path(other))
     train_dir = args.train_dir or split.get("val_dir") or train_args.get("train_dir")
     if not train_dir:
         raise DatasetError(f"{args.checkpoint[0]}: the checkpoint does not name its training folder; pass --train_dir.")
@@ -237,6 +239,20 @@ def validation_split(split_json: Path) -> dict[str, Any]:
     if not split.get("val"):
         raise DatasetError(f"{split_json}: no validation images (trained with --val_split 0?); use --mode test.")
     return split
+
+
+def warn_trained_on(names: list[str], checkpoint: Path) -> None:
+    """A note where an ensemble's other run trained on some of the held-out images drawn (from
+    the split.json beside its checkpoint): its part of the figure is then no held-out result."""
+    theirs = checkpoint.parent / "split.json"
+    if not theirs.is_file():
+        return
+    held = read_json(theirs, "pass the split.json training wrote")
+    held = set(held.get("val") or []) if isinstance(held, dict) else set()
+    seen = [name for name in names if name not in held]
+    if seen:
+        print(f"note: {len(seen)} of the {len(names)} held-out images were training images of {checkpoint}'s run "
+              f"({theirs}), e.g. {seen[0]}; the ensemble's figures of them are not held-out results")
 
 
 def ground_truth_layer(instances: Instances, fill: bool) -> Layer:

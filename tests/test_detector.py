@@ -12,9 +12,8 @@ from detector import (LevelRoIAlign, _chunks, check_boxes, group_ranks, nms_segm
                       use_torchvision_detector)
 from model import build_model
 
-# Every candidate sampled: the random draws of torchvision and ours then pick the same sets.
-# every anchor and proposal sampled, from 100 proposals an image: the mask head, the cost of a
-# CPU step here, then runs on tens of positives rather than hundreds
+# Every candidate sampled: the random draws of torchvision and ours then pick the same sets. From
+# 100 proposals an image, so the mask head (a CPU step's cost here) runs on tens of positives.
 TAKE_ALL = {"rpn_batch_size_per_image": 10 ** 6, "box_batch_size_per_image": 10 ** 6, "rpn_post_nms_top_n_train": 100}
 CONFIG = {"weights": "none", "input_scale": 2.0, "max_size": 256, "rpn_post_nms_top_n_train": 300,
           "rpn_pre_nms_top_n_train": 600, "rpn_pre_nms_top_n_test": 600, "rpn_post_nms_top_n_test": 300}

@@ -335,8 +335,8 @@ def test_visualization_predicts_tile_by_tile_like_the_submission(shallow: None) 
 
 
 def test_visualization_draws_what_an_ensemble_of_checkpoints_predicts(run: tuple[Path, list[str]], tmp_path: Path,
-                                                                       shallow: None,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                       shallow: None, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
     from checkpoint import load_checkpoint
 
     state = load_checkpoint(run[0])
@@ -352,10 +352,20 @@ def test_visualization_draws_what_an_ensemble_of_checkpoints_predicts(run: tuple
     monkeypatch.setattr(visualization, "predict_images", record)
     argv = ["--num_images", "1", "--score_thresh", "0", "--device", "cpu"]
     one = visualization.main(["--checkpoint", str(run[0]), *argv, "--vis_dir", str(tmp_path / "one")])
-    both = visualization.main(["--checkpoint", str(run[0]), str(other), *argv, "--vis_dir", str(tmp_path / "one")])
-    assert len(one) == len(both) == 1 and len(seen) == 2  # the ensemble's figure is drawn again, not kept
+    assert "note:" not in capsys.readouterr().out  # no split.json beside the other checkpoint: nothing known
+    write_split(tmp_path / "split.json", run[1], run[1][1:], seed=0, val_split=0.5)  # trained on run[1][0]
+    both = visualization.main(["--checkpoint", str(run[0]), str(other), *argv, "--vis_dir", str(tmp_path / "both")])
+    assert len(one) == len(both) == 1 and len(seen) == 2
     assert len(seen[0]) == 1 and len(seen[1]) == 2 and seen[1][0] == seen[0][0] != seen[1][1]
     assert_png(both[0])
+    assert f"note: 1 of the {len(run[1])} held-out images were training images of {other}'s run" in \
+        capsys.readouterr().out
+    args = {n: visualization.build_parser().parse_args(["--checkpoint", *paths]) for n, paths in
+            (("one", [str(run[0])]), ("both", [str(run[0]), str(other)]))}
+    for parsed in args.values():
+        parsed.settings, parsed.class_names = Settings(), ["a", "b", "c", "d"]
+    key = {n: visualization.drawing_key(parsed, [run[0]]) for n, parsed in args.items()}
+    assert key["one"] != key["both"]  # a stopped drawing of one model is not continued by the ensemble
 
 
 def test_visualization_without_split_says_where_it_looked(run: tuple[Path, list[str]], tmp_path: Path,
