@@ -132,7 +132,9 @@ def test_resume_with_other_settings_is_refused_and_bf16_trains(data: dict, tmp_p
     computed, amp_dtype = [], devices.amp_dtype
     monkeypatch.setattr(devices, "amp_dtype", lambda *args: computed.append(amp_dtype(*args)) or computed[-1])
     out = tmp_path / "run"
-    _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp", "--class_names", "e", "l", "n", "m")
+    # one step of smaller images and fewer RoIs: bf16 convolutions are ~10x slower on a CPU without bf16 instructions
+    _train(train_resnet, data, out, "--epochs", "1", "--val_split", "0", "--use_amp", "--class_names", "e", "l", "n", "m",
+           "--batch_size", "3", "--min_size", "64", "--max_size", "80", "--box_batch_size_per_image", "32")
     assert torch.bfloat16 in computed  # the training steps ran under bf16 autocast
     row = json.loads((out / "history.json").read_text())[0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and row["skipped_steps"] == 0  # bf16 on a CPU
