@@ -51,7 +51,7 @@ class Settings:
     detections_per_class: int | None = None  # per image and class (0: none); None: the model's own
     match_thresh: float = 0.5
     dihedral: bool = False  # with tta_scales: the 8 symmetries of a square, not the 4 flips
-    vote_boost: float = 0.0  # a cell found by k views or models scores best x (1 + vote_boost (k - 1))
+    vote_boost: float = 0.0  # a cell found by k views or models: its score (below) x (1 + vote_boost (k - 1))
     # A cell's score: its mean over views and models (``merging.consensus``) or its best copy's; None: the mean
     # with TTA views, the best copy's otherwise (``means_scores``).
     consensus: bool | None = None
