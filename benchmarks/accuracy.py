@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from faster_coco_eval import COCO  # noqa: E402
 from faster_coco_eval.core import mask as mask_util  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import train_effnet_v2  # noqa: E402
 import train_resnet  # noqa: E402
@@ -59,7 +59,9 @@ from errors import UsageError  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
 from flags import TTA_SCALES  # noqa: E402
-from predictor import Settings, class_count, predict  # noqa: E402
+from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
+from journal import PredictionJournal, run_key  # noqa: E402
+from predictor import Settings, class_count, predict_each  # noqa: E402
 from scoring import score  # noqa: E402
 
 # The native scale every configuration but the defaults was measured at (the min_size rule).
@@ -252,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep_dir", default=None,
                         help="keep each run in DIR/<config>_<seed> (default: a temporary folder); a finished run "
                              "there with the same flags is scored again, not retrained; a stopped one (killed, Ctrl-C) "
-                             "of the same data and model is continued from its last.pth")
+                             "of the same data and model is continued from its last.pth, and a stopped scoring from the "
+                             "held-out images it predicted (held-out-*.partial beside the run)")
     return parser
 
 
@@ -345,7 +348,6 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
     dataset = LabelledImages(val, [ids[p.name] for p in val], desc="held-out labels")
     coco_gt = build_coco_gt(dataset.instances, dataset.image_ids)
     models = [load_model(out / "last.pth")[0] for out in outs]
-    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
     rows = {"ceiling": ceiling(coco_gt)} if with_ceiling else {}
     predicted: dict[Settings, tuple[list[dict], float]] = {}  # variants differing only in scoring share one
     classes = class_count(models)
@@ -354,9 +356,7 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
         settings = Settings(**post_settings(post, args.crop))
         plain = prediction_key(settings, len(models))
         if plain not in predicted:
-            start = time.time()
-            results = predict(models, loader, torch.device("cpu"), plain, desc=f"held-out {post}")
-            predicted[plain] = results, (time.time() - start) / max(len(dataset), 1)
+            predicted[plain] = held_out_predictions(models, outs, dataset, plain, desc=f"held-out {post}")
         results, seconds = predicted[plain]
         if settings.class_context:  # what predict would return with it: the same rescoring of the merged cells
             start = time.time()
@@ -379,6 +379,32 @@ def score_posts(outs: list[Path], args: argparse.Namespace, name: str,
             seconds += (time.time() - start) / max(len(dataset), 1)
         rows[f"{name}+{post}"] = {**_scored(coco_gt, results), "seconds_per_image": round(seconds, 3)}
     return rows
+
+
+def held_out_predictions(models: list, outs: list[Path], dataset: LabelledImages, settings: Settings,
+                         desc: str) -> tuple[list[dict], float]:
+    """COCO results of the held-out images, recorded image by image beside the (first) run
+    (``journal.PredictionJournal``): eight views of a hundred patches take hours on a CPU, and
+    the same command after a kill predicts only the images left. The record is deleted once all
+    are predicted. Seconds per image count the images this call predicted (0 where none were)."""
+    key = run_key([out / "last.pth" for out in outs], settings=settings.what_it_predicts(),
+                  images=[int(i) for i in dataset.image_ids])
+    journal = PredictionJournal(outs[0] / f"held-out-{key[:16]}{JOURNAL_SUFFIX}", key)
+    results = [r for part in journal.replay(set(journal.done)) for r in part]
+    todo = [i for i, image_id in enumerate(dataset.image_ids) if int(image_id) not in journal.done]
+    if journal.done:
+        print(f"{journal.path}: {len(journal.done)} of {len(dataset)} held-out images predicted by an earlier run, "
+              "kept", flush=True)
+    loader = DataLoader(Subset(dataset, todo), batch_size=1, collate_fn=collate_fn)
+    start = time.time()
+    with journal:
+        for image_id, found in predict_each(models, loader, torch.device("cpu"), settings, desc=desc):
+            journal.add(image_id, found)
+            journal.finish(image_id)
+            results.extend(found)
+    seconds = (time.time() - start) / len(todo) if todo else 0.0
+    journal.discard()
+    return results, seconds
 
 
 def _cell_features(dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,6 +216,56 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     assert (runs / "cells_0/last.pth").stat().st_mtime_ns == stamp
 
 
+def test_accuracy_held_out_prediction_continues_after_a_kill(tmp_path: Path, shallow: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scoring stopped part-way keeps the images it predicted: the same call predicts only the
+    rest, and its results equal an uninterrupted call's; the record is gone once all are done."""
+    from benchmarks import accuracy
+    from conftest import random_checkpoint
+    from dataloader import LabelledImages, list_samples
+    from predictor import Settings
+    from synthetic import make_dataset
+
+    paths = make_dataset(tmp_path / "data", n_train=3, n_test=0, size=(64, 64), cells=(3, 6), seed=4)
+    samples = list_samples(paths["train_dir"])
+    dataset = LabelledImages(samples, [5, 6, 7], desc="x")
+    run = tmp_path / "run"
+    run.mkdir()
+    models = [accuracy.load_model(random_checkpoint(run / "last.pth"))[0]]
+    settings = Settings(tile=64, tta_scales=(1.0,))
+    whole, _ = accuracy.held_out_predictions(models, [run], dataset, settings, desc="x")
+    assert {r["image_id"] for r in whole} <= {5, 6, 7} and whole
+    assert not list(run.glob("*.partial"))
+    real, predicted = accuracy.predict_each, []
+
+    def killed_after_one(*args: Any, **kwargs: Any) -> Any:
+        for image_id, found in real(*args, **kwargs):
+            predicted.append(image_id)
+            yield image_id, found
+            raise KeyboardInterrupt  # the image above is recorded before the next is predicted
+
+    monkeypatch.setattr(accuracy, "predict_each", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.held_out_predictions(models, [run], dataset, settings, desc="x")
+    assert len(list(run.glob("held-out-*.partial"))) == 1 and predicted == [5]
+    rest: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        for image_id, found in real(*args, **kwargs):
+            rest.append(image_id)
+            yield image_id, found
+
+    monkeypatch.setattr(accuracy, "predict_each", counted)
+    other = Settings(tile=64, tta_scales=(1.0,), mask_thresh=0.6)  # other settings: not the stopped call's images
+    accuracy.held_out_predictions(models, [run], dataset, other, desc="x")
+    assert rest == [5, 6, 7] and len(list(run.glob("held-out-*.partial"))) == 1
+    rest.clear()
+    again, seconds = accuracy.held_out_predictions(models, [run], dataset, settings, desc="x")
+    assert rest == [6, 7] and seconds > 0  # the stopped call's image is not predicted again
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, whole))
+    assert not list(run.glob("*.partial"))
+
+
 def test_accuracy_continues_a_stopped_run_rather_than_training_it_again(tmp_path: Path, shallow: None,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture) -> None:
