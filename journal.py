@@ -9,7 +9,8 @@ cut off by the crash is skipped. The record is used only by a run with the same 
 (path, size, time), images and settings (``run_key``; how the run computes, its batch size, AMP
 or device, may differ: those are the out-of-memory fixes); any other run starts over. It is deleted
 once the submission is complete. ``visualization.py`` keeps its record of drawn images
-(``.drawing.partial`` beside the PNGs) the same way.
+(``.drawing.partial`` beside the PNGs) the same way, and ``benchmarks/accuracy.py`` its held-out
+predictions (``held-out-<key>.partial`` beside the run).
 Standard library only.
 """
 from __future__ import annotations
