@@ -150,8 +150,8 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: boo
 def add_class_names_arg(parser: argparse.ArgumentParser | Any, shown_in: str = "the per-cell outputs") -> None:
     """--class_names: what classes 1..4 are called in ``shown_in``; training records them."""
     parser.add_argument("--class_names", nargs=NUM_CLASSES, default=None, metavar="NAME",
-                        help=f"names of classes 1..{NUM_CLASSES} in {shown_in}, e.g. epithelial "
-                             "lymphocyte neutrophil macrophage (default: those the (first) checkpoint's run was given, else "
+                        help=f"names of classes 1..{NUM_CLASSES} in {shown_in}, e.g. epithelial lymphocyte "
+                             "neutrophil macrophage (default: those the (first) checkpoint's run was given, else "
                              f"{' '.join(DEFAULT_CLASS_NAMES)})")
 
 

@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the PNGs go (default: --output_dir, else <the first checkpoint's folder>/vis)")
     parser.add_argument("--output_dir", default=None, help="where the PNGs go unless --vis_dir is given")
     parser.add_argument("--train_dir", default=None,
-                        help="folder of the held-out samples (default: the (first) checkpoint's run's --val_dir if it had "
-                             "one, else the folder it was trained on)")
+                        help="folder of the held-out samples (default: the (first) checkpoint's run's --val_dir if "
+                             "it had one, else the folder it was trained on)")
     parser.add_argument("--split_json", default=None,
                         help="train/val split (default: split.json next to the first checkpoint)")
     parser.add_argument("--test_dir", default=None,
@@ -179,7 +179,7 @@ RECORD = f".drawing{JOURNAL_SUFFIX}"
 
 
 def drawing_key(args: argparse.Namespace, images: list[Path], names: list[int] | None = None) -> str:
-    """What makes two drawing runs' PNGs interchangeable: the checkpoint and the images as they
+    """What makes two drawing runs' PNGs interchangeable: the checkpoints and the images as they
     are on disk, the PNGs' names, and every setting that changes a figure (how it computes,
     batch size, AMP, device, not)."""
     return run_key(args.checkpoint, mode=args.mode, names=names,
