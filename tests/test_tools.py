@@ -352,12 +352,13 @@ def test_visualization_draws_what_an_ensemble_of_checkpoints_predicts(run: tuple
     monkeypatch.setattr(visualization, "predict_images", record)
     argv = ["--num_images", "1", "--score_thresh", "0", "--device", "cpu"]
     one = visualization.main(["--checkpoint", str(run[0]), *argv, "--vis_dir", str(tmp_path / "one")])
-    assert "note:" not in capsys.readouterr().out  # no split.json beside the other checkpoint: nothing known
-    write_split(tmp_path / "split.json", run[1], run[1][1:], seed=0, val_split=0.5)  # trained on run[1][0]
     both = visualization.main(["--checkpoint", str(run[0]), str(other), *argv, "--vis_dir", str(tmp_path / "both")])
     assert len(one) == len(both) == 1 and len(seen) == 2
     assert len(seen[0]) == 1 and len(seen[1]) == 2 and seen[1][0] == seen[0][0] != seen[1][1]
     assert_png(both[0])
+    assert "note:" not in capsys.readouterr().out  # no split.json beside the other checkpoint: nothing known
+    write_split(tmp_path / "split.json", run[1], run[1][1:], seed=0, val_split=0.5)  # trained on run[1][0]
+    visualization.main(["--checkpoint", str(run[0]), str(other), *argv, "--vis_dir", str(tmp_path / "split")])
     assert f"note: 1 of the {len(run[1])} held-out images were training images of {other}'s run" in \
         capsys.readouterr().out
     args = {n: visualization.build_parser().parse_args(["--checkpoint", *paths]) for n, paths in
