@@ -530,15 +530,16 @@ def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, 
                 args: argparse.Namespace) -> None:
     print(f"\nheld-out segm metrics, last epoch, mean ± std of seeds {args.seeds} "
           f"({args.epochs} epochs, crop {args.crop})")
-    print(f"{'configuration':<20}" + "".join(f"{m:>20}" for m in METRICS))
+    width = max(len("configuration"), *map(len, table)) + 2  # a long post variant's name never runs into its numbers
+    print(f"{'configuration':<{width}}" + "".join(f"{m:>20}" for m in METRICS))
     for name, row in table.items():
-        print(f"{name:<20}" + "".join(f"{row[m]:>12.4f} ± {spread[name][m]:.4f}" for m in METRICS))
+        print(f"{name:<{width}}" + "".join(f"{row[m]:>12.4f} ± {spread[name][m]:.4f}" for m in METRICS))
     classes = range(1, NUM_CLASSES + 1)
     print("\nper class, mean of seeds: segm AP50 at maxDets 100 | at 1000 | F1 at IoU 0.5")
     for name, row in table.items():
         cells = [[row.get(key.format(c), float("nan")) for c in classes]
                  for key in ("segm_AP50_class{}", "segm_AP50_class{}_1000", "f1_class{}")]
-        print(f"{name:<20}" + " | ".join(" ".join(f"{v:.3f}" for v in part) for part in cells))
+        print(f"{name:<{width}}" + " | ".join(" ".join(f"{v:.3f}" for v in part) for part in cells))
 
 
 if __name__ == "__main__":

@@ -436,3 +436,18 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> 
     assert sections["nms"]["result"]["same_kept"]
     assert sections["resume_amp"]["result"]["epochs"] == 2
     assert not list(tmp_path.glob("gpu_check.*.json"))  # the sections' own files are folded in
+
+def test_accuracy_table_keeps_a_long_names_numbers_apart(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from benchmarks import accuracy
+
+    name = "cells+paste+tile+dihedral+consensus+img400+cls100"  # 49 characters: wider than the old 20-wide column
+    row = {**{m: 0.25 for m in accuracy.METRICS}, **{f"segm_AP50_class{c}": 0.125 for c in range(1, 5)}}
+    accuracy.print_table({name: row, "ceiling": row}, {name: dict.fromkeys(accuracy.METRICS, 0.0),
+                                                      "ceiling": dict.fromkeys(accuracy.METRICS, 0.0)},
+                         argparse.Namespace(seeds=["0"], epochs=4, crop=256))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(name)]
+    assert len(lines) == 2  # the mean table's row and the per-class row
+    assert all(line[len(name)] == " " for line in lines)
+    assert lines[1].split()[1:5] == ["0.125"] * 4  # the name, then class 1..4 at maxDets 100
