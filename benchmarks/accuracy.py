@@ -54,7 +54,7 @@ from benchmarks.cell_types import CellTypeClassifier, cell_features, rescored  #
 from class_context import rescore  # noqa: E402
 from checkpoint import load_checkpoint, load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
-from coco import build_coco_gt  # noqa: E402
+from coco import build_coco_gt, matching_metrics  # noqa: E402
 from errors import UsageError  # noqa: E402
 from dataloader import NUM_CLASSES, LabelledImages, collate_fn, list_samples  # noqa: E402
 from argtypes import HelpFormatter  # noqa: E402
@@ -171,10 +171,12 @@ def post_name(text: str) -> str:
 
 
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
-# Per class (NaN where a class has no held-out cell): AP50 at maxDets 100 and 1000, F1 at IoU 0.5.
+# Per class (NaN where a class has no held-out cell): AP50 at maxDets 100 and 1000, F1 at IoU 0.5
+# of the cells scoring 0.5, and of the cells whose class evidence sums to 0.5 (``f1cell``: coco.scored_cells).
 CLASS_METRICS = ("segm_AP50_1000", *(f"segm_AP50_class{c}" for c in range(1, NUM_CLASSES + 1)),
                  *(f"segm_AP50_class{c}_1000" for c in range(1, NUM_CLASSES + 1)),
-                 *(f"f1_class{c}" for c in range(1, NUM_CLASSES + 1)))
+                 "f1", *(f"f1_class{c}" for c in range(1, NUM_CLASSES + 1)),
+                 "f1cell", *(f"f1cell_class{c}" for c in range(1, NUM_CLASSES + 1)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -468,6 +470,8 @@ def context_rescored(results: list[dict], settings: Settings, classes: int) -> l
 def _scored(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
     """The table's metrics of a submission, at maxDets 100 and 1000 (``scoring.score``)."""
     metrics = score(coco_gt, results)
+    metrics.update({k.replace("f1", "f1cell"): v for k, v in matching_metrics(coco_gt, results, cells=True).items()
+                    if k.startswith("f1")})
     return {m: float(metrics[m]) for m in (*METRICS, *CLASS_METRICS)}
 
 
@@ -535,10 +539,10 @@ def print_table(table: dict[str, dict[str, float]], spread: dict[str, dict[str, 
     for name, row in table.items():
         print(f"{name:<{width}}" + "".join(f"{row[m]:>12.4f} ± {spread[name][m]:.4f}" for m in METRICS))
     classes = range(1, NUM_CLASSES + 1)
-    print("\nper class, mean of seeds: segm AP50 at maxDets 100 | at 1000 | F1 at IoU 0.5")
+    print("\nper class, mean of seeds: segm AP50 at maxDets 100 | at 1000 | F1 at IoU 0.5 | F1 of summed class evidence")
     for name, row in table.items():
         cells = [[row.get(key.format(c), float("nan")) for c in classes]
-                 for key in ("segm_AP50_class{}", "segm_AP50_class{}_1000", "f1_class{}")]
+                 for key in ("segm_AP50_class{}", "segm_AP50_class{}_1000", "f1_class{}", "f1cell_class{}")]
         print(f"{name:<{width}}" + " | ".join(" ".join(f"{v:.3f}" for v in part) for part in cells))
 
 

@@ -192,7 +192,7 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     for row in result["mean"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)
     present = set(result["mean"]["ceiling"]) & set(accuracy.CLASS_METRICS)  # the classes with held-out cells
-    assert {"segm_AP50_1000", "segm_AP50_class1", "segm_AP50_class1_1000", "f1_class1"} <= present
+    assert {"segm_AP50_1000", "segm_AP50_class1", "segm_AP50_class1_1000", "f1_class1", "f1cell_class1"} <= present
     assert present <= set(result["mean"]["cells+tile"])  # the per-class keys, at both maxDets, on the post rows
     assert {"segm_AP50_class1", "f1_class1"} <= set(result["mean"]["cells"])  # the history row: at --eval_max_dets
     stamp = (runs / "cells_0/last.pth").stat().st_mtime_ns  # --keep_dir keeps the run...

@@ -95,6 +95,37 @@ def test_matching_metrics_count_one_to_one_matches() -> None:
     assert other["f1"] == 0.0 and other["f1_class1"] == 0.0 and other["f1_class2"] == 0.0  # another class is no match
 
 
+def _rle(rows: slice, cols: slice, size: int = 20) -> dict:
+    mask = np.zeros((size, size), np.uint8, order="F")
+    mask[rows, cols] = 1
+    return {"size": [size, size], "counts": mask_util.encode(mask)["counts"].decode()}
+
+
+def test_a_cell_whose_classes_share_its_probability_counts_under_summed_evidence() -> None:
+    from dataloader import Instances
+
+    from coco import scored_cells
+
+    inst = Instances(labels=np.array([2, 1]), boxes=np.array([[0, 0, 6, 6], [10, 10, 16, 16]]),
+                     crops=[np.ones((6, 6), bool), np.ones((6, 6), bool)], height=20, width=20)
+    gt = build_coco_gt([inst], [1])
+    dets = [{"image_id": 1, "category_id": 2, "score": 0.35, "segmentation": _rle(slice(0, 6), slice(0, 6))},
+            {"image_id": 1, "category_id": 3, "score": 0.3, "segmentation": _rle(slice(0, 6), slice(0, 5))},
+            {"image_id": 1, "category_id": 4, "score": 0.2, "segmentation": _rle(slice(0, 6), slice(3, 12))},  # 1/3 inside
+            {"image_id": 1, "category_id": 1, "score": 0.8, "segmentation": _rle(slice(10, 16), slice(10, 16))},
+            {"image_id": 1, "category_id": 2, "score": 0.4, "segmentation": _rle(slice(10, 16), slice(10, 16))},
+            {"image_id": 1, "category_id": 1, "score": 0.7, "segmentation": _rle(slice(10, 15), slice(10, 16))}]
+    cells = scored_cells(dets, 20, 20)
+    assert [(c["category_id"], c["class_score"]) for c in cells] == [(1, 0.8), (2, 0.35), (4, 0.2)]  # best first
+    # the first cell: its class 1 once (its best, not 0.8 + 0.7) and class 2, at most 1; the second: classes 2 and 3,
+    # not the class 4 detection lying mostly outside it; that one is a cell of its own
+    assert [c["score"] for c in cells] == [1.0, pytest.approx(0.65), 0.2]
+    by_score, by_cell = matching_metrics(gt, dets), matching_metrics(gt, dets, cells=True)
+    assert (by_score["f1_class1"], by_score["f1_class2"]) == (1.0, 0.0)  # no detection of the second cell at 0.5
+    assert (by_cell["f1_class1"], by_cell["f1_class2"], by_cell["recall"]) == (1.0, 1.0, 1.0)
+    assert scored_cells([], 20, 20) == []
+
+
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
     root = scored["root"]
     labels = root / "labels"
