@@ -23,7 +23,7 @@ import tifffile
 from scipy import ndimage
 from skimage import measure
 
-from coco import paint, paint_packed
+from coco import encode_packed, paint, paint_packed, scored_cells
 from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image, sample_name
 from errors import UsageError
 from files import JsonArrayWriter, hidden, hidden_folder, publish_folder
@@ -52,32 +52,48 @@ class PaintedImage:
 
 
 def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
-                   score_thresh: float) -> Iterator[PaintedImage]:
+                   score_thresh: float, evidence: bool = False) -> Iterator[PaintedImage]:
     """Each image of ``entries`` (id map entries of ``test_dir``) with its detections scoring
-    at least ``score_thresh`` painted."""
+    at least ``score_thresh`` painted; with ``evidence``, its cells whose class evidence does
+    (``coco.scored_cells``)."""
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
     for entry in progress(entries, "cell outputs"):
         source = Path(test_dir) / entry["file_name"]
         pixels = read_raw_image(source)
-        kept, canvas = paint(by_image.get(int(entry["id"]), []), *pixels.shape[:2], score_thresh)
+        dets = by_image.get(int(entry["id"]), [])
+        if evidence:
+            dets = [c for c in scored_cells(dets, *pixels.shape[:2]) if c["score"] >= score_thresh]
+        kept, canvas = paint(dets, *pixels.shape[:2], score_thresh)
         yield PaintedImage(entry["file_name"], int(entry["id"]), source, pixels, *_numbered(kept, canvas))
 
 
 def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, origin: tuple[int, int], dets: dict,
-                   core: np.ndarray, score_thresh: float, first: int) -> PaintedImage:
+                   core: np.ndarray, score_thresh: float, first: int, evidence: bool = False) -> PaintedImage:
     """One window of a streamed image (``streaming.Part``: host tensors, window coordinates)
-    painted like a whole image: all its detections scoring at least ``score_thresh`` compete
-    for pixels, as they would in the whole image, then only the ``core`` ones (bool per
-    detection) are kept, numbered on from ``first``."""
+    painted like a whole image: all its detections scoring at least ``score_thresh`` (with
+    ``evidence``: its cells whose class evidence does) compete for pixels, as they would in the
+    whole image, then only the ``core`` ones (bool per detection) are kept, numbered on from
+    ``first``."""
     scores = np.round(np.asarray(dets["scores"], dtype=np.float64), 5)  # as the submission holds them
-    order = np.argsort(-scores, kind="stable")
-    order = order[scores[order] >= score_thresh]
-    canvas = paint_packed(dets["masks"], order, pixels.shape[:2])
-    canvas[~np.concatenate([[False], np.asarray(core)[order]])[canvas]] = 0  # the neighbours' cells leave
     labels = np.asarray(dets["labels"])
-    kept = [{"category_id": int(labels[i]), "score": float(scores[i])} for i in order]
+    core = np.asarray(core)
+    if evidence:
+        height, width = pixels.shape[:2]
+        found = [{"category_id": int(c), "score": float(s), "segmentation": rle, "index": i}
+                 for i, (c, s, rle) in enumerate(zip(labels, scores, encode_packed(dets["masks"], height, width)))]
+        cells = [c for c in scored_cells(found, height, width) if c["score"] >= score_thresh]
+        kept, canvas = paint(cells, height, width, score_thresh)
+        inner = np.array([core[c["index"]] for c in kept], dtype=bool)  # a cell is where its best detection is
+    else:
+        order = np.argsort(-scores, kind="stable")
+        order = order[scores[order] >= score_thresh]
+        canvas = paint_packed(dets["masks"], order, pixels.shape[:2])
+        kept = [{"category_id": int(labels[i]), "score": float(scores[i])} for i in order]
+        inner = core[order]
+    canvas[~np.concatenate([[False], inner])[canvas]] = 0  # the neighbours' cells leave
+    kept = [{"category_id": c["category_id"], "score": c["score"]} for c in kept]
     return PaintedImage(name, image_id, source, pixels, *_numbered(kept, canvas), origin=(int(origin[0]), int(origin[1])),
                         first=first)
 
@@ -272,10 +288,10 @@ class CellWriter:
 
 def write_cell_outputs(results: list[dict], dataset: UnlabelledImages, score_thresh: float,
                        class_names: Sequence[str], labels: Path | None = None, geojson_dir: Path | None = None,
-                       csv_path: Path | None = None) -> None:
+                       csv_path: Path | None = None, evidence: bool = False) -> None:
     """Every requested output for every image of ``dataset`` (``CellWriter``)."""
     with CellWriter(class_names, labels, geojson_dir, csv_path) as writer:
-        for image in painted_images(results, dataset.test_dir, dataset.entries, score_thresh):
+        for image in painted_images(results, dataset.test_dir, dataset.entries, score_thresh, evidence):
             writer.add(image)
     report_cell_outputs(len(dataset.entries), score_thresh, labels, geojson_dir, csv_path)
 

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="one row per cell: image, cell, class, score, area, perimeter, centroid, box, "
                               "eccentricity, mean intensity per channel")
     outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
+    outputs.add_argument("--label_evidence", action="store_true",
+                         help="keep each cell whose class scores, summed over the classes of the detections lying "
+                              "on it, reach --label_thresh: a cell the model is sure of but cannot type (0.45 one "
+                              "class, 0.4 another) is kept under its best class, with that sum as its score "
+                              "(default: each detection's own class score; the submission is the same either way)")
     add_class_names_arg(outputs)
     add_prediction_args(parser)
     add_checkpoint_checks(parser)
@@ -97,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           device=args.device, overrides=overrides, score_thresh=args.score_thresh,
                           num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
                                                                                  args.save_csv, args.label_thresh,
-                                                                                 args.class_names),
+                                                                                 args.class_names, args.label_evidence),
                           window=args.window)
 
 
@@ -109,6 +114,7 @@ class CellOutputs(NamedTuple):
     csv: str | None = None
     score_thresh: float = 0.5
     class_names: list[str] | None = None  # None: the checkpoint's, else class1..class4
+    evidence: bool = False  # keep the cells whose summed class scores reach score_thresh (coco.scored_cells)
 
     @property
     def requested(self) -> bool:
@@ -204,7 +210,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
             submission.extend(results)
             if writer:
                 for image in painted_images(results, dataset.test_dir, [dataset.entries[i] for i in whole],
-                                            cell_outputs.score_thresh):
+                                            cell_outputs.score_thresh, cell_outputs.evidence):
                     writer.add(image)
             del results
         for part in journal.replay({ids[i] for i in streamed if i in earlier}):  # one pass over the record
@@ -213,7 +219,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
             if i in earlier:
                 continue
             _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
-                    submission, writer, cell_outputs.score_thresh, journal)
+                    submission, writer, cell_outputs.score_thresh, journal, cell_outputs.evidence)
     journal.discard()  # the submission is complete
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
         write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
@@ -256,7 +262,7 @@ def report_caps(results: list[dict], cap: int, per_class: int) -> None:
 
 def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.device, settings: Settings,
             window: int, score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None,
-            label_thresh: float, journal: PredictionJournal) -> None:
+            label_thresh: float, journal: PredictionJournal, evidence: bool = False) -> None:
     """One large image predicted window by window, each window's cells written before the next is read."""
     path = test_dir / entry["file_name"]
     with LazyImage(path) as image:
@@ -275,7 +281,7 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
             journal.add(int(entry["id"]), kept)
             if writer:  # the per-cell outputs hold cells the submission holds
                 cells = painted_window(entry["file_name"], int(entry["id"]), path, part.pixels, part.origin, part.dets,
-                                       part.core.numpy(), max(label_thresh, score_thresh), numbered + 1)
+                                       part.core.numpy(), max(label_thresh, score_thresh), numbered + 1, evidence)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
     journal.finish(int(entry["id"]))

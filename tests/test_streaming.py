@@ -183,9 +183,16 @@ def test_cells_meeting_at_a_window_boundary_share_pixels_as_in_the_whole_image(t
     assert (sum((labels > 0).astype(int) for labels in streamed.values()) <= 1).all()  # a pixel in one file
 
 
-def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shallow: None) -> None:
-    """--window: a large image is predicted in windows and every output is written; a window too
-    small for the tiles stops before any prediction with the flag named."""
+def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shallow: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--window: a large image is predicted in windows and every output is written (here under
+    --label_evidence, which both paths are told); a window too small for the tiles stops before
+    any prediction with the flag named."""
+    told = []
+    for name in ("painted_window", "painted_images"):
+        real = getattr(inference, name)
+        monkeypatch.setattr(inference, name,
+                            lambda *a, real=real, name=name, **k: told.append((name, a[-1])) or real(*a, **k))
     folder = tmp_path / "slides"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -195,7 +202,9 @@ def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shall
     common = ["--checkpoint", str(random_checkpoint(tmp_path / "best.pth")), "--test_dir", str(folder), "--num_workers", "0"]
     submission = inference.main([*common, "--output", str(tmp_path / "out" / "sub.json"), "--window", "300",
                                  "--save_geojson", str(tmp_path / "geo"), "--save_csv", str(tmp_path / "cells.csv"),
-                                 "--save_labels", str(tmp_path / "lab"), "--label_thresh", "0"])
+                                 "--save_labels", str(tmp_path / "lab"), "--label_thresh", "0", "--label_evidence"])
+    assert {name for name, _ in told} == {"painted_window", "painted_images"}  # the big image's windows, the small one
+    assert all(evidence is True for _, evidence in told)
     results = json.loads(Path(submission).read_text())
     assert {r["image_id"] for r in results} <= {1, 2} and any(r["image_id"] == 1 for r in results)
     big = [r for r in results if r["image_id"] == 1]

@@ -237,6 +237,41 @@ def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
     assert [float(rows[1][f"mean_intensity_{c}"]) for c in range(3)] == [200.0, 100.0, 50.0]
 
 
+def test_label_evidence_keeps_a_cell_whose_classes_share_its_score_streamed_or_not(tmp_path: Path) -> None:
+    """A cell at 0.35 of one class and 0.3 of another is no cell at --label_thresh 0.5, but one
+    under --label_evidence, of its best class, scored 0.65; a window that is the whole image
+    paints the same cells as the whole image does."""
+    import torch
+
+    from cell_outputs import painted_images, painted_window
+    from masks import PackedMasks
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "slide.png")
+    results = _square_results(20, 20)  # the 0.9 cell (class 1) and the 0.6 one (class 3)
+    results[1]["score"] = 0.35
+    results.append({**results[1], "category_id": 2, "score": 0.3})
+    names = ["e", "l", "n", "m"]
+    for evidence, kept in ((False, [("e", 0.9)]), (True, [("e", 0.9), ("n", 0.65)])):
+        write_cell_outputs(results, UnlabelledImages(folder, None), 0.5, names, csv_path=tmp_path / "cells.csv",
+                           evidence=evidence)
+        rows = list(csv.DictReader(open(tmp_path / "cells.csv")))
+        assert [(r["class"], pytest.approx(float(r["score"]))) for r in rows] == kept
+    (whole,) = painted_images(results, folder, UnlabelledImages(folder, None).entries, 0.5, evidence=True)
+    boxes = np.array([[3, 2, 8, 6], [10, 10, 13, 14], [10, 10, 13, 14]])
+    dets = {"scores": torch.tensor([r["score"] for r in results]), "labels": torch.tensor([1, 3, 2]),
+            "masks": PackedMasks.from_crops([np.ones((y1 - y0, x1 - x0), bool) for x0, y0, x1, y1 in boxes], boxes,
+                                            (20, 20))}
+    window = painted_window("slide.png", 1, folder / "slide.png", whole.pixels, (0, 0), dets, np.ones(3, bool), 0.5, 1,
+                            evidence=True)
+    assert [(c["category_id"], pytest.approx(c["score"])) for c in window.cells] == [(1, 0.9), (3, 0.65)]
+    assert np.array_equal(window.labels, whole.labels)
+    outside = painted_window("slide.png", 1, folder / "slide.png", whole.pixels, (0, 0), dets,
+                             np.array([True, False, True]), 0.5, 1, evidence=True)
+    assert len(outside.cells) == 1 and outside.labels.max() == 1  # its best detection is a neighbour's: it leaves
+
+
 def test_a_note_names_the_caps_images_reached(capsys: pytest.CaptureFixture) -> None:
     """Cells past a cap are dropped silently by the model; the user is told, with the flag that keeps them."""
     results = [{"image_id": 1, "category_id": 1 + k % 2} for k in range(6)] + [{"image_id": 2, "category_id": 3}]
