@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_thresh", type=chance, default=0.5,
                         help="F1/PQ: submitted detections at or above this score count as found cells (every "
                              "cell of --labels counts)")
+    parser.add_argument("--label_evidence", action="store_true",
+                        help="F1/PQ: a submitted cell counts as found when its class scores, summed over the classes "
+                             "of the detections lying on it, reach --score_thresh, as inference.py --label_evidence "
+                             "keeps cells")
     parser.add_argument("--iou_thresh", type=overlap, default=0.5, help="F1/PQ: IoU of a match")
     parser.add_argument("--json", default=None, help="write the metrics here as one flat JSON object")
     return parser
@@ -66,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for note in unscored_notes(samples, ids, results, args.submission or args.labels, fix):
         print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
-    metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh)
+    metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh,
+                    args.label_evidence and bool(args.submission))
     print_table(metrics, args.iou_thresh)
     if args.json:
         write_json(Path(args.json), metrics, indent=1)

@@ -21,16 +21,18 @@ from progress import progress
 MAX_DETS = (100, 1000)
 
 
-def score(coco_gt, results: list[dict], score_thresh: float = 0.5, iou_thresh: float = 0.5) -> dict[str, float]:
+def score(coco_gt, results: list[dict], score_thresh: float = 0.5, iou_thresh: float = 0.5,
+          cells: bool = False) -> dict[str, float]:
     """The flat metric set: COCO AP, AP50, AP75 and AP50 per class at maxDets 100 (plain keys)
-    and 1000 (``_1000``), and the matching metrics (F1 also per class)."""
+    and 1000 (``_1000``), and the matching metrics (F1 also per class; ``cells``: of the cells
+    whose summed class evidence reaches ``score_thresh``, ``coco.scored_cells``)."""
     metrics: dict[str, float] = {}
     for max_dets in MAX_DETS:
         suffix = "" if max_dets == 100 else f"_{max_dets}"
         for key, value in evaluate(coco_gt, results, max_dets=max_dets).items():
             if "_AP_class" not in key:
                 metrics[f"{key}{suffix}"] = value
-    metrics.update(matching_metrics(coco_gt, results, score_thresh, iou_thresh))
+    metrics.update(matching_metrics(coco_gt, results, score_thresh, iou_thresh, cells))
     return metrics
 
 
