@@ -23,7 +23,7 @@ import tifffile
 from scipy import ndimage
 from skimage import measure
 
-from coco import encode_packed, paint, paint_packed, scored_cells
+from coco import cell_evidence, paint, paint_packed, scored_cells
 from dataloader import CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, UnlabelledImages, read_raw_image, sample_name
 from errors import UsageError
 from files import JsonArrayWriter, hidden, hidden_folder, publish_folder
@@ -80,20 +80,21 @@ def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, o
     labels = np.asarray(dets["labels"])
     core = np.asarray(core)
     if evidence:
-        height, width = pixels.shape[:2]
-        found = [{"category_id": int(c), "score": float(s), "segmentation": rle, "index": i}
-                 for i, (c, s, rle) in enumerate(zip(labels, scores, encode_packed(dets["masks"], height, width)))]
-        cells = [c for c in scored_cells(found, height, width) if c["score"] >= score_thresh]
-        kept, canvas = paint(cells, height, width, score_thresh)
-        inner = np.array([core[c["index"]] for c in kept], dtype=bool)  # a cell is where its best detection is
+        order, canvas, sums = cell_evidence(dets["masks"], labels, np.round(scores, 5), pixels.shape[:2])
+        best_first = np.argsort(-sums[1:], kind="stable")  # numbered by the evidence they are kept by
+        renumber = np.zeros(len(order) + 1, dtype=np.int32)
+        renumber[best_first + 1] = np.arange(1, len(order) + 1)
+        canvas = renumber[canvas]
+        order, sums = order[best_first], sums[1:][best_first]
+        kept = [{"category_id": int(labels[i]), "score": round(float(t), 5)} for i, t in zip(order, sums)]
+        inner = core[order] & (sums >= score_thresh)  # a cell is where its best detection is
     else:
         order = np.argsort(-scores, kind="stable")
         order = order[scores[order] >= score_thresh]
         canvas = paint_packed(dets["masks"], order, pixels.shape[:2])
         kept = [{"category_id": int(labels[i]), "score": float(scores[i])} for i in order]
         inner = core[order]
-    canvas[~np.concatenate([[False], inner])[canvas]] = 0  # the neighbours' cells leave
-    kept = [{"category_id": c["category_id"], "score": c["score"]} for c in kept]
+    canvas[~np.concatenate([[False], inner])[canvas]] = 0  # the neighbours' cells (and those short of it) leave
     return PaintedImage(name, image_id, source, pixels, *_numbered(kept, canvas), origin=(int(origin[0]), int(origin[1])),
                         first=first)
 

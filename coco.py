@@ -244,6 +244,13 @@ def rasterise(results: list[dict], height: int, width: int, score_thresh: float 
     score first: a pixel belongs to the best-scoring detection covering it, and one left with
     no pixel is gone. Each is a result dict again (RLE, box, score)."""
     kept, canvas = paint(results, height, width, score_thresh)
+    return [cell for _, cell in _canvas_cells(kept, canvas)]
+
+
+def _canvas_cells(kept: list[dict], canvas: np.ndarray) -> list[tuple[int, dict]]:
+    """Each number k of ``canvas`` that has pixels: k - 1 and ``kept[k - 1]`` with those pixels
+    as its mask (RLE, box)."""
+    height, width = canvas.shape
     crops, boxes, index = [], [], []
     for k, window in enumerate(ndimage.find_objects(canvas), start=1):
         if window is not None:
@@ -251,37 +258,64 @@ def rasterise(results: list[dict], height: int, width: int, score_thresh: float 
             boxes.append([window[1].start, window[0].start, window[1].stop, window[0].stop])
             index.append(k - 1)
     rles = encode_packed(PackedMasks.from_crops(crops, np.array(boxes).reshape(-1, 4), (height, width)), height, width)
-    return [{**kept[i], "bbox": [x0, y0, x1 - x0, y1 - y0],
-             "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}}
+    return [(i, {**kept[i], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                 "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}})
             for i, (x0, y0, x1, y1), rle in zip(index, boxes, rles)]
 
 
 def scored_cells(results: list[dict], height: int, width: int) -> list[dict]:
     """One image's detections as non-overlapping cells (``rasterise`` of them all), each scored
-    by all its class hypotheses: over the classes, the sum of each class's best score among the
-    detections lying at least half inside the cell (the cell's own always counts), at most 1.
-    The cell keeps its best class; ``class_score`` is that class's score.
+    by the evidence of all its class hypotheses (``cell_evidence``). The cell keeps its best
+    class; ``class_score`` is that class's score, ``score`` the evidence."""
+    kept = sorted(results, key=lambda r: -r["score"])
+    crops, boxes = [], []
+    for r in kept:  # on the host, after prediction, as ``paint`` decodes them
+        mask = mask_util.decode(r["segmentation"]).astype(bool)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1] if len(rows) else [0, 0, 0, 0]
+        crops.append(mask[box[1]:box[3], box[0]:box[2]])
+        boxes.append(box)
+    masks = PackedMasks.from_crops(crops, np.array(boxes).reshape(-1, 4), (height, width))
+    labels = np.array([int(r["category_id"]) for r in kept], dtype=np.int64)
+    scores = np.array([float(r["score"]) for r in kept])
+    order, canvas, evidence = cell_evidence(masks, labels, scores, (height, width))
+    assert np.array_equal(order, np.arange(len(kept)))  # already best first
+    return [{**cell, "score": round(float(evidence[i + 1]), 5), "class_score": cell["score"]}
+            for i, cell in _canvas_cells(kept, canvas)]
+
+
+def cell_evidence(masks: PackedMasks, labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int],
+                  origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How sure the model is that each painted cell is a cell, whatever its class: ``order``
+    (best score first), the canvas ``paint_packed`` paints in that order, and for each canvas
+    number 1 + k the sum over the classes of each class's best score among the detections
+    lying at least half on cell k's pixels (the cell's own detection always counts), at most 1.
 
     Why: the classifier spreads one cell's probability over the classes (a softmax), so a cell
     it is sure of but cannot type (0.45 one class, 0.4 another) has no detection at 0.5 and is
     left out of everything kept by score, though it is surely a cell. The classes it confuses
-    are mostly the rare ones."""
-    painted = rasterise(results, height, width, 0.0)
-    if not painted:
-        return []
-    # pycocotools' crowd IoU is |detection & cell| / |detection|: the share of each detection inside each cell
-    inside = np.asarray(mask_util.iou([r["segmentation"] for r in results], [c["segmentation"] for c in painted],
-                                      [1] * len(painted)), dtype=np.float64).reshape(len(results), len(painted))
-    owner = inside.argmax(1)
-    held = inside[np.arange(len(results)), owner] >= 0.5
-    labels = np.array([int(r["category_id"]) for r in results])
-    scores = np.array([float(r["score"]) for r in results])
-    best = np.zeros((len(painted), NUM_CLASSES + 1))
-    np.maximum.at(best, (owner[held], labels[held]), scores[held])
-    own = np.array([int(c["category_id"]) for c in painted])
-    best[np.arange(len(painted)), own] = [c["score"] for c in painted]  # its best class's best detection: itself
-    totals = np.minimum(best.sum(1), 1.0)
-    return [{**c, "score": round(float(t), 5), "class_score": c["score"]} for c, t in zip(painted, totals)]
+    are mostly the rare ones. Host arrays, every detection's pixels at once: no loop over pairs."""
+    order = np.argsort(-scores, kind="stable")
+    canvas = paint_packed(masks, order, shape, origin)
+    data, offsets = masks.data.numpy().astype(bool), masks.offsets.numpy()
+    boxes = masks.boxes.numpy() - np.array([origin[1], origin[0], origin[1], origin[0]])
+    owner = np.repeat(np.arange(len(order)), np.diff(offsets))  # each crop pixel's detection
+    local = np.arange(len(data)) - offsets[owner]
+    widths = np.maximum(boxes[:, 2] - boxes[:, 0], 1)
+    rows, cols = boxes[owner, 1] + local // widths[owner], boxes[owner, 0] + local % widths[owner]
+    owner, rows, cols = owner[data], rows[data], cols[data]
+    number = canvas[rows, cols]  # the cell each of a detection's pixels went to
+    pairs, counts = np.unique(owner * (len(order) + 1) + number, return_counts=True)
+    det, num = np.divmod(pairs, len(order) + 1)
+    det, num, counts = det[num > 0], num[num > 0], counts[num > 0]
+    first = np.lexsort((-counts, det))  # per detection, the cell holding most of it first
+    first = first[np.r_[True, det[first][1:] != det[first][:-1]]] if len(first) else first
+    area = np.bincount(owner, minlength=len(order))
+    held = first[2 * counts[first] >= area[det[first]]]
+    best = np.zeros((len(order) + 1, NUM_CLASSES + 1))
+    np.maximum.at(best, (num[held], labels[det[held]]), scores[det[held]])
+    best[np.arange(1, len(order) + 1), labels[order]] = scores[order]  # its own detection: its best class's best
+    return order, canvas, np.minimum(best.sum(1), 1.0)
 
 
 def paint(results: list[dict], height: int, width: int, score_thresh: float = 0.5) -> tuple[list[dict], np.ndarray]:
