@@ -64,25 +64,26 @@ def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
         pixels = read_raw_image(source)
         dets = by_image.get(int(entry["id"]), [])
         if evidence:
-            dets = [c for c in scored_cells(dets, *pixels.shape[:2]) if c["score"] >= score_thresh]
+            dets = scored_cells(dets, *pixels.shape[:2], score_thresh)
         kept, canvas = paint(dets, *pixels.shape[:2], score_thresh)
         yield PaintedImage(entry["file_name"], int(entry["id"]), source, pixels, *_numbered(kept, canvas))
 
 
 def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, origin: tuple[int, int], dets: dict,
-                   core: np.ndarray, score_thresh: float, first: int, evidence: bool = False) -> PaintedImage:
+                   core: np.ndarray, score_thresh: float, first: int, evidence: bool = False,
+                   floor: float = 0.0) -> PaintedImage:
     """One window of a streamed image (``streaming.Part``: host tensors, window coordinates)
     painted like a whole image: all its detections scoring at least ``score_thresh`` (with
     ``evidence``: its cells whose class evidence does) compete for pixels, as they would in the
     whole image, then only the ``core`` ones (bool per detection) are kept, numbered on from
-    ``first``."""
+    ``first``. Detections under ``floor`` (the submission's --score_thresh) do not exist here."""
     scores = np.round(np.asarray(dets["scores"], dtype=np.float64), 5)  # as the submission holds them
     labels = np.asarray(dets["labels"])
     core = np.asarray(core)
     if evidence:
-        order, canvas, sums = cell_evidence(dets["masks"], labels, np.round(scores, 5), pixels.shape[:2])
+        order, canvas, sums = cell_evidence(dets["masks"], labels, scores, pixels.shape[:2], floor)
         best_first = np.argsort(-sums[1:], kind="stable")  # numbered by the evidence they are kept by
-        renumber = np.zeros(len(order) + 1, dtype=np.int32)
+        renumber = np.zeros(len(order) + 1, dtype=np.int32)  # as ``paint`` orders the whole image's cells
         renumber[best_first + 1] = np.arange(1, len(order) + 1)
         canvas = renumber[canvas]
         order, sums = order[best_first], sums[1:][best_first]
@@ -90,7 +91,7 @@ def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, o
         inner = core[order] & (sums >= score_thresh)  # a cell is where its best detection is
     else:
         order = np.argsort(-scores, kind="stable")
-        order = order[scores[order] >= score_thresh]
+        order = order[scores[order] >= max(score_thresh, floor)]
         canvas = paint_packed(dets["masks"], order, pixels.shape[:2])
         kept = [{"category_id": int(labels[i]), "score": float(scores[i])} for i in order]
         inner = core[order]

@@ -214,8 +214,7 @@ def matching_metrics(coco_gt: COCO, results: list[dict], score_thresh: float = 0
     for image_id in progress(coco_gt.getImgIds(), "match cells"):
         info = coco_gt.imgs[image_id]
         if cells:
-            preds = [c for c in scored_cells(by_image.get(image_id, []), info["height"], info["width"])
-                     if c["score"] >= score_thresh]
+            preds = scored_cells(by_image.get(image_id, []), info["height"], info["width"], score_thresh)
         else:
             preds = rasterise(by_image.get(image_id, []), info["height"], info["width"], score_thresh)
         truth = coco_gt.imgToAnns.get(image_id, [])
@@ -263,10 +262,11 @@ def _canvas_cells(kept: list[dict], canvas: np.ndarray) -> list[tuple[int, dict]
             for i, (x0, y0, x1, y1), rle in zip(index, boxes, rles)]
 
 
-def scored_cells(results: list[dict], height: int, width: int) -> list[dict]:
+def scored_cells(results: list[dict], height: int, width: int, score_thresh: float = 0.0) -> list[dict]:
     """One image's detections as non-overlapping cells (``rasterise`` of them all), each scored
-    by the evidence of all its class hypotheses (``cell_evidence``). The cell keeps its best
-    class; ``class_score`` is that class's score, ``score`` the evidence."""
+    by the evidence of all its class hypotheses (``cell_evidence``); those whose evidence reaches
+    ``score_thresh``. The cell keeps its best class; ``class_score`` is that class's score,
+    ``score`` the evidence."""
     kept = sorted(results, key=lambda r: -r["score"])
     crops, boxes = [], []
     for r in kept:  # on the host, after prediction, as ``paint`` decodes them
@@ -280,42 +280,44 @@ def scored_cells(results: list[dict], height: int, width: int) -> list[dict]:
     scores = np.array([float(r["score"]) for r in kept])
     order, canvas, evidence = cell_evidence(masks, labels, scores, (height, width))
     assert np.array_equal(order, np.arange(len(kept)))  # already best first
-    return [{**cell, "score": round(float(evidence[i + 1]), 5), "class_score": cell["score"]}
-            for i, cell in _canvas_cells(kept, canvas)]
+    return [{**cell, "score": float(evidence[i + 1]), "class_score": cell["score"]}
+            for i, cell in _canvas_cells(kept, canvas) if evidence[i + 1] >= score_thresh]
 
 
 def cell_evidence(masks: PackedMasks, labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int],
-                  origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  floor: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """How sure the model is that each painted cell is a cell, whatever its class: ``order``
-    (best score first), the canvas ``paint_packed`` paints in that order, and for each canvas
-    number 1 + k the sum over the classes of each class's best score among the detections
-    lying at least half on cell k's pixels (the cell's own detection always counts), at most 1.
+    (best score first; detections scoring under ``floor`` are left out), the canvas
+    ``paint_packed`` paints in that order, and for each canvas number 1 + k the sum over the
+    classes of each class's best score among the detections lying at least half on cell k's
+    pixels (the cell's own detection always counts), at most 1, rounded as scores are (5 places).
 
     Why: the classifier spreads one cell's probability over the classes (a softmax), so a cell
     it is sure of but cannot type (0.45 one class, 0.4 another) has no detection at 0.5 and is
     left out of everything kept by score, though it is surely a cell. The classes it confuses
     are mostly the rare ones. Host arrays, every detection's pixels at once: no loop over pairs."""
     order = np.argsort(-scores, kind="stable")
-    canvas = paint_packed(masks, order, shape, origin)
-    data, offsets = masks.data.numpy().astype(bool), masks.offsets.numpy()
-    boxes = masks.boxes.numpy() - np.array([origin[1], origin[0], origin[1], origin[0]])
-    owner = np.repeat(np.arange(len(order)), np.diff(offsets))  # each crop pixel's detection
+    order = order[scores[order] >= floor]
+    canvas = paint_packed(masks, order, shape)
+    data, offsets, boxes = masks.data.numpy().astype(bool), masks.offsets.numpy(), masks.boxes.numpy()
+    owner = np.repeat(np.arange(len(scores)), np.diff(offsets))  # each crop pixel's detection
     local = np.arange(len(data)) - offsets[owner]
     widths = np.maximum(boxes[:, 2] - boxes[:, 0], 1)
     rows, cols = boxes[owner, 1] + local // widths[owner], boxes[owner, 0] + local % widths[owner]
-    owner, rows, cols = owner[data], rows[data], cols[data]
+    present = data & (scores[owner] >= floor)
+    owner, rows, cols = owner[present], rows[present], cols[present]
     number = canvas[rows, cols]  # the cell each of a detection's pixels went to
     pairs, counts = np.unique(owner * (len(order) + 1) + number, return_counts=True)
     det, num = np.divmod(pairs, len(order) + 1)
     det, num, counts = det[num > 0], num[num > 0], counts[num > 0]
     first = np.lexsort((-counts, det))  # per detection, the cell holding most of it first
     first = first[np.r_[True, det[first][1:] != det[first][:-1]]] if len(first) else first
-    area = np.bincount(owner, minlength=len(order))
+    area = np.bincount(owner, minlength=len(scores))
     held = first[2 * counts[first] >= area[det[first]]]
     best = np.zeros((len(order) + 1, NUM_CLASSES + 1))
     np.maximum.at(best, (num[held], labels[det[held]]), scores[det[held]])
     best[np.arange(1, len(order) + 1), labels[order]] = scores[order]  # its own detection: its best class's best
-    return order, canvas, np.minimum(best.sum(1), 1.0)
+    return order, canvas, np.round(np.minimum(best.sum(1), 1.0), 5)
 
 
 def paint(results: list[dict], height: int, width: int, score_thresh: float = 0.5) -> tuple[list[dict], np.ndarray]:

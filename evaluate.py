@@ -33,16 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="F1/PQ: submitted detections at or above this score count as found cells (every "
                              "cell of --labels counts)")
     parser.add_argument("--label_evidence", action="store_true",
-                        help="F1/PQ: a submitted cell counts as found when its class scores, summed over the classes "
-                             "of the detections lying on it, reach --score_thresh, as inference.py --label_evidence "
-                             "keeps cells")
+                        help="F1/PQ of a --submission: a cell counts as found when its class evidence (the sum "
+                             "over the classes of each class's best score among the detections lying at least half "
+                             "on it, at most 1) reaches --score_thresh, as inference.py --label_evidence keeps cells")
     parser.add_argument("--iou_thresh", type=overlap, default=0.5, help="F1/PQ: IoU of a match")
     parser.add_argument("--json", default=None, help="write the metrics here as one flat JSON object")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.label_evidence and args.labels:
+        parser.error("--label_evidence scores a --submission's detections; label images hold one class per cell")
     if args.json:  # checked before the work, not at its end
         writable_file(args.json, "--json", "metrics.json")
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).
@@ -71,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
     metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh,
-                    args.label_evidence and bool(args.submission))
+                    args.label_evidence)
     print_table(metrics, args.iou_thresh)
     if args.json:
         write_json(Path(args.json), metrics, indent=1)

@@ -72,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "eccentricity, mean intensity per channel")
     outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
     outputs.add_argument("--label_evidence", action="store_true",
-                         help="keep each cell whose class scores, summed over the classes of the detections lying "
-                              "on it, reach --label_thresh: a cell the model is sure of but cannot type (0.45 one "
-                              "class, 0.4 another) is kept under its best class, with that sum as its score "
-                              "(default: each detection's own class score; the submission is the same either way)")
+                         help="keep each cell whose class evidence reaches --label_thresh: over the classes, the "
+                              "sum of each class's best score among the detections lying at least half on the cell "
+                              "(at most 1). A cell the model is sure of but cannot type (0.45 one class, 0.4 "
+                              "another) is kept under its best class, with that sum as its score (default: each "
+                              "detection's own class score; the submission is the same either way)")
     add_class_names_arg(outputs)
     add_prediction_args(parser)
     add_checkpoint_checks(parser)
@@ -281,7 +282,7 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
             journal.add(int(entry["id"]), kept)
             if writer:  # the per-cell outputs hold cells the submission holds
                 cells = painted_window(entry["file_name"], int(entry["id"]), path, part.pixels, part.origin, part.dets,
-                                       part.core.numpy(), max(label_thresh, score_thresh), numbered + 1, evidence)
+                                       part.core.numpy(), label_thresh, numbered + 1, evidence, score_thresh)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
     journal.finish(int(entry["id"]))

@@ -171,8 +171,9 @@ def post_name(text: str) -> str:
 
 
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75")
-# Per class (NaN where a class has no held-out cell): AP50 at maxDets 100 and 1000, F1 at IoU 0.5
-# of the cells scoring 0.5, and of the cells whose class evidence sums to 0.5 (``f1cell``: coco.scored_cells).
+# AP50 at maxDets 1000, and per class (NaN where a class has no held-out cell) AP50 at maxDets 100 and
+# 1000; F1 at IoU 0.5, over all classes and per class, of the cells scoring 0.5 and of the cells whose
+# class evidence reaches 0.5 (``f1cell``: coco.scored_cells).
 CLASS_METRICS = ("segm_AP50_1000", *(f"segm_AP50_class{c}" for c in range(1, NUM_CLASSES + 1)),
                  *(f"segm_AP50_class{c}_1000" for c in range(1, NUM_CLASSES + 1)),
                  "f1", *(f"f1_class{c}" for c in range(1, NUM_CLASSES + 1)),

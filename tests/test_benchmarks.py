@@ -437,6 +437,7 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path, shallow: None) -> 
     assert sections["resume_amp"]["result"]["epochs"] == 2
     assert not list(tmp_path.glob("gpu_check.*.json"))  # the sections' own files are folded in
 
+
 def test_accuracy_table_keeps_a_long_names_numbers_apart(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 

@@ -112,14 +112,16 @@ def test_a_cell_whose_classes_share_its_probability_counts_under_summed_evidence
     dets = [{"image_id": 1, "category_id": 2, "score": 0.35, "segmentation": _rle(slice(0, 6), slice(0, 6))},
             {"image_id": 1, "category_id": 3, "score": 0.3, "segmentation": _rle(slice(0, 6), slice(0, 5))},
             {"image_id": 1, "category_id": 4, "score": 0.2, "segmentation": _rle(slice(0, 6), slice(3, 12))},  # 1/3 inside
-            {"image_id": 1, "category_id": 1, "score": 0.8, "segmentation": _rle(slice(10, 16), slice(10, 16))},
-            {"image_id": 1, "category_id": 2, "score": 0.4, "segmentation": _rle(slice(10, 16), slice(10, 16))},
-            {"image_id": 1, "category_id": 1, "score": 0.7, "segmentation": _rle(slice(10, 15), slice(10, 16))}]
+            {"image_id": 1, "category_id": 1, "score": 0.5, "segmentation": _rle(slice(10, 16), slice(10, 16))},
+            {"image_id": 1, "category_id": 2, "score": 0.2, "segmentation": _rle(slice(10, 16), slice(10, 16))},
+            {"image_id": 1, "category_id": 1, "score": 0.3, "segmentation": _rle(slice(10, 15), slice(10, 16))}]
     cells = scored_cells(dets, 20, 20)
-    assert [(c["category_id"], c["class_score"]) for c in cells] == [(1, 0.8), (2, 0.35), (4, 0.2)]  # best first
-    # the first cell: its class 1 once (its best, not 0.8 + 0.7) and class 2, at most 1; the second: classes 2 and 3,
+    assert [(c["category_id"], c["class_score"]) for c in cells] == [(1, 0.5), (2, 0.35), (4, 0.2)]  # best first
+    # the first cell: its class 1 once (its best, 0.5, not 0.5 + 0.3) and class 2; the second: classes 2 and 3,
     # not the class 4 detection lying mostly outside it; that one is a cell of its own
-    assert [c["score"] for c in cells] == [1.0, pytest.approx(0.65), 0.2]
+    assert [c["score"] for c in cells] == [0.7, 0.65, 0.2]
+    assert [c["score"] for c in scored_cells(dets, 20, 20, 0.65)] == [0.7, 0.65]
+    assert scored_cells([{**d, "score": d["score"] + 0.3} for d in dets], 20, 20)[0]["score"] == 1.0  # at most 1
     by_score, by_cell = matching_metrics(gt, dets), matching_metrics(gt, dets, cells=True)
     assert (by_score["f1_class1"], by_score["f1_class2"]) == (1.0, 0.0)  # no detection of the second cell at 0.5
     assert (by_cell["f1_class1"], by_cell["f1_class2"], by_cell["recall"]) == (1.0, 1.0, 1.0)
@@ -146,6 +148,8 @@ def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_p
     assert len(alone) > 10 and plain["recall"] == 0.0
     assert (summed["f1"], summed["precision"], summed["recall"]) == (once["f1"], 1.0, once["recall"]) and once["f1"] > 0.7
     assert summed["segm_AP50"] == plain["segm_AP50"]  # AP ranks the detections as they are
+    with pytest.raises(SystemExit):  # label images hold one class per cell: no evidence to sum
+        evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_evidence"])
 
 
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:

@@ -3,8 +3,10 @@ edges kept exactly once, checked against a perfect predictor (``synthetic.oracle
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,8 +193,10 @@ def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shall
     told = []
     for name in ("painted_window", "painted_images"):
         real = getattr(inference, name)
-        monkeypatch.setattr(inference, name,
-                            lambda *a, real=real, name=name, **k: told.append((name, a[-1])) or real(*a, **k))
+        def told_evidence(*a: Any, real: Any = real, name: str = name, **k: Any) -> Any:
+            told.append((name, inspect.signature(real).bind(*a, **k).arguments.get("evidence")))
+            return real(*a, **k)
+        monkeypatch.setattr(inference, name, told_evidence)
     folder = tmp_path / "slides"
     folder.mkdir()
     rng = np.random.default_rng(0)

@@ -270,6 +270,9 @@ def test_label_evidence_keeps_a_cell_whose_classes_share_its_score_streamed_or_n
     outside = painted_window("slide.png", 1, folder / "slide.png", whole.pixels, (0, 0), dets,
                              np.array([True, False, True]), 0.5, 1, evidence=True)
     assert len(outside.cells) == 1 and outside.labels.max() == 1  # its best detection is a neighbour's: it leaves
+    floor = painted_window("slide.png", 1, folder / "slide.png", whole.pixels, (0, 0), dets, np.ones(3, bool), 0.5, 1,
+                           evidence=True, floor=0.32)  # --score_thresh 0.32: the 0.3 detection was never submitted
+    assert [(c["category_id"], c["score"]) for c in floor.cells] == [(1, 0.9)]
 
 
 def test_a_note_names_the_caps_images_reached(capsys: pytest.CaptureFixture) -> None:
