@@ -30,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id_map_json", default=None,
                         help="{file_name, id} list naming the ids the submission uses (default: sorted samples, 1..N)")
     parser.add_argument("--score_thresh", type=chance, default=0.5,
-                        help="F1/PQ: submitted detections at or above this score count as found cells (every "
+                        help="F1/PQ: the score a submitted cell needs to count as found, by --label_rule (every "
                              "cell of --labels counts)")
-    parser.add_argument("--label_evidence", action="store_true",
-                        help="F1/PQ of a --submission: a cell counts as found when its class evidence (the sum "
-                             "over the classes of each class's best score among the detections lying at least half "
-                             "on it, at most 1) reaches --score_thresh, as inference.py --label_evidence keeps cells")
+    parser.add_argument("--label_rule", choices=("evidence", "score"), default=None,
+                        help="F1/PQ of a --submission: which cells count as found, as inference.py --label_rule "
+                             "keeps them. evidence (the default): each cell whose class evidence (the sum over "
+                             "the classes of each class's best score among the detections lying at least half on "
+                             "it, at most 1) reaches --score_thresh, under its best class; score: each detection "
+                             "whose own class score does")
     parser.add_argument("--iou_thresh", type=overlap, default=0.5, help="F1/PQ: IoU of a match")
     parser.add_argument("--json", default=None, help="write the metrics here as one flat JSON object")
     return parser
@@ -44,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.label_evidence and args.labels:
-        parser.error("--label_evidence scores a --submission's detections; label images hold one class per cell")
+    if args.label_rule and args.labels:
+        parser.error("--label_rule scores a --submission's detections; label images hold one class per cell")
     if args.json:  # checked before the work, not at its end
         writable_file(args.json, "--json", "metrics.json")
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
     metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh,
-                    args.label_evidence)
+                    bool(args.submission) and args.label_rule != "score")
     print_table(metrics, args.iou_thresh)
     if args.json:
         write_json(Path(args.json), metrics, indent=1)

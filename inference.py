@@ -71,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="one row per cell: image, cell, class, score, area, perimeter, centroid, box, "
                               "eccentricity, mean intensity per channel")
     outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
-    outputs.add_argument("--label_evidence", action="store_true",
-                         help="keep each cell whose class evidence reaches --label_thresh: over the classes, the "
-                              "sum of each class's best score among the detections lying at least half on the cell "
-                              "(at most 1). A cell the model is sure of but cannot type (0.45 one class, 0.4 "
-                              "another) is kept under its best class, with that sum as its score (default: each "
-                              "detection's own class score; the submission is the same either way)")
+    outputs.add_argument("--label_rule", choices=("evidence", "score"), default="evidence",
+                         help="which cells these outputs keep. evidence: each cell whose class evidence reaches "
+                              "--label_thresh (over the classes, the sum of each class's best score among the "
+                              "detections lying at least half on the cell, at most 1), under its best class, with "
+                              "that sum as its score, so a cell the model is sure of but cannot type (0.45 one "
+                              "class, 0.4 another) is kept; score: each detection whose own class score reaches "
+                              "it. The submission is the same either way")
     add_class_names_arg(outputs)
     add_prediction_args(parser)
     add_checkpoint_checks(parser)
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           device=args.device, overrides=overrides, score_thresh=args.score_thresh,
                           num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
                                                                                  args.save_csv, args.label_thresh,
-                                                                                 args.class_names, args.label_evidence),
+                                                                                 args.class_names, args.label_rule == "evidence"),
                           window=args.window)
 
 
@@ -115,7 +116,7 @@ class CellOutputs(NamedTuple):
     csv: str | None = None
     score_thresh: float = 0.5
     class_names: list[str] | None = None  # None: the checkpoint's, else class1..class4
-    evidence: bool = False  # keep the cells whose summed class scores reach score_thresh (coco.scored_cells)
+    evidence: bool = True  # keep the cells whose summed class scores reach score_thresh (coco.scored_cells)
 
     @property
     def requested(self) -> bool:
@@ -263,7 +264,7 @@ def report_caps(results: list[dict], cap: int, per_class: int) -> None:
 
 def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.device, settings: Settings,
             window: int, score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None,
-            label_thresh: float, journal: PredictionJournal, evidence: bool = False) -> None:
+            label_thresh: float, journal: PredictionJournal, evidence: bool) -> None:
     """One large image predicted window by window, each window's cells written before the next is read."""
     path = test_dir / entry["file_name"]
     with LazyImage(path) as image:

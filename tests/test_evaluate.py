@@ -130,8 +130,8 @@ def test_a_cell_whose_classes_share_its_probability_counts_under_summed_evidence
 
 def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_path: Path) -> None:
     """Each true cell that overlaps no other, submitted twice on its pixels, 0.4 of its class and
-    0.3 of another: none is found at --score_thresh 0.5, and under --label_evidence each one is,
-    of its own class, as if submitted once at 0.7."""
+    0.3 of another: none is found at --score_thresh 0.5 under --label_rule score, and under the
+    default --label_rule evidence each one is, of its own class, as if submitted once at 0.7."""
     from coco import build_coco_gt
 
     truth = build_coco_gt(scored["truth"].instances, [1, 2, 3]).dataset["annotations"]
@@ -142,14 +142,14 @@ def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_p
     (tmp_path / "split.json").write_text(json.dumps(split))
     (tmp_path / "once.json").write_text(json.dumps([{**r, "score": 0.7} for r in split[::2]]))
     common = ["--data_dir", str(scored["train"]), "--submission"]
-    plain = evaluate.main([*common, str(tmp_path / "split.json")])
-    summed = evaluate.main([*common, str(tmp_path / "split.json"), "--label_evidence"])
+    plain = evaluate.main([*common, str(tmp_path / "split.json"), "--label_rule", "score"])
+    summed = evaluate.main([*common, str(tmp_path / "split.json")])
     once = evaluate.main([*common, str(tmp_path / "once.json")])
     assert len(alone) > 10 and plain["recall"] == 0.0
     assert (summed["f1"], summed["precision"], summed["recall"]) == (once["f1"], 1.0, once["recall"]) and once["f1"] > 0.7
     assert summed["segm_AP50"] == plain["segm_AP50"]  # AP ranks the detections as they are
     with pytest.raises(SystemExit):  # label images hold one class per cell: no evidence to sum
-        evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_evidence"])
+        evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_rule", "evidence"])
 
 
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:

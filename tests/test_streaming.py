@@ -188,7 +188,7 @@ def test_cells_meeting_at_a_window_boundary_share_pixels_as_in_the_whole_image(t
 def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shallow: None,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """--window: a large image is predicted in windows and every output is written (here under
-    --label_evidence, which both paths are told); a window too small for the tiles stops before
+    --label_rule evidence, the default, which both paths are told); a window too small for the tiles stops before
     any prediction with the flag named."""
     told = []
     for name in ("painted_window", "painted_images"):
@@ -206,7 +206,7 @@ def test_inference_streams_an_image_larger_than_the_window(tmp_path: Path, shall
     common = ["--checkpoint", str(random_checkpoint(tmp_path / "best.pth")), "--test_dir", str(folder), "--num_workers", "0"]
     submission = inference.main([*common, "--output", str(tmp_path / "out" / "sub.json"), "--window", "300",
                                  "--save_geojson", str(tmp_path / "geo"), "--save_csv", str(tmp_path / "cells.csv"),
-                                 "--save_labels", str(tmp_path / "lab"), "--label_thresh", "0", "--label_evidence"])
+                                 "--save_labels", str(tmp_path / "lab"), "--label_thresh", "0"])
     assert {name for name, _ in told} == {"painted_window", "painted_images"}  # the big image's windows, the small one
     assert all(evidence is True for _, evidence in told)
     results = json.loads(Path(submission).read_text())

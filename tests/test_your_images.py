@@ -283,3 +283,19 @@ def test_a_note_names_the_caps_images_reached(capsys: pytest.CaptureFixture) -> 
     assert "1 image(s) reached --detections_per_img 6" in out and "1 image(s) reached --detections_per_class 3" in out
     inference.report_caps(results, cap=7, per_class=0)
     assert capsys.readouterr().out == ""
+
+
+def test_label_rule_reaches_the_cell_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inference.py keeps cells by their class evidence unless --label_rule score says otherwise."""
+    import inference
+
+    told = []
+    monkeypatch.setattr(inference, "predict_folder", lambda *a, **k: told.append(k["cell_outputs"]) or tmp_path)
+    (tmp_path / "best.pth").write_bytes(b"")
+    common = ["--checkpoint", str(tmp_path / "best.pth"), "--test_dir", str(tmp_path), "--save_csv",
+              str(tmp_path / "cells.csv")]
+    inference.main(common)
+    inference.main([*common, "--label_rule", "score"])
+    assert [t.evidence for t in told] == [True, False]
+    with pytest.raises(SystemExit):
+        inference.main([*common, "--label_rule", "best"])
