@@ -52,7 +52,7 @@ class PaintedImage:
 
 
 def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
-                   score_thresh: float, evidence: bool = False) -> Iterator[PaintedImage]:
+                   score_thresh: float, evidence: bool) -> Iterator[PaintedImage]:
     """Each image of ``entries`` (id map entries of ``test_dir``) with its detections scoring
     at least ``score_thresh`` painted; with ``evidence``, its cells whose class evidence does
     (``coco.scored_cells``)."""
@@ -70,7 +70,7 @@ def painted_images(results: list[dict], test_dir: Path, entries: Sequence[dict],
 
 
 def painted_window(name: str, image_id: int, source: Path, pixels: np.ndarray, origin: tuple[int, int], dets: dict,
-                   core: np.ndarray, score_thresh: float, first: int, evidence: bool = False,
+                   core: np.ndarray, score_thresh: float, first: int, evidence: bool,
                    floor: float = 0.0) -> PaintedImage:
     """One window of a streamed image (``streaming.Part``: host tensors, window coordinates)
     painted like a whole image: all its detections scoring at least ``score_thresh`` (with
@@ -290,10 +290,10 @@ class CellWriter:
 
 def write_cell_outputs(results: list[dict], dataset: UnlabelledImages, score_thresh: float,
                        class_names: Sequence[str], labels: Path | None = None, geojson_dir: Path | None = None,
-                       csv_path: Path | None = None, evidence: bool = False) -> None:
+                       csv_path: Path | None = None, *, evidence: bool) -> None:
     """Every requested output for every image of ``dataset`` (``CellWriter``)."""
     with CellWriter(class_names, labels, geojson_dir, csv_path) as writer:
-        for image in painted_images(results, dataset.test_dir, dataset.entries, score_thresh, evidence):
+        for image in painted_images(results, dataset.test_dir, dataset.entries, score_thresh, evidence=evidence):
             writer.add(image)
     report_cell_outputs(len(dataset.entries), score_thresh, labels, geojson_dir, csv_path)
 

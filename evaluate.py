@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.label_rule and args.labels:
-        parser.error("--label_rule scores a --submission's detections; label images hold one class per cell")
+        parser.error("--label_rule applies to a --submission; every cell of --labels counts as found")
     if args.json:  # checked before the work, not at its end
         writable_file(args.json, "--json", "metrics.json")
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).

@@ -102,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     output = Path(args.output) if args.output else folder / "test-results.json"
     return predict_folder(args.checkpoint, args.test_dir, args.id_map_json, output, prediction_settings(args),
                           device=args.device, overrides=overrides, score_thresh=args.score_thresh,
-                          num_workers=args.num_workers, cell_outputs=CellOutputs(args.save_labels, args.save_geojson,
-                                                                                 args.save_csv, args.label_thresh,
-                                                                                 args.class_names, args.label_rule == "evidence"),
+                          num_workers=args.num_workers,
+                          cell_outputs=CellOutputs(args.save_labels, args.save_geojson, args.save_csv, args.label_thresh,
+                                                   args.class_names, args.label_rule == "evidence"),
                           window=args.window)
 
 

@@ -149,7 +149,7 @@ def measure_one(args: argparse.Namespace, path: Path, variant: str, out: Path) -
             for part in stream_image(image, oracle_window, args.window, args.tile, 0.25):
                 submission.extend(detections_to_coco(part.cells(image.size), 1))
                 cells = painted_window(path.name, 1, path, part.pixels, part.origin, part.dets, part.core.numpy(), 0.0,
-                                       numbered + 1)
+                                       numbered + 1, False)  # --label_rule score: as its README row was measured
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
                 windows += 1

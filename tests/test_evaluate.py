@@ -148,14 +148,16 @@ def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_p
     assert len(alone) > 10 and plain["recall"] == 0.0
     assert (summed["f1"], summed["precision"], summed["recall"]) == (once["f1"], 1.0, once["recall"]) and once["f1"] > 0.7
     assert summed["segm_AP50"] == plain["segm_AP50"]  # AP ranks the detections as they are
-    with pytest.raises(SystemExit):  # label images hold one class per cell: no evidence to sum
-        evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_rule", "evidence"])
+    for rule in ("evidence", "score"):  # every cell of a label image counts: no rule applies
+        with pytest.raises(SystemExit):
+            evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_rule", rule])
 
 
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
     root = scored["root"]
     labels = root / "labels"
-    write_cell_outputs(scored["results"], _as_test_set(scored, "as_test"), 0.5, DEFAULT_CLASS_NAMES, labels)
+    write_cell_outputs(scored["results"], _as_test_set(scored, "as_test"), 0.5, DEFAULT_CLASS_NAMES, labels,
+                       evidence=False)
     reread = LabelledImages(list_samples(labels), [1, 2, 3], cache_images=False)  # the loader takes them as data
     kept = [r for r in scored["results"] if r["score"] >= 0.5]
     assert 0 < sum(len(i) for i in reread.instances) <= len(kept)
@@ -182,7 +184,8 @@ def test_empty_label_images_score_zero_and_missing_ones_are_named(scored: dict, 
     """A model that drew no cell above --label_thresh wrote empty label images: a valid
     prediction scoring zero, not an error; a folder without any label image is the error."""
     labels = tmp_path / "labels"
-    write_cell_outputs(scored["results"], _as_test_set(scored, "as_test_empty"), 2.0, DEFAULT_CLASS_NAMES, labels)
+    write_cell_outputs(scored["results"], _as_test_set(scored, "as_test_empty"), 2.0, DEFAULT_CLASS_NAMES, labels,
+                       evidence=False)
     assert len(list(labels.glob("*/class1.tif"))) == 3
     metrics = evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(labels)])
     assert metrics["segm_AP50"] == 0.0 and metrics["recall"] == 0.0 and metrics["f1"] == 0.0

@@ -100,7 +100,7 @@ def test_streamed_cells_equal_the_whole_image_cells_and_every_output_agrees(tmp_
         for part in stream_image(image, oracle_window, window=400, tile=32, overlap=0.25):
             submission.extend(detections_to_coco(part.cells(image.size), 1))
             cells = painted_window("slide.tif", 1, path, part.pixels, part.origin, part.dets, part.core.numpy(), 0.0,
-                                   numbered + 1)
+                                   numbered + 1, False)
             writer.add(cells, image.size)
             numbered += len(cells.cells)
             windows += 1
@@ -172,7 +172,7 @@ def test_cells_meeting_at_a_window_boundary_share_pixels_as_in_the_whole_image(t
         numbered = 0
         for part in stream_image(image, _overlapping_cells, window=400, tile=32, overlap=0.25):
             cells = painted_window("slide.tif", 1, path, part.pixels, part.origin, part.dets, part.core.numpy(), 0.0,
-                                   numbered + 1)
+                                   numbered + 1, False)
             writer.add(cells, image.size)
             numbered += len(cells.cells)
     whole = detections_to_coco(_overlapping_cells(_where_image((500, 700))), 1)

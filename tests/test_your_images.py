@@ -215,7 +215,7 @@ def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
     Image.fromarray(image).save(folder / "slide.png")
     names = ["epithelial", "lymphocyte", "neutrophil", "macrophage"]
     write_cell_outputs(_square_results(20, 20), UnlabelledImages(folder, None), 0.5, names,
-                       geojson_dir=tmp_path / "geo", csv_path=tmp_path / "cells.csv")
+                       geojson_dir=tmp_path / "geo", csv_path=tmp_path / "cells.csv", evidence=False)
     collection = json.loads((tmp_path / "geo" / "slide.geojson").read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 2
     for feature, (x0, y0, x1, y1), name, score in zip(collection["features"], ((3, 2, 8, 6), (10, 10, 13, 14)),
@@ -239,7 +239,7 @@ def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
 
 def test_label_evidence_keeps_a_cell_whose_classes_share_its_score_streamed_or_not(tmp_path: Path) -> None:
     """A cell at 0.35 of one class and 0.3 of another is no cell at --label_thresh 0.5, but one
-    under --label_evidence, of its best class, scored 0.65; a window that is the whole image
+    under --label_rule evidence, of its best class, scored 0.65; a window that is the whole image
     paints the same cells as the whole image does."""
     import torch
 
