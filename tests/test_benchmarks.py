@@ -12,8 +12,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_util
 
-from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, merge_scaling, postprocess,
-                        predict_memory, prediction_caps, step_time, streaming, train_memory)
+from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, lever_table, merge_scaling,
+                        postprocess, predict_memory, prediction_caps, step_time, streaming, train_memory)
 import devices
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import UsageError
@@ -452,3 +452,33 @@ def test_accuracy_table_keeps_a_long_names_numbers_apart(capsys: pytest.CaptureF
     assert len(lines) == 2  # the mean table's row and the per-class row
     assert all(line[len(name)] == " " for line in lines)
     assert lines[1].split()[1:5] == ["0.125"] * 4  # the name, then class 1..4 at maxDets 100
+
+
+def _accuracy_json(path: Path, config: str, split_seed: int, seeds: list[int], means: list[float],
+                   epochs: int = 4) -> Path:
+    """A file in accuracy.py's layout: per seed, class AP50s whose mean is the given value."""
+    runs = [{"segm_AP50": m, "segm_AP50_1000": m + 0.01,
+             **{f"segm_AP50_class{c}": m + (c - 2.5) / 10 for c in range(1, 5)}} for m in means]
+    settings = {"seeds": seeds, "split_seed": split_seed, "epochs": epochs, "train_dir": "t", "extra": ["--x"]}
+    path.write_text(json.dumps({"settings": settings, "runs": {f"{config}+tile": runs, "ceiling": []}}))
+    return path
+
+
+def test_lever_table_pairs_runs_by_split_and_seed(tmp_path: Path) -> None:
+    base = [_accuracy_json(tmp_path / "b0.json", "cells", 0, [0, 1], [0.20, 0.21]),
+            _accuracy_json(tmp_path / "b1.json", "cells", 1, [0], [0.30])]
+    lever = [_accuracy_json(tmp_path / "l1.json", "cells+x", 1, [0], [0.25]),
+             _accuracy_json(tmp_path / "l0.json", "cells+x", 0, [1], [0.24])]
+    flags = ["--post", "tile", "--lever_config", "cells+x", "--base", *map(str, base), "--lever"]
+    rows = lever_table.main([*flags, *map(str, lever)])
+    assert [(r["split"], r["seed"]) for r in rows] == [(0, 1), (1, 0)]
+    assert [r["change"] for r in rows] == pytest.approx([0.03, -0.05])
+    assert rows[0]["class 4"] == pytest.approx(0.03) and rows[1]["change at 1000"] == pytest.approx(-0.05)
+    with pytest.raises(UsageError, match="no baseline run for split 2 seed 0"):
+        lever_table.main([*flags, str(_accuracy_json(tmp_path / "l2.json", "cells+x", 2, [0], [0.2]))])
+    with pytest.raises(UsageError, match="in both"):
+        lever_table.main([*flags, str(lever[0]), str(_accuracy_json(tmp_path / "again.json", "cells+x", 1, [0], [0.2]))])
+    with pytest.raises(UsageError, match="different epochs"):
+        lever_table.main([*flags, str(_accuracy_json(tmp_path / "e.json", "cells+x", 1, [0], [0.2], epochs=8))])
+    with pytest.raises(UsageError, match="no row 'cells\\+y\\+tile'"):
+        lever_table.main([*flags[:3], "cells+y", *flags[4:], str(lever[0])])
