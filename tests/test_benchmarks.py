@@ -455,30 +455,38 @@ def test_accuracy_table_keeps_a_long_names_numbers_apart(capsys: pytest.CaptureF
 
 
 def _accuracy_json(path: Path, config: str, split_seed: int, seeds: list[int], means: list[float],
-                   epochs: int = 4) -> Path:
-    """A file in accuracy.py's layout: per seed, class AP50s whose mean is the given value."""
-    runs = [{"segm_AP50": m, "segm_AP50_1000": m + 0.01,
-             **{f"segm_AP50_class{c}": m + (c - 2.5) / 10 for c in range(1, 5)}} for m in means]
-    settings = {"seeds": seeds, "split_seed": split_seed, "epochs": epochs, "train_dir": "t", "extra": ["--x"]}
+                   epochs: int = 4, train_dir: str = "data/train") -> Path:
+    """A file in accuracy.py's layout: per seed, class c's AP50 is c × the mean, at 1000 twice the mean."""
+    runs = [{"segm_AP50": m, "segm_AP50_1000": 2 * m, **{f"segm_AP50_class{c}": c * m for c in range(1, 5)}}
+            for m in means]
+    settings = {"seeds": seeds, "split_seed": split_seed, "epochs": epochs, "train_dir": train_dir, "extra": ["--x"]}
     path.write_text(json.dumps({"settings": settings, "runs": {f"{config}+tile": runs, "ceiling": []}}))
     return path
 
 
 def test_lever_table_pairs_runs_by_split_and_seed(tmp_path: Path) -> None:
     base = [_accuracy_json(tmp_path / "b0.json", "cells", 0, [0, 1], [0.20, 0.21]),
-            _accuracy_json(tmp_path / "b1.json", "cells", 1, [0], [0.30])]
+            _accuracy_json(tmp_path / "b1.json", "cells", 1, [0], [0.30], train_dir="/abs/data/train")]
     lever = [_accuracy_json(tmp_path / "l1.json", "cells+x", 1, [0], [0.25]),
              _accuracy_json(tmp_path / "l0.json", "cells+x", 0, [1], [0.24])]
     flags = ["--post", "tile", "--lever_config", "cells+x", "--base", *map(str, base), "--lever"]
     rows = lever_table.main([*flags, *map(str, lever)])
     assert [(r["split"], r["seed"]) for r in rows] == [(0, 1), (1, 0)]
     assert [r["change"] for r in rows] == pytest.approx([0.03, -0.05])
-    assert rows[0]["class 4"] == pytest.approx(0.03) and rows[1]["change at 1000"] == pytest.approx(-0.05)
+    assert [r["class 4"] for r in rows] == pytest.approx([0.12, -0.2])
+    assert [r["change at 1000"] for r in rows] == pytest.approx([0.06, -0.1])
     with pytest.raises(UsageError, match="no baseline run for split 2 seed 0"):
         lever_table.main([*flags, str(_accuracy_json(tmp_path / "l2.json", "cells+x", 2, [0], [0.2]))])
     with pytest.raises(UsageError, match="in both"):
         lever_table.main([*flags, str(lever[0]), str(_accuracy_json(tmp_path / "again.json", "cells+x", 1, [0], [0.2]))])
     with pytest.raises(UsageError, match="different epochs"):
         lever_table.main([*flags, str(_accuracy_json(tmp_path / "e.json", "cells+x", 1, [0], [0.2], epochs=8))])
+    with pytest.raises(UsageError, match="different train_dir"):
+        lever_table.main([*flags, str(_accuracy_json(tmp_path / "d.json", "cells+x", 1, [0], [0.2], train_dir="o/train"))])
+    with pytest.raises(UsageError, match="cannot be told apart by seed"):
+        lever_table.main([*flags, str(_accuracy_json(tmp_path / "two.json", "cells+x", 1, [0], [0.2, 0.3]))])
     with pytest.raises(UsageError, match="no row 'cells\\+y\\+tile'"):
         lever_table.main([*flags[:3], "cells+y", *flags[4:], str(lever[0])])
+    (tmp_path / "bare.json").write_text("[]")
+    with pytest.raises(UsageError, match="bare.json: no settings"):
+        lever_table.main([*flags, str(tmp_path / "bare.json")])
