@@ -191,8 +191,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 out = root / f"{name}_{seed}"
                 rows = train_once(args, CONFIGS[name], seed, out)
                 rows.update(score_posts([out], args, name, with_ceiling="ceiling" not in runs))  # once: one split
+                step = median_step_seconds(out)
                 for label, row in rows.items():
                     row["seconds"] = round(time.time() - start, 1)
+                    row["step_seconds"] = step  # the training's, beside every row of its weights
                     runs.setdefault(label, []).append(row)
                     print(f"{label} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS), flush=True)
                 result = summarise(runs, args)  # after every run: hours of training survive a later crash
@@ -287,6 +289,13 @@ def train_once(args: argparse.Namespace, flags: list[str], seed: int, out: Path)
     if args.ema_decay > 0:
         rows[f"{name}+ema"] = _history_metrics(last, "ema_")
     return rows
+
+
+def median_step_seconds(out: Path) -> float | None:
+    """The run's training step in seconds, the median over its epochs: one slow epoch (a
+    machine shared for a while) does not move it."""
+    steps = [row["step_seconds"] for row in json.loads((out / "history.json").read_text()) if row.get("step_seconds")]
+    return round(statistics.median(steps), 3) if steps else None
 
 
 def _history_metrics(row: dict, prefix: str) -> dict[str, float]:

@@ -91,12 +91,15 @@ def _setting(settings: dict[str, Any], name: str) -> Any:
 
 
 def _changes(b: dict[str, float], x: dict[str, float]) -> dict[str, Any]:
-    """The lever's class-mean AP50 beside the baseline's, and its changes per class and at 1000."""
+    """The lever's class-mean AP50 beside the baseline's, its changes per class and at 1000, and
+    its training step as a multiple of the baseline's."""
     row = {"base": round(b["segm_AP50"], 4), "lever": round(x["segm_AP50"], 4),
            "change": round(x["segm_AP50"] - b["segm_AP50"], 4)}
     for c in range(1, NUM_CLASSES + 1):
         row[f"class {c}"] = round(x[f"segm_AP50_class{c}"] - b[f"segm_AP50_class{c}"], 3)
     row["change at 1000"] = round(x["segm_AP50_1000"] - b["segm_AP50_1000"], 4)
+    if b.get("step_seconds") and x.get("step_seconds"):  # files from before accuracy.py recorded it have none
+        row["step ×"] = round(x["step_seconds"] / b["step_seconds"], 2)
     return row
 
 
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = paired_rows(runs_by_split_seed(args.base, f"{args.base_config}+{args.post}"),
                        runs_by_split_seed(args.lever, f"{args.lever_config}+{args.post}"))
     columns = ["split", "seed", "base", "lever", "change", *(f"class {c}" for c in range(1, NUM_CLASSES + 1)),
-               "change at 1000"]
+               "change at 1000", "step ×"]
     print_table(f"{args.lever_config} against {args.base_config}: segm AP50 at maxDets 100, --post {args.post}; "
                 "the changes are the lever's minus the baseline's", rows, columns)
     wins = sum(row["change"] > 0 for row in rows)

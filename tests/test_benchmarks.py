@@ -188,6 +188,8 @@ def test_accuracy_scores_raw_ema_and_post_variants(tmp_path: Path, shallow: None
     result = study("tile")  # one seed: no ensemble
     assert set(result["mean"]) == {"cells", "cells+ema", "cells+tile", "ceiling"}
     assert json.loads(out.read_text())["mean"] == result["mean"]
+    history = json.loads((runs / "cells_0/history.json").read_text())
+    assert result["runs"]["cells+tile"][0]["step_seconds"] == round(history[-1]["step_seconds"], 3) > 0  # one epoch
     assert all(result["mean"]["ceiling"][m] == 1.0 for m in accuracy.METRICS)  # 8 cells at most: all count
     for row in result["mean"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in accuracy.METRICS)
@@ -459,6 +461,8 @@ def _accuracy_json(path: Path, config: str, split_seed: int, seeds: list[int], m
     """A file in accuracy.py's layout: per seed, class c's AP50 is c × the mean, at 1000 twice the mean."""
     runs = [{"segm_AP50": m, "segm_AP50_1000": 2 * m, **{f"segm_AP50_class{c}": c * m for c in range(1, 5)}}
             for m in means]
+    for run in runs:
+        run["step_seconds"] = 2.0 if "+" in config else 1.6
     settings = {"seeds": seeds, "split_seed": split_seed, "epochs": epochs, "train_dir": train_dir, "extra": ["--x"]}
     path.write_text(json.dumps({"settings": settings, "runs": {f"{config}+tile": runs, "ceiling": []}}))
     return path
@@ -475,6 +479,7 @@ def test_lever_table_pairs_runs_by_split_and_seed(tmp_path: Path) -> None:
     assert [r["change"] for r in rows] == pytest.approx([0.03, -0.05])
     assert [r["class 4"] for r in rows] == pytest.approx([0.12, -0.2])
     assert [r["change at 1000"] for r in rows] == pytest.approx([0.06, -0.1])
+    assert [r["step ×"] for r in rows] == [1.25, 1.25]
     with pytest.raises(UsageError, match="no baseline run for split 2 seed 0"):
         lever_table.main([*flags, str(_accuracy_json(tmp_path / "l2.json", "cells+x", 2, [0], [0.2]))])
     with pytest.raises(UsageError, match="in both"):
