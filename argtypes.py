@@ -31,6 +31,26 @@ chance = checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # how often an 
 overlap = checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")  # an IoU a match needs
 
 
+LABEL_RULES = ("evidence", "score")  # which predicted cells count: coco.scored_cells, or each detection alone
+
+
+def add_label_rule_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, lead: str, thresh_flag: str,
+                       tail: str = "") -> None:
+    """``--label_rule``, as inference.py keeps cells and evaluate.py counts them found: one
+    declaration, so the F1 evaluate.py reports is that of the cells inference.py writes. Its
+    default is None (read by ``by_evidence``), so a script can tell a rule given from none."""
+    parser.add_argument("--label_rule", choices=LABEL_RULES, default=None,
+                        help=f"{lead} evidence (the default): each cell whose class evidence (over the classes, "
+                             "the sum of each class's best score among the detections lying at least half on the "
+                             f"cell, at most 1) reaches {thresh_flag}, under its best class, with that sum as its "
+                             f"score{tail}; score: each detection whose own class score reaches it")
+
+
+def by_evidence(rule: str | None) -> bool:
+    """Whether ``--label_rule`` (None where not given) keeps cells by their summed class evidence."""
+    return rule != "score"
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The description as written, and each flag's default after its help, unless the help
     already says what happens by default or there is no default to show."""

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from argtypes import HelpFormatter, chance, overlap
+from argtypes import HelpFormatter, add_label_rule_arg, by_evidence, chance, overlap
 from cli import run_cli
 from files import writable_file, write_json
 
@@ -32,12 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_thresh", type=chance, default=0.5,
                         help="F1/PQ: the score a submitted cell needs to count as found, by --label_rule (every "
                              "cell of --labels counts)")
-    parser.add_argument("--label_rule", choices=("evidence", "score"), default=None,
-                        help="F1/PQ of a --submission: which cells count as found, as inference.py --label_rule "
-                             "keeps them. evidence (the default): each cell whose class evidence (the sum over "
-                             "the classes of each class's best score among the detections lying at least half on "
-                             "it, at most 1) reaches --score_thresh, under its best class; score: each detection "
-                             "whose own class score does")
+    add_label_rule_arg(parser, "F1/PQ of a --submission: which cells count as found, as inference.py "
+                               "--label_rule keeps them.", "--score_thresh")
     parser.add_argument("--iou_thresh", type=overlap, default=0.5, help="F1/PQ: IoU of a match")
     parser.add_argument("--json", default=None, help="write the metrics here as one flat JSON object")
     return parser
@@ -76,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
     metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh,
-                    bool(args.submission) and args.label_rule != "score")
+                    bool(args.submission) and by_evidence(args.label_rule))
     print_table(metrics, args.iou_thresh)
     if args.json:
         write_json(Path(args.json), metrics, indent=1)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from argtypes import HelpFormatter, chance, non_negative_int
+from argtypes import HelpFormatter, add_label_rule_arg, by_evidence, chance, non_negative_int
 from cell_outputs import CellWriter, check_sample_names, painted_images, painted_window, report_cell_outputs
 from checkpoint import load_model, saved_args
 from cli import run_cli
@@ -71,13 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="one row per cell: image, cell, class, score, area, perimeter, centroid, box, "
                               "eccentricity, mean intensity per channel")
     outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
-    outputs.add_argument("--label_rule", choices=("evidence", "score"), default="evidence",
-                         help="which cells these outputs keep. evidence: each cell whose class evidence reaches "
-                              "--label_thresh (over the classes, the sum of each class's best score among the "
-                              "detections lying at least half on the cell, at most 1), under its best class, with "
-                              "that sum as its score, so a cell the model is sure of but cannot type (0.45 one "
-                              "class, 0.4 another) is kept; score: each detection whose own class score reaches "
-                              "it. The submission is the same either way")
+    add_label_rule_arg(outputs, "which cells these outputs keep (the submission is the same either way).",
+                       "--label_thresh", tail=", so a cell the model is sure of but cannot type (0.45 one class, "
+                                             "0.4 another) is kept")
     add_class_names_arg(outputs)
     add_prediction_args(parser)
     add_checkpoint_checks(parser)
@@ -104,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           device=args.device, overrides=overrides, score_thresh=args.score_thresh,
                           num_workers=args.num_workers,
                           cell_outputs=CellOutputs(args.save_labels, args.save_geojson, args.save_csv, args.label_thresh,
-                                                   args.class_names, args.label_rule == "evidence"),
+                                                   args.class_names, by_evidence(args.label_rule)),
                           window=args.window)
 
 
@@ -116,7 +112,7 @@ class CellOutputs(NamedTuple):
     csv: str | None = None
     score_thresh: float = 0.5
     class_names: list[str] | None = None  # None: the checkpoint's, else class1..class4
-    evidence: bool = True  # keep the cells whose summed class scores reach score_thresh (coco.scored_cells)
+    evidence: bool = by_evidence(None)  # keep the cells whose summed class scores reach score_thresh
 
     @property
     def requested(self) -> bool:
