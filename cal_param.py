@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from argtypes import HelpFormatter
+from argtypes import HelpFormatter, chance
 from cli import run_cli
 from dataloader import num_classes_arg
 from files import writable_file, write_json
@@ -35,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cascade", action="store_true", help="with the two later Cascade box stages (cascade.py)")
     parser.add_argument("--context_roi", type=context_factor, default=0.0, metavar="F",
                         help="with the box heads pooling each RoI's surroundings too (train scripts' --context_roi)")
-    parser.add_argument("--type_map", action="store_true", help="with the cell-type map head (type_map.py)")
+    parser.add_argument("--type_map", type=chance, default=0.0, metavar="W",
+                        help="with the cell-type map head (type_map.py) where W > 0, as the train scripts' "
+                             "--type_map W (W itself changes no parameter)")
     parser.add_argument("--all", action="store_true",
                         help="all four backbone x attention configurations (instead of --backbone and --use_attn)")
     parser.add_argument("--num_classes", type=num_classes_arg, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
-    parser.add_argument("--weights", choices=("imagenet", "none"), default="imagenet",
-                        help="layout to count: pretrained (frozen stages) or from scratch (all trainable)")
+    parser.add_argument("--weights", default="imagenet",
+                        help="layout to count, as the train scripts' --weights: imagenet or a local state dict's "
+                             "path (pretrained: frozen stages, nothing read) or none (from scratch: all trainable)")
     parser.add_argument("--json", default=None, help="also save the table here")
     return parser
 
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         writable_file(args.json, "--json", "params.json")
     configs = ALL_CONFIGS if args.all else ((args.backbone or "resnet101", args.use_attn),)
     rows = [count_config(backbone, attn, args.num_classes, args.weights, args.mask_iou, args.cascade,
-                         args.context_roi, args.type_map)
+                         args.context_roi, args.type_map > 0)
             for backbone, attn in configs]
     print(f"parameters in millions (--weights {args.weights}, num_classes {args.num_classes})")
     print(format_table(rows))

@@ -20,8 +20,8 @@ from PIL import Image
 
 from argtypes import HelpFormatter
 from cli import run_cli
-from dataloader import (CLASS_FILES, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
-                        is_whole, list_samples, read_id_map)
+from dataloader import (CLASS_FILES, ID_MAP_FILE, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
+                        find_id_map, is_whole, list_samples, read_id_map)
 from errors import DatasetError
 from files import writable_file, write_json
 from progress import progress
@@ -32,8 +32,10 @@ PERCENTILES = (5, 25, 50, 75, 95)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--train_dir", required=True, help="folder of <sample>/image.tif + classN.tif")
-    parser.add_argument("--test_dir", default=None, help="test folder, checked against --id_map_json")
-    parser.add_argument("--id_map_json", default=None, help="test_image_name_to_ids.json (with --test_dir)")
+    parser.add_argument("--test_dir", default=None, help="test folder, checked against its id map")
+    parser.add_argument("--id_map_json", default=None,
+                        help="the --test_dir's id map (default: test_image_name_to_ids.json beside it, as "
+                             "inference.py finds it)")
     parser.add_argument("--json", default=None, help="also save the statistics here")
     return parser
 
@@ -41,13 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.test_dir is None) != (args.id_map_json is None):
-        parser.error("--test_dir and --id_map_json go together: the test check compares one with the other")
+    if args.id_map_json and not args.test_dir:
+        parser.error("--id_map_json is checked against the images of a --test_dir; pass the folder it maps")
+    id_map = find_id_map(Path(args.test_dir), args.id_map_json) if args.test_dir else None
+    if args.test_dir and id_map is None:
+        parser.error(f"--test_dir {args.test_dir}: no {ID_MAP_FILE} beside it names its images; pass its map "
+                     "as --id_map_json")
     if args.json:  # checked before the work, not at its end
         writable_file(args.json, "--json", "stats.json")
     stats: dict[str, Any] = {"train": train_stats(Path(args.train_dir))}
-    if args.test_dir:
-        stats["test"] = test_stats(Path(args.test_dir), Path(args.id_map_json))
+    if id_map is not None:
+        stats["test"] = test_stats(Path(args.test_dir), id_map)
     print_summary(stats)
     if args.json:
         write_json(Path(args.json), stats, indent=1)

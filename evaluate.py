@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--labels", help="folder of <sample>/classN.tif label images (inference.py --save_labels)")
     parser.add_argument("--id_map_json", default=None,
                         help="{file_name, id} list naming the ids the submission uses (default: sorted samples, 1..N)")
-    parser.add_argument("--score_thresh", type=chance, default=0.5,
-                        help="F1/PQ: the score a submitted cell needs to count as found, by --label_rule (every "
+    parser.add_argument("--score_thresh", "--label_thresh", type=chance, default=0.5,
+                        help="F1/PQ: the score a submitted cell needs to count as found, by --label_rule: "
+                             "inference.py's --label_thresh, so pass its value to score the cells it wrote (every "
                              "cell of --labels counts)")
     add_label_rule_arg(parser, "F1/PQ of a --submission: which cells count as found, as inference.py "
                                "--label_rule keeps them.", "--score_thresh")

@@ -81,9 +81,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
                       help="repeat-factor sampling: images with classes in fewer than this share of images "
                            "repeat up to sqrt(t/f) times per epoch (0 disables)")
     data.add_argument("--demo", action="store_true",
-                      help="write a small synthetic dataset into --output_dir and run train + predict on it (it "
-                           "replaces --train_dir, --test_dir and --id_map_json; the flags you type override its "
-                           "budget)")
+                      help="write a small synthetic dataset into --output_dir (untyped: outputs/demo_<its "
+                           "default's name>, e.g. outputs/demo_resnet101) and run train + predict on it (it replaces "
+                           "--train_dir, --test_dir and --id_map_json; the flags you type override its budget)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
     optim.add_argument("--batch_size", type=positive_int, default=2,
@@ -110,7 +110,9 @@ def build_parser(backbone: str, description: str) -> argparse.ArgumentParser:
     add_tile_args(run)
     run.add_argument("--resume", default=None,
                      help="last.pth to continue a run: its weights, optimizer, schedule, history and flags; a flag "
-                          "typed now overrides the run's own (--epochs to train longer)")
+                          "typed now overrides the run's own (--epochs to train longer), except the data, selection "
+                          "and architecture flags, which must match the run's (refused otherwise), and --weights and "
+                          "--init_detector, which the run's weights replace")
     run.add_argument("--checkpoint", default=None,
                      help="weights to fine-tune from in a fresh run (ignored with --resume)")
     run.add_argument("--early_stop", type=non_negative_int, default=0, metavar="N",

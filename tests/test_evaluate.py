@@ -148,6 +148,9 @@ def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_p
     assert len(alone) > 10 and plain["recall"] == 0.0
     assert (summed["f1"], summed["precision"], summed["recall"]) == (once["f1"], 1.0, once["recall"]) and once["f1"] > 0.7
     assert summed["segm_AP50"] == plain["segm_AP50"]  # AP ranks the detections as they are
+    # inference.py's name for the threshold: at 0.3 each cell's 0.4 detection of its class is found
+    lower = evaluate.main([*common, str(tmp_path / "split.json"), "--label_rule", "score", "--label_thresh", "0.3"])
+    assert lower["recall"] == once["recall"] > 0.0
     for rule in ("evidence", "score"):  # every cell of a label image counts: no rule applies
         with pytest.raises(SystemExit):
             evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_rule", rule])

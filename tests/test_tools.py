@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,22 @@ def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], 
                                   "--id_map_json", str(tmp_path / id_map)], monkeypatch) == status
 
 
+def test_check_stats_finds_the_id_map_beside_the_test_folder(data: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--test_dir alone reads test_image_name_to_ids.json beside it, as inference.py does; a folder
+    with no map beside it, or a map without its folder, stops with a usage error naming the flag."""
+    assert Path(data["id_map_json"]).parent == Path(data["test_dir"]).parent  # the task's layout
+    stats = check_stats.main(["--train_dir", str(data["train_dir"]), "--test_dir", str(data["test_dir"])])
+    assert stats["test"]["consistent"] and stats["test"]["images"] == 2
+    alone = tmp_path / "alone" / "images"
+    shutil.copytree(data["test_dir"], alone)
+    for argv, flag in ((["--test_dir", str(alone)], "--id_map_json"), (["--id_map_json", str(data["id_map_json"])],
+                                                                       "--test_dir")):
+        with pytest.raises(SystemExit) as stop:
+            check_stats.main(["--train_dir", str(data["train_dir"]), *argv])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_check_stats_reads_a_png_test_folder(data: dict[str, Path], tmp_path: Path) -> None:
     from PIL import Image
 
@@ -162,6 +179,10 @@ def test_cal_param_matches_torchvision_modules(tmp_path: Path) -> None:
     for kind in ("total", "trainable"):
         assert sum(part[kind] for part in row["parts"].values()) == row["total"][kind]
     assert row["total"]["trainable"] < row["total"]["total"]  # pretrained layout freezes the stem and layer1
+    # The train scripts' values: a local weights file is the pretrained layout (never read); --type_map W adds its head.
+    (mapped,) = cal_param.main(["--backbone", "resnet", "--weights", str(tmp_path / "local.pth"), "--type_map", "0.5"])
+    assert mapped["type_map"] is True and mapped["parts"]["backbone body"] == expected["backbone body"]
+    assert mapped["total"]["total"] > row["total"]["total"]
 
 
 def test_cal_param_all_refuses_one_configuration_s_flags(capsys: pytest.CaptureFixture) -> None:
