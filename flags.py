@@ -6,13 +6,14 @@ and exit status 2 before any work, never with a traceback later.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from argtypes import chance, non_negative, non_negative_int, positive, positive_int, probability, share
 from dataloader import ID_MAP_FILE, NUM_CLASSES, num_classes_arg
 from devices import GPU_BATCH
+from errors import UsageError
 from model import DEFAULT_CONFIG, backbone_name, scale_factor
 from predictor import Settings
 
@@ -148,11 +149,25 @@ def add_id_map_arg(parser: argparse.ArgumentParser | Any, writes_submission: boo
 
 
 def add_class_names_arg(parser: argparse.ArgumentParser | Any, shown_in: str = "the per-cell outputs") -> None:
-    """--class_names: what classes 1..4 are called in ``shown_in``; training records them."""
-    parser.add_argument("--class_names", nargs=NUM_CLASSES, default=None, metavar="NAME",
-                        help=f"names of classes 1..{NUM_CLASSES} in {shown_in}, e.g. epithelial lymphocyte "
-                             "neutrophil macrophage (default: those the (first) checkpoint's run was given, else "
-                             f"{' '.join(DEFAULT_CLASS_NAMES)})")
+    """--class_names: what classes 1, 2, ... are called in ``shown_in``; training records them."""
+    parser.add_argument("--class_names", nargs="+", default=None, metavar="NAME",
+                        help=f"names of classes 1, 2, ... in {shown_in}, one per class of the model (--num_classes "
+                             "less the background), e.g. epithelial lymphocyte neutrophil macrophage (default: those "
+                             f"the (first) checkpoint's run was given, else {' '.join(DEFAULT_CLASS_NAMES)}, as many "
+                             "as it has classes)")
+
+
+def class_names_for(given: Sequence[str] | None, saved: Sequence[str] | None, num_classes: int) -> list[str]:
+    """The names of a model's classes 1..num_classes-1: those typed, else its run's, else the
+    defaults. A count that does not fit stops here, in one line, not at the first cell of a
+    class without a name minutes into prediction."""
+    names = list(given or saved or DEFAULT_CLASS_NAMES[:num_classes - 1])
+    if len(names) != num_classes - 1:
+        source = "--class_names" if given else "the checkpoint's --class_names"
+        raise UsageError(f"{source}: {len(names)} names ({' '.join(names)}) for a model of {num_classes - 1} "
+                         f"classes (--num_classes {num_classes} counts the background); pass one name per class, "
+                         "class 1 first.")
+    return names
 
 
 def validation_settings(args: argparse.Namespace) -> Settings:

@@ -30,8 +30,8 @@ from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, i
 from devices import default_device
 from errors import DeviceMemoryError, UsageError
 from files import JsonArrayWriter, writable_dir, writable_file, write_json
-from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_arg, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,
-                   add_prediction_args, checkpoint_overrides, prediction_settings)
+from flags import (add_checkpoint_arg, add_checkpoint_checks, add_class_names_arg, add_id_map_arg, add_prediction_args,
+                   checkpoint_overrides, class_names_for, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX
 from journal import PredictionJournal, file_stamp, run_key
 from predictor import Settings, image_batches, limits, predict_each
@@ -191,7 +191,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     batches = image_batches([sizes[i] for i in todo], resolved, settings.batch_size is not None)
     loader = DataLoader(Subset(dataset, todo), batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
                         pin_memory=torch_device.type == "cuda")
-    names = cell_outputs.class_names or saved_args(loaded[0][2]).get("class_names") or DEFAULT_CLASS_NAMES
+    names = class_names_for(cell_outputs.class_names, saved_args(loaded[0][2]).get("class_names"),
+                            loaded[0][1]["num_classes"])
     start = time.time()
     with ExitStack() as stack:
         stack.enter_context(journal)

@@ -34,7 +34,7 @@ from engine import EpochMeter, run_epoch
 from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
 from files import set_aside, writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
-                   add_tile_args, validation_settings)
+                   add_tile_args, class_names_for, validation_settings)
 from history import recorded_epochs, write_history
 from model import ARCH_KEYS, HEADS, add_model_args, arch_flags, build_model, config_from_args, saved_config
 from inference import predict_folder
@@ -207,6 +207,8 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         taught = saved_args(start).get("class_names")  # the names its cells were taught
         if "class_names" not in typed and taught:
             args.class_names = taught
+    if args.class_names:  # a count that does not fit the model stops now, not in inference.py
+        class_names_for(args.class_names, None, config["num_classes"])
     broadcast(None, info)  # every rank has read its checkpoint (maybe a file in ``out``) before files move
     if info.is_main and (resume is None or Path(args.resume).resolve().parent != out.resolve()):
         aside = set_aside(out, RUN_FILES)

@@ -36,8 +36,8 @@ from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, de
                         find_id_map, image_size, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
-from flags import (DEFAULT_CLASS_NAMES, add_checkpoint_arg, add_checkpoint_checks, add_class_names_arg,  # noqa: E402
-                   add_id_map_arg, add_prediction_args, checkpoint_overrides, prediction_settings)
+from flags import (add_checkpoint_arg, add_checkpoint_checks, add_class_names_arg, add_id_map_arg,  # noqa: E402
+                   add_prediction_args, checkpoint_overrides, class_names_for, prediction_settings)
 from journal import SUFFIX as JOURNAL_SUFFIX  # noqa: E402
 from journal import PredictionJournal, file_stamp, run_key  # noqa: E402
 from predictor import Settings, on_host, predict_images  # noqa: E402
@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     model = [net.to(device).eval() for net, _, _ in loaded]  # several: an ensemble, merged like views
     state = loaded[0][2]
     args.settings = prediction_settings(args).resolved(device, state)
-    args.class_names = args.class_names or saved_args(state).get("class_names") or DEFAULT_CLASS_NAMES
+    args.class_names = class_names_for(args.class_names, saved_args(state).get("class_names"),
+                                       loaded[0][1]["num_classes"])
     vis_dir = writable_dir(args.vis_dir or args.output_dir or Path(args.checkpoint[0]).parent / "vis",
                            "--vis_dir" if args.vis_dir else "--output_dir")
     draw = draw_validation if args.mode == "val" else draw_test
