@@ -34,8 +34,7 @@ overlap = checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")  # an IoU a matc
 LABEL_RULES = ("evidence", "score")  # which predicted cells count: coco.scored_cells, or each detection alone
 
 
-def add_label_rule_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, lead: str, thresh_flag: str,
-                       tail: str = "") -> None:
+def add_label_rule_arg(parser: argparse.ArgumentParser | Any, lead: str, thresh_flag: str, tail: str = "") -> None:
     """``--label_rule``, as inference.py keeps cells and evaluate.py counts them found: one
     declaration, so the F1 evaluate.py reports is that of the cells inference.py writes. Its
     default is None (read by ``by_evidence``), so a script can tell a rule given from none."""

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.id_map_json and not args.test_dir:
         parser.error("--id_map_json is checked against the images of a --test_dir; pass the folder it maps")
+    if args.test_dir and not Path(args.test_dir).is_dir():
+        parser.error(f"--test_dir {args.test_dir}: no such folder; pass the folder of test images")
     id_map = find_id_map(Path(args.test_dir), args.id_map_json) if args.test_dir else None
     if args.test_dir and id_map is None:
         parser.error(f"--test_dir {args.test_dir}: no {ID_MAP_FILE} beside it names its images; pass its map "

@@ -111,7 +111,7 @@ class CellOutputs(NamedTuple):
     geojson: str | None = None
     csv: str | None = None
     score_thresh: float = 0.5
-    class_names: list[str] | None = None  # None: the checkpoint's, else class1..class4
+    class_names: list[str] | None = None  # None: the checkpoint's run's, else class1, class2, ... (class_names_for)
     evidence: bool = by_evidence(None)  # keep the cells whose summed class scores reach score_thresh
 
     @property

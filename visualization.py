@@ -32,7 +32,7 @@ from argtypes import HelpFormatter, chance, non_negative, non_negative_int  # no
 from checkpoint import load_model, saved_args  # noqa: E402
 from cli import run_cli  # noqa: E402
 from devices import autocast, default_device  # noqa: E402
-from dataloader import (IMAGE_FILE, NUM_CLASSES, Instances, UnlabelledImages, decode_instances,  # noqa: E402
+from dataloader import (IMAGE_FILE, Instances, UnlabelledImages, decode_instances,  # noqa: E402
                         find_id_map, image_size, list_samples, read_image, read_json)
 from errors import DatasetError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
@@ -308,7 +308,7 @@ def draw_layer(ax: plt.Axes, image: np.ndarray, layer: Layer, scale: float, args
         _draw_labels(ax, layer, scale, args.max_labels, args.min_label_side)
     ax.set_title(layer.title, fontsize=9)
     ax.set_axis_off()
-    classes = sorted({*np.unique(layer.labels).tolist(), *range(1, NUM_CLASSES + 1)})
+    classes = sorted({*np.unique(layer.labels).tolist(), *range(1, len(args.class_names) + 1)})
     names = dict(enumerate(args.class_names, start=1))
     handles = [Patch(facecolor=class_colour(c), label=f"{names.get(c, f'class{c}')} ({int((layer.labels == c).sum())})")
                for c in classes]
