@@ -32,6 +32,7 @@ overlap = checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")  # an IoU a matc
 
 
 LABEL_RULES = ("evidence", "score")  # which predicted cells count: coco.scored_cells, or each detection alone
+LABEL_THRESH = 0.5  # the score a cell needs to be written (inference.py) and counted found (evaluate.py)
 
 
 def add_label_rule_arg(parser: argparse.ArgumentParser | Any, lead: str, thresh_flag: str, tail: str = "") -> None:

@@ -8,8 +8,8 @@ anything; ``--weights none`` shows the from-scratch layout, where everything tra
 """
 from __future__ import annotations
 
-
 import argparse
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from torch import nn
@@ -27,6 +27,14 @@ ALL_CONFIGS = (("resnet101", False), ("resnet101", True), ("effnet_v2_m", False)
 MISSING_ATTN = "n/a (attention_modules.py missing)"
 
 
+def weights_layout(text: str) -> str:
+    """An argparse type: the train scripts' ``--weights`` values, where a typo ("None", "imagnet")
+    would otherwise be counted silently as the pretrained layout."""
+    if text in ("imagenet", "none") or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"must be imagenet, none or a weights file, got {text}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--backbone", type=backbone_name, default=None, help="resnet or effnet (default: resnet)")
@@ -42,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all four backbone x attention configurations (instead of --backbone and --use_attn)")
     parser.add_argument("--num_classes", type=num_classes_arg, default=DEFAULT_CONFIG["num_classes"],
                         help="classes including background")
-    parser.add_argument("--weights", default="imagenet",
+    parser.add_argument("--weights", type=weights_layout, default="imagenet",
                         help="layout to count, as the train scripts' --weights: imagenet or a local state dict's "
                              "path (pretrained: frozen stages, nothing read) or none (from scratch: all trainable)")
     parser.add_argument("--json", default=None, help="also save the table here")

@@ -21,7 +21,7 @@ from PIL import Image
 from argtypes import HelpFormatter
 from cli import run_cli
 from dataloader import (CLASS_FILES, ID_MAP_FILE, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
-                        find_id_map, is_whole, list_samples, read_id_map)
+                        is_whole, list_samples, read_id_map)
 from errors import DatasetError
 from files import writable_file, write_json
 from progress import progress
@@ -47,10 +47,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--id_map_json is checked against the images of a --test_dir; pass the folder it maps")
     if args.test_dir and not Path(args.test_dir).is_dir():
         parser.error(f"--test_dir {args.test_dir}: no such folder; pass the folder of test images")
-    id_map = find_id_map(Path(args.test_dir), args.id_map_json) if args.test_dir else None
-    if args.test_dir and id_map is None:
-        parser.error(f"--test_dir {args.test_dir}: no {ID_MAP_FILE} beside it names its images; pass its map "
-                     "as --id_map_json")
+    # The map beside the folder, as inference.py finds it; test_stats reports one that does not fit.
+    id_map = Path(args.id_map_json or Path(args.test_dir).parent / ID_MAP_FILE) if args.test_dir else None
+    if id_map is not None and not args.id_map_json and not id_map.is_file():
+        parser.error(f"--test_dir {args.test_dir}: no {ID_MAP_FILE} beside it; pass its map as --id_map_json")
     if args.json:  # checked before the work, not at its end
         writable_file(args.json, "--json", "stats.json")
     stats: dict[str, Any] = {"train": train_stats(Path(args.train_dir))}

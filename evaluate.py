@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from argtypes import HelpFormatter, add_label_rule_arg, by_evidence, chance, overlap
+from argtypes import LABEL_THRESH, HelpFormatter, add_label_rule_arg, by_evidence, chance, overlap
 from cli import run_cli
 from files import writable_file, write_json
 
@@ -29,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--labels", help="folder of <sample>/classN.tif label images (inference.py --save_labels)")
     parser.add_argument("--id_map_json", default=None,
                         help="{file_name, id} list naming the ids the submission uses (default: sorted samples, 1..N)")
-    parser.add_argument("--score_thresh", "--label_thresh", type=chance, default=0.5,
-                        help="F1/PQ: the score a submitted cell needs to count as found, by --label_rule: "
-                             "inference.py's --label_thresh, so pass its value to score the cells it wrote (every "
-                             "cell of --labels counts)")
+    threshold = parser.add_mutually_exclusive_group()
+    threshold.add_argument("--score_thresh", type=chance, default=None,
+                           help="F1/PQ: the score a submitted cell needs to count as found, by --label_rule "
+                                f"(default {LABEL_THRESH}; every cell of --labels counts)")
+    threshold.add_argument("--label_thresh", type=chance, default=None,
+                           help="the same threshold by inference.py's name for it: pass its --label_thresh to score "
+                                "the cells it wrote (its --score_thresh is another threshold)")
     add_label_rule_arg(parser, "F1/PQ of a --submission: which cells count as found, as inference.py "
                                "--label_rule keeps them.", "--score_thresh")
     parser.add_argument("--iou_thresh", type=overlap, default=0.5, help="F1/PQ: IoU of a match")
@@ -72,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for note in unscored_notes(samples, ids, results, args.submission or args.labels, fix):
         print(note)
     # Every cell of a label image was drawn as found; its id only ranks it for AP.
-    metrics = score(coco_gt, results, args.score_thresh if args.submission else 0.0, args.iou_thresh,
+    found = next((t for t in (args.score_thresh, args.label_thresh) if t is not None), LABEL_THRESH)
+    metrics = score(coco_gt, results, found if args.submission else 0.0, args.iou_thresh,
                     bool(args.submission) and by_evidence(args.label_rule))
     print_table(metrics, args.iou_thresh)
     if args.json:

@@ -159,15 +159,18 @@ def add_class_names_arg(parser: argparse.ArgumentParser | Any, shown_in: str = "
 
 def class_names_for(given: Sequence[str] | None, saved: Sequence[str] | None, num_classes: int) -> list[str]:
     """The names of a model's classes 1..num_classes-1: those typed, else its run's, else the
-    defaults. A count that does not fit stops here, in one line, not at the first cell of a
-    class without a name minutes into prediction."""
-    names = list(given or saved or DEFAULT_CLASS_NAMES[:num_classes - 1])
-    if len(names) != num_classes - 1:
-        source = "--class_names" if given else "the checkpoint's --class_names"
-        raise UsageError(f"{source}: {len(names)} names ({' '.join(names)}) for a model of {num_classes - 1} "
-                         f"classes (--num_classes {num_classes} counts the background); pass one name per class, "
-                         "class 1 first.")
-    return names
+    defaults. Typed names of another count stop here, in one line, not at the first cell of a
+    class without a name minutes into prediction. A run's own names are fitted to its classes
+    instead (runs before ``nargs="+"`` had to give four, whatever their classes)."""
+    count = num_classes - 1
+    if not given:
+        names = list(saved or [])[:count]
+        return names + DEFAULT_CLASS_NAMES[len(names):count]
+    if len(given) != count:
+        raise UsageError(f"--class_names: {len(given)} names ({' '.join(given)}) for a model of {count} classes "
+                         f"(--num_classes {num_classes} counts the background); pass one name per class, class 1 "
+                         "first.")
+    return list(given)
 
 
 def validation_settings(args: argparse.Namespace) -> Settings:

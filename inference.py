@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from argtypes import HelpFormatter, add_label_rule_arg, by_evidence, chance, non_negative_int
+from argtypes import LABEL_THRESH, HelpFormatter, add_label_rule_arg, by_evidence, chance, non_negative_int
 from cell_outputs import CellWriter, check_sample_names, painted_images, painted_window, report_cell_outputs
 from checkpoint import load_model, saved_args
 from cli import run_cli
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--save_csv", default=None, metavar="FILE",
                          help="one row per cell: image, cell, class, score, area, perimeter, centroid, box, "
                               "eccentricity, mean intensity per channel")
-    outputs.add_argument("--label_thresh", type=chance, default=0.5, help="lowest score of a cell in these outputs")
+    outputs.add_argument("--label_thresh", type=chance, default=LABEL_THRESH,
+                         help="lowest score of a cell in these outputs")
     add_label_rule_arg(outputs, "which cells these outputs keep (the submission is the same either way).",
                        "--label_thresh", tail=", so a cell the model is sure of but cannot type (0.45 one class, "
                                              "0.4 another) is kept")
@@ -110,7 +111,7 @@ class CellOutputs(NamedTuple):
     labels: str | None = None
     geojson: str | None = None
     csv: str | None = None
-    score_thresh: float = 0.5
+    score_thresh: float = LABEL_THRESH
     class_names: list[str] | None = None  # None: the checkpoint's run's, else class1, class2, ... (class_names_for)
     evidence: bool = by_evidence(None)  # keep the cells whose summed class scores reach score_thresh
 

@@ -207,8 +207,9 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         taught = saved_args(start).get("class_names")  # the names its cells were taught
         if "class_names" not in typed and taught:
             args.class_names = taught
-    if args.class_names:  # a count that does not fit the model stops now, not in inference.py
-        class_names_for(args.class_names, None, config["num_classes"])
+    if args.class_names:  # typed: a count that does not fit stops now, not in inference.py; else the run's, fitted
+        args.class_names = class_names_for(args.class_names if "class_names" in typed else None, args.class_names,
+                                           config["num_classes"])
     broadcast(None, info)  # every rank has read its checkpoint (maybe a file in ``out``) before files move
     if info.is_main and (resume is None or Path(args.resume).resolve().parent != out.resolve()):
         aside = set_aside(out, RUN_FILES)

@@ -24,7 +24,7 @@ import check_stats  # noqa: E402
 import plot_curve  # noqa: E402
 import visualization  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from dataloader import CLASS_FILES, DatasetError, list_samples, split_samples, write_split  # noqa: E402
+from dataloader import CLASS_FILES, ID_MAP_FILE, DatasetError, list_samples, split_samples, write_split  # noqa: E402
 from history import LOSS_KEYS, write_history  # noqa: E402
 from predictor import Settings, predict_images  # noqa: E402
 from model import build_model  # noqa: E402
@@ -111,18 +111,23 @@ def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], 
 
 def test_check_stats_finds_the_id_map_beside_the_test_folder(data: dict[str, Path], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """--test_dir alone reads test_image_name_to_ids.json beside it, as inference.py does; a folder
-    with no map beside it, or a map without its folder, stops with a usage error naming the flag."""
+    """--test_dir alone reads test_image_name_to_ids.json beside it, as inference.py does, and reports
+    one that does not fit among its findings; a folder with no map beside it, or a map without its
+    folder, stops with a usage error naming what to pass."""
     assert Path(data["id_map_json"]).parent == Path(data["test_dir"]).parent  # the task's layout
     stats = check_stats.main(["--train_dir", str(data["train_dir"]), "--test_dir", str(data["test_dir"])])
     assert stats["test"]["consistent"] and stats["test"]["images"] == 2
     alone = tmp_path / "alone" / "images"
     shutil.copytree(data["test_dir"], alone)
-    for argv, flag in ((["--test_dir", str(alone)], "--id_map_json"), (["--id_map_json", str(data["id_map_json"])],
-                                                                       "--test_dir")):
+    short = json.loads(Path(data["id_map_json"]).read_text())[1:]
+    for argv, told in ((["--test_dir", str(alone)], "beside it; pass its map as --id_map_json"),
+                       (["--id_map_json", str(data["id_map_json"])], "pass the folder it maps")):
         with pytest.raises(SystemExit) as stop:
             check_stats.main(["--train_dir", str(data["train_dir"]), *argv])
-        assert stop.value.code == 2 and flag in capsys.readouterr().err.splitlines()[-1]
+        assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(told)
+    (alone.parent / ID_MAP_FILE).write_text(json.dumps(short))  # one image unnamed: reported, not raised
+    stats = check_stats.main(["--train_dir", str(data["train_dir"]), "--test_dir", str(alone)])
+    assert not stats["test"]["consistent"] and stats["train"]["samples"] == 4
 
 
 def test_check_stats_reads_a_png_test_folder(data: dict[str, Path], tmp_path: Path) -> None:
@@ -180,9 +185,12 @@ def test_cal_param_matches_torchvision_modules(tmp_path: Path) -> None:
         assert sum(part[kind] for part in row["parts"].values()) == row["total"][kind]
     assert row["total"]["trainable"] < row["total"]["total"]  # pretrained layout freezes the stem and layer1
     # The train scripts' values: a local weights file is the pretrained layout (never read); --type_map W adds its head.
+    (tmp_path / "local.pth").write_bytes(b"")  # never read: only its layout is counted
     (mapped,) = cal_param.main(["--backbone", "resnet", "--weights", str(tmp_path / "local.pth"), "--type_map", "0.5"])
     assert mapped["type_map"] is True and mapped["parts"]["backbone body"] == expected["backbone body"]
     assert mapped["total"]["total"] > row["total"]["total"]
+    with pytest.raises(SystemExit):  # a typo is refused, not counted as the pretrained layout
+        cal_param.main(["--weights", "imagnet"])
 
 
 def test_cal_param_all_refuses_one_configuration_s_flags(capsys: pytest.CaptureFixture) -> None:
