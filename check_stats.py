@@ -21,7 +21,7 @@ from PIL import Image
 from argtypes import HelpFormatter
 from cli import run_cli
 from dataloader import (CLASS_FILES, ID_MAP_FILE, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
-                        is_whole, list_samples, read_id_map)
+                        is_whole, list_samples, map_beside, read_id_map)
 from errors import DatasetError
 from files import writable_file, write_json
 from progress import progress
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.test_dir and not Path(args.test_dir).is_dir():
         parser.error(f"--test_dir {args.test_dir}: no such folder; pass the folder of test images")
     # The map beside the folder, as inference.py finds it; test_stats reports one that does not fit.
-    id_map = Path(args.id_map_json or Path(args.test_dir).parent / ID_MAP_FILE) if args.test_dir else None
+    id_map = Path(args.id_map_json or map_beside(args.test_dir)) if args.test_dir else None
     if id_map is not None and not args.id_map_json and not id_map.is_file():
         parser.error(f"--test_dir {args.test_dir}: no {ID_MAP_FILE} beside it; pass its map as --id_map_json")
     if args.json:  # checked before the work, not at its end

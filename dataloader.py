@@ -42,6 +42,13 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg")  # what a folder to predict may hold
 
 
+def map_beside(path: str | Path) -> Path:
+    """The id map beside a test folder or a submission file, where the task's layout keeps it:
+    prediction looks there for a folder's map and writes the numbered one there, and
+    ``check_stats.py`` checks it, so all three agree on one place."""
+    return Path(path).parent / ID_MAP_FILE
+
+
 @dataclass
 class Instances:
     """The instances of one image, stored compactly: each mask only inside its box.
@@ -482,7 +489,7 @@ def find_id_map(test_dir: Path, id_map_json: str | Path | None) -> Path | None:
     by numbering: the submission's ids would all be wrong."""
     if id_map_json:
         return Path(id_map_json)
-    beside = Path(test_dir).parent / ID_MAP_FILE
+    beside = map_beside(test_dir)
     if not beside.is_file() or not Path(test_dir).is_dir():
         return None
     fix = f"it was found beside {test_dir} and is used by default: mend it or move it away"

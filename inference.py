@@ -26,7 +26,7 @@ from cell_outputs import CellWriter, check_sample_names, painted_images, painted
 from checkpoint import load_model, saved_args
 from cli import run_cli
 from coco import detections_to_coco
-from dataloader import ID_MAP_FILE, UnlabelledImages, collate_fn, find_id_map, image_size
+from dataloader import UnlabelledImages, collate_fn, find_id_map, image_size, map_beside
 from devices import default_device
 from errors import DeviceMemoryError, UsageError
 from files import JsonArrayWriter, writable_dir, writable_file, write_json
@@ -156,7 +156,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     id_map = find_id_map(Path(test_dir), id_map_json)
     dataset = UnlabelledImages(Path(test_dir), id_map)  # fails on a bad id map before the model loads
     if id_map is None:
-        check_numbered_map(Path(output).parent / ID_MAP_FILE, dataset.entries)
+        check_numbered_map(map_beside(output), dataset.entries)
     if cell_outputs.labels or cell_outputs.geojson:
         check_sample_names([e["file_name"] for e in dataset.entries])
     sizes = [image_size(dataset.test_dir / e["file_name"]) for e in dataset.entries]
@@ -222,8 +222,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
                     submission, writer, cell_outputs.score_thresh, journal, cell_outputs.evidence)
     journal.discard()  # the submission is complete
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
-        write_json(Path(output).parent / ID_MAP_FILE, dataset.entries, indent=1)
-        print(f"no id map: {len(dataset)} images numbered by file name -> {Path(output).parent / ID_MAP_FILE}")
+        write_json(map_beside(output), dataset.entries, indent=1)
+        print(f"no id map: {len(dataset)} images numbered by file name -> {map_beside(output)}")
     if writer:
         report_cell_outputs(len(dataset), cell_outputs.score_thresh, *cell_outputs.paths)
     seconds = time.time() - start
