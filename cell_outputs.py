@@ -144,28 +144,55 @@ def pixel_classes(image: PaintedImage) -> np.ndarray:
 
 
 def features(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
-    """Each cell a GeoJSON polygon in image pixel coordinates (pixel corners: a one-pixel cell
+    """Each cell a GeoJSON feature in image pixel coordinates (pixel corners: a one-pixel cell
     at (x, y) spans x..x+1), ``objectType`` detection, its class name and colour, its score as
-    a measurement."""
+    a measurement. Its geometry has every pixel the label images and the CSV give it
+    (``cell_geometry``), so QuPath's areas match ``cells.csv``."""
     out = []
     for number, window in enumerate(ndimage.find_objects(image.labels), start=1):  # every number has pixels
         cell = image.cells[number - 1]
-        crop = np.pad(image.labels[window] == number, 1)
-        ring = max(measure.find_contours(crop.astype(np.uint8), 0.5), key=len)  # the outer boundary
         # padding, then pixel centres, then the window's place in the image
-        y0 = window[0].start - 1 + 0.5 + image.origin[0]
-        x0 = window[1].start - 1 + 0.5 + image.origin[1]
-        coordinates = [[round(float(x) + x0, 2), round(float(y) + y0, 2)] for y, x in ring]
-        if coordinates[0] != coordinates[-1]:
-            coordinates.append(coordinates[0])
+        origin = (window[0].start - 1 + 0.5 + image.origin[0], window[1].start - 1 + 0.5 + image.origin[1])
         class_id = int(cell["category_id"])
         out.append({"type": "Feature", "id": f"{sample_name(image.name)}-{number + image.first - 1}",
-                    "geometry": {"type": "Polygon", "coordinates": [coordinates]},
+                    "geometry": cell_geometry(np.pad(image.labels[window] == number, 1), origin),
                     "properties": {"objectType": "detection",
                                    "classification": {"name": class_names[class_id - 1],
                                                       "color": list(CLASS_COLOURS[(class_id - 1) % 4])},
                                    "measurements": {"score": float(cell["score"])}}})
     return out
+
+
+_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity: a hole's pixels, as find_contours' "high" joins them
+
+
+def cell_geometry(mask: np.ndarray, origin: tuple[float, float]) -> dict:
+    """A cell's mask (padded by one pixel) as a GeoJSON Polygon, or a MultiPolygon when a better
+    cell split it into pieces, each piece with its holes as interior rings: one outer ring
+    alone would drop the other pieces and fill the holes. Pieces are 4-connected and holes
+    8-connected, as ``find_contours`` traces them at 0.5, so each gives one closed ring.
+    ``origin`` (y, x) places the mask's (0, 0) in the image."""
+    pieces, count = ndimage.label(mask)
+    polygons = []
+    for k in range(1, count + 1):  # host-side output writing, a handful of pieces a cell
+        piece = pieces == k
+        filled = ndimage.binary_fill_holes(piece, structure=_EIGHT)  # 8-connected background from the border
+        rings = [_ring(filled, origin, "low")]
+        holes, n_holes = ndimage.label(filled & ~piece, structure=_EIGHT)
+        rings += [_ring(holes == h, origin, "high") for h in range(1, n_holes + 1)]
+        polygons.append(rings)
+    if len(polygons) == 1:
+        return {"type": "Polygon", "coordinates": polygons[0]}
+    return {"type": "MultiPolygon", "coordinates": polygons}
+
+
+def _ring(region: np.ndarray, origin: tuple[float, float], connected: str) -> list[list[float]]:
+    """The closed boundary of one connected region, as [x, y] pairs in image coordinates."""
+    trace = max(measure.find_contours(region.astype(np.uint8), 0.5, fully_connected=connected), key=len)
+    ring = [[round(float(x) + origin[1], 2), round(float(y) + origin[0], 2)] for y, x in trace]
+    if ring[0] != ring[-1]:
+        ring.append(ring[0])
+    return ring
 
 
 def measurements(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:

@@ -129,9 +129,11 @@ def test_streamed_cells_equal_the_whole_image_cells_and_every_output_agrees(tmp_
     assert len(collection["features"]) == label.max()
     assert len({f["id"] for f in collection["features"]}) == label.max()
     for feature in collection["features"]:
-        ring = np.array(feature["geometry"]["coordinates"][0])
-        assert np.array_equal(ring[0], ring[-1]) and ring[:, 0].min() >= 0 and ring[:, 0].max() <= 900
-        assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= 700
+        geometry = feature["geometry"]
+        polygons = geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
+        for ring in (np.array(r) for polygon in polygons for r in polygon):
+            assert np.array_equal(ring[0], ring[-1]) and ring[:, 0].min() >= 0 and ring[:, 0].max() <= 900
+            assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= 700
         assert feature["properties"]["classification"]["name"] in names
 
 

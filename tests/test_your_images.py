@@ -220,11 +220,11 @@ def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 2
     for feature, (x0, y0, x1, y1), name, score in zip(collection["features"], ((3, 2, 8, 6), (10, 10, 13, 14)),
                                                       ("epithelial", "neutrophil"), (0.9, 0.6)):
-        ring = np.array(feature["geometry"]["coordinates"][0])
-        assert feature["geometry"]["type"] == "Polygon" and np.array_equal(ring[0], ring[-1])
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1]
+        ring = np.array(ring)
         assert (ring[:, 0].min(), ring[:, 1].min(), ring[:, 0].max(), ring[:, 1].max()) == (x0, y0, x1, y1)
-        area = 0.5 * abs(np.dot(ring[:-1, 0], ring[1:, 1]) - np.dot(ring[1:, 0], ring[:-1, 1]))
-        assert abs(area - (x1 - x0) * (y1 - y0)) <= 0.5  # the pixels, corners cut by half a pixel
+        assert abs(_ring_area(ring) - (x1 - x0) * (y1 - y0)) <= 0.5  # the pixels, corners cut by half a pixel
         props = feature["properties"]
         assert props["objectType"] == "detection" and props["classification"]["name"] == name
         assert props["measurements"]["score"] == pytest.approx(score)
@@ -235,6 +235,31 @@ def test_geojson_and_csv_describe_each_cell(tmp_path: Path) -> None:
     assert (float(rows[0]["centroid_x"]), float(rows[0]["centroid_y"])) == (5.0, 3.5)
     assert [rows[1][f"bbox_{k}"] for k in ("x0", "y0", "x1", "y1")] == ["10", "10", "13", "14"]
     assert [float(rows[1][f"mean_intensity_{c}"]) for c in range(3)] == [200.0, 100.0, 50.0]
+
+
+def _ring_area(ring: list) -> float:
+    ring = np.array(ring)
+    return 0.5 * abs(np.dot(ring[:-1, 0], ring[1:, 1]) - np.dot(ring[1:, 0], ring[:-1, 1]))
+
+
+def test_a_cell_in_pieces_or_with_a_hole_keeps_every_pixel_in_geojson() -> None:
+    """A cell split in two by a better cell becomes a MultiPolygon of both pieces, and a hole an
+    interior ring, so QuPath's area matches the CSV's (one outer ring used to drop both)."""
+    from cell_outputs import cell_geometry
+    mask = np.zeros((20, 20), bool)
+    mask[2:6, 2:6] = True  # a 4 x 4 piece
+    mask[10:18, 10:18] = True  # an 8 x 8 piece with a 2 x 2 hole
+    mask[13:15, 13:15] = False
+    geometry = cell_geometry(np.pad(mask, 1), (-0.5, -0.5))
+    assert geometry["type"] == "MultiPolygon" and [len(p) for p in geometry["coordinates"]] == [1, 2]
+    small, (outer, hole) = geometry["coordinates"]
+    assert all(ring[0] == ring[-1] for ring in (small[0], outer, hole))
+    assert np.array(small[0]).min(0).tolist() == [2, 2] and np.array(small[0]).max(0).tolist() == [6, 6]
+    assert np.array(hole).min(0).tolist() == [13, 13] and np.array(hole).max(0).tolist() == [15, 15]
+    area = _ring_area(small[0]) + _ring_area(outer) - _ring_area(hole)
+    assert abs(area - mask.sum()) <= 0.5 * 3 * 4  # each ring's corners cut by half a pixel
+    whole = cell_geometry(np.pad(mask[:8, :8], 1), (-0.5, -0.5))
+    assert whole["type"] == "Polygon" and len(whole["coordinates"]) == 1
 
 
 def test_label_evidence_keeps_a_cell_whose_classes_share_its_score_streamed_or_not(tmp_path: Path) -> None:
