@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=non_negative_int, default=2, help="image-decoding worker processes")
     parser.add_argument("--window", type=non_negative_int, default=4096,
                         help="an image with a side longer than this is streamed: read lazily (tiled or compressed "
-                             "TIFF: only the parts needed) and predicted in overlapping windows of this side, its "
-                             "cells written window by window, so memory depends on the window, not the image. A "
+                             "TIFF: only the parts needed; a PNG or JPEG is decoded whole) and predicted in overlapping "
+                             "windows of this side, its cells written window by window, so beyond a PNG's or "
+                             "JPEG's pixels memory depends on the window, not the image. A "
                              "streamed image keeps every cell; --detections_per_img and --detections_per_class, "
                              "when given, cap each window. Its cells are numbered best first within each window, "
                              "on from the previous window's (0: never stream)")
