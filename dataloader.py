@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import imagecodecs
 import numpy as np
 import tifffile
 import torch
@@ -660,6 +661,8 @@ def _read_pixels(path: Path, shown: bool = True) -> np.ndarray:
                 as_pixels = tiff_values(stored, path) if shown else as_stored
                 return as_pixels(stored.asarray())
         with Image.open(path) as image:
+            if _sixteen_bit_colour(image):  # Pillow would cut these to 8 bits (a 12-bit camera's: near black)
+                return imagecodecs.png_decode(path.read_bytes())
             if shown and image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
                 image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
             return np.asarray(image)
@@ -669,6 +672,13 @@ def _read_pixels(path: Path, shown: bool = True) -> np.ndarray:
         raise
     except Exception as err:  # tifffile and Pillow raise many types for corrupt files
         raise undecodable(path, err, tiff) from err
+
+
+def _sixteen_bit_colour(image: Image.Image) -> bool:
+    """Whether a PNG holds 16-bit colour or grey+alpha, which Pillow decodes to 8 bits (keeping
+    the high byte) while it keeps 16-bit grey: imagecodecs decodes all of them as stored."""
+    return image.format == "PNG" and image.mode != "I;16" and bool(image.tile) \
+        and str(image.tile[0][3]).endswith(";16B")
 
 
 def as_stored(values: np.ndarray) -> np.ndarray:

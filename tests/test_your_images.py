@@ -51,6 +51,25 @@ def test_png_jpeg_and_tiff_decode_to_the_same_pixels(tmp_path: Path) -> None:
         read_image(tmp_path / "broken.png")
 
 
+def test_a_16_bit_colour_png_keeps_its_16_bits(tmp_path: Path) -> None:
+    """Pillow decodes 16-bit RGB, RGBA and grey+alpha PNGs to 8 bits, which made a 12-bit
+    camera's image near black; they read as the same pixels as the 16-bit TIFF."""
+    import imagecodecs
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 4096, (12, 14, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb)
+    (tmp_path / "rgb16.png").write_bytes(imagecodecs.png_encode(rgb))
+    rgba = np.dstack([rgb, np.full((12, 14), 65535, np.uint16)])
+    (tmp_path / "rgba16.png").write_bytes(imagecodecs.png_encode(rgba))
+    (tmp_path / "la16.png").write_bytes(imagecodecs.png_encode(np.ascontiguousarray(rgba[..., 2:])))
+    expected = read_image(tmp_path / "rgb16.tif")
+    assert expected.max() == pytest.approx(rgb.max() / 65535)
+    assert np.array_equal(read_image(tmp_path / "rgb16.png"), expected)
+    assert np.array_equal(read_image(tmp_path / "rgba16.png"), expected)
+    grey = read_image(tmp_path / "la16.png")
+    assert np.allclose(grey[..., 0], rgb[..., 2] / 65535) and np.array_equal(grey[..., 0], grey[..., 1])
+
+
 def test_a_png_over_pillow_s_pixel_guard_is_sent_to_tiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "slide.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses twice this: 400 px
