@@ -162,18 +162,37 @@ _DIM_NOTED: set[str] = set()  # the dtypes already noted in this process: one li
 
 
 def note_dim_pixels(pixels: np.ndarray, path: Path) -> None:
-    """Say once per dtype when a whole image of more than 8 bits uses under 1/16 of its range
-    (a 12-bit camera's pixels in uint16): integer pixels are scaled by their type's range,
-    every image alike, so such images reach the model nearly black, with no other sign."""
-    if not np.issubdtype(pixels.dtype, np.integer) or pixels.dtype.itemsize == 1 or not pixels.size \
-            or pixels.dtype.name in _DIM_NOTED or torch.utils.data.get_worker_info() is not None:
-        return  # a loader's worker: the main process reads the same images (or says nothing)
-    top, peak = np.iinfo(pixels.dtype).max, int(pixels.max())
-    if peak < top / 16:
-        _DIM_NOTED.add(pixels.dtype.name)
-        print(f"note: {path}: {pixels.dtype} pixels peak at {peak} of {top}, so they are scaled to at most "
-              f"{peak / top:.3f} and look dark to the model (said once); rescale such images to their type's full "
-              "range (or save them 8-bit) for training and prediction alike")
+    """Say once per dtype and process when a whole image of more than 8 bits uses under 1/16 of
+    the range it is scaled by (``full_range``): a 12-bit camera's pixels in uint16, or float
+    pixels a little over 1 (divided by 255). Such images reach the model nearly black, with no
+    other sign. A loader's workers say it too (prediction reads every image in one), so a
+    run may print it once per worker."""
+    if pixels.dtype.itemsize == 1 or pixels.dtype == bool or not pixels.size or pixels.dtype.name in _DIM_NOTED:
+        return
+    if np.issubdtype(pixels.dtype, np.floating):
+        note_dim_range(pixels.dtype, float_peak(pixels) or 0.0, path)
+    elif np.issubdtype(pixels.dtype, np.integer):
+        note_dim_range(pixels.dtype, int(pixels.max()), path)
+
+
+def note_dim_range(dtype: np.dtype, peak: float, path: Path) -> None:
+    """``note_dim_pixels`` once the image's peak is known (a streamed float image's, found in
+    bands; a streamed integer image is not scanned for it)."""
+    top = full_range(dtype, peak)
+    if peak < top / 16 and np.dtype(dtype).name not in _DIM_NOTED and np.dtype(dtype).itemsize > 1:
+        _DIM_NOTED.add(np.dtype(dtype).name)
+        print(f"note: {path}: {dtype} pixels peak at {peak:g} of the {top:g} they are scaled by, so they reach "
+              f"at most {peak / top:.3f} and look dark to the model (said once); rescale such images to "
+              "0..1 (float) or their type's full range (or save them 8-bit) for training and prediction alike")
+
+
+def full_range(dtype: np.dtype, peak: float | None = None) -> float:
+    """The value pixels of this dtype are divided by to reach [0, 1]: an integer type's maximum,
+    else (float) 1, 255 or 65535, whichever first holds the image's ``peak``, else the peak."""
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    peak = peak or 0.0
+    return 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
 
 
 def raw_pixels(array: np.ndarray, path: Path) -> np.ndarray:
@@ -832,13 +851,12 @@ def _scale_by_dtype(array: np.ndarray, path: Path, peak: float | None = None) ->
     if array.dtype == bool:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.integer):
-        return (array.astype(np.float32) / np.iinfo(array.dtype).max).clip(0, 1)
+        return (array.astype(np.float32) / full_range(array.dtype)).clip(0, 1)
     if np.issubdtype(array.dtype, np.floating):
         if peak is None:
             peak = float_peak(array)
         array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)  # no value: dark
-        scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
-        return (array / scale).clip(0, 1)
+        return (array / full_range(array.dtype, peak)).clip(0, 1)
     raise DatasetError(f"{path}: unsupported image dtype {array.dtype}; save it as 8/16-bit or float.")
 
 

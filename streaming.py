@@ -31,8 +31,8 @@ import tifffile
 import torch
 import zarr
 
-from dataloader import (TIFF_SUFFIXES, as_stored, channels_first, float_peak, raw_pixels, read_raw_image,
-                        tiff_pixels, to_float_rgb)
+from dataloader import (TIFF_SUFFIXES, as_stored, channels_first, float_peak, note_dim_range, raw_pixels,
+                        read_raw_image, tiff_pixels, to_float_rgb)
 from devices import autocast
 from errors import DatasetError, UsageError
 from masks import PackedMasks
@@ -116,6 +116,7 @@ class LazyImage:
             band = max(1, (1 << 26) // max(width, 1))
             self._peak = max(float_peak(self.read(y, 0, min(y + band, height), width)) or 0.0
                              for y in range(0, height, band))
+            note_dim_range(self._array.dtype, self._peak, self.path)
         return self._peak
 
     def close(self) -> None:

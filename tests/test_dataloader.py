@@ -161,10 +161,24 @@ def test_a_12_bit_image_in_uint16_is_noted_once(tmp_path: Path, monkeypatch: pyt
         tifffile.imwrite(tmp_path / name, np.full((4, 5), peak, np.uint16))
         assert read_image(tmp_path / name)[0, 0, 0] == pytest.approx(peak / 65535)  # scaled alike, dark or not
     out = capsys.readouterr().out
-    assert "camera.tif: uint16 pixels peak at 4095 of 65535" in out and out.count("note:") == 1
+    assert "camera.tif: uint16 pixels peak at 4095 of the 65535 they are scaled by" in out and out.count("note:") == 1
     tifffile.imwrite(tmp_path / "dark8.tif", np.full((4, 5), 3, np.uint8))  # an 8-bit image is what it is
     read_image(tmp_path / "dark8.tif")
     assert capsys.readouterr().out == ""
+
+
+def test_a_float_image_a_little_over_1_is_noted_even_in_a_loader_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """Float pixels peaking at 1.01 are divided by 255 (0..255 data), so they reach the model
+    near black: said, also from a DataLoader worker, where prediction reads every image."""
+    monkeypatch.setattr(dataloader, "_DIM_NOTED", set())
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
+    tifffile.imwrite(tmp_path / "unit.tif", np.full((4, 5), 0.9, np.float32))
+    assert read_image(tmp_path / "unit.tif")[0, 0, 0] == pytest.approx(0.9)
+    assert capsys.readouterr().out == ""  # 0..1 data: as it is
+    tifffile.imwrite(tmp_path / "over.tif", np.full((4, 5), 1.01, np.float32))
+    assert read_image(tmp_path / "over.tif")[0, 0, 0] == pytest.approx(1.01 / 255)
+    assert "over.tif: float32 pixels peak at 1.01 of the 255 they are scaled by" in capsys.readouterr().out
 
 
 def test_float64_labels_noncontiguous_ids_and_one_pixel_instances(tmp_path: Path) -> None:

@@ -81,6 +81,17 @@ def test_a_float_image_is_scaled_by_its_own_peak_in_every_window(tmp_path: Path)
     assert np.array_equal(dark, read_image(tmp_path / "float.tif")[:, :200])
 
 
+def test_a_streamed_float_image_a_little_over_1_is_noted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Its peak, found in bands, says it is divided by 255, as ``read_image`` says of a whole one."""
+    import dataloader
+    monkeypatch.setattr(dataloader, "_DIM_NOTED", set())
+    tifffile.imwrite(tmp_path / "over.tif", np.full((300, 400), 1.01, np.float32), compression="zlib")
+    with LazyImage(tmp_path / "over.tif") as image:
+        assert image.peak() == pytest.approx(1.01)
+    assert "over.tif: float32 pixels peak at 1.01 of the 255 they are scaled by" in capsys.readouterr().out
+
+
 def _masks_by_cell(results: list[dict]) -> list[tuple[int, float, str]]:
     """Each cell's class, score and full-image mask as its compressed RLE (equal strings, equal masks)."""
     return sorted((r["category_id"], r["score"], r["segmentation"]["counts"]) for r in results)
