@@ -816,16 +816,21 @@ def _too_many_pixels(path: Path, err: Exception) -> DatasetError:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, from its header (no pixel is decoded)."""
+    """(height, width) of an image file, from its header (no pixel is decoded). A TIFF the model
+    cannot read (a Z or T stack, a colour space not converted) is refused here, from its header,
+    so prediction stops on it before any image is predicted, not when its turn comes."""
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tiff:
+                tiff_values(tiff, path)
                 shape = tiff.series[0].shape
                 return (shape[-2], shape[-1]) if channels_first(shape) else (shape[0], shape[1])
         with Image.open(path) as image:
             return image.height, image.width
     except Image.DecompressionBombError as err:
         raise _too_many_pixels(path, err) from err
+    except DatasetError:
+        raise
     except Exception as err:
         raise DatasetError(f"{path}: cannot read the image header ({type(err).__name__}: {err}); re-export it "
                            "or remove it.") from err

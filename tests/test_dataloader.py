@@ -11,7 +11,7 @@ import torch
 import dataloader
 from conftest import mask_boxes, shared
 from dataloader import (DatasetError, UnlabelledImages, LabelledImages, decode_instances, folder_images, list_samples,
-                        read_id_map, read_image, sample_groups, split_samples)
+                        image_size, read_id_map, read_image, sample_groups, split_samples)
 from synthetic import write_rgba_lzw
 
 
@@ -146,7 +146,7 @@ def test_a_stack_of_planes_that_are_not_colours_is_refused(tmp_path: Path) -> No
     tifffile.imwrite(tmp_path / "z.tif", planes, imagej=True, metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "t.tif", planes[:2], imagej=True, metadata={"axes": "TYX"})
     tifffile.imwrite(tmp_path / "c.tif", planes, imagej=True, metadata={"axes": "CYX"})
-    for read in (read_image, lambda path: __import__("streaming").LazyImage(path)):
+    for read in (read_image, lambda path: __import__("streaming").LazyImage(path), image_size):  # image_size: before any prediction
         with pytest.raises(DatasetError, match=r"z.tif: a stack of 3 Z planes \(axes ZYX\).*save one plane"):
             read(tmp_path / "z.tif")
         with pytest.raises(DatasetError, match=r"t.tif: a stack of 2 T planes"):
