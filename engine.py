@@ -46,11 +46,15 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
     if opt.scaler.is_enabled():  # host sync, once an epoch: a falling scale means fp16 overflows
         row["loss_scale"] = opt.scaler.get_scale()
     if "val" in loaders and (epoch % max(args.eval_every, 1) == 0 or epoch == args.epochs):
-        row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
-        row.update(validation_metrics(model, loaders["val"], coco_gt, device, args, info))
-        if opt.ema is not None:  # the average is scored beside the raw weights
-            ema_metrics = validation_metrics(opt.ema.module, loaders["val"], coco_gt, device, args, info)
-            row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        try:
+            row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
+            row.update(validation_metrics(model, loaders["val"], coco_gt, device, args, info))
+            if opt.ema is not None:  # the average is scored beside the raw weights
+                ema_metrics = validation_metrics(opt.ema.module, loaders["val"], coco_gt, device, args, info)
+                row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        except torch.OutOfMemoryError as err:  # the epoch's steps are done: training saves them, resume validates
+            raise DeviceMemoryError(f"out of memory validating epoch {epoch} (held-out images in tiles of --tile "
+                                    f"{args.tile}, {args.batch_size} a batch); pass a smaller --tile or --use_amp") from err
     row["seconds"] = round(time.time() - start, 2)
     return row
 

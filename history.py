@@ -9,6 +9,8 @@ from pathlib import Path
 from files import write_json
 
 HISTORY_FILE = "history.json"
+# The curves ``plot_curve.py`` draws from it beside it, by plot: a fresh run sets them aside with it.
+CURVE_FILES = {"loss": "loss_curve.png", "metrics": "map_curve.png", "lr": "lr_curve.png"}
 # The Mask R-CNN loss terms, each a column of every row (the summed ``loss`` beside them).
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 # Every term a history row logs: torchvision's, the Mask Scoring head's, the later cascade

@@ -22,7 +22,7 @@ from argtypes import HelpFormatter  # noqa: E402
 from cli import run_cli  # noqa: E402
 from errors import UsageError  # noqa: E402
 from files import writable_dir, write_figure  # noqa: E402
-from history import HISTORY_FILE, LOGGED_LOSSES, LOSS_KEYS  # noqa: E402
+from history import CURVE_FILES, HISTORY_FILE, LOGGED_LOSSES, LOSS_KEYS  # noqa: E402
 
 LOSS_PANELS = ("loss",) + LOSS_KEYS
 IOU_TYPES = ("segm", "bbox")
@@ -42,9 +42,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path | None]:
     history = load_history(Path(args.output_dir))
     plot_dir = writable_dir(args.plot_dir or args.output_dir, "--plot_dir")
     paths = {
-        "loss": plot_losses(history, plot_dir / "loss_curve.png"),
-        "metrics": plot_metrics(history, plot_dir / "map_curve.png"),
-        "lr": plot_lr(history, plot_dir / "lr_curve.png"),
+        "loss": plot_losses(history, plot_dir / CURVE_FILES["loss"]),
+        "metrics": plot_metrics(history, plot_dir / CURVE_FILES["metrics"]),
+        "lr": plot_lr(history, plot_dir / CURVE_FILES["lr"]),
     }
     print(f"{len(history)} epochs in {Path(args.output_dir) / HISTORY_FILE}")
     best = best_epoch(history)

@@ -35,7 +35,7 @@ from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceE
 from files import set_aside, writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, class_names_for, validation_settings)
-from history import recorded_epochs, write_history
+from history import CURVE_FILES, recorded_epochs, write_history
 from model import ARCH_KEYS, HEADS, add_model_args, arch_flags, build_model, config_from_args, saved_config
 from inference import predict_folder
 from journal import SUFFIX as JOURNAL_SUFFIX
@@ -237,6 +237,10 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     if resume:
         model.load_state_dict(resume.get("raw_model") or resume["model"])
         opt.load_state_dict(resume)
+        for group in optimizer.param_groups:  # the saved groups hold the run's decay: a typed one applies
+            group["weight_decay"] = args.weight_decay
+        if opt.ema is not None and not resume.get("ema"):  # --ema_decay new to the run: average its weights,
+            opt.ema.module.load_state_dict(model.state_dict())  # not the random ones it was built from
         state = {k: resume.get(k) for k in state}
         set_rng_state(resume["rng"])
         _log(info, f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
@@ -302,6 +306,9 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         if args.early_stop > 0 and epoch - state["best_epoch"] >= args.early_stop:
             _log(info, f"early stop: no improvement of {args.select_metric} for {args.early_stop} epochs")
             break
+    if stop.requested:  # during the last epoch's validation: saved, but no test folder predicted, and said so
+        _log(info, f"stopped after epoch {state['epoch']}, saved in {out / 'last.pth'}")
+        return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
             "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
             "split.json": out / "split.json", "output_dir": out}
@@ -334,11 +341,11 @@ def _save_last(out: Path, ckpt: dict[str, Any], history: list[dict], info: DistI
 TRAIN_SCRIPTS = {"resnet101": "train_resnet.py", "effnet_v2_m": "train_effnet_v2.py"}
 # What a run writes into --output_dir: a fresh run sets an earlier run's aside, never over it.
 RUN_FILES = ("best.pth", "last.pth", "history.json", "split.json", "test-results.json",
-             f"test-results.json{JOURNAL_SUFFIX}", ID_MAP_FILE)
+             f"test-results.json{JOURNAL_SUFFIX}", ID_MAP_FILE, *CURVE_FILES.values())
 # Flags a resumed run keeps: they decide the split, the sampler's order and steps per epoch, or
 # what "best" means, so a change would mix two runs into one history.
 RUN_FLAGS = ("train_dir", "val_dir", "val_split", "split_seed", "split_groups", "seed", "select_metric",
-             "repeat_thresh")
+             "eval_max_dets", "repeat_thresh")
 # Where the samples are read from: where the recorded path is gone, another path holding the same
 # samples, split alike, is the same data (a dataset moved or mounted elsewhere).
 DATA_PATHS = ("train_dir", "val_dir", "split_groups")
@@ -510,6 +517,10 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
             _log(info, f"note: {len(ds.empty)} {name} sample(s) have no instances (kept as background): {ds.empty[:5]}")
     if sum(len(i) for i in train_set.instances) == 0:
         raise DatasetError(f"{args.train_dir}: no instances in any training sample; check the class*.tif files.")
+    if len(val_set) and not sum(len(i) for i in val_set.instances):  # AP would be -1 or 0: best.pth a coin toss
+        raise DatasetError(f"{args.val_dir or args.train_dir}: the {len(val_set)} held-out sample(s) hold no cell, so "
+                           "no epoch can be scored; pass another --split_seed or a larger --val_split (split.json lists "
+                           "them), a --val_dir with cells, or --val_split 0 to select on the training loss.")
     if not len(val_set):
         _log(info, "note: no validation samples: best.pth, --early_stop and the plateau schedule follow the "
                    "training loss")

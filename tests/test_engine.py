@@ -4,6 +4,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -552,6 +553,8 @@ def test_resume_keeps_the_run_s_data_flags_and_takes_new_limits(capsys: pytest.C
         resumed("--train_dir", "data/train", "--val_split", "0.3")
     with pytest.raises(CheckpointError, match=f"--split_seed {first.seed}, now --split_seed 7"):
         resumed("--train_dir", "data/train", "--split_seed", "7")
+    with pytest.raises(CheckpointError, match="--eval_max_dets 100, now --eval_max_dets 1000"):  # what best means
+        resumed("--train_dir", "data/train", "--eval_max_dets", "1000")
     same = resumed("--train_dir", "./data/../data/train", "--split_seed", str(first.seed))  # the same split
     assert same["max_size"] == 1024 and "note" not in capsys.readouterr().out  # not typed: the run's own
     smaller = resumed("--train_dir", "data/train", "--max_size", "512", "--batch_size", "1")  # the out-of-memory advice
@@ -698,3 +701,90 @@ def test_use_amp_on_a_cpu_without_bf16_instructions_runs_float32_and_says_so_onc
         assert capsys.readouterr().out == ""  # a query says nothing
     assert devices.amp_dtype(torch.device("cuda")) == torch.float16  # no CUDA needed to decide
     assert devices.amp_dtype(torch.device("cuda"), enabled=False) is None
+
+
+def _tiny_run(tiny_dataset: dict, out: Path, *flags: str) -> list[str]:
+    return ["--train_dir", str(tiny_dataset["train_dir"]), "--output_dir", str(out), "--weights", "none",
+            "--num_workers", "0", *flags]
+
+
+def test_a_stop_in_the_last_validation_ends_interrupted_without_predicting(tmp_path: Path, tiny_dataset: dict,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            shallow: None) -> None:
+    """Ctrl-C while the last epoch validates used to end the loop as if nothing happened: the
+    test folder was then predicted and the run exited 0. The epoch is saved and the run stops,
+    exit status 3. A fresh run also sets an earlier run's curves aside with its history."""
+    def fake_epoch(net, loaders, opt, device, args, epoch, coco_gt, meter, stop, info) -> dict:
+        stop.requested = True  # the signal arrived during validation
+        return {"epoch": epoch, "lr": 1e-4, "train_loss": 1.0, "val_loss": 1.0, "segm_AP50": 0.5, "seconds": 0.0,
+                "step_seconds": 0.0}
+
+    monkeypatch.setattr(training, "run_epoch", fake_epoch)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "loss_curve.png").write_bytes(b"an earlier run's curve")
+    with pytest.raises(SystemExit) as stopped:
+        training.main(_tiny_run(tiny_dataset, out, "--epochs", "1", "--test_dir", str(tiny_dataset["test_dir"])),
+                      "resnet101", "x")
+    assert stopped.value.code == training.EXIT_INTERRUPTED
+    assert load_checkpoint(out / "last.pth")["epoch"] == 1 and not (out / "test-results.json").exists()
+    assert not (out / "loss_curve.png").exists() and len(list(out.glob("previous-*/loss_curve.png"))) == 1
+
+
+def test_a_resumed_run_applies_a_typed_weight_decay_and_averages_its_own_weights(tmp_path: Path, tiny_dataset: dict,
+                                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                                shallow: None) -> None:
+    """The optimizer's saved groups used to keep the run's decay over a typed --weight_decay, and
+    an --ema_decay new to the run averaged the random weights the model was built with."""
+    seen = []
+
+    def fake_epoch(net, loaders, opt, device, args, epoch, *rest) -> dict:
+        ema = opt.ema and next(iter(opt.ema.module.state_dict().values()))
+        seen.append((opt.optimizer.param_groups[0]["weight_decay"],
+                     ema is not None and torch.equal(ema, next(iter(net.state_dict().values())))))
+        return {"epoch": epoch, "lr": 1e-4, "train_loss": 1.0, "val_loss": 1.0, "segm_AP50": 0.5, "seconds": 0.0,
+                "step_seconds": 0.0}
+
+    monkeypatch.setattr(training, "run_epoch", fake_epoch)
+    out = tmp_path / "run"
+    training.main(_tiny_run(tiny_dataset, out, "--epochs", "1"), "resnet101", "x")
+    training.main(_tiny_run(tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"), "--weight_decay",
+                            "0.05", "--ema_decay", "0.9"), "resnet101", "x")
+    assert seen == [(1e-4, False), (0.05, True)]
+
+
+def test_held_out_samples_without_a_cell_stop_before_training(tmp_path: Path, tiny_dataset: dict) -> None:
+    import tifffile
+
+    from errors import DatasetError
+    sample = tmp_path / "val" / "empty"
+    sample.mkdir(parents=True)
+    tifffile.imwrite(sample / "image.tif", np.zeros((32, 32, 3), np.uint8))
+    tifffile.imwrite(sample / "class1.tif", np.zeros((32, 32)))
+    with pytest.raises(DatasetError, match="held-out sample.* hold no cell, so no epoch can be scored"):
+        training.main(_tiny_run(tiny_dataset, tmp_path / "run", "--val_dir", str(tmp_path / "val"), "--epochs", "1"),
+                      "resnet101", "x")
+
+
+def test_out_of_memory_validating_keeps_the_epoch_and_resume_validates_it(tmp_path: Path, tiny_dataset: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         shallow: None) -> None:
+    """It was a raw traceback after a whole epoch of training, nothing saved."""
+    from errors import DeviceMemoryError
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(engine, "validation_loss", exhausted)
+    out = tmp_path / "run"
+    flags = _tiny_run(tiny_dataset, out, "--epochs", "1", "--crop", "64", "--max_size", "256")
+    with pytest.raises(DeviceMemoryError, match=r"out of memory validating epoch 1 .*--tile.*--resume .*last.pth"):
+        training.main(flags, "resnet101", "x")
+    saved = load_checkpoint(out / "last.pth")
+    assert saved["epoch"] == 0 and saved["partial"]["epoch"] == 1 and saved["partial"]["batches"] > 0
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(engine, "train_step", lambda *a, **k: calls.append(1))  # no step left to train
+    training.main([*flags, "--resume", str(out / "last.pth")], "resnet101", "x")
+    history = load_checkpoint(out / "last.pth")["history"]
+    assert calls == [] and len(history) == 1 and "val_loss" in history[0] and "segm_AP50" in history[0]
