@@ -31,7 +31,7 @@ from distributed import (DistInfo, StopRequest, broadcast, cleanup, decorrelate_
                          init_distributed, samples_trained)
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
-from errors import CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
+from errors import EXPECTED_ERRORS, CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
 from files import set_aside, writable_dir
 from flags import (add_class_names_arg, add_device_args, add_id_map_arg, add_limit_args,
                    add_tile_args, class_names_for, validation_settings)
@@ -157,12 +157,17 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         try:
             summary["submission"] = str(predict_folder(best, args.test_dir, id_map, output, validation_settings(args),
                                                        device=args.device))
-        except DeviceMemoryError as err:  # the train command again would train anew: send the user to inference.py
+        except (KeyboardInterrupt, *EXPECTED_ERRORS) as err:  # the train command again would train anew:
             command = ["python", "inference.py", "--checkpoint", str(best), "--test_dir", str(args.test_dir),
                        *(["--id_map_json", str(id_map)] if id_map else []), "--output", str(output), "--window", "0",
                        "--tile_overlap", str(args.tile_overlap)]  # the tile: the run's own (predictor.training_tile)
-            raise DeviceMemoryError(f"{str(err).rstrip('.')}. Training is finished and saved: predict with "
-                                    f"{shlex.join(command)} and that fix (the train command would train again).") from err
+            advice = f"Training is finished and saved: predict with {shlex.join(command)}"
+            if isinstance(err, KeyboardInterrupt):  # send the user to inference.py, whatever stopped the prediction
+                print(f"{args.test_dir}: prediction stopped. {advice} (the train command would train again).",
+                      file=sys.stderr)
+                raise
+            raise type(err)(f"{str(err).rstrip('.')}. {advice} once that is fixed (the train command would train "
+                            "again).") from err
     print("outputs:")
     for key, value in summary.items():
         if key.endswith(("pth", "json", "dir", "submission")):

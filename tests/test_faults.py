@@ -148,22 +148,28 @@ def test_out_of_memory_on_another_rank_names_what_is_saved(tmp_path: Path) -> No
     assert "steps are lost" in message and f"--resume {tmp_path / 'last.pth'}, its last finished epoch" in message
 
 
-def test_out_of_memory_predicting_after_training_points_to_inference(data: dict, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The train command again would train anew: the error gives the inference.py command."""
-    from errors import DeviceMemoryError
+@pytest.mark.parametrize("failure", ["DeviceMemoryError", "DatasetError", "KeyboardInterrupt"])
+def test_a_failed_prediction_after_training_points_to_inference(failure: str, data: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """The train command again would train anew: whatever stops the test folder's prediction
+    (out of memory, a bad image, Ctrl-C), the user is given the inference.py command."""
+    import errors
+    kind = getattr(errors, failure, KeyboardInterrupt)
 
-    def out_of_memory(*args: object, **kwargs: object) -> None:
-        raise DeviceMemoryError(f"{data['test_dir']}: out of memory predicting; pass --batch_size 1.")
+    def fails(*args: object, **kwargs: object) -> None:
+        raise kind(f"{data['test_dir']}: out of memory predicting; pass --batch_size 1.")
 
     monkeypatch.setattr(training, "train", lambda *a: {"best.pth": tmp_path / "best.pth"})
-    monkeypatch.setattr(training, "predict_folder", out_of_memory)
-    with pytest.raises(DeviceMemoryError) as caught:
+    monkeypatch.setattr(training, "predict_folder", fails)
+    with pytest.raises(kind) as caught:
         train_resnet.main(_args(data, tmp_path, "--test_dir", str(data["test_dir"])))
-    message = str(caught.value)
-    assert "pass --batch_size 1. Training is finished and saved" in message
-    assert (f"python inference.py --checkpoint {tmp_path / 'best.pth'} --test_dir {data['test_dir']} --output "
-            f"{tmp_path / 'test-results.json'} --window 0 --tile_overlap 0.25 and that fix") in message
+    command = (f"python inference.py --checkpoint {tmp_path / 'best.pth'} --test_dir {data['test_dir']} --output "
+               f"{tmp_path / 'test-results.json'} --window 0 --tile_overlap 0.25")
+    message = capsys.readouterr().err if failure == "KeyboardInterrupt" else str(caught.value)
+    assert f"Training is finished and saved: predict with {command}" in message
+    if failure != "KeyboardInterrupt":
+        assert message.startswith(f"{data['test_dir']}: out of memory predicting; pass --batch_size 1. Training")
 
 
 def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
