@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from argtypes import checked
 from errors import DatasetError
+from files import write_json
 from masks import PackedMasks
 from progress import progress
 
@@ -636,7 +637,7 @@ def write_split(path: Path, train: list[str], val: list[str], seed: int, val_spl
     ``split_groups`` spec, or the ``val_dir`` they come from)."""
     payload = {"seed": seed, "val_split": val_split, "train": train, "val": val,
                **{k: v for k, v in where.items() if v}}
-    Path(path).write_text(json.dumps(payload, indent=1))
+    write_json(Path(path), payload, indent=1)  # atomic: a crash never leaves half a split
 
 
 def _decode_sample(sample_dir: Path, keep_image: bool) -> tuple[np.ndarray | None, Instances, float | None]:
