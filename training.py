@@ -249,6 +249,9 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         state = {k: resume.get(k) for k in state}
         set_rng_state(resume["rng"])
         _log(info, f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
+        if state["epoch"] >= args.epochs:  # else the loop is empty and the run looks finished at once
+            _log(info, f"note: the run has done {state['epoch']} epochs, --epochs is {args.epochs}: nothing to train; "
+                       f"pass --epochs {state['epoch'] + 1} or more to train longer")
     decorrelate_ranks(info)  # after the shared init (and rank 0's saved state): each rank its own augmentation
     net = _wrap_distributed(model, args, info, device)
     loaders = _loaders(args, train_set, val_set, sampler, info, device)

@@ -733,9 +733,11 @@ def test_a_stop_in_the_last_validation_ends_interrupted_without_predicting(tmp_p
 
 def test_a_resumed_run_applies_a_typed_weight_decay_and_averages_its_own_weights(tmp_path: Path, tiny_dataset: dict,
                                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                                capsys: pytest.CaptureFixture,
                                                                                 shallow: None) -> None:
     """The optimizer's saved groups used to keep the run's decay over a typed --weight_decay, and
-    an --ema_decay new to the run averaged the random weights the model was built with."""
+    an --ema_decay new to the run averaged the random weights the model was built with. A
+    resume with no epoch left to train says so."""
     seen = []
 
     def fake_epoch(net, loaders, opt, device, args, epoch, *rest) -> dict:
@@ -751,6 +753,10 @@ def test_a_resumed_run_applies_a_typed_weight_decay_and_averages_its_own_weights
     training.main(_tiny_run(tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth"), "--weight_decay",
                             "0.05", "--ema_decay", "0.9"), "resnet101", "x")
     assert seen == [(1e-4, False), (0.05, True)]
+    capsys.readouterr()
+    training.main(_tiny_run(tiny_dataset, out, "--epochs", "2", "--resume", str(out / "last.pth")), "resnet101", "x")
+    assert len(seen) == 2 and "the run has done 2 epochs, --epochs is 2: nothing to train; pass --epochs 3" in \
+        capsys.readouterr().out
 
 
 def test_held_out_samples_without_a_cell_stop_before_training(tmp_path: Path, tiny_dataset: dict) -> None:
