@@ -176,14 +176,14 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     per_window = replace(resolved, detections_per_img=settings.detections_per_img or 0,
                          detections_per_class=settings.detections_per_class or 0)
     journal = PredictionJournal(Path(f"{output}{JOURNAL_SUFFIX}"), run_key(
-        paths, images=[(e["file_name"], e["id"], *file_stamp(dataset.test_dir / e["file_name"])) for e in dataset.entries],
-        test_dir=Path(test_dir).resolve(),
+        paths, test_dir=Path(test_dir).resolve(),
         settings=resolved.what_it_predicts(), per_window=per_window.what_it_predicts(), window=window,
         score_thresh=score_thresh, overrides=overrides))
     ids = [int(e["id"]) for e in dataset.entries]
-    earlier = {i for i in whole if ids[i] in journal.done}
+    stamps = {int(e["id"]): image_stamp(dataset.test_dir, e) for e in dataset.entries}
+    earlier = {i for i in whole if journal.finished(ids[i], stamps[ids[i]])}
     if not cell_outputs.requested:  # a streamed image's cell outputs are painted window by window as it is predicted
-        earlier |= {i for i in streamed if ids[i] in journal.done}
+        earlier |= {i for i in streamed if journal.finished(ids[i], stamps[ids[i]])}
     if journal.stale:
         print(f"{journal.path}: a partial run with other checkpoints, images or settings; starting over")
     elif journal.done:
@@ -204,7 +204,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
             results = [r for part in journal.replay({ids[i] for i in whole if i in earlier}) for r in part]
             for image_id, found in predict_each(models, loader, torch_device, resolved, desc="inference"):
                 journal.add(image_id, found)
-                journal.finish(image_id)
+                journal.finish(image_id, stamps[image_id])
                 results.extend(found)
             report_caps(results, *limits(models, resolved))
             results = [r for r in results if r["score"] >= score_thresh]
@@ -285,7 +285,13 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
                                        part.core.numpy(), label_thresh, numbered + 1, evidence, score_thresh)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
-    journal.finish(int(entry["id"]))
+    journal.finish(int(entry["id"]), image_stamp(test_dir, entry))
+
+
+def image_stamp(test_dir: Path, entry: dict) -> list:
+    """What the journal records a finished image with: its name and its file's size and time,
+    so an image replaced under its name, or an id given to another file, is predicted again."""
+    return [entry["file_name"], *file_stamp(Path(test_dir) / entry["file_name"])]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ The record is ``<submission>.partial``, JSON Lines beside the submission, append
 as the run goes: a header per run, the results of each image (a streamed image: one line per
 window, never all of a slide's cells in memory), and a line marking the image finished. A line
 cut off by the crash is skipped. The record is used only by a run with the same checkpoints
-(path, size, time), images and settings (``run_key``; how the run computes, its batch size, AMP
-or device, may differ: those are the out-of-memory fixes); any other run starts over. It is deleted
+(path, size, time) and settings (``run_key``; how the run computes, its batch size, AMP or
+device, may differ: those are the out-of-memory fixes); any other run starts over. Each finished
+image is recorded with its stamp (name, size, time): one image replaced, added or removed
+(the fix for a bad one) is predicted again alone, not the whole folder. It is deleted
 once the submission is complete. ``visualization.py`` keeps its record of drawn images
 (``.drawing.partial`` beside the PNGs) the same way, and ``benchmarks/accuracy.py`` its held-out
 predictions (``held-out-<key>.partial`` beside the run).
@@ -24,6 +26,11 @@ from typing import Any, Iterator
 
 SUFFIX = ".partial"
 SYNC_SECONDS = 5.0
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from the record (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def file_stamp(path: Path) -> tuple[int, int]:
@@ -52,6 +59,7 @@ class PredictionJournal:
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = Path(path), key
         self.done: dict[int, int] = {}  # image id -> the run that finished it
+        self._stamps: dict[int, Any] = {}  # image id -> the stamp it was finished with
         self.stale = False  # a record of another run was there (and is replaced)
         self._runs = 0
         self._handle: Any = None
@@ -68,6 +76,7 @@ class PredictionJournal:
                 self._runs += 1
             elif "done" in item:
                 self.done[int(item["done"])] = int(item["run"])
+                self._stamps[int(item["done"])] = item.get("stamp")
 
     def _records(self) -> Iterator[dict]:
         """The record's lines, read one at a time; a line cut off by a crash is skipped."""
@@ -105,11 +114,16 @@ class PredictionJournal:
         """Results of one image, or of one window of a streamed image."""
         self._write({"image": int(image_id), "run": self._runs, "results": results})
 
-    def finish(self, image_id: int) -> None:
-        """Mark an image complete. Flushed at once, so it survives the process; forced to the
-        disk (against a machine's crash) at most every SYNC_SECONDS, which many small images
-        predicted fast on a network file system would otherwise wait on."""
-        self._write({"done": int(image_id), "run": self._runs})
+    def finished(self, image_id: int, stamp: Any = None) -> bool:
+        """Whether an earlier run finished this image as it is now (``stamp``, as ``finish`` got it)."""
+        return image_id in self.done and self._stamps.get(image_id) == _as_json(stamp)
+
+    def finish(self, image_id: int, stamp: Any = None) -> None:
+        """Mark an image complete, with ``stamp`` (JSON: what identifies the image's file).
+        Flushed at once, so it survives the process; forced to the disk (against a machine's
+        crash) at most every SYNC_SECONDS, which many small images predicted fast on a network
+        file system would otherwise wait on."""
+        self._write({"done": int(image_id), "run": self._runs, "stamp": _as_json(stamp)})
         if time.monotonic() - self._synced > SYNC_SECONDS:
             os.fsync(self._handle.fileno())
             self._synced = time.monotonic()

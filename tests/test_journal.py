@@ -101,3 +101,36 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path: Path, shallow: None,
     assert predicted == [] and not journal.exists()
     assert _items(inference.main([*common, "--output", str(output), "--box_score_thresh", "0.5"])) != reference
     assert sorted(predicted) == [1, 2]  # other settings: nothing replayed
+
+
+def test_a_replaced_image_is_predicted_again_alone(tmp_path: Path, shallow: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fix for a bad image (re-exported, or its place taken) used to make the whole record
+    stale: every finished image was predicted again. Now only the image that changed is."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(folder / name)
+    output = tmp_path / "out" / "sub.json"
+    common = ["--checkpoint", str(random_checkpoint(tmp_path / "best.pth")), "--test_dir", str(folder),
+              "--num_workers", "0", "--batch_size", "1", "--box_score_thresh", "0", "--output", str(output)]
+    predicted = []
+    real_each = inference.predict_each
+
+    def stops_after_two(*args, **kwargs):
+        for image_id, found in real_each(*args, **kwargs):
+            if len(predicted) == 2:
+                raise KeyboardInterrupt
+            predicted.append(image_id)
+            yield image_id, found
+
+    monkeypatch.setattr(inference, "predict_each", stops_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        inference.main(common)
+    assert predicted == [1, 2]
+    Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(folder / "b.png")  # re-exported
+    predicted.clear()
+    inference.main(common)
+    assert predicted == [2, 3]  # a.png replayed
+    assert output.exists() and not Path(f"{output}.partial").exists()
