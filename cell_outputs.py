@@ -147,7 +147,8 @@ def features(image: PaintedImage, class_names: Sequence[str]) -> list[dict]:
     """Each cell a GeoJSON feature in image pixel coordinates (pixel corners: a one-pixel cell
     at (x, y) spans x..x+1), ``objectType`` detection, its class name and colour, its score as
     a measurement. Its geometry has every pixel the label images and the CSV give it
-    (``cell_geometry``), so QuPath's areas match ``cells.csv``."""
+    (``cell_geometry``), so QuPath's areas match ``cells.csv`` but for the corners the traced
+    rings cut (half a pixel each: a one-pixel cell measures 0.5)."""
     out = []
     for number, window in enumerate(ndimage.find_objects(image.labels), start=1):  # every number has pixels
         cell = image.cells[number - 1]

@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import imagecodecs
 import numpy as np
 import tifffile
 import torch
@@ -168,8 +167,8 @@ def note_dim_pixels(pixels: np.ndarray, path: Path) -> None:
     pixels a little over 1 (divided by 255). Such images reach the model nearly black, with no
     other sign. A loader's workers say it too (prediction reads every image in one), so a
     run may print it once per worker."""
-    if pixels.dtype.itemsize == 1 or pixels.dtype == bool or not pixels.size or pixels.dtype.name in _DIM_NOTED:
-        return
+    if not pixels.size or pixels.dtype.itemsize == 1 or pixels.dtype.name in _DIM_NOTED:
+        return  # 8-bit (or said already): no pass over the pixels for their peak
     if np.issubdtype(pixels.dtype, np.floating):
         note_dim_range(pixels.dtype, float_peak(pixels) or 0.0, path)
     elif np.issubdtype(pixels.dtype, np.integer):
@@ -682,6 +681,8 @@ def _read_pixels(path: Path, shown: bool = True) -> np.ndarray:
                 return as_pixels(stored.asarray())
         with Image.open(path) as image:
             if _sixteen_bit_colour(image):  # Pillow would cut these to 8 bits (a 12-bit camera's: near black)
+                import imagecodecs  # here: a missing install fails on such a PNG, with the hint, not every script
+
                 return imagecodecs.png_decode(path.read_bytes())
             if shown and image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette or other spaces: as RGB(A)
                 image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")

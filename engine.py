@@ -53,8 +53,9 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
                 ema_metrics = validation_metrics(opt.ema.module, loaders["val"], coco_gt, device, args, info)
                 row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         except torch.OutOfMemoryError as err:  # the epoch's steps are done: training saves them, resume validates
-            raise DeviceMemoryError(f"out of memory validating epoch {epoch} (held-out images in tiles of --tile "
-                                    f"{args.tile}, {args.batch_size} a batch); pass a smaller --tile or --use_amp") from err
+            raise DeviceMemoryError(f"out of memory validating epoch {epoch} (the loss on whole held-out images, "
+                                    f"{args.batch_size} a batch, then AP in tiles of --tile {args.tile}); pass "
+                                    "--batch_size 1, a smaller --max_size or --tile, or --use_amp") from err
     row["seconds"] = round(time.time() - start, 2)
     return row
 

@@ -185,8 +185,8 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
     if not cell_outputs.requested:  # a streamed image's cell outputs are painted window by window as it is predicted
         earlier |= {i for i in streamed if journal.finished(ids[i], stamps[ids[i]])}
     if journal.stale:
-        print(f"{journal.path}: a partial run with other checkpoints, images or settings; starting over")
-    elif journal.done:
+        print(f"{journal.path}: a partial run with other checkpoints or settings; starting over")
+    elif earlier:
         print(f"resuming: {len(earlier)} of {len(dataset)} images were predicted by an earlier run of this command "
               f"({journal.path}; delete it to start over)")
     todo = [i for i in whole if i not in earlier]
@@ -220,7 +220,7 @@ def predict_folder(checkpoint: str | Path | Sequence[str | Path], test_dir: str 
             if i in earlier:
                 continue
             _stream(dataset.entries[i], dataset.test_dir, models, torch_device, per_window, window, score_thresh,
-                    submission, writer, cell_outputs.score_thresh, journal, cell_outputs.evidence)
+                    submission, writer, cell_outputs.score_thresh, journal, cell_outputs.evidence, stamps[ids[i]])
     journal.discard()  # the submission is complete
     if id_map is None:  # the ids the submission uses, for evaluate.py and for the user
         write_json(map_beside(output), dataset.entries, indent=1)
@@ -263,8 +263,9 @@ def report_caps(results: list[dict], cap: int, per_class: int) -> None:
 
 def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.device, settings: Settings,
             window: int, score_thresh: float, submission: JsonArrayWriter, writer: CellWriter | None,
-            label_thresh: float, journal: PredictionJournal, evidence: bool) -> None:
-    """One large image predicted window by window, each window's cells written before the next is read."""
+            label_thresh: float, journal: PredictionJournal, evidence: bool, stamp: list) -> None:
+    """One large image predicted window by window, each window's cells written before the next
+    is read; finished in the journal with ``stamp``, taken before it was read."""
     path = test_dir / entry["file_name"]
     with LazyImage(path) as image:
         if image.size[0] * image.size[1] >= 1 << 32:
@@ -285,7 +286,7 @@ def _stream(entry: dict, test_dir: Path, models: list[nn.Module], device: torch.
                                        part.core.numpy(), label_thresh, numbered + 1, evidence, score_thresh)
                 writer.add(cells, image.size)
                 numbered += len(cells.cells)
-    journal.finish(int(entry["id"]), image_stamp(test_dir, entry))
+    journal.finish(int(entry["id"]), stamp)
 
 
 def image_stamp(test_dir: Path, entry: dict) -> list:

@@ -7,12 +7,14 @@ as the run goes: a header per run, the results of each image (a streamed image: 
 window, never all of a slide's cells in memory), and a line marking the image finished. A line
 cut off by the crash is skipped. The record is used only by a run with the same checkpoints
 (path, size, time) and settings (``run_key``; how the run computes, its batch size, AMP or
-device, may differ: those are the out-of-memory fixes); any other run starts over. Each finished
-image is recorded with its stamp (name, size, time): one image replaced, added or removed
-(the fix for a bad one) is predicted again alone, not the whole folder. It is deleted
+device, may differ: those are the out-of-memory fixes); any other run starts over. Each image
+``inference.py`` finishes is recorded with its stamp (name, size, time): an image replaced under
+its name (the fix for a bad one) is predicted again alone, not the whole folder. (Without an id
+map the images are numbered by name, so adding or removing a file renumbers, and predicts
+again, the images after it.) It is deleted
 once the submission is complete. ``visualization.py`` keeps its record of drawn images
-(``.drawing.partial`` beside the PNGs) the same way, and ``benchmarks/accuracy.py`` its held-out
-predictions (``held-out-<key>.partial`` beside the run).
+(``.drawing.partial`` beside the PNGs), and ``benchmarks/accuracy.py`` its held-out predictions
+(``held-out-<key>.partial`` beside the run), the same way, with the images in their key.
 Standard library only.
 """
 from __future__ import annotations

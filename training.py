@@ -27,7 +27,7 @@ from coco import build_coco_gt
 from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, find_id_map, list_samples,
                         sample_groups, split_samples, write_split)
 from devices import amp_dtype, precision
-from distributed import (DistInfo, StopRequest, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
+from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
                          init_distributed, samples_trained)
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
@@ -314,7 +314,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         if args.early_stop > 0 and epoch - state["best_epoch"] >= args.early_stop:
             _log(info, f"early stop: no improvement of {args.select_metric} for {args.early_stop} epochs")
             break
-    if stop.requested:  # during the last epoch's validation: saved, but no test folder predicted, and said so
+    if any_rank(stop.requested, info, device):  # in the last validation: saved, no test folder predicted; all ranks agree
         _log(info, f"stopped after epoch {state['epoch']}, saved in {out / 'last.pth'}")
         return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
@@ -526,9 +526,11 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
     if sum(len(i) for i in train_set.instances) == 0:
         raise DatasetError(f"{args.train_dir}: no instances in any training sample; check the class*.tif files.")
     if len(val_set) and not sum(len(i) for i in val_set.instances):  # AP would be -1 or 0: best.pth a coin toss
+        fix = ("--val_dir a folder with cells" if args.val_dir else
+               "another --split_seed or a larger --val_split (split.json lists them), or --val_split 0 to select on "
+               "the training loss")
         raise DatasetError(f"{args.val_dir or args.train_dir}: the {len(val_set)} held-out sample(s) hold no cell, so "
-                           "no epoch can be scored; pass another --split_seed or a larger --val_split (split.json lists "
-                           "them), a --val_dir with cells, or --val_split 0 to select on the training loss.")
+                           f"no epoch can be scored; start a new run with {fix}.")
     if not len(val_set):
         _log(info, "note: no validation samples: best.pth, --early_stop and the plateau schedule follow the "
                    "training loss")
