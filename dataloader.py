@@ -259,8 +259,10 @@ def read_label_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return label.astype(np.int64, copy=False)
 
 
-# One value in this many separate regions is a mask of all the cells, not one cell's id.
+# One value in this many separate regions, each at least BINARY_MASK_SHARE of the largest, is a
+# mask of all the cells, not one cell's id (which may carry specks: an annotation tool's slips).
 BINARY_MASK_PIECES = 3
+BINARY_MASK_SHARE = 0.1
 
 
 def _refuse_binary_mask(label: np.ndarray, path: Path) -> None:
@@ -270,7 +272,9 @@ def _refuse_binary_mask(label: np.ndarray, path: Path) -> None:
     cells = label[inside]
     if not cells.size or cells.min() != cells.max():
         return
-    _, pieces = ndimage.label(inside)
+    regions, _ = ndimage.label(inside)
+    sizes = np.bincount(regions.ravel())[1:]
+    pieces = int((sizes >= BINARY_MASK_SHARE * sizes.max()).sum())
     if pieces >= BINARY_MASK_PIECES:
         raise DatasetError(f"{path}: one value ({cells.max()}) marks {pieces} separate regions: a mask of all the "
                            "cells, not one id per cell; give each cell its own id (e.g. skimage.measure.label) "

@@ -82,6 +82,9 @@ def test_a_class_file_that_is_not_instance_ids_is_refused(tmp_path: Path, kind: 
     two[5:10, 2:7] = two[5:10, 12:17] = 9  # one cell cut in two by the annotation
     tifffile.imwrite(sample / "class1.tif", two)
     assert len(decode_instances(sample, (30, 40))) == 1
+    two[20, 30] = two[25, 35] = two[28, 2] = 9  # and three one-pixel specks of its id: still one cell
+    tifffile.imwrite(sample / "class1.tif", two)
+    assert len(decode_instances(sample, (30, 40))) == 1
 
 
 def test_a_two_channel_stack_is_refused_not_read_as_grey_and_alpha(tmp_path: Path) -> None:
