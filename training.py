@@ -288,7 +288,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
             raise DivergenceError(f"{message}.") from err
         if row is None:  # stopped by a signal: keep the steps done so far
             _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps()}")
-            return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
+            return _interrupted(out)
         state["partial"] = None
         state["history"].append(row)
         state["epoch"] = epoch
@@ -316,10 +316,15 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
             break
     if any_rank(stop.requested, info, device):  # in the last validation: saved, no test folder predicted; all ranks agree
         _log(info, f"stopped after epoch {state['epoch']}, saved in {out / 'last.pth'}")
-        return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
+        return _interrupted(out)
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
             "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
             "split.json": out / "split.json", "output_dir": out}
+
+
+def _interrupted(out: Path) -> dict[str, Any]:
+    """The summary of a run stopped by a signal: ``train.py`` exits 3 on it and names last.pth."""
+    return {"interrupted": True, "last.pth": out / "last.pth", "output_dir": out}
 
 
 def _memory_resume(keep_steps: Callable[[], Path], out: Path, info: DistInfo) -> str:
