@@ -180,11 +180,12 @@ def _run_counts(starts: np.ndarray, ends: np.ndarray, runs: np.ndarray, pixels: 
 def evaluate(coco_gt: COCO, results: list[dict], max_dets: int = 100,
              iou_types: Iterable[str] = IOU_TYPES) -> dict[str, float]:
     """``{iou_type}_{AP|AP50|AP75}`` and per-class ``{iou_type}_AP50_class{c}``; zeros, not a
-    crash, when there are no predictions."""
+    crash, when there are no predictions (NaN, as COCOeval gives, for a class without ground
+    truth, so an absent class reads the same whether or not anything was detected)."""
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
         if not results:
-            metrics.update(_zero_metrics(iou_type))
+            metrics.update(_zero_metrics(coco_gt, iou_type))
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes([dict(r) for r in results])
@@ -368,9 +369,10 @@ def _named_metrics(evaluator: COCOeval_faster, iou_type: str) -> dict[str, float
     return out
 
 
-def _zero_metrics(iou_type: str) -> dict[str, float]:
+def _zero_metrics(coco_gt: COCO, iou_type: str) -> dict[str, float]:
     out = {f"{iou_type}_{m}": 0.0 for m in METRICS}
     for c in range(1, NUM_CLASSES + 1):
-        out[f"{iou_type}_AP_class{c}"] = 0.0
-        out[f"{iou_type}_AP50_class{c}"] = 0.0
+        value = 0.0 if coco_gt.getAnnIds(catIds=[c]) else float("nan")  # COCOeval's -1: no ground truth
+        out[f"{iou_type}_AP_class{c}"] = value
+        out[f"{iou_type}_AP50_class{c}"] = value
     return out

@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.label_rule and args.labels:
-        parser.error("--label_rule applies to a --submission; every cell of --labels counts as found")
+    if args.labels:  # a threshold the label images were already cut at: ignoring it silently would mislead
+        given = next((f for f, v in (("--label_rule", args.label_rule), ("--score_thresh", args.score_thresh),
+                                     ("--label_thresh", args.label_thresh)) if v is not None), None)
+        if given:
+            parser.error(f"{given} applies to a --submission; every cell of --labels counts as found")
     if args.json:  # checked before the work, not at its end
         writable_file(args.json, "--json", "metrics.json")
     # After parsing: --help and a bad flag answer without loading torch (about 2 s).

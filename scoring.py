@@ -60,10 +60,14 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
     for n, r in enumerate(results):
         problem = _result_problem(r)
         fix = "write the submission with inference.py, or as COCO results with RLE masks"
+        if not problem:
+            _normalise(r)
         if not problem and r["image_id"] in shapes and r["segmentation"]["size"] != list(shapes[r["image_id"]]):
             problem = (f"has a mask of size {r['segmentation']['size']} on an image of "
                        f"{list(shapes[r['image_id']])} (height, width)")
             fix = OTHER_IMAGES  # a well-formed result of another image
+        if not problem and r["image_id"] in shapes:
+            problem = _mask_problem(r["segmentation"])
         if problem:
             raise DatasetError(f"{path}: result {n} (image_id {r['image_id']!r}) {problem}; {fix}.")
     kept = [r for r in results if r["image_id"] in shapes]
@@ -103,9 +107,9 @@ def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], sou
 def _result_problem(result: dict) -> str:
     """What keeps one COCO result from being scored as COCO results are ("" when nothing)."""
     image_id, category, score, mask = (result[k] for k in ("image_id", "category_id", "score", "segmentation"))
-    if not is_whole(image_id):
+    if not _whole_number(image_id):
         return "has an image_id that is not an integer"
-    if not is_whole(category) or category not in CATEGORY_IDS:
+    if not _whole_number(category) or category not in CATEGORY_IDS:
         return f"has category_id {category!r}, not one of {sorted(CATEGORY_IDS)}"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"has score {score!r}, not a finite number"
@@ -114,6 +118,46 @@ def _result_problem(result: dict) -> str:
         return "has a segmentation that is not an RLE {size, counts} (polygons are not scored)"
     if not isinstance(mask["size"], list) or len(mask["size"]) != 2 or not all(map(is_whole, mask["size"])):
         return f"has an RLE size {mask['size']!r}, not [height, width]"
+    return ""
+
+
+def _whole_number(value: object) -> bool:
+    """An id as a table tool writes it: ``1`` or ``1.0`` (pandas writes ids as floats), never a bool."""
+    return is_whole(value) or (isinstance(value, float) and value.is_integer())
+
+
+def _normalise(result: dict) -> None:
+    """``result`` as COCO's loader and our scorer read it: integer ids, and an RLE with its runs
+    compressed into a string (COCO also allows them as a list, which its C code cannot read)."""
+    result["image_id"], result["category_id"] = int(result["image_id"]), int(result["category_id"])
+    mask = result["segmentation"]
+    if isinstance(mask["counts"], list):
+        from faster_coco_eval.core import mask as mask_util
+
+        height, width = mask["size"]
+        mask = mask_util.frPyObjects(mask, height, width) if all(map(is_whole, mask["counts"])) else mask
+    if isinstance(mask["counts"], bytes):
+        mask = {"size": mask["size"], "counts": mask["counts"].decode("ascii")}
+    result["segmentation"] = mask
+
+
+def _mask_problem(mask: dict) -> str:
+    """What keeps an RLE from decoding to its [height, width] ("" when nothing): a malformed
+    string, or runs that do not add up to height × width, which the scorer would otherwise
+    meet only deep inside COCOeval, as a traceback."""
+    from faster_coco_eval.core import mask as mask_util
+
+    height, width = mask["size"]
+    try:
+        if not isinstance(mask["counts"], str):
+            return "has an RLE whose counts are neither a string nor whole numbers"
+        # Runs re-encoded with an empty mask of the image's size: equal to the RLE when it is whole
+        # (microseconds); else the pixels are decoded (milliseconds) to tell odd from broken.
+        empty = mask_util.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)
+        if mask_util.merge([mask, empty])["counts"].decode("ascii") != mask["counts"]:
+            mask_util.decode(mask)
+    except (RuntimeError, ValueError) as err:
+        return f"has an RLE mask that does not decode to {height} x {width} pixels ({err})"
     return ""
 
 

@@ -37,8 +37,14 @@ def test_perfect_predictions_score_one() -> None:
 
 
 def test_no_predictions_give_zeros_not_crash() -> None:
-    metrics = evaluate(build_coco_gt([_instances()], [7]), [])
+    gt = build_coco_gt([_instances()], [7])
+    metrics = evaluate(gt, [])
     assert metrics["segm_AP50"] == 0.0 and metrics["bbox_AP"] == 0.0
+    assert metrics["segm_AP50_class1"] == 0.0 and metrics["segm_AP50_class3"] == 0.0
+    # a class without ground truth is NaN with or without detections, as COCOeval says
+    one = detections_to_coco(_perfect_output(_instances()), 7)[:1]
+    for found in (metrics, evaluate(gt, one)):
+        assert np.isnan(found["segm_AP50_class2"]) and np.isnan(found["bbox_AP_class4"])
 
 
 def test_results_are_a_valid_submission(tmp_path) -> None:

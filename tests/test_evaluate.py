@@ -128,7 +128,8 @@ def test_a_cell_whose_classes_share_its_probability_counts_under_summed_evidence
     assert scored_cells([], 20, 20) == []
 
 
-def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_path: Path) -> None:
+def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
     """Each true cell that overlaps no other, submitted twice on its pixels, 0.4 of its class and
     0.3 of another: none is found at --score_thresh 0.5 under --label_rule score, and under the
     default --label_rule evidence each one is, of its own class, as if submitted once at 0.7."""
@@ -151,9 +152,12 @@ def test_label_evidence_counts_a_cell_split_over_two_classes(scored: dict, tmp_p
     # inference.py's name for the threshold: at 0.3 each cell's 0.4 detection of its class is found
     lower = evaluate.main([*common, str(tmp_path / "split.json"), "--label_rule", "score", "--label_thresh", "0.3"])
     assert lower["recall"] == once["recall"] > 0.0
-    for rule in ("evidence", "score"):  # every cell of a label image counts: no rule applies
+    # every cell of a label image counts: no rule or threshold applies, and none is ignored silently
+    for flag, value in (("--label_rule", "evidence"), ("--label_rule", "score"), ("--score_thresh", "0.9"),
+                        ("--label_thresh", "0.5")):
         with pytest.raises(SystemExit):
-            evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), "--label_rule", rule])
+            evaluate.main(["--data_dir", str(scored["train"]), "--labels", str(tmp_path), flag, value])
+        assert f"{flag} applies to a --submission" in capsys.readouterr().err
 
 
 def test_saved_labels_read_back_as_data_and_score_like_the_json(scored: dict) -> None:
@@ -257,6 +261,12 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
                             ({"segmentation": polygon}, rf"not an RLE .*\(polygons are not scored\); {rewrite}"),
                             ({"segmentation": {**good["segmentation"], "size": 64}},
                              rf"RLE size 64, not \[height, width\]; {rewrite}"),
+                            ({"segmentation": {**good["segmentation"], "counts": "zzzz!!"}},
+                             rf"RLE mask that does not decode to {shapes[1][0]} x {shapes[1][1]} pixels .*malformed"),
+                            ({"segmentation": {"size": list(shapes[1]), "counts": [0, 5]}},  # runs of 5 pixels
+                             rf"RLE mask that does not decode to {shapes[1][0]} x {shapes[1][1]} pixels"),
+                            ({"segmentation": {"size": list(shapes[1]), "counts": [0, 1.5]}},
+                             "RLE whose counts are neither a string nor whole numbers"),
                             ({"segmentation": {**good["segmentation"], "size": [32, 32]}},  # another image's mask
                              rf"mask of size \[32, 32\] on an image of \[{shapes[1][0]}, {shapes[1][1]}\] \(height, "
                              r"width\); it is of other images, .*pass the --data_dir it was predicted on")):
@@ -264,6 +274,16 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
         bad.write_text(json.dumps([good, {**good, **change}]))
         with pytest.raises(DatasetError, match=f"bad.json: result 1 .*{problem}"):
             read_submission(bad, shapes)
+    # As pandas and COCO's other writers give them: float ids, runs as a list of lengths
+    height, width = shapes[1]
+    runs = [0, height * width]  # every pixel of image 1
+    table = tmp_path / "table.json"
+    unboxed = {k: v for k, v in good.items() if k != "bbox"}
+    table.write_text(json.dumps([{**unboxed, "image_id": 1.0, "category_id": 2.0,
+                                  "segmentation": {"size": [height, width], "counts": runs}}]))
+    (read,) = read_submission(table, shapes)
+    assert (read["image_id"], read["category_id"]) == (1, 2) and type(read["image_id"]) is int
+    assert isinstance(read["segmentation"]["counts"], str) and read["bbox"] == [0.0, 0.0, width, height]
 
 
 def test_images_a_submission_says_nothing_about_are_noted_and_a_folder_without_cells_refused(
