@@ -21,7 +21,7 @@ from PIL import Image
 from argtypes import HelpFormatter
 from cli import run_cli
 from dataloader import (CLASS_FILES, ID_MAP_FILE, IMAGE_FILE, TIFF_SUFFIXES, Instances, decode_instances, image_size,
-                        is_whole, list_samples, map_beside, read_id_map)
+                        is_whole, list_samples, map_beside, read_id_map, read_raw_image)
 from errors import DatasetError
 from files import writable_file, write_json
 from progress import progress
@@ -161,8 +161,11 @@ def test_stats(test_dir: Path, id_map_json: Path) -> dict[str, Any]:
 
 
 def survey_sample(sample: Path) -> tuple[dict[str, Any], list[str], Instances]:
-    """Image header, label dtypes and instances of one sample; each label file is decoded once."""
+    """Image header, label dtypes and instances of one sample; each label file is decoded once,
+    and the image as training reads it, so a sample training would refuse (a Z stack, two
+    channels stored as planes, a colour space not converted) is a problem here too."""
     info = tiff_info(sample / IMAGE_FILE)
+    read_raw_image(sample / IMAGE_FILE)
     dtypes = [tiff_info(sample / name)["dtype"] for name in CLASS_FILES.values() if (sample / name).exists()]
     return info, dtypes, decode_instances(sample, (info["height"], info["width"]))
 
@@ -170,9 +173,9 @@ def survey_sample(sample: Path) -> tuple[dict[str, Any], list[str], Instances]:
 def header_info(path: Path) -> dict[str, Any]:
     """``tiff_info`` for a TIFF; for the PNG and JPEG files inference.py also predicts, the size
     and PIL's mode from the header."""
+    height, width = image_size(path)  # refuses, from the header, what prediction refuses (a Z stack)
     if path.suffix.lower() in TIFF_SUFFIXES:
         return tiff_info(path)
-    height, width = image_size(path)
     with Image.open(path) as image:
         return {"height": height, "width": width, "mode": f"{image.format} {image.mode}"}
 

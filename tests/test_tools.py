@@ -91,6 +91,27 @@ def test_check_stats_match_label_files(data: dict[str, Path], tmp_path: Path) ->
     assert saved["test"]["consistent"] and saved["test"]["images"] == 2
 
 
+def test_check_stats_lists_images_training_and_prediction_refuse(data: dict[str, Path], tmp_path: Path) -> None:
+    """A Z stack and two channels stored as planes (what ImageJ saves) are refused by training
+    and prediction; the check that runs before a day of training lists them too."""
+    train, test = tmp_path / "train", tmp_path / "test"
+    shutil.copytree(data["train_dir"], train)
+    shutil.copytree(data["test_dir"], test)
+    first, second = sorted(p for p in train.iterdir())[:2]
+    planes = np.random.default_rng(0).integers(0, 256, (3, 96, 112), dtype=np.uint8)
+    tifffile.imwrite(first / "image.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(second / "image.tif", planes[:2], imagej=True, metadata={"axes": "CYX"})
+    entries = json.loads(Path(data["id_map_json"]).read_text())
+    tifffile.imwrite(test / entries[0]["file_name"], planes, imagej=True, metadata={"axes": "ZYX"})
+    stats = check_stats.main(["--train_dir", str(train), "--test_dir", str(test),
+                              "--id_map_json", str(data["id_map_json"])])
+    problems = stats["train"]["problems"]
+    assert sorted(problems) == [first.name, second.name] and stats["train"]["samples"] == 4
+    assert "a stack of 3 Z planes" in problems[first.name] and "2 channels stored as planes" in problems[second.name]
+    assert list(stats["test"]["unreadable"]) == [entries[0]["file_name"]] and not stats["test"]["consistent"]
+    assert check_stats.found_problems(stats) == 3
+
+
 def test_check_stats_reports_an_inconsistent_test_folder(data: dict[str, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     entries = json.loads(Path(data["id_map_json"]).read_text())
