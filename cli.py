@@ -52,9 +52,19 @@ def describe(err: BaseException) -> str:
     itself (``[Errno 13] Permission denied: 'x'``) the path, the reason and what to do."""
     if isinstance(err, OSError) and err.filename is not None:
         fix = next((text for kind, text in _PATH_ERRORS.items() if isinstance(err, kind)), "check the path")
+        if isinstance(err, PermissionError) and _unreadable(err.filename):  # an input, not an output
+            fix = "change its permissions so that you can read it, or copy it somewhere you can"
         return f"{err.filename}: {(err.strerror or str(err)).lower()}; {fix}."
     text = str(err)
     if "\nOriginal Traceback" in text:  # raised again by a DataLoader worker: its own message is the last line
         last = text.rstrip().splitlines()[-1]  # "errors.DatasetError: <message>"
         text = last.split(": ", 1)[-1]
     return " ".join(text.split())
+
+
+def _unreadable(path: Any) -> bool:
+    """Whether ``path`` exists but this user may not read it (a file) or list it (a folder)."""
+    try:
+        return os.path.exists(path) and not os.access(path, os.R_OK)
+    except (TypeError, ValueError):  # a file descriptor or an odd name: no advice either way
+        return False

@@ -63,10 +63,13 @@ def load_history(output_dir: Path) -> list[dict[str, Any]]:
                                 f"--output_dir {output_dir}), which writes {HISTORY_FILE} after every epoch.")
     try:
         history = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: not valid JSON ({err}); rerun an epoch with --resume to rewrite it.") from err
     if not isinstance(history, list) or not history:
         raise UsageError(f"{path}: expected a non-empty list of per-epoch rows; train at least one epoch.")
+    if not all(isinstance(row, dict) and isinstance(row.get("epoch"), (int, float)) for row in history):
+        raise UsageError(f"{path}: expected per-epoch rows, each an object with its epoch, as training writes them; "
+                         "pass the history.json of a training run.")
     return history
 
 
@@ -85,7 +88,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_ticks(ax)
     fig.suptitle("losses per epoch")
     return _save(fig, path)
 
@@ -115,7 +118,7 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> Path | None:
                        label=f"{best_label(history)} (epoch {best[0]}, {best[1]})")
         ax.set_xlabel("epoch")
         ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_ticks(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if best and best[1].removeprefix("ema_") in (f"{t}_{m}" for t in IOU_TYPES[:1] for m in AP_NAMES):
@@ -131,7 +134,7 @@ def plot_lr(history: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*_points(history, "lr"), "-o", markersize=3)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _epoch_ticks(ax)
     ax.set_ylabel("learning rate (end of epoch)")
     ax.set_ylim(bottom=0)
     ax.set_title("learning rate")
@@ -160,6 +163,11 @@ def best_label(history: list[dict[str, Any]]) -> str:
     """What the marked epoch is: the one ``best.pth`` holds where training recorded it, else
     (an older history) only the highest segm AP50, which ``best.pth`` need not hold."""
     return "best.pth" if any("best_epoch" in row for row in history) else f"best {BEST_METRIC}"
+
+
+def _epoch_ticks(ax: plt.Axes) -> None:
+    """Whole epochs on the x axis, one tick at least: a one-epoch run is not drawn at 0.95 ... 1.05."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _points(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

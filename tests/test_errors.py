@@ -3,6 +3,7 @@ and no traceback, in every script; ``CELLSEG_DEBUG=1`` brings the traceback back
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -129,11 +130,19 @@ def test_bad_id_map_checkpoint_and_output_folder(data: dict, tmp_path: Path, cap
     assert line.startswith(f"error: {blocker / 'p.json'}") or line.startswith(f"error: {blocker}")
 
 
-def test_python_oserrors_name_the_path_and_the_fix() -> None:
+def test_python_oserrors_name_the_path_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         open("/nonexistent/x.json")
     except OSError as err:
         assert describe(err) == "/nonexistent/x.json: no such file or directory; check the path."
+    # a file this user may not read is an input: advice to write elsewhere would not help
+    history = tmp_path / "history.json"
+    history.write_text("[]")
+    denied = PermissionError(13, "Permission denied", str(history))
+    assert describe(denied).endswith("; choose a path you can write to, or change its permissions.")  # readable
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.R_OK)  # as for another user's 0600 file
+    assert describe(denied) == (f"{history}: permission denied; change its permissions so that you can read it, "
+                                "or copy it somewhere you can.")
 
 
 def test_an_error_in_a_data_loader_worker_is_its_own_one_line() -> None:

@@ -503,6 +503,26 @@ def test_plot_curve_joins_metrics_scored_every_few_epochs(tmp_path: Path) -> Non
 def test_plot_curve_without_history_says_train_first(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"history\.json: not found; train first"):
         plot_curve.main(["--output_dir", str(tmp_path)])
+    from errors import UsageError
+
+    for content, told in ((b"[1, 2]", "expected per-epoch rows, each an object with its epoch"),
+                          (b'[{"train_loss": 1.0}]', "expected per-epoch rows"),
+                          (b"\xff\xfe[]", "not valid JSON")):
+        (tmp_path / "history.json").write_bytes(content)
+        with pytest.raises(UsageError, match=told):
+            plot_curve.main(["--output_dir", str(tmp_path)])
+
+
+def test_a_one_epoch_history_is_drawn_on_whole_epochs(tmp_path: Path) -> None:
+    write_history(tmp_path / "history.json", _history(with_val=True)[:1])
+    plot_curve.main(["--output_dir", str(tmp_path)])
+    fig, ax = plt.subplots()
+    ax.plot([1], [0.5], "-o")
+    plot_curve._epoch_ticks(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    plt.close(fig)
+    assert ticks == [1.0]
 
 
 @pytest.mark.parametrize("tool", ["evaluate.py", "plot_curve.py"])
