@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test folder (default: the (first) checkpoint's run's, else dataset/test_release)")
     add_id_map_arg(parser, writes_submission=False)  # --mode test; without --test_dir, the checkpoint's run's map comes first
     parser.add_argument("--max_labels", type=non_negative_int, default=150,
-                        help="most class:score labels per image, best first (0: none, boxes and masks only)")
+                        help="most class:score labels per image, best first (0: no labels, the cells still drawn)")
     parser.add_argument("--min_label_side", type=non_negative, default=8.0,
                         help="no label on boxes with a side below this (image pixels)")
     add_class_names_arg(parser, "the figures' legends")
