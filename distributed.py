@@ -149,6 +149,15 @@ def samples_trained(skipped: int, batches: int, batch_size: int, world_size: int
     return (skipped + batches * batch_size) * world_size
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are the main process's to
+    handle (``StopRequest``). torchrun, Slurm and a terminal's Ctrl-C signal the whole process
+    group; PyTorch's workers die of a SIGTERM, and the main process then crashed on the lost
+    worker instead of saving. A worker still ends with its parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopRequest:
     """SIGTERM (a preempted job) or Ctrl-C asks the loop to stop after the current step and
     save (during validation: once it ends, so the epoch's result is kept); a second Ctrl-C stops

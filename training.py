@@ -28,7 +28,7 @@ from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_f
                         sample_groups, split_samples, write_split)
 from devices import amp_dtype, precision
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
-                         init_distributed, samples_trained)
+                         ignore_stop_signals, init_distributed, samples_trained)
 from ema import ModelEMA
 from engine import EpochMeter, run_epoch
 from errors import EXPECTED_ERRORS, CheckpointError, DatasetError, DeviceMemoryError, DivergenceError, UsageError
@@ -547,7 +547,7 @@ def _datasets(args: argparse.Namespace, out: Path, info: DistInfo) -> tuple[Labe
 def _loaders(args: argparse.Namespace, train_set: LabelledImages, val_set: LabelledImages,
              sampler: Sampler[int], info: DistInfo, device: torch.device) -> dict[str, DataLoader]:
     common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
-              "persistent_workers": args.num_workers > 0}
+              "persistent_workers": args.num_workers > 0, "worker_init_fn": ignore_stop_signals}
     loaders = {"train": DataLoader(train_set, batch_size=args.batch_size, sampler=SeededDraws(sampler, args.seed),
                                    **common)}
     if len(val_set):

@@ -36,17 +36,20 @@ def _args(data: dict, out: Path, *extra: str) -> list[str]:
 
 
 def test_sigterm_mid_epoch_then_resume_continues(data: dict, tmp_path: Path, shallow: None) -> None:
+    """SIGTERM as torchrun and Slurm send it, to the whole process group: the loader's workers
+    get it too, and must leave the stop to the main process rather than die under it."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tests/shallow.py"), "train_resnet.py",
-           *_args(data, out, "--epochs", "2", "--val_split", "0.25")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           *_args(data, out, "--epochs", "2", "--val_split", "0.25", "--num_workers", "2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines = []
     for line in proc.stdout:  # the signal handler is installed before "data:" is printed
         lines.append(line)
         if line.startswith("data:"):
             break
     time.sleep(1.0)  # a few steps of the shallow model (a stop before the first step resumes just as well)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     log = "".join(lines) + rest
     assert proc.returncode == training.EXIT_INTERRUPTED, log
