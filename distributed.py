@@ -115,6 +115,16 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(tensor.item())  # host sync: the ranks' answer, read where the caller agreed to wait
 
 
+def any_rank_each(flags: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Each element of a bool tensor set where it is set on any rank (an all-reduce, no host
+    sync: the caller reads it with what it reads anyway); every rank must call it at the same point."""
+    if not info.enabled:
+        return flags
+    tensor = flags.to(torch.uint8)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.bool()
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (also for one process) that can skip the batches an interrupted
     epoch already trained, without loading them."""

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from coco import evaluate, matching_metrics
 from detector import check_boxes
 from devices import autocast
-from distributed import DistInfo, StopRequest, any_rank, broadcast, gather_lists, sum_across
+from distributed import DistInfo, StopRequest, any_rank, any_rank_each, broadcast, gather_lists, sum_across
 from errors import DeviceMemoryError, DivergenceError
 from flags import validation_settings
 from history import LOGGED_LOSSES
@@ -102,25 +102,29 @@ class EpochMeter:
         terms = [losses[k].detach() if k in losses else torch.zeros_like(loss) for k in LOGGED_LOSSES]
         self._pending.append((torch.stack(terms + [loss.detach(), flag]), image_ids))
 
-    def read(self, epoch: int) -> float | None:
-        """Fold the pending steps into the sums; the last finite total loss, for the progress bar."""
+    def read(self, epoch: int, info: DistInfo = DistInfo()) -> float | None:
+        """Fold the pending steps into the sums; the last finite total loss, for the progress bar.
+        Under torchrun every rank reads at the same steps, and a step counts as non-finite for
+        the run's stop where any rank's loss was: the ranks stop together, none waits alone in
+        the next all-reduce."""
         if not self._pending:
             return None
-        rows = torch.stack([values for values, _ in self._pending]).tolist()  # the one host sync of the logging
+        stacked = torch.stack([values for values, _ in self._pending])
+        anywhere = any_rank_each(~torch.isfinite(stacked[:, -2]), info)
+        rows = torch.cat([stacked, anywhere[:, None].to(stacked.dtype)], 1).tolist()  # the one host sync of the logging
         last = None
-        for (*row, skipped), (_, ids) in zip(rows, self._pending):
+        for (*row, skipped, any_bad), (_, ids) in zip(rows, self._pending):
+            self.bad_in_row = self.bad_in_row + 1 if any_bad else 0
             if math.isfinite(row[-1]):
-                self.bad_in_row = 0
                 self.steps += 1
                 for key, value in zip(LOGGED_LOSSES + ("loss",), row):
                     self.sums[key] += value
                 last = row[-1]
-                self.skipped += int(skipped)  # a finite loss, gradients that overflowed fp16: AMP skipped the update
-                continue
-            self.skipped += 1
-            self.bad_in_row += 1
-            print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
-                  f"{ {k: round(v, 4) for k, v in zip(LOGGED_LOSSES, row)} }")
+                self.skipped += int(skipped)  # a finite loss, gradients that overflowed fp16 or NaN on another rank
+            else:
+                self.skipped += 1
+                print(f"non-finite loss skipped (epoch {epoch}, image ids {ids}): "
+                      f"{ {k: round(v, 4) for k, v in zip(LOGGED_LOSSES, row)} }")
             if self.bad_in_row >= MAX_BAD_STEPS:
                 raise DivergenceError(f"epoch {epoch}: {self.bad_in_row} non-finite losses in a row; lower --lr "
                                       "or check the images named above.")
@@ -152,8 +156,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, opt: "Optimisation", d
         train_step(model, images, targets, opt, meter, device, args.use_amp, loader.dataset)
         meter.seconds += time.time() - start
         if meter.batches % READ_EVERY == 0:
-            _show_loss(bar, meter.read(epoch))
-    _show_loss(bar, meter.read(epoch))
+            _show_loss(bar, meter.read(epoch, info))
+    _show_loss(bar, meter.read(epoch, info))
 
 
 def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[dict], opt: "Optimisation",

@@ -15,6 +15,7 @@ from coco import build_coco_gt, evaluate
 from conftest import ROOT
 from dataloader import LabelledImages, collate_fn
 from distributed import DistInfo, ResumableSampler, epoch_samples_done, samples_trained
+from engine import MAX_BAD_STEPS, READ_EVERY
 from predictor import predict
 from synthetic import make_dataset
 
@@ -169,3 +170,49 @@ def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert default_device("cuda:1") == torch.device("cuda:1") and current == [torch.device("cuda:1")]
     assert default_device("cpu") == torch.device("cpu") and len(current) == 1
+
+
+DIVERGING_RANK = """
+import os
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import engine
+from distributed import init_distributed
+from errors import DivergenceError
+
+info, device = init_distributed("cpu")
+meter, raised_at = engine.EpochMeter(), None
+for step in range(1, 3 * engine.MAX_BAD_STEPS + 1):
+    # rank 0's loss is NaN at every step; rank 1's stays finite, its updates skipped (NaN gradients after the all-reduce)
+    loss = torch.tensor(float("nan") if info.rank == 0 else 1.0)
+    meter.add({}, loss, [step], skipped=torch.tensor(True))
+    if step % engine.READ_EVERY == 0:
+        try:
+            meter.read(1, info)
+        except DivergenceError:
+            raised_at = step
+            break
+with open(f"rank{info.rank}.txt", "w") as out:
+    out.write(str(raised_at))
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_ranks_stop_together_when_one_rank_diverges(tmp_path: Path) -> None:
+    """Non-finite losses on one rank only: every rank raises at the same read, so none is left
+    waiting in the next all-reduce (under srun or mp.spawn, for the process group's timeout)."""
+    script = tmp_path / "rank.py"
+    script.write_text(DIVERGING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(ROOT)]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank waited alone after the other stopped")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first_read_after = -(-MAX_BAD_STEPS // READ_EVERY) * READ_EVERY  # the read that sees MAX_BAD_STEPS in a row
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [str(first_read_after)] * 2
