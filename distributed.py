@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DistributedSampler
 
 from devices import default_device
@@ -104,6 +105,17 @@ def broadcast(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def share_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, before the ranks score their
+    shards: DDP broadcasts them only as a forward starts, so after the last step each rank's
+    statistics hold its own last batch (``--use_attn`` without ``--sync_bn``), and the shards
+    were scored with weights a little unlike those rank 0 saves. Once a validation, no host sync."""
+    if not info.enabled:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from coco import evaluate, matching_metrics
 from detector import check_boxes
 from devices import autocast
-from distributed import DistInfo, StopRequest, any_rank, any_rank_each, broadcast, gather_lists, sum_across
+from distributed import (DistInfo, StopRequest, any_rank, any_rank_each, broadcast, gather_lists, share_buffers,
+                         sum_across)
 from errors import DeviceMemoryError, DivergenceError
 from flags import validation_settings
 from history import LOGGED_LOSSES
@@ -46,6 +47,9 @@ def run_epoch(model: nn.Module, loaders: dict[str, DataLoader], opt: "Optimisati
     if opt.scaler.is_enabled():  # host sync, once an epoch: a falling scale means fp16 overflows
         row["loss_scale"] = opt.scaler.get_scale()
     if "val" in loaders and (epoch % max(args.eval_every, 1) == 0 or epoch == args.epochs):
+        share_buffers(getattr(model, "module", model), info)
+        if opt.ema is not None:
+            share_buffers(opt.ema.module, info)
         try:
             row.update(validation_loss(model, loaders["val"], device, args.use_amp, info))
             row.update(validation_metrics(model, loaders["val"], coco_gt, device, args, info))

@@ -1,7 +1,8 @@
 """What one training step changes besides the model, and how the learning rate moves:
 the fused AdamW that skips a non-finite step on the device, the AMP scaler, the weight
 average, clipping, and the per-step warm-up then cosine or plateau schedule. Saved and
-restored together (``Optimisation.state_dict``), so a resumed run continues exactly.
+restored together (``Optimisation.state_dict``), so a resumed run continues exactly (in one
+process: under torchrun only rank 0's random state is saved, and each other rank reseeds).
 """
 from __future__ import annotations
 

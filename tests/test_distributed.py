@@ -179,7 +179,7 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import engine
-from distributed import init_distributed
+from distributed import init_distributed, share_buffers
 from errors import DivergenceError
 
 info, device = init_distributed("cpu")
@@ -194,17 +194,21 @@ for step in range(1, 3 * engine.MAX_BAD_STEPS + 1):
         except DivergenceError:
             raised_at = step
             break
+norm = torch.nn.BatchNorm2d(2)
+norm.train()(torch.full((1, 2, 3, 3), float(info.rank)))  # each rank's statistics saw its own batch
+share_buffers(norm, info)
 with open(f"rank{info.rank}.txt", "w") as out:
-    out.write(str(raised_at))
+    out.write(f"{raised_at} {norm.running_mean.tolist()} {int(norm.num_batches_tracked)}")
 dist.barrier()
 dist.destroy_process_group()
 os._exit(0)
 """
 
 
-def test_ranks_stop_together_when_one_rank_diverges(tmp_path: Path) -> None:
+def test_ranks_stop_together_when_one_rank_diverges_and_score_with_rank_0s_statistics(tmp_path: Path) -> None:
     """Non-finite losses on one rank only: every rank raises at the same read, so none is left
-    waiting in the next all-reduce (under srun or mp.spawn, for the process group's timeout)."""
+    waiting in the next all-reduce (under srun or mp.spawn, for the process group's timeout).
+    Before validation every rank takes rank 0's BatchNorm statistics (``share_buffers``)."""
     script = tmp_path / "rank.py"
     script.write_text(DIVERGING_RANK)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -215,4 +219,4 @@ def test_ranks_stop_together_when_one_rank_diverges(tmp_path: Path) -> None:
         pytest.fail("a rank waited alone after the other stopped")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first_read_after = -(-MAX_BAD_STEPS // READ_EVERY) * READ_EVERY  # the read that sees MAX_BAD_STEPS in a row
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [str(first_read_after)] * 2
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{first_read_after} [0.0, 0.0] 1"] * 2
