@@ -90,12 +90,13 @@ def sum_across(values: dict[str, float], info: DistInfo, device: torch.device) -
 
 
 def gather_lists(items: list, info: DistInfo) -> list:
-    """Concatenate every rank's list on all ranks (validation predictions)."""
+    """Every rank's list concatenated on rank 0, which scores them (validation predictions);
+    other ranks get an empty list: sending every mask to every rank would cost W times the traffic."""
     if not info.enabled:
         return items
-    parts: list[Any] = [None] * info.world_size
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
+    parts: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if parts is not None else []
 
 
 def broadcast(obj: Any, info: DistInfo) -> Any:
