@@ -616,6 +616,12 @@ def is_whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def whole_valued(value: object) -> bool:
+    """A number naming a whole one: ``1`` or ``1.0``, as tools that write tables give ids and
+    counts (never a bool)."""
+    return is_whole(value) or (isinstance(value, float) and value.is_integer())
+
+
 def whole_id(entry: dict, id_map_json: Path) -> int:
     """An id map entry's id as the int the submission writes, in inference.py and evaluate.py
     alike: tools that write maps from a table give ``1.0`` or ``"1"``, which name the same
@@ -623,7 +629,7 @@ def whole_id(entry: dict, id_map_json: Path) -> int:
     value = entry["id"]
     if isinstance(value, str) and value.strip().lstrip("+").isdigit():
         return int(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+    if whole_valued(value):
         return int(value)
     raise DatasetError(f"{id_map_json}: the id of {entry['file_name']!r} is {value!r}, not a whole number; "
                        "give every image an integer id.")

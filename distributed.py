@@ -115,8 +115,10 @@ def share_buffers(module: nn.Module, info: DistInfo) -> None:
     were scored with weights a little unlike those rank 0 saves. Once a validation, no host sync."""
     if not info.enabled:
         return
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
+    for layer in module.modules():  # frozen BatchNorm's buffers never change: they are left alone
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            for buffer in layer.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
@@ -172,13 +174,25 @@ def samples_trained(skipped: int, batches: int, batch_size: int, world_size: int
     return (skipped + batches * batch_size) * world_size
 
 
+WORKER_STOP_GRACE = 600  # seconds a loader worker outlives a SIGTERM: torchrun --shutdown_timeout's advice
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are the main process's to
     handle (``StopRequest``). torchrun, Slurm and a terminal's Ctrl-C signal the whole process
-    group; PyTorch's workers die of a SIGTERM, and the main process then crashed on the lost
-    worker instead of saving. A worker still ends with its parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    group; PyTorch's workers died of a SIGTERM, and the main process then crashed on the lost
+    worker instead of saving. A SIGTERM now arms an alarm instead: the worker serves the main
+    process while it saves, ends with the loader as usual, and a worker stuck (a hung file
+    system) still dies WORKER_STOP_GRACE seconds later, so the run never hangs at exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "alarm"):  # POSIX; elsewhere a SIGTERM ends the worker, as before
+        signal.signal(signal.SIGTERM, _stop_later)
+
+
+def _stop_later(signum: int, frame: Any) -> None:
+    remaining = signal.alarm(WORKER_STOP_GRACE)
+    if remaining:  # a second SIGTERM (the loader's own terminate()) keeps the first one's end
+        signal.alarm(remaining)
 
 
 class StopRequest:

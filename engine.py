@@ -131,7 +131,7 @@ class EpochMeter:
                       f"{ {k: round(v, 4) for k, v in zip(LOGGED_LOSSES, row)} }")
             if self.bad_in_row >= MAX_BAD_STEPS:
                 raise DivergenceError(f"epoch {epoch}: {self.bad_in_row} non-finite losses in a row; lower --lr "
-                                      "or check the images named above.")
+                                      "or check the images named above (under torchrun, by the ranks that had them).")
         self._pending.clear()
         return last
 

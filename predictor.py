@@ -23,7 +23,7 @@ from devices import autocast, counts, prediction_batch, scale_boxes
 from masks import PackedMasks, mask_areas
 from merging import (average_masks, consensus, greedy_mask_merge, merge_order, same_cell_copies,
                      same_cell_pairs, select_candidates, selected, take, votes)
-from model import image_cap
+from model import UNLIMITED, image_cap
 from progress import progress
 from tiling import Window, cut_flags, max_cover, tile_grid
 from tta import View, apply_view, boxes_back, masks_back, views
@@ -240,7 +240,10 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     for k, job in enumerate(jobs):
         by_image[job.image].append(k)
     n_sources = len(stages) * len(shown)
-    picks = [_candidates(found, jobs, mine, n_sources, cap, per_class * settings.class_pool, settings)
+    # Under a class cap the image's cap too is pooled: it applies again after the class cap (``_merge``),
+    # as the model's own caps apply (each class first), so a frequent class cannot take a rare one's share.
+    pool = cap * settings.class_pool if per_class > 0 else cap
+    picks = [_candidates(found, jobs, mine, n_sources, pool, per_class * settings.class_pool, settings)
              for mine in by_image]
     masks, quality = _candidate_masks(stages, passes, jobs, picks, lambda chunk: detect(chunk)[0])
     if quality is not None and settings.mask_scoring:  # Mask Scoring: each candidate ranks by class probability x predicted mask IoU
@@ -248,7 +251,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
             pick["scores"] = pick["scores"] * iou[:len(pick["scores"])].to(pick["scores"].dtype)
     probs = [_averaged(pick, prob) for pick, prob in zip(picks, masks)]
     classes = class_count(stages) if settings.class_context else 0
-    return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes, per_class)
+    return [_merge(pick, prob, tuple(image.shape[-2:]), settings, classes, per_class, cap)
             for image, pick, prob in zip(images, picks, probs)]
 
 
@@ -396,7 +399,7 @@ def _averaged(pick: dict, probs: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Settings, classes: int,
-           per_class: int = 0) -> dict:
+           per_class: int = 0, cap: int = UNLIMITED) -> dict:
     """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
     raised by their votes and weighed by their neighbours' classes (of ``classes``), best first,
     at most ``per_class`` of a class (0: no limit)."""
@@ -416,8 +419,10 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
                      settings.context_reach)
     order = torch.argsort(scores, descending=True)
     kept, scores = kept[order], scores[order]
-    if per_class > 0 and merged:  # one view: the model's own cap already holds
-        within, pixels = selected(group_ranks(scores, pick["labels"][kept]) < per_class, sizes[kept])  # host sync: per image
+    if per_class > 0 and merged:  # one view: the model's own caps already hold
+        within = group_ranks(scores, pick["labels"][kept]) < per_class
+        within &= torch.cumsum(within, 0) <= cap  # then the image's cap, best first (the candidates were pooled for it)
+        within, pixels = selected(within, sizes[kept])  # host sync: per image
         kept, scores = kept[within], scores[within]
     return {"boxes": pick["boxes"][kept], "scores": scores, "labels": pick["labels"][kept],
             "masks": take(masks, kept, pixels), "image_size": size}

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, matching_metrics
+from coco import CATEGORIES, IOU_TYPES, encode_packed, evaluate, mask_util, matching_metrics, rle_runs
 from dataloader import (CLASS_FILES, IMAGE_FILE, few, is_whole, read_id_entries, read_json, read_label_image,
-                        sample_name)
+                        sample_name, whole_valued)
 from errors import DatasetError
 from masks import PackedMasks
 from progress import progress
@@ -66,8 +66,8 @@ def read_submission(path: Path, shapes: dict[int, tuple[int, int]]) -> list[dict
             problem = (f"has a mask of size {r['segmentation']['size']} on an image of "
                        f"{list(shapes[r['image_id']])} (height, width)")
             fix = OTHER_IMAGES  # a well-formed result of another image
-        if not problem and r["image_id"] in shapes:
-            problem = _mask_problem(r["segmentation"])
+        if not problem and r["image_id"] in shapes:  # another image's results are left out, unread
+            problem = _mask_problem(r)
         if problem:
             raise DatasetError(f"{path}: result {n} (image_id {r['image_id']!r}) {problem}; {fix}.")
     kept = [r for r in results if r["image_id"] in shapes]
@@ -107,9 +107,9 @@ def unscored_notes(samples: list[Path], ids: list[int], results: list[dict], sou
 def _result_problem(result: dict) -> str:
     """What keeps one COCO result from being scored as COCO results are ("" when nothing)."""
     image_id, category, score, mask = (result[k] for k in ("image_id", "category_id", "score", "segmentation"))
-    if not _whole_number(image_id):
+    if not whole_valued(image_id):
         return "has an image_id that is not an integer"
-    if not _whole_number(category) or category not in CATEGORY_IDS:
+    if not whole_valued(category) or category not in CATEGORY_IDS:
         return f"has category_id {category!r}, not one of {sorted(CATEGORY_IDS)}"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"has score {score!r}, not a finite number"
@@ -121,43 +121,32 @@ def _result_problem(result: dict) -> str:
     return ""
 
 
-def _whole_number(value: object) -> bool:
-    """An id as a table tool writes it: ``1`` or ``1.0`` (pandas writes ids as floats), never a bool."""
-    return is_whole(value) or (isinstance(value, float) and value.is_integer())
-
-
 def _normalise(result: dict) -> None:
-    """``result`` as COCO's loader and our scorer read it: integer ids, and an RLE with its runs
-    compressed into a string (COCO also allows them as a list, which its C code cannot read)."""
+    """``result`` with integer ids, as COCO's loader and our scorer read them."""
     result["image_id"], result["category_id"] = int(result["image_id"]), int(result["category_id"])
+
+
+def _mask_problem(result: dict) -> str:
+    """What keeps a result's RLE from being a mask of its [height, width] ("" when nothing): a
+    malformed string, negative runs, or runs that do not add up to height x width (the last makes
+    COCO's IoU loop forever). Runs given as a list, as COCO allows, are compressed into the string
+    its C code reads. Checked in time that grows with each string (``coco.rle_runs``), not the image."""
     mask = result["segmentation"]
-    if isinstance(mask["counts"], list):
-        from faster_coco_eval.core import mask as mask_util
-
-        height, width = mask["size"]
-        mask = mask_util.frPyObjects(mask, height, width) if all(map(is_whole, mask["counts"])) else mask
-    if isinstance(mask["counts"], bytes):
-        mask = {"size": mask["size"], "counts": mask["counts"].decode("ascii")}
-    result["segmentation"] = mask
-
-
-def _mask_problem(mask: dict) -> str:
-    """What keeps an RLE from decoding to its [height, width] ("" when nothing): a malformed
-    string, or runs that do not add up to height × width, which the scorer would otherwise
-    meet only deep inside COCOeval, as a traceback."""
-    from faster_coco_eval.core import mask as mask_util
-
     height, width = mask["size"]
-    try:
-        if not isinstance(mask["counts"], str):
-            return "has an RLE whose counts are neither a string nor whole numbers"
-        # Runs re-encoded with an empty mask of the image's size: equal to the RLE when it is whole
-        # (microseconds); else the pixels are decoded (milliseconds) to tell odd from broken.
-        empty = mask_util.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)
-        if mask_util.merge([mask, empty])["counts"].decode("ascii") != mask["counts"]:
-            mask_util.decode(mask)
-    except (RuntimeError, ValueError) as err:
-        return f"has an RLE mask that does not decode to {height} x {width} pixels ({err})"
+    counts = mask["counts"]
+    if isinstance(counts, list):
+        runs = np.array([int(v) for v in counts], np.int64) if all(map(whole_valued, counts)) else None
+    else:
+        runs = rle_runs(counts)
+    if runs is None:
+        return "has an RLE whose counts are neither a COCO string nor whole numbers"
+    if runs.size and runs.min() < 0:
+        return f"has an RLE with a negative run ({int(runs.min())})"
+    if runs.sum() != height * width:
+        return f"has an RLE mask whose runs cover {int(runs.sum())} pixels, not {height} x {width}"
+    if isinstance(counts, list):
+        compressed = mask_util.frPyObjects({"size": [height, width], "counts": runs.tolist()}, height, width)
+        result["segmentation"] = {"size": [height, width], "counts": compressed["counts"].decode("ascii")}
     return ""
 
 
@@ -206,6 +195,4 @@ def print_table(metrics: dict[str, float], iou_thresh: float) -> None:
 
 
 def _rle_box(segmentation: dict) -> list[float]:
-    from faster_coco_eval.core import mask as mask_util
-
     return list(mask_util.toBbox(segmentation))

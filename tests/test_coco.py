@@ -7,7 +7,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coco import build_coco_gt, detections_to_coco, encode_packed, evaluate
+from coco import build_coco_gt, detections_to_coco, encode_packed, evaluate, mask_util, rle_runs
 from dataloader import Instances
 from masks import PackedMasks
 
@@ -115,3 +115,18 @@ def test_scores_equal_pycocotools() -> None:
     assert 0 < ours["segm_AP"] < 1
     for key, index in (("segm_AP", 0), ("segm_AP50", 1), ("segm_AP75", 2)):
         assert abs(ours[key] - reference.stats[index]) < 1e-6, key
+
+
+def test_rle_runs_read_coco_strings_as_coco_writes_them() -> None:
+    """Run lengths of random masks' compressed strings equal the masks' own runs (column-major,
+    background first), and strings COCO's reader refuses give None."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        height, width = (int(v) for v in rng.integers(1, 70, 2))
+        mask = np.asfortranarray(rng.random((height, width)) < rng.random())
+        flat = mask.flatten(order="F")
+        runs = np.diff(np.r_[0, np.flatnonzero(np.diff(flat)) + 1, flat.size])
+        runs = np.r_[0, runs] if flat[0] else runs
+        counts = mask_util.encode(mask.astype(np.uint8))["counts"].decode("ascii")
+        assert rle_runs(counts).tolist() == runs.tolist()
+    assert rle_runs("zzzz!!") is None and rle_runs("0\x7f") is None and rle_runs("").size == 0

@@ -261,12 +261,18 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
                             ({"segmentation": polygon}, rf"not an RLE .*\(polygons are not scored\); {rewrite}"),
                             ({"segmentation": {**good["segmentation"], "size": 64}},
                              rf"RLE size 64, not \[height, width\]; {rewrite}"),
-                            ({"segmentation": {**good["segmentation"], "counts": "zzzz!!"}},
-                             rf"RLE mask that does not decode to {shapes[1][0]} x {shapes[1][1]} pixels .*malformed"),
-                            ({"segmentation": {"size": list(shapes[1]), "counts": [0, 5]}},  # runs of 5 pixels
-                             rf"RLE mask that does not decode to {shapes[1][0]} x {shapes[1][1]} pixels"),
+                            ({"segmentation": {**good["segmentation"], "counts": "zzzz!!"}},  # cut short
+                             "RLE whose counts are neither a COCO string nor whole numbers"),
+                            ({"segmentation": {**good["segmentation"], "counts": "05"}},  # 5 pixels: COCO's IoU hangs
+                             rf"runs cover 5 pixels, not {shapes[1][0]} x {shapes[1][1]}"),
+                            ({"segmentation": {"size": list(shapes[1]), "counts": [0, 5]}},
+                             rf"runs cover 5 pixels, not {shapes[1][0]} x {shapes[1][1]}"),
+                            ({"segmentation": {"size": list(shapes[1]), "counts": [0, shapes[1][0] * shapes[1][1] + 5]}},
+                             "runs cover"),
+                            ({"segmentation": {"size": list(shapes[1]), "counts": [-5, 5 + shapes[1][0] * shapes[1][1]]}},
+                             r"a negative run \(-5\)"),
                             ({"segmentation": {"size": list(shapes[1]), "counts": [0, 1.5]}},
-                             "RLE whose counts are neither a string nor whole numbers"),
+                             "RLE whose counts are neither a COCO string nor whole numbers"),
                             ({"segmentation": {**good["segmentation"], "size": [32, 32]}},  # another image's mask
                              rf"mask of size \[32, 32\] on an image of \[{shapes[1][0]}, {shapes[1][1]}\] \(height, "
                              r"width\); it is of other images, .*pass the --data_dir it was predicted on")):
@@ -276,7 +282,7 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
             read_submission(bad, shapes)
     # As pandas and COCO's other writers give them: float ids, runs as a list of lengths
     height, width = shapes[1]
-    runs = [0, height * width]  # every pixel of image 1
+    runs = [0.0, float(height * width)]  # every pixel of image 1, written as a table tool writes numbers
     table = tmp_path / "table.json"
     unboxed = {k: v for k, v in good.items() if k != "bbox"}
     table.write_text(json.dumps([{**unboxed, "image_id": 1.0, "category_id": 2.0,

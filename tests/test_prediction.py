@@ -198,6 +198,30 @@ def test_the_class_cap_holds_whole_cells_after_the_merge_drops_fragments() -> No
     assert _cells(out) <= _cells(whole)
 
 
+class SkewedOracle(CellOracle):
+    """Classes 1 and 2 score above every cell of classes 3 and 4, as a frequent class does."""
+
+    def detect(self, crops: list[torch.Tensor], cap: int, per_class: int = 0) -> tuple[list, list[dict]]:
+        state, dets = super().detect(crops, cap, per_class)
+        for found in dets:
+            found["scores"] = found["scores"] / 2 + 0.5 * (found["labels"] <= 2)
+        return state, dets
+
+
+def test_the_image_cap_follows_the_class_cap_after_the_merge() -> None:
+    """An image cap below the classes' caps summed: each class is cut to its cap first, then the
+    image keeps its best (as the model's own caps apply in one view), so the surest classes
+    cannot take the rarer classes' share before the class cap is applied."""
+    image = _scene(5, (200, 260), 60)
+    every = predict_images(SkewedOracle(), [image], Settings())[0]
+    per_class = torch.cat([torch.nonzero(every["labels"] == c).flatten()[:4] for c in range(1, 5)])
+    expected = every["scores"][per_class].sort(descending=True).values[:10]
+    tiled = predict_images(SkewedOracle(), [image], Settings(tile=96, tile_overlap=0.4, detections_per_class=4,
+                                                             detections_per_img=10))[0]
+    assert torch.allclose(tiled["scores"], expected)
+    assert int((tiled["labels"] > 2).sum()) == 2  # the rarer classes' best two, after the 4 + 4 surest
+
+
 def test_candidates_prefer_whole_copies_and_respect_the_cap() -> None:
     boxes = torch.tensor([[0., 0, 10, 10], [0, 0, 10, 6], [20, 20, 30, 30], [21, 20, 30, 30], [50, 50, 60, 60]])
     scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.6])
