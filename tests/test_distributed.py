@@ -220,3 +220,17 @@ def test_ranks_stop_together_when_one_rank_diverges_and_score_with_rank_0s_stati
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first_read_after = -(-MAX_BAD_STEPS // READ_EVERY) * READ_EVERY  # the read that sees MAX_BAD_STEPS in a row
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{first_read_after} [0.0, 0.0] 1"] * 2
+
+
+def test_a_loader_worker_outlives_a_group_sigterm_for_a_grace_only() -> None:
+    """In a worker, a SIGTERM (torchrun's or Slurm's, to the whole group) arms an alarm instead
+    of ending it at once; a second one keeps the first one's end; Ctrl-C is ignored."""
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1])\n"
+            "from distributed import WORKER_STOP_GRACE, ignore_stop_signals\n"
+            "ignore_stop_signals(0)\n"
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "first = signal.alarm(30); signal.alarm(0)\n"  # remaining of the grace, then 30 s left
+            "signal.alarm(30); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print(first == WORKER_STOP_GRACE or first == WORKER_STOP_GRACE - 1, signal.alarm(0) <= 30)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr
