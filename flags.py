@@ -79,7 +79,8 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                        help="one view per image even where --tta or --tta_scales is given (without them: the default)")
     group.add_argument("--tta_scales", type=positive, nargs="+", default=None,
                        help=f"image scales of --tta's views (default: {' '.join(map(str, TTA_SCALES))}); given "
-                            "alone, it turns --tta on")
+                            "alone, it turns --tta on; with --tile 0 a view past --max_size is shrunk to it, so "
+                            "on large whole images the scales differ only by resampling: use tiles")
     group.add_argument("--merge", choices=("max", "avg"), default=None,
                        help="a cell found by several views or models: 'max' keeps the mask of its best-scoring "
                             "copy; 'avg' averages the mask probabilities of its whole copies (not cut by a tile "

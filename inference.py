@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "twice belongs to the better score)")
     outputs.add_argument("--save_labels", default=None, metavar="DIR",
                          help="DIR/<image stem>/image.tif + class1.tif..class4.tif (uint16 cell numbers; uint32 in a "
-                              "streamed image): the "
+                              "streamed image or past 65535 cells): the "
                               "training layout, to correct and train on, or to open in napari")
     outputs.add_argument("--save_geojson", default=None, metavar="DIR",
                          help="DIR/<image stem>.geojson: QuPath detections (polygons in image pixels, class, score)")
@@ -296,4 +296,5 @@ def image_stamp(test_dir: Path, entry: dict) -> list:
 
 
 if __name__ == "__main__":
-    run_cli(main, on_interrupt="run the same command again: the images already predicted are kept")
+    run_cli(main, on_interrupt="run the same command again: the images already predicted are kept (a streamed "
+                               "image with --save_* outputs is predicted again)")
