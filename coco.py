@@ -294,14 +294,7 @@ def scored_cells(results: list[dict], height: int, width: int, score_thresh: flo
     ``score_thresh``. The cell keeps its best class; ``class_score`` is that class's score,
     ``score`` the evidence."""
     kept = sorted(results, key=lambda r: -r["score"])
-    crops, boxes = [], []
-    for r in kept:  # on the host, after prediction, as ``paint`` decodes them
-        mask = mask_util.decode(r["segmentation"]).astype(bool)
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        box = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1] if len(rows) else [0, 0, 0, 0]
-        crops.append(mask[box[1]:box[3], box[0]:box[2]])
-        boxes.append(box)
-    masks = PackedMasks.from_crops(crops, np.array(boxes).reshape(-1, 4), (height, width))
+    masks = packed_rles([r["segmentation"] for r in kept], height, width)
     labels = np.array([int(r["category_id"]) for r in kept], dtype=np.int64)
     scores = np.array([float(r["score"]) for r in kept])
     order, canvas, evidence = cell_evidence(masks, labels, scores, (height, width))
@@ -350,10 +343,32 @@ def paint(results: list[dict], height: int, width: int, score_thresh: float = 0.
     """The detections scoring at least ``score_thresh``, best first, and a canvas holding at
     each pixel 1 + the index of the best one covering it (0: none)."""
     kept = sorted((r for r in results if r["score"] >= score_thresh), key=lambda r: -r["score"])
-    canvas = np.zeros((height, width), dtype=np.int32)
-    for k in range(len(kept) - 1, -1, -1):  # worst first, so better ones paint over it (offline scoring)
-        canvas[mask_util.decode(kept[k]["segmentation"]).astype(bool)] = k + 1
-    return kept, canvas
+    masks = packed_rles([r["segmentation"] for r in kept], height, width)
+    return kept, paint_packed(masks, np.arange(len(kept)), (height, width))
+
+
+def packed_rles(segmentations: list[dict], height: int, width: int) -> PackedMasks:
+    """COCO RLEs of one image as packed masks (host), each cropped to its box straight from its
+    runs (``rle_runs``): decoding each at the image's size cost 0.1 s a cell on a 4096 px image,
+    minutes for the cell outputs of one dense image."""
+    crops, boxes = [], []
+    for segmentation in segmentations:  # on the host, after prediction
+        runs = rle_runs(segmentation["counts"])
+        ends = np.cumsum(runs)
+        starts, lengths = (ends - runs)[1::2], runs[1::2]  # the runs of 1s, column-major
+        total = int(lengths.sum())
+        if not total:
+            crops.append(np.zeros((0, 0), bool))
+            boxes.append([0, 0, 0, 0])
+            continue
+        index = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+        rows, cols = index % height, index // height
+        y0, x0 = rows.min(), cols.min()
+        crop = np.zeros((rows.max() + 1 - y0, cols.max() + 1 - x0), bool)
+        crop[rows - y0, cols - x0] = True
+        crops.append(crop)
+        boxes.append([x0, y0, x0 + crop.shape[1], y0 + crop.shape[0]])
+    return PackedMasks.from_crops(crops, np.array(boxes, dtype=np.int64).reshape(-1, 4), (height, width))
 
 
 def paint_packed(masks: PackedMasks, order: np.ndarray, shape: tuple[int, int],

@@ -7,7 +7,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coco import build_coco_gt, detections_to_coco, encode_packed, evaluate, mask_util, rle_runs
+from coco import build_coco_gt, detections_to_coco, encode_packed, evaluate, mask_util, packed_rles, rle_runs
 from dataloader import Instances
 from masks import PackedMasks
 
@@ -130,3 +130,16 @@ def test_rle_runs_read_coco_strings_as_coco_writes_them() -> None:
         counts = mask_util.encode(mask.astype(np.uint8))["counts"].decode("ascii")
         assert rle_runs(counts).tolist() == runs.tolist()
     assert rle_runs("zzzz!!") is None and rle_runs("0\x7f") is None and rle_runs("").size == 0
+
+
+def test_packed_rles_crop_each_mask_as_decoding_it_would() -> None:
+    rng = np.random.default_rng(1)
+    masks = np.zeros((40, 60, 45), np.uint8)
+    for mask in masks[:-1]:  # the last one empty
+        y, x = (int(v) for v in rng.integers(0, 40, 2))
+        mask[y:y + int(rng.integers(1, 12)), x:x + int(rng.integers(1, 8))] = 1
+        mask[rng.random(mask.shape) < 0.01] = 1  # specks far from the cell: the box spans them
+    rles = [mask_util.encode(np.asfortranarray(m)) for m in masks]
+    packed = packed_rles([{**r, "counts": r["counts"].decode("ascii")} for r in rles], 60, 45)
+    assert np.array_equal(packed.full().numpy().astype(bool), masks.astype(bool))
+    assert packed.boxes[-1].tolist() == [0, 0, 0, 0]
