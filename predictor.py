@@ -203,6 +203,9 @@ class Job(NamedTuple):
     source: int
 
 
+MANY_JOBS = 64  # tiles x views x models of one call past which its detection pass gets its own progress bar
+
+
 def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) -> list[dict]:
     """Merged detections of each image, ``{boxes, scores, labels, masks, image_size}`` with
     ``masks`` a ``PackedMasks`` (each binary mask inside its box), best score first.
@@ -230,7 +233,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
                        for d, k, crop in zip(dets, chunk, crops)]
 
     passes, found, kept = [], [], 0
-    for chunk in _chunks(jobs, settings.batch_size):
+    chunks = _chunks(jobs, settings.batch_size)  # a large image's tiles and views: minutes on a CPU, so shown
+    for chunk in progress(chunks, f"{len(jobs)} tiles and views", show=len(jobs) > MANY_JOBS):
         state, dets = detect(chunk)
         found.extend(dets)
         kept += state_bytes(state)

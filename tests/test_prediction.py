@@ -563,3 +563,23 @@ def test_detections_per_img_0_keeps_every_cell_of_a_large_image() -> None:
     assert len(predict_images(oracle, [image], Settings(tile=96, tile_overlap=0.4))[0]["scores"]) == 20
     every = predict_images(oracle, [image], Settings(tile=96, tile_overlap=0.4, detections_per_img=0))[0]
     assert 20 < len(every["scores"]) == cells
+
+
+def test_an_image_of_many_tiles_shows_its_own_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of tiles and views of one image take minutes on a CPU: the detection pass gets a
+    bar of its own; an image of a few tiles (validation crops) does not."""
+    import predictor
+
+    shown: list[tuple[str, bool]] = []
+
+    def recording(iterable, desc, total=None, show=True, initial=0):
+        shown.append((desc, show))
+        return iterable
+
+    monkeypatch.setattr(predictor, "progress", recording)
+    image = _scene(1, (200, 260), 20)
+    for tile, many in ((64, True), (0, False)):
+        shown.clear()
+        predict_images(CellOracle(), [image], Settings(tile=tile, tile_overlap=0.5, tta_scales=(1.0,)))
+        jobs = len(tile_grid(200, 260, tile, 0.5)) * 4
+        assert shown == [(f"{jobs} tiles and views", many)] and (jobs > predictor.MANY_JOBS) == many
