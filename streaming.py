@@ -38,6 +38,7 @@ from errors import DatasetError, UsageError
 from masks import PackedMasks
 from merging import take
 from predictor import Settings, on_host, predict_images
+from progress import progress
 from tiling import tile_stride
 
 # Beyond the tile, how far a window's core stays from its inner edges: half the widest cell kept whole.
@@ -114,8 +115,9 @@ class LazyImage:
         if self._peak is None and np.issubdtype(self._array.dtype, np.floating):
             height, width = self.size
             band = max(1, (1 << 26) // max(width, 1))
-            self._peak = max(float_peak(self.read(y, 0, min(y + band, height), width)) or 0.0
-                             for y in range(0, height, band))
+            bands = progress(range(0, height, band), f"{self.path.name}: brightest pixel",
+                             show=height > band * 4)  # a slide: minutes of reading before its windows start
+            self._peak = max(float_peak(self.read(y, 0, min(y + band, height), width)) or 0.0 for y in bands)
             note_dim_range(self._array.dtype, self._peak, self.path)
         return self._peak
 
