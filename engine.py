@@ -9,7 +9,7 @@ import argparse
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -134,6 +134,28 @@ class EpochMeter:
                                       "or check the images named above (under torchrun, by the ranks that had them).")
         self._pending.clear()
         return last
+
+    def saved(self, info: DistInfo, device: torch.device, agreed: bool) -> dict[str, Any]:
+        """The meter as an interrupted checkpoint keeps it. ``agreed`` (a stop every rank takes at
+        the same step): its sums and steps totalled over the ranks, an all-reduce, so the resumed
+        epoch averages every rank's steps, not rank 0's counted once per rank; otherwise (an error
+        on rank 0 alone) rank 0's own. Skipped updates are counted once, as each rank counts them."""
+        state = asdict(self)
+        if agreed and info.enabled:
+            totals = sum_across({**self.sums, "_steps": self.steps}, info, device)
+            state.update(steps=int(totals.pop("_steps")), sums=totals)
+        return state
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any], info: DistInfo) -> "EpochMeter":
+        """A rank's meter for an epoch continued from ``saved``: rank 0 carries the sums and steps
+        so far, the others start theirs at zero, so ``summary`` counts each step once; every rank
+        keeps the step count (reads stay aligned) and the skipped updates (``summary`` divides
+        their total by the ranks)."""
+        meter = cls(**saved)
+        if not info.is_main:
+            meter.sums, meter.steps = dict.fromkeys(meter.sums, 0.0), 0
+        return meter
 
     def summary(self, info: DistInfo, device: torch.device) -> dict[str, float]:
         totals = sum_across({**self.sums, "_steps": self.steps, "_skipped": self.skipped}, info, device)

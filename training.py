@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -264,13 +263,14 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
         partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
         sampler.set_epoch(epoch)  # same order whether resumed or not
         sampler.skip = epoch_samples_done(partial, args.batch_size, info.world_size)
-        meter = EpochMeter(**partial["meter"]) if partial else EpochMeter()
+        meter = EpochMeter.resumed(partial["meter"], info) if partial else EpochMeter()
         resumed_at = (sampler.skip, meter.batches)  # this epoch's samples and steps before this process
 
-        def keep_steps() -> Path:
-            """last.pth holding this epoch's steps so far, for --resume."""
+        def keep_steps(agreed: bool = False) -> Path:
+            """last.pth holding this epoch's steps so far, for --resume (``agreed``: every rank is here)."""
             samples = samples_trained(resumed_at[0], meter.batches - resumed_at[1], args.batch_size, info.world_size)
-            state["partial"] = {"epoch": epoch, "batches": meter.batches, "samples": samples, "meter": asdict(meter)}
+            state["partial"] = {"epoch": epoch, "batches": meter.batches, "samples": samples,
+                                "meter": meter.saved(info, device, agreed)}
             if info.is_main:
                 save_checkpoint(out / "last.pth", snapshot())
             return out / "last.pth"
@@ -287,7 +287,7 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
                 message += f"; then --resume {out / 'last.pth'} continues from its last finished epoch"
             raise DivergenceError(f"{message}.") from err
         if row is None:  # stopped by a signal: keep the steps done so far
-            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps()}")
+            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps(True)}")
             return _interrupted(out)
         state["partial"] = None
         state["history"].append(row)

@@ -179,10 +179,24 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import engine
-from distributed import init_distributed, share_buffers
+from distributed import broadcast, init_distributed, share_buffers
 from errors import DivergenceError
 
 info, device = init_distributed("cpu")
+# An epoch stopped after 2 steps and resumed for 1 reports what the 3 steps uninterrupted report.
+losses = [[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]][info.rank]
+whole, first = engine.EpochMeter(), engine.EpochMeter()
+for step, value in enumerate(losses):
+    for meter in (whole, first) if step < 2 else (whole,):
+        meter.add({}, torch.tensor(value), [step], skipped=torch.tensor(step == 0))
+        meter.read(1, info)
+saved = broadcast(first.saved(info, device, agreed=True), info)  # rank 0 writes last.pth, every rank reads it
+later = engine.EpochMeter.resumed(saved, info)
+later.add({}, torch.tensor(losses[2]), [2], skipped=torch.tensor(False))
+later.read(1, info)
+resumed_row, whole_row = later.summary(info, device), whole.summary(info, device)
+same = all(abs(resumed_row[k] - whole_row[k]) < 1e-9 for k in ("train_loss", "skipped_steps"))
+
 meter, raised_at = engine.EpochMeter(), None
 for step in range(1, 3 * engine.MAX_BAD_STEPS + 1):
     # rank 0's loss is NaN at every step; rank 1's stays finite, its updates skipped (NaN gradients after the all-reduce)
@@ -198,7 +212,7 @@ norm = torch.nn.BatchNorm2d(2)
 norm.train()(torch.full((1, 2, 3, 3), float(info.rank)))  # each rank's statistics saw its own batch
 share_buffers(norm, info)
 with open(f"rank{info.rank}.txt", "w") as out:
-    out.write(f"{raised_at} {norm.running_mean.tolist()} {int(norm.num_batches_tracked)}")
+    out.write(f"{raised_at} {norm.running_mean.tolist()} {int(norm.num_batches_tracked)} {same}")
 dist.barrier()
 dist.destroy_process_group()
 os._exit(0)
@@ -208,7 +222,8 @@ os._exit(0)
 def test_ranks_stop_together_when_one_rank_diverges_and_score_with_rank_0s_statistics(tmp_path: Path) -> None:
     """Non-finite losses on one rank only: every rank raises at the same read, so none is left
     waiting in the next all-reduce (under srun or mp.spawn, for the process group's timeout).
-    Before validation every rank takes rank 0's BatchNorm statistics (``share_buffers``)."""
+    Before validation every rank takes rank 0's BatchNorm statistics (``share_buffers``). An
+    epoch stopped and resumed averages every rank's steps once, as it would uninterrupted."""
     script = tmp_path / "rank.py"
     script.write_text(DIVERGING_RANK)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -219,7 +234,7 @@ def test_ranks_stop_together_when_one_rank_diverges_and_score_with_rank_0s_stati
         pytest.fail("a rank waited alone after the other stopped")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first_read_after = -(-MAX_BAD_STEPS // READ_EVERY) * READ_EVERY  # the read that sees MAX_BAD_STEPS in a row
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{first_read_after} [0.0, 0.0] 1"] * 2
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{first_read_after} [0.0, 0.0] 1 True"] * 2
 
 
 def test_a_loader_worker_outlives_a_group_sigterm_for_a_grace_only() -> None:
