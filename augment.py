@@ -43,13 +43,15 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
                             "(0: off)")
     group.add_argument("--hed_sigma", type=non_negative, default=0.05, help="strength of --hed_p's stain jitter")
     group.add_argument("--copy_paste", type=chance, default=0.0,
-                       help="probability of pasting cells of another training image (Simple Copy-Paste, Ghiasi et "
-                            "al. 2021) at random places of a training window, over what lies there (0: off)")
+                       help="probability of pasting cells of a random training window (Simple Copy-Paste, Ghiasi "
+                            "et al. 2021; any training image, this one too) at random places of a training window, "
+                            "over what lies there (0: off)")
     group.add_argument("--copy_paste_cells", type=non_negative_int, default=8,
                        help="most cells --copy_paste pastes at once")
     group.add_argument("--copy_paste_rare", action="store_true",
                        help="pick the pasted cells by 1 / sqrt(their class's share of the instances), so rare "
-                            "classes are pasted more often (--class_balance's weights)")
+                            "classes are pasted more often (--class_balance's weights); it chooses among the donor "
+                            "window's cells only where it holds more than --copy_paste_cells")
     group.add_argument("--cutout_p", type=chance, default=0.5, help="probability of one CutOut square")
     group.add_argument("--cutout_size", type=non_negative_int, default=50, help="CutOut square side in pixels")
     group.add_argument("--crop", type=non_negative_int, default=256,
@@ -130,7 +132,9 @@ class RandomTranspose:
 
 class HedJitter:
     """Stain augmentation: the image in haematoxylin-eosin-DAB optical densities
-    (``skimage.color.rgb2hed``), each stain scaled and shifted at random, and back to RGB."""
+    (``skimage.color.rgb2hed``), each stain scaled and shifted at random, and back to RGB. The
+    change is added to the image rather than the round trip returned: ``rgb2hed`` clips stain
+    densities below 0, so a grey or non-H&E colour came back altered even with no jitter."""
 
     def __init__(self, sigma: float = 0.05, p: float = 1.0) -> None:
         self.sigma = sigma
@@ -141,8 +145,9 @@ class HedJitter:
             return image, inst
         scale = 1.0 + (torch.rand(3) * 2 - 1) * self.sigma
         shift = (torch.rand(3) * 2 - 1) * self.sigma
-        hed = color.rgb2hed(image.permute(1, 2, 0).numpy())
-        rgb = color.hed2rgb(hed * scale.numpy() + shift.numpy())
+        pixels = image.permute(1, 2, 0).numpy()
+        hed = color.rgb2hed(pixels)
+        rgb = pixels + color.hed2rgb(hed * scale.numpy() + shift.numpy()) - color.hed2rgb(hed)
         return torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1).clamp(0.0, 1.0).contiguous(), inst
 
 

@@ -23,7 +23,7 @@ from augment import Donors, add_augment_args, build_crop_window, build_train_tra
 from checkpoint import (build_checkpoint, link_checkpoint, load_checkpoint, load_weights, save_checkpoint, saved_args,
                         set_rng_state)
 from coco import build_coco_gt
-from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, find_id_map, list_samples,
+from dataloader import (ID_MAP_FILE, LabelledImages, UnlabelledImages, collate_fn, few, find_id_map, list_samples,
                         sample_groups, split_samples, write_split)
 from devices import amp_dtype, precision
 from distributed import (DistInfo, StopRequest, any_rank, broadcast, cleanup, decorrelate_ranks, epoch_samples_done,
@@ -232,7 +232,8 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     sampler = train_sampler(train_set, info, args.seed, args.repeat_thresh)
     if args.repeat_thresh > 0:
         factors = class_repeat_factors([i.labels for i in train_set.instances], args.repeat_thresh)
-        _log(info, f"repeat-factor sampling: class factors {factors}, {len(sampler)} samples per epoch")
+        _log(info, f"repeat-factor sampling: class factors {factors}, about {len(sampler)} samples per epoch "
+                   "(fractional factors are rounded at random each epoch)")
     schedule = LRSchedule(optimizer, args, steps_per_epoch=math.ceil(len(sampler) / args.batch_size))
     opt = Optimisation(optimizer, schedule, torch.amp.GradScaler("cuda", enabled=args.use_amp and device.type == "cuda"),
                        ModelEMA(model, args.ema_decay, warmup_steps=schedule.warmup_steps) if args.ema_decay > 0 else None,
@@ -461,7 +462,15 @@ def split_of(args: argparse.Namespace) -> tuple[list[Path], list[str], list[str]
     samples = list_samples(Path(args.train_dir))
     names = [p.name for p in samples]
     if args.val_dir:  # an explicit held-out folder
+        if Path(args.val_dir).resolve() == Path(args.train_dir).resolve():
+            raise DatasetError(f"{args.val_dir}: --val_dir is --train_dir, so every held-out sample also trains and "
+                               "the scores would select on training data; pass a separate folder, or drop --val_dir "
+                               "to hold out --val_split of --train_dir.")
         val_samples = list_samples(Path(args.val_dir), "--val_dir")
+        both = sorted(set(names) & {p.name for p in val_samples})
+        if both and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {len(both)} of --val_dir's {len(val_samples)} samples have names also in --train_dir "
+                  f"({few(both)}): if they are the same images, the held-out scores are training scores")
         return samples, names, [p.name for p in val_samples], val_samples
     groups = sample_groups(args.split_groups, names) if args.split_groups else None
     train_names, val_names = split_samples(names, args.val_split, _split_seed(vars(args)), groups)

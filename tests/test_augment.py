@@ -112,6 +112,9 @@ def test_hed_jitter_changes_stains_and_nothing_else() -> None:
     assert kept is inst and jittered.shape == image.shape and jittered.dtype == torch.float32
     assert 0.0 <= jittered.min() and jittered.max() <= 1.0 and (jittered - image).abs().mean() > 1e-3
     assert HedJitter(sigma=0.1, p=0.0)(image, inst)[0] is image
+    grey = torch.full((3, 4, 5), 0.4)  # a grey image's channels, copied: outside what rgb2hed keeps
+    grey[:, :2] = 0.6
+    assert torch.allclose(HedJitter(sigma=0.0, p=1.0)(grey, inst)[0], grey, atol=1e-5)  # unchanged without jitter
 
 
 def test_pipeline_with_turns_and_stains_keeps_the_invariants() -> None:

@@ -774,6 +774,22 @@ def test_held_out_samples_without_a_cell_stop_before_training(tmp_path: Path, ti
                       "resnet101", "x")
 
 
+def test_a_val_dir_that_is_the_train_dir_is_refused_and_shared_names_noted(tmp_path: Path, tiny_dataset: dict,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    from errors import DatasetError
+
+    train = Path(tiny_dataset["train_dir"])
+    args = argparse.Namespace(train_dir=str(train), val_dir=str(train / ".." / train.name))  # another spelling
+    with pytest.raises(DatasetError, match="--val_dir is --train_dir, so every held-out sample also trains"):
+        training.split_of(args)
+    copy, first = tmp_path / "val", sorted(p.name for p in train.iterdir())[0]
+    shutil.copytree(train / first, copy / "again")
+    shutil.copytree(train / first, copy / first)  # a copy under its name: most likely the same image
+    _, names, val_names, _ = training.split_of(argparse.Namespace(train_dir=str(train), val_dir=str(copy)))
+    assert len(val_names) == 2 and len(names) == len(list(train.iterdir()))
+    assert "note: 1 of --val_dir's 2 samples have names also in --train_dir" in capsys.readouterr().out
+
+
 def test_out_of_memory_validating_keeps_the_epoch_and_resume_validates_it(tmp_path: Path, tiny_dataset: dict,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          shallow: None) -> None:
