@@ -13,7 +13,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from benchmarks import (data_pipeline, evaluation, gpu_check, host_syncs, inference, lever_table, merge_scaling,
-                        postprocess, predict_memory, prediction_caps, step_time, streaming, train_memory)
+                        postprocess, predict_memory, prediction_caps, rle_reading, step_time, streaming, train_memory)
 import devices
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import UsageError
@@ -113,6 +113,13 @@ def test_truth_ranking_and_classing_use_each_detections_best_iou() -> None:
     top = accuracy.ceiling(coco_gt)
     assert top["segm_AP50"] == top["segm_AP50_class1"] == top["segm_AP50_class2_1000"] == top["f1_class2"] == 1.0
     assert math.isnan(top["segm_AP50_class3"]) and math.isnan(top["f1_class4"])  # no cell of classes 3 and 4
+
+
+def test_rle_reading_paints_and_checks_as_decoding_does(tmp_path: Path) -> None:
+    out = rle_reading.main(["--size", "120", "96", "--cells", "30", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert [row["job"] for row in out["rows"]] == ["paint", "check"]
+    assert all(row["same_result"] for row in out["rows"])
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["cells"] == 30
 
 
 def test_evaluation_libraries_agree(tmp_path: Path) -> None:
