@@ -125,18 +125,24 @@ os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminat
 """
 
 
-def test_validation_loss_with_fewer_images_than_ranks(tmp_path: Path) -> None:
-    """One validation image for two gloo ranks: the rank without a batch must not leave the
-    other waiting in DDP's buffer broadcast; both report the one image's loss."""
-    script = tmp_path / "rank.py"
-    script.write_text(VALIDATION_RANK)
+def _two_ranks(code: str, folder: Path, hang: str) -> None:
+    """``code`` run by torchrun as 2 gloo ranks in ``folder`` (the project on their path); a
+    hang fails the test with ``hang``."""
+    script = folder / "rank.py"
+    script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(ROOT)]
     try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail("validation_loss hung with an empty shard")
+        pytest.fail(hang)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_validation_loss_with_fewer_images_than_ranks(tmp_path: Path) -> None:
+    """One validation image for two gloo ranks: the rank without a batch must not leave the
+    other waiting in DDP's buffer broadcast; both report the one image's loss."""
+    _two_ranks(VALIDATION_RANK, tmp_path, "validation_loss hung with an empty shard")
     (batches_0, loss_0), (batches_1, loss_1) = ((tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1))
     assert (batches_0, batches_1) == ("1", "0")
     assert loss_0 == loss_1  # the same averaged loss on both ranks
@@ -224,15 +230,7 @@ def test_ranks_stop_together_when_one_rank_diverges_and_score_with_rank_0s_stati
     waiting in the next all-reduce (under srun or mp.spawn, for the process group's timeout).
     Before validation every rank takes rank 0's BatchNorm statistics (``share_buffers``). An
     epoch stopped and resumed averages every rank's steps once, as it would uninterrupted."""
-    script = tmp_path / "rank.py"
-    script.write_text(DIVERGING_RANK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(ROOT)]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("a rank waited alone after the other stopped")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _two_ranks(DIVERGING_RANK, tmp_path, "a rank waited alone after the other stopped")
     first_read_after = -(-MAX_BAD_STEPS // READ_EVERY) * READ_EVERY  # the read that sees MAX_BAD_STEPS in a row
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{first_read_after} [0.0, 0.0] 1 True"] * 2
 
