@@ -117,13 +117,15 @@ def _bilinear(masks: torch.Tensor, owner: torch.Tensor, rows: tuple, cols: tuple
     return top * (1 - wr) + bottom * wr
 
 
-def rle_runs(counts: str) -> np.ndarray | None:
-    """The run lengths of a compressed COCO RLE string, decoded as COCO's ``rleFrString`` does
-    (5 bits a character, a continuation bit, a sign bit, each run from the third on stored as
-    its difference to the one two before) but vectorised over the characters; None where the
-    string is malformed. Checking a submission's masks this way costs time in the length of
-    each string, where decoding or merging them costs the image's area each."""
-    chars = np.frombuffer(counts.encode("ascii", "replace"), np.uint8).astype(np.int64) - 48
+def rle_runs(counts: str | bytes) -> np.ndarray | None:
+    """The run lengths of a compressed COCO RLE string (or the bytes pycocotools gives),
+    decoded as COCO's ``rleFrString`` does (5 bits a character, a continuation bit, a sign bit,
+    each run from the fourth on stored as its difference to the one two before) but vectorised
+    over the characters; None where the string is malformed. Checking a submission's masks this
+    way costs time in the length of each string, where decoding or merging them costs the
+    image's area each."""
+    data = counts if isinstance(counts, bytes) else counts.encode("ascii") if counts.isascii() else b"\x00"
+    chars = np.frombuffer(data, np.uint8).astype(np.int64) - 48
     if chars.size == 0:
         return np.zeros(0, np.int64)
     if chars.min() < 0 or chars.max() > 63 or chars[-1] & 0x20:  # not RLE characters, or an early end

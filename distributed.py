@@ -182,8 +182,9 @@ def ignore_stop_signals(worker_id: int) -> None:
     handle (``StopRequest``). torchrun, Slurm and a terminal's Ctrl-C signal the whole process
     group; PyTorch's workers died of a SIGTERM, and the main process then crashed on the lost
     worker instead of saving. A SIGTERM now arms an alarm instead: the worker serves the main
-    process while it saves, ends with the loader as usual, and a worker stuck (a hung file
-    system) still dies WORKER_STOP_GRACE seconds later, so the run never hangs at exit."""
+    process for up to WORKER_STOP_GRACE seconds while it saves (a stop during a validation
+    longer than that still ends in the lost-worker crash), ends with the loader as usual, and a
+    stuck one (a hung file system) dies at the alarm, delaying the exit by that much at most."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "alarm"):  # POSIX; elsewhere a SIGTERM ends the worker, as before
         signal.signal(signal.SIGTERM, _stop_later)

@@ -120,7 +120,8 @@ def add_limit_args(parser: argparse.ArgumentParser | Any, from_checkpoint: bool)
                 else (DEFAULT_CONFIG["detections_per_img"], DEFAULT_CONFIG["detections_per_class"]))
     parser.add_argument("--detections_per_img", type=non_negative_int, default=None if from_checkpoint else img,
                         help=f"most detections kept per image, after the tile and TTA merges and the class cap "
-                             f"(chosen by score before --consensus, --vote_boost or --class_context rescore) (0: every one, for "
+                             f"(without a class cap, chosen by score before --consensus, --vote_boost or "
+                             f"--class_context rescore) (0: every one, for "
                              f"whole slides; default: {img}); each tile or view keeps at most what its area can "
                              "hold, one cell per square of the smallest anchor side, and only the image's best get "
                              "masks")

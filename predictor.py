@@ -132,7 +132,7 @@ def predict_each(model: nn.Module | Sequence[nn.Module], loader: Iterable, devic
         for images, targets in loader:
             images = [img.to(device, non_blocking=True) for img in images]
             with autocast(device, settings.use_amp):
-                merged = predict_images(models, images, settings)
+                merged = predict_images(models, images, settings, show=desc is not None)
             for dets, target in zip(on_host(merged), targets):
                 yield target["image_id"], detections_to_coco(dets, target["image_id"])
             bar.update(len(targets))
@@ -206,7 +206,7 @@ class Job(NamedTuple):
 MANY_JOBS = 64  # tiles x views x models of one call past which its detection pass gets its own progress bar
 
 
-def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) -> list[dict]:
+def predict_images(models: Any, images: list[torch.Tensor], settings: Settings, show: bool = True) -> list[dict]:
     """Merged detections of each image, ``{boxes, scores, labels, masks, image_size}`` with
     ``masks`` a ``PackedMasks`` (each binary mask inside its box), best score first.
 
@@ -214,7 +214,8 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
     (boxes only), the image's candidates are chosen across all of them and all models
     (``merging.select_candidates``), and only those (and, when masks are averaged, their copies)
     get masks, from the features kept of their view (detected again past
-    ``Settings.feature_budget``); then duplicates are dropped by mask overlap.
+    ``Settings.feature_budget``); then duplicates are dropped by mask overlap. ``show``: a bar
+    over the tiles and views of a call with many (never on torchrun's other ranks).
     """
     stages = as_stages(models)
     for stage in stages:
@@ -234,7 +235,7 @@ def predict_images(models: Any, images: list[torch.Tensor], settings: Settings) 
 
     passes, found, kept = [], [], 0
     chunks = _chunks(jobs, settings.batch_size)  # a large image's tiles and views: minutes on a CPU, so shown
-    for chunk in progress(chunks, f"{len(jobs)} tiles and views", show=len(jobs) > MANY_JOBS):
+    for chunk in progress(chunks, f"{len(jobs)} tiles and views", show=show and len(jobs) > MANY_JOBS):
         state, dets = detect(chunk)
         found.extend(dets)
         kept += state_bytes(state)
@@ -406,7 +407,7 @@ def _merge(pick: dict, probs: torch.Tensor, size: tuple[int, int], settings: Set
            per_class: int = 0, cap: int = UNLIMITED) -> dict:
     """One image's candidates with masks pasted, duplicates by mask overlap dropped, scores
     raised by their votes and weighed by their neighbours' classes (of ``classes``), best first,
-    at most ``per_class`` of a class (0: no limit)."""
+    at most ``per_class`` of a class (0: no limit), then, under a class cap, at most ``cap``."""
     masks = paste_masks(probs, pick["boxes"], size, settings.mask_thresh)
     merged = pick["views"] > 1
     if not merged:  # nothing to merge: one view's detections, as the model returned them

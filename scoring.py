@@ -135,7 +135,10 @@ def _mask_problem(result: dict) -> str:
     height, width = mask["size"]
     counts = mask["counts"]
     if isinstance(counts, list):
-        runs = np.array([int(v) for v in counts], np.int64) if all(map(whole_valued, counts)) else None
+        try:
+            runs = np.array([int(v) for v in counts], np.int64) if all(map(whole_valued, counts)) else None
+        except OverflowError:  # a count past 2**63: no image has that many pixels
+            runs = None
     else:
         runs = rle_runs(counts)
     if runs is None:

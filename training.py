@@ -145,12 +145,12 @@ def main(argv: Sequence[str] | None, backbone: str, description: str) -> dict[st
         args.output_dir = str(Path(args.resume).parent)
     if args.tile is None:
         args.tile = args.crop
-    if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # its id map is checked now, not after training
+    if args.test_dir and _first_process():  # its id map is checked now, not after training
         UnlabelledImages(Path(args.test_dir), find_id_map(Path(args.test_dir), args.id_map_json))
     summary = train(args, backbone, typed)
     if summary.get("interrupted"):
         raise SystemExit(EXIT_INTERRUPTED)
-    if args.test_dir and int(os.environ.get("RANK", "0")) == 0:  # one process predicts after torchrun
+    if args.test_dir and _first_process():  # one process predicts after torchrun
         id_map = args.id_map_json  # None: beside --test_dir, else the images numbered (inference.predict_folder)
         best, output = Path(args.output_dir) / "best.pth", Path(args.output_dir) / "test-results.json"
         try:
@@ -288,7 +288,8 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
                 message += f"; then --resume {out / 'last.pth'} continues from its last finished epoch"
             raise DivergenceError(f"{message}.") from err
         if row is None:  # stopped by a signal: keep the steps done so far
-            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {keep_steps(True)}")
+            kept = keep_steps(True)  # every rank: the stop is agreed, and the sums are totalled across ranks
+            _log(info, f"stopped at epoch {epoch}, step {meter.batches}; continue with --resume {kept}")
             return _interrupted(out)
         state["partial"] = None
         state["history"].append(row)
@@ -321,6 +322,13 @@ def _train(args: argparse.Namespace, backbone: str, info: DistInfo, device: torc
     return {"best_epoch": state["best_epoch"], f"best_{args.select_metric}": state["best_metric"],
             "best.pth": out / "best.pth", "last.pth": out / "last.pth", "history.json": out / "history.json",
             "split.json": out / "split.json", "output_dir": out}
+
+
+def _first_process() -> bool:
+    """Whether this is rank 0 of a torchrun launch, or the only process: what runs once, before
+    the process group exists or after it is gone (the id map's check, the test folder's
+    prediction, notes on the data)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _interrupted(out: Path) -> dict[str, Any]:
@@ -468,7 +476,7 @@ def split_of(args: argparse.Namespace) -> tuple[list[Path], list[str], list[str]
                                "to hold out --val_split of --train_dir.")
         val_samples = list_samples(Path(args.val_dir), "--val_dir")
         both = sorted(set(names) & {p.name for p in val_samples})
-        if both and int(os.environ.get("RANK", "0")) == 0:
+        if both and _first_process():
             print(f"note: {len(both)} of --val_dir's {len(val_samples)} samples have names also in --train_dir "
                   f"({few(both)}): if they are the same images, the held-out scores are training scores")
         return samples, names, [p.name for p in val_samples], val_samples

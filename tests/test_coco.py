@@ -130,6 +130,10 @@ def test_rle_runs_read_coco_strings_as_coco_writes_them() -> None:
         counts = mask_util.encode(mask.astype(np.uint8))["counts"].decode("ascii")
         assert rle_runs(counts).tolist() == runs.tolist()
     assert rle_runs("zzzz!!") is None and rle_runs("0\x7f") is None and rle_runs("").size == 0
+    assert rle_runs("1" + chr(48 + 0x20)) is None  # a number cut short by the string's end
+    assert rle_runs("o" * 13 + "0") is None  # a number of 13 characters: more than any image holds
+    assert rle_runs("\u00e90") is None  # a non-ASCII character ('?' once replaced is a digit)
+    assert rle_runs(b"0`<").tolist() == rle_runs("0`<").tolist() == [0, 400]  # pycocotools' bytes too
 
 
 def test_packed_rles_crop_each_mask_as_decoding_it_would() -> None:

@@ -271,6 +271,8 @@ def test_unreadable_id_maps_and_submissions_name_the_file_and_the_fix(scored: di
                              "runs cover"),
                             ({"segmentation": {"size": list(shapes[1]), "counts": [-5, 5 + shapes[1][0] * shapes[1][1]]}},
                              r"a negative run \(-5\)"),
+                            ({"segmentation": {"size": list(shapes[1]), "counts": [0, 2 ** 70]}},
+                             "RLE whose counts are neither a COCO string nor whole numbers"),
                             ({"segmentation": {"size": list(shapes[1]), "counts": [0, 1.5]}},
                              "RLE whose counts are neither a COCO string nor whole numbers"),
                             ({"segmentation": {**good["segmentation"], "size": [32, 32]}},  # another image's mask

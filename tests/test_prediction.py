@@ -578,8 +578,8 @@ def test_an_image_of_many_tiles_shows_its_own_progress(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(predictor, "progress", recording)
     image = _scene(1, (200, 260), 20)
-    for tile, many in ((64, True), (0, False)):
+    for tile, show, many in ((64, True, True), (64, False, False), (0, True, False)):  # show False: other ranks
         shown.clear()
-        predict_images(CellOracle(), [image], Settings(tile=tile, tile_overlap=0.5, tta_scales=(1.0,)))
+        predict_images(CellOracle(), [image], Settings(tile=tile, tile_overlap=0.5, tta_scales=(1.0,)), show=show)
         jobs = len(tile_grid(200, 260, tile, 0.5)) * 4
-        assert shown == [(f"{jobs} tiles and views", many)] and (jobs > predictor.MANY_JOBS) == many
+        assert shown == [(f"{jobs} tiles and views", many)] and (jobs > predictor.MANY_JOBS) == (tile > 0)
