@@ -125,9 +125,8 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """Whether ``flag`` is set on any rank: every rank must call it at the same point."""
     if not info.enabled:
         return flag
-    tensor = torch.full((1,), int(flag), device=device)  # filled on the device: no host-to-device copy
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())  # host sync: the ranks' answer, read where the caller agreed to wait
+    flags = torch.full((1,), flag, dtype=torch.bool, device=device)  # filled on the device: no host-to-device copy
+    return bool(any_rank_each(flags, info).item())  # host sync: the ranks' answer, read where the caller agreed to wait
 
 
 def any_rank_each(flags: torch.Tensor, info: DistInfo) -> torch.Tensor:
